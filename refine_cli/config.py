@@ -1,0 +1,189 @@
+"""Run configuration: frozen dataclasses and their validation. No IO.
+
+Value conventions, defined here once for the whole package:
+
+* **Images** reach refiners as ``(h, w, 3)`` uint8 RGB (HWC). Readers convert
+  grey, RGBA, 16-bit and float inputs to that (see ``io.readers``).
+* **Probabilities** are float32 in ``[0, 1]``: ``(h, w)`` for a binary mask
+  (probability of foreground) and ``(h, w, C)`` for C classes.
+* **Hard masks** on disk are uint8 ``{0, 255}`` (:data:`MASK_FG`); a pixel is
+  foreground when its probability is ``>= threshold`` (default 0.5).
+* **Label maps** are integer class indices ``0 .. C-1`` (uint8, or uint16 when C > 256).
+* **Uncertainty** maps are float32 in ``[0, 1]`` inside the library and uint8
+  ``0..255`` on disk (255 = most uncertain). The definition is per method and
+  documented on each refiner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from refine_cli.errors import UsageError
+
+MASK_FG = 255
+"""Value of a foreground pixel in a hard mask written to disk."""
+
+MASK_BG = 0
+"""Value of a background pixel in a hard mask written to disk."""
+
+DEFAULT_THRESHOLD = 0.5
+"""Probability at or above which a pixel is foreground."""
+
+GIB = 1024**3
+MIB = 1024**2
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a byte size such as ``2G``, ``1500M``, ``512MiB`` or a plain integer.
+
+    Returns:
+        Bytes (int > 0).
+    """
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
+    if not m:
+        raise UsageError(f"cannot read size {text!r}: use e.g. 2G, 1500M or 512MiB")
+    value = float(m.group(1)) * {"": 1, "k": 1024, "m": MIB, "g": GIB, "t": 1024 * GIB}[m.group(2)]
+    if value <= 0:
+        raise UsageError(f"size must be positive, got {text!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class GuidedOptions:
+    """Options of ``--method guided`` (and ``fgs``).
+
+    Attributes:
+        radius: guided-filter radius at full resolution, px; ``None`` derives it
+            from the image size and the coarse mask's resolution.
+        eps: regularisation (guide in [0, 1] units); smaller follows edges more tightly.
+    """
+
+    radius: int | None = None
+    eps: float = 1e-3
+
+
+@dataclass(frozen=True)
+class CascadeOptions:
+    """Options of ``--method cascade`` (CascadePSP).
+
+    Attributes:
+        size: working size L of the global step and of local patches (official 900).
+        fast: global step only (the pip package's ``fast=True``).
+        weights: a checkpoint file or registry name; ``None`` picks the default.
+        precision: ``fp32`` | ``fp16`` | ``bf16`` (autocast; fp16 only on CUDA).
+        batch_size: local patches per forward pass.
+        exact: ``True`` forces the official whole-image procedure, ``False`` the
+            streamed cascade, ``None`` lets the memory budget decide.
+    """
+
+    size: int = 900
+    fast: bool = False
+    weights: str | None = None
+    precision: str = "fp32"
+    batch_size: int = 1
+    exact: bool | None = None
+
+
+@dataclass(frozen=True)
+class MagnetOptions:
+    """Options of ``--method magnet-fast``.
+
+    Attributes:
+        preset: ``cityscapes`` | ``deepglobe`` | ``binary`` | ``None`` (from the segmenter).
+        full: all patches at all scales (full MagNet) instead of MagNet-Fast.
+        weights: refinement-module checkpoint (file or registry name).
+        n_patches: patches refined per scale (MagNet-Fast).
+        n_points: points replaced per scale.
+    """
+
+    preset: str | None = None
+    full: bool = False
+    weights: str | None = None
+    n_patches: int | None = None
+    n_points: int | None = None
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Everything that decides what a run computes.
+
+    Attributes:
+        method: refiner name (see ``refine_cli.refiners.list_refiners()``).
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+        max_memory: RAM budget in bytes; tile size and queue depth follow from it.
+        tile_size: tile side in px; ``None`` derives it from the budget.
+        overlap: minimum overlap (= feather width) between tiles, px.
+        skip_uniform: copy tiles whose coarse mask is uniform within the halo
+            instead of running the refiner (boundary-only processing).
+        classes: number of classes of a label-map mask; ``None`` detects it.
+        threshold: probability at or above which a pixel is foreground.
+        soft: write probabilities instead of a hard mask.
+        segmenter: coarse segmenter name or path, used when no mask is given.
+        inline_limit: images up to this many pixels in formats without windowed
+            reads (PNG, JPEG, stripped TIFF) are kept in memory; larger ones are
+            converted once to a tiled temporary file.
+        max_pixels: refuse images declaring more pixels than this (decompression-bomb guard).
+        threads: CPU threads for torch/OpenCV; ``None`` uses all cores.
+        guided: options of the guided filter.
+        cascade: options of CascadePSP.
+        magnet: options of MagNet-Fast.
+    """
+
+    method: str = "guided"
+    device: str = "auto"
+    max_memory: int = 2 * GIB
+    tile_size: int | None = None
+    overlap: int = 64
+    skip_uniform: bool = True
+    classes: int | None = None
+    threshold: float = DEFAULT_THRESHOLD
+    soft: bool = False
+    segmenter: str | None = None
+    inline_limit: int = 64_000_000
+    max_pixels: int = 50_000_000_000
+    threads: int | None = None
+    guided: GuidedOptions = field(default_factory=GuidedOptions)
+    cascade: CascadeOptions = field(default_factory=CascadeOptions)
+    magnet: MagnetOptions = field(default_factory=MagnetOptions)
+
+    def __post_init__(self) -> None:
+        if not DEVICE_PATTERN.match(self.device):
+            raise UsageError(f"--device {self.device!r} is not valid: use auto, cpu, cuda or cuda:N")
+        if self.max_memory < 256 * MIB:
+            raise UsageError("--max-memory must be at least 256M")
+        if self.tile_size is not None and self.tile_size < 64:
+            raise UsageError(f"--tile-size {self.tile_size} is too small: use 64 or more")
+        if self.overlap < 0:
+            raise UsageError("--overlap must be >= 0")
+        if self.tile_size is not None and self.overlap >= self.tile_size // 2:
+            raise UsageError(f"--overlap {self.overlap} must be below half the tile size ({self.tile_size})")
+        if not 0.0 < self.threshold < 1.0:
+            raise UsageError(f"--threshold {self.threshold} must be strictly between 0 and 1")
+        if self.classes is not None and not 2 <= self.classes <= 65535:
+            raise UsageError(f"--classes {self.classes} must be between 2 and 65535")
+        if self.cascade.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.cascade.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.cascade.size < 64 or self.cascade.size % 2:
+            raise UsageError(f"--cascade-size {self.cascade.size} must be an even number >= 64")
+        if self.cascade.batch_size < 1:
+            raise UsageError("--batch-size must be >= 1")
+        if self.guided.radius is not None and self.guided.radius < 1:
+            raise UsageError("--radius must be >= 1")
+        if self.guided.eps <= 0:
+            raise UsageError("--eps must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view (for reports and config hashes)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> RefineConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,69 @@
+"""One exception tree for everything a user can fix.
+
+Every error a user can act on derives from :class:`RefineError` and also from the
+matching built-in (``InputError`` is a ``ValueError``, ``WeightsError`` a
+``RuntimeError`` ...), so library callers can catch either. Messages name the
+path or flag at fault and the next step, in one line. ``cli.py`` prints a
+``RefineError`` as one red line with ``exit_code``; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class RefineError(Exception):
+    """Root of all user-facing errors.
+
+    Attributes:
+        exit_code: process exit status the CLI uses (2 = usage/input, 1 = runtime).
+    """
+
+    exit_code: int = 1
+
+
+class UsageError(RefineError, ValueError):
+    """A flag or argument is invalid (unknown method, bad ``--tile-size`` ...)."""
+
+    exit_code = 2
+
+
+class InputError(RefineError, ValueError):
+    """An input file is missing, unreadable, corrupt or inconsistent with another input."""
+
+    exit_code = 2
+
+
+class OutputExistsError(RefineError, FileExistsError):
+    """The output path exists and ``--overwrite`` was not given."""
+
+    exit_code = 2
+
+
+class OutputError(RefineError, OSError):
+    """An output could not be written (disk full, permissions ...)."""
+
+    exit_code = 1
+
+
+class WeightsError(RefineError, RuntimeError):
+    """Weights are missing, fail verification, or do not match the architecture."""
+
+    exit_code = 2
+
+
+class ResourceError(RefineError, MemoryError):
+    """The work does not fit the memory budget or the device (e.g. CUDA out of memory)."""
+
+    exit_code = 1
+
+
+class DependencyError(RefineError, ImportError):
+    """An optional dependency is needed; the message gives the ``pip install`` line."""
+
+    exit_code = 2
+
+
+class Interrupted(RefineError, KeyboardInterrupt):
+    """The run was interrupted (SIGINT); temporary files were removed."""
+
+    exit_code = 130

@@ -1,0 +1,1 @@
+"""Network definitions only (``nn.Module``s): no downloads, no files, no numpy pipelines."""

@@ -1,0 +1,138 @@
+"""The refiner protocol: refine one window of an image given its coarse probability.
+
+A refiner never opens files and never sees the whole image at once, except
+through :class:`Scene`, which lets it read a downscaled overview in
+:meth:`Refiner.prepare` (CascadePSP's global step, MagNet's first scale).
+
+Shapes and ranges (see ``refine_cli.config``):
+
+* ``image``: ``(h, w, 3)`` uint8 RGB, the tile grown by ``halo`` on each side
+  (clipped at the image border).
+* ``coarse``: ``(h, w)`` float32 probability in ``[0, 1]``.
+* result ``prob``: ``(h, w)`` float32 in ``[0, 1]``, same window.
+* result ``uncertainty``: ``(h, w)`` float32 in ``[0, 1]`` or ``None`` (the engine
+  then uses :func:`binary_uncertainty` of ``prob``).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from refine_cli.tiling.grid import Window
+
+if TYPE_CHECKING:
+    from refine_cli.report.timing import StageTimer
+
+
+def binary_uncertainty(prob: np.ndarray) -> np.ndarray:
+    """``1 - |2p - 1|``: 0 where the probability is 0 or 1, 1 where it is 0.5.
+
+    Args:
+        prob: any shape, float in ``[0, 1]``.
+
+    Returns:
+        float32, same shape, in ``[0, 1]``.
+    """
+    p = prob.astype(np.float32, copy=False)
+    return (1.0 - np.abs(2.0 * p - 1.0)).astype(np.float32)
+
+
+def margin_uncertainty(probs: np.ndarray) -> np.ndarray:
+    """``1 - (top1 - top2)`` over the last axis (class probabilities).
+
+    Args:
+        probs: ``(..., C)`` float, C >= 2.
+
+    Returns:
+        float32 ``(...)`` in ``[0, 1]``.
+    """
+    part = np.partition(probs, probs.shape[-1] - 2, axis=-1)
+    return (1.0 - (part[..., -1] - part[..., -2])).astype(np.float32)
+
+
+@dataclass
+class TileInput:
+    """What a refiner gets for one tile.
+
+    Attributes:
+        image: ``(h, w, 3)`` uint8 RGB over ``window``.
+        coarse: ``(h, w)`` float32 probability in [0, 1] over ``window``.
+        window: where the arrays lie in the level's pixel grid (tile + halo).
+    """
+
+    image: np.ndarray
+    coarse: np.ndarray
+    window: Window
+
+
+@dataclass
+class TileResult:
+    """A refiner's answer for one tile.
+
+    Attributes:
+        prob: ``(h, w)`` float32 refined probability in [0, 1].
+        uncertainty: ``(h, w)`` float32 in [0, 1], or ``None`` for the default.
+    """
+
+    prob: np.ndarray
+    uncertainty: np.ndarray | None = None
+
+
+@dataclass
+class Scene:
+    """Whole-image context for a refiner's global step.
+
+    Attributes:
+        shape: ``(H, W)`` of the image being refined.
+        read_overview: ``f(max_side) -> (image (h, w, 3) uint8, coarse (h, w) float32)``:
+            the image and coarse probability downscaled ('area') so that the long
+            side is at most ``max_side``.
+        device: torch device string the refiner should use.
+        timer: stage timer to attribute time to (``read``, ``segment``, ``refine`` ...).
+        info: free-form facts for the report (weights name and sha256 ...).
+    """
+
+    shape: tuple[int, int]
+    read_overview: Callable[[int], tuple[np.ndarray, np.ndarray]]
+    device: str = "cpu"
+    timer: StageTimer | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Refiner(abc.ABC):
+    """Refines a coarse probability inside one window of an image.
+
+    Subclasses set :attr:`name`, :attr:`halo` and implement :meth:`refine`.
+    """
+
+    name: ClassVar[str] = ""
+    halo: int = 0
+    """Context in px each side that the output needs to be independent of the tile cut."""
+
+    def prepare(self, scene: Scene) -> None:  # noqa: B027 - optional hook
+        """Whole-image step run once before any tile (default: nothing)."""
+
+    @abc.abstractmethod
+    def refine(self, tile: TileInput) -> TileResult:
+        """Refine one window; see the module docstring for shapes."""
+
+    def refine_batch(self, tiles: Sequence[TileInput]) -> list[TileResult]:
+        """Refine several windows (batched on devices that benefit); default: one by one."""
+        return [self.refine(t) for t in tiles]
+
+    def tile_memory(self, pixels: int) -> int:
+        """Working memory in bytes to refine one window of ``pixels`` px (estimate)."""
+        return 64 * pixels
+
+    def fixed_memory(self) -> int:
+        """Memory in bytes held for the whole run (weights, caches)."""
+        return 0
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for the report: parameters, weights name and hash ..."""
+        return {"name": self.name, "halo": self.halo}
