@@ -1,0 +1,260 @@
+"""The library entry point: :func:`refine_file` does what ``refine run`` does.
+
+Data flow: open the image and the coarse mask through ``io`` readers → build
+the refiner and let it look at an overview (``prepare``) → plan the memory
+budget and the tile grid → stream tiles through the engine into atomic
+writers → return a :class:`~refine_cli.report.summary.RunReport` (also written
+as JSON when asked).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from refine_cli.config import RefineConfig
+from refine_cli.engine.budget import plan_memory
+from refine_cli.engine.outputs import OutputSpec, OutputWriter, bytes_per_pixel, mask_layout
+from refine_cli.engine.runner import GridRunner
+from refine_cli.errors import Interrupted, UsageError
+from refine_cli.io.image import ImageSource, fit_within
+from refine_cli.io.masks import MaskSource
+from refine_cli.io.readers import Reader, open_raster
+from refine_cli.io.writers import check_output, default_tmp_dir, open_sink, write_bytes_atomic
+from refine_cli.refiners import build_refiner
+from refine_cli.refiners.base import Refiner, Scene
+from refine_cli.report.summary import RunReport, library_versions, peak_rss_bytes
+from refine_cli.report.timing import StageTimer
+from refine_cli.tiling.grid import plan_grid
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+"""``f(stage, done, total)``: progress callback."""
+
+
+def default_output(image: str) -> str:
+    """``<dir>/<stem>.refined.tif`` beside the input (stdout for ``-``)."""
+    if image == "-":
+        return "-"
+    p = Path(image)
+    return str(p.with_name(f"{p.stem}.refined.tif"))
+
+
+def resolve_device(spec: str, needs_torch: bool) -> str:
+    """Turn ``auto`` / ``cuda`` / ``cuda:N`` / ``cpu`` into a concrete device string.
+
+    Raises:
+        UsageError: CUDA asked for but not available.
+    """
+    if not needs_torch:
+        if spec.startswith("cuda"):
+            log.info("this method runs on the CPU (OpenCV); --device %s has no effect", spec)
+        return "cpu"
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: no CUDA device is available here; use --device cpu")
+        if ":" in spec and int(spec.split(":")[1]) >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return spec
+
+
+def set_threads(threads: int | None) -> int:
+    """Give OpenCV (and torch, if loaded) ``threads`` CPU threads (default: all cores)."""
+    import sys
+
+    import cv2
+
+    n = threads or os.cpu_count() or 1
+    cv2.setNumThreads(n)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
+    return n
+
+
+def _mask_facts(mask: MaskSource) -> dict[str, Any]:
+    return {"path": mask.path, "kind": mask.kind.kind, "classes": mask.classes,
+            "height": mask.native_shape[0], "width": mask.native_shape[1],
+            "resampled": not mask.same_resolution}
+
+
+def refine_file(
+    image: str,
+    mask: str | None = None,
+    out: str | None = None,
+    *,
+    config: RefineConfig | None = None,
+    uncertainty: str | None = None,
+    report: str | None = None,
+    overwrite: bool = False,
+    fmt: str | None = None,
+    cog: bool = False,
+    bands: tuple[int, ...] | None = None,
+    progress: Progress | None = None,
+) -> RunReport:
+    """Refine the coarse mask of one image and write the results.
+
+    Args:
+        image: image path, or ``-`` for bytes on stdin.
+        mask: coarse mask path (``-`` for stdin); ``None`` runs the method's segmenter.
+        out: refined mask path (``-`` for stdout); default ``<stem>.refined.tif`` beside the image.
+        config: what to compute (method, device, memory budget ...).
+        uncertainty: uncertainty map path (uint8, 255 = most uncertain), or ``None``.
+        report: JSON report path, or ``None``.
+        overwrite: replace existing outputs.
+        fmt: output format (``png`` | ``tiff``), default from the extension.
+        cog: write Cloud-Optimised GeoTIFFs.
+        bands: 0-based image bands to use as RGB.
+        progress: progress callback.
+
+    Returns:
+        The run report.
+
+    Raises:
+        RefineError: any problem a user can fix (bad input, existing output, missing weights ...).
+    """
+    config = config or RefineConfig()
+    t_start = time.perf_counter()
+    timer = StageTimer()
+    out = out or default_output(image)
+    if image == "-" and mask == "-":
+        raise UsageError("only one of IMAGE and --mask can be read from stdin")
+    for path in (out, uncertainty, report):
+        if path:
+            check_output(path, overwrite)
+    if mask is None:
+        raise UsageError(f"no --mask given: method {config.method!r} needs a coarse mask (segmenters that make "
+                         "one come with MagNet-Fast); pass --mask MASK")
+
+    refiner = build_refiner(config)
+    device = resolve_device(config.device, bool(getattr(refiner, "uses_torch", False)))
+    threads = set_threads(config.threads)
+    tmp_dir = default_tmp_dir()
+    readers: list[Reader] = []
+    writer: OutputWriter | None = None
+    try:
+        with timer.stage("read"):
+            img_reader = open_raster(image, max_pixels=config.max_pixels, inline_limit=config.inline_limit,
+                                     tmp_dir=tmp_dir, what="image")
+            readers.append(img_reader)
+            src = ImageSource(img_reader, bands)
+            mask_reader = open_raster(mask, max_pixels=config.max_pixels, inline_limit=config.inline_limit,
+                                      tmp_dir=tmp_dir, what="mask")
+            readers.append(mask_reader)
+            msk = MaskSource(mask_reader, src.shape, classes=config.classes)
+        H, W = src.shape
+
+        def read_overview(max_side: int) -> tuple[Any, Any]:
+            shape = fit_within((H, W), max_side)
+            with timer.stage("read"):
+                from refine_cli.io.image import area_downscale
+
+                img = src.overview(shape)
+                coarse = area_downscale(lambda w: msk.read(w)[..., None], (H, W), shape)[..., 0]
+            return img, coarse
+
+        scene = Scene(shape=(H, W), read_overview=read_overview, device=device, timer=timer,
+                      info={"coarse_scale": H / msk.native_shape[0]})
+        refiner.prepare(scene)
+
+        labels = msk.is_labels
+        spec = OutputSpec(mask=out, uncertainty=uncertainty, soft=config.soft, threshold=config.threshold,
+                          fmt=fmt, cog=cog, overwrite=overwrite)
+        channels = msk.classes if labels else 1
+        batch = config.cascade.batch_size if getattr(refiner, "uses_torch", False) else 1
+        mplan = plan_memory(
+            (H, W), budget=config.max_memory, halo=refiner.halo, channels=channels, batch=batch,
+            tile_memory=refiner.tile_memory, fixed_memory=refiner.fixed_memory(),
+            bytes_out=bytes_per_pixel(spec, channels, labels),
+            preferred_tile=int(getattr(refiner, "preferred_tile", 1024)), tile_size=config.tile_size,
+        )
+        img_reader.set_cache_bytes(mplan.cache_bytes)
+        grid = plan_grid((H, W), mplan.tile_size, min(config.overlap, mplan.tile_size // 4), refiner.halo)
+
+        bands_out, dtype_out = mask_layout(spec, channels, labels)
+        georef = src.georef
+        mask_sink = open_sink(out, (H, W), bands_out, dtype_out, overwrite=overwrite, georef=georef, fmt=fmt,
+                              cog=cog, inline_limit=config.inline_limit,
+                              resampling="average" if config.soft else "nearest")
+        unc_sink = None
+        if uncertainty:
+            unc_sink = open_sink(uncertainty, (H, W), 1, "uint8", overwrite=overwrite, georef=georef, cog=cog,
+                                 inline_limit=config.inline_limit, resampling="average")
+        writer = OutputWriter(spec, labels, mask_sink, unc_sink,
+                              refiner_uncertainty=bool(getattr(refiner, "provides_uncertainty", False)))
+        runner = GridRunner(
+            src, msk, refiner, grid, writer, timer, queue_depth=mplan.queue_depth,
+            skip_uniform=config.skip_uniform, batch_size=batch,
+            progress=(lambda d, t: progress("refine", d, t)) if progress else None,
+        )
+        stats = runner.run()
+        with timer.stage("write"):
+            writer.commit()
+    except KeyboardInterrupt as exc:
+        if writer is not None:
+            writer.abort()
+        raise Interrupted("interrupted; no output was written (temporary files removed)") from exc
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        for r in readers:
+            r.close()
+
+    wall = time.perf_counter() - t_start
+    rep = RunReport(
+        image={**{k: v for k, v in img_reader.describe().items() if k != "levels"},
+               "georeferenced": georef is not None},
+        mask=_mask_facts(msk),
+        outputs={"mask": out, "uncertainty": uncertainty, "report": report},
+        method=refiner.name,
+        refiner=refiner.describe(),
+        device=device,
+        tiles={"total": stats.tiles_total, "refined": stats.tiles_refined, "skipped": stats.tiles_skipped,
+               "refiner_calls": stats.refiner_calls},
+        stages=timer.seconds(),
+        wall_seconds=wall,
+        megapixels=H * W / 1e6,
+        megapixels_per_second=H * W / 1e6 / wall if wall > 0 else 0.0,
+        peak_rss_bytes=peak_rss_bytes(),
+        peak_gpu_bytes=_peak_gpu(device),
+        memory_plan={"tile_size": grid.tile_size, "overlap": grid.overlap, "halo": grid.halo,
+                     "queue_depth": mplan.queue_depth, "estimate_bytes": mplan.total, "budget": mplan.budget,
+                     "items": mplan.estimate},
+        versions=library_versions(),
+        config={**config.to_dict(), "threads_used": threads},
+        notes=list(scene.info.get("notes", [])),
+    )
+    if report:
+        write_bytes_atomic(report, rep.to_json().encode(), overwrite=overwrite)
+    return rep
+
+
+def _peak_gpu(device: str) -> int:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not device.startswith("cuda"):
+        return 0
+    return int(torch.cuda.max_memory_allocated())
+
+
+def describe_image(path: str, max_pixels: int = 50_000_000_000) -> dict[str, Any]:
+    """Facts about an image for ``refine info``: size, bands, dtype, tiling, levels, georeferencing."""
+    with open_raster(path, max_pixels=max_pixels, inline_limit=1 << 62, what="image") as r:
+        facts = r.describe()
+        tiled = getattr(r, "tiled", None)
+        if tiled is not None:
+            facts["tiled"] = tiled
+        return facts
+

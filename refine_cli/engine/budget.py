@@ -1,0 +1,125 @@
+"""From a memory budget to a tile size, a queue depth and cache sizes.
+
+The estimate adds up what a run holds at its peak (bytes)::
+
+    base                      interpreter, numpy, OpenCV, torch (measured, ~350 MiB)
+  + refiner.fixed_memory()    weights and caches of the method
+  + depth * 7 * A             prefetched tiles: RGB (3 B/px) + coarse probability (4 B/px)
+  + batch * refiner.tile_memory(A)
+  + depth * 4 * C * T^2       refined tiles waiting to be blended
+  + 4 * (C + 1) * T * W       the accumulator band (sum + weight)
+  + (bytes_out + 1) * 512 * W + 2 * 64 MiB   output strips and GDAL block caches
+  + cache                     decoded input chunks: one band of (T + 2*halo + 512) rows
+
+with ``A = (T + 2*halo)^2`` the pixels a refiner sees per tile, ``C`` the blended
+channels and ``W`` the image width. The largest tile size from
+:data:`TILE_SIZES` whose estimate fits the budget is chosen (at most the
+refiner's preferred size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from refine_cli.config import MIB
+from refine_cli.errors import ResourceError
+
+BASE_BYTES = 350 * MIB
+GDAL_CACHE_BYTES = 64 * MIB
+TILE_SIZES = (2048, 1536, 1024, 768, 512, 384, 256, 128)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The chosen sizes and the estimate behind them.
+
+    Attributes:
+        tile_size: tile side T, px.
+        queue_depth: tiles buffered between threads (each side).
+        cache_bytes: decoded-chunk cache given to the image reader.
+        estimate: bytes per item of the estimate (see module docstring).
+        budget: the budget in bytes.
+    """
+
+    tile_size: int
+    queue_depth: int
+    cache_bytes: int
+    budget: int
+    estimate: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        """Estimated peak bytes."""
+        return sum(self.estimate.values())
+
+
+def estimate(tile: int, halo: int, width: int, channels: int, depth: int, batch: int,
+             tile_memory: int, fixed_memory: int, bytes_out: int) -> dict[str, int]:
+    """The items of the estimate for one tile size (see module docstring).
+
+    Args:
+        tile: tile side T.
+        halo: context px per side.
+        width: image width W.
+        channels: blended channels C.
+        depth: queue depth.
+        batch: tiles per refiner call.
+        tile_memory: refiner working bytes for one tile of ``(T + 2*halo)^2`` px.
+        fixed_memory: refiner bytes held all run long.
+        bytes_out: bytes per pixel of all outputs together.
+    """
+    read = (tile + 2 * halo) ** 2
+    return {
+        "base": BASE_BYTES,
+        "refiner_fixed": fixed_memory,
+        "prefetch": depth * 7 * read,
+        "refiner_tiles": batch * tile_memory,
+        "results": depth * 4 * channels * tile * tile,
+        "accumulator": 4 * (channels + 1) * tile * width,
+        "writers": (bytes_out + 1) * 512 * width + 2 * GDAL_CACHE_BYTES,
+        "read_cache": 3 * (tile + 2 * halo + 512) * width,
+    }
+
+
+def plan_memory(shape: tuple[int, int], *, budget: int, halo: int, channels: int, batch: int,
+                tile_memory: object, fixed_memory: int, bytes_out: int, preferred_tile: int = 1024,
+                tile_size: int | None = None) -> MemoryPlan:
+    """Choose the tile size and queue depth for a budget.
+
+    Args:
+        shape: ``(H, W)`` of the image.
+        budget: bytes (``--max-memory``).
+        halo: refiner context px.
+        channels: blended channels.
+        batch: tiles per refiner call.
+        tile_memory: ``f(pixels) -> bytes`` of the refiner.
+        fixed_memory: refiner bytes held all run long.
+        bytes_out: bytes per pixel of all outputs together.
+        preferred_tile: the refiner's favourite tile size (upper bound when choosing).
+        tile_size: a size forced by ``--tile-size`` (checked, not chosen).
+
+    Raises:
+        ResourceError: nothing fits; the message gives the budget that would.
+    """
+    h, w = shape
+    candidates = [tile_size] if tile_size else [t for t in TILE_SIZES if t <= max(preferred_tile, TILE_SIZES[-1])]
+    best: MemoryPlan | None = None
+    for t in candidates:
+        t_eff = min(t, max(h, w))
+        for depth in (2, 1):
+            est = estimate(t_eff, halo, w, channels, depth, batch,
+                           int(tile_memory((t_eff + 2 * halo) ** 2)),  # type: ignore[operator]
+                           fixed_memory, bytes_out)
+            plan = MemoryPlan(t, depth, est["read_cache"], budget, est)
+            if plan.total <= budget:
+                return plan
+            if best is None or plan.total < best.total:
+                best = plan
+    assert best is not None
+    need = -(-best.total // MIB)
+    hint = f"--tile-size {tile_size} " if tile_size else ""
+    raise ResourceError(
+        f"{hint}needs about {need} MiB for a {w}x{h} image but --max-memory is {budget // MIB} MiB; "
+        f"raise --max-memory to {need + 64}M or more" + ("" if tile_size else "")
+        + (" or use a smaller --tile-size" if tile_size else "")
+    )

@@ -1,0 +1,130 @@
+"""Turn blended probabilities into the files a run writes.
+
+* binary, hard (default): uint8 ``{0, 255}``, foreground where ``p >= threshold``.
+* binary, ``soft``: float32 ``p`` in TIFF, uint8 ``round(255 p)`` in PNG.
+* labels, hard: uint8 (uint16 above 256 classes) argmax of the class probabilities.
+* labels, ``soft``: the C class probabilities as float32 bands (TIFF only).
+* uncertainty: uint8 ``round(255 u)`` (255 = most uncertain) with
+  ``u = 1 - |2p - 1|`` (binary) or ``u = 1 - (top1 - top2)`` of the class
+  probabilities normalised to sum 1 (labels), unless the refiner supplies its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from refine_cli.config import MASK_FG
+from refine_cli.io.writers import RasterSink, output_format
+from refine_cli.refiners.base import binary_uncertainty, margin_uncertainty
+
+
+@dataclass
+class OutputSpec:
+    """What to write.
+
+    Attributes:
+        mask: output path (``-`` for stdout) or ``None``.
+        uncertainty: uncertainty map path or ``None``.
+        soft: probabilities instead of a hard mask.
+        threshold: foreground threshold of the hard mask.
+        fmt: ``png`` | ``tiff`` | ``None`` (from the extension).
+        cog: write Cloud-Optimised GeoTIFFs.
+        overwrite: replace existing files.
+    """
+
+    mask: str | None
+    uncertainty: str | None = None
+    soft: bool = False
+    threshold: float = 0.5
+    fmt: str | None = None
+    cog: bool = False
+    overwrite: bool = False
+
+
+def mask_layout(spec: OutputSpec, classes: int, labels: bool) -> tuple[int, np.dtype]:
+    """Bands and dtype of the mask output."""
+    png = spec.mask is not None and output_format(spec.mask, spec.fmt) == "png"
+    if labels:
+        if spec.soft:
+            return classes, np.dtype(np.float32)
+        return 1, np.dtype(np.uint8 if classes <= 256 else np.uint16)
+    if spec.soft:
+        return 1, np.dtype(np.uint8 if png else np.float32)
+    return 1, np.dtype(np.uint8)
+
+
+def bytes_per_pixel(spec: OutputSpec, classes: int, labels: bool) -> int:
+    """Bytes per pixel of all outputs together (for the memory budget)."""
+    bands, dtype = mask_layout(spec, classes, labels)
+    return bands * dtype.itemsize + (1 if spec.uncertainty else 0)
+
+
+class OutputWriter:
+    """Converts blended row blocks and hands them to the sinks.
+
+    Args:
+        spec: what to write.
+        labels: the probabilities are C class channels (else one foreground channel).
+        mask_sink: sink of the mask, or ``None``.
+        unc_sink: sink of the uncertainty map, or ``None``.
+        refiner_uncertainty: the last blended channel is the refiner's own uncertainty.
+    """
+
+    def __init__(self, spec: OutputSpec, labels: bool, mask_sink: RasterSink | None,
+                 unc_sink: RasterSink | None, refiner_uncertainty: bool = False) -> None:
+        self.spec = spec
+        self.labels = labels
+        self.mask_sink = mask_sink
+        self.unc_sink = unc_sink
+        self.refiner_uncertainty = refiner_uncertainty
+
+    def write(self, row0: int, block: np.ndarray) -> None:
+        """Write blended rows.
+
+        Args:
+            row0: first image row of the block.
+            block: ``(n, W, C[+1])`` float32 blended channels.
+        """
+        probs = block[..., :-1] if self.refiner_uncertainty else block
+        if self.mask_sink is not None:
+            self.mask_sink.write_rows(row0, self.convert_mask(probs))
+        if self.unc_sink is not None:
+            unc = block[..., -1] if self.refiner_uncertainty else self.uncertainty(probs)
+            self.unc_sink.write_rows(row0, np.round(np.clip(unc, 0, 1) * 255).astype(np.uint8))
+
+    def convert_mask(self, probs: np.ndarray) -> np.ndarray:
+        """``(n, W, C)`` probabilities to the mask sink's samples."""
+        assert self.mask_sink is not None
+        dtype = self.mask_sink.dtype
+        if self.labels:
+            if self.spec.soft:
+                return probs.astype(np.float32)
+            return np.argmax(probs, axis=-1).astype(dtype)
+        p = probs[..., 0]
+        if self.spec.soft:
+            if dtype == np.uint8:
+                return np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)
+            return np.clip(p, 0, 1).astype(np.float32)
+        return np.where(p >= self.spec.threshold, MASK_FG, 0).astype(np.uint8)
+
+    def uncertainty(self, probs: np.ndarray) -> np.ndarray:
+        """Default uncertainty of blended probabilities, ``(n, W)`` float32 in [0, 1]."""
+        if not self.labels:
+            return binary_uncertainty(probs[..., 0])
+        total = probs.sum(axis=-1, keepdims=True)
+        norm = np.divide(probs, total, out=np.zeros_like(probs), where=total > 0)
+        return margin_uncertainty(norm)
+
+    def commit(self) -> None:
+        """Finish both files."""
+        for sink in (self.mask_sink, self.unc_sink):
+            if sink is not None:
+                sink.commit()
+
+    def abort(self) -> None:
+        """Remove partial files."""
+        for sink in (self.mask_sink, self.unc_sink):
+            if sink is not None and not sink.closed:
+                sink.abort()

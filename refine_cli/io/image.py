@@ -1,0 +1,197 @@
+"""Images as refiners see them: ``(h, w, 3)`` uint8 RGB windows, plus streamed overviews.
+
+Conversion rules (applied identically to every window, so tiles agree):
+
+* 1 band: grey, repeated to 3 channels. 2 bands: grey + alpha, alpha dropped.
+  3 bands: RGB. 4 bands: RGB + alpha, alpha dropped. More bands: the first
+  three, unless ``bands`` picks others. Palette images: expanded through the palette.
+* uint8 passes unchanged; bool becomes 0/255. Other dtypes (uint16, int,
+  float) are stretched linearly to 0..255 between the 0.1 and 99.9 percentiles
+  of a sample of the image taken once (64 windows spread over the image, or the
+  smallest pyramid level); a float image already in [0, 1] maps 0 -> 0 and 1 -> 255.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from refine_cli.errors import UsageError
+from refine_cli.io.readers import Georef, Reader
+from refine_cli.tiling.grid import Window
+
+log = logging.getLogger(__name__)
+
+
+class ImageSource:
+    """uint8 RGB view of a :class:`Reader`.
+
+    Args:
+        reader: the opened raster.
+        bands: 0-based band indices to use as R, G, B (or one band for grey).
+    """
+
+    def __init__(self, reader: Reader, bands: tuple[int, ...] | None = None) -> None:
+        self.reader = reader
+        self.shape = reader.shape
+        if bands is not None:
+            if max(bands) >= reader.bands:
+                raise UsageError(f"--bands asks for band {max(bands) + 1} but {reader.path} has {reader.bands}")
+            self._bands = bands
+        elif reader.bands >= 3:
+            self._bands = (0, 1, 2)
+        else:
+            self._bands = (0,)
+        if reader.bands > 4 and bands is None:
+            log.warning("%s has %d bands; using bands 1-3 as RGB (choose others with --bands)",
+                        reader.path, reader.bands)
+        self._scale: tuple[float, float] | None = None
+        if reader.dtype != np.uint8 and reader.dtype != np.bool_ and reader.palette is None:
+            self._scale = self._stretch()
+
+    @property
+    def georef(self) -> Georef | None:
+        """Georeferencing of level 0."""
+        return self.reader.georef
+
+    @property
+    def level_shapes(self) -> list[tuple[int, int]]:
+        """Pyramid level sizes, level 0 first."""
+        return self.reader.level_shapes
+
+    def _stretch(self) -> tuple[float, float]:
+        """Low and high values mapped to 0 and 255 (see module docstring)."""
+        sample = self._sample().astype(np.float64)
+        finite = sample[np.isfinite(sample)]
+        if finite.size == 0:
+            return (0.0, 1.0)
+        if self.reader.dtype.kind == "f" and finite.min() >= 0.0 and finite.max() <= 1.0:
+            return (0.0, 1.0)
+        lo, hi = np.percentile(finite, [0.1, 99.9])
+        if hi <= lo:
+            hi = lo + 1.0
+        log.info("%s: %s data stretched from [%g, %g] to 0..255", self.reader.path, self.reader.dtype, lo, hi)
+        return (float(lo), float(hi))
+
+    def _sample(self) -> np.ndarray:
+        h, w = self.reader.level_shapes[-1]
+        if h * w <= 4_000_000:
+            return self.reader.read(Window(0, 0, h, w), level=len(self.reader.level_shapes) - 1)[..., self._bands]
+        h, w = self.shape
+        side = 256
+        parts = []
+        for i in range(8):
+            for j in range(8):
+                r = min(h - min(side, h), int((i + 0.5) * h / 8) - side // 2)
+                c = min(w - min(side, w), int((j + 0.5) * w / 8) - side // 2)
+                win = Window(max(r, 0), max(c, 0), min(side, h), min(side, w))
+                parts.append(self.reader.read(win)[..., self._bands].reshape(-1, len(self._bands)))
+        return np.concatenate(parts)
+
+    def to_rgb8(self, raw: np.ndarray) -> np.ndarray:
+        """Convert a raw ``(h, w, bands)`` window to ``(h, w, 3)`` uint8 RGB."""
+        pal = self.reader.palette
+        if pal is not None:
+            idx = raw[..., 0].astype(np.intp)
+            return pal[np.clip(idx, 0, len(pal) - 1)]
+        x = raw[..., self._bands]
+        if self._scale is not None:
+            lo, hi = self._scale
+            xf = (x.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+            x = np.clip(np.nan_to_num(xf, nan=0.0), 0, 255).round().astype(np.uint8)
+        elif x.dtype == np.bool_:
+            x = x.astype(np.uint8) * 255
+        if x.shape[-1] == 1:
+            x = np.repeat(x, 3, axis=-1)
+        return np.ascontiguousarray(x)
+
+    def read(self, window: Window, level: int = 0) -> np.ndarray:
+        """Read a window as ``(h, w, 3)`` uint8 RGB."""
+        return self.to_rgb8(self.reader.read(window, level))
+
+    def overview(self, out_shape: tuple[int, int], band_rows: int = 512) -> np.ndarray:
+        """Area-downscale the whole image to ``out_shape``, streaming row bands.
+
+        'Area' means adaptive average pooling: output pixel ``(i, j)`` is the mean
+        of input rows ``[floor(i*H/h), ceil((i+1)*H/h))`` and the same for columns,
+        as torch's ``interpolate(mode='area')``. A pyramid level at least as large
+        as the target is used instead of level 0 when the file has one.
+
+        Returns:
+            ``(h, w, 3)`` float32 in ``[0, 255]`` (not rounded).
+        """
+        level = choose_level(self.level_shapes, out_shape)
+        return area_downscale(lambda win: self.read(win, level).astype(np.float32),
+                              self.level_shapes[level], out_shape, band_rows=band_rows)
+
+
+def choose_level(level_shapes: list[tuple[int, int]], out_shape: tuple[int, int]) -> int:
+    """The smallest pyramid level still at least ``out_shape`` in both axes (0 if none)."""
+    best = 0
+    for i, (h, w) in enumerate(level_shapes):
+        if h >= out_shape[0] and w >= out_shape[1]:
+            best = i
+    return best
+
+
+def pool_bounds(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Adaptive-pooling input ranges ``[start_i, end_i)`` for each output index ``i``.
+
+    ``start_i = floor(i * n_in / n_out)``, ``end_i = ceil((i + 1) * n_in / n_out)``.
+    """
+    i = np.arange(n_out, dtype=np.int64)
+    return (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+
+
+def area_downscale(read: object, in_shape: tuple[int, int], out_shape: tuple[int, int],
+                   band_rows: int = 512, band_cols: int = 2048) -> np.ndarray:
+    """Adaptive average pooling of a raster read window by window.
+
+    Args:
+        read: ``f(Window) -> (h, w, C) float32`` over the input grid.
+        in_shape: ``(H, W)`` input size.
+        out_shape: ``(h, w)`` output size, each <= the input size.
+        band_rows: approximate input rows read at once.
+        band_cols: approximate input columns read at once.
+
+    Returns:
+        ``(h, w, C)`` float32.
+    """
+    H, W = in_shape
+    oh, ow = out_shape
+    if oh > H or ow > W or oh < 1 or ow < 1:
+        raise ValueError(f"area downscale from {in_shape} to {out_shape} is not a reduction")
+    rs, re_ = pool_bounds(H, oh)
+    cs, ce = pool_bounds(W, ow)
+    out: np.ndarray | None = None
+    per_row = max(1, int(band_rows * oh / H))
+    per_col = max(1, int(band_cols * ow / W))
+    for i0 in range(0, oh, per_row):
+        i1 = min(oh, i0 + per_row)
+        r0, r1 = int(rs[i0]), int(re_[i1 - 1])
+        for j0 in range(0, ow, per_col):
+            j1 = min(ow, j0 + per_col)
+            c0, c1 = int(cs[j0]), int(ce[j1 - 1])
+            block = np.asarray(read(Window(r0, c0, r1 - r0, c1 - c0)), dtype=np.float64)  # type: ignore[operator]
+            nc = block.shape[2]
+            if out is None:
+                out = np.empty((oh, ow, nc), np.float32)
+            cum = np.zeros((r1 - r0 + 1, c1 - c0, nc))
+            np.cumsum(block, axis=0, out=cum[1:])
+            rows = cum[re_[i0:i1] - r0] - cum[rs[i0:i1] - r0]
+            cum = np.zeros((i1 - i0, c1 - c0 + 1, nc))
+            np.cumsum(rows, axis=1, out=cum[:, 1:])
+            sums = cum[:, ce[j0:j1] - c0] - cum[:, cs[j0:j1] - c0]
+            counts = (re_[i0:i1] - rs[i0:i1])[:, None, None] * (ce[j0:j1] - cs[j0:j1])[None, :, None]
+            out[i0:i1, j0:j1] = (sums / counts).astype(np.float32)
+    assert out is not None
+    return out
+
+
+def fit_within(shape: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """Size with the long side at most ``max_side``, keeping the aspect ratio (floor, >= 1)."""
+    h, w = shape
+    s = min(1.0, max_side / max(h, w))
+    return (max(1, math.floor(h * s)), max(1, math.floor(w * s)))

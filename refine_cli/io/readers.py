@@ -1,0 +1,673 @@
+"""Raster readers behind one protocol: shape, bands, dtype, georeferencing, ``read(window, level)``.
+
+Backends:
+
+* :class:`TiffReader` — tiled (or finely stripped) TIFF / BigTIFF / OME-TIFF
+  through tifffile + zarr. A window decodes only the chunks it touches; decoded
+  chunks are kept in a small LRU cache so the halos of neighbouring tiles are
+  not decoded twice. Pyramid levels (SubIFDs, OME levels) are exposed.
+* :class:`RasterioReader` — GeoTIFF / COG and other GDAL formats; CRS and
+  transform are carried to the outputs, overviews are the pyramid levels.
+* :class:`ArrayReader` — formats without windowed access (PNG, JPEG, WebP, BMP,
+  TIFFs stored as a few huge strips, stdin bytes): decoded once. Above the inline
+  limit the decoded image is written once to a tiled temporary TIFF and read
+  from there (:func:`open_raster` does this), so the rest of the run streams.
+
+``read`` returns ``(h, w, bands)`` arrays in the file's own dtype; conversion to
+the refiners' uint8 RGB happens in ``io.image``. No torch here.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import logging
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 40))  # our own limit applies, see open_raster
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from refine_cli.errors import InputError, UsageError  # noqa: E402
+from refine_cli.io.sniff import sniff  # noqa: E402
+from refine_cli.tiling.grid import Window  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+GEOTIFF_TAGS = (33550, 33922, 34264, 34735)
+"""ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory."""
+
+MAX_STREAM_CHUNK_BYTES = 32 * 1024**2
+"""TIFF chunks (tiles or strips) larger than this are not streamed: the file is decoded once."""
+
+
+@dataclass(frozen=True)
+class Georef:
+    """Georeferencing carried from input to outputs.
+
+    Attributes:
+        crs_wkt: coordinate reference system as WKT, or ``None``.
+        transform: affine ``(a, b, c, d, e, f)``: ``x = a*col + b*row + c``, ``y = d*col + e*row + f``.
+    """
+
+    crs_wkt: str | None
+    transform: tuple[float, float, float, float, float, float]
+
+    def scaled(self, factor_rows: float, factor_cols: float) -> Georef:
+        """The georeferencing of the same area sampled ``factor`` times more densely (0.5 = half)."""
+        a, b, c, d, e, f = self.transform
+        return Georef(self.crs_wkt, (a / factor_cols, b / factor_rows, c, d / factor_cols, e / factor_rows, f))
+
+
+class Reader:
+    """Base class of all readers.
+
+    Attributes:
+        path: source path (``-`` for stdin), used in messages.
+        shape: ``(H, W)`` of level 0.
+        bands: samples per pixel.
+        dtype: numpy dtype of the samples.
+        georef: georeferencing or ``None``.
+        level_shapes: ``(h, w)`` of every pyramid level, level 0 first.
+        chunk_shape: ``(rows, cols)`` of the natural read unit, or ``None`` (in memory).
+        color_order: ``RGB`` or ``BGR`` order of 3/4-band data.
+        alpha_band: index of an alpha band, or ``None``.
+        palette: ``(N, 3)`` uint8 colour table of a palette image, or ``None``.
+    """
+
+    backend = "base"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.shape: tuple[int, int] = (0, 0)
+        self.bands = 1
+        self.dtype = np.dtype(np.uint8)
+        self.georef: Georef | None = None
+        self.level_shapes: list[tuple[int, int]] = []
+        self.chunk_shape: tuple[int, int] | None = None
+        self.color_order = "RGB"
+        self.alpha_band: int | None = None
+        self.palette: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    # -- protocol ---------------------------------------------------------
+    def read(self, window: Window, level: int = 0) -> np.ndarray:
+        """Read a window of a pyramid level.
+
+        Args:
+            window: pixel window in that level's grid; must lie inside it.
+            level: pyramid level (0 = full resolution).
+
+        Returns:
+            ``(h, w, bands)`` array of ``dtype``.
+        """
+        shape = self.level_shapes[level]
+        if window.row < 0 or window.col < 0 or window.row_end > shape[0] or window.col_end > shape[1]:
+            raise ValueError(f"{window} is outside level {level} of {self.path} ({shape[0]}x{shape[1]})")
+        with self._lock:
+            try:
+                out = self._read(window, level)
+            except InputError:
+                raise
+            except (MemoryError, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # decoder errors of all kinds: corrupt data
+                raise InputError(
+                    f"{self.path}: cannot decode rows {window.row}-{window.row_end}, cols "
+                    f"{window.col}-{window.col_end} ({type(exc).__name__}: {_short(exc)}); the file is "
+                    "corrupt or truncated: re-export it"
+                ) from exc
+        return out
+
+    def _read(self, window: Window, level: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release files and temporary data."""
+
+    def set_cache_bytes(self, nbytes: int) -> None:  # noqa: B027 - optional
+        """Bound the decoded-chunk cache (backends without one ignore this)."""
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for ``refine info``."""
+        return {
+            "path": self.path,
+            "backend": self.backend,
+            "height": self.shape[0],
+            "width": self.shape[1],
+            "bands": self.bands,
+            "dtype": str(self.dtype),
+            "chunks": list(self.chunk_shape) if self.chunk_shape else None,
+            "levels": [list(s) for s in self.level_shapes],
+            "alpha_band": self.alpha_band,
+            "palette": self.palette is not None,
+            "crs": self.georef.crs_wkt if self.georef else None,
+            "transform": list(self.georef.transform) if self.georef else None,
+        }
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------
+# In-memory arrays
+# ---------------------------------------------------------------------------
+
+
+class ArrayReader(Reader):
+    """A decoded image held in memory: ``(H, W, bands)``."""
+
+    backend = "memory"
+
+    def __init__(self, path: str, array: np.ndarray, *, color_order: str = "RGB",
+                 alpha_band: int | None = None, palette: np.ndarray | None = None,
+                 georef: Georef | None = None) -> None:
+        super().__init__(path)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        self.array = array
+        self.shape = (array.shape[0], array.shape[1])
+        self.bands = array.shape[2]
+        self.dtype = array.dtype
+        self.level_shapes = [self.shape]
+        self.color_order = color_order
+        self.alpha_band = alpha_band
+        self.palette = palette
+        self.georef = georef
+
+    def _read(self, window: Window, level: int) -> np.ndarray:
+        return self.array[window.slices]
+
+    def close(self) -> None:
+        """Drop the array."""
+        self.array = np.zeros((0, 0, self.bands), self.dtype)
+
+
+# ---------------------------------------------------------------------------
+# tifffile + zarr
+# ---------------------------------------------------------------------------
+
+
+class TiffReader(Reader):
+    """Tiled or finely stripped TIFF / BigTIFF / OME-TIFF read window by window.
+
+    Args:
+        path: the TIFF file.
+        cache_bytes: bound of the decoded-chunk LRU cache.
+        cleanup_dir: a temporary directory to delete on close (for converted caches).
+    """
+
+    backend = "tifffile"
+
+    def __init__(self, path: str, cache_bytes: int = 64 * 1024**2, cleanup_dir: str | None = None) -> None:
+        import tifffile
+        import zarr
+
+        super().__init__(path)
+        self._cleanup_dir = cleanup_dir
+        self._tf = tifffile.TiffFile(path)
+        try:
+            series = self._tf.series[0]
+            page = series.pages[0] if series.pages else self._tf.pages[0]
+            self._axes_perm, self._squeeze = _axes_to_yxc(series.axes, series.shape, path)
+            self._arrays = []
+            for i, lvl in enumerate(series.levels):
+                store = lvl.aszarr() if len(series.levels) == 1 else series.aszarr(level=i)
+                self._arrays.append(zarr.open(store, mode="r"))
+            lvl0 = series.levels[0]
+            yx = [lvl0.axes.index("Y"), lvl0.axes.index("X")]
+            self.shape = (int(lvl0.shape[yx[0]]), int(lvl0.shape[yx[1]]))
+            self.level_shapes = []
+            for lvl in series.levels:
+                self.level_shapes.append((int(lvl.shape[lvl.axes.index("Y")]), int(lvl.shape[lvl.axes.index("X")])))
+            self.dtype = np.dtype(series.dtype)
+            self.bands = _bands_of(series.axes, series.shape)
+            chunks = self._arrays[0].chunks
+            self.chunk_shape = (int(chunks[yx[0]]), int(chunks[yx[1]]))
+            self._yx_axes = yx
+            self.palette = _tiff_palette(page)
+            extra = getattr(page, "extrasamples", ()) or ()
+            if self.bands in (2, 4) and (len(extra) > 0 and int(extra[-1]) in (1, 2)):
+                self.alpha_band = self.bands - 1
+            elif self.bands in (2, 4) and int(getattr(page, "photometric", 0)) in (1, 2):
+                self.alpha_band = self.bands - 1
+            _check_offsets(self._tf, path)
+        except InputError:
+            self._tf.close()
+            raise
+        except Exception as exc:
+            self._tf.close()
+            raise InputError(f"{path}: unsupported TIFF layout ({_short(exc)}); convert it to a plain "
+                             "RGB or grey tiled TIFF") from exc
+        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = cache_bytes
+
+    @property
+    def tiled(self) -> bool:
+        """Whether level 0 is stored in tiles (else strips)."""
+        return bool(self._tf.pages[0].is_tiled)
+
+    def set_cache_bytes(self, nbytes: int) -> None:
+        """Bound the decoded-chunk cache."""
+        with self._lock:
+            self._cache_limit = int(nbytes)
+            self._evict()
+
+    def _evict(self) -> None:
+        while self._cache_bytes > self._cache_limit and self._cache:
+            _, arr = self._cache.popitem(last=False)
+            self._cache_bytes -= arr.nbytes
+
+    def _chunk(self, level: int, cy: int, cx: int) -> np.ndarray:
+        key = (level, cy, cx)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        z = self._arrays[level]
+        chunks = z.chunks
+        ch, cw = chunks[self._yx_axes[0]], chunks[self._yx_axes[1]]
+        sel: list[Any] = [slice(None)] * z.ndim
+        sel[self._yx_axes[0]] = slice(cy * ch, (cy + 1) * ch)
+        sel[self._yx_axes[1]] = slice(cx * cw, (cx + 1) * cw)
+        for ax in self._squeeze:
+            sel[ax] = 0
+        raw = np.asarray(z[tuple(sel)])
+        arr = np.ascontiguousarray(np.transpose(raw, self._axes_perm)) if raw.ndim == 3 else raw[:, :, None]
+        if arr.nbytes <= self._cache_limit:
+            self._cache[key] = arr
+            self._cache_bytes += arr.nbytes
+            self._evict()
+        return arr
+
+    def _read(self, window: Window, level: int) -> np.ndarray:
+        z = self._arrays[level]
+        ch, cw = z.chunks[self._yx_axes[0]], z.chunks[self._yx_axes[1]]
+        out = np.empty((window.height, window.width, self.bands), self.dtype)
+        for cy in range(window.row // ch, (window.row_end - 1) // ch + 1):
+            for cx in range(window.col // cw, (window.col_end - 1) // cw + 1):
+                chunk = self._chunk(level, cy, cx)
+                cwin = Window(cy * ch, cx * cw, chunk.shape[0], chunk.shape[1])
+                inter = cwin.intersection(window)
+                if inter is None:
+                    continue
+                src = inter.relative_to(cwin)
+                dst = inter.relative_to(window)
+                out[dst.slices] = chunk[src.slices]
+        return out
+
+    def close(self) -> None:
+        """Close the file and delete a temporary cache directory."""
+        self._tf.close()
+        self._cache.clear()
+        if self._cleanup_dir:
+            shutil.rmtree(self._cleanup_dir, ignore_errors=True)
+            self._cleanup_dir = None
+
+
+def _axes_to_yxc(axes: str, shape: tuple[int, ...], path: str) -> tuple[tuple[int, ...], list[int]]:
+    """Permutation taking a chunk (after squeezing) to (Y, X, C), and the axes to squeeze."""
+    if "Y" not in axes or "X" not in axes:
+        raise InputError(f"{path}: TIFF series has axes {axes!r} without Y and X; not an image")
+    sample_axes = [i for i, a in enumerate(axes) if a in "SC" and shape[i] > 1]
+    others = [i for i, a in enumerate(axes) if a not in "YX" and i not in sample_axes]
+    big = [axes[i] for i in others if shape[i] > 1]
+    if big:
+        log.warning("%s: TIFF axes %s: using the first plane of %s", path, axes, "".join(big))
+    if len(sample_axes) > 1:
+        raise InputError(f"{path}: TIFF has two channel axes ({axes}); export a single RGB or grey image")
+    kept = [i for i, a in enumerate(axes) if a in "YX" or i in sample_axes]
+    order = {axes[i] if i not in sample_axes else "C": n for n, i in enumerate(kept)}
+    if "C" in order:
+        return (order["Y"], order["X"], order["C"]), others
+    return (order["Y"], order["X"]), others
+
+
+def _bands_of(axes: str, shape: tuple[int, ...]) -> int:
+    for a, n in zip(axes, shape, strict=True):
+        if a in "SC" and n > 1:
+            return int(n)
+    return 1
+
+
+def _tiff_palette(page: Any) -> np.ndarray | None:
+    if int(getattr(page, "photometric", 0)) != 3:
+        return None
+    cmap = page.colormap
+    if cmap is None:
+        return None
+    cmap = np.asarray(cmap)
+    scale = 257 if cmap.max() > 255 else 1
+    return (cmap.T // scale).astype(np.uint8)
+
+
+def _check_offsets(tf: Any, path: str) -> None:
+    """Fail early on a truncated TIFF: every chunk must lie inside the file."""
+    size = os.fstat(tf.filehandle.fileno()).st_size if hasattr(tf.filehandle, "fileno") else None
+    if size is None:
+        return
+    for page in tf.pages:
+        offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+        counts = np.asarray(page.databytecounts, dtype=np.int64)
+        if offsets.size and int((offsets + counts).max()) > size:
+            raise InputError(f"{path}: TIFF is truncated (image data ends past the end of the file, "
+                             f"{size} bytes); copy or export it again")
+        if offsets.size and (counts == 0).any() and page.compression != 1:
+            raise InputError(f"{path}: TIFF has empty data chunks; the file is incomplete: export it again")
+
+
+def tiff_is_georeferenced(path: str) -> bool:
+    """Whether a TIFF carries GeoTIFF tags (then rasterio reads it)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        tags = tf.pages[0].tags
+        return any(t in tags for t in GEOTIFF_TAGS)
+
+
+# ---------------------------------------------------------------------------
+# rasterio / GDAL
+# ---------------------------------------------------------------------------
+
+
+class RasterioReader(Reader):
+    """GeoTIFF / COG and other GDAL rasters, window by window, overviews as levels."""
+
+    backend = "rasterio"
+
+    def __init__(self, path: str) -> None:
+        import rasterio
+        from rasterio.enums import ColorInterp
+
+        super().__init__(path)
+        self._env = rasterio.Env(GDAL_CACHEMAX=64, GDAL_NUM_THREADS=1, CHECK_DISK_FREE_SPACE=False)
+        self._env.__enter__()
+        try:
+            self._ds = rasterio.open(path)
+        except Exception as exc:
+            self._env.__exit__(None, None, None)
+            raise InputError(f"{path}: cannot open ({_short(exc)}); check that it is a valid raster") from exc
+        ds = self._ds
+        self.shape = (ds.height, ds.width)
+        self.bands = ds.count
+        self.dtype = np.dtype(ds.dtypes[0])
+        if ds.crs is not None or not ds.transform.is_identity:
+            t = ds.transform
+            self.georef = Georef(ds.crs.to_wkt() if ds.crs else None, (t.a, t.b, t.c, t.d, t.e, t.f))
+        ovr = ds.overviews(1) if ds.count else []
+        self.level_shapes = [self.shape] + [(-(-ds.height // f), -(-ds.width // f)) for f in ovr]
+        self._levels: dict[int, Any] = {0: ds}
+        bh, bw = ds.block_shapes[0] if ds.block_shapes else (ds.height, ds.width)
+        self.chunk_shape = (int(bh), int(bw))
+        interp = list(ds.colorinterp)
+        if ColorInterp.alpha in interp:
+            self.alpha_band = interp.index(ColorInterp.alpha)
+        if ColorInterp.palette in interp[:1]:
+            try:
+                cmap = ds.colormap(1)
+                n = max(cmap) + 1
+                pal = np.zeros((n, 3), np.uint8)
+                for k, v in cmap.items():
+                    pal[k] = v[:3]
+                self.palette = pal
+            except ValueError:
+                self.palette = None
+
+    def _dataset(self, level: int) -> Any:
+        import rasterio
+
+        ds = self._levels.get(level)
+        if ds is None:
+            ds = rasterio.open(self.path, overview_level=level - 1)
+            self._levels[level] = ds
+        return ds
+
+    def _read(self, window: Window, level: int) -> np.ndarray:
+        from rasterio.windows import Window as RWindow
+
+        ds = self._dataset(level)
+        data = ds.read(window=RWindow(window.col, window.row, window.width, window.height))
+        return np.ascontiguousarray(np.transpose(data, (1, 2, 0)))
+
+    def close(self) -> None:
+        """Close every opened level."""
+        for ds in self._levels.values():
+            ds.close()
+        self._levels.clear()
+        self._env.__exit__(None, None, None)
+
+
+# ---------------------------------------------------------------------------
+# Opening
+# ---------------------------------------------------------------------------
+
+
+def check_readable(path: str | Path, what: str = "image") -> Path:
+    """Fail with a clear message when ``path`` cannot be opened as a file.
+
+    Returns:
+        The path.
+    """
+    p = Path(path)
+    flag = "--mask" if what == "mask" else what
+    if not p.exists():
+        raise InputError(f"{what} not found: {p} (check the path given as {flag})")
+    if p.is_dir():
+        raise InputError(f"{what} {p} is a directory, not a file; for many files use `refine batch {p}`")
+    if not stat.S_ISREG(p.stat().st_mode):
+        raise InputError(f"{what} {p} is not a regular file")
+    if not os.access(p, os.R_OK):
+        raise InputError(f"{what} {p} is not readable: check its permissions (chmod +r)")
+    if p.stat().st_size == 0:
+        raise InputError(f"{what} {p} is empty (0 bytes)")
+    return p
+
+
+def check_pixels(path: str, size: tuple[int, int], max_pixels: int) -> None:
+    """Reject images declaring more than ``max_pixels`` before anything is allocated."""
+    h, w = size
+    if h <= 0 or w <= 0:
+        raise InputError(f"{path}: declares an empty image ({h}x{w})")
+    if h * w > max_pixels:
+        raise InputError(
+            f"{path}: declares {w}x{h} = {h * w / 1e9:.1f} gigapixels, above the limit of "
+            f"{max_pixels / 1e9:.1f} (decompression-bomb guard); if this is intended, raise --max-pixels"
+        )
+
+
+def open_raster(source: str | Path | bytes, *, max_pixels: int, inline_limit: int,
+                tmp_dir: str | None = None, what: str = "image") -> Reader:
+    """Open an image or mask with the backend that fits it.
+
+    Args:
+        source: a path, or the file's bytes (e.g. read from stdin), or ``-``.
+        max_pixels: decompression-bomb limit on declared pixels.
+        inline_limit: formats without windowed reads are kept in memory up to
+            this many pixels, above it converted once to a tiled temporary TIFF.
+        tmp_dir: where such temporary files go (default: the system temp dir).
+        what: ``image`` or ``mask``, for messages.
+
+    Returns:
+        An open :class:`Reader` (close it, or use it as a context manager).
+    """
+    if isinstance(source, str | Path) and str(source) == "-":
+        source = sys.stdin.buffer.read()
+        if not source:
+            raise InputError(f"no {what} data on stdin")
+    if isinstance(source, bytes):
+        return _open_bytes(source, max_pixels=max_pixels, inline_limit=inline_limit, tmp_dir=tmp_dir, what=what)
+    path = check_readable(source, what)
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    kind = sniff(head)
+    name = str(path)
+    if kind.kind == "tiff":
+        return _open_tiff(name, max_pixels=max_pixels, inline_limit=inline_limit, tmp_dir=tmp_dir)
+    if kind.kind in ("png", "jpeg", "webp", "bmp"):
+        if kind.size is None:
+            raise InputError(f"{name}: {kind.kind.upper()} header is damaged (no image size); export it again")
+        check_pixels(name, kind.size, max_pixels)
+        arr = _decode_file(name, kind.kind)
+        return _inline_or_cache(name, arr, inline_limit=inline_limit, tmp_dir=tmp_dir)
+    # Anything else: let GDAL try (JPEG 2000, VRT, ...).
+    try:
+        reader = RasterioReader(name)
+    except InputError:
+        raise InputError(f"{name}: not a recognised image format (TIFF, PNG, JPEG, WebP or a GDAL raster)") from None
+    check_pixels(name, reader.shape, max_pixels)
+    return reader
+
+
+def _open_tiff(path: str, *, max_pixels: int, inline_limit: int, tmp_dir: str | None) -> Reader:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            if not tf.series or not tf.pages:
+                raise InputError(f"{path}: TIFF holds no image")
+            series = tf.series[0]
+            axes = series.axes
+            if "Y" not in axes or "X" not in axes:
+                raise InputError(f"{path}: TIFF series has axes {axes!r}; not an image")
+            size = (int(series.shape[axes.index("Y")]), int(series.shape[axes.index("X")]))
+            page = tf.pages[0]
+            georef = any(t in page.tags for t in GEOTIFF_TAGS)
+            chunk_bytes = _largest_chunk_bytes(page)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable TIFF ({_short(exc)}); the file is corrupt or truncated") from exc
+    check_pixels(path, size, max_pixels)
+    if georef:
+        return RasterioReader(path)
+    if chunk_bytes <= MAX_STREAM_CHUNK_BYTES:
+        return TiffReader(path)
+    # A TIFF stored as a few huge strips: decode once.
+    log.info("%s: stored in %.0f MB strips; decoding it once", path, chunk_bytes / 1e6)
+    try:
+        arr = tifffile.imread(path)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot decode TIFF ({_short(exc)}); the file is corrupt or truncated") from exc
+    reader = TiffReader(path)  # for the metadata only
+    perm, squeeze = reader._axes_perm, reader._squeeze
+    palette, alpha = reader.palette, reader.alpha_band
+    reader.close()
+    arr = np.asarray(arr)
+    for ax in sorted(squeeze, reverse=True):
+        arr = np.take(arr, 0, axis=ax)
+    arr = np.transpose(arr, perm) if arr.ndim == 3 else arr
+    out = _inline_or_cache(path, arr, inline_limit=inline_limit, tmp_dir=tmp_dir)
+    out.palette, out.alpha_band = palette, alpha
+    return out
+
+
+def _largest_chunk_bytes(page: Any) -> int:
+    if page.is_tiled:
+        rows, cols = page.tilelength, page.tilewidth
+    else:
+        rows, cols = min(page.rowsperstrip or page.imagelength, page.imagelength), page.imagewidth
+    return int(rows) * int(cols) * int(page.samplesperpixel) * np.dtype(page.dtype).itemsize
+
+
+def _decode_file(path: str, kind: str) -> np.ndarray:
+    try:
+        arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise InputError(f"{path}: cannot decode {kind.upper()} ({_short(exc)})") from exc
+    if arr is None:
+        raise InputError(f"{path}: cannot decode {kind.upper()}; the file is corrupt or truncated: export it again")
+    return _cv2_to_rgb(arr)
+
+
+def _cv2_to_rgb(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+    if arr.ndim == 3 and arr.shape[2] == 4:
+        return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGBA)
+    return arr
+
+
+def _open_bytes(data: bytes, *, max_pixels: int, inline_limit: int, tmp_dir: str | None, what: str) -> Reader:
+    kind = sniff(data[: 1 << 16])
+    if kind.kind == "tiff":
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(_io.BytesIO(data)) as tf:
+                s = tf.series[0]
+                check_pixels("-", (int(s.shape[s.axes.index("Y")]), int(s.shape[s.axes.index("X")])), max_pixels)
+                arr = np.asarray(s.asarray())
+                axes = s.axes
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"stdin: not a readable TIFF ({_short(exc)})") from exc
+        perm, squeeze = _axes_to_yxc(axes, arr.shape, "stdin")
+        for ax in sorted(squeeze, reverse=True):
+            arr = np.take(arr, 0, axis=ax)
+        arr = np.transpose(arr, perm) if arr.ndim == 3 else arr
+        return _inline_or_cache("-", arr, inline_limit=inline_limit, tmp_dir=tmp_dir)
+    if kind.kind in ("png", "jpeg", "webp", "bmp"):
+        if kind.size is None:
+            raise InputError(f"stdin: {kind.kind.upper()} header is damaged (no image size)")
+        check_pixels("-", kind.size, max_pixels)
+        try:
+            arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        except cv2.error as exc:
+            raise InputError(f"stdin: cannot decode {kind.kind.upper()} ({_short(exc)})") from exc
+        if arr is None:
+            raise InputError(f"stdin: cannot decode {kind.kind.upper()}; the data is corrupt or truncated")
+        return _inline_or_cache("-", _cv2_to_rgb(arr), inline_limit=inline_limit, tmp_dir=tmp_dir)
+    raise InputError(f"stdin: unrecognised {what} data; pipe PNG, JPEG, WebP or TIFF bytes")
+
+
+def _inline_or_cache(path: str, arr: np.ndarray, *, inline_limit: int, tmp_dir: str | None) -> Reader:
+    """Keep a decoded image in memory, or spill it once to a tiled temporary TIFF."""
+    h, w = arr.shape[:2]
+    if h * w <= inline_limit:
+        return ArrayReader(path, arr)
+    import tifffile
+
+    tmp = tempfile.mkdtemp(prefix="refine-cache-", dir=tmp_dir)
+    dst = os.path.join(tmp, "image.tif")
+    log.info("%s: %dx%d px exceeds the inline limit; caching it as a tiled TIFF in %s", path, w, h, tmp)
+    try:
+        tifffile.imwrite(dst, arr, tile=(512, 512), compression="zlib", compressionargs={"level": 1},
+                         bigtiff=True, photometric="rgb" if arr.ndim == 3 and arr.shape[2] in (3, 4) else
+                         "minisblack", metadata=None)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    del arr
+    return TiffReader(dst, cleanup_dir=tmp)
+
+
+def parse_bands(text: str | None) -> tuple[int, ...] | None:
+    """Parse ``--bands 1,2,3`` (1-based) into 0-based indices."""
+    if not text:
+        return None
+    try:
+        idx = tuple(int(t) - 1 for t in text.split(","))
+    except ValueError:
+        raise UsageError(f"--bands {text!r}: give 1-based band numbers like 1,2,3") from None
+    if len(idx) not in (1, 3) or min(idx) < 0:
+        raise UsageError(f"--bands {text!r}: give one or three 1-based band numbers")
+    return idx

@@ -1,0 +1,134 @@
+"""Refiners that need no weights: the null refiner, the guided filter and the fast global smoother.
+
+Uncertainty for all three: ``1 - |2p - 1|`` of the output probability (the
+engine's default).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+
+from refine_cli.config import GuidedOptions
+from refine_cli.refiners.base import Refiner, Scene, TileInput, TileResult
+
+
+class CoarseRefiner(Refiner):
+    """The null refiner: returns the (resampled) coarse probability unchanged.
+
+    Used as the baseline of the benchmarks and to time pure I/O.
+    """
+
+    name = "coarse"
+    halo = 0
+
+    def refine(self, tile: TileInput) -> TileResult:
+        """Return the coarse probability."""
+        return TileResult(tile.coarse)
+
+    def tile_memory(self, pixels: int) -> int:
+        """Nothing beyond the inputs."""
+        return 4 * pixels
+
+
+def guided_radius(shape: tuple[int, int], coarse_scale: float) -> int:
+    """Default guided-filter radius at full resolution.
+
+    ``r = clip(round(max(2 * s, max(H, W) / 400)), 2, 64)`` with ``s`` the image
+    pixels per coarse-mask pixel: the filter must reach across the blur of an
+    upsampled mask (about ``s`` px) and across the typical boundary error of a
+    full-resolution coarse mask (about 0.25 % of the image size).
+    """
+    r = max(2.0 * coarse_scale, max(shape) / 400.0)
+    return int(min(64, max(2, round(r))))
+
+
+class GuidedRefiner(Refiner):
+    """Edge-aware refinement with a colour guided filter (He et al. 2010), in two passes.
+
+    Pass 1 filters the coarse probability with radius ``r`` (snaps the boundary to
+    nearby image edges); pass 2 filters the result again with radius
+    ``max(1, r // 4)`` and ``eps / 4`` (sharpens it). The guide is the RGB image in
+    [0, 1]. Each output pixel depends on pixels within ``2 r + 2 (r // 4)`` of it,
+    which is the halo, so tiled and whole-image results agree to float rounding.
+
+    Args:
+        options: radius (``None`` = :func:`guided_radius`) and eps.
+    """
+
+    name = "guided"
+
+    def __init__(self, options: GuidedOptions | None = None) -> None:
+        self.options = options or GuidedOptions()
+        self.radius = self.options.radius or 8
+        self._set_halo()
+
+    def _set_halo(self) -> None:
+        r2 = max(1, self.radius // 4)
+        self.halo = 2 * self.radius + 2 * r2 + 1
+
+    def prepare(self, scene: Scene) -> None:
+        """Derive the radius from the image size and the coarse mask's resolution."""
+        if self.options.radius is None:
+            self.radius = guided_radius(scene.shape, float(scene.info.get("coarse_scale", 1.0)))
+            self._set_halo()
+
+    def refine(self, tile: TileInput) -> TileResult:
+        """Filter the coarse probability of one window."""
+        guide = tile.image.astype(np.float32) * np.float32(1 / 255)
+        p = tile.coarse.astype(np.float32, copy=False)
+        eps = float(self.options.eps)
+        q = cv2.ximgproc.guidedFilter(guide, p, self.radius, eps, -1)
+        q = cv2.ximgproc.guidedFilter(guide, np.clip(q, 0, 1), max(1, self.radius // 4), eps / 4, -1)
+        return TileResult(np.clip(q, 0.0, 1.0).astype(np.float32, copy=False))
+
+    def tile_memory(self, pixels: int) -> int:
+        """OpenCV's guided filter keeps about 25 float planes."""
+        return 110 * pixels
+
+    def describe(self) -> dict[str, Any]:
+        """Radius, eps, halo."""
+        return {"name": self.name, "radius": self.radius, "eps": self.options.eps, "halo": self.halo}
+
+
+class FGSRefiner(Refiner):
+    """Fast global smoother (Min et al. 2014) of the coarse probability, guided by the image.
+
+    ``lambda`` grows with the radius the guided filter would use (``lambda = r^2``),
+    ``sigma_color = 8`` (in 0..255 units). The smoother is global in principle but
+    its influence decays quickly; a halo of ``4 r`` keeps tile seams below
+    the blending's reach.
+    """
+
+    name = "fgs"
+
+    def __init__(self, options: GuidedOptions | None = None) -> None:
+        self.options = options or GuidedOptions()
+        self.radius = self.options.radius or 8
+        self.halo = 4 * self.radius
+
+    def prepare(self, scene: Scene) -> None:
+        """Derive the smoothing strength from the image size and the coarse mask's resolution."""
+        if self.options.radius is None:
+            self.radius = guided_radius(scene.shape, float(scene.info.get("coarse_scale", 1.0)))
+            self.halo = 4 * self.radius
+
+    def refine(self, tile: TileInput) -> TileResult:
+        """Smooth the coarse probability of one window."""
+        lam = float(self.radius) ** 2
+        q = cv2.ximgproc.fastGlobalSmootherFilter(tile.image, tile.coarse.astype(np.float32), lam, 8.0)
+        q = np.clip(q, 0.0, 1.0)
+        # Sharpen the smoothed transition back to a probability around 0.5.
+        q = 1.0 / (1.0 + np.exp(-8.0 * (q - 0.5)))
+        return TileResult(q.astype(np.float32))
+
+    def tile_memory(self, pixels: int) -> int:
+        """About 20 float planes."""
+        return 90 * pixels
+
+    def describe(self) -> dict[str, Any]:
+        """Strength and halo."""
+        return {"name": self.name, "lambda": float(self.radius) ** 2, "sigma_color": 8.0, "halo": self.halo,
+                "sharpening": "logistic(8 (q - 0.5))", "radius": self.radius}
