@@ -126,7 +126,7 @@ def run_cmd(
                                           "is uniform.")] = False,
     radius: Annotated[int | None, typer.Option(help="guided/fgs: filter radius in px (default: from the "
                                                "resolution).")] = None,
-    eps: Annotated[float, typer.Option(help="guided: regularisation (smaller follows edges more).")] = 1e-3,
+    eps: Annotated[float, typer.Option(help="guided: regularisation (smaller follows edges more).")] = 1e-2,
     cascade_size: Annotated[int, typer.Option(help="cascade: working size L of global step and patches.")]
     = 900,
     fast: Annotated[bool, typer.Option("--fast", help="cascade: global step only.")] = False,

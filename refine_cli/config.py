@@ -67,7 +67,7 @@ class GuidedOptions:
     """
 
     radius: int | None = None
-    eps: float = 1e-3
+    eps: float = 1e-2
 
 
 @dataclass(frozen=True)

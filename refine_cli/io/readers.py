@@ -32,14 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 40))  # our own limit applies, see open_raster
+import cv2
+import numpy as np
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-from refine_cli.errors import InputError, UsageError  # noqa: E402
-from refine_cli.io.sniff import sniff  # noqa: E402
-from refine_cli.tiling.grid import Window  # noqa: E402
+from refine_cli.errors import InputError, UsageError
+from refine_cli.io.sniff import sniff
+from refine_cli.tiling.grid import Window
 
 log = logging.getLogger(__name__)
 
@@ -398,12 +396,9 @@ class RasterioReader(Reader):
         from rasterio.enums import ColorInterp
 
         super().__init__(path)
-        self._env = rasterio.Env(GDAL_CACHEMAX=64, GDAL_NUM_THREADS=1, CHECK_DISK_FREE_SPACE=False)
-        self._env.__enter__()
         try:
             self._ds = rasterio.open(path)
         except Exception as exc:
-            self._env.__exit__(None, None, None)
             raise InputError(f"{path}: cannot open ({_short(exc)}); check that it is a valid raster") from exc
         ds = self._ds
         self.shape = (ds.height, ds.width)
@@ -452,7 +447,6 @@ class RasterioReader(Reader):
         for ds in self._levels.values():
             ds.close()
         self._levels.clear()
-        self._env.__exit__(None, None, None)
 
 
 # ---------------------------------------------------------------------------

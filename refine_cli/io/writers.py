@@ -217,9 +217,6 @@ class TiffSink(RasterSink):
         self.cog = cog
         self.resampling = resampling
         self.tmp = temp_path_for(path)
-        self._env = rasterio.Env(GDAL_CACHEMAX=64, GDAL_NUM_THREADS=1, CHECK_DISK_FREE_SPACE=False,
-                                 GDAL_TIFF_INTERNAL_MASK=True)
-        self._env.__enter__()
         profile: dict[str, Any] = dict(
             driver="GTiff", width=self.shape[1], height=self.shape[0], count=self.bands, dtype=self.dtype.name,
             tiled=True, blockxsize=TILE, blockysize=TILE, compress="deflate", zlevel=6,
@@ -232,7 +229,6 @@ class TiffSink(RasterSink):
         try:
             self._ds = rasterio.open(self.tmp, "w", **profile)
         except Exception as exc:
-            self._env.__exit__(None, None, None)
             _unlink(self.tmp)
             raise OutputError(f"cannot create {path} ({exc})") from exc
         self._pending: list[np.ndarray] = []
@@ -286,8 +282,6 @@ class TiffSink(RasterSink):
         except Exception as exc:
             self.abort()
             raise OutputError(f"writing {self.path} failed ({exc}); check free disk space") from exc
-        finally:
-            self._close_env()
         self.closed = True
 
     def _to_cog(self) -> str:
@@ -300,11 +294,6 @@ class TiffSink(RasterSink):
         _unlink(self.tmp)
         return cog_tmp
 
-    def _close_env(self) -> None:
-        if self._env is not None:
-            self._env.__exit__(None, None, None)
-            self._env = None
-
     def abort(self) -> None:
         """Close and delete the temporary file(s)."""
         try:
@@ -315,7 +304,6 @@ class TiffSink(RasterSink):
         _unlink(self.tmp)
         if getattr(self, "_cog_tmp", None):
             _unlink(self._cog_tmp)
-        self._close_env()
         self.closed = True
 
 

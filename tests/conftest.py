@@ -1,0 +1,57 @@
+"""Shared fixtures: the ../shared folder, synthetic rasters, a CLI runner, an isolated weights cache."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture
+def shared() -> Path:
+    """The read-only ../shared folder beside the checkout (skips when absent)."""
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} not found: the shared reference data sits beside the checkout in CI")
+    return SHARED
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Point the weights cache and temp caches at a fresh folder for every test."""
+    home = tmp_path_factory.mktemp("refine-home")
+    monkeypatch.setenv("REFINE_HOME", str(home))
+    yield
+
+
+@pytest.fixture
+def cli(capfd):
+    """Run ``refine ARGS`` in-process; returns ``(exit_code, stdout, stderr)``."""
+    from refine_cli.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out, err = capfd.readouterr()
+        return code, out, err
+
+    return run
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    """Write an RGB (or grey) uint8/uint16 array as PNG."""
+    import cv2
+
+    arr = array[..., ::-1] if array.ndim == 3 and array.shape[2] == 3 else array
+    assert cv2.imwrite(str(path), np.ascontiguousarray(arr))
+    return path
+
+
+def python_exe() -> str:
+    return sys.executable
