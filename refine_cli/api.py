@@ -51,9 +51,7 @@ def resolve_device(spec: str, needs_torch: bool) -> str:
     Raises:
         UsageError: CUDA asked for but not available.
     """
-    if not needs_torch:
-        if spec.startswith("cuda"):
-            log.info("this method runs on the CPU (OpenCV); --device %s has no effect", spec)
+    if not needs_torch and not spec.startswith("cuda"):
         return "cpu"
     import torch
 
@@ -64,6 +62,9 @@ def resolve_device(spec: str, needs_torch: bool) -> str:
             raise UsageError(f"--device {spec}: no CUDA device is available here; use --device cpu")
         if ":" in spec and int(spec.split(":")[1]) >= torch.cuda.device_count():
             raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+        if not needs_torch:
+            log.warning("this method runs on the CPU (OpenCV); --device %s has no effect", spec)
+            return "cpu"
     return spec
 
 
