@@ -21,7 +21,7 @@ from refine_cli.engine.budget import plan_memory
 from refine_cli.engine.outputs import OutputSpec, OutputWriter, bytes_per_pixel, mask_layout
 from refine_cli.engine.runner import GridRunner
 from refine_cli.errors import Interrupted, UsageError
-from refine_cli.io.image import ImageSource, fit_within
+from refine_cli.io.image import ImageSource, area_downscale
 from refine_cli.io.masks import MaskSource
 from refine_cli.io.readers import Reader, open_raster
 from refine_cli.io.writers import check_output, default_tmp_dir, open_sink, write_bytes_atomic
@@ -154,13 +154,10 @@ def refine_file(
             msk = MaskSource(mask_reader, src.shape, classes=config.classes)
         H, W = src.shape
 
-        def read_overview(max_side: int) -> tuple[Any, Any]:
-            shape = fit_within((H, W), max_side)
+        def read_overview(shape: tuple[int, int]) -> tuple[Any, Any]:
             with timer.stage("read"):
-                from refine_cli.io.image import area_downscale
-
                 img = src.overview(shape)
-                coarse = area_downscale(lambda w: msk.read(w)[..., None], (H, W), shape)[..., 0]
+                coarse = area_downscale(msk.read_k, (H, W), shape)[..., 0]
             return img, coarse
 
         scene = Scene(shape=(H, W), read_overview=read_overview, device=device, timer=timer,

@@ -4,16 +4,24 @@ Three threads share the work through bounded queues, so reading and writing
 overlap with computing and at most ``queue_depth`` tiles wait on each side:
 
 * the **prefetch** thread walks the grid in row-major order, reads each tile's
-  coarse mask (grown by the refiner's halo) and decides whether the tile can be
-  skipped: when the coarse mask is uniform over the whole read window, the
-  refiner would only see a constant (**boundary-only processing**), so the
-  coarse value is passed through and the image is not even read;
+  coarse input (grown by the refiner's halo) and decides whether the tile can be
+  skipped (**boundary-only processing**, see ``Refiner.skip_rule``): when the
+  coarse input is constant over the read window, or (rule ``binary``) has no
+  boundary there, the refiner's ``skip_output`` of the coarse values is used and
+  the image is not even read;
 * the **calling** thread runs the refiner (batched when the refiner asks), per
   class for label maps (classes absent from a tile cost nothing);
 * the **writer** thread blends results into a :class:`~refine_cli.tiling.blend.BandAccumulator`
   and hands finished row bands to the outputs.
 
 An exception in any thread stops the others and is re-raised in the caller.
+
+The coarse input is any object with ``shape``, ``channels`` (K), ``is_labels``,
+``constant(window) -> (K,) | None``, ``binary_uniform(window) -> bool`` and
+``read_k(window) -> (h, w, K) float32`` (``io.masks.MaskSource`` for user masks,
+``io.masks.ProbSource`` for a previous level's output); label maps also provide
+``read_labels(window)`` and are refined class by class. The writer is any object
+with ``write(row0, block (n, W, C))``.
 """
 
 from __future__ import annotations
@@ -27,9 +35,6 @@ from typing import Any
 
 import numpy as np
 
-from refine_cli.engine.outputs import OutputWriter
-from refine_cli.io.image import ImageSource
-from refine_cli.io.masks import MaskSource
 from refine_cli.refiners.base import Refiner, TileInput, TileResult
 from refine_cli.report.timing import StageTimer
 from refine_cli.tiling.blend import BandAccumulator, tile_weights
@@ -63,9 +68,9 @@ class GridStats:
 @dataclass
 class _Item:
     tile: Tile
-    skip_value: float | None = None  # uniform probability (binary) or class (labels)
+    skip: np.ndarray | None = None  # (th, tw, K) coarse values of a skipped tile, or (K,) constant
     image: np.ndarray | None = None
-    coarse: np.ndarray | None = None  # binary: (h, w) prob
+    coarse: np.ndarray | None = None  # (h, w) or (h, w, K) over tile.read
     label_window: Any = None  # labels: LabelWindow
 
 
@@ -84,30 +89,32 @@ class GridRunner:
     """Runs one refiner over one tile grid of one image.
 
     Args:
-        image: the image windows (uint8 RGB).
-        mask: the coarse mask windows.
+        image: uint8 RGB windows (``read(window)``) of the grid's image.
+        coarse: the coarse input (see the module docstring).
         refiner: the method.
         plan: the tile grid (its halo must be at least ``refiner.halo``).
-        writer: converts and writes finished rows.
+        writer: receives finished rows (``write(row0, block)``).
         timer: stage timer.
         queue_depth: tiles buffered between threads.
-        skip_uniform: pass tiles with a uniform coarse mask through unrefined.
+        skip_uniform: skip tiles the refiner's ``skip_rule`` allows.
         batch_size: tiles per refiner call.
         progress: ``f(done_tiles, total_tiles)`` called after each blended tile.
     """
 
-    def __init__(self, image: ImageSource, mask: MaskSource, refiner: Refiner, plan: GridPlan,
-                 writer: OutputWriter, timer: StageTimer, *, queue_depth: int = 2, skip_uniform: bool = True,
+    def __init__(self, image: Any, coarse: Any, refiner: Refiner, plan: GridPlan,
+                 writer: Any, timer: StageTimer, *, queue_depth: int = 2, skip_uniform: bool = True,
                  batch_size: int = 1, progress: Callable[[int, int], None] | None = None) -> None:
-        self.image, self.mask, self.refiner, self.plan = image, mask, refiner, plan
+        self.image, self.coarse, self.refiner, self.plan = image, coarse, refiner, plan
         self.writer, self.timer = writer, timer
         self.depth = max(1, queue_depth)
         self.skip_uniform = skip_uniform
         self.batch_size = max(1, batch_size)
         self.progress = progress
-        self.labels = mask.is_labels
-        self.channels = mask.classes if self.labels else 1
+        self.labels = bool(coarse.is_labels)
+        self.k_in = int(coarse.channels)
+        self.k_out = self.k_in if self.labels else refiner.out_channels(self.k_in)
         self.refiner_unc = bool(getattr(refiner, "provides_uncertainty", False))
+        self.channels = self.k_out + (1 if self.refiner_unc else 0)
         self.stats = GridStats(tiles_total=len(plan), pixels=plan.shape[0] * plan.shape[1])
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
@@ -147,14 +154,18 @@ class GridRunner:
     def _load(self, tile: Tile) -> _Item:
         item = _Item(tile)
         if self.skip_uniform:
-            value = self.mask.uniform_value(tile.read)
-            if value is not None:
-                item.skip_value = value
+            const = self.coarse.constant(tile.read)
+            if const is not None:
+                item.skip = const
+                return item
+            if self.refiner.skip_rule == "binary" and self.coarse.binary_uniform(tile.read):
+                item.skip = self.coarse.read_k(tile.window)
                 return item
         if self.labels:
-            item.label_window = self.mask.read_labels(tile.read)
+            item.label_window = self.coarse.read_labels(tile.read)
         else:
-            item.coarse = self.mask.read(tile.read)
+            k = self.coarse.read_k(tile.read)
+            item.coarse = k[..., 0] if self.k_in == 1 else k
         item.image = self.image.read(tile.read)
         return item
 
@@ -167,15 +178,13 @@ class GridRunner:
 
     def _skip_values(self, item: _Item) -> np.ndarray:
         th, tw = item.tile.window.shape
-        out = np.zeros((th, tw, self.channels + (1 if self.refiner_unc else 0)), np.float32)
-        assert item.skip_value is not None
-        if self.labels:
-            out[..., int(item.skip_value)] = 1.0
-        else:
-            out[..., 0] = item.skip_value
-            if self.refiner_unc:
-                out[..., 1] = 1.0 - abs(2.0 * item.skip_value - 1.0)
-        return out
+        assert item.skip is not None
+        coarse = item.skip if item.skip.ndim == 3 else np.broadcast_to(item.skip, (th, tw, self.k_in))
+        values = coarse if self.labels else self.refiner.skip_output(coarse)
+        if not self.refiner_unc:
+            return np.ascontiguousarray(values, dtype=np.float32)
+        unc = 1.0 - np.abs(2.0 * values[..., :1] - 1.0)
+        return np.concatenate([values, unc], axis=-1).astype(np.float32)
 
     def _crop(self, tile: Tile, arr: np.ndarray) -> np.ndarray:
         rel = tile.window.relative_to(tile.read)
@@ -207,19 +216,20 @@ class GridRunner:
 
     def _pack_binary(self, tile: Tile, res: TileResult) -> np.ndarray:
         prob = self._crop(tile, res.prob)
+        if prob.ndim == 2:
+            prob = prob[..., None]
         if not self.refiner_unc:
-            return prob[..., None].astype(np.float32, copy=False)
-        unc = self._crop(tile, res.uncertainty) if res.uncertainty is not None else 1 - np.abs(2 * prob - 1)
-        return np.stack([prob, unc], axis=-1).astype(np.float32, copy=False)
+            return prob.astype(np.float32, copy=False)
+        unc = self._crop(tile, res.uncertainty) if res.uncertainty is not None else 1 - np.abs(2 * prob[..., 0] - 1)
+        return np.concatenate([prob, unc[..., None]], axis=-1).astype(np.float32, copy=False)
 
     def _compute(self, q_in: queue.Queue, q_out: queue.Queue) -> None:
-        pending: list[_Item] = []
         done = False
         while not done:
             item = self._get(q_in)
             batch = [item]
             # Gather more ready tiles for a batched call, keeping order.
-            while self.batch_size > 1 and len([b for b in batch if b is not _END and b.skip_value is None]) \
+            while self.batch_size > 1 and len([b for b in batch if b is not _END and b.skip is None]) \
                     < self.batch_size and batch[-1] is not _END:
                 try:
                     batch.append(q_in.get_nowait())
@@ -228,10 +238,10 @@ class GridRunner:
             if batch[-1] is _END:
                 done = True
                 batch.pop()
-            pending = [b for b in batch if b.skip_value is None]
+            pending = [b for b in batch if b.skip is None]
             refined = iter(self._refine_items(pending)) if pending else iter(())
             for b in batch:
-                if b.skip_value is not None:
+                if b.skip is not None:
                     self.stats.tiles_skipped += 1
                     self._put(q_out, _Result(b.tile, self._skip_values(b), False))
                 else:
@@ -241,7 +251,7 @@ class GridRunner:
 
     def _blend_and_write(self, q_out: queue.Queue) -> None:
         plan = self.plan
-        acc = BandAccumulator(plan.shape[1], self.channels + (1 if self.refiner_unc else 0), plan.tile_height)
+        acc = BandAccumulator(plan.shape[1], self.channels, plan.tile_height)
         nrows, ncols = plan.grid_shape
         done = 0
         weights_cache: dict[tuple[bool, bool, bool, bool], np.ndarray] = {}

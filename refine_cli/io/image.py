@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -145,19 +146,23 @@ def pool_bounds(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
 
 
-def area_downscale(read: object, in_shape: tuple[int, int], out_shape: tuple[int, int],
-                   band_rows: int = 512, band_cols: int = 2048) -> np.ndarray:
-    """Adaptive average pooling of a raster read window by window.
+def area_downscale_bands(read: object, in_shape: tuple[int, int], out_shape: tuple[int, int],
+                         band_rows: int = 512, band_cols: int = 2048) -> Iterator[tuple[int, np.ndarray]]:
+    """Adaptive average pooling of a raster, produced as bands of output rows.
+
+    Output pixel ``(i, j)`` is the mean of input rows ``[floor(i*H/h), ceil((i+1)*H/h))``
+    and the same for columns (torch's ``interpolate(mode='area')``). Input is read
+    in windows of about ``band_rows x band_cols`` px, so memory stays bounded.
 
     Args:
-        read: ``f(Window) -> (h, w, C) float32`` over the input grid.
+        read: ``f(Window) -> (h, w, C)`` array over the input grid.
         in_shape: ``(H, W)`` input size.
         out_shape: ``(h, w)`` output size, each <= the input size.
         band_rows: approximate input rows read at once.
         band_cols: approximate input columns read at once.
 
-    Returns:
-        ``(h, w, C)`` float32.
+    Yields:
+        ``(first_output_row, block)`` with ``block`` of shape ``(n, w, C)`` float32, in order.
     """
     H, W = in_shape
     oh, ow = out_shape
@@ -165,19 +170,21 @@ def area_downscale(read: object, in_shape: tuple[int, int], out_shape: tuple[int
         raise ValueError(f"area downscale from {in_shape} to {out_shape} is not a reduction")
     rs, re_ = pool_bounds(H, oh)
     cs, ce = pool_bounds(W, ow)
-    out: np.ndarray | None = None
     per_row = max(1, int(band_rows * oh / H))
     per_col = max(1, int(band_cols * ow / W))
     for i0 in range(0, oh, per_row):
         i1 = min(oh, i0 + per_row)
         r0, r1 = int(rs[i0]), int(re_[i1 - 1])
+        out: np.ndarray | None = None
         for j0 in range(0, ow, per_col):
             j1 = min(ow, j0 + per_col)
             c0, c1 = int(cs[j0]), int(ce[j1 - 1])
             block = np.asarray(read(Window(r0, c0, r1 - r0, c1 - c0)), dtype=np.float64)  # type: ignore[operator]
+            if block.ndim == 2:
+                block = block[:, :, None]
             nc = block.shape[2]
             if out is None:
-                out = np.empty((oh, ow, nc), np.float32)
+                out = np.empty((i1 - i0, ow, nc), np.float32)
             cum = np.zeros((r1 - r0 + 1, c1 - c0, nc))
             np.cumsum(block, axis=0, out=cum[1:])
             rows = cum[re_[i0:i1] - r0] - cum[rs[i0:i1] - r0]
@@ -185,9 +192,104 @@ def area_downscale(read: object, in_shape: tuple[int, int], out_shape: tuple[int
             np.cumsum(rows, axis=1, out=cum[:, 1:])
             sums = cum[:, ce[j0:j1] - c0] - cum[:, cs[j0:j1] - c0]
             counts = (re_[i0:i1] - rs[i0:i1])[:, None, None] * (ce[j0:j1] - cs[j0:j1])[None, :, None]
-            out[i0:i1, j0:j1] = (sums / counts).astype(np.float32)
-    assert out is not None
-    return out
+            out[:, j0:j1] = (sums / counts).astype(np.float32)
+        assert out is not None
+        yield i0, out
+
+
+def area_downscale(read: object, in_shape: tuple[int, int], out_shape: tuple[int, int],
+                   band_rows: int = 512, band_cols: int = 2048) -> np.ndarray:
+    """Adaptive average pooling into one array (see :func:`area_downscale_bands`).
+
+    Returns:
+        ``(h, w, C)`` float32.
+    """
+    blocks = [b for _, b in area_downscale_bands(read, in_shape, out_shape, band_rows, band_cols)]
+    return np.concatenate(blocks, axis=0)
+
+
+class LevelImage:
+    """One pyramid level of an image as uint8 RGB windows (the same interface as :class:`ImageSource`).
+
+    Attributes:
+        shape: ``(h, w)`` of the level.
+    """
+
+    def __init__(self, read: object, shape: tuple[int, int], georef: Georef | None = None,
+                 reader: Reader | None = None) -> None:
+        self._read = read
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.georef = georef
+        self.reader = reader
+
+    def read(self, window: Window) -> np.ndarray:
+        """``(h, w, 3)`` uint8 RGB over ``window`` of this level."""
+        return self._read(window)  # type: ignore[operator]
+
+    def close(self) -> None:
+        """Release a temporary level file."""
+        if self.reader is not None:
+            self.reader.close()
+
+
+def image_level(src: ImageSource, shape: tuple[int, int], tmp_dir: str | None = None) -> LevelImage:
+    """The image at ``shape``: level 0, a pyramid level of the file of exactly that size, or a
+    temporary tiled TIFF built once by streaming an 'area' downscale of the nearest larger level.
+
+    Args:
+        src: the image.
+        shape: ``(h, w)``, at most the image size.
+        tmp_dir: folder for a built level (default: the system temp dir).
+    """
+    shape = (int(shape[0]), int(shape[1]))
+    if shape == src.shape:
+        return LevelImage(src.read, shape, src.georef)
+    for i, lvl in enumerate(src.level_shapes):
+        if tuple(lvl) == shape:
+            return LevelImage(lambda w, i=i: src.read(w, i), shape)
+    level = choose_level(src.level_shapes, shape)
+    in_shape = src.level_shapes[level]
+    import shutil
+    import tempfile
+
+    import tifffile
+
+    from refine_cli.io.readers import TiffReader
+
+    folder = tempfile.mkdtemp(prefix="refine-level-", dir=tmp_dir)
+    path = f"{folder}/level.tif"
+    tile = 256
+    h, w = shape
+
+    def tiles() -> Iterator[np.ndarray]:
+        pending = np.zeros((0, w, 3), np.uint8)
+        for _, block in area_downscale_bands(lambda win: src.read(win, level), in_shape, shape, band_rows=1024):
+            pending = np.concatenate([pending, np.clip(np.round(block), 0, 255).astype(np.uint8)], axis=0)
+            while pending.shape[0] >= tile:
+                yield from _row_tiles(pending[:tile], tile)
+                pending = pending[tile:]
+        if pending.shape[0]:
+            yield from _row_tiles(pending, tile)
+
+    try:
+        tifffile.imwrite(path, data=tiles(), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile),
+                         compression="zlib", compressionargs={"level": 1}, photometric="rgb", bigtiff=True,
+                         metadata=None)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    reader = TiffReader(path, cleanup_dir=folder)
+    return LevelImage(lambda win: reader.read(win), shape, reader=reader)
+
+
+def _row_tiles(rows: np.ndarray, tile: int) -> Iterator[np.ndarray]:
+    """Cut a strip of at most ``tile`` rows into padded ``tile x tile`` tiles, left to right."""
+    n, w = rows.shape[:2]
+    for c in range(0, w, tile):
+        out = np.zeros((tile, tile) + rows.shape[2:], rows.dtype)
+        part = rows[:, c:c + tile]
+        out[:n, : part.shape[1]] = part
+        yield out
 
 
 def fit_within(shape: tuple[int, int], max_side: int) -> tuple[int, int]:

@@ -66,6 +66,59 @@ def check_mask_shape(mask_shape: tuple[int, int], image_shape: tuple[int, int], 
                          "give a mask covering the same area (any lower resolution with the same aspect ratio)")
 
 
+class Resampler:
+    """Bilinear resampling (``align_corners=False``) from a native grid to a larger target grid, per window.
+
+    Target pixel ``(y, x)`` reads the native grid at ``((y + 1/2) * nh/H - 1/2, (x + 1/2) * nw/W - 1/2)``,
+    clamped to the edges. Positions come from global coordinates, so every window
+    gets bit-identical values to the whole-image computation.
+
+    Args:
+        native_shape: ``(nh, nw)`` of the source grid.
+        shape: ``(H, W)`` of the target grid (>= the native size).
+    """
+
+    def __init__(self, native_shape: tuple[int, int], shape: tuple[int, int]) -> None:
+        self.native_shape = (int(native_shape[0]), int(native_shape[1]))
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.identity = self.native_shape == self.shape
+        self.scale_rows = self.native_shape[0] / self.shape[0]
+        self.scale_cols = self.native_shape[1] / self.shape[1]
+
+    @staticmethod
+    def _coords(start: int, n: int, scale: float, n_native: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = (np.arange(start, start + n, dtype=np.float64) + 0.5) * scale - 0.5
+        pos = np.clip(pos, 0.0, n_native - 1)
+        i0 = np.floor(pos).astype(np.int64)
+        i1 = np.minimum(i0 + 1, n_native - 1)
+        return i0, i1, (pos - i0).astype(np.float32)
+
+    def native_window(self, window: Window) -> Window:
+        """The native window that resampling ``window`` reads."""
+        if self.identity:
+            return window
+        mh, mw = self.native_shape
+        r0, r1, _ = self._coords(window.row, window.height, self.scale_rows, mh)
+        c0, c1, _ = self._coords(window.col, window.width, self.scale_cols, mw)
+        top, left = int(r0[0]), int(c0[0])
+        return Window(top, left, int(r1[-1]) + 1 - top, int(c1[-1]) + 1 - left)
+
+    def resample(self, raw: np.ndarray, window: Window, nwin: Window) -> np.ndarray:
+        """Resample a float block read over ``nwin`` (``(nh', nw')`` or ``(nh', nw', K)``) to ``window``."""
+        if self.identity:
+            return raw
+        mh, mw = self.native_shape
+        r0, r1, fy = self._coords(window.row, window.height, self.scale_rows, mh)
+        c0, c1, fx = self._coords(window.col, window.width, self.scale_cols, mw)
+        r0, r1 = r0 - nwin.row, r1 - nwin.row
+        c0, c1 = c0 - nwin.col, c1 - nwin.col
+        extra = (None,) * (raw.ndim - 2)
+        wy1 = fy[(slice(None), None, *extra)]
+        wx1 = fx[(None, slice(None), *extra)]
+        rows = raw[r0] * (1 - wy1) + raw[r1] * wy1
+        return rows[:, c0] * (1 - wx1) + rows[:, c1] * wx1
+
+
 class MaskSource:
     """Probability windows of a coarse mask on the image's pixel grid.
 
@@ -84,9 +137,7 @@ class MaskSource:
         self._band, self._colours = self._pick_band()
         self.kind = self._detect(classes)
         self.classes = self.kind.classes
-        mh, mw = self.native_shape
-        self.scale_rows = mh / self.shape[0]
-        self.scale_cols = mw / self.shape[1]
+        self.resampler = Resampler(self.native_shape, self.shape)
 
     # -- setup --------------------------------------------------------------
     def _pick_band(self) -> tuple[int | None, np.ndarray | None]:
@@ -206,24 +257,9 @@ class MaskSource:
         """Whether the mask has the image's size (no resampling)."""
         return self.native_shape == self.shape
 
-    def _coords(self, start: int, n: int, scale: float, n_native: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Bilinear source indices and weights along one axis for image rows/cols ``start..start+n``."""
-        pos = (np.arange(start, start + n, dtype=np.float64) + 0.5) * scale - 0.5
-        pos = np.clip(pos, 0.0, n_native - 1)
-        i0 = np.floor(pos).astype(np.int64)
-        i1 = np.minimum(i0 + 1, n_native - 1)
-        return i0, i1, (pos - i0).astype(np.float32)
-
     def native_window(self, window: Window) -> Window:
         """The mask-resolution window that bilinear sampling of ``window`` reads."""
-        if self.same_resolution:
-            return window
-        mh, mw = self.native_shape
-        r0, r1, _ = self._coords(window.row, window.height, self.scale_rows, mh)
-        c0, c1, _ = self._coords(window.col, window.width, self.scale_cols, mw)
-        top, bottom = int(r0[0]), int(r1[-1]) + 1
-        left, right = int(c0[0]), int(c1[-1]) + 1
-        return Window(top, left, bottom - top, right - left)
+        return self.resampler.native_window(window)
 
     def read_native(self, window: Window) -> np.ndarray:
         """Raw mask values (one band) over the native window serving image ``window``."""
@@ -243,16 +279,37 @@ class MaskSource:
         return float(first) / self.kind.scale
 
     def _resample(self, raw: np.ndarray, window: Window, nwin: Window) -> np.ndarray:
-        """Bilinear resampling of a float ``(mh', mw')`` native block to ``window``."""
-        if self.same_resolution:
-            return raw
-        mh, mw = self.native_shape
-        r0, r1, fy = self._coords(window.row, window.height, self.scale_rows, mh)
-        c0, c1, fx = self._coords(window.col, window.width, self.scale_cols, mw)
-        r0, r1 = r0 - nwin.row, r1 - nwin.row
-        c0, c1 = c0 - nwin.col, c1 - nwin.col
-        rows = raw[r0] * (1 - fy)[:, None] + raw[r1] * fy[:, None]
-        return rows[:, c0] * (1 - fx)[None, :] + rows[:, c1] * fx[None, :]
+        return self.resampler.resample(raw, window, nwin)
+
+    # -- the coarse-source protocol used by the engine --------------------------
+    @property
+    def channels(self) -> int:
+        """Channels of :meth:`read_k`: 1 for binary/soft masks, C for label maps."""
+        return self.classes if self.is_labels else 1
+
+    def constant(self, window: Window) -> np.ndarray | None:
+        """The ``(K,)`` float32 values if the mask is constant over ``window``, else ``None``."""
+        value = self.uniform_value(window)
+        if value is None:
+            return None
+        if self.is_labels:
+            out = np.zeros(self.classes, np.float32)
+            out[int(value)] = 1.0
+            return out
+        return np.array([min(max(value, 0.0), 1.0)], np.float32)
+
+    def binary_uniform(self, window: Window, threshold: float = 0.5) -> bool:
+        """Whether every probability that resampling ``window`` reads lies on one side of ``threshold``."""
+        if self.is_labels:
+            return self.uniform_value(window) is not None
+        raw = self.read_native(window)
+        fg = raw >= threshold * self.kind.scale if raw.dtype.kind != "f" else raw >= threshold
+        return bool(fg.all() or not fg.any())
+
+    def read_k(self, window: Window) -> np.ndarray:
+        """``(h, w, 1)`` float32 probability (binary/soft masks)."""
+        return self.read(window)[:, :, None]
+
 
     def read(self, window: Window) -> np.ndarray:
         """Foreground probability over ``window`` (binary/soft masks).
@@ -306,3 +363,58 @@ class LabelWindow:
             out[better] = c
             best[better] = p[better]
         return out
+
+
+class ProbSource:
+    """K-channel probabilities on a coarser grid (a previous level's output), resampled per window.
+
+    Args:
+        source: ``(nh, nw, K)`` float array in [0, 1], or a :class:`Reader` of a K-band float raster.
+        shape: ``(H, W)`` target grid (>= the source size).
+        path: name used in messages.
+    """
+
+    is_labels = False
+
+    def __init__(self, source: np.ndarray | Reader, shape: tuple[int, int], path: str = "level") -> None:
+        if isinstance(source, np.ndarray):
+            arr = source if source.ndim == 3 else source[:, :, None]
+            self.reader: Reader = ArrayReader(path, np.ascontiguousarray(arr, dtype=np.float32))
+        else:
+            self.reader = source
+        self.path = path
+        self.native_shape = self.reader.shape
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.channels = self.reader.bands
+        self.resampler = Resampler(self.native_shape, self.shape)
+
+    def _native(self, window: Window) -> tuple[np.ndarray, Window]:
+        nwin = self.resampler.native_window(window)
+        return self.reader.read(nwin).astype(np.float32, copy=False), nwin
+
+    def constant(self, window: Window) -> np.ndarray | None:
+        """The ``(K,)`` values if every channel is constant over ``window``, else ``None``."""
+        raw, _ = self._native(window)
+        first = raw[:1, :1].reshape(-1)
+        if (raw == first).all():
+            return first.astype(np.float32)
+        return None
+
+    def binary_uniform(self, window: Window, threshold: float = 0.5) -> bool:
+        """Whether channel 0 lies on one side of ``threshold`` everywhere ``window`` reads."""
+        raw, _ = self._native(window)
+        fg = raw[..., 0] >= threshold
+        return bool(fg.all() or not fg.any())
+
+    def read_k(self, window: Window) -> np.ndarray:
+        """``(h, w, K)`` float32 over ``window`` of the target grid."""
+        raw, nwin = self._native(window)
+        return np.clip(self.resampler.resample(raw, window, nwin), 0.0, 1.0).astype(np.float32, copy=False)
+
+    def read(self, window: Window) -> np.ndarray:
+        """``(h, w)`` float32 channel 0 over ``window``."""
+        return self.read_k(window)[..., 0]
+
+    def close(self) -> None:
+        """Release the underlying raster."""
+        self.reader.close()

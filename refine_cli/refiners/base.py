@@ -8,8 +8,10 @@ Shapes and ranges (see ``refine_cli.config``):
 
 * ``image``: ``(h, w, 3)`` uint8 RGB, the tile grown by ``halo`` on each side
   (clipped at the image border).
-* ``coarse``: ``(h, w)`` float32 probability in ``[0, 1]``.
-* result ``prob``: ``(h, w)`` float32 in ``[0, 1]``, same window.
+* ``coarse``: ``(h, w)`` float32 probability in ``[0, 1]``; ``(h, w, K)`` when the
+  coarse input has K channels (e.g. the OS1 and OS4 maps of a previous level).
+* result ``prob``: ``(h, w)`` float32 in ``[0, 1]``, same window (``(h, w, K')`` for
+  multi-channel refiners, see :meth:`Refiner.out_channels`).
 * result ``uncertainty``: ``(h, w)`` float32 in ``[0, 1]`` or ``None`` (the engine
   then uses :func:`binary_uncertainty` of ``prob``).
 """
@@ -61,7 +63,7 @@ class TileInput:
 
     Attributes:
         image: ``(h, w, 3)`` uint8 RGB over ``window``.
-        coarse: ``(h, w)`` float32 probability in [0, 1] over ``window``.
+        coarse: ``(h, w)`` (or ``(h, w, K)``) float32 probability in [0, 1] over ``window``.
         window: where the arrays lie in the level's pixel grid (tile + halo).
     """
 
@@ -75,7 +77,7 @@ class TileResult:
     """A refiner's answer for one tile.
 
     Attributes:
-        prob: ``(h, w)`` float32 refined probability in [0, 1].
+        prob: ``(h, w)`` (or ``(h, w, K')``) float32 refined probability in [0, 1].
         uncertainty: ``(h, w)`` float32 in [0, 1], or ``None`` for the default.
     """
 
@@ -89,9 +91,8 @@ class Scene:
 
     Attributes:
         shape: ``(H, W)`` of the image being refined.
-        read_overview: ``f(max_side) -> (image (h, w, 3) uint8, coarse (h, w) float32)``:
-            the image and coarse probability downscaled ('area') so that the long
-            side is at most ``max_side``.
+        read_overview: ``f(shape) -> (image (h, w, 3) float32 in [0, 255], coarse (h, w) float32)``:
+            the image and coarse probability downscaled ('area', not rounded) to ``shape``.
         device: torch device string the refiner should use.
         timer: stage timer to attribute time to (``read``, ``segment``, ``refine`` ...).
         info: free-form facts for the report (weights name and sha256 ...).
@@ -113,6 +114,10 @@ class Refiner(abc.ABC):
     name: ClassVar[str] = ""
     halo: int = 0
     """Context in px each side that the output needs to be independent of the tile cut."""
+    skip_rule: ClassVar[str] = "uniform"
+    """When the engine may skip a tile (with ``skip_uniform``): ``uniform`` = the coarse input is
+    constant over the tile and its halo (the copy is then exact for refiners that keep constants);
+    ``binary`` = its channel 0 lies on one side of 0.5 there (CascadePSP-style: no boundary to refine)."""
 
     def prepare(self, scene: Scene) -> None:  # noqa: B027 - optional hook
         """Whole-image step run once before any tile (default: nothing)."""
@@ -120,6 +125,14 @@ class Refiner(abc.ABC):
     @abc.abstractmethod
     def refine(self, tile: TileInput) -> TileResult:
         """Refine one window; see the module docstring for shapes."""
+
+    def out_channels(self, in_channels: int) -> int:
+        """Channels of ``TileResult.prob`` for a coarse input of ``in_channels`` (default: the same)."""
+        return in_channels
+
+    def skip_output(self, coarse: np.ndarray) -> np.ndarray:
+        """What a skipped tile outputs, from its coarse values ``(h, w, K)`` (default: them)."""
+        return coarse
 
     def refine_batch(self, tiles: Sequence[TileInput]) -> list[TileResult]:
         """Refine several windows (batched on devices that benefit); default: one by one."""
