@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from refine_cli.config import RefineConfig
-from refine_cli.engine.budget import plan_memory
 from refine_cli.engine.outputs import OutputSpec, OutputWriter, bytes_per_pixel, mask_layout
-from refine_cli.engine.runner import GridRunner
+from refine_cli.engine.levels import run_levels
 from refine_cli.errors import Interrupted, UsageError
 from refine_cli.io.image import ImageSource, area_downscale
 from refine_cli.io.masks import MaskSource
@@ -29,7 +28,6 @@ from refine_cli.refiners import build_refiner
 from refine_cli.refiners.base import Refiner, Scene
 from refine_cli.report.summary import RunReport, library_versions, peak_rss_bytes
 from refine_cli.report.timing import StageTimer
-from refine_cli.tiling.grid import plan_grid
 
 log = logging.getLogger(__name__)
 
@@ -169,15 +167,6 @@ def refine_file(
                           fmt=fmt, cog=cog, overwrite=overwrite)
         channels = msk.classes if labels else 1
         batch = config.cascade.batch_size if getattr(refiner, "uses_torch", False) else 1
-        mplan = plan_memory(
-            (H, W), budget=config.max_memory, halo=refiner.halo, channels=channels, batch=batch,
-            tile_memory=refiner.tile_memory, fixed_memory=refiner.fixed_memory(),
-            bytes_out=bytes_per_pixel(spec, channels, labels),
-            preferred_tile=int(getattr(refiner, "preferred_tile", 1024)), tile_size=config.tile_size,
-        )
-        img_reader.set_cache_bytes(mplan.cache_bytes)
-        grid = plan_grid((H, W), mplan.tile_size, min(config.overlap, mplan.tile_size // 4), refiner.halo)
-
         bands_out, dtype_out = mask_layout(spec, channels, labels)
         georef = src.georef
         mask_sink = open_sink(out, (H, W), bands_out, dtype_out, overwrite=overwrite, georef=georef, fmt=fmt,
@@ -189,12 +178,11 @@ def refine_file(
                                  inline_limit=config.inline_limit, resampling="average")
         writer = OutputWriter(spec, labels, mask_sink, unc_sink,
                               refiner_uncertainty=bool(getattr(refiner, "provides_uncertainty", False)))
-        runner = GridRunner(
-            src, msk, refiner, grid, writer, timer, queue_depth=mplan.queue_depth,
-            skip_uniform=config.skip_uniform, batch_size=batch,
-            progress=(lambda d, t: progress("refine", d, t)) if progress else None,
+        levels = run_levels(
+            src, msk, refiner, writer, timer=timer, budget=config.max_memory,
+            bytes_out=bytes_per_pixel(spec, channels, labels), overlap=config.overlap, tile_size=config.tile_size,
+            batch_size=batch, skip_uniform=config.skip_uniform, tmp_dir=tmp_dir, progress=progress,
         )
-        stats = runner.run()
         with timer.stage("write"):
             writer.commit()
     except KeyboardInterrupt as exc:
@@ -218,17 +206,21 @@ def refine_file(
         method=refiner.name,
         refiner=refiner.describe(),
         device=device,
-        tiles={"total": stats.tiles_total, "refined": stats.tiles_refined, "skipped": stats.tiles_skipped,
-               "refiner_calls": stats.refiner_calls},
+        tiles={"total": sum(lv.stats.tiles_total for lv in levels),
+               "refined": sum(lv.stats.tiles_refined for lv in levels),
+               "skipped": sum(lv.stats.tiles_skipped for lv in levels),
+               "refiner_calls": sum(lv.stats.refiner_calls for lv in levels)},
         stages=timer.seconds(),
         wall_seconds=wall,
         megapixels=H * W / 1e6,
         megapixels_per_second=H * W / 1e6 / wall if wall > 0 else 0.0,
         peak_rss_bytes=peak_rss_bytes(),
         peak_gpu_bytes=_peak_gpu(device),
-        memory_plan={"tile_size": grid.tile_size, "overlap": grid.overlap, "halo": grid.halo,
-                     "queue_depth": mplan.queue_depth, "estimate_bytes": mplan.total, "budget": mplan.budget,
-                     "items": mplan.estimate},
+        memory_plan={"tile_size": levels[-1].grid.tile_size, "overlap": levels[-1].grid.overlap,
+                     "halo": levels[-1].grid.halo, "queue_depth": levels[-1].memory.queue_depth,
+                     "estimate_bytes": max(lv.memory.total for lv in levels), "budget": config.max_memory,
+                     "items": levels[-1].memory.estimate},
+        levels=[lv.to_dict() for lv in levels],
         versions=library_versions(),
         config={**config.to_dict(), "threads_used": threads},
         notes=list(scene.info.get("notes", [])),

@@ -126,6 +126,20 @@ class Refiner(abc.ABC):
     def refine(self, tile: TileInput) -> TileResult:
         """Refine one window; see the module docstring for shapes."""
 
+    # -- multi-level refiners (coarse-to-fine pyramids); one level by default ------------
+    def level_shapes(self, shape: tuple[int, int]) -> list[tuple[int, int]]:
+        """Sizes of the levels refined coarse-to-fine; the last is the image size ``shape``."""
+        return [shape]
+
+    def initial_coarse(self) -> np.ndarray | None:
+        """The first level's coarse input as ``(h0, w0, K)`` float32 in [0, 1] (e.g. the output
+        of a global step run in :meth:`prepare`), or ``None`` to use the user's mask."""
+        return None
+
+    def for_level(self, index: int, final: bool) -> Refiner:
+        """The refiner that runs level ``index`` (``final`` for the last one); default: itself."""
+        return self
+
     def out_channels(self, in_channels: int) -> int:
         """Channels of ``TileResult.prob`` for a coarse input of ``in_channels`` (default: the same)."""
         return in_channels

@@ -47,7 +47,10 @@ class RunReport:
         megapixels_per_second: ``megapixels / wall_seconds``.
         peak_rss_bytes: peak resident memory of the process.
         peak_gpu_bytes: peak CUDA memory allocated by torch (0 on the CPU).
-        memory_plan: tile size, queue depth, estimate and budget.
+        memory_plan: tile size, queue depth, estimate and budget (of the last level; the
+            estimate is the largest over levels).
+        levels: per pyramid level: size, tiles, refined, skipped, tile size (one entry for
+            single-level methods).
         versions: library versions.
         config: the full configuration.
         notes: one-line remarks (which weights ran, fallbacks taken ...).
@@ -67,6 +70,7 @@ class RunReport:
     peak_rss_bytes: int = 0
     peak_gpu_bytes: int = 0
     memory_plan: dict[str, Any] = field(default_factory=dict)
+    levels: list[dict[str, Any]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
