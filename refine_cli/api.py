@@ -152,11 +152,15 @@ def refine_file(
             msk = MaskSource(mask_reader, src.shape, classes=config.classes)
         H, W = src.shape
 
-        def read_overview(shape: tuple[int, int]) -> tuple[Any, Any]:
+        def read_overview(shape: tuple[int, int], binarize: bool = False) -> tuple[Any, Any]:
+            def coarse_k(win: Any) -> Any:
+                k = msk.read_k(win)
+                return (k >= config.threshold).astype("float32") if binarize and not msk.is_labels else k
+
             with timer.stage("read"):
                 img = src.overview(shape)
-                coarse = area_downscale(msk.read_k, (H, W), shape)[..., 0]
-            return img, coarse
+                coarse = area_downscale(coarse_k, (H, W), shape)
+            return img, coarse if msk.is_labels else coarse[..., 0]
 
         scene = Scene(shape=(H, W), read_overview=read_overview, device=device, timer=timer,
                       info={"coarse_scale": H / msk.native_shape[0]})

@@ -131,7 +131,7 @@ def run_levels(
                 shape, budget=budget, halo=level_refiner.halo, channels=channels, batch=batch_size,
                 tile_memory=level_refiner.tile_memory, fixed_memory=level_refiner.fixed_memory(),
                 bytes_out=level_bytes, preferred_tile=int(getattr(level_refiner, "preferred_tile", 1024)),
-                tile_size=tile_size,
+                tile_size=tile_size or getattr(level_refiner, "fixed_tile", None),
             )
             grid = plan_grid(shape, mplan.tile_size, min(overlap, mplan.tile_size // 4), level_refiner.halo)
             with timer.stage("read"):

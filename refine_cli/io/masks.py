@@ -307,7 +307,14 @@ class MaskSource:
         return bool(fg.all() or not fg.any())
 
     def read_k(self, window: Window) -> np.ndarray:
-        """``(h, w, 1)`` float32 probability (binary/soft masks)."""
+        """``(h, w, 1)`` float32 probability (binary/soft masks), ``(h, w, C)`` one-hot probabilities
+        (label maps; memory grows with C)."""
+        if self.is_labels:
+            lw = self.read_labels(window)
+            out = np.zeros((window.height, window.width, self.classes), np.float32)
+            for c in lw.present:
+                out[..., c] = lw.prob(c)
+            return out
         return self.read(window)[:, :, None]
 
 

@@ -91,8 +91,10 @@ class Scene:
 
     Attributes:
         shape: ``(H, W)`` of the image being refined.
-        read_overview: ``f(shape) -> (image (h, w, 3) float32 in [0, 255], coarse (h, w) float32)``:
-            the image and coarse probability downscaled ('area', not rounded) to ``shape``.
+        read_overview: ``f(shape, binarize=False) -> (image (h, w, 3) float32 in [0, 255], coarse)``:
+            the image and the coarse probability downscaled ('area', not rounded) to ``shape``;
+            ``coarse`` is ``(h, w)`` float32 (binary/soft; with ``binarize`` the mask is thresholded
+            at full resolution before averaging) or ``(h, w, C)`` class shares (label maps).
         device: torch device string the refiner should use.
         timer: stage timer to attribute time to (``read``, ``segment``, ``refine`` ...).
         info: free-form facts for the report (weights name and sha256 ...).

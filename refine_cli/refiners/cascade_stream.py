@@ -1,0 +1,237 @@
+"""CascadePSP for images of any size: the global step on an overview, then local refinement level by level.
+
+The official procedure (``refiners.cascadepsp``) keeps full-resolution planes of the
+whole image; this one streams. Steps:
+
+1. **Global step** on the streamed 'area' overview of the image at the official
+   working size (``tiling.cascade_grid.global_resize``, long side L or L - 1) with
+   the coarse mask binarised at full resolution and then area-averaged, as the
+   official global step does: three cascade iterations give ``pred_224`` (OS1) and
+   ``pred_56_2`` (OS4) at the overview size.
+2. **Levels** from the overview to the full size, each at most ``max_ratio`` (5)
+   times the previous (``tiling.levels.plan_levels``): a 4K image has one level
+   (the full image, as the official local step), a 40,000 px image three. At each
+   level the previous level's maps are resampled bilinearly per tile and, as in
+   the official local step, ``seg = (up(pred_224) > 0.5)``, ``inter_s8 = 2 up(pred_56) - 1``
+   feed two cascade iterations on ``L x L`` windows (a tile of ``L - 2 * halo`` px plus its
+   halo) whose ``pred_224`` and ``pred_56_2`` are blended with feathered weights.
+3. **Boundary-only**: a tile whose binarised input lies on one side of 0.5 over the
+   whole window has nothing to refine (the official rule skips patches under 10 % or
+   over 90 % foreground); its output is the binarised input, which is also the
+   official fallback where no patch lands.
+
+Label maps are refined class by class (each class a binary cascade; classes absent
+from a window cost nothing) and merged by argmax of the refined probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from refine_cli.models.cascadepsp import CascadeRefinementModule
+from refine_cli.refiners.base import Refiner, Scene, TileInput, TileResult
+from refine_cli.tiling.cascade_grid import global_resize
+from refine_cli.tiling.levels import plan_levels
+
+log = logging.getLogger(__name__)
+
+HALO = 32
+"""Context px on each side of a local tile (the official trims 16 px of interior patch sides)."""
+
+
+def _forward(model: CascadeRefinementModule, images: np.ndarray, seg: np.ndarray, inter: np.ndarray | None,
+             precision: str) -> dict[str, np.ndarray]:
+    """One padded forward pass on a batch.
+
+    Args:
+        model: the module (eval mode) on its device.
+        images: ``(N, h, w, 3)`` float32 in [0, 255] or uint8.
+        seg: ``(N, h, w)`` float32 in [-1, 1].
+        inter: ``(N, h, w)`` float32 in [-1, 1], or ``None`` for the global step.
+        precision: ``fp32`` | ``bf16`` | ``fp16``.
+
+    Returns:
+        ``pred_224`` and ``pred_56_2``: ``(N, h, w)`` float32 in [0, 1].
+    """
+    from refine_cli.refiners.cascadepsp import safe_forward
+
+    dev = model.device
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    if x.dtype != torch.uint8:
+        x = x / 255.0
+    im = model.normalize_image(x.to(dev))
+    s = torch.from_numpy(np.ascontiguousarray(seg))[:, None].to(dev)
+    i8 = None if inter is None else torch.from_numpy(np.ascontiguousarray(inter))[:, None].to(dev)
+    out = safe_forward(model, im, s, i8, precision=precision)
+    return {k: out[k][:, 0].cpu().numpy() for k in ("pred_224", "pred_56_2")}
+
+
+class CascadeLevelRefiner(Refiner):
+    """The local step of one level: two cascade iterations per ``L x L`` window.
+
+    Coarse input channels: binary ``[pred_224, pred_56]`` of the previous level;
+    label maps ``[pred_224 of class 0 .. C-1]``. Output: the same layout, or just
+    ``pred_224`` on the final level of a binary mask.
+    """
+
+    name = "cascade"
+    skip_rule = "binary"
+    uses_torch = True
+
+    def __init__(self, model: CascadeRefinementModule, size: int, precision: str, labels: bool, final: bool,
+                 bytes_per_pixel: int) -> None:
+        self.model, self.size, self.precision = model, size, precision
+        self.labels, self.final = labels, final
+        self.halo = HALO
+        self.fixed_tile = size - 2 * HALO
+        self.preferred_tile = self.fixed_tile
+        self._bpp = bytes_per_pixel
+
+    def out_channels(self, in_channels: int) -> int:
+        """Binary: 2 (``pred_224``, ``pred_56``), 1 on the final level; labels: C."""
+        return in_channels if self.labels else (1 if self.final else 2)
+
+    def skip_output(self, coarse: np.ndarray) -> np.ndarray:
+        """The binarised input (the official fallback) and, between levels, the soft OS4 map."""
+        binary = (coarse[..., :1] > 0.5).astype(np.float32) if not self.labels else (coarse > 0.5).astype(np.float32)
+        if self.labels or self.final:
+            return binary
+        return np.concatenate([binary, coarse[..., 1:2]], axis=-1)
+
+    def refine(self, tile: TileInput) -> TileResult:
+        """Refine one window (see :meth:`refine_batch`)."""
+        return self.refine_batch([tile])[0]
+
+    def refine_batch(self, tiles: Sequence[TileInput]) -> list[TileResult]:
+        """Refine windows, batching those of equal size (binary) or classes of one window (labels)."""
+        if self.labels:
+            return [self._refine_classes(t) for t in tiles]
+        results: list[TileResult | None] = [None] * len(tiles)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, t in enumerate(tiles):
+            groups[t.image.shape[:2]].append(i)
+        for idx in groups.values():
+            coarse = np.stack([tiles[i].coarse for i in idx])
+            seg = np.where(coarse[..., 0] > 0.5, 1.0, -1.0).astype(np.float32)
+            inter = (2 * coarse[..., 1] - 1).astype(np.float32)
+            out = _forward(self.model, np.stack([tiles[i].image for i in idx]), seg, inter, self.precision)
+            for j, i in enumerate(idx):
+                p224 = out["pred_224"][j]
+                prob = p224 if self.final else np.stack([p224, out["pred_56_2"][j]], axis=-1)
+                results[i] = TileResult(prob)
+        return [r for r in results if r is not None]
+
+    def _refine_classes(self, tile: TileInput) -> TileResult:
+        coarse = tile.coarse if tile.coarse.ndim == 3 else tile.coarse[..., None]
+        binary = coarse > 0.5
+        out = binary.astype(np.float32)
+        todo = [c for c in range(coarse.shape[-1]) if binary[..., c].any() and not binary[..., c].all()]
+        for c in todo:
+            seg = np.where(binary[..., c], 1.0, -1.0).astype(np.float32)[None]
+            inter = (2 * coarse[..., c] - 1).astype(np.float32)[None]
+            out[..., c] = _forward(self.model, tile.image[None], seg, inter, self.precision)["pred_224"][0]
+        return TileResult(out)
+
+    def tile_memory(self, pixels: int) -> int:
+        """Activation memory of one window (measured per model)."""
+        return self._bpp * pixels
+
+    def describe(self) -> dict[str, Any]:
+        """Working size, halo, precision."""
+        return {"name": self.name, "size": self.size, "halo": self.halo, "final": self.final,
+                "precision": self.precision}
+
+
+class CascadeStreamRefiner(Refiner):
+    """CascadePSP over any image size (see the module docstring).
+
+    Args:
+        model: the refinement module, in eval mode, on its device.
+        size: working size L.
+        precision: ``fp32`` | ``bf16`` | ``fp16``.
+        labels: the coarse input is a label map of ``classes`` classes.
+        classes: number of classes (labels).
+        max_ratio: largest upscale between levels.
+        bytes_per_pixel: activation memory per window pixel of one forward pass.
+        weights_info: name and sha256 of the weights, for the report.
+    """
+
+    name = "cascade"
+    uses_torch = True
+
+    def __init__(self, model: CascadeRefinementModule, size: int = 900, precision: str = "fp32",
+                 labels: bool = False, classes: int = 1, max_ratio: float = 5.0, bytes_per_pixel: int = 5000,
+                 weights_info: dict[str, Any] | None = None) -> None:
+        self.model, self.size, self.precision = model, size, precision
+        self.labels, self.classes, self.max_ratio = labels, classes, max_ratio
+        self.bytes_per_pixel = bytes_per_pixel
+        self.weights_info = weights_info or {}
+        self.halo = HALO
+        self._top: np.ndarray | None = None
+        self._levels: list[tuple[int, int]] = []
+
+    def prepare(self, scene: Scene) -> None:
+        """The global step on the streamed overview (binarised mask, area-averaged)."""
+        plan = global_resize(scene.shape, self.size)
+        if plan.mode != "down":
+            raise ValueError("the streamed cascade is for images larger than the working size; use the exact path")
+        image, coarse = scene.read_overview(plan.out_shape, True)
+        coarse = coarse if coarse.ndim == 3 else coarse[..., None]
+        if scene.timer is not None:
+            with scene.timer.stage("refine"):
+                self._top = self._global(image, coarse)
+        else:
+            self._top = self._global(image, coarse)
+        self._levels = plan_levels(plan.out_shape, scene.shape, self.max_ratio)
+        scene.info.setdefault("notes", [])
+        log.info("cascade: global step at %dx%d, then levels %s", plan.out_shape[1], plan.out_shape[0],
+                 ", ".join(f"{w}x{h}" for h, w in self._levels))
+
+    def _global(self, image: np.ndarray, coarse: np.ndarray) -> np.ndarray:
+        """``(h', w', K)`` global-step maps: binary ``[pred_224, pred_56_2]``, labels ``pred_224`` per class."""
+        if not self.labels:
+            out = _forward(self.model, image[None], (2 * coarse[None, ..., 0] - 1).astype(np.float32), None,
+                           self.precision)
+            return np.stack([out["pred_224"][0], out["pred_56_2"][0]], axis=-1)
+        result = np.zeros(coarse.shape, np.float32)
+        for c in range(coarse.shape[-1]):
+            share = coarse[..., c]
+            if share.max() <= 0.0 or share.min() >= 1.0:
+                result[..., c] = share
+                continue
+            out = _forward(self.model, image[None], (2 * share[None] - 1).astype(np.float32), None, self.precision)
+            result[..., c] = out["pred_224"][0]
+        return result
+
+    def level_shapes(self, shape: tuple[int, int]) -> list[tuple[int, int]]:
+        """The planned levels from above the overview up to the image size."""
+        assert self._levels, "prepare() first"
+        return list(self._levels)
+
+    def initial_coarse(self) -> np.ndarray | None:
+        """The global step's maps at the overview size (resampled per window by the first level)."""
+        return self._top
+
+    def for_level(self, index: int, final: bool) -> Refiner:
+        """The local step of one level."""
+        return CascadeLevelRefiner(self.model, self.size, self.precision, self.labels, final, self.bytes_per_pixel)
+
+    def refine(self, tile: TileInput) -> TileResult:
+        """Not used: the work happens in the level refiners."""
+        raise NotImplementedError("CascadeStreamRefiner runs through its levels (for_level)")
+
+    def fixed_memory(self) -> int:
+        """The weights."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def describe(self) -> dict[str, Any]:
+        """Mode, working size, levels, weights."""
+        return {"name": self.name, "mode": "streamed", "size": self.size, "precision": self.precision,
+                "levels": [list(s) for s in self._levels], "halo": self.halo, **self.weights_info}
+
