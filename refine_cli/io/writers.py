@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +228,9 @@ class TiffSink(RasterSink):
             if georef.crs_wkt:
                 profile["crs"] = rasterio.crs.CRS.from_wkt(georef.crs_wkt)
         try:
-            self._ds = rasterio.open(self.tmp, "w", **profile)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                self._ds = rasterio.open(self.tmp, "w", **profile)
         except Exception as exc:
             _unlink(self.tmp)
             raise OutputError(f"cannot create {path} ({exc})") from exc
