@@ -153,3 +153,31 @@ def test_info(files, cli):
     facts = json.loads(out)
     assert facts["width"] == 128 and facts["height"] == 96 and facts["tiled"] is True
     assert facts["chunks"] == [32, 32]
+
+
+def test_unknown_option_is_a_usage_error(cli):
+    code, out, err = cli("run", "x.png", "--bogus")
+    assert code == 2 and "--bogus" in one_line_error(err)
+
+
+def test_error_text_keeps_square_brackets(files, tmp_path, cli, monkeypatch):
+    from refine_cli import api
+    from refine_cli.errors import DependencyError
+
+    def boom(*a, **k):
+        raise DependencyError('needs an extra: pip install "refine-cli[distributed]"')
+
+    monkeypatch.setattr(api, "refine_file", boom)
+    code, _, err = cli("run", files / "img.png", "--mask", files / "mask.png", "-o", tmp_path / "o.tif")
+    assert code == 2 and 'refine-cli[distributed]' in one_line_error(err)
+
+
+def test_ctrl_c_exits_130_with_a_message(files, tmp_path, cli, monkeypatch):
+    from refine_cli import api
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "refine_file", interrupted)
+    code, _, err = cli("run", files / "img.png", "--mask", files / "mask.png", "-o", tmp_path / "o.tif")
+    assert code == 130 and "interrupted" in one_line_error(err)
