@@ -16,14 +16,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from refine_cli.config import RefineConfig
 from refine_cli.engine.outputs import OutputSpec, OutputWriter, bytes_per_pixel, mask_layout
+from refine_cli.engine.checkpoint import RunCheckpoint, config_hash, file_identity, segment_rows_for
 from refine_cli.engine.levels import run_levels
 from refine_cli.errors import Interrupted, UsageError
 from refine_cli.io.image import ImageSource, area_downscale
 from refine_cli.io.masks import MaskSource
 from refine_cli.io.readers import Reader, open_raster
-from refine_cli.io.writers import check_output, default_tmp_dir, open_sink, write_bytes_atomic
+from refine_cli.io.writers import (
+    RasterSink,
+    SegmentedSink,
+    check_output,
+    default_tmp_dir,
+    open_sink,
+    output_format,
+    write_bytes_atomic,
+)
 from refine_cli.refiners import build_refiner
 from refine_cli.refiners.base import Refiner, Scene
 from refine_cli.report.summary import RunReport, library_versions, peak_rss_bytes
@@ -99,6 +110,7 @@ def refine_file(
     cog: bool = False,
     bands: tuple[int, ...] | None = None,
     progress: Progress | None = None,
+    resume: bool = False,
 ) -> RunReport:
     """Refine the coarse mask of one image and write the results.
 
@@ -114,6 +126,9 @@ def refine_file(
         cog: write Cloud-Optimised GeoTIFFs.
         bands: 0-based image bands to use as RGB.
         progress: progress callback.
+        resume: continue an interrupted run from the parts it left beside ``out`` (TIFF
+            outputs taller than one segment are always written resumably; see
+            ``engine.checkpoint``).
 
     Returns:
         The run report.
@@ -140,6 +155,7 @@ def refine_file(
     tmp_dir = default_tmp_dir()
     readers: list[Reader] = []
     writer: OutputWriter | None = None
+    checkpoint: RunCheckpoint | None = None
     try:
         with timer.stage("read"):
             img_reader = open_raster(image, max_pixels=config.max_pixels, inline_limit=config.inline_limit,
@@ -173,25 +189,41 @@ def refine_file(
         batch = config.cascade.batch_size if getattr(refiner, "uses_torch", False) else 1
         bands_out, dtype_out = mask_layout(spec, channels, labels)
         georef = src.georef
-        mask_sink = open_sink(out, (H, W), bands_out, dtype_out, overwrite=overwrite, georef=georef, fmt=fmt,
-                              cog=cog, inline_limit=config.inline_limit,
-                              resampling="average" if config.soft else "nearest")
+        seg_rows = segment_rows_for(W, bands_out * dtype_out.itemsize)
+        if out != "-" and output_format(out, fmt) == "tiff" and H > seg_rows and image != "-" and mask != "-":
+            checkpoint = RunCheckpoint(out, {
+                "config": config_hash(config.to_dict()), "image": file_identity(image), "mask": file_identity(mask),
+                "shape": [H, W], "outputs": {"uncertainty": bool(uncertainty), "cog": cog, "bands": bands},
+            }, resume)
+        resampling = "average" if config.soft else "nearest"
+        mask_sink = _sink(out, (H, W), bands_out, dtype_out, overwrite, georef, fmt, cog, config.inline_limit,
+                          resampling, checkpoint, "mask", seg_rows)
         unc_sink = None
         if uncertainty:
-            unc_sink = open_sink(uncertainty, (H, W), 1, "uint8", overwrite=overwrite, georef=georef, cog=cog,
-                                 inline_limit=config.inline_limit, resampling="average")
+            unc_sink = _sink(uncertainty, (H, W), 1, np.dtype(np.uint8), overwrite, georef, None, cog,
+                             config.inline_limit, "average", checkpoint, "uncertainty", seg_rows)
+        start_row = min(getattr(k, "next_row", 0) for k in (mask_sink, unc_sink) if k is not None)
+        for k in (mask_sink, unc_sink):
+            if isinstance(k, SegmentedSink) and k.next_row > start_row:
+                k.rewind(start_row)
         writer = OutputWriter(spec, labels, mask_sink, unc_sink,
                               refiner_uncertainty=bool(getattr(refiner, "provides_uncertainty", False)))
         levels = run_levels(
             src, msk, refiner, writer, timer=timer, budget=config.max_memory,
             bytes_out=bytes_per_pixel(spec, channels, labels), overlap=config.overlap, tile_size=config.tile_size,
             batch_size=batch, skip_uniform=config.skip_uniform, tmp_dir=tmp_dir, progress=progress,
+            work_dir=checkpoint.path("levels") if checkpoint else None, start_row=start_row,
         )
         with timer.stage("write"):
             writer.commit()
+        if checkpoint is not None:
+            checkpoint.finish()
     except KeyboardInterrupt as exc:
         if writer is not None:
             writer.abort()
+        if checkpoint is not None:
+            raise Interrupted(f"interrupted; finished rows are kept in {checkpoint.dir}: rerun the same command "
+                              "with --resume to continue") from exc
         raise Interrupted("interrupted; no output was written (temporary files removed)") from exc
     except BaseException:
         if writer is not None:
@@ -213,7 +245,8 @@ def refine_file(
         tiles={"total": sum(lv.stats.tiles_total for lv in levels),
                "refined": sum(lv.stats.tiles_refined for lv in levels),
                "skipped": sum(lv.stats.tiles_skipped for lv in levels),
-               "refiner_calls": sum(lv.stats.refiner_calls for lv in levels)},
+               "refiner_calls": sum(lv.stats.refiner_calls for lv in levels),
+               "resumed_from_row": int(levels[-1].stats.extra.get("resumed_from_row", 0))},
         stages=timer.seconds(),
         wall_seconds=wall,
         megapixels=H * W / 1e6,
@@ -232,6 +265,18 @@ def refine_file(
     if report:
         write_bytes_atomic(report, rep.to_json().encode(), overwrite=overwrite)
     return rep
+
+
+def _sink(path: str, shape: tuple[int, int], bands: int, dtype: np.dtype, overwrite: bool, georef: Any,
+          fmt: str | None, cog: bool, inline_limit: int, resampling: str, checkpoint: RunCheckpoint | None,
+          name: str, segment_rows: int) -> RasterSink:
+    """A resumable segmented sink when the run is checkpointed, else the plain sink for ``path``."""
+    if checkpoint is None:
+        return open_sink(path, shape, bands, dtype, overwrite=overwrite, georef=georef, fmt=fmt, cog=cog,
+                         inline_limit=inline_limit, resampling=resampling)
+    check_output(path, overwrite)
+    return SegmentedSink(path, shape, bands, dtype, overwrite, parts_dir=checkpoint.path(name),
+                         segment_rows=segment_rows, georef=georef, cog=cog, resampling=resampling)
 
 
 def _peak_gpu(device: str) -> int:

@@ -1026,7 +1026,7 @@ def run_item(item: BatchItem, job: BatchJob, chash: str, *, facts: dict[str, Any
         )
         outputs = {kind: {"path": item.outputs()[kind], "sha256": file_sha256(p), "bytes": p.stat().st_size}
                    for kind, p in targets.items()}
-    except KeyboardInterrupt as exc:  # Interrupted included
+    except (KeyboardInterrupt, Interrupted) as exc:
         _remove_new(before)
         if isinstance(exc, Interrupted):
             raise
@@ -1223,7 +1223,7 @@ def run_batch(
                 _run_local(pending, job, chash, emit, summary, on_start, on_tiles)
             else:
                 _run_dask(pending, job, chash, emit, summary, scheduler)
-        except KeyboardInterrupt as exc:
+        except (KeyboardInterrupt, Interrupted) as exc:
             for p in clean_temps(job.outdir, items, whole=job.shard is None):
                 log.info("removed temporary file %s", p)
             done = len(summary.records)

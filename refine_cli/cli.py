@@ -108,6 +108,8 @@ def run_cmd(
                                                     "(uint8, 255 = most uncertain).")] = None,
     report: Annotated[str | None, typer.Option("--report", help="Write the timing report as JSON.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from the finished rows "
+                                         "it left beside the output.")] = False,
     opts: RunOptions = RunOptions(),
     verbose: Verbose = 0,
     quiet: Quiet = False,
@@ -126,7 +128,7 @@ def run_cmd(
     with _Progress(enabled=not quiet) as progress:
         rep = refine_file(image, mask, target, config=config, uncertainty=uncertainty, report=report,
                           overwrite=opts.overwrite, fmt=opts.fmt, cog=opts.cog, bands=opts.band_indices(),
-                          progress=progress)
+                          progress=progress, resume=resume)
     if json_out:
         typer.echo(rep.to_json())
     if not quiet:

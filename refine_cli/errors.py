@@ -63,7 +63,12 @@ class DependencyError(RefineError, ImportError):
     exit_code = 2
 
 
-class Interrupted(RefineError, KeyboardInterrupt):
-    """The run was interrupted (SIGINT); temporary files were removed."""
+class Interrupted(RefineError):
+    """The run was interrupted (SIGINT/SIGTERM) and cleaned up; the message says how to continue.
+
+    Not a ``KeyboardInterrupt`` subclass on purpose: click/typer turn those into a bare
+    abort and drop the message. Code that isolates failures (``except Exception``)
+    must let it through explicitly.
+    """
 
     exit_code = 130

@@ -91,6 +91,8 @@ def run_levels(
     skip_uniform: bool = True,
     tmp_dir: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    work_dir: str | None = None,
+    start_row: int = 0,
 ) -> list[LevelResult]:
     """Refine every level of ``refiner`` and write the last one to ``final_writer``.
 
@@ -107,8 +109,11 @@ def run_levels(
         tile_size: forced tile size, or ``None`` to derive it from the budget.
         batch_size: tiles per refiner call.
         skip_uniform: boundary-only processing.
-        tmp_dir: where intermediate levels are written.
+        tmp_dir: where intermediate levels are written (in a folder removed at the end).
         progress: ``f(stage, done, total)``.
+        work_dir: a persistent folder for intermediate levels instead (resumable runs):
+            a level whose file is already there (written atomically) is not computed again.
+        start_row: rows of the final level already written by an interrupted run.
 
     Returns:
         One :class:`LevelResult` per level, coarse to fine.
@@ -118,7 +123,8 @@ def run_levels(
         raise ValueError(f"the last level must be the image size {src.shape}, got {shapes[-1]}")
     init = refiner.initial_coarse()
     coarse: Any = ProbSource(init, shapes[0], "global step") if init is not None else mask
-    folder = tempfile.mkdtemp(prefix="refine-levels-", dir=tmp_dir) if len(shapes) > 1 else None
+    own_folder = work_dir is None and len(shapes) > 1
+    folder = tempfile.mkdtemp(prefix="refine-levels-", dir=tmp_dir) if own_folder else work_dir
     results: list[LevelResult] = []
     opened: list[Any] = []
     try:
@@ -141,23 +147,30 @@ def run_levels(
                 src.reader.set_cache_bytes(mplan.cache_bytes)
             writer: Any = final_writer if final else LevelWriter(folder or "", shape, channels)
             name = "refine" if len(shapes) == 1 else f"level {i + 1}/{len(shapes)}"
-            runner = GridRunner(
-                image, coarse, level_refiner, grid, writer, timer, queue_depth=mplan.queue_depth,
-                skip_uniform=skip_uniform, batch_size=batch_size,
-                progress=(lambda d, t, n=name: progress(n, d, t)) if progress else None,
-            )
-            try:
-                stats = runner.run()
-            except BaseException:
+            if not final and work_dir is not None and _complete(writer.path, shape, channels):
+                log.info("level %d/%d: reusing %s", i + 1, len(shapes), writer.path)
+                stats = GridStats(tiles_total=len(grid), pixels=shape[0] * shape[1], extra={"reused": True})
+                writer.sink.abort()
+            else:
+                runner = GridRunner(
+                    image, coarse, level_refiner, grid, writer, timer, queue_depth=mplan.queue_depth,
+                    skip_uniform=skip_uniform, batch_size=batch_size,
+                    progress=(lambda d, t, n=name: progress(n, d, t)) if progress else None,
+                    start_row=start_row if final else 0,
+                )
+                try:
+                    stats = runner.run()
+                except BaseException:
+                    if not final:
+                        writer.abort()
+                    raise
                 if not final:
-                    writer.abort()
-                raise
+                    with timer.stage("write"):
+                        writer.commit()
             results.append(LevelResult(shape, stats, mplan, grid))
             log.info("level %d/%d %dx%d: %d tiles, %d refined, %d skipped", i + 1, len(shapes), shape[1],
                      shape[0], stats.tiles_total, stats.tiles_refined, stats.tiles_skipped)
             if not final:
-                with timer.stage("write"):
-                    writer.commit()
                 if isinstance(coarse, ProbSource):
                     coarse.close()
                 coarse = ProbSource(TiffReader(writer.path), shapes[i + 1], f"level {i + 1}")
@@ -166,6 +179,17 @@ def run_levels(
             image.close()
         if isinstance(coarse, ProbSource):
             coarse.close()
-        if folder:
+        if own_folder and folder:
             shutil.rmtree(folder, ignore_errors=True)
     return results
+
+
+def _complete(path: str, shape: tuple[int, int], channels: int) -> bool:
+    """Whether a level file of the right size is already there (level files are renamed in when whole)."""
+    if not os.path.exists(path):
+        return False
+    try:
+        with TiffReader(path) as r:
+            return r.shape == shape and r.bands == channels
+    except Exception:  # noqa: BLE001 - unreadable: compute it again
+        return False

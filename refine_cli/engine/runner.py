@@ -99,11 +99,14 @@ class GridRunner:
         skip_uniform: skip tiles the refiner's ``skip_rule`` allows.
         batch_size: tiles per refiner call.
         progress: ``f(done_tiles, total_tiles)`` called after each blended tile.
+        start_row: rows above this were written by an earlier, interrupted run: start at
+            the first tile row that touches it and hand the writer only rows from it on.
     """
 
     def __init__(self, image: Any, coarse: Any, refiner: Refiner, plan: GridPlan,
                  writer: Any, timer: StageTimer, *, queue_depth: int = 2, skip_uniform: bool = True,
-                 batch_size: int = 1, progress: Callable[[int, int], None] | None = None) -> None:
+                 batch_size: int = 1, progress: Callable[[int, int], None] | None = None,
+                 start_row: int = 0) -> None:
         self.image, self.coarse, self.refiner, self.plan = image, coarse, refiner, plan
         self.writer, self.timer = writer, timer
         self.depth = max(1, queue_depth)
@@ -115,7 +118,11 @@ class GridRunner:
         self.k_out = self.k_in if self.labels else refiner.out_channels(self.k_in)
         self.refiner_unc = bool(getattr(refiner, "provides_uncertainty", False))
         self.channels = self.k_out + (1 if self.refiner_unc else 0)
+        self.start_row = int(start_row)
+        self.first_grid_row = next((i for i, r in enumerate(plan.row_starts) if r + plan.tile_height > start_row),
+                                   len(plan.row_starts))
         self.stats = GridStats(tiles_total=len(plan), pixels=plan.shape[0] * plan.shape[1])
+        self.stats.extra["resumed_from_row"] = self.start_row
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
 
@@ -169,8 +176,12 @@ class GridRunner:
         item.image = self.image.read(tile.read)
         return item
 
+    def _todo(self) -> list[Tile]:
+        """The tiles still to run (all of them unless resuming)."""
+        return [t for g in range(self.first_grid_row, self.plan.grid_shape[0]) for t in self.plan.row_tiles(g)]
+
     def _prefetch(self, q_in: queue.Queue) -> None:
-        for tile in self.plan.tiles():
+        for tile in self._todo():
             with self.timer.stage("read"):
                 item = self._load(tile)
             self._put(q_in, item)
@@ -253,6 +264,9 @@ class GridRunner:
         plan = self.plan
         acc = BandAccumulator(plan.shape[1], self.channels, plan.tile_height)
         nrows, ncols = plan.grid_shape
+        todo = len(self._todo())
+        if self.first_grid_row < nrows:
+            acc.top = plan.row_starts[self.first_grid_row]
         done = 0
         weights_cache: dict[tuple[bool, bool, bool, bool], np.ndarray] = {}
         while True:
@@ -270,13 +284,16 @@ class GridRunner:
             if t.grid_col == ncols - 1:
                 with self.timer.stage("blend"):
                     row0, block = acc.pop_final(plan.rows_final_after(t.grid_row))
+                if row0 < self.start_row:  # written by the interrupted run
+                    block = block[self.start_row - row0:]
+                    row0 = self.start_row
                 if block.shape[0]:
                     with self.timer.stage("write"):
                         self.writer.write(row0, block)
             if self.progress is not None:
-                self.progress(done, len(plan))
-        if done != len(plan):
-            raise RuntimeError(f"only {done} of {len(plan)} tiles reached the writer")
+                self.progress(done, todo)
+        if done != todo:
+            raise RuntimeError(f"only {done} of {todo} tiles reached the writer")
 
     # -- entry point ---------------------------------------------------------
     def run(self) -> GridStats:

@@ -369,6 +369,128 @@ class PngSink(RasterSink):
         self.closed = True
 
 
+class SegmentedSink(RasterSink):
+    """A resumable TIFF output: rows are committed in atomically written segments.
+
+    Rows go to segment files of ``segment_rows`` rows (a multiple of 512) in
+    ``parts_dir``, each written to a temporary name and renamed when complete, so a
+    killed run leaves only whole segments. :meth:`commit` streams the segments, in
+    order, into the final tiled TIFF (written atomically like any output) and removes
+    the parts. Reopening with the same ``parts_dir`` continues after the last
+    complete segment: :attr:`next_row` tells the engine where to start.
+
+    Args:
+        parts_dir: folder of the segments (created; one folder per output).
+        segment_rows: rows per segment.
+        georef, cog, resampling: passed to the final :class:`TiffSink`.
+    """
+
+    def __init__(self, path: str, shape: tuple[int, int], bands: int, dtype: Any, overwrite: bool, *,
+                 parts_dir: str, segment_rows: int = 4096, georef: Georef | None = None, cog: bool = False,
+                 resampling: str = "nearest") -> None:
+        super().__init__(path, shape, bands, dtype, overwrite)
+        if segment_rows % TILE:
+            raise ValueError(f"segment_rows must be a multiple of {TILE}")
+        self.parts_dir = Path(parts_dir)
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        self.segment_rows = segment_rows
+        self.georef, self.cog, self.resampling = georef, cog, resampling
+        self._current: TiffSink | None = None
+        self.next_row = self._resume_point()
+
+    def _segment_path(self, index: int) -> str:
+        return str(self.parts_dir / f"segment_{index:06d}.tif")
+
+    def _segment_rows(self, index: int) -> int:
+        return min(self.segment_rows, self.shape[0] - index * self.segment_rows)
+
+    def _resume_point(self) -> int:
+        """First row not covered by complete, readable segments (later segments are removed)."""
+        import tifffile
+
+        index = 0
+        while index * self.segment_rows < self.shape[0]:
+            p = self._segment_path(index)
+            try:
+                with tifffile.TiffFile(p) as tf:
+                    page = tf.pages[0]
+                    ok = (page.imagelength, page.imagewidth) == (self._segment_rows(index), self.shape[1]) and \
+                        page.samplesperpixel == self.bands and np.dtype(page.dtype) == self.dtype
+            except Exception:  # noqa: BLE001 - missing or unreadable: stop here
+                ok = False
+            if not ok:
+                break
+            index += 1
+        for stale in self.parts_dir.glob("segment_*.tif"):
+            if int(stale.stem.split("_")[1]) >= index:
+                _unlink(str(stale))
+        clean_stale_temps(self.parts_dir)
+        return index * self.segment_rows
+
+    def rewind(self, row: int) -> None:
+        """Start again at ``row`` (a segment boundary), dropping later segments."""
+        if row % self.segment_rows:
+            raise ValueError(f"{row} is not a segment boundary")
+        for stale in self.parts_dir.glob("segment_*.tif"):
+            if int(stale.stem.split("_")[1]) >= row // self.segment_rows:
+                _unlink(str(stale))
+        self.next_row = row
+
+    def write_rows(self, row0: int, block: np.ndarray) -> None:
+        """Write rows; a segment is committed as soon as its last row arrives."""
+        block = self._check_block(row0, block)
+        while block.shape[0]:
+            index = row0 // self.segment_rows
+            if self._current is None:
+                self._current = TiffSink(self._segment_path(index), (self._segment_rows(index), self.shape[1]),
+                                         self.bands, self.dtype, overwrite=True)
+            seg_start = index * self.segment_rows
+            n = min(block.shape[0], seg_start + self._segment_rows(index) - row0)
+            self._current.write_rows(row0 - seg_start, block[:n])
+            if self._current.next_row == self._current.shape[0]:
+                self._current.commit()
+                self._current = None
+            block, row0 = block[n:], row0 + n
+
+    def commit(self) -> None:
+        """Assemble the segments into the final file, then remove the parts."""
+        import shutil
+
+        from refine_cli.io.readers import TiffReader
+        from refine_cli.tiling.grid import Window
+
+        if self.next_row != self.shape[0]:
+            raise ValueError(f"{self.path}: only {self.next_row} of {self.shape[0]} rows were written")
+        final = TiffSink(self.path, self.shape, self.bands, self.dtype, self.overwrite, georef=self.georef,
+                         cog=self.cog, resampling=self.resampling)
+        try:
+            for index in range(-(-self.shape[0] // self.segment_rows)):
+                with TiffReader(self._segment_path(index), cache_bytes=0) as seg:
+                    for r in range(0, seg.shape[0], TILE):
+                        part = seg.read(Window(r, 0, min(TILE, seg.shape[0] - r), self.shape[1]))
+                        final.write_rows(index * self.segment_rows + r, part)
+        except BaseException:
+            final.abort()
+            raise
+        final.commit()
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self.closed = True
+
+    def abort(self) -> None:
+        """Stop writing but keep the complete segments (the run can be resumed)."""
+        if self._current is not None:
+            self._current.abort()
+            self._current = None
+        self.closed = True
+
+    def discard(self) -> None:
+        """Remove every segment."""
+        import shutil
+
+        self.abort()
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+
+
 def open_sink(path: str, shape: tuple[int, int], bands: int, dtype: Any, *, overwrite: bool,
               georef: Georef | None = None, fmt: str | None = None, cog: bool = False,
               inline_limit: int = 64_000_000, resampling: str = "nearest") -> RasterSink:
