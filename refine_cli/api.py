@@ -35,7 +35,7 @@ from refine_cli.io.writers import (
     output_format,
     write_bytes_atomic,
 )
-from refine_cli.refiners import build_refiner
+from refine_cli.refiners import build_refiner, uses_torch
 from refine_cli.refiners.base import Refiner, Scene
 from refine_cli.report.summary import RunReport, library_versions, peak_rss_bytes
 from refine_cli.report.timing import StageTimer
@@ -149,9 +149,9 @@ def refine_file(
         raise UsageError(f"no --mask given: method {config.method!r} needs a coarse mask (segmenters that make "
                          "one come with MagNet-Fast); pass --mask MASK")
 
-    refiner = build_refiner(config)
-    device = resolve_device(config.device, bool(getattr(refiner, "uses_torch", False)))
+    device = resolve_device(config.device, uses_torch(config.method))
     threads = set_threads(config.threads)
+    refiner = build_refiner(config, device)
     tmp_dir = default_tmp_dir()
     readers: list[Reader] = []
     writer: OutputWriter | None = None
@@ -179,7 +179,8 @@ def refine_file(
             return img, coarse if msk.is_labels else coarse[..., 0]
 
         scene = Scene(shape=(H, W), read_overview=read_overview, device=device, timer=timer,
-                      info={"coarse_scale": H / msk.native_shape[0]})
+                      info={"coarse_scale": H / msk.native_shape[0], "labels": msk.is_labels,
+                            "classes": msk.classes})
         refiner.prepare(scene)
 
         labels = msk.is_labels

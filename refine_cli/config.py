@@ -171,8 +171,8 @@ class RefineConfig:
             raise UsageError(f"--classes {self.classes} must be between 2 and 65535")
         if self.cascade.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.cascade.precision!r}: use one of {', '.join(PRECISIONS)}")
-        if self.cascade.size < 64 or self.cascade.size % 2:
-            raise UsageError(f"--cascade-size {self.cascade.size} must be an even number >= 64")
+        if self.cascade.size < 66 or self.cascade.size % 2:
+            raise UsageError(f"--cascade-size {self.cascade.size} must be an even number >= 66")
         if self.cascade.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
         if self.guided.radius is not None and self.guided.radius < 1:

@@ -52,6 +52,7 @@ class RunOptions:
     eps: float = 1e-2
     cascade_size: int = 900
     fast: bool = False
+    exact: bool | None = None
     weights: str | None = None
     precision: str = "fp32"
     batch_size: int = 1
@@ -76,7 +77,7 @@ class RunOptions:
             max_pixels=int(self.max_pixels), inline_limit=int(self.inline_limit),
             guided=GuidedOptions(radius=self.radius, eps=self.eps),
             cascade=CascadeOptions(size=self.cascade_size, fast=self.fast, weights=self.weights,
-                                   precision=self.precision, batch_size=self.batch_size),
+                                   precision=self.precision, batch_size=self.batch_size, exact=self.exact),
         )
 
     def band_indices(self) -> tuple[int, ...] | None:
@@ -105,6 +106,10 @@ OPTIONS: dict[str, Any] = {
     "eps": _opt(float, "--eps", "guided: regularisation (smaller follows edges more)."),
     "cascade_size": _opt(int, "--cascade-size", "cascade: working size L of global step and patches."),
     "fast": _opt(bool, "--fast", "cascade: global step only."),
+    "exact": Annotated[bool | None, typer.Option("--exact/--streamed", show_default=False,
+                                                 help="cascade: force the official whole-image procedure or "
+                                                 "the streamed pyramid (default: exact when it fits "
+                                                 "--max-memory).")],
     "weights": _opt(str | None, "--weights", "Checkpoint file or registry name (see `refine weights list`)."),
     "precision": _opt(str, "--precision", "fp32, fp16 or bf16 (autocast)."),
     "batch_size": _opt(int, "--batch-size", "Patches per forward pass."),

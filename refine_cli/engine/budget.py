@@ -83,7 +83,7 @@ def estimate(tile: int, halo: int, width: int, channels: int, depth: int, batch:
 
 def plan_memory(shape: tuple[int, int], *, budget: int, halo: int, channels: int, batch: int,
                 tile_memory: object, fixed_memory: int, bytes_out: int, preferred_tile: int = 1024,
-                tile_size: int | None = None) -> MemoryPlan:
+                tile_size: int | None = None, size_flag: str | None = None) -> MemoryPlan:
     """Choose the tile size and queue depth for a budget.
 
     Args:
@@ -96,7 +96,8 @@ def plan_memory(shape: tuple[int, int], *, budget: int, halo: int, channels: int
         fixed_memory: refiner bytes held all run long.
         bytes_out: bytes per pixel of all outputs together.
         preferred_tile: the refiner's favourite tile size (upper bound when choosing).
-        tile_size: a size forced by ``--tile-size`` (checked, not chosen).
+        tile_size: a size forced by ``--tile-size`` or by the method (checked, not chosen).
+        size_flag: the flag that fixed ``tile_size``, for the message (default ``--tile-size N``).
 
     Raises:
         ResourceError: nothing fits; the message gives the budget that would.
@@ -117,9 +118,9 @@ def plan_memory(shape: tuple[int, int], *, budget: int, halo: int, channels: int
                 best = plan
     assert best is not None
     need = -(-best.total // MIB)
-    hint = f"--tile-size {tile_size} " if tile_size else ""
+    what = size_flag or (f"--tile-size {tile_size}" if tile_size else "refining")
+    fix = f" or lower {size_flag.split()[0]}" if size_flag else (" or use a smaller --tile-size" if tile_size else "")
     raise ResourceError(
-        f"{hint}needs about {need} MiB for a {w}x{h} image but --max-memory is {budget // MIB} MiB; "
-        f"raise --max-memory to {need + 64}M or more" + ("" if tile_size else "")
-        + (" or use a smaller --tile-size" if tile_size else "")
+        f"{what} needs about {need} MiB for a {w}x{h} image but --max-memory is {budget // MIB} MiB; "
+        f"raise --max-memory to {need + 64}M or more{fix}"
     )

@@ -138,6 +138,7 @@ def run_levels(
                 tile_memory=level_refiner.tile_memory, fixed_memory=level_refiner.fixed_memory(),
                 bytes_out=level_bytes, preferred_tile=int(getattr(level_refiner, "preferred_tile", 1024)),
                 tile_size=tile_size or getattr(level_refiner, "fixed_tile", None),
+                size_flag=None if tile_size else getattr(level_refiner, "size_flag", None),
             )
             grid = plan_grid(shape, mplan.tile_size, min(overlap, mplan.tile_size // 4), level_refiner.halo)
             with timer.stage("read"):

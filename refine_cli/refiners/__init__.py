@@ -13,28 +13,36 @@ from refine_cli.errors import UsageError
 from refine_cli.refiners.base import Refiner
 
 
-def _guided(config: RefineConfig) -> Refiner:
+def _guided(config: RefineConfig, device: str) -> Refiner:
     from refine_cli.refiners.classical import GuidedRefiner
 
     return GuidedRefiner(config.guided)
 
 
-def _fgs(config: RefineConfig) -> Refiner:
+def _fgs(config: RefineConfig, device: str) -> Refiner:
     from refine_cli.refiners.classical import FGSRefiner
 
     return FGSRefiner(config.guided)
 
 
-def _coarse(config: RefineConfig) -> Refiner:
+def _coarse(config: RefineConfig, device: str) -> Refiner:
     from refine_cli.refiners.classical import CoarseRefiner
 
     return CoarseRefiner()
 
 
-BUILDERS: dict[str, tuple[Callable[[RefineConfig], Refiner], str]] = {
-    "guided": (_guided, "colour guided filter of the coarse mask (no weights)"),
-    "fgs": (_fgs, "fast global smoother of the coarse mask (no weights)"),
-    "coarse": (_coarse, "no refinement: the coarse mask resampled to the image (baseline, pure I/O)"),
+def _cascade(config: RefineConfig, device: str) -> Refiner:
+    from refine_cli.refiners.cascade_method import CascadeMethod
+
+    return CascadeMethod(config, device)
+
+
+BUILDERS: dict[str, tuple[Callable[[RefineConfig, str], Refiner], str, bool]] = {
+    # name: (builder, description, runs on torch)
+    "guided": (_guided, "colour guided filter of the coarse mask (no weights)", False),
+    "fgs": (_fgs, "fast global smoother of the coarse mask (no weights)", False),
+    "coarse": (_coarse, "no refinement: the coarse mask resampled to the image (baseline, pure I/O)", False),
+    "cascade": (_cascade, "CascadePSP global + local refinement (official or bundled lite weights)", True),
 }
 
 
@@ -48,13 +56,23 @@ def describe_refiners() -> dict[str, str]:
     return {k: v[1] for k, v in BUILDERS.items()}
 
 
-def build_refiner(config: RefineConfig) -> Refiner:
-    """The refiner named by ``config.method``.
+def _entry(method: str) -> tuple[Callable[[RefineConfig, str], Refiner], str, bool]:
+    entry = BUILDERS.get(method)
+    if entry is None:
+        raise UsageError(f"unknown --method {method!r}: choose one of {', '.join(BUILDERS)}")
+    return entry
+
+
+def uses_torch(method: str) -> bool:
+    """Whether a method runs a torch model (and so cares about ``--device``)."""
+    return _entry(method)[2]
+
+
+def build_refiner(config: RefineConfig, device: str = "cpu") -> Refiner:
+    """The refiner named by ``config.method``, on ``device`` (a resolved torch device string).
 
     Raises:
         UsageError: unknown method (the message lists the valid ones).
+        WeightsError: the method's weights are missing or do not fit.
     """
-    entry = BUILDERS.get(config.method)
-    if entry is None:
-        raise UsageError(f"unknown --method {config.method!r}: choose one of {', '.join(BUILDERS)}")
-    return entry[0](config)
+    return _entry(config.method)[0](config, device)

@@ -91,6 +91,7 @@ class CascadeLevelRefiner(Refiner):
         self.halo = HALO
         self.fixed_tile = size - 2 * HALO
         self.preferred_tile = self.fixed_tile
+        self.size_flag = f"--cascade-size {size} (one network pass)"
         self._bpp = bytes_per_pixel
 
     def out_channels(self, in_channels: int) -> int:
@@ -167,11 +168,12 @@ class CascadeStreamRefiner(Refiner):
 
     def __init__(self, model: CascadeRefinementModule, size: int = 900, precision: str = "fp32",
                  labels: bool = False, classes: int = 1, max_ratio: float = 5.0, bytes_per_pixel: int = 5000,
-                 weights_info: dict[str, Any] | None = None) -> None:
+                 weights_info: dict[str, Any] | None = None, fast: bool = False) -> None:
         self.model, self.size, self.precision = model, size, precision
         self.labels, self.classes, self.max_ratio = labels, classes, max_ratio
         self.bytes_per_pixel = bytes_per_pixel
         self.weights_info = weights_info or {}
+        self.fast = fast
         self.halo = HALO
         self._top: np.ndarray | None = None
         self._levels: list[tuple[int, int]] = []
@@ -188,7 +190,7 @@ class CascadeStreamRefiner(Refiner):
                 self._top = self._global(image, coarse)
         else:
             self._top = self._global(image, coarse)
-        self._levels = plan_levels(plan.out_shape, scene.shape, self.max_ratio)
+        self._levels = [scene.shape] if self.fast else plan_levels(plan.out_shape, scene.shape, self.max_ratio)
         scene.info.setdefault("notes", [])
         log.info("cascade: global step at %dx%d, then levels %s", plan.out_shape[1], plan.out_shape[0],
                  ", ".join(f"{w}x{h}" for h, w in self._levels))
@@ -219,7 +221,9 @@ class CascadeStreamRefiner(Refiner):
         return self._top
 
     def for_level(self, index: int, final: bool) -> Refiner:
-        """The local step of one level."""
+        """The local step of one level (with ``fast``: the global ``pred_224`` resampled, no local step)."""
+        if self.fast:
+            return _GlobalOnly(self.labels)
         return CascadeLevelRefiner(self.model, self.size, self.precision, self.labels, final, self.bytes_per_pixel)
 
     def refine(self, tile: TileInput) -> TileResult:
@@ -233,5 +237,37 @@ class CascadeStreamRefiner(Refiner):
     def describe(self) -> dict[str, Any]:
         """Mode, working size, levels, weights."""
         return {"name": self.name, "mode": "streamed", "size": self.size, "precision": self.precision,
-                "levels": [list(s) for s in self._levels], "halo": self.halo, **self.weights_info}
+                "fast": self.fast, "levels": [list(s) for s in self._levels], "halo": self.halo,
+                **self.weights_info}
+
+
+class _GlobalOnly(Refiner):
+    """``--fast`` on the streamed path: the global step's ``pred_224`` resampled to full size.
+
+    (The official fast mode brings a downscaled result back with ``align_corners=True``;
+    the streamed path resamples with ``align_corners=False`` like every other level.)
+    """
+
+    name = "cascade-global"
+    skip_rule = "uniform"
+
+    def __init__(self, labels: bool) -> None:
+        self.labels = labels
+
+    def out_channels(self, in_channels: int) -> int:
+        """``pred_224`` only (binary); all classes (labels)."""
+        return in_channels if self.labels else 1
+
+    def skip_output(self, coarse: Any) -> Any:
+        """Channel 0 (binary)."""
+        return coarse if self.labels else coarse[..., :1]
+
+    def refine(self, tile: TileInput) -> TileResult:
+        """The resampled global maps."""
+        c = tile.coarse
+        return TileResult(c if self.labels or c.ndim == 2 else c[..., 0])
+
+    def tile_memory(self, pixels: int) -> int:
+        """Nothing beyond the inputs."""
+        return 8 * pixels
 

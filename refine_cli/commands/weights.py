@@ -1,0 +1,100 @@
+"""``refine weights``: list, fetch, verify, locate and import checkpoints.
+
+A thin translator over :mod:`refine_cli.weights`: user errors are raised as
+``RefineError`` subclasses (``cli.py`` prints them as one red line). Tables and
+progress go to stderr; machine output (paths, JSON) goes to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from refine_cli import weights
+
+app = typer.Typer(help="Manage model weights (cache: $REFINE_HOME/weights).", no_args_is_help=True)
+
+
+def _stderr() -> Console:
+    return Console(stderr=True)
+
+
+def _names() -> list[str]:
+    return [r.name for r in weights.list_records()]
+
+
+NAME = typer.Argument(..., help="registry name (see `refine weights list`)", autocompletion=_names)
+
+
+@app.command("list")
+def list_cmd(
+    as_json: bool = typer.Option(False, "--json", help="print the records as JSON on stdout"),
+) -> None:
+    """List known checkpoints and whether they are in the cache."""
+    rows = []
+    for record in weights.list_records():
+        path = weights.cache_path(record.name)
+        rows.append({**record.to_dict(), "cached": path.is_file(), "path": str(path)})
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"weights (cache {weights.refine_home() / 'weights'})")
+    for col in ("name", "architecture", "size", "cached", "license"):
+        table.add_column(col)
+    for row in rows:
+        size = row["size"] or row["approx_size"]
+        table.add_row(
+            row["name"], row["architecture"], f"{'' if row['size'] else '~'}{size / 1e6:.0f} MB",
+            "yes" if row["cached"] else "no", row["license"],
+        )
+    _stderr().print(table)
+
+
+@app.command()
+def fetch(
+    name: str = NAME,
+    force: bool = typer.Option(False, "--force", help="download again even when a verified copy is cached"),
+) -> None:
+    """Download a checkpoint into the cache (resumable) and verify it; prints its path."""
+    with Progress(
+        TextColumn(name),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=_stderr(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("download", total=None)
+
+        def progress(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        path = weights.fetch(name, progress=progress, force=force)
+    typer.echo(str(path))
+
+
+@app.command()
+def verify(name: str = NAME) -> None:
+    """Check the cached checkpoint's size and checksums."""
+    digests = weights.verify(name)
+    _stderr().print(f"[green]ok[/green] {name}: {digests.size} bytes, sha256 {digests.sha256}")
+
+
+@app.command()
+def path(name: str = NAME) -> None:
+    """Print where the checkpoint lives (or must be put) in the cache."""
+    typer.echo(str(weights.cache_path(name)))
+
+
+@app.command("import")
+def import_cmd(
+    name: str = NAME,
+    file: Path = typer.Argument(..., help="the checkpoint downloaded by hand"),
+) -> None:
+    """Verify a checkpoint downloaded by hand and copy it into the cache; prints its path."""
+    typer.echo(str(weights.import_file(name, file)))

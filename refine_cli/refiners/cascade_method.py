@@ -1,0 +1,192 @@
+"""``--method cascade``: choose the weights, then the exact or the streamed CascadePSP.
+
+Weights (``--weights``): a checkpoint file (the official one, or one exported by
+``refine train`` with its JSON sidecar) or a registry name. Without ``--weights``
+the official checkpoint is used when it is in the cache, else the project's own
+``cascadepsp-lite-v1`` from ``weights/``, with a one-line notice; the report
+records which weights ran and their sha256.
+
+Path: the **exact** official procedure (``refiners.cascadepsp``) runs on the whole
+image as one tile when the image, its per-pixel state and one network pass fit
+``--max-memory``; otherwise the **streamed** cascade (``refiners.cascade_stream``)
+refines a pyramid tile by tile. ``--exact`` / ``--streamed`` force one. Images no
+larger than the working size always take the exact path.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from refine_cli.config import CascadeOptions, RefineConfig
+from refine_cli.engine.budget import BASE_BYTES
+from refine_cli.errors import WeightsError
+from refine_cli.refiners.base import Refiner, Scene, TileInput, TileResult
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_BYTES_PER_PIXEL = 5 * 1024
+"""Activation memory of one official fp32 forward per input pixel (NOTES §5: ~5 KB/px)."""
+
+EXACT_BYTES_PER_PIXEL = 40
+"""Whole-image state of the exact path per pixel: image, coarse, accumulator, count, blend, output."""
+
+
+def bundled_weights_dir() -> Path:
+    """The repository's ``weights/`` folder (self-trained checkpoints shipped with the code)."""
+    return Path(__file__).resolve().parents[2] / "weights"
+
+
+def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[str, Any], int]:
+    """Resolve ``--weights`` and build the matching module, loaded strictly, in eval mode on ``device``.
+
+    Returns:
+        ``(model, info, bytes_per_pixel)``: the module, facts for the report (weights name,
+        path, sha256, notice) and its activation memory per pixel of one forward pass.
+
+    Raises:
+        WeightsError: no usable weights (the message says how to get them).
+    """
+    import torch
+
+    from refine_cli import weights
+    from refine_cli.models.cascadepsp import cascadepsp_official
+    from refine_cli.train.trainer import load_exported
+
+    spec = options.weights
+    notice = None
+    if spec is None:
+        if weights.cache_path(weights.DEFAULT_CASCADEPSP).is_file():
+            spec = weights.DEFAULT_CASCADEPSP
+        elif weights.DEFAULT_CASCADEPSP_LITE not in {r.name for r in weights.list_records()}:
+            raise WeightsError(
+                f"no CascadePSP weights: fetch the official ones with `refine weights fetch "
+                f"{weights.DEFAULT_CASCADEPSP}` (or `refine weights import {weights.DEFAULT_CASCADEPSP} FILE`), "
+                "or pass --weights FILE")
+        else:
+            spec = weights.DEFAULT_CASCADEPSP_LITE
+            notice = (f"official CascadePSP weights are not in the cache, using the bundled {spec} "
+                      f"(get the official ones with `refine weights fetch {weights.DEFAULT_CASCADEPSP}`)")
+    resolved = weights.resolve_weights(spec)
+    info: dict[str, Any] = {"weights": resolved.name or str(resolved.path), "weights_path": str(resolved.path)}
+    sidecar = resolved.path.with_suffix(".json")
+    if sidecar.is_file() and resolved.name != weights.DEFAULT_CASCADEPSP:
+        model, side = load_exported(resolved.path, sha256=resolved.sha256)
+        info["weights_sha256"] = side.get("sha256")
+        info["architecture"] = side.get("arch")
+        bpp = int(side.get("bytes_per_pixel", 1500))
+    else:
+        model = cascadepsp_official()
+        model.load_state_dict(weights.load_state_dict(resolved.path, model), strict=True)
+        if resolved.sha256:
+            info["weights_sha256"] = resolved.sha256
+        info["architecture"] = "cascadepsp"
+        bpp = OFFICIAL_BYTES_PER_PIXEL
+    if notice:
+        info["notice"] = notice
+        log.warning("%s", notice)
+    from refine_cli.refiners.cascadepsp import resolve_device
+
+    model = model.to(resolve_device(device)).eval()
+    torch.set_grad_enabled(False)
+    return model, info, bpp
+
+
+class CascadeMethod(Refiner):
+    """Facade of ``--method cascade``: decides exact vs streamed in :meth:`prepare` and delegates.
+
+    Args:
+        config: the run configuration (cascade options, memory budget).
+        device: resolved torch device string.
+    """
+
+    name = "cascade"
+    uses_torch = True
+
+    def __init__(self, config: RefineConfig, device: str = "cpu") -> None:
+        self.config = config
+        self.options = config.cascade
+        self.device = device
+        self.model, self.info, self.bytes_per_pixel = load_cascade_model(self.options, device)
+        self.impl: Refiner | None = None
+        self.mode = ""
+
+    def _pass_bytes(self) -> int:
+        from refine_cli.tiling.cascade_grid import padded_shape
+
+        side = padded_shape((self.options.size, self.options.size))[0]
+        return self.bytes_per_pixel * side * side * max(1, self.options.batch_size)
+
+    def exact_bytes(self, shape: tuple[int, int]) -> int:
+        """Memory of the exact path on an ``(H, W)`` image."""
+        weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return BASE_BYTES + weights_bytes + EXACT_BYTES_PER_PIXEL * shape[0] * shape[1] + self._pass_bytes()
+
+    def prepare(self, scene: Scene) -> None:
+        """Choose the path for this image and run its global step."""
+        from refine_cli.refiners.cascade_stream import CascadeStreamRefiner
+        from refine_cli.refiners.cascadepsp import CascadePSPRefiner
+        from refine_cli.tiling.cascade_grid import global_resize
+
+        labels = bool(scene.info.get("labels"))
+        small = global_resize(scene.shape, self.options.size).mode != "down"
+        fits = self.exact_bytes(scene.shape) <= self.config.max_memory
+        exact = self.options.exact if self.options.exact is not None else (small or fits)
+        if small and not exact:
+            log.info("the image is not larger than --cascade-size %d: using the exact path", self.options.size)
+            exact = True
+        if exact:
+            impl = CascadePSPRefiner(self.model, size=self.options.size, fast=self.options.fast,
+                                     batch_size=self.options.batch_size, precision=self.options.precision,
+                                     device=self.device, weights_info=self.info)
+            impl.fixed_tile = max(scene.shape)  # type: ignore[attr-defined]
+            impl.size_flag = (f"--cascade-size {self.options.size} (exact path: whole image + one "  # type: ignore
+                              "network pass; --streamed needs less)")
+            impl.skip_rule = "uniform"  # type: ignore[misc]
+            self.mode = "exact"
+        else:
+            impl = CascadeStreamRefiner(self.model, size=self.options.size, precision=self.options.precision,
+                                        labels=labels, classes=int(scene.info.get("classes", 1)),
+                                        bytes_per_pixel=self.bytes_per_pixel, weights_info=self.info,
+                                        fast=self.options.fast)
+            self.mode = "streamed"
+        self.impl = impl
+        impl.prepare(scene)
+        if "notice" in self.info:
+            scene.info.setdefault("notes", []).append(self.info["notice"])
+        scene.info.setdefault("notes", []).append(
+            f"cascade: {self.mode} path, weights {self.info.get('weights')}"
+            + (f" (sha256 {str(self.info['weights_sha256'])[:12]}...)" if self.info.get("weights_sha256") else ""))
+
+    def _impl(self) -> Refiner:
+        if self.impl is None:
+            raise RuntimeError("prepare() first")
+        return self.impl
+
+    def level_shapes(self, shape: tuple[int, int]) -> list[tuple[int, int]]:
+        """The chosen path's levels."""
+        return self._impl().level_shapes(shape)
+
+    def initial_coarse(self) -> Any:
+        """The chosen path's first coarse input."""
+        return self._impl().initial_coarse()
+
+    def for_level(self, index: int, final: bool) -> Refiner:
+        """The chosen path's level refiner."""
+        return self._impl().for_level(index, final)
+
+    def refine(self, tile: TileInput) -> TileResult:
+        """Delegate (single-level exact path)."""
+        return self._impl().refine(tile)
+
+    def fixed_memory(self) -> int:
+        """The weights."""
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
+    def describe(self) -> dict[str, Any]:
+        """Path, working size, weights."""
+        base = self.impl.describe() if self.impl is not None else {}
+        return {**base, "name": self.name, "mode": self.mode, "size": self.options.size, **self.info}
+
+

@@ -1,0 +1,589 @@
+"""Weights registry, cache, download, verification and safe loading. No inference.
+
+Each checkpoint the project knows is one frozen :class:`WeightsRecord` in ``_REGISTRY``
+(an explicit dict: add a record there). Downloaded or imported files live in the cache::
+
+    $REFINE_HOME/weights/<record.filename>          the checkpoint (default REFINE_HOME: ~/.cache/refine)
+    $REFINE_HOME/weights/<record.filename>.json     sidecar: size, md5, sha256, source, time
+    $REFINE_HOME/weights/<record.filename>.part     an interrupted download (resumed with HTTP Range)
+
+A file enters the cache only after its size / md5 / sha256 match what the record knows,
+and always by an atomic rename. The sidecar records the sha256 on first fetch or import,
+so :func:`verify` detects later corruption even where the record has no sha256.
+
+:func:`load_state_dict` reads with ``torch.load(weights_only=True, map_location="cpu")``,
+strips prefixes such as ``module.`` by name, and checks names and shapes strictly, so a
+wrong or damaged checkpoint gives a :class:`~refine_cli.errors.WeightsError` naming keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.client
+import json
+import logging
+import os
+import pickle
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from refine_cli.errors import InputError, UsageError, WeightsError
+
+if TYPE_CHECKING:  # torch is imported where it is needed, so `refine weights ...` starts fast
+    import torch
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ENV_HOME = "REFINE_HOME"
+"""Environment variable naming the cache root (default ``~/.cache/refine``)."""
+
+DEFAULT_CASCADEPSP = "cascadepsp"
+"""Registry name of the default CascadePSP checkpoint."""
+
+_CHUNK = 4 * 1024 * 1024
+
+ProgressFn = Callable[[int, int | None], None]
+"""``progress(bytes_done, bytes_total_or_None)``."""
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """The input contract of a checkpoint.
+
+    Attributes:
+        mean: per-channel RGB mean in [0, 1] units (image ``/ 255`` first).
+        std: per-channel RGB standard deviation.
+        mask: how the coarse mask enters the network.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    mask: str
+
+
+IMAGENET = Normalization(
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    mask="binarised (u8 > 127, i.e. p >= 0.5) and mapped to {-1, +1}",
+)
+
+
+@dataclass(frozen=True)
+class WeightsRecord:
+    """One checkpoint the project can fetch, verify and load.
+
+    Attributes:
+        name: registry key (CLI argument), e.g. ``cascadepsp``.
+        architecture: builder that makes the matching module (e.g. ``cascadepsp_official``
+            in ``refine_cli.models.cascadepsp``).
+        url: pinned download URL, or ``None`` for files that are only imported.
+        filename: file name in the cache.
+        size: exact size in bytes, ``None`` when unknown.
+        approx_size: approximate size in bytes (display, progress).
+        md5: full md5 hex digest, ``None`` when unknown.
+        sha256: full sha256 hex digest, ``None`` when unknown (then recorded in the sidecar).
+        license: licence of the code and of the weights, as known.
+        normalization: input contract.
+        notes: provenance and caveats.
+        strip_prefixes: key prefixes stripped by name when loading.
+        bundled: file name in the repository's ``weights/`` folder for checkpoints the project
+            trains and ships itself (used when the cache has no copy).
+    """
+
+    name: str
+    architecture: str
+    url: str | None
+    filename: str
+    size: int | None
+    approx_size: int
+    md5: str | None
+    sha256: str | None
+    license: str
+    normalization: Normalization
+    notes: str = ""
+    strip_prefixes: tuple[str, ...] = ("module.",)
+    bundled: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view."""
+        return dataclasses.asdict(self)
+
+
+CASCADEPSP = WeightsRecord(
+    name=DEFAULT_CASCADEPSP,
+    architecture="cascadepsp_official",
+    url="https://github.com/hkchengrex/CascadePSP/releases/download/v1.0/model",
+    filename="cascadepsp_v1.0_model.pth",
+    size=None,
+    approx_size=271_000_000,  # "259MB" in the upstream docs is MiB (the fp32 state is 258.4 MiB)
+    md5="7478d4a9c42ab52beb6d7e9683402fe0",
+    sha256=None,
+    license="code MIT (hkchengrex/CascadePSP); no separate licence stated for the weights; "
+    "trained on MSRA-10K, DUTS, ECSSD, FSS-1000 (their own terms)",
+    normalization=IMAGENET,
+    notes="Official CascadePSP refinement module (segmentation-refinement 0.6 download), "
+    "a DataParallel state_dict with 'module.' keys; likely the paper model (not verified). "
+    "md5 from the package's download check; sha256 recorded in the cache sidecar on first fetch/import.",
+)
+
+DEFAULT_CASCADEPSP_LITE = "cascadepsp-lite-v1"
+
+CASCADEPSP_LITE = WeightsRecord(
+    name=DEFAULT_CASCADEPSP_LITE,
+    architecture="cascadepsp-lite",
+    url=None,
+    filename="cascadepsp-lite-v1.pt",
+    size=None,
+    approx_size=4_000_000,
+    md5=None,
+    sha256=None,
+    license="MIT (this project); trained by `refine train` on composites of the photos listed in "
+    "weights/README.md (CC-BY/CC-BY-SA/CC0/GPL-2+ sources, see there)",
+    normalization=IMAGENET,
+    notes="Self-trained CascadePSP-lite shipped in weights/ (model card: weights/README.md); the default "
+    "--method cascade weights when the official checkpoint is not in the cache.",
+    strip_prefixes=(),
+    bundled="cascadepsp-lite-v1.pt",
+)
+
+_REGISTRY: dict[str, WeightsRecord] = {r.name: r for r in (CASCADEPSP,) + ((CASCADEPSP_LITE,) if CASCADEPSP_LITE.sha256
+                                                                          else ())}
+
+
+def bundled_path(record: WeightsRecord) -> Path | None:
+    """The shipped copy of a self-trained checkpoint in the repository's ``weights/`` folder."""
+    if record.bundled is None:
+        return None
+    return Path(__file__).resolve().parents[1] / "weights" / record.bundled
+
+
+# --------------------------------------------------------------------------------------------
+# registry and cache paths
+
+
+def list_records() -> list[WeightsRecord]:
+    """All known checkpoints, sorted by name."""
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def get_record(name: str) -> WeightsRecord:
+    """The record called ``name``.
+
+    Raises:
+        UsageError: unknown name (the message lists the valid ones).
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"unknown weights {name!r}: use one of {', '.join(sorted(_REGISTRY))}") from None
+
+
+def refine_home() -> Path:
+    """The cache root: ``$REFINE_HOME`` or ``~/.cache/refine``."""
+    env = os.environ.get(ENV_HOME)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "refine"
+
+
+def cache_path(name: str) -> Path:
+    """Where the checkpoint ``name`` lives in the cache (whether present or not)."""
+    return refine_home() / "weights" / get_record(name).filename
+
+
+def _sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def read_sidecar(name: str) -> dict[str, Any]:
+    """The cache sidecar of ``name`` (``{}`` when absent or unreadable)."""
+    try:
+        return dict(json.loads(_sidecar_path(cache_path(name)).read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return {}
+
+
+# --------------------------------------------------------------------------------------------
+# digests and verification
+
+
+@dataclass(frozen=True)
+class Digests:
+    """Size and hashes of a file.
+
+    Attributes:
+        size: bytes.
+        md5: hex digest.
+        sha256: hex digest.
+    """
+
+    size: int
+    md5: str
+    sha256: str
+
+
+def file_digests(path: str | Path) -> Digests:
+    """Size, md5 and sha256 of a file, in one pass."""
+    md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            md5.update(block)
+            sha.update(block)
+            size += len(block)
+    return Digests(size, md5.hexdigest(), sha.hexdigest())
+
+
+def _mismatch(record: WeightsRecord, digests: Digests, sha256: str | None) -> str | None:
+    """The first field that differs from what is known, as ``'md5 X, expected Y'``, or ``None``."""
+    checks = (
+        ("size", record.size, digests.size),
+        ("md5", record.md5, digests.md5),
+        ("sha256", sha256, digests.sha256),
+    )
+    for field, want, got in checks:
+        if want is not None and str(want).lower() != str(got).lower():
+            return f"{field} {got}, expected {want}"
+    return None
+
+
+def _write_sidecar(record: WeightsRecord, path: Path, digests: Digests, source: str) -> None:
+    meta = {
+        "name": record.name,
+        "filename": record.filename,
+        "size": digests.size,
+        "md5": digests.md5,
+        "sha256": digests.sha256,
+        "source": source,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    side = _sidecar_path(path)
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, side)
+
+
+def verify(name: str) -> Digests:
+    """Check the cached checkpoint against the record (size, md5, sha256) and its sidecar sha256.
+
+    Records the sha256 in the sidecar when it was missing.
+
+    Returns:
+        The file's digests.
+
+    Raises:
+        WeightsError: not cached, or a checksum differs (the message says how to fix it).
+    """
+    record = get_record(name)
+    path = cache_path(name)
+    if not path.is_file():
+        raise WeightsError(
+            f"weights {name!r} are not in the cache ({path}); run `refine weights fetch {name}` "
+            f"or `refine weights import {name} FILE`"
+        )
+    digests = file_digests(path)
+    side = read_sidecar(name)
+    problem = _mismatch(record, digests, record.sha256 or side.get("sha256"))
+    if problem:
+        raise WeightsError(
+            f"checksum mismatch for {name} at {path} ({problem}); run `refine weights fetch {name}` "
+            f"or `refine weights import {name} FILE` to replace it"
+        )
+    if not side.get("sha256"):
+        _write_sidecar(record, path, digests, side.get("source", "verified in cache"))
+    return digests
+
+
+# --------------------------------------------------------------------------------------------
+# fetch and import
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _offline_message(record: WeightsRecord, dest: Path, reason: object) -> str:
+    return (
+        f"cannot download {record.name!r} from {record.url} ({_one_line(reason)}); download that URL "
+        f"on a machine with network access and run `refine weights import {record.name} FILE` "
+        f"(or copy the file to {dest})"
+    )
+
+
+def _download(record: WeightsRecord, part: Path, progress: ProgressFn | None, timeout: float) -> None:
+    """Download ``record.url`` into ``part``, resuming from its current size with HTTP Range."""
+    assert record.url is not None
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(record.url, headers={"User-Agent": "refine-cli"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        resp = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:  # nothing left to send: the .part is complete
+            return
+        raise
+    with resp:
+        if offset and getattr(resp, "status", 200) != 206:
+            logger.info("server ignored the Range request; downloading %s from the start", record.name)
+            offset = 0
+        length = resp.headers.get("Content-Length")
+        total = offset + int(length) if length else record.size
+        done = offset
+        with open(part, "ab" if offset else "wb") as f:
+            while block := resp.read(1024 * 1024):
+                f.write(block)
+                done += len(block)
+                if progress is not None:
+                    progress(done, total)
+
+
+def fetch(
+    name: str, *, progress: ProgressFn | None = None, force: bool = False, timeout: float = 60.0
+) -> Path:
+    """Download a registry checkpoint into the cache (resumable), verify it, and return its path.
+
+    A cached copy that verifies is returned without downloading (unless ``force``).
+
+    Args:
+        name: registry name.
+        progress: ``progress(bytes_done, bytes_total_or_None)`` during the download.
+        force: download again even when a verified copy is cached.
+        timeout: socket timeout in seconds.
+
+    Returns:
+        The cached file.
+
+    Raises:
+        WeightsError: no network (one line saying where to put the file by hand and which
+            ``refine weights import`` command to run), or the download fails verification.
+    """
+    record = get_record(name)
+    dest = cache_path(name)
+    if dest.is_file() and not force:
+        try:
+            verify(name)
+            return dest
+        except WeightsError as exc:
+            logger.warning("%s; downloading it again", exc)
+    if record.url is None:
+        raise WeightsError(f"{name!r} has no download URL; run `refine weights import {name} FILE`")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    logger.info("downloading %s from %s", name, record.url)
+    try:
+        _download(record, part, progress, timeout)
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as exc:
+        raise WeightsError(_offline_message(record, dest, getattr(exc, "reason", exc))) from exc
+    digests = file_digests(part)
+    problem = _mismatch(record, digests, record.sha256)
+    if problem:
+        part.unlink(missing_ok=True)
+        raise WeightsError(
+            f"the download of {name} from {record.url} is corrupt ({problem}); "
+            f"run `refine weights fetch {name}` again"
+        )
+    os.replace(part, dest)
+    _write_sidecar(record, dest, digests, record.url)
+    logger.info("saved %s to %s (sha256 %s)", name, dest, digests.sha256)
+    return dest
+
+
+def import_file(name: str, file: str | Path) -> Path:
+    """Copy a checkpoint obtained by hand into the cache, after verifying it against the record.
+
+    Args:
+        name: registry name.
+        file: the downloaded checkpoint.
+
+    Returns:
+        The cached file (its sha256 is recorded in the sidecar).
+
+    Raises:
+        InputError: ``file`` does not exist.
+        WeightsError: ``file`` is not the checkpoint the record describes.
+    """
+    record = get_record(name)
+    src = Path(file).expanduser()
+    if not src.is_file():
+        raise InputError(f"{src} is not a file; give the path of the downloaded {name} checkpoint")
+    digests = file_digests(src)
+    problem = _mismatch(record, digests, record.sha256)
+    if problem:
+        where = f"download {record.url} again" if record.url else "check the file"
+        raise WeightsError(f"{src} is not the {name} checkpoint ({problem}); {where}")
+    dest = cache_path(name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".import", dir=dest.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp_name)
+        os.replace(tmp_name, dest)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    _write_sidecar(record, dest, digests, str(src.resolve()))
+    logger.info("imported %s into %s (sha256 %s)", src, dest, digests.sha256)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# resolving and loading
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """A checkpoint file ready to load.
+
+    Attributes:
+        path: the file.
+        name: registry name, or ``None`` for a plain file path.
+        sha256: known sha256 (record or cache sidecar), or ``None``.
+    """
+
+    path: Path
+    name: str | None
+    sha256: str | None
+
+
+def resolve_weights(spec: str | os.PathLike[str], *, download: bool = False) -> ResolvedWeights:
+    """Turn ``--weights`` (a file path or a registry name) into a file.
+
+    A registry checkpoint must be in the cache (or ``download=True`` fetches it); its size
+    is compared with the sidecar (a full hash check is :func:`verify`).
+
+    Raises:
+        WeightsError: a registry checkpoint is not cached / was changed, or a path does not exist.
+        UsageError: neither an existing file nor a registry name.
+    """
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return ResolvedWeights(path, None, None)
+    text = str(spec)
+    if text in _REGISTRY:
+        dest = cache_path(text)
+        shipped = bundled_path(_REGISTRY[text])
+        if not dest.is_file() and shipped is not None and shipped.is_file():
+            return ResolvedWeights(shipped, text, _REGISTRY[text].sha256)
+        if not dest.is_file():
+            if not download:
+                raise WeightsError(
+                    f"weights {text!r} are not in the cache ({dest}); run `refine weights fetch {text}` "
+                    f"or `refine weights import {text} FILE`"
+                )
+            fetch(text)
+        side = read_sidecar(text)
+        if side.get("size") is not None and dest.stat().st_size != side["size"]:
+            raise WeightsError(
+                f"cached {text} at {dest} has {dest.stat().st_size} bytes, expected {side['size']}; "
+                f"run `refine weights fetch {text} --force`"
+            )
+        return ResolvedWeights(dest, text, _REGISTRY[text].sha256 or side.get("sha256"))
+    if os.sep in text or "/" in text or path.suffix in {".pth", ".pt", ".ckpt", ".bin"}:
+        raise WeightsError(f"weights file {text} not found; check the path or use a registry name")
+    raise UsageError(
+        f"unknown weights {text!r}: give a checkpoint file or one of {', '.join(sorted(_REGISTRY))}"
+    )
+
+
+def _strip_prefixes(key: str, prefixes: Iterable[str]) -> str:
+    """Remove any of ``prefixes`` from the start of ``key``, repeatedly (``module._orig_mod.x`` -> ``x``)."""
+    prefixes = [p for p in prefixes if p]
+    changed = True
+    while changed:
+        changed = False
+        for p in prefixes:
+            if key.startswith(p):
+                key, changed = key[len(p) :], True
+    return key
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def load_state_dict(
+    path: str | Path,
+    expected: Mapping[str, tuple[int, ...]] | nn.Module,
+    strip_prefixes: tuple[str, ...] = ("module.",),
+    drop_prefixes: tuple[str, ...] = (),
+) -> OrderedDict[str, torch.Tensor]:
+    """Read a tensor-only checkpoint safely and check it against the expected names and shapes.
+
+    Args:
+        path: checkpoint file (a state_dict, or a dict with a ``state_dict`` entry).
+        expected: name -> shape, or a module whose ``state_dict`` gives them.
+        strip_prefixes: prefixes removed from key starts by name (``module.`` of DataParallel).
+        drop_prefixes: keys starting with these (after stripping) are ignored.
+
+    Returns:
+        Name -> CPU tensor, prefixes stripped, in file order; loads with ``strict=True``.
+
+    Raises:
+        WeightsError: unreadable file, pickled code (``weights_only=True`` refuses it),
+            non-tensor entries, or missing / unexpected / wrongly shaped keys (named).
+    """
+    import torch
+    from torch import nn
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} not found; check the path")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = _one_line(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise WeightsError(
+            f"{path} is not a plain tensor checkpoint ({first[:160]}); refusing to unpickle it - "
+            "re-download it or re-save it as a state_dict of tensors"
+        ) from exc
+    except Exception as exc:  # torch.load raises many types on foreign or truncated files
+        raise WeightsError(
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {_one_line(exc)[:160]}); "
+            "re-download it"
+        ) from exc
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state_dict; save model.state_dict()")
+    want = (
+        {k: tuple(v.shape) for k, v in expected.state_dict().items()}
+        if isinstance(expected, nn.Module)
+        else {k: tuple(v) for k, v in expected.items()}
+    )
+    state: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for raw, value in obj.items():
+        key = _strip_prefixes(str(raw), strip_prefixes)
+        if any(key.startswith(p) for p in drop_prefixes if p):
+            continue
+        if not isinstance(value, torch.Tensor):
+            kind = type(value).__name__
+            raise WeightsError(f"{path}: entry {raw!r} is a {kind}, not a tensor; not a state_dict")
+        if key in state:
+            raise WeightsError(f"{path}: two entries become {key!r} after stripping {strip_prefixes}")
+        state[key] = value
+    missing = [k for k in want if k not in state]
+    unexpected = [k for k in state if k not in want]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {want[k]}"
+        for k in want
+        if k in state and tuple(state[k].shape) != want[k]
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+        if wrong:
+            parts.append(f"{len(wrong)} with the wrong shape ({_few(wrong)})")
+        raise WeightsError(f"{path} does not fit the model: {'; '.join(parts)}; is it the right checkpoint?")
+    return state
