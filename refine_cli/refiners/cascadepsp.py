@@ -612,6 +612,7 @@ class CascadePSPRefiner(Refiner):
         self.model = model.to(dev).eval()
         self.size, self.fast, self.batch_size, self.precision = size, fast, batch_size, precision
         self.weights_info = dict(weights_info or {})
+        self.stats: dict[str, int] = {}
 
     @classmethod
     def from_options(
@@ -653,8 +654,15 @@ class CascadePSPRefiner(Refiner):
         )
 
     def refine(self, tile: TileInput) -> TileResult:
-        """Refine one window as if it were the whole image (official procedure)."""
-        prob, _ = self.refine_image(tile.image, tile.coarse)
+        """Refine one window as if it were the whole image (official procedure).
+
+        Facts of each call (patches, processed, fallback pixels, seconds) add up in
+        :attr:`stats` for the report.
+        """
+        prob, info = self.refine_image(tile.image, tile.coarse)
+        for key in ("patches", "patches_processed", "pixels_fallback"):
+            if key in info:
+                self.stats[key] = self.stats.get(key, 0) + int(info[key])
         return TileResult(prob, binary_uncertainty(prob))
 
     def tile_memory(self, pixels: int) -> int:
@@ -670,5 +678,5 @@ class CascadePSPRefiner(Refiner):
         """Parameters and weights facts for the report."""
         return {
             **super().describe(), "size": self.size, "fast": self.fast, "batch_size": self.batch_size,
-            "precision": self.precision, "device": str(self.model.device), **self.weights_info,
+            "precision": self.precision, "device": str(self.model.device), **self.weights_info, **self.stats,
         }

@@ -1,0 +1,106 @@
+"""--method cascade end to end: weights resolution, exact vs streamed paths, levels, label maps, budget."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from cascade_fixtures import tiny_cascade_weights
+from conftest import write_png
+from refine_cli.api import refine_file
+from refine_cli.config import CascadeOptions, RefineConfig
+from refine_cli.devtools.synthetic import random_scene
+from refine_cli.errors import ResourceError, WeightsError
+from refine_cli.tiling.grid import Window
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_cascade_weights(tmp_path_factory.mktemp("w"))
+
+
+def make_scene(d, shape, seed):
+    sc = random_scene(shape, 6, seed=seed, size=min(shape) / 7)
+    write_png(d / "img.png", sc.image(Window(0, 0, *shape)))
+    cv2.imwrite(str(d / "coarse.png"), sc.coarse(8))
+    return d
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """900 x 1200: at L = 200 the streamed path has two levels."""
+    return make_scene(tmp_path_factory.mktemp("cscene"), (900, 1200), 8)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """450 x 600: at L = 400 the exact path needs only a few local patches (fast on a CPU)."""
+    return make_scene(tmp_path_factory.mktemp("csmall"), (450, 600), 9)
+
+
+def run(d, tmp_path, tiny, name, **cascade):
+    cfg = RefineConfig(method="cascade", max_memory=4 << 30,
+                       cascade=CascadeOptions(weights=str(tiny), **{"size": 200, **cascade}))
+    out = tmp_path / f"{name}.tif"
+    rep = refine_file(str(d / "img.png"), str(d / "coarse.png"), str(out), config=cfg,
+                      report=str(tmp_path / f"{name}.json"))
+    return tifffile.imread(out), rep
+
+
+def test_exact_and_streamed_paths(scene, small, tmp_path, tiny):
+    exact, rex = run(small, tmp_path, tiny, "exact", exact=True, size=400)
+    streamed, rst = run(scene, tmp_path, tiny, "streamed", exact=False)
+    assert rex.refiner["mode"] == "exact" and rst.refiner["mode"] == "streamed"
+    assert exact.shape == (450, 600) and streamed.shape == (900, 1200)
+    assert set(np.unique(exact)) <= {0, 255} and set(np.unique(streamed)) <= {0, 255}
+    assert rex.refiner["patches"] >= rex.refiner["patches_processed"] > 0
+    # 200 -> 1200 is a 6x upscale: two levels of at most 5x each
+    assert [lv["width"] for lv in rst.levels] == [490, 1200]
+    assert rst.tiles["skipped"] > 0 and rst.tiles["refined"] > 0
+    assert rex.refiner["weights_sha256"] == json.loads(tiny.with_suffix(".json").read_text())["sha256"]
+    assert any("exact path" in n for n in rex.notes) and any("streamed path" in n for n in rst.notes)
+
+
+def test_fast_streamed_and_auto_choice(scene, small, tmp_path, tiny):
+    fast, rep = run(scene, tmp_path, tiny, "fast", exact=False, fast=True)
+    assert rep.refiner["fast"] is True and len(rep.levels) == 1
+    _, auto = run(small, tmp_path, tiny, "auto", size=400, fast=True)
+    assert auto.refiner["mode"] == "exact"  # a small image fits 4 GiB
+
+
+def test_small_image_always_takes_the_exact_path(tmp_path, tiny):
+    sc = random_scene((150, 180), 2, seed=1, size=30)
+    write_png(tmp_path / "img.png", sc.image(Window(0, 0, 150, 180)))
+    cv2.imwrite(str(tmp_path / "coarse.png"), sc.coarse(2))
+    _, rep = run(tmp_path, tmp_path, tiny, "small", exact=False)
+    assert rep.refiner["mode"] == "exact"
+
+
+def test_label_map_through_both_paths(tmp_path, tiny):
+    sc = random_scene((450, 600), 6, seed=2, size=70)
+    labels = np.zeros((450, 600), np.uint8)
+    y, x = np.arange(450)[:, None] + 0.5, np.arange(600)[None, :] + 0.5
+    for i, sh in enumerate(sc.shapes):
+        labels[sh.sdf(y, x) < 0] = 1 + i % 3
+    write_png(tmp_path / "img.png", sc.image(Window(0, 0, 450, 600)))
+    cv2.imwrite(str(tmp_path / "coarse.png"), cv2.resize(labels, (150, 113), interpolation=cv2.INTER_NEAREST))
+    for exact in (True, False):
+        out, rep = run(tmp_path, tmp_path, tiny, f"lab{exact}", exact=exact, size=400 if exact else 200)
+        assert rep.mask["kind"] == "labels" and set(np.unique(out)) <= {0, 1, 2, 3}
+        assert rep.tiles["refiner_calls"] >= 1
+
+
+def test_budget_too_small_names_the_flags(scene, tmp_path, tiny):
+    cfg = RefineConfig(method="cascade", max_memory=300 << 20, cascade=CascadeOptions(weights=str(tiny), size=900))
+    with pytest.raises(ResourceError, match="--cascade-size 900.*--max-memory"):
+        refine_file(str(scene / "img.png"), str(scene / "coarse.png"), str(tmp_path / "o.tif"), config=cfg)
+
+
+def test_missing_weights_file(scene, tmp_path):
+    cfg = RefineConfig(method="cascade", cascade=CascadeOptions(weights=str(tmp_path / "nope.pt")))
+    with pytest.raises(WeightsError, match="not found"):
+        refine_file(str(scene / "img.png"), str(scene / "coarse.png"), str(tmp_path / "o.tif"), config=cfg)
