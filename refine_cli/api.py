@@ -145,13 +145,12 @@ def refine_file(
     for path in (out, uncertainty, report):
         if path:
             check_output(path, overwrite)
-    if mask is None:
-        raise UsageError(f"no --mask given: method {config.method!r} needs a coarse mask (segmenters that make "
-                         "one come with MagNet-Fast); pass --mask MASK")
-
     device = resolve_device(config.device, uses_torch(config.method))
     threads = set_threads(config.threads)
     refiner = build_refiner(config, device)
+    if mask is None and not getattr(refiner, "makes_coarse", False):
+        raise UsageError(f"no --mask given: method {config.method!r} needs a coarse mask (magnet-fast makes its "
+                         "own with a segmenter); pass --mask MASK")
     tmp_dir = default_tmp_dir()
     readers: list[Reader] = []
     writer: OutputWriter | None = None
@@ -162,38 +161,49 @@ def refine_file(
                                      tmp_dir=tmp_dir, what="image")
             readers.append(img_reader)
             src = ImageSource(img_reader, bands)
-            mask_reader = open_raster(mask, max_pixels=config.max_pixels, inline_limit=config.inline_limit,
-                                      tmp_dir=tmp_dir, what="mask")
-            readers.append(mask_reader)
-            msk = MaskSource(mask_reader, src.shape, classes=config.classes)
+            msk: MaskSource | None = None
+            if mask is not None:
+                mask_reader = open_raster(mask, max_pixels=config.max_pixels, inline_limit=config.inline_limit,
+                                          tmp_dir=tmp_dir, what="mask")
+                readers.append(mask_reader)
+                msk = MaskSource(mask_reader, src.shape, classes=config.classes)
         H, W = src.shape
 
         def read_overview(shape: tuple[int, int], binarize: bool = False) -> tuple[Any, Any]:
             def coarse_k(win: Any) -> Any:
+                assert msk is not None
                 k = msk.read_k(win)
                 return (k >= config.threshold).astype("float32") if binarize and not msk.is_labels else k
 
             with timer.stage("read"):
                 img = src.overview(shape)
+                if msk is None:
+                    return img, None
                 coarse = area_downscale(coarse_k, (H, W), shape)
             return img, coarse if msk.is_labels else coarse[..., 0]
 
-        scene = Scene(shape=(H, W), read_overview=read_overview, device=device, timer=timer,
-                      info={"coarse_scale": H / msk.native_shape[0], "labels": msk.is_labels,
-                            "classes": msk.classes})
+        info: dict[str, Any] = {"max_memory": config.max_memory, "coarse": "none" if msk is None else "mask"}
+        if msk is not None:
+            info.update(coarse_scale=H / msk.native_shape[0], labels=msk.is_labels, classes=msk.classes)
+        scene = Scene(shape=(H, W), read_overview=read_overview, device=device, timer=timer, info=info)
         refiner.prepare(scene)
 
-        labels = msk.is_labels
+        # A method with its own label space (MagNet's segmenter) decides the output layout;
+        # otherwise the user's mask does.
+        n_out = int(getattr(refiner, "num_classes", 0) or 0)
+        assert n_out or msk is not None
+        labels = n_out > 2 if n_out else bool(msk and msk.is_labels)
         spec = OutputSpec(mask=out, uncertainty=uncertainty, soft=config.soft, threshold=config.threshold,
                           fmt=fmt, cog=cog, overwrite=overwrite)
-        channels = msk.classes if labels else 1
+        channels = (n_out or (msk.classes if msk else 1)) if labels else 1
         batch = config.cascade.batch_size if getattr(refiner, "uses_torch", False) else 1
         bands_out, dtype_out = mask_layout(spec, channels, labels)
         georef = src.georef
         seg_rows = segment_rows_for(W, bands_out * dtype_out.itemsize)
         if out != "-" and output_format(out, fmt) == "tiff" and H > seg_rows and image != "-" and mask != "-":
             checkpoint = RunCheckpoint(out, {
-                "config": config_hash(config.to_dict()), "image": file_identity(image), "mask": file_identity(mask),
+                "config": config_hash(config.to_dict()), "image": file_identity(image),
+                "mask": file_identity(mask) if mask else None,
                 "shape": [H, W], "outputs": {"uncertainty": bool(uncertainty), "cog": cog, "bands": bands},
             }, resume)
         resampling = "average" if config.soft else "nearest"
@@ -238,7 +248,8 @@ def refine_file(
     rep = RunReport(
         image={**{k: v for k, v in img_reader.describe().items() if k != "levels"},
                "georeferenced": georef is not None},
-        mask=_mask_facts(msk),
+        mask=_mask_facts(msk) if msk is not None else {"path": None, "kind": "segmenter",
+                                                       "segmenter": config.segmenter or "preset default"},
         outputs={"mask": out, "uncertainty": uncertainty, "report": report},
         method=refiner.name,
         refiner=refiner.describe(),

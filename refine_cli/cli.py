@@ -188,6 +188,10 @@ def _mount_optional() -> None:
 
 _mount_optional()
 
+from refine_cli.commands.segment import segment_cmd  # noqa: E402
+
+app.command("segment", help="Make a coarse mask with a segmenter (the first step of MagNet-Fast).")(segment_cmd)
+
 
 def _error(text: str, debug: bool = False) -> None:
     """Print one red ``error:`` line (the message is not parsed as markup)."""

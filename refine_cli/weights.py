@@ -587,3 +587,9 @@ def load_state_dict(
             parts.append(f"{len(wrong)} with the wrong shape ({_few(wrong)})")
         raise WeightsError(f"{path} does not fit the model: {'; '.join(parts)}; is it the right checkpoint?")
     return state
+
+
+# MagNet and segmenter records live in their own module (they import this one).
+from refine_cli.weights_magnet import magnet_records  # noqa: E402
+
+_REGISTRY.update({r.name: r for r in magnet_records()})

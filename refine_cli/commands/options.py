@@ -22,7 +22,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from refine_cli.config import CascadeOptions, GuidedOptions, RefineConfig, parse_size
+from refine_cli.config import CascadeOptions, GuidedOptions, MagnetOptions, RefineConfig, parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,6 +53,11 @@ class RunOptions:
     cascade_size: int = 900
     fast: bool = False
     exact: bool | None = None
+    segmenter: str | None = None
+    preset: str | None = None
+    full: bool = False
+    patches: int | None = None
+    points: float | None = None
     weights: str | None = None
     precision: str = "fp32"
     batch_size: int = 1
@@ -78,6 +83,9 @@ class RunOptions:
             guided=GuidedOptions(radius=self.radius, eps=self.eps),
             cascade=CascadeOptions(size=self.cascade_size, fast=self.fast, weights=self.weights,
                                    precision=self.precision, batch_size=self.batch_size, exact=self.exact),
+            segmenter=self.segmenter,
+            magnet=MagnetOptions(preset=self.preset, full=self.full, weights=self.weights, n_patches=self.patches,
+                                 n_points=self.points),
         )
 
     def band_indices(self) -> tuple[int, ...] | None:
@@ -110,6 +118,13 @@ OPTIONS: dict[str, Any] = {
                                                  help="cascade: force the official whole-image procedure or "
                                                  "the streamed pyramid (default: exact when it fits "
                                                  "--max-memory).")],
+    "segmenter": _opt(str | None, "--segmenter", "magnet-fast: segmenter name (see `refine weights list`) or "
+                      "model file (.onnx/.tflite/TorchScript + sidecar JSON); makes the coarse mask without --mask."),
+    "preset": _opt(str | None, "--preset", "magnet-fast: cityscapes, deepglobe or binary (default: from the "
+                   "segmenter)."),
+    "full": _opt(bool, "--full", "magnet-fast: full MagNet (every patch at every scale) instead of MagNet-Fast."),
+    "patches": _opt(int | None, "--patches", "magnet-fast: patches refined per scale (default: the preset's)."),
+    "points": _opt(float | None, "--points", "magnet-fast: points replaced per scale (count, or a fraction <= 1)."),
     "weights": _opt(str | None, "--weights", "Checkpoint file or registry name (see `refine weights list`)."),
     "precision": _opt(str, "--precision", "fp32, fp16 or bf16 (autocast)."),
     "batch_size": _opt(int, "--batch-size", "Patches per forward pass."),

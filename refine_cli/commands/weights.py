@@ -1,4 +1,4 @@
-"""``refine weights``: list, fetch, verify, locate and import checkpoints.
+"""List, fetch, verify, locate and import checkpoints (`refine weights ...`).
 
 A thin translator over :mod:`refine_cli.weights`: user errors are raised as
 ``RefineError`` subclasses (``cli.py`` prints them as one red line). Tables and

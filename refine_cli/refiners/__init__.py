@@ -37,12 +37,20 @@ def _cascade(config: RefineConfig, device: str) -> Refiner:
     return CascadeMethod(config, device)
 
 
+def _magnet(config: RefineConfig, device: str) -> Refiner:
+    from refine_cli.refiners.magnet import MagnetRefiner
+
+    return MagnetRefiner.from_options(config.magnet, segmenter=config.segmenter, device=device)
+
+
 BUILDERS: dict[str, tuple[Callable[[RefineConfig, str], Refiner], str, bool]] = {
     # name: (builder, description, runs on torch)
     "guided": (_guided, "colour guided filter of the coarse mask (no weights)", False),
     "fgs": (_fgs, "fast global smoother of the coarse mask (no weights)", False),
     "coarse": (_coarse, "no refinement: the coarse mask resampled to the image (baseline, pure I/O)", False),
     "cascade": (_cascade, "CascadePSP global + local refinement (official or bundled lite weights)", True),
+    "magnet-fast": (_magnet, "MagNet-Fast: multi-scale segmenter + MagNet refinement (--preset, --full, "
+                    "--segmenter)", True),
 }
 
 

@@ -98,7 +98,9 @@ def render_table(report: RunReport) -> Any:
     img = report.image
     t.add_row("image", f"{img.get('path')}  {img.get('width')}x{img.get('height')}  {img.get('bands')} band(s) "
               f"{img.get('dtype')}")
-    if report.mask:
+    if report.mask.get("kind") == "segmenter":
+        t.add_row("coarse mask", f"made by the segmenter ({report.refiner.get('segmenter', report.mask.get('segmenter'))})")
+    elif report.mask:
         m = report.mask
         t.add_row("coarse mask", f"{m.get('path')}  {m.get('kind')}"
                   + (f" ({m.get('classes')} classes)" if m.get("kind") == "labels" else "")

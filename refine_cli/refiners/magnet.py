@@ -1,0 +1,1097 @@
+"""MagNet and MagNet-Fast on a whole image, as separable stage functions (Huynh et al., CVPR 2021).
+
+Written from the paper (arXiv 2104.03778 §3.2-3.3, §4.2) and ``shared/reference/magnet/NOTES.md``;
+no official code. Y is the accumulated prediction, O the segmenter's prediction on a
+patch, R the refinement module's output (paper notation). One run::
+
+    stage 1       the image resized to the first scale, cut into crop-size patches (one for the presets),
+                  each resized to the segmenter input: Y = O (softmax), at the input size
+    stage s > 1   Y  <- bilinear(Y, scale_s)                               upsample_y
+                  Yu <- 1 - (top1(Y) - top2(Y))                             uncertainty
+                  patches of crop size cover the stage exactly; MagNet-Fast keeps the n with the
+                  highest mean Yu (descending), full MagNet keeps all       select_patches
+                  O  <- segmenter(patch of the image resized to scale_s)    predict_patches
+                  R  <- softmax(refine(O, crop(Y)))   (official test order) refine_patches
+                  R patches are averaged into a stage map                   assemble
+                  Q  <- up(median_k(down(Yu * (1 - Ru))))                   point_scores
+                  the k pixels with the largest Q inside the refined patches (canonical ties)
+                                                                            select_points
+                  Y[:, those] <- R[:, those]                                replace
+    end           Y resized to the image (when the last scale is not the image size);
+                  labels = argmax, uncertainty = 1 - (top1 - top2) of Y
+
+Each step is a function on tensors (numpy only at the edges: image in, result out), so
+a tiled version can reuse them (``magnet_points`` holds the tile-able score/top-k/replace
+primitives, e.g. :class:`~refine_cli.refiners.magnet_points.StreamingTopK`).
+
+**Differences from the official code** (NOTES §0, §2), all following the paper:
+
+1. Patches are ranked by mean Yu **descending** (the paper's "most uncertain"); the official
+   code sorts ascending since commit ``47043fc`` and refines the *least* uncertain patches.
+2. Points are the top-k of Q **inside** the refined patches; the official code zeroes the
+   score inside them (a mask that should have been inverted) and then keeps only points
+   inside, so its replaced points come from median spill-over near patch borders and from
+   ``torch.topk`` tie-breaking among zeros (backend dependent).
+3. MagNet-Fast follows the paper's schedules (Cityscapes 256x128 -> 512 -> 2048, DeepGlobe
+   612 -> 1224 -> 2448, 3 patches per scale); the official fast script keeps all four
+   Cityscapes scales with 4 patches.
+4. k is the paper's 2**16 points per scale (the scripts use 2**15 / 75 % / 90 % of the area).
+5. Exact geometry: patches cover the stage exactly and overlaps are averaged; Y crops are
+   exact bilinear crops and patch means exact box means (the official code uses
+   ``roi_align(aligned=False)`` with a half-pixel shift); ties in top-k go to the lowest
+   flat index.
+
+:func:`run_magnet` with ``selection="official"`` reproduces defects 1 and 2 (ascending
+patch order; score zeroed inside a 10-px-inset mask of the refined patches, then only
+points inside it kept). It exists **only** to compare the official choice with the
+paper's; never use it for results.
+
+Shapes: images ``(H, W, 3)`` uint8 RGB; probability tensors ``(1, C, h, w)`` float32;
+single-channel maps ``(1, 1, h, w)``; flat indices ``y * W + x`` over one stage map.
+Sizes are written ``(w, h)`` / ``(W, H)`` where OpenCV-style, ``hw`` where rows come first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from refine_cli.engine.budget import BASE_BYTES
+from refine_cli.errors import InputError, ResourceError, UsageError, WeightsError
+from refine_cli.refiners.base import Refiner, Scene, TileInput, TileResult
+from refine_cli.refiners.magnet_points import (
+    PointScore,
+    canonical_topk,
+    certainty,
+    covered_area,
+    crop_resize,
+    ensemble_patches,
+    error_score,
+    patch_grid,
+    patch_mean,
+    rank_patches,
+    replace_points,
+    score_map,
+    stage_points,
+    uncertainty,
+)
+from refine_cli.segmenters.base import Segmenter, resize_probs
+from refine_cli.tiling.grid import Window
+
+if TYPE_CHECKING:
+    from refine_cli.config import MagnetOptions
+    from refine_cli.models.magnet import RefinementMagNet
+
+logger = logging.getLogger(__name__)
+
+PAPER_POINTS = 2**16
+"""Points replaced per scale in the paper (§4.2.3, Table 6, Fig. 7; DeepGlobe §4.3)."""
+
+OFFICIAL_INSET = 10
+"""Inset in px of the official code's refined-patch mask (selection="official" only)."""
+
+SELECTIONS = ("paper", "official")
+"""Patch/point selection rules: the paper's, or the official code's defects (comparison only)."""
+
+Size = tuple[int, int]
+
+
+# --------------------------------------------------------------------------- presets and schedules
+
+
+@dataclass(frozen=True)
+class MagnetPreset:
+    """One MagNet setting: segmenter, scales, patches, points, smoothing, checkpoints.
+
+    Attributes:
+        name: ``--preset`` value.
+        segmenter: segmenter name (``refine_cli.segmenters``) or model path.
+        num_classes: C of the segmenter and of the refinement modules.
+        input_size: ``(w, h)`` segmenter input.
+        crop_size: ``(w, h)`` patch size at the stage scale; ``None`` = ``input_size``.
+        scales: ``(W, H)`` of every stage of full MagNet, first (coarse) stage included;
+            ``None`` derives them from the image size (:func:`generic_scales`).
+        fast_scales: the MagNet-Fast subset of ``scales`` (``None``: all of them).
+        n_patches: patches refined per stage by MagNet-Fast.
+        n_points: points replaced per stage: a count (> 1) or a fraction of the candidate area.
+        kernel: median window side of the score Q.
+        refinement: checkpoint names (or paths), one per refinement stage of ``scales``
+            (``scales[1:]``), or a single one shared by every stage.
+        description: one line for listings.
+    """
+
+    name: str
+    segmenter: str
+    num_classes: int
+    input_size: Size
+    crop_size: Size | None
+    scales: tuple[Size, ...] | None
+    fast_scales: tuple[Size, ...] | None
+    n_patches: int
+    n_points: float
+    kernel: int
+    refinement: tuple[str, ...]
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.scales is not None:
+            if len(self.scales) < 2:
+                raise ValueError(f"preset {self.name}: needs a coarse scale and at least one refinement "
+                                 "scale")
+            if len(self.refinement) not in (1, len(self.scales) - 1):
+                raise ValueError(f"preset {self.name}: give 1 or {len(self.scales) - 1} refinement "
+                                 "checkpoints")
+            if self.fast_scales is not None and not set(self.fast_scales) <= set(self.scales):
+                raise ValueError(f"preset {self.name}: fast_scales must be a subset of scales")
+        elif len(self.refinement) != 1:
+            raise ValueError(f"preset {self.name}: a generic schedule takes one shared refinement checkpoint")
+
+    def schedule(
+        self, image_hw: Size, *, fast: bool = True, n_patches: int | None = None,
+        n_points: float | None = None,
+    ) -> Schedule:
+        """The stages to run on an image of ``image_hw``.
+
+        Args:
+            image_hw: ``(H, W)`` of the image.
+            fast: MagNet-Fast (``fast_scales``, ``n_patches`` per stage) instead of full MagNet
+                (``scales``, every patch).
+            n_patches: override of :attr:`n_patches` (MagNet-Fast only).
+            n_points: override of :attr:`n_points`.
+
+        Returns:
+            The :class:`Schedule`.
+        """
+        crop = self.crop_size or self.input_size
+        if self.scales is None:
+            chosen = generic_scales(image_hw, self.input_size)
+            ckpt = [-1] + [0] * (len(chosen) - 1)
+        else:
+            scales = list(self.scales)
+            chosen = list(self.fast_scales or scales) if fast else scales
+            chosen = [scales[0]] + [s for s in chosen if s != scales[0]]
+            shared = len(self.refinement) == 1
+            ckpt = [-1] + [0 if shared else scales.index(s) - 1 for s in chosen[1:]]
+        patches = (n_patches if n_patches is not None else self.n_patches) if fast else None
+        if patches is not None and patches < 1:
+            raise UsageError(f"--n-patches {patches} must be >= 1")
+        points = float(n_points if n_points is not None else self.n_points)
+        stage_points(points, 1)  # validates
+        stages = [
+            StagePlan(index=i + 1, scale=s, crop=crop, n_patches=None if i == 0 else patches, n_points=points,
+                      refinement=ckpt[i])
+            for i, s in enumerate(chosen)
+        ]
+        return Schedule(
+            preset=self.name, image_hw=(int(image_hw[0]), int(image_hw[1])), input_size=self.input_size,
+            kernel=self.kernel, fast=fast, stages=tuple(stages),
+        )
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage of a schedule.
+
+    Attributes:
+        index: 1-based stage number (1 = the coarse pass, no refinement).
+        scale: ``(W, H)`` the image is resized to.
+        crop: ``(w, h)`` patch size at that scale.
+        n_patches: patches to refine (``None``: all).
+        n_points: points to replace (count > 1 or fraction of the candidate area).
+        refinement: index of the refinement module (-1 for stage 1).
+    """
+
+    index: int
+    scale: Size
+    crop: Size
+    n_patches: int | None
+    n_points: float
+    refinement: int
+
+    @property
+    def hw(self) -> Size:
+        """``(H, W)`` of the stage."""
+        return (self.scale[1], self.scale[0])
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The resolved stages of one run.
+
+    Attributes:
+        preset: preset name.
+        image_hw: ``(H, W)`` of the image.
+        input_size: ``(w, h)`` of the segmenter.
+        kernel: median window side of Q.
+        fast: MagNet-Fast or full MagNet.
+        stages: stage 1 (coarse) first.
+    """
+
+    preset: str
+    image_hw: Size
+    input_size: Size
+    kernel: int
+    fast: bool
+    stages: tuple[StagePlan, ...]
+
+    @property
+    def input_hw(self) -> Size:
+        """``(h, w)`` of the segmenter input."""
+        return (self.input_size[1], self.input_size[0])
+
+
+def generic_scales(image_hw: Size, input_size: Size) -> list[Size]:
+    """Stage sizes for any image, derived from the segmenter's input size.
+
+    With ``r = max(W / w_in, H / h_in)`` (how much larger the image is than the input)
+    and ``n = max(1, ceil(log2 r))`` refinement stages, the stages are::
+
+        stage 1       (w_in, h_in)                   the whole image at the input size
+        stage 1 + j   (round(W / 2^(n-j)), round(H / 2^(n-j)))   j = 1 .. n; the last is (W, H)
+
+    so each refinement stage doubles the resolution and the last works at full
+    resolution. Cityscapes (2048x1024, input 256x128) gives 256x128, 512x256, 1024x512,
+    2048x1024, the official schedule.
+
+    Args:
+        image_hw: ``(H, W)`` px.
+        input_size: ``(w, h)`` segmenter input.
+
+    Returns:
+        ``(W, H)`` per stage.
+    """
+    h, w = int(image_hw[0]), int(image_hw[1])
+    wi, hi = int(input_size[0]), int(input_size[1])
+    ratio = max(w / wi, h / hi)
+    n = max(1, math.ceil(math.log2(ratio) - 1e-9)) if ratio > 1 else 1
+    scales = [(wi, hi)]
+    for j in range(1, n + 1):
+        f = 2 ** (n - j)
+        scales.append((max(1, round(w / f)), max(1, round(h / f))))
+    return scales
+
+
+PRESETS: dict[str, MagnetPreset] = {
+    "cityscapes": MagnetPreset(
+        name="cityscapes", segmenter="magnet-cityscapes-hrnet", num_classes=19, input_size=(256, 128),
+        crop_size=(256, 128), scales=((256, 128), (512, 256), (1024, 512), (2048, 1024)),
+        fast_scales=((256, 128), (512, 256), (2048, 1024)), n_patches=3, n_points=PAPER_POINTS, kernel=5,
+        refinement=(
+            "magnet-cityscapes-refine-512", "magnet-cityscapes-refine-1024", "magnet-cityscapes-refine-2048",
+        ),
+        description="Cityscapes street scenes (19 classes), HRNet-W18-small+OCR, 2048x1024 geometry",
+    ),
+    "deepglobe": MagnetPreset(
+        name="deepglobe", segmenter="magnet-deepglobe-fpn", num_classes=7, input_size=(508, 508),
+        crop_size=(612, 612), scales=((612, 612), (1224, 1224), (2448, 2448)), fast_scales=None, n_patches=3,
+        n_points=PAPER_POINTS, kernel=11, refinement=("magnet-deepglobe-refine",),
+        description="DeepGlobe land cover (7 classes), ResNet-50 FPN, 2448x2448 geometry",
+    ),
+    "binary": MagnetPreset(
+        name="binary", segmenter="mediapipe-selfie", num_classes=2, input_size=(256, 256), crop_size=None,
+        scales=None, fast_scales=None, n_patches=3, n_points=PAPER_POINTS, kernel=5,
+        refinement=("magnet-binary-refine",),
+        description="person/background with the MediaPipe selfie segmenter; generic schedule for any size",
+    ),
+}
+"""``--preset`` values. Cityscapes/DeepGlobe scales are absolute (the datasets' image sizes): other
+image sizes are resized to them and the result back, as the official code does."""
+
+
+def custom_preset(segmenter: Segmenter, refinement: str, *, kernel: int = 5) -> MagnetPreset:
+    """A generic-schedule preset for any segmenter and a matching refinement checkpoint.
+
+    Args:
+        segmenter: the loaded segmenter (its input size and class count are used).
+        refinement: checkpoint path or registry name of a C-class refinement module.
+        kernel: median window side of Q.
+    """
+    return MagnetPreset(
+        name="custom", segmenter=segmenter.name, num_classes=segmenter.num_classes,
+        input_size=segmenter.input_size, crop_size=None, scales=None, fast_scales=None, n_patches=3,
+        n_points=PAPER_POINTS, kernel=kernel, refinement=(refinement,),
+        description=f"generic schedule for {segmenter.name}",
+    )
+
+
+def get_preset(name: str) -> MagnetPreset:
+    """The preset called ``name``.
+
+    Raises:
+        UsageError: unknown name (lists the valid ones).
+    """
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UsageError(f"unknown --preset {name!r}: use one of {', '.join(PRESETS)}") from None
+
+
+# --------------------------------------------------------------------------- coarse masks
+
+
+def coarse_to_probs(
+    mask: np.ndarray, num_classes: int, classes: Sequence[str] | None = None, *,
+    labels: bool | None = None, source: str = "--mask",
+) -> np.ndarray:
+    """Turn a user's coarse mask into C-class probabilities (the first-stage Y).
+
+    * ``(h, w, C)`` float: probabilities, taken as they are (checked to lie in [0, 1]);
+    * ``(h, w)`` integer label map with values ``0 .. C-1`` (or ``labels=True``): one-hot;
+    * ``(h, w)`` bool, float in [0, 1], or integer ``{0, max}`` (``{0, 255}`` ...): the
+      foreground probability p of a binary mask, ``[1 - p, p]``; only for C = 2.
+
+    Args:
+        mask: the mask at any resolution (the pipeline resamples it).
+        num_classes: C of the segmenter / refinement modules.
+        classes: their class names (for messages).
+        labels: force (True) or forbid (False) reading an integer mask as labels.
+        source: what to call the mask in messages.
+
+    Returns:
+        ``(h, w, C)`` float32 probabilities.
+
+    Raises:
+        InputError: the mask is not in the segmenter's label space (the message says how to fix it).
+    """
+    arr = np.asarray(mask)
+    names = list(classes) if classes else [str(i) for i in range(num_classes)]
+    space = f"{num_classes} classes (" + ", ".join(f"{i} {n}" for i, n in enumerate(names[:8]))
+    space += ", ...)" if num_classes > 8 else ")"
+    if arr.ndim == 3:
+        if arr.shape[2] != num_classes:
+            raise InputError(
+                f"{source} has {arr.shape[2]} probability channels but the segmenter has {space}"
+            )
+        probs = arr.astype(np.float32, copy=False)
+        if not np.isfinite(probs).all() or probs.min() < -1e-4 or probs.max() > 1 + 1e-4:
+            raise InputError(f"{source}: class probabilities must lie in [0, 1]")
+        return np.clip(probs, 0.0, 1.0)
+    if arr.ndim != 2:
+        raise InputError(
+            f"{source} must be a (h, w) mask or label map, or (h, w, C) probabilities; got {arr.shape}"
+        )
+    binary: np.ndarray | None = None
+    if arr.dtype == np.bool_:
+        binary = arr.astype(np.float32)
+    elif np.issubdtype(arr.dtype, np.integer):
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0:
+            raise InputError(f"{source} has negative values; labels are class indices 0..{num_classes - 1}")
+        top = int(np.iinfo(arr.dtype).max)
+        two_level = set(np.unique(arr).tolist()) <= {0, top}
+        if labels is False or (labels is None and hi >= num_classes and two_level):
+            binary = arr.astype(np.float32) / np.float32(top)
+        elif hi >= num_classes:
+            raise InputError(
+                f"{source} holds labels up to {hi} but the segmenter has {space}; a label map must use the "
+                f"segmenter's label space 0..{num_classes - 1} (e.g. Cityscapes train ids, not label ids)"
+            )
+        else:
+            onehot = np.zeros((*arr.shape, num_classes), np.float32)
+            np.put_along_axis(onehot, arr.astype(np.intp)[..., None], 1.0, axis=2)
+            return onehot
+    elif np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise InputError(f"{source}: a float mask must hold probabilities in [0, 1]")
+        binary = arr.astype(np.float32)
+    else:
+        raise InputError(f"{source} has unsupported dtype {arr.dtype}")
+    if num_classes != 2:
+        raise InputError(
+            f"{source} is a binary mask but the segmenter has {space}; give a label map in that label space, "
+            "or use --preset binary for foreground/background masks"
+        )
+    return np.stack([1.0 - binary, binary], axis=-1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- stage steps
+
+
+def upsample_y(y: torch.Tensor, scale: Size) -> torch.Tensor:
+    """Y at the next stage's size: bilinear, ``align_corners=False`` (antialiased if it shrinks).
+
+    Args:
+        y: ``(1, C, h, w)`` probabilities.
+        scale: ``(W, H)`` of the stage.
+
+    Returns:
+        ``(1, C, H, W)``.
+    """
+    return resize_probs(y, (scale[1], scale[0]))
+
+
+def stage_image(image: np.ndarray, scale: Size, segmenter: Segmenter) -> np.ndarray:
+    """The image at a stage's scale, resized the segmenter's way (official: OpenCV bilinear).
+
+    Returns:
+        ``(H, W, 3)`` uint8 (the image itself when the size already matches).
+    """
+    if image.shape[1] == scale[0] and image.shape[0] == scale[1]:
+        return image
+    return segmenter.resize(image, scale)
+
+
+def predict_patches(
+    segmenter: Segmenter, image: np.ndarray, boxes: Sequence[Window], batch_size: int = 1,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """O: the segmenter on each patch, resized to its input size.
+
+    Args:
+        segmenter: the coarse segmenter.
+        image: ``(H, W, 3)`` uint8 RGB at the stage scale.
+        boxes: patch windows in the stage's pixels.
+        batch_size: patches per call.
+        device: where to put the result (default: the segmenter's).
+
+    Returns:
+        ``(P, C, h, w)`` float32 probabilities at the input size.
+    """
+    inputs = np.stack([segmenter.resize(image[b.slices], segmenter.input_size) for b in boxes])
+    parts = [segmenter.predict_torch(torch.from_numpy(inputs[i : i + batch_size]))
+             for i in range(0, len(inputs), max(1, batch_size))]
+    out = torch.cat(parts).float()
+    return out.to(device) if device is not None else out
+
+
+def select_patches(
+    yu: torch.Tensor, boxes: Sequence[Window], n_patches: int | None, selection: str = "paper"
+) -> tuple[list[int], torch.Tensor]:
+    """Which patches to refine, and the mean Yu of every patch.
+
+    Args:
+        yu: ``(1, 1, H, W)`` uncertainty of Y at the stage size.
+        boxes: the stage's patches.
+        n_patches: how many (``None``: all, in index order).
+        selection: ``paper`` (highest mean Yu first) or ``official`` (lowest first: the
+            official code's defect, for comparison only).
+
+    Returns:
+        ``(indices, means)``: patch indices in selection order, ``(P,)`` float32 means.
+    """
+    means = patch_mean(yu, boxes)
+    if n_patches is None or n_patches >= len(boxes):
+        return list(range(len(boxes))), means
+    if selection == "official":
+        values = means.tolist()
+        order = sorted(range(len(values)), key=lambda i: (values[i], i))
+        return order[:n_patches], means
+    return rank_patches(means, n_patches), means
+
+
+@torch.inference_mode()
+def refine_patches(
+    module: RefinementMagNet, o: torch.Tensor, y: torch.Tensor, boxes: Sequence[Window], batch_size: int = 1
+) -> torch.Tensor:
+    """R on each patch: ``softmax(refine(O, crop(Y)))`` in the official test order (O first).
+
+    Args:
+        module: the refinement module (eval mode).
+        o: ``(P, C, h, w)`` segmenter probabilities on the patches.
+        y: ``(1, C, H, W)`` Y at the stage size.
+        boxes: the P patch windows in the stage's pixels.
+        batch_size: patches per forward pass.
+
+    Returns:
+        ``(P, C, h, w)`` float32 probabilities.
+    """
+    size = (o.shape[-2], o.shape[-1])
+    crops = torch.cat([crop_resize(y, b, size) for b in boxes])
+    outs = [torch.softmax(module(o[i : i + batch_size], crops[i : i + batch_size]), dim=1)
+            for i in range(0, len(boxes), max(1, batch_size))]
+    return torch.cat(outs)
+
+
+def assemble(r: torch.Tensor, boxes: Sequence[Window], stage_hw: Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """R patches resized into a stage map, overlaps averaged.
+
+    Returns:
+        ``(R, covered)``: ``(1, C, H, W)`` (0 where no patch lies) and ``(H, W)`` bool.
+    """
+    return ensemble_patches([r[i : i + 1] for i in range(len(boxes))], boxes, stage_hw)
+
+
+def official_mask(boxes: Sequence[Window], stage_hw: Size, inset: int = OFFICIAL_INSET) -> torch.Tensor:
+    """The official code's refined-patch mask: each patch shrunk by ``inset`` px (comparison only).
+
+    Returns:
+        ``(H, W)`` bool.
+    """
+    mask = torch.zeros(stage_hw, dtype=torch.bool)
+    for b in boxes:
+        r0, c0 = b.row + inset, b.col + inset
+        r1, c1 = b.row_end - inset, b.col_end - inset
+        if r1 > r0 and c1 > c0:
+            mask[r0:r1, c0:c1] = True
+    return mask
+
+
+def point_scores(
+    yu: torch.Tensor, r: torch.Tensor, input_hw: Size, kernel: int, zero_inside: torch.Tensor | None = None
+) -> tuple[torch.Tensor, PointScore]:
+    """E = Yu * (1 - Ru) and Q = F(E) (nearest down to the input size, median, nearest up).
+
+    Args:
+        yu: ``(1, 1, H, W)`` uncertainty of Y.
+        r: ``(1, C, H, W)`` assembled R (0 outside the refined patches, so E = 0 there).
+        input_hw: ``(h, w)`` segmenter input: where the median runs (official geometry).
+        kernel: odd median window side.
+        zero_inside: ``(H, W)`` bool where E is zeroed first (the official defect; comparison only).
+
+    Returns:
+        ``(E, scores)`` with E ``(1, 1, H, W)`` and :class:`PointScore` (Q at ``scores.q``).
+    """
+    e = error_score(yu, certainty(r))
+    if zero_inside is not None:
+        e = e.masked_fill(zero_inside.to(e.device), 0.0)
+    return e, score_map(e, input_hw, kernel)
+
+
+def select_points(q: torch.Tensor, k: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The k pixels with the largest Q among ``valid`` (ties: lowest flat index).
+
+    Returns:
+        ``(k',)`` int64 flat indices, ascending (``k' = min(k, candidates)``).
+    """
+    return canonical_topk(q, k, valid)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """What one stage did.
+
+    Attributes:
+        stage: 1-based stage number.
+        scale: ``(W, H)``.
+        patches_total: patches covering the stage.
+        patches: refined patch indices (row-major over the stage's grid), in selection order.
+        patch_uncertainty: mean Yu of those patches, same order.
+        candidates: pixels eligible for replacement (the refined patches' union).
+        k: points asked for.
+        points: points replaced.
+        seconds: wall time per step (``upsample``, ``uncertainty``, ``select``, ``segment``,
+            ``refine``, ``assemble``, ``score``, ``topk``, ``replace``).
+    """
+
+    stage: int
+    scale: Size
+    patches_total: int
+    patches: tuple[int, ...]
+    patch_uncertainty: tuple[float, ...]
+    candidates: int
+    k: int
+    points: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view."""
+        return {
+            "stage": self.stage, "scale": list(self.scale), "patches_total": self.patches_total,
+            "patches": list(self.patches), "patch_uncertainty": [round(v, 6) for v in self.patch_uncertainty],
+            "candidates": self.candidates, "k": self.k, "points": self.points,
+            "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
+            "total_seconds": round(self.total, 4),
+        }
+
+    @property
+    def total(self) -> float:
+        """Seconds over all steps."""
+        return float(sum(self.seconds.values()))
+
+
+@dataclass
+class StageTrace:
+    """Intermediate tensors of one refinement stage (CPU copies; for tests and comparisons).
+
+    Attributes:
+        y: ``(1, C, H, W)`` Y after upsampling, before replacement.
+        yu: ``(1, 1, H, W)`` its uncertainty.
+        boxes: all patches of the stage.
+        patch_means: ``(P,)`` mean Yu per patch.
+        chosen: refined patch indices in selection order.
+        r: ``(1, C, H, W)`` assembled R.
+        covered: ``(H, W)`` bool, the refined patches' union.
+        e: ``(1, 1, H, W)`` E.
+        score: the :class:`PointScore` (Q at ``score.q``).
+        indices: replaced flat indices, ascending.
+        y_out: Y after replacement.
+    """
+
+    y: torch.Tensor
+    yu: torch.Tensor
+    boxes: list[Window]
+    patch_means: torch.Tensor
+    chosen: list[int]
+    r: torch.Tensor
+    covered: torch.Tensor
+    e: torch.Tensor
+    score: PointScore
+    indices: torch.Tensor
+    y_out: torch.Tensor
+
+
+@dataclass
+class MagnetResult:
+    """The output of :func:`run_magnet`.
+
+    Attributes:
+        probs: ``(H, W, C)`` float32 final Y at the image size (HWC).
+        labels: ``(H, W)`` uint8 (uint16 when C > 256) argmax of ``probs`` (ties: lowest class).
+        uncertainty: ``(H, W)`` float32 ``1 - (top1 - top2)`` of ``probs``, in [0, 1].
+        stages: per-stage statistics, stage 1 first.
+        schedule: what was run.
+        classes: class names.
+        trace: per refinement stage intermediates when asked for (else empty).
+    """
+
+    probs: np.ndarray
+    labels: np.ndarray
+    uncertainty: np.ndarray
+    stages: list[StageStats]
+    schedule: Schedule
+    classes: tuple[str, ...]
+    trace: list[StageTrace] = field(default_factory=list)
+
+    def report(self) -> dict[str, Any]:
+        """Plain-JSON facts: schedule and per-stage stats."""
+        return {
+            "preset": self.schedule.preset, "mode": "magnet-fast" if self.schedule.fast else "magnet",
+            "input_size": list(self.schedule.input_size), "kernel": self.schedule.kernel,
+            "stages": [s.to_dict() for s in self.stages],
+            "patches": sum(len(s.patches) for s in self.stages), "points": sum(s.points for s in self.stages),
+        }
+
+
+class _Clock:
+    """Accumulates seconds per step name."""
+
+    def __init__(self, sync: torch.device) -> None:
+        self.seconds: dict[str, float] = {}
+        self._sync = sync.type == "cuda"
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self._sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
+        self._t = now
+
+
+def _module_classes(module: torch.nn.Module) -> int:
+    return int(getattr(module, "n_classes", -1))
+
+
+def first_stage(
+    image: np.ndarray, segmenter: Segmenter, plan: StagePlan, batch_size: int = 1,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, StageStats]:
+    """Stage 1: the segmenter on the image at the first scale.
+
+    With one patch covering the scale (the presets), Y is O at the segmenter's input
+    size, as in the official pipeline; with several, the patches are assembled at the scale.
+
+    Returns:
+        ``(Y, stats)`` with Y ``(1, C, h, w)``.
+    """
+    clock = _Clock(device or segmenter.device)
+    img = stage_image(image, plan.scale, segmenter)
+    boxes = patch_grid(plan.hw, (plan.crop[1], plan.crop[0]))
+    o = predict_patches(segmenter, img, boxes, batch_size, device)
+    y = o if len(boxes) == 1 and boxes[0].shape == plan.hw else assemble(o, boxes, plan.hw)[0]
+    clock.lap("segment")
+    stats = StageStats(
+        plan.index, plan.scale, len(boxes), tuple(range(len(boxes))), (), 0, 0, 0, clock.seconds
+    )
+    return y, stats
+
+
+def refinement_stage(
+    image: np.ndarray, y: torch.Tensor, segmenter: Segmenter, module: RefinementMagNet, plan: StagePlan,
+    schedule: Schedule, *, selection: str = "paper", batch_size: int = 1, trace: bool = False,
+) -> tuple[torch.Tensor, StageStats, StageTrace | None]:
+    """One refinement stage (see the module docstring).
+
+    Args:
+        image: ``(H0, W0, 3)`` uint8 RGB, the whole image.
+        y: ``(1, C, h, w)`` Y of the previous stage.
+        segmenter: gives O.
+        module: gives R (eval mode, on Y's device).
+        plan: this stage.
+        schedule: the run's schedule (input size, kernel).
+        selection: ``paper`` | ``official`` (comparison only).
+        batch_size: patches per forward pass.
+        trace: also return the intermediates.
+
+    Returns:
+        ``(Y, stats, trace or None)``, Y ``(1, C, H, W)`` at the stage scale.
+    """
+    if selection not in SELECTIONS:
+        raise UsageError(f"selection {selection!r}: use one of {SELECTIONS}")
+    device = y.device
+    clock = _Clock(device)
+    stage_hw = plan.hw
+    y = upsample_y(y, plan.scale)
+    clock.lap("upsample")
+    yu = uncertainty(y)
+    clock.lap("uncertainty")
+    boxes = patch_grid(stage_hw, (plan.crop[1], plan.crop[0]))
+    chosen, means = select_patches(yu, boxes, plan.n_patches, selection)
+    sel_boxes = [boxes[i] for i in chosen]
+    clock.lap("select")
+    img = stage_image(image, plan.scale, segmenter)
+    o = predict_patches(segmenter, img, sel_boxes, batch_size, device)
+    clock.lap("segment")
+    r_patches = refine_patches(module, o, y, sel_boxes, batch_size)
+    clock.lap("refine")
+    r, covered = assemble(r_patches, sel_boxes, stage_hw)
+    clock.lap("assemble")
+    full = bool(covered.all())
+    zero_inside = official_mask(sel_boxes, stage_hw) if selection == "official" else None
+    e, score = point_scores(yu, r, schedule.input_hw, schedule.kernel, zero_inside)
+    clock.lap("score")
+    candidates = int((zero_inside if zero_inside is not None else covered).sum())
+    k = stage_points(plan.n_points, covered_area(sel_boxes, stage_hw))
+    if selection == "official":
+        picked = select_points(score.q, k)
+        idx = picked[zero_inside.reshape(-1).to(picked.device)[picked]]
+    else:
+        idx = select_points(score.q, k, None if full else covered)
+    clock.lap("topk")
+    y_out = replace_points(y, r, idx)
+    clock.lap("replace")
+    stats = StageStats(
+        plan.index, plan.scale, len(boxes), tuple(chosen), tuple(float(means[i]) for i in chosen),
+        candidates, k, int(idx.numel()), clock.seconds,
+    )
+    record = None
+    if trace:
+        record = StageTrace(
+            y=y.cpu(), yu=yu.cpu(), boxes=list(boxes), patch_means=means.cpu(), chosen=list(chosen),
+            r=r.cpu(), covered=covered.cpu(), e=e.cpu(), score=PointScore(*(t.cpu() for t in score)),
+            indices=idx.cpu(), y_out=y_out.cpu(),
+        )
+    return y_out, stats, record
+
+
+def finish(y: torch.Tensor, image_hw: Size) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Final Y at the image size, its argmax and its uncertainty.
+
+    Args:
+        y: ``(1, C, h, w)`` the last stage's Y.
+        image_hw: ``(H, W)``.
+
+    Returns:
+        ``(probs (H, W, C) float32, labels (H, W) uint8|uint16, uncertainty (H, W) float32)``.
+    """
+    y = resize_probs(y, image_hw)
+    labels = y.argmax(dim=1)[0]
+    unc = uncertainty(y)[0, 0]
+    dtype = np.uint8 if y.shape[1] <= 256 else np.uint16
+    probs = y[0].permute(1, 2, 0).contiguous().cpu().numpy().astype(np.float32, copy=False)
+    return probs, labels.cpu().numpy().astype(dtype), unc.cpu().numpy().astype(np.float32, copy=False)
+
+
+def run_magnet(
+    image_u8: np.ndarray,
+    segmenter: Segmenter,
+    refinement_modules: Sequence[RefinementMagNet],
+    preset: MagnetPreset | Schedule,
+    coarse_probs: np.ndarray | None = None,
+    *,
+    fast: bool = True,
+    n_patches: int | None = None,
+    n_points: float | None = None,
+    selection: str = "paper",
+    batch_size: int = 1,
+    trace: bool = False,
+) -> MagnetResult:
+    """MagNet(-Fast) on a whole image.
+
+    Args:
+        image_u8: ``(H, W, 3)`` uint8 RGB.
+        segmenter: the coarse segmenter (stage 1 and O).
+        refinement_modules: one per checkpoint of the preset (or one shared), eval mode,
+            all on the device where the run happens; their C must equal the segmenter's.
+        preset: a preset (its schedule is resolved for this image) or a ready :class:`Schedule`.
+        coarse_probs: ``(h, w, C)`` float32 first-stage Y at any resolution
+            (:func:`coarse_to_probs` of a user mask); ``None`` runs the segmenter.
+        fast: MagNet-Fast (default) or full MagNet (every patch at every scale).
+        n_patches: patches per stage override (MagNet-Fast).
+        n_points: points per stage override.
+        selection: ``paper`` (default) or ``official`` (reproduces the official defects; comparison only).
+        batch_size: patches per forward pass.
+        trace: keep the intermediates of every refinement stage in ``result.trace``.
+
+    Returns:
+        :class:`MagnetResult`.
+
+    Raises:
+        InputError: bad image or coarse probabilities (wrong class count ...).
+        UsageError: inconsistent segmenter / modules / preset.
+    """
+    if image_u8.ndim != 3 or image_u8.shape[2] != 3 or image_u8.dtype != np.uint8:
+        raise InputError(f"MagNet takes an (H, W, 3) uint8 RGB image, got {image_u8.shape} {image_u8.dtype}")
+    image_hw = (int(image_u8.shape[0]), int(image_u8.shape[1]))
+    schedule = preset if isinstance(preset, Schedule) else preset.schedule(
+        image_hw, fast=fast, n_patches=n_patches, n_points=n_points
+    )
+    if not refinement_modules:
+        raise UsageError("MagNet needs at least one refinement module")
+    c = segmenter.num_classes
+    for m in refinement_modules:
+        if _module_classes(m) != c:
+            raise UsageError(
+                f"refinement module has {_module_classes(m)} classes but segmenter {segmenter.name} has {c}; "
+                "use the checkpoint trained for this segmenter"
+            )
+    if tuple(segmenter.input_size) != tuple(schedule.input_size):
+        raise UsageError(f"segmenter {segmenter.name} takes {segmenter.input_size} but the schedule expects "
+                         f"{schedule.input_size}; pick the preset that matches the segmenter")
+    needed = max(p.refinement for p in schedule.stages)
+    if needed >= len(refinement_modules) and len(refinement_modules) != 1:
+        raise UsageError(f"schedule needs {needed + 1} refinement modules, got {len(refinement_modules)}")
+    device = next(refinement_modules[0].parameters()).device
+    stats: list[StageStats] = []
+    traces: list[StageTrace] = []
+    with torch.inference_mode():
+        if coarse_probs is None:
+            y, s1 = first_stage(image_u8, segmenter, schedule.stages[0], batch_size, device)
+        else:
+            t0 = time.perf_counter()
+            probs = np.asarray(coarse_probs, dtype=np.float32)
+            if probs.ndim != 3 or probs.shape[2] != c:
+                raise InputError(f"coarse probabilities must be (h, w, {c}) for segmenter {segmenter.name}, "
+                                 f"got {probs.shape}; convert the mask with coarse_to_probs")
+            y = torch.from_numpy(np.ascontiguousarray(probs.transpose(2, 0, 1)))[None].to(device)
+            s1 = StageStats(1, (probs.shape[1], probs.shape[0]), 0, (), (), 0, 0, 0,
+                            {"coarse": time.perf_counter() - t0})
+        stats.append(s1)
+        for plan in schedule.stages[1:]:
+            module = refinement_modules[plan.refinement if len(refinement_modules) > 1 else 0]
+            y, st, tr = refinement_stage(
+                image_u8, y, segmenter, module, plan, schedule, selection=selection, batch_size=batch_size,
+                trace=trace,
+            )
+            stats.append(st)
+            if tr is not None:
+                traces.append(tr)
+            logger.debug("MagNet stage %d %dx%d: %d/%d patches, %d points in %.2fs", st.stage, *st.scale,
+                         len(st.patches), st.patches_total, st.points, st.total)
+        t0 = time.perf_counter()
+        probs, labels, unc = finish(y, image_hw)
+        stats[-1].seconds["finish"] = time.perf_counter() - t0
+    return MagnetResult(probs, labels, unc, stats, schedule, tuple(segmenter.classes), traces)
+
+
+# --------------------------------------------------------------------------- loading and the refiner
+
+
+def load_refinement_modules(
+    preset: MagnetPreset, device: str | torch.device = "cpu", *, weights: str | None = None,
+    download: bool = False,
+) -> list[RefinementMagNet]:
+    """Build the preset's refinement modules and load their checkpoints strictly.
+
+    Args:
+        preset: gives C and the checkpoint names.
+        device: where the modules go.
+        weights: one checkpoint (file or registry name) used for every stage instead.
+        download: fetch registry checkpoints that are not cached yet.
+
+    Raises:
+        WeightsError: a checkpoint is missing or does not fit (for ``--preset binary``: the
+            2-class module is not trained yet, said plainly).
+    """
+    from refine_cli import weights as registry
+    from refine_cli.models.magnet import build_refinement_magnet
+    from refine_cli.segmenters.base import resolve_device
+
+    dev = resolve_device(device)
+    modules = []
+    for name in (weights,) if weights else preset.refinement:
+        try:
+            resolved = registry.resolve_weights(name, download=download)
+        except WeightsError as exc:
+            if preset.name == "binary" and weights is None:
+                raise WeightsError(
+                    f"--preset binary needs the 2-class MagNet refinement module {name!r}, which has not "
+                    f"been trained yet, so its weights are missing; use --preset cityscapes or deepglobe, "
+                    f"another --method, or `refine weights import {name} FILE` with a compatible checkpoint"
+                ) from exc
+            raise
+        module = build_refinement_magnet(preset.num_classes)
+        module.load_state_dict(registry.load_state_dict(resolved.path, module), strict=True)
+        modules.append(module.to(dev).eval())
+    return modules
+
+
+class MagnetRefiner(Refiner):
+    """MagNet-Fast (or full MagNet) behind the refiner protocol, whole-image reference.
+
+    :meth:`prepare` runs :func:`run_magnet` on the whole image (the scene's overview at
+    full resolution); :meth:`refine` then returns the window of that result. The tiled
+    version replaces this with per-tile stage steps.
+
+    Uncertainty: ``1 - (top1 - top2)`` of the final Y. ``prob`` is the class-1 probability
+    for 2 classes and the top-1 probability for more (the label map is in :attr:`result`).
+
+    Args:
+        segmenter: the coarse segmenter.
+        modules: refinement modules (see :func:`run_magnet`).
+        preset: the preset.
+        fast: MagNet-Fast instead of full MagNet.
+        n_patches: patches per stage override.
+        n_points: points per stage override.
+        batch_size: patches per forward pass.
+        info: facts for :meth:`describe` (weights names ...).
+    """
+
+    name = "magnet-fast"
+    halo = 0
+    uses_torch = True
+
+    def __init__(
+        self, segmenter: Segmenter, modules: Sequence[RefinementMagNet], preset: MagnetPreset, *,
+        fast: bool = True, n_patches: int | None = None, n_points: float | None = None, batch_size: int = 1,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.segmenter = segmenter
+        self.modules = list(modules)
+        self.preset = preset
+        self.fast, self.n_patches, self.n_points, self.batch_size = fast, n_patches, n_points, batch_size
+        self.info = dict(info or {})
+        self.result: MagnetResult | None = None
+
+    @classmethod
+    def from_options(
+        cls, options: MagnetOptions, *, segmenter: str | None = None, device: str = "auto",
+        download: bool = False, batch_size: int = 1,
+    ) -> MagnetRefiner:
+        """Build from ``RefineConfig.magnet`` (and ``RefineConfig.segmenter``).
+
+        The preset comes from ``--preset``, else from the segmenter's name, else ``cityscapes``.
+        A segmenter file without a preset runs the generic schedule and needs ``--weights``.
+        """
+        from refine_cli.segmenters import load_segmenter
+
+        preset: MagnetPreset | None
+        if segmenter is None:
+            preset = get_preset(options.preset or "cityscapes")
+            segmenter = preset.segmenter
+        elif options.preset:
+            preset = get_preset(options.preset)
+        else:
+            preset = next((p for p in PRESETS.values() if p.segmenter == segmenter), None)
+        seg = load_segmenter(segmenter, device, download=download)
+        if preset is None:
+            if not options.weights:
+                raise UsageError(
+                    f"--segmenter {segmenter} has no preset: give --weights, a refinement checkpoint for its "
+                    f"{seg.num_classes} classes ({', '.join(seg.classes)})"
+                )
+            preset = custom_preset(seg, options.weights)
+        if seg.num_classes != preset.num_classes or tuple(seg.input_size) != tuple(preset.input_size):
+            raise UsageError(
+                f"--segmenter {seg.name} ({seg.num_classes} classes, input {seg.input_size}) does not fit "
+                f"--preset {preset.name} ({preset.num_classes} classes, input {preset.input_size})"
+            )
+        modules = load_refinement_modules(preset, seg.device, weights=options.weights, download=download)
+        refinement = [options.weights] if options.weights else list(preset.refinement)
+        info = {"preset": preset.name, "segmenter": seg.name, "refinement": refinement}
+        return cls(seg, modules, preset, fast=not options.full, n_patches=options.n_patches,
+                   n_points=options.n_points, batch_size=batch_size, info=info)
+
+    def refine_image(self, image_u8: np.ndarray, coarse: np.ndarray | None = None) -> MagnetResult:
+        """Run on a whole image; ``coarse`` is a user mask in any form :func:`coarse_to_probs` accepts."""
+        seg = self.segmenter
+        probs = None if coarse is None else coarse_to_probs(coarse, seg.num_classes, seg.classes)
+        self.result = run_magnet(
+            image_u8, seg, self.modules, self.preset, probs, fast=self.fast, n_patches=self.n_patches,
+            n_points=self.n_points, batch_size=self.batch_size,
+        )
+        return self.result
+
+    def prepare(self, scene: Scene) -> None:
+        """Run the whole-image pipeline on the full-resolution overview.
+
+        ``scene.info["coarse"] == "none"`` (no ``--mask``) makes the segmenter produce stage-1 Y;
+        otherwise the overview's coarse map becomes it.
+        """
+        c = self.segmenter.num_classes
+        need = BASE_BYTES + self.fixed_memory() + scene.shape[0] * scene.shape[1] * (16 * c + 24)
+        budget = int(scene.info.get("max_memory", need))
+        if need > budget:
+            raise ResourceError(
+                f"MagNet-Fast holds the whole {scene.shape[1]}x{scene.shape[0]} image in memory (about "
+                f"{need >> 20} MiB with {c} classes; the tiled version is not implemented yet) but --max-memory "
+                f"is {budget >> 20} MiB; raise --max-memory to {(need >> 20) + 64}M or more")
+        image, coarse = scene.read_overview(scene.shape)
+        if tuple(image.shape[:2]) != tuple(scene.shape):
+            raise UsageError("MagNet's whole-image reference needs the image at full resolution")
+        img = np.clip(np.rint(image), 0, 255).astype(np.uint8) if image.dtype != np.uint8 else image
+        use_mask = scene.info.get("coarse") != "none" and coarse is not None
+        if scene.timer is not None:
+            with scene.timer.stage("refine"):
+                self.refine_image(img, coarse if use_mask else None)
+        else:
+            self.refine_image(img, coarse if use_mask else None)
+        scene.info["magnet"] = self.result.report() if self.result else {}
+
+    makes_coarse = True
+    """Runs its own segmenter when no ``--mask`` is given."""
+
+    @property
+    def num_classes(self) -> int:
+        """C of the segmenter and refinement modules."""
+        return self.segmenter.num_classes
+
+    def initial_coarse(self) -> np.ndarray | None:
+        """The whole-image result as the single level's input: class-1 probability for 2 classes,
+        all C class probabilities otherwise (written as a label map)."""
+        if self.result is None:
+            raise RuntimeError("MagnetRefiner.prepare must run first")
+        probs = self.result.probs
+        return probs[..., 1:2] if probs.shape[-1] == 2 else probs
+
+    def for_level(self, index: int, final: bool) -> Refiner:
+        """The result is final: tiles pass it through to the outputs."""
+        from refine_cli.refiners.classical import CoarseRefiner
+
+        return CoarseRefiner()
+
+    def refine(self, tile: TileInput) -> TileResult:
+        """The window of the whole-image result (``prepare`` must have run)."""
+        if self.result is None:
+            raise RuntimeError("MagnetRefiner.prepare must run before refine")
+        sl = tile.window.slices
+        probs = self.result.probs[sl]
+        prob = probs[..., 1] if probs.shape[-1] == 2 else probs.max(axis=-1)
+        return TileResult(np.ascontiguousarray(prob, dtype=np.float32), self.result.uncertainty[sl].copy())
+
+    def tile_memory(self, pixels: int) -> int:
+        """Bytes per window: the result is held whole, so only the window copies."""
+        return 16 * pixels
+
+    def fixed_memory(self) -> int:
+        """Bytes held by the refinement weights (the whole-image result adds ~4 C + 5 B/px after prepare)."""
+        weights = sum(t.numel() * t.element_size() for m in self.modules for t in m.state_dict().values())
+        return int(weights)
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for the report."""
+        out = {**super().describe(), **self.info, "fast": self.fast, **self.segmenter.describe()}
+        if self.result is not None:
+            out["magnet"] = self.result.report()
+        return out
+
