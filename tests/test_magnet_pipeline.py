@@ -297,8 +297,8 @@ def test_refiner_prepare_then_windows():
     image = _image()
     coarse = (image[..., 0] > 128).astype(np.float32)
 
-    def read_overview(max_side: int):
-        assert max_side == max(IMAGE_HW)
+    def read_overview(shape, binarize=False):
+        assert tuple(shape) == tuple(IMAGE_HW)
         return image.astype(np.float32), coarse
 
     refiner.prepare(Scene(shape=IMAGE_HW, read_overview=read_overview))

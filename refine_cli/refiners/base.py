@@ -101,7 +101,7 @@ class Scene:
     """
 
     shape: tuple[int, int]
-    read_overview: Callable[[int], tuple[np.ndarray, np.ndarray]]
+    read_overview: Callable[..., tuple[np.ndarray, Any]]
     device: str = "cpu"
     timer: StageTimer | None = None
     info: dict[str, Any] = field(default_factory=dict)
