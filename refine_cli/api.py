@@ -30,6 +30,7 @@ from refine_cli.io.writers import (
     RasterSink,
     SegmentedSink,
     check_output,
+    clean_stale_temps,
     default_tmp_dir,
     open_sink,
     output_format,
@@ -145,6 +146,9 @@ def refine_file(
     for path in (out, uncertainty, report):
         if path:
             check_output(path, overwrite)
+            if path != "-":
+                for stale in clean_stale_temps(Path(path).parent, Path(path).name):
+                    log.info("removed %s, left by a killed run", stale)
     device = resolve_device(config.device, uses_torch(config.method))
     threads = set_threads(config.threads)
     refiner = build_refiner(config, device)

@@ -39,6 +39,12 @@ class OutputExistsError(RefineError, FileExistsError):
     exit_code = 2
 
 
+class ReadError(RefineError, OSError):
+    """Reading an input failed at the storage level (EIO, a vanished network share ...)."""
+
+    exit_code = 1
+
+
 class OutputError(RefineError, OSError):
     """An output could not be written (disk full, permissions ...)."""
 

@@ -35,7 +35,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from refine_cli.errors import InputError, UsageError
+from refine_cli.errors import InputError, ReadError, UsageError
 from refine_cli.io.sniff import sniff
 from refine_cli.tiling.grid import Window
 
@@ -118,6 +118,11 @@ class Reader:
                 raise
             except (MemoryError, KeyboardInterrupt):
                 raise
+            except OSError as exc:  # the storage failed, not the data
+                raise ReadError(
+                    f"{self.path}: read error at rows {window.row}-{window.row_end} ({exc.strerror or exc}); "
+                    "check the disk or network share and run again (add --resume to keep finished rows)"
+                ) from exc
             except Exception as exc:  # decoder errors of all kinds: corrupt data
                 raise InputError(
                     f"{self.path}: cannot decode rows {window.row}-{window.row_end}, cols "

@@ -15,6 +15,7 @@ outputs are refused unless ``overwrite`` is set.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import sys
@@ -118,16 +119,20 @@ def write_bytes_atomic(path: str, data: bytes, overwrite: bool = True) -> None:
         raise
 
 
-def clean_stale_temps(directory: str | Path) -> list[str]:
+def clean_stale_temps(directory: str | Path, name: str | None = None) -> list[str]:
     """Remove temporary outputs left by killed runs in ``directory``.
 
-    Only files named by :func:`temp_path_for` whose process no longer runs are removed.
+    Only files named by :func:`temp_path_for` whose process no longer runs (on this
+    host) are removed; with ``name``, only the temporaries of that output file name.
+
+    Returns:
+        The removed paths.
     """
-    removed = []
+    removed: list[str] = []
     d = Path(directory)
     if not d.is_dir():
         return removed
-    for p in d.glob(f".*{TMP_SUFFIX}"):
+    for p in d.glob(f".{glob.escape(name)}.*{TMP_SUFFIX}" if name else f".*{TMP_SUFFIX}"):
         parts = p.name.rsplit(".", 3)
         try:
             pid = int(parts[-3])
