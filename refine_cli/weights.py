@@ -98,6 +98,10 @@ class WeightsRecord:
         strip_prefixes: key prefixes stripped by name when loading.
         bundled: file name in the repository's ``weights/`` folder for checkpoints the project
             trains and ships itself (used when the cache has no copy).
+        trust_on_first_use: no checksum was ever published for this file (md5 and sha256 are
+            ``None`` on purpose): the first fetch or import records its sha256 in the cache
+            sidecar, with a warning; later uses check the size against it and
+            ``refine weights verify`` the full hash.
     """
 
     name: str
@@ -113,6 +117,7 @@ class WeightsRecord:
     notes: str = ""
     strip_prefixes: tuple[str, ...] = ("module.",)
     bundled: str | None = None
+    trust_on_first_use: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view."""
@@ -394,7 +399,15 @@ def fetch(
     os.replace(part, dest)
     _write_sidecar(record, dest, digests, record.url)
     logger.info("saved %s to %s (sha256 %s)", name, dest, digests.sha256)
+    _warn_first_use(record, digests)
     return dest
+
+
+def _warn_first_use(record: WeightsRecord, digests: Digests) -> None:
+    """Say so when a file could not be checked against a published checksum."""
+    if record.trust_on_first_use and not (record.md5 or record.sha256):
+        logger.warning("%s has no published checksum: recorded sha256 %s on first use (`refine weights verify "
+                       "%s` checks the file against it later)", record.name, digests.sha256, record.name)
 
 
 def import_file(name: str, file: str | Path) -> Path:
@@ -430,6 +443,7 @@ def import_file(name: str, file: str | Path) -> Path:
     finally:
         Path(tmp_name).unlink(missing_ok=True)
     _write_sidecar(record, dest, digests, str(src.resolve()))
+    _warn_first_use(record, digests)
     logger.info("imported %s into %s (sha256 %s)", src, dest, digests.sha256)
     return dest
 

@@ -101,7 +101,7 @@ def magnet_records() -> list[WeightsRecord]:
             "(approx_size estimated from the parameter count); sha256 recorded in the cache sidecar on first "
             "fetch/import. If Drive answers with an HTML page, download the file in a browser and run "
             f"`refine weights import {name} FILE`.",
-            strip_prefixes=strip,
+            strip_prefixes=strip, trust_on_first_use=True,
         )
         for name, arch, filename, drive_id, approx, what, strip in _OFFICIAL
     ]
@@ -113,7 +113,7 @@ def magnet_records() -> list[WeightsRecord]:
         "this project on the mediapipe-selfie segmenter's outputs. Not available yet; a compatible "
         "state_dict (81 672 parameters, 60 entries) can be imported with `refine weights import "
         "magnet-binary-refine FILE`.",
-        strip_prefixes=("module.",),
+        strip_prefixes=("module.",), trust_on_first_use=True,
     ))
     records.append(WeightsRecord(
         name="mediapipe-selfie", architecture="mediapipe_selfie_tflite",

@@ -86,7 +86,10 @@ def test_every_record_is_complete(record):
     assert record.url is None or record.url.startswith("https://")
     assert record.md5 is None or (len(record.md5) == 32 and int(record.md5, 16) >= 0)
     assert record.sha256 is None or (len(record.sha256) == 64 and int(record.sha256, 16) >= 0)
-    assert record.md5 or record.sha256, "a record needs at least one checksum"
+    assert record.md5 or record.sha256 or record.trust_on_first_use, "a record needs a checksum (or must " \
+        "say that none was ever published)"
+    if record.trust_on_first_use:
+        assert not (record.md5 or record.sha256)
     assert len(record.normalization.mean) == 3 and len(record.normalization.std) == 3
     json.dumps(record.to_dict())
 

@@ -48,8 +48,6 @@ def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[
     Raises:
         WeightsError: no usable weights (the message says how to get them).
     """
-    import torch
-
     from refine_cli import weights
     from refine_cli.models.cascadepsp import cascadepsp_official
     from refine_cli.train.trainer import load_exported
@@ -89,7 +87,6 @@ def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[
     from refine_cli.refiners.cascadepsp import resolve_device
 
     model = model.to(resolve_device(device)).eval()
-    torch.set_grad_enabled(False)
     return model, info, bpp
 
 
