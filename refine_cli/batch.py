@@ -1046,18 +1046,6 @@ def run_item(item: BatchItem, job: BatchJob, chash: str, *, facts: dict[str, Any
 # ---------------------------------------------------------------------------------------- batch loop
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_temps(outdir: Path, items: Sequence[BatchItem], *, whole: bool) -> list[str]:
     """Remove temporary files of killed runs.
 
@@ -1073,7 +1061,7 @@ def clean_temps(outdir: Path, items: Sequence[BatchItem], *, whole: bool) -> lis
     """
     import glob
 
-    from refine_cli.io.writers import TMP_SUFFIX, clean_stale_temps
+    from refine_cli.io.writers import TMP_SUFFIX, clean_stale_temps, pid_alive
 
     removed: list[str] = []
     if whole:
@@ -1092,7 +1080,7 @@ def clean_temps(outdir: Path, items: Sequence[BatchItem], *, whole: bool) -> lis
                     pid = int(p.name[len(target.name) + 2 :].split(".")[0])
                 except ValueError:
                     continue
-                if not _pid_alive(pid):
+                if not pid_alive(pid):
                     with contextlib.suppress(FileNotFoundError):
                         p.unlink()
                     removed.append(str(p))

@@ -49,20 +49,9 @@ def data(tmp_path):
 
 
 @pytest.fixture
-def bcli(capfd):
+def bcli(cli):
     """Run ``refine batch ARGS``; returns ``(exit code, stdout, stderr)``."""
-    from refine_cli.commands.batch import main
-
-    def run(*args: object) -> tuple[int, str, str]:
-        code = 0
-        try:
-            main([str(a) for a in args])
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-        out, err = capfd.readouterr()
-        return code, out, err
-
-    return run
+    return lambda *args: cli("batch", *args)
 
 
 def sha(path: Path) -> str:

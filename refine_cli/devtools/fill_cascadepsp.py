@@ -35,42 +35,17 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from refine_cli.devtools.manifest import ManifestEntry, read_manifest
 
 logger = logging.getLogger(__name__)
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-class ManifestEntry(NamedTuple):
-    """One ``state_dict`` entry: name, shape (``()`` for 0-d) and dtype name (``float32``/``int64``)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-
-def read_manifest(path: str | Path) -> list[ManifestEntry]:
-    """Read a ``name<TAB>shape<TAB>dtype`` manifest (shape comma-separated, empty for 0-d).
-
-    Args:
-        path: the TSV file (e.g. ``shared/reference/cascadepsp/state_dict_manifest.tsv``).
-
-    Returns:
-        Entries in file order.
-    """
-    entries = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        name, shape, dtype = line.split("\t")
-        entries.append(ManifestEntry(name, tuple(int(s) for s in shape.split(",") if s), dtype))
-    return entries
 
 
 def official_entries() -> list[ManifestEntry]:

@@ -33,40 +33,15 @@ import zlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from refine_cli.devtools.manifest import ManifestEntry, read_manifest
+
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
-
-
-class ManifestEntry(NamedTuple):
-    """One ``state_dict`` entry: name, shape (``()`` for 0-d) and dtype name (``float32``/``int64``)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-
-
-def read_manifest(path: str | Path) -> list[ManifestEntry]:
-    """Read a ``name<TAB>shape<TAB>dtype`` manifest (shape comma-separated, empty for 0-d; no header).
-
-    Args:
-        path: the TSV file, e.g. ``shared/reference/magnet/refinement_c19_state_dict_manifest.tsv``.
-
-    Returns:
-        Entries in file (= state_dict) order.
-    """
-    entries = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        name, shape, dtype = line.split("\t")
-        entries.append(ManifestEntry(name, tuple(int(s) for s in shape.split(",") if s), dtype))
-    return entries
 
 
 def module_entries(module: nn.Module) -> list[ManifestEntry]:

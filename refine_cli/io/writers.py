@@ -138,14 +138,17 @@ def clean_stale_temps(directory: str | Path, name: str | None = None) -> list[st
             pid = int(parts[-3])
         except (ValueError, IndexError):
             continue
-        if pid != os.getpid() and _pid_alive(pid):
+        if pid_alive(pid):
             continue
         _unlink(str(p))
         removed.append(str(p))
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether another process ``pid`` runs on this host (this process counts as not running)."""
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
