@@ -37,7 +37,7 @@ from refine_cli.io.writers import (
     write_bytes_atomic,
 )
 from refine_cli.refiners import build_refiner, uses_torch
-from refine_cli.refiners.base import Refiner, Scene
+from refine_cli.refiners.base import Scene
 from refine_cli.report.summary import RunReport, library_versions, peak_rss_bytes
 from refine_cli.report.timing import StageTimer
 
@@ -186,7 +186,8 @@ def refine_file(
                 coarse = area_downscale(coarse_k, (H, W), shape)
             return img, coarse if msk.is_labels else coarse[..., 0]
 
-        info: dict[str, Any] = {"max_memory": config.max_memory, "coarse": "none" if msk is None else "mask"}
+        info: dict[str, Any] = {"max_memory": config.max_memory, "coarse": "none" if msk is None else "mask",
+                                "image_source": src}
         if msk is not None:
             info.update(coarse_scale=H / msk.native_shape[0], labels=msk.is_labels, classes=msk.classes)
         scene = Scene(shape=(H, W), read_overview=read_overview, device=device, timer=timer, info=info)

@@ -102,6 +102,8 @@ class MagnetOptions:
         weights: refinement-module checkpoint (file or registry name).
         n_patches: patches refined per scale (MagNet-Fast).
         n_points: points replaced per scale.
+        tiled: ``True`` forces the tiled pipeline (Y in tiled stores on disk, bounded memory),
+            ``False`` the whole-image one, ``None`` picks whole-image when it fits ``max_memory``.
     """
 
     preset: str | None = None
@@ -109,6 +111,7 @@ class MagnetOptions:
     weights: str | None = None
     n_patches: int | None = None
     n_points: int | None = None
+    tiled: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # imported lazily below, so that refine_cli.weights can import this module at its end
-    from refine_cli.weights import Normalization, WeightsRecord
+    from refine_cli.weights import WeightsRecord
 
 MAGNET_LICENSE = (
     "AGPL-3.0 code (VinAIResearch/MagNet; HRNet parts MIT); weights: no stated license; trained on "

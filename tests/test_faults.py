@@ -6,10 +6,8 @@ import errno
 import os
 
 import cv2
-import numpy as np
 import pytest
 
-from conftest import write_png
 from refine_cli.api import refine_file
 from refine_cli.config import RefineConfig
 from refine_cli.devtools.synthetic import random_scene

@@ -21,6 +21,7 @@ from refine_cli.devtools.synthetic import random_scene, write_tiled
 from refine_cli.evaluate import EvalOptions, evaluate_streamed
 from refine_cli.io.masks import MaskSource
 from refine_cli.io.readers import open_raster
+from refine_cli.tiling.grid import Window
 
 SIDE = 20_000
 LIMIT = 1.5 * 1024**3
@@ -68,3 +69,36 @@ def test_gigapixel_class_run_is_memory_bounded_and_better_than_coarse(big, tmp_p
         coarse_m = evaluate_streamed(lambda w: coarse.read(w) >= 0.5, scene.gt, (SIDE, SIDE), 4096, opts)
     assert refined_m.iou > coarse_m.iou
     assert refined_m.mba > coarse_m.mba + 0.05
+
+
+def test_gigapixel_magnet_fast_runs_tiled_in_bounded_memory(big, tmp_path):
+    """``--method magnet-fast`` on the 20k x 20k image: the tiled pipeline (no mask: the segmenter makes
+    stage-1 Y), a tiny TorchScript segmenter and fill-rule 2-class refinement weights. One torch
+    thread: on shared CPUs two threads spend most of their time waiting for each other."""
+    from magnet_fixtures import write_fill_checkpoint, write_torchscript_segmenter
+
+    d, _ = big
+    seg = write_torchscript_segmenter(tmp_path, classes=2, size=(256, 256))
+    weights = write_fill_checkpoint(tmp_path / "refine_c2.pth", classes=2)
+    out, rep_path = tmp_path / "out.tif", tmp_path / "rep.json"
+    rss, _ = run_measured(["run", str(d / "big.tif"), "-o", str(out), "--method", "magnet-fast",
+                           "--segmenter", str(seg), "--weights", str(weights), "--report", str(rep_path),
+                           "--threads", "1", "-q"])
+    rep = json.loads(rep_path.read_text())
+    assert rss < LIMIT, f"peak RSS {rss / 2**20:.0f} MiB"
+    assert rep["peak_rss_bytes"] < LIMIT
+    magnet = rep["refiner"]["magnet"]
+    assert rep["refiner"]["tiled"] and magnet["tiled"]["store_dtype"] == "float32"
+    scales = [tuple(s["scale"]) for s in magnet["stages"]]
+    assert scales[0] == (256, 256) and scales[-1] == (SIDE, SIDE) and len(scales) == 8
+    refined = magnet["stages"][1:]
+    assert all(len(s["patches"]) == 3 and s["points"] == s["k"] == 2**16 for s in refined)
+    assert "level" in magnet["tiled"]["stage_images"].values()  # the coarsest scales come from a built level
+    with tifffile.TiffFile(out) as tf:
+        page = tf.pages[0]
+        assert (page.imagelength, page.imagewidth) == (SIDE, SIDE)
+        assert page.is_tiled and tf.is_bigtiff
+    with open_raster(out, max_pixels=10**12, inline_limit=1) as r_out:
+        values = np.unique(np.concatenate([r_out.read(Window(r, c, 512, 512)).ravel()
+                                           for r in range(0, SIDE, 4000) for c in range(0, SIDE, 4000)]))
+    assert set(values.tolist()) <= {0, 255}

@@ -56,6 +56,7 @@ class RunOptions:
     segmenter: str | None = None
     preset: str | None = None
     full: bool = False
+    tiled: bool | None = None
     patches: int | None = None
     points: float | None = None
     weights: str | None = None
@@ -85,7 +86,7 @@ class RunOptions:
                                    precision=self.precision, batch_size=self.batch_size, exact=self.exact),
             segmenter=self.segmenter,
             magnet=MagnetOptions(preset=self.preset, full=self.full, weights=self.weights, n_patches=self.patches,
-                                 n_points=self.points),
+                                 n_points=self.points, tiled=self.tiled),
         )
 
     def band_indices(self) -> tuple[int, ...] | None:
@@ -123,6 +124,9 @@ OPTIONS: dict[str, Any] = {
     "preset": _opt(str | None, "--preset", "magnet-fast: cityscapes, deepglobe or binary (default: from the "
                    "segmenter)."),
     "full": _opt(bool, "--full", "magnet-fast: full MagNet (every patch at every scale) instead of MagNet-Fast."),
+    "tiled": Annotated[bool | None, typer.Option("--tiled/--whole", show_default=False,
+                                                 help="magnet-fast: force the tiled pipeline (bounded memory) or "
+                                                 "the whole-image one (default: whole when it fits --max-memory).")],
     "patches": _opt(int | None, "--patches", "magnet-fast: patches refined per scale (default: the preset's)."),
     "points": _opt(float | None, "--points", "magnet-fast: points replaced per scale (count, or a fraction <= 1)."),
     "weights": _opt(str | None, "--weights", "Checkpoint file or registry name (see `refine weights list`)."),

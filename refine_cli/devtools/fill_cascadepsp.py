@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from refine_cli.devtools.manifest import ManifestEntry, read_manifest
+from refine_cli.devtools.manifest import ManifestEntry
 
 logger = logging.getLogger(__name__)
 

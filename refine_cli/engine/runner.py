@@ -173,7 +173,7 @@ class GridRunner:
         else:
             k = self.coarse.read_k(tile.read)
             item.coarse = k[..., 0] if self.k_in == 1 else k
-        item.image = self.image.read(tile.read)
+        item.image = self.image.read(tile.read) if self.refiner.needs_image else None
         return item
 
     def _todo(self) -> list[Tile]:

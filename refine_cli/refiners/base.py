@@ -62,12 +62,12 @@ class TileInput:
     """What a refiner gets for one tile.
 
     Attributes:
-        image: ``(h, w, 3)`` uint8 RGB over ``window``.
+        image: ``(h, w, 3)`` uint8 RGB over ``window`` (``None`` for refiners with ``needs_image = False``).
         coarse: ``(h, w)`` (or ``(h, w, K)``) float32 probability in [0, 1] over ``window``.
         window: where the arrays lie in the level's pixel grid (tile + halo).
     """
 
-    image: np.ndarray
+    image: np.ndarray | None
     coarse: np.ndarray
     window: Window
 
@@ -116,6 +116,9 @@ class Refiner(abc.ABC):
     name: ClassVar[str] = ""
     halo: int = 0
     """Context in px each side that the output needs to be independent of the tile cut."""
+    needs_image: ClassVar[bool] = True
+    """``False`` for refiners that only transform the coarse input: the engine then does not
+    read (decode) the image and ``TileInput.image`` is ``None``."""
     skip_rule: ClassVar[str] = "uniform"
     """When the engine may skip a tile (with ``skip_uniform``): ``uniform`` = the coarse input is
     constant over the tile and its halo (the copy is then exact for refiners that keep constants);

@@ -250,6 +250,7 @@ class _GlobalOnly(Refiner):
 
     name = "cascade-global"
     skip_rule = "uniform"
+    needs_image = False
 
     def __init__(self, labels: bool) -> None:
         self.labels = labels

@@ -23,6 +23,7 @@ class CoarseRefiner(Refiner):
 
     name = "coarse"
     halo = 0
+    needs_image = False
 
     def refine(self, tile: TileInput) -> TileResult:
         """Return the coarse probability."""

@@ -56,7 +56,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +88,7 @@ from refine_cli.tiling.grid import Window
 if TYPE_CHECKING:
     from refine_cli.config import MagnetOptions
     from refine_cli.models.magnet import RefinementMagNet
+    from refine_cli.refiners.magnet_tiled import TiledMagnetResult
 
 logger = logging.getLogger(__name__)
 
@@ -414,8 +415,106 @@ def coarse_to_probs(
 # --------------------------------------------------------------------------- stage steps
 
 
+@dataclass(frozen=True)
+class LinearTaps:
+    """Bilinear taps along one axis (``align_corners=False``) for a run of output indices.
+
+    Output index ``d`` reads ``w0[d] * x[i0[d]] + w1[d] * x[i1[d]]``. Positions and
+    weights follow PyTorch's CPU kernel: ``s = float32(n_in) / n_out``,
+    ``p = float32(s * (d + 1/2) - 1/2)`` rounded once (fused), clamped at 0,
+    ``i0 = min(floor(p), n_in - 1)``, ``i1 = i0 + 1`` inside the axis (else ``i0``),
+    ``w1 = clamp(p - i0, 0, 1)``, ``w0 = 1 - w1``; equal lengths are the identity.
+
+    Attributes:
+        i0: ``(n,)`` int64 first source index.
+        i1: ``(n,)`` int64 second source index.
+        w0: ``(n,)`` float32 weight of ``i0``.
+        w1: ``(n,)`` float32 weight of ``i1``.
+        identity: the axis is not resized (``i0 == i1 == d``, ``w0 = 1``, ``w1 = 0``).
+    """
+
+    i0: torch.Tensor
+    i1: torch.Tensor
+    w0: torch.Tensor
+    w1: torch.Tensor
+    identity: bool
+
+
+def linear_taps(n_in: int, n_out: int, start: int = 0, stop: int | None = None) -> LinearTaps:
+    """:class:`LinearTaps` of output indices ``start .. stop - 1`` when resizing ``n_in`` to ``n_out``.
+
+    The taps of an index depend only on ``(n_in, n_out, d)``, so any run of
+    output indices (a tile) gets the same values as the whole axis.
+
+    Args:
+        n_in: source length (>= 1).
+        n_out: output length (>= 1).
+        start: first output index.
+        stop: one past the last (default ``n_out``).
+    """
+    stop = n_out if stop is None else stop
+    d = torch.arange(start, stop, dtype=torch.int64)
+    if n_in == n_out:
+        n = d.numel()
+        return LinearTaps(d, d, torch.ones(n), torch.zeros(n), identity=True)
+    scale = float(torch.tensor(float(n_in)) / torch.tensor(float(n_out)))  # float32 division, as ATen
+    # s * (d + 1/2) is exact in float64 (24-bit factors), so one rounding to float32 = a fused multiply-add
+    pos = (scale * (d.to(torch.float64) + 0.5) - 0.5).to(torch.float32).clamp_min(0.0)
+    i0 = pos.to(torch.int64).clamp_max(n_in - 1)
+    w1 = (pos - i0.to(torch.float32)).clamp(0.0, 1.0)
+    i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
+    return LinearTaps(i0, i1, 1.0 - w1, w1, identity=False)
+
+
+def upsample_window(
+    read: Callable[[Window], torch.Tensor], src_hw: Size, out_hw: Size, window: Window | None = None
+) -> torch.Tensor:
+    """A window of the bilinear enlargement (``align_corners=False``) of a map, reading only what it needs.
+
+    Separable: ``h = w0 * x[:, c0] + w1 * x[:, c1]`` along columns, then the same
+    along rows, each as one fused multiply-add (``torch.addcmul``) after one product,
+    the rounding PyTorch's CPU ``interpolate`` kernel shows. Every output pixel is
+    computed from global indices only, so tiles agree bit for bit with the whole map.
+
+    Args:
+        read: ``f(Window) -> (N, C, h, w)`` float32 source values over a window of ``src_hw``.
+        src_hw: ``(h, w)`` of the source.
+        out_hw: ``(H, W)`` of the enlarged map; each side >= the source's.
+        window: the output window (default: all of it).
+
+    Returns:
+        ``(N, C, window.height, window.width)`` float32.
+    """
+    if out_hw[0] < src_hw[0] or out_hw[1] < src_hw[1]:
+        raise ValueError(f"upsample_window enlarges; {src_hw} -> {out_hw} shrinks")
+    window = window or Window.full(out_hw)
+    rows = linear_taps(src_hw[0], out_hw[0], window.row, window.row_end)
+    cols = linear_taps(src_hw[1], out_hw[1], window.col, window.col_end)
+    r_lo, r_hi = int(rows.i0[0]), int(rows.i1[-1]) + 1
+    c_lo, c_hi = int(cols.i0[0]), int(cols.i1[-1]) + 1
+    x = read(Window(r_lo, c_lo, r_hi - r_lo, c_hi - c_lo))
+    if not cols.identity:
+        a, b = _take(x, cols.i0 - c_lo, -1), _take(x, cols.i1 - c_lo, -1)
+        x = torch.addcmul(b * cols.w1, a, cols.w0)
+    if not rows.identity:
+        a, b = _take(x, rows.i0 - r_lo, -2), _take(x, rows.i1 - r_lo, -2)
+        x = torch.addcmul(b * rows.w1[:, None], a, rows.w0[:, None])
+    return x
+
+
+def _take(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.index_select(dim, index)`` for CPU tensors through numpy (10x faster along the last axis)."""
+    if x.device.type != "cpu":
+        return x.index_select(dim, index.to(x.device))
+    return torch.from_numpy(np.take(x.detach().numpy(), index.numpy(), axis=dim))
+
+
 def upsample_y(y: torch.Tensor, scale: Size) -> torch.Tensor:
     """Y at the next stage's size: bilinear, ``align_corners=False`` (antialiased if it shrinks).
+
+    Enlargement goes through :func:`upsample_window`, which the tiled pipeline
+    (:mod:`~refine_cli.refiners.magnet_tiled`) also uses, so both agree bit for bit;
+    it equals PyTorch's ``interpolate`` on CPUs with fused multiply-add.
 
     Args:
         y: ``(1, C, h, w)`` probabilities.
@@ -424,7 +523,22 @@ def upsample_y(y: torch.Tensor, scale: Size) -> torch.Tensor:
     Returns:
         ``(1, C, H, W)``.
     """
-    return resize_probs(y, (scale[1], scale[0]))
+    return resize_y(y, (scale[1], scale[0]))
+
+
+def resize_y(y: torch.Tensor, size_hw: Size) -> torch.Tensor:
+    """``y`` at ``size_hw``: itself, :func:`upsample_window` to enlarge, else antialiased ``resize_probs``.
+
+    Args:
+        y: ``(N, C, h, w)`` float32.
+        size_hw: ``(H, W)``.
+    """
+    src_hw = (int(y.shape[-2]), int(y.shape[-1]))
+    if src_hw == tuple(size_hw):
+        return y
+    if size_hw[0] >= src_hw[0] and size_hw[1] >= src_hw[1] and y.device.type == "cpu":
+        return upsample_window(lambda w: y[..., w.row : w.row_end, w.col : w.col_end], src_hw, tuple(size_hw))
+    return resize_probs(y, tuple(size_hw))
 
 
 def stage_image(image: np.ndarray, scale: Size, segmenter: Segmenter) -> np.ndarray:
@@ -454,7 +568,18 @@ def predict_patches(
     Returns:
         ``(P, C, h, w)`` float32 probabilities at the input size.
     """
-    inputs = np.stack([segmenter.resize(image[b.slices], segmenter.input_size) for b in boxes])
+    return predict_crops(segmenter, [image[b.slices] for b in boxes], batch_size, device)
+
+
+def predict_crops(
+    segmenter: Segmenter, crops: Sequence[np.ndarray], batch_size: int = 1, device: torch.device | None = None
+) -> torch.Tensor:
+    """O of patches given as stage-image crops (``(h, w, 3)`` uint8 each); see :func:`predict_patches`.
+
+    Returns:
+        ``(P, C, h_in, w_in)`` float32.
+    """
+    inputs = np.stack([segmenter.resize(c, segmenter.input_size) for c in crops])
     parts = [segmenter.predict_torch(torch.from_numpy(inputs[i : i + batch_size]))
              for i in range(0, len(inputs), max(1, batch_size))]
     out = torch.cat(parts).float()
@@ -503,9 +628,20 @@ def refine_patches(
         ``(P, C, h, w)`` float32 probabilities.
     """
     size = (o.shape[-2], o.shape[-1])
-    crops = torch.cat([crop_resize(y, b, size) for b in boxes])
-    outs = [torch.softmax(module(o[i : i + batch_size], crops[i : i + batch_size]), dim=1)
-            for i in range(0, len(boxes), max(1, batch_size))]
+    return refine_crops(module, o, torch.cat([crop_resize(y, b, size) for b in boxes]), batch_size)
+
+
+@torch.inference_mode()
+def refine_crops(
+    module: RefinementMagNet, o: torch.Tensor, y_crops: torch.Tensor, batch_size: int = 1
+) -> torch.Tensor:
+    """R from O and the Y crops already resized to the input size (``(P, C, h, w)`` each).
+
+    Returns:
+        ``(P, C, h, w)`` float32 probabilities.
+    """
+    outs = [torch.softmax(module(o[i : i + batch_size], y_crops[i : i + batch_size]), dim=1)
+            for i in range(0, len(o), max(1, batch_size))]
     return torch.cat(outs)
 
 
@@ -794,7 +930,7 @@ def finish(y: torch.Tensor, image_hw: Size) -> tuple[np.ndarray, np.ndarray, np.
     Returns:
         ``(probs (H, W, C) float32, labels (H, W) uint8|uint16, uncertainty (H, W) float32)``.
     """
-    y = resize_probs(y, image_hw)
+    y = resize_y(y, image_hw)
     labels = y.argmax(dim=1)[0]
     unc = uncertainty(y)[0, 0]
     dtype = np.uint8 if y.shape[1] <= 256 else np.uint16
@@ -937,11 +1073,21 @@ def load_refinement_modules(
 
 
 class MagnetRefiner(Refiner):
-    """MagNet-Fast (or full MagNet) behind the refiner protocol, whole-image reference.
+    """MagNet-Fast (or full MagNet) behind the refiner protocol.
 
-    :meth:`prepare` runs :func:`run_magnet` on the whole image (the scene's overview at
-    full resolution); :meth:`refine` then returns the window of that result. The tiled
-    version replaces this with per-tile stage steps.
+    :meth:`prepare` runs the whole pipeline before any tile, in one of two ways:
+
+    * **whole image** (:func:`run_magnet`): the image at full resolution and a dense Y per
+      stage in memory, about ``16 C + 24`` bytes per image pixel;
+    * **tiled** (:func:`~refine_cli.refiners.magnet_tiled.run_magnet_tiled`): Y in tiled
+      stores on disk, image regions read by window, memory bounded by ``--max-memory``;
+      the result is the same (bit for bit where the stage images are integer factors of
+      the image, see that module). It needs the engine's image source in
+      ``scene.info["image_source"]`` (``refine_cli.io.image.ImageSource``).
+
+    ``tiled=None`` takes the whole-image path when its estimate fits the budget
+    (``scene.info["max_memory"]``), else the tiled one; ``True``/``False`` force one. The
+    engine then copies the final Y to the outputs (one pass-through level).
 
     Uncertainty: ``1 - (top1 - top2)`` of the final Y. ``prob`` is the class-1 probability
     for 2 classes and the top-1 probability for more (the label map is in :attr:`result`).
@@ -955,6 +1101,7 @@ class MagnetRefiner(Refiner):
         n_points: points per stage override.
         batch_size: patches per forward pass.
         info: facts for :meth:`describe` (weights names ...).
+        tiled: force the tiled (``True``) or whole-image (``False``) path; ``None`` decides by budget.
     """
 
     name = "magnet-fast"
@@ -964,14 +1111,16 @@ class MagnetRefiner(Refiner):
     def __init__(
         self, segmenter: Segmenter, modules: Sequence[RefinementMagNet], preset: MagnetPreset, *,
         fast: bool = True, n_patches: int | None = None, n_points: float | None = None, batch_size: int = 1,
-        info: dict[str, Any] | None = None,
+        info: dict[str, Any] | None = None, tiled: bool | None = None,
     ) -> None:
         self.segmenter = segmenter
         self.modules = list(modules)
         self.preset = preset
         self.fast, self.n_patches, self.n_points, self.batch_size = fast, n_patches, n_points, batch_size
         self.info = dict(info or {})
+        self.tiled = tiled
         self.result: MagnetResult | None = None
+        self.tiled_result: TiledMagnetResult | None = None
 
     @classmethod
     def from_options(
@@ -1010,7 +1159,8 @@ class MagnetRefiner(Refiner):
         refinement = [options.weights] if options.weights else list(preset.refinement)
         info = {"preset": preset.name, "segmenter": seg.name, "refinement": refinement}
         return cls(seg, modules, preset, fast=not options.full, n_patches=options.n_patches,
-                   n_points=options.n_points, batch_size=batch_size, info=info)
+                   n_points=options.n_points, batch_size=batch_size, info=info,
+                   tiled=options.tiled)
 
     def refine_image(self, image_u8: np.ndarray, coarse: np.ndarray | None = None) -> MagnetResult:
         """Run on a whole image; ``coarse`` is a user mask in any form :func:`coarse_to_probs` accepts."""
@@ -1022,31 +1172,76 @@ class MagnetRefiner(Refiner):
         )
         return self.result
 
+    def whole_image_bytes(self, shape: Size) -> int:
+        """Estimated peak bytes of the whole-image path on an image of ``shape`` ``(H, W)``."""
+        return BASE_BYTES + self.fixed_memory() + shape[0] * shape[1] * (16 * self.segmenter.num_classes + 24)
+
     def prepare(self, scene: Scene) -> None:
-        """Run the whole-image pipeline on the full-resolution overview.
+        """Run the pipeline (whole image or tiled, see the class docstring) before any tile.
 
         ``scene.info["coarse"] == "none"`` (no ``--mask``) makes the segmenter produce stage-1 Y;
         otherwise the overview's coarse map becomes it.
+
+        Raises:
+            ResourceError: the whole-image path is forced (or the tiled one unavailable) and does
+                not fit ``--max-memory``.
         """
-        c = self.segmenter.num_classes
-        need = BASE_BYTES + self.fixed_memory() + scene.shape[0] * scene.shape[1] * (16 * c + 24)
+        self.close()
+        need = self.whole_image_bytes(scene.shape)
         budget = int(scene.info.get("max_memory", need))
-        if need > budget:
+        tiled = self.tiled if self.tiled is not None else need > budget
+        source = scene.info.get("image_source")
+        if tiled and source is None:
+            raise ResourceError(
+                "the tiled MagNet reads the image by window, but this caller gives no image source "
+                "(scene.info['image_source']); run it through refine_cli.api.refine_file or use the "
+                f"whole-image path with --max-memory {(need >> 20) + 64}M or more")
+        if not tiled and need > budget:
             raise ResourceError(
                 f"MagNet-Fast holds the whole {scene.shape[1]}x{scene.shape[0]} image in memory (about "
-                f"{need >> 20} MiB with {c} classes; the tiled version is not implemented yet) but --max-memory "
-                f"is {budget >> 20} MiB; raise --max-memory to {(need >> 20) + 64}M or more")
+                f"{need >> 20} MiB with {self.segmenter.num_classes} classes) but --max-memory is "
+                f"{budget >> 20} MiB; raise --max-memory to {(need >> 20) + 64}M or more, or let it run "
+                "tiled")
+        if scene.timer is not None:
+            with scene.timer.stage("refine"):
+                self._prepare_tiled(scene, source, budget) if tiled else self._prepare_whole(scene)
+        else:
+            self._prepare_tiled(scene, source, budget) if tiled else self._prepare_whole(scene)
+        scene.info["magnet"] = self.report()
+
+    def _prepare_whole(self, scene: Scene) -> None:
         image, coarse = scene.read_overview(scene.shape)
         if tuple(image.shape[:2]) != tuple(scene.shape):
             raise UsageError("MagNet's whole-image reference needs the image at full resolution")
         img = np.clip(np.rint(image), 0, 255).astype(np.uint8) if image.dtype != np.uint8 else image
         use_mask = scene.info.get("coarse") != "none" and coarse is not None
-        if scene.timer is not None:
-            with scene.timer.stage("refine"):
-                self.refine_image(img, coarse if use_mask else None)
-        else:
-            self.refine_image(img, coarse if use_mask else None)
-        scene.info["magnet"] = self.result.report() if self.result else {}
+        self.refine_image(img, coarse if use_mask else None)
+
+    def _prepare_tiled(self, scene: Scene, source: Any, budget: int) -> None:
+        from refine_cli.io.writers import default_tmp_dir
+        from refine_cli.refiners.magnet_tiled import run_magnet_tiled
+
+        schedule = self.preset.schedule(scene.shape, fast=self.fast, n_patches=self.n_patches,
+                                        n_points=self.n_points)
+        probs = None
+        if scene.info.get("coarse") != "none":
+            first = schedule.stages[1].hw if len(schedule.stages) > 1 else schedule.stages[0].hw
+            shape = (min(first[0], scene.shape[0]), min(first[1], scene.shape[1]))
+            _, coarse = scene.read_overview(shape)
+            if coarse is not None:
+                seg = self.segmenter
+                probs = coarse_to_probs(coarse, seg.num_classes, seg.classes)
+                scene.info.setdefault("notes", []).append(
+                    f"magnet-fast (tiled): the mask became stage-1 Y at {shape[1]}x{shape[0]} (area average)")
+        self.tiled_result = run_magnet_tiled(
+            source, self.segmenter, self.modules, schedule, probs, batch_size=self.batch_size, budget=budget,
+            tmp_dir=default_tmp_dir())
+
+    def report(self) -> dict[str, Any]:
+        """The run's per-stage facts (``{}`` before :meth:`prepare`)."""
+        if self.tiled_result is not None:
+            return self.tiled_result.report()
+        return self.result.report() if self.result is not None else {}
 
     makes_coarse = True
     """Runs its own segmenter when no ``--mask`` is given."""
@@ -1056,9 +1251,15 @@ class MagnetRefiner(Refiner):
         """C of the segmenter and refinement modules."""
         return self.segmenter.num_classes
 
-    def initial_coarse(self) -> np.ndarray | None:
-        """The whole-image result as the single level's input: class-1 probability for 2 classes,
-        all C class probabilities otherwise (written as a label map)."""
+    def initial_coarse(self) -> Any:
+        """The final Y as the single level's input: class-1 probability for 2 classes, all C class
+        probabilities otherwise (written as a label map). Whole image: an ``(H, W, K)`` array; tiled:
+        a K-band reader (:class:`~refine_cli.refiners.magnet_tiled.FinalReader`) that the engine
+        reads by window and closes at the end."""
+        if self.tiled_result is not None:
+            from refine_cli.refiners.magnet_tiled import FinalReader
+
+            return FinalReader(self.tiled_result)
         if self.result is None:
             raise RuntimeError("MagnetRefiner.prepare must run first")
         probs = self.result.probs
@@ -1066,21 +1267,32 @@ class MagnetRefiner(Refiner):
 
     def for_level(self, index: int, final: bool) -> Refiner:
         """The result is final: tiles pass it through to the outputs."""
+        if self.tiled_result is not None:
+            from refine_cli.refiners.magnet_tiled import PassThrough
+
+            run = self.tiled_result
+            return PassThrough(run.plan.bytes_per_pixel, self.fixed_memory() + run.held_bytes())
         from refine_cli.refiners.classical import CoarseRefiner
 
         return CoarseRefiner()
 
     def refine(self, tile: TileInput) -> TileResult:
-        """The window of the whole-image result (``prepare`` must have run)."""
-        if self.result is None:
-            raise RuntimeError("MagnetRefiner.prepare must run before refine")
+        """The window of the result (``prepare`` must have run)."""
         sl = tile.window.slices
-        probs = self.result.probs[sl]
+        if self.tiled_result is not None:
+            probs = self.tiled_result.probs(tile.window)
+            unc = self.tiled_result.uncertainty(tile.window)
+        elif self.result is not None:
+            probs, unc = self.result.probs[sl], self.result.uncertainty[sl].copy()
+        else:
+            raise RuntimeError("MagnetRefiner.prepare must run before refine")
         prob = probs[..., 1] if probs.shape[-1] == 2 else probs.max(axis=-1)
-        return TileResult(np.ascontiguousarray(prob, dtype=np.float32), self.result.uncertainty[sl].copy())
+        return TileResult(np.ascontiguousarray(prob, dtype=np.float32), unc)
 
     def tile_memory(self, pixels: int) -> int:
-        """Bytes per window: the result is held whole, so only the window copies."""
+        """Bytes per window: the whole-image result is held, so only the window copies."""
+        if self.tiled_result is not None:
+            return (self.tiled_result.plan.bytes_per_pixel + 8) * pixels
         return 16 * pixels
 
     def fixed_memory(self) -> int:
@@ -1088,10 +1300,18 @@ class MagnetRefiner(Refiner):
         weights = sum(t.numel() * t.element_size() for m in self.modules for t in m.state_dict().values())
         return int(weights)
 
+    def close(self) -> None:
+        """Drop the result; delete a tiled run's temporary files."""
+        if self.tiled_result is not None:
+            self.tiled_result.close()
+        self.tiled_result = None
+        self.result = None
+
     def describe(self) -> dict[str, Any]:
         """Facts for the report."""
         out = {**super().describe(), **self.info, "fast": self.fast, **self.segmenter.describe()}
-        if self.result is not None:
-            out["magnet"] = self.result.report()
+        report = self.report()
+        if report:
+            out["magnet"] = report
+            out["tiled"] = "tiled" in report
         return out
-

@@ -25,7 +25,7 @@ from refine_cli.errors import UsageError
 if TYPE_CHECKING:
     import torch
 
-    from refine_cli.segmenters.base import Segmenter, SegmenterSpec
+    from refine_cli.segmenters.base import Segmenter
 
 __all__ = ["describe_segmenters", "list_segmenters", "load_segmenter"]
 

@@ -1,0 +1,135 @@
+"""Train a CascadePSP refinement module (lite or official architecture) on generated composites.
+
+A thin translator over :mod:`refine_cli.train.trainer`: flags become a ``TrainConfig``, one
+``trainer.train`` call runs, and the result is rendered. The same call from Python::
+
+    from refine_cli.train.trainer import TrainConfig, train
+    train(TrainConfig(out="runs/lite", steps=6000))
+
+User errors are ``RefineError`` subclasses (``cli.py`` prints them as one red line). Logs,
+the progress bar (terminals only) and the summary go to stderr; stdout gets the path of the
+best exported weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="Train a CascadePSP refinement module on generated composites (CPU or CUDA).",
+    invoke_without_command=True,
+    add_completion=False,
+)
+
+
+def _stderr() -> Console:
+    return Console(stderr=True)
+
+
+class _Bar:
+    """Rich progress bar of the steps on stderr; inactive when stderr is not a terminal."""
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self.console = console
+        self.enabled = enabled and console.is_terminal
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Bar:
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._bar = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=self.console, transient=True,
+            )
+            self._bar.__enter__()
+        return self
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        if self._bar is None:
+            return
+        if self._task is None:
+            self._task = self._bar.add_task("train", total=total, completed=step - 1, loss="-")
+        self._bar.update(self._task, completed=step, total=total, loss=f"{loss:.4f}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+
+@app.callback(invoke_without_command=True)
+def train_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: checkpoint.pt, best.pt/.json, "
+                                      "final.pt/.json, log.jsonl.")],
+    arch: Annotated[str | None, typer.Option(help="cascadepsp-lite (default), cascadepsp (official "
+                                             "architecture, from scratch) or magnet-refinement.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps in total (default 6000).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Crops per step (default 8).")] = None,
+    crop: Annotated[int | None, typer.Option(help="Crop side in px, multiple of 8 (default 224).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak AdamW learning rate (default 2e-3).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.pt "
+                                         "(only --steps, --threads, --workers, --device, --val-every and "
+                                         "--ckpt-every may change).")] = False,
+    val_every: Annotated[int | None, typer.Option(help="Validate every N steps (default 500; 0 = at the "
+                                                  "end only).")] = None,
+    val_size: Annotated[int | None, typer.Option(help="Validation sample side and global-step size L "
+                                                 "(default 320).")] = None,
+    val_n: Annotated[int | None, typer.Option(help="Validation samples (default 24).")] = None,
+    ckpt_every: Annotated[int | None, typer.Option(help="Write checkpoint.pt every N steps (default 250).")]
+    = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (fp32 on CPU, bf16/fp16 on CUDA), fp32, bf16 "
+                                                  "or fp16.")] = None,
+    photos: Annotated[Path | None, typer.Option(help="Folder of photos for textures and backgrounds "
+                                                "(default ../shared/data/photos).")] = None,
+    portraits: Annotated[Path | None, typer.Option(help="Folder with image/ and alpha*/ portraits (default "
+                                                   "../shared/data/p3m-portraits-pseudogt).")] = None,
+    pairs: Annotated[Path | None, typer.Option(help="CSV or folder of your own image/mask pairs to mix in.")]
+    = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of initialisation and data (default 0).")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Data-generation processes (default 1).")] = None,
+    tiny: Annotated[bool, typer.Option("--tiny", help="CI smoke mode: a minute model, 8 steps of 2 x 64 px "
+                                       "crops, 2 validation samples.")] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 1,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+) -> None:
+    """Train a refinement module with CascadePSP's recipe; checkpoints and weights go to --out."""
+    from refine_cli.cli import configure_logging
+    from refine_cli.train import trainer
+
+    configure_logging(verbose, quiet)
+    given = {
+        "arch": arch, "steps": steps, "batch_size": batch_size, "crop": crop, "lr": lr,
+        "val_every": val_every, "val_size": val_size, "val_n": val_n, "ckpt_every": ckpt_every,
+        "device": device, "precision": precision, "seed": seed, "threads": threads, "workers": workers,
+    }
+    settings: dict[str, Any] = dict(trainer.TINY) if tiny else {}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    if photos is not None or portraits is not None or pairs is not None:
+        settings["data"] = trainer.DataConfig(photos=photos, portraits=portraits, pairs=pairs)
+    console = _stderr()
+    cfg = trainer.TrainConfig(out=out, **settings)
+    with _Bar(console, enabled=not quiet) as bar:
+        result = trainer.train(cfg, resume=resume, overrides=settings, progress=bar)
+    if not quiet:
+        from rich.table import Table
+
+        table = Table(title=f"refine train: {result.steps} steps in {result.out}", title_justify="left")
+        for col in ("", "IoU", "mBA", "coarse IoU", "coarse mBA"):
+            table.add_column(col)
+        for name, res in (("last validation", result.validations[-1] if result.validations else None),
+                          ("best", result.best)):
+            if res:
+                table.add_row(f"{name} (step {res['step']})", f"{res['iou']:.4f}", f"{res['mba']:.4f}",
+                              f"{res['coarse_iou']:.4f}", f"{res['coarse_mba']:.4f}")
+        console.print(table)
+    best = result.out / "best.pt"
+    typer.echo(str(best if best.is_file() else result.final_weights))

@@ -1,0 +1,974 @@
+"""Training loop of the CascadePSP refinement module (``refine train``), on CPU or CUDA.
+
+The recipe is CascadePSP's (reference NOTES §4): random ``crop x crop`` crops of generated
+composites with a perturbed coarse mask, the three-iteration cascade on every step, the
+multi-output loss of :func:`~refine_cli.train.losses.cascadepsp_loss` (CE at OS8, CE + L1 +
+L2 at OS4, L1 + L2 + gradient at OS1). Differences, all configurable: AdamW with linear
+warm-up and a cosine decay instead of Adam with step decays, gradient-norm clipping, and
+harder, more varied data (strength drawn per sample, samples made at one to two crop sides
+so that some crops see the whole composite).
+
+What a run writes to ``out``::
+
+    checkpoint.pt     resumable state, rewritten atomically every ``ckpt_every`` steps:
+                      model, optimiser, scheduler, grad scaler, step, RNG states, config,
+                      best score, wall time (tensors and plain values only: loads with
+                      ``weights_only=True``). The data position is the step: item ``k`` of
+                      the stream is always the same crop, so resuming at step ``s`` goes on
+                      with items ``s * batch_size ...``.
+    best.pt/best.json the best validated weights as a plain state_dict + sidecar (arch dict,
+                      steps, metrics, data spec, sha256); see :func:`export_weights`.
+    final.pt/.json    the weights after the last step.
+    log.jsonl         one JSON record per logged step and per validation.
+
+Validation runs the official *global step* (:func:`refine_cli.refiners.cascadepsp.global_step`)
+at ``val_size`` on a fixed generated set (seed :data:`VAL_SEED`, never used for training)
+and, on ``val_full_n`` samples twice that size, the full global + local procedure; it reports
+IoU and mBA of the refined and of the coarse masks and the gain.
+
+Conventions: images enter the network through the model's own normalisation; masks are
+float32 in [0, 1] (``refine_cli.config``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from refine_cli.errors import InputError, Interrupted, RefineError, UsageError, WeightsError
+from refine_cli.train.data import SampleSpec, color_jitter, make_eval_set, make_sample, random_crop
+from refine_cli.train.losses import cascadepsp_loss
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = ("cascadepsp-lite", "cascadepsp", "magnet-refinement")
+"""Values of ``--arch``."""
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+"""Values of ``TrainConfig.precision``."""
+
+VAL_SEED = 1_000_003
+"""Seed of the validation set (training streams use ``TrainConfig.seed``; keep them apart)."""
+
+CHECKPOINT = "checkpoint.pt"
+"""File name of the resumable checkpoint inside ``out``."""
+
+CHECKPOINT_FORMAT = "refine-train-checkpoint/1"
+"""``format`` entry of the resumable checkpoint."""
+
+EXPORT_FORMAT = "refine-weights/1"
+"""``format`` entry of an exported weights sidecar."""
+
+_STREAM = 0x7EA1
+"""Extra seed word of the per-item crop / augmentation random stream."""
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the training stream generates (see :mod:`refine_cli.train.data`).
+
+    Attributes:
+        photos: folder of photos (``None``: ``../shared/data/photos`` when present).
+        portraits: folder of portraits with mattes (``None``: the shared one when present).
+        pairs: CSV or folder of user image/mask pairs; adds the ``pairs`` kind when given.
+        kinds: relative weights of ``shapes`` / ``portraits`` / ``pairs``.
+        perturbations: relative weights of ``cascadepsp`` / ``lowres`` / ``blobs``.
+        strength: ``(low, high)``: each sample's perturbation strength is drawn uniformly here
+            (1 = CascadePSP's recipe, target IoU 0.8-1; 2 = target IoU down to 0.6).
+        scales: sample side = ``crop * scale`` (rounded to 8 px), drawn uniformly from these;
+            a scale of 1 shows the whole composite in the crop (the global step's view).
+    """
+
+    photos: Path | None = None
+    portraits: Path | None = None
+    pairs: Path | None = None
+    kinds: tuple[tuple[str, float], ...] = (("portraits", 0.38), ("shapes", 0.62))
+    perturbations: tuple[tuple[str, float], ...] = (("blobs", 0.25), ("cascadepsp", 0.45), ("lowres", 0.3))
+    strength: tuple[float, float] = (0.6, 1.8)
+    scales: tuple[float, ...] = (1.0, 1.0, 1.5, 2.0)
+
+    def __post_init__(self) -> None:
+        for name in ("photos", "portraits", "pairs"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, None if value is None else Path(value).expanduser())
+        kinds = dict(self.kinds.items() if isinstance(self.kinds, Mapping) else self.kinds)
+        if self.pairs is not None and "pairs" not in kinds:
+            kinds["pairs"] = 0.3
+        object.__setattr__(self, "kinds", tuple(sorted((str(k), float(v)) for k, v in kinds.items())))
+        perts = self.perturbations
+        perts = perts.items() if isinstance(perts, Mapping) else perts
+        object.__setattr__(self, "perturbations", tuple(sorted((str(k), float(v)) for k, v in perts)))
+        lo, hi = (float(v) for v in self.strength)
+        if not 0.0 < lo <= hi <= 2.0:
+            raise UsageError(f"strength range {self.strength} must satisfy 0 < low <= high <= 2")
+        object.__setattr__(self, "strength", (lo, hi))
+        scales = tuple(float(s) for s in self.scales)
+        if not scales or min(scales) < 1.0 or max(scales) > 4.0:
+            raise UsageError(f"sample scales {self.scales} must lie in [1, 4]")
+        object.__setattr__(self, "scales", scales)
+
+    def spec(self, side: int, seed: int) -> SampleSpec:
+        """The :class:`SampleSpec` of square samples of ``side`` px."""
+        return SampleSpec(
+            size=side, seed=seed, kinds=self.kinds, perturbations=self.perturbations,
+            strength=self.strength[1], photos=self.photos, portraits=self.portraits, pairs=self.pairs,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view."""
+        return {
+            "photos": None if self.photos is None else str(self.photos),
+            "portraits": None if self.portraits is None else str(self.portraits),
+            "pairs": None if self.pairs is None else str(self.pairs),
+            "kinds": [list(kv) for kv in self.kinds],
+            "perturbations": [list(kv) for kv in self.perturbations],
+            "strength": list(self.strength),
+            "scales": list(self.scales),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            photos=d.get("photos"), portraits=d.get("portraits"), pairs=d.get("pairs"),
+            kinds=tuple(tuple(kv) for kv in d["kinds"]),  # type: ignore[arg-type]
+            perturbations=tuple(tuple(kv) for kv in d["perturbations"]),  # type: ignore[arg-type]
+            strength=tuple(d["strength"]),  # type: ignore[arg-type]
+            scales=tuple(d["scales"]),
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on (stored in its checkpoint).
+
+    Attributes:
+        out: output folder (checkpoint, exported weights, log).
+        arch: one of :data:`ARCHITECTURES`.
+        arch_params: ``cascadepsp-lite`` hyper-parameters (fields of
+            :class:`~refine_cli.models.cascadepsp_lite.LiteArch`); empty = the shipped ``LITE_V1``.
+            Ignored by ``cascadepsp``.
+        steps: optimiser steps in total.
+        batch_size: crops per step.
+        crop: crop side, px (multiple of 8, >= 32).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW's decoupled weight decay.
+        warmup: linear warm-up steps; then cosine decay to ``lr * min_lr_ratio``.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        grad_clip: max global gradient norm (0 = no clipping).
+        precision: ``auto`` (fp32 on CPU, where bf16 is emulated and slower without AVX-512 BF16;
+            bf16 or else fp16 on CUDA), ``fp32``, ``bf16`` or ``fp16`` (CUDA only, with loss scaling).
+        channels_last: NHWC memory format (faster for the convolutions on CPU and CUDA).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        threads: torch CPU threads (``None`` = torch's default).
+        workers: data-loading processes (0 = generate in the training process).
+        seed: seed of initialisation and of the training stream.
+        val_every: validate every this many steps (0 = only at the end).
+        val_size: side of the validation samples and working size L of the validation global step.
+        val_n: validation samples (global step).
+        val_full_n: extra samples of ``2 * val_size`` refined with global + local steps.
+        ckpt_every: write ``checkpoint.pt`` every this many steps (0 = at validations and the end).
+        log_every: log the mean loss every this many steps.
+        fixed_batch: train on the first batch over and over (a debugging / test aid).
+        data: what the training stream generates.
+    """
+
+    out: Path
+    arch: str = "cascadepsp-lite"
+    arch_params: Mapping[str, Any] = field(default_factory=dict)
+    steps: int = 6000
+    batch_size: int = 8
+    crop: int = 224
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    warmup: int = 100
+    min_lr_ratio: float = 0.02
+    grad_clip: float = 2.0
+    precision: str = "auto"
+    channels_last: bool = True
+    device: str = "auto"
+    threads: int | None = None
+    workers: int = 1
+    seed: int = 0
+    val_every: int = 500
+    val_size: int = 320
+    val_n: int = 24
+    val_full_n: int = 2
+    ckpt_every: int = 250
+    log_every: int = 25
+    fixed_batch: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out).expanduser())
+        object.__setattr__(self, "arch_params", dict(self.arch_params))
+        if self.arch not in ARCHITECTURES:
+            raise UsageError(f"--arch {self.arch!r}: use one of {', '.join(ARCHITECTURES)}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        checks = (
+            (self.steps >= 1, f"--steps {self.steps} must be >= 1"),
+            (self.batch_size >= 1, f"--batch-size {self.batch_size} must be >= 1"),
+            (self.crop >= 32 and self.crop % 8 == 0, f"--crop {self.crop} must be a multiple of 8, >= 32"),
+            (self.lr > 0, f"--lr {self.lr} must be > 0"),
+            (self.val_size >= 64 and self.val_size % 8 == 0,
+             f"--val-size {self.val_size} must be a multiple of 8, >= 64"),
+            (self.val_n >= 1, f"--val-n {self.val_n} must be >= 1"),
+            (min(self.val_every, self.ckpt_every, self.val_full_n, self.workers, self.warmup) >= 0,
+             "--val-every, --ckpt-every, --workers, warm-up and val_full_n must be >= 0"),
+            (self.log_every >= 1, "log_every must be >= 1"),
+            (self.threads is None or self.threads >= 1, f"--threads {self.threads} must be >= 1"),
+            (0.0 < self.min_lr_ratio <= 1.0, "min_lr_ratio must be in (0, 1]"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view (stored in checkpoints and sidecars)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["out"] = str(self.out)
+        d["arch_params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.arch_params.items()}
+        d["data"] = self.data.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (newer checkpoint)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InputError(f"the checkpoint's config has unknown keys {unknown}; it needs a newer refine")
+        return cls(**{**d, "data": DataConfig.from_dict(d["data"])})
+
+
+TINY = {
+    "steps": 8, "batch_size": 2, "crop": 64, "lr": 3e-3, "warmup": 2, "val_every": 4, "val_size": 64,
+    "val_n": 2, "val_full_n": 0, "ckpt_every": 4, "log_every": 2, "workers": 0, "threads": 1,
+    "arch_params": {"stem": 8, "widths": [8, 16, 16], "depths": [1, 1, 1], "psp": 16, "up1": 16, "up2": 8,
+                    "up3": 8, "head": 8, "prior_gain": 3.0, "mask_skip": True},
+}
+"""Overrides of ``--tiny``: a CI smoke run of a few steps on 64 px crops with a minute model."""
+
+RESUME_OVERRIDABLE = (
+    "steps", "threads", "workers", "device", "val_every", "ckpt_every", "log_every", "val_full_n",
+)
+"""Config fields a resumed run may change; any other difference from the checkpoint is refused."""
+
+
+def resume_config(stored: TrainConfig, overrides: Mapping[str, Any]) -> TrainConfig:
+    """The config of a resumed run: the checkpoint's, with the allowed overrides applied.
+
+    Args:
+        stored: the config saved in the checkpoint.
+        overrides: fields the caller set explicitly (e.g. the CLI flags given).
+
+    Raises:
+        UsageError: an override would change the run (arch, data, batch, learning rate ...).
+    """
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key in ("out",):
+            continue
+        current = getattr(stored, key)
+        if key in RESUME_OVERRIDABLE:
+            changes[key] = value
+        elif value != current and not (key == "data" and value == stored.data):
+            raise UsageError(
+                f"--resume continues the run in {stored.out} whose {key} is {current!r}, not {value!r}; "
+                f"drop that flag, or train into a new --out folder"
+            )
+    return replace(stored, **changes)
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def build_model(arch: str, params: Mapping[str, Any] | None = None) -> nn.Module:
+    """Build a freshly initialised refinement module.
+
+    Args:
+        arch: ``cascadepsp-lite`` (params: ``LiteArch`` fields, none = ``LITE_V1``), ``cascadepsp``
+            (the official architecture; trained from scratch, because ImageNet weights for its
+            ResNet-50 are not available here), or ``magnet-refinement`` (not available yet).
+        params: architecture hyper-parameters.
+
+    Returns:
+        A module with the CascadePSP forward contract, in training mode.
+
+    Raises:
+        UsageError: unknown or unavailable architecture.
+    """
+    if arch == "cascadepsp-lite":
+        from refine_cli.models.cascadepsp_lite import cascadepsp_lite
+
+        try:
+            return cascadepsp_lite(**dict(params or {}))
+        except WeightsError as exc:
+            raise UsageError(f"cascadepsp-lite architecture: {exc}") from exc
+    if arch == "cascadepsp":
+        from refine_cli.models.cascadepsp import cascadepsp_official
+
+        logger.warning("training the official CascadePSP architecture from scratch (no ImageNet weights)")
+        return cascadepsp_official()
+    if arch == "magnet-refinement":
+        raise UsageError(
+            "--arch magnet-refinement is not available yet (its segmenter is still being added); "
+            "use --arch cascadepsp-lite or cascadepsp"
+        )
+    raise UsageError(f"--arch {arch!r}: use one of {', '.join(ARCHITECTURES)}")
+
+
+def arch_dict(model: nn.Module, arch: str) -> dict[str, Any]:
+    """The architecture dict that rebuilds ``model`` with :func:`build_model` (stored with weights)."""
+    if arch == "cascadepsp-lite":
+        return dict(model.arch.to_dict())  # type: ignore[union-attr, operator]
+    return {}
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+class TrainStream(Dataset):
+    """The training stream: item ``k`` is one ``(crop, crop)`` training crop, always the same.
+
+    Item ``k`` draws (from ``default_rng([seed, k, _STREAM])``) a sample side from
+    ``data.scales``, a strength in ``data.strength``, makes sample ``k`` of that spec
+    (:func:`~refine_cli.train.data.make_sample`), crops it near the boundary
+    (:func:`~refine_cli.train.data.random_crop`), mirrors it half of the time and applies
+    CascadePSP's colour jitter.
+
+    Items: ``image`` ``(3, crop, crop)`` float32 RGB in [0, 1]; ``gt`` and ``coarse``
+    ``(1, crop, crop)`` float32 in [0, 1].
+
+    Args:
+        data: what to generate.
+        crop: crop side, px.
+        seed: stream seed.
+        length: number of items (``steps * batch_size``).
+    """
+
+    def __init__(self, data: DataConfig, crop: int, seed: int, length: int) -> None:
+        self.data, self.crop, self.seed, self.length = data, crop, seed, length
+        self._specs: dict[int, SampleSpec] = {}
+
+    def spec(self, side: int) -> SampleSpec:
+        """The (cached) spec of samples of ``side`` px."""
+        if side not in self._specs:
+            self._specs[side] = self.data.spec(side, self.seed)
+        return self._specs[side]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, k: int) -> dict[str, Tensor]:
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFF, int(k), _STREAM])
+        scale = float(self.data.scales[int(rng.integers(len(self.data.scales)))])
+        side = max(self.crop, int(round(self.crop * scale / 8)) * 8)
+        strength = float(rng.uniform(*self.data.strength))
+        sample = make_sample(int(k), self.spec(side), strength=strength)
+        image, gt, coarse = random_crop(sample, self.crop, rng)
+        img = image.astype(np.float32) * np.float32(1 / 255)
+        if rng.random() < 0.5:
+            img, gt, coarse = img[:, ::-1], gt[:, ::-1], coarse[:, ::-1]
+        img = color_jitter(img, rng)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+            "gt": torch.from_numpy(np.ascontiguousarray(gt, dtype=np.float32))[None],
+            "coarse": torch.from_numpy(np.ascontiguousarray(coarse, dtype=np.float32))[None],
+        }
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def _batches(stream: TrainStream, cfg: TrainConfig, start_step: int) -> Iterator[dict[str, Tensor]]:
+    """Batches of steps ``start_step ..`` (item ``k`` of step ``s`` is ``s * batch + k``)."""
+    b = cfg.batch_size
+    if cfg.fixed_batch:
+        first = [stream[k] for k in range(b)]
+        batch = {key: torch.stack([it[key] for it in first]) for key in first[0]}
+        while True:
+            yield batch
+    loader = DataLoader(
+        stream, batch_size=b, sampler=range(start_step * b, cfg.steps * b), shuffle=False,
+        num_workers=cfg.workers, worker_init_fn=_worker_init if cfg.workers else None,
+        persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
+    )
+    yield from loader
+
+
+# --------------------------------------------------------------------------------------------
+# devices and precision
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``.
+
+    Raises:
+        UsageError: a CUDA device was asked for but none is available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``fp32`` on CPU, ``bf16`` (or ``fp16`` without bf16 support) on CUDA.
+
+    On this project's CPUs (AVX2, no AVX-512 BF16) bf16 autocast made a training step 3-8x
+    slower than fp32 (weights/README.md), hence fp32 on CPU.
+
+    Raises:
+        UsageError: ``fp16`` on a CPU.
+    """
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs CUDA; use fp32 or bf16 on the CPU")
+    return precision
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy's global generator and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, fsync it, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
+    """Write a resumable checkpoint atomically (``torch.save`` of tensors and plain values)."""
+    _atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a resumable checkpoint safely (``weights_only=True``, CPU).
+
+    Raises:
+        InputError: missing, unreadable, truncated or not a ``refine train`` checkpoint.
+    """
+    if not path.is_file():
+        raise InputError(f"no checkpoint at {path}; train without --resume to start a new run there")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types on damaged files
+        reason = " ".join(str(exc).split())[:120]
+        raise InputError(
+            f"checkpoint {path} is unreadable or damaged ({type(exc).__name__}: {reason}); "
+            "delete it to start again, or restore a copy"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path} is not a `refine train` checkpoint ({CHECKPOINT_FORMAT}); check --out")
+    return state
+
+
+def export_weights(
+    model: nn.Module, path: str | Path, meta: Mapping[str, Any], *, half: bool = False
+) -> dict[str, Any]:
+    """Save a plain state_dict and a JSON sidecar ``<path minus suffix>.json`` beside it.
+
+    Args:
+        model: the trained module.
+        path: the ``.pt`` file to write (atomically).
+        meta: facts for the sidecar (``arch``, ``arch_params``, steps, metrics, data ...).
+        half: store floating-point tensors as float16 (loading converts them back to float32).
+
+    Returns:
+        The sidecar dict (with ``sha256``, ``size``, ``dtype``, ``parameters``).
+    """
+    path = Path(path)
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        state[k] = (v.to(torch.float16) if half and v.is_floating_point() else v).clone()
+    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    side = {
+        "format": EXPORT_FORMAT,
+        **dict(meta),
+        "file": path.name,
+        "size": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "dtype": "float16" if half else "float32",
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                          "mask": "binarised (p >= 0.5) and mapped to {-1, +1}"},
+    }
+    sidecar = path.with_suffix(".json")
+    _atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps(side, indent=2) + "\n", encoding="utf-8"))
+    return side
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """The JSON sidecar of exported weights ``path`` (``<stem>.json``).
+
+    Raises:
+        WeightsError: missing or unreadable sidecar.
+    """
+    sidecar = Path(path).with_suffix(".json")
+    try:
+        side = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WeightsError(
+            f"cannot read {sidecar} ({exc}); the sidecar that describes {Path(path).name} must sit beside it"
+        ) from exc
+    if not isinstance(side, dict) or side.get("format") != EXPORT_FORMAT or "arch" not in side:
+        raise WeightsError(f"{sidecar} is not a refine weights sidecar ({EXPORT_FORMAT})")
+    return side
+
+
+def load_exported(path: str | Path, *, sha256: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a module from exported weights and load them strictly, after checking the sha256.
+
+    Args:
+        path: the ``.pt`` written by :func:`export_weights` (its ``.json`` sidecar beside it).
+        sha256: expected digest; ``None`` uses the sidecar's.
+
+    Returns:
+        The module (float32, eval mode, CPU) and the sidecar.
+
+    Raises:
+        WeightsError: missing files, checksum mismatch, unknown architecture, or keys / shapes
+            that do not fit (all named).
+    """
+    from refine_cli import weights
+
+    path = Path(path)
+    side = read_sidecar(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} not found; check the path")
+    want = (sha256 or side.get("sha256") or "").lower()
+    got = sha256_file(path)
+    if want != got:
+        raise WeightsError(
+            f"checksum mismatch for {path} (sha256 {got}, expected {want}); "
+            "the file is damaged or not these weights"
+        )
+    try:
+        model = build_model(str(side["arch"]), side.get("arch_params") or {})
+    except UsageError as exc:
+        raise WeightsError(f"{path}: {exc}") from exc
+    state = weights.load_state_dict(path, model)
+    model.load_state_dict(state, strict=True)  # copies into the float32 parameters
+    return model.float().eval(), side
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+@dataclass
+class ValidationSet:
+    """Fixed validation samples, generated once and kept in memory.
+
+    Attributes:
+        size: side of the global-step samples and the working size L.
+        samples: ``(kind, perturbation, image (s, s, 3) uint8, gt (s, s) float32, coarse (s, s) float32)``.
+        full: the same for the ``2 * size`` samples of the global + local check.
+    """
+
+    size: int
+    samples: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]
+    full: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]
+
+
+def make_validation_set(cfg: TrainConfig) -> ValidationSet:
+    """The validation samples of a run (seed :data:`VAL_SEED`, strengths 0.5 / 1 / 1.5)."""
+    base = cfg.data.spec(cfg.val_size, VAL_SEED)
+
+    def take(n: int, size: int, seed: int) -> list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]:
+        if n == 0:
+            return []
+        es = make_eval_set(n, size, seed=seed, spec=base)
+        return [(s.kind, str(s.meta["perturbation"]), s.image, s.gt, s.coarse) for s in es]
+
+    return ValidationSet(cfg.val_size, take(cfg.val_n, cfg.val_size, VAL_SEED),
+                         take(cfg.val_full_n, 2 * cfg.val_size, VAL_SEED + 1))
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return float(np.mean(xs)) if len(xs) else float("nan")
+
+
+def validate(model: nn.Module, vset: ValidationSet, precision: str = "fp32") -> dict[str, Any]:
+    """Refine the validation set and compare with the coarse masks.
+
+    Args:
+        model: the module (any mode; it is evaluated in eval mode and restored).
+        vset: the fixed samples.
+        precision: ``fp32`` | ``bf16`` | ``fp16`` of the inference.
+
+    Returns:
+        ``iou``, ``mba`` (global step, refined), ``coarse_iou``, ``coarse_mba``, ``gain_iou``,
+        ``gain_mba``, ``score`` (``iou + mba``, the best-checkpoint criterion), ``by_kind``
+        (the same per sample kind), and ``full_*`` for the global + local samples when any.
+    """
+    from refine_cli.evaluate import evaluate_arrays
+    from refine_cli.refiners.cascadepsp import fast_output, global_step, refine_exact
+
+    was_training = model.training
+    model.eval()
+    rows: list[tuple[str, float, float, float, float]] = []
+    try:
+        for kind, _pert, image, gt, coarse in vset.samples:
+            glob = global_step(model, image, coarse, vset.size, precision=precision)
+            pred = fast_output(glob)[0, 0].numpy()
+            r, c = evaluate_arrays(pred, gt), evaluate_arrays(coarse, gt)
+            rows.append((kind, float(r.iou), float(r.mba), float(c.iou), float(c.mba)))
+        full_rows = []
+        for _kind, _pert, image, gt, coarse in vset.full:
+            pred, _ = refine_exact(model, image, coarse, size=vset.size, precision=precision)
+            r, c = evaluate_arrays(pred, gt), evaluate_arrays(coarse, gt)
+            full_rows.append((float(r.iou), float(r.mba), float(c.iou), float(c.mba)))
+    finally:
+        model.train(was_training)
+
+    def summary(sel: Sequence[tuple[str, float, float, float, float]]) -> dict[str, float]:
+        iou, mba = _mean([r[1] for r in sel]), _mean([r[2] for r in sel])
+        ciou, cmba = _mean([r[3] for r in sel]), _mean([r[4] for r in sel])
+        return {"iou": iou, "mba": mba, "coarse_iou": ciou, "coarse_mba": cmba,
+                "gain_iou": iou - ciou, "gain_mba": mba - cmba, "n": len(sel)}
+
+    out: dict[str, Any] = summary(rows)
+    out["score"] = out["iou"] + out["mba"]
+    out["by_kind"] = {k: summary([r for r in rows if r[0] == k]) for k in sorted({r[0] for r in rows})}
+    if full_rows:
+        out["full_iou"] = _mean([r[0] for r in full_rows])
+        out["full_mba"] = _mean([r[1] for r in full_rows])
+        out["full_coarse_iou"] = _mean([r[2] for r in full_rows])
+        out["full_coarse_mba"] = _mean([r[3] for r in full_rows])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then cosine to ``min_lr_ratio``."""
+    if cfg.warmup and step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    t = min(1.0, (step - cfg.warmup) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did.
+
+    Attributes:
+        out: the output folder.
+        steps: steps completed in total (including those before a resume).
+        losses: total loss of every step run by this call, in order.
+        validations: the validation results of this call (with ``step``).
+        best: the best validation so far (``None`` if none ran).
+        seconds: wall time of this call.
+        final_weights: the exported final weights (``final.pt``).
+    """
+
+    out: Path
+    steps: int
+    losses: list[float]
+    validations: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    seconds: float
+    final_weights: Path
+
+
+ProgressFn = Callable[[int, int, float], None]
+"""``progress(step_done, steps_total, last_loss)``."""
+
+
+class _Log:
+    """Appends JSON records to ``out/log.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    overrides: Mapping[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Train (or continue training) a refinement module.
+
+    Args:
+        cfg: the run's config (with ``resume``, only ``cfg.out`` matters plus ``overrides``).
+        resume: continue from ``cfg.out / checkpoint.pt``; the stored config is used, with the
+            fields in ``overrides`` that :data:`RESUME_OVERRIDABLE` allows.
+        overrides: fields set explicitly by the caller (only used with ``resume``).
+        progress: called after every step.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        UsageError: bad settings, or ``out`` already holds a run and ``resume`` is off.
+        InputError: unreadable checkpoint or missing data folders.
+    """
+    t_start = time.perf_counter()
+    ckpt_path = cfg.out / CHECKPOINT
+    state: dict[str, Any] | None = None
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        cfg = resume_config(TrainConfig.from_dict(state["config"]), {**dict(overrides or {}), "out": cfg.out})
+        cfg = replace(cfg, out=ckpt_path.parent)
+    elif ckpt_path.exists():
+        raise UsageError(
+            f"{cfg.out} already holds a training run ({CHECKPOINT}); pass --resume or another --out"
+        )
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, state, t_start=t_start, progress=progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(
+    cfg: TrainConfig, state: dict[str, Any] | None, *, t_start: float, progress: ProgressFn | None
+) -> TrainResult:
+    """The body of :func:`train` once the config is settled (``state``: the checkpoint to resume)."""
+    ckpt_path = cfg.out / CHECKPOINT
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    seed_everything(cfg.seed)
+
+    # a resumed run rebuilds the exact architecture it stored, whatever the defaults are now
+    model = build_model(cfg.arch, state["arch_params"] if state is not None else cfg.arch_params).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    arch_params = arch_dict(model, cfg.arch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    step, best, wall = 0, None, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"], strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        step, best, wall = int(state["step"]), state.get("best"), float(state.get("wall_seconds", 0.0))
+        logger.info("resuming %s at step %d of %d", cfg.out, step, cfg.steps)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "training %s (%.3f M parameters) on %s, %s, %d steps of %d x %d px crops",
+        cfg.arch, n_params / 1e6, device, precision, cfg.steps, cfg.batch_size, cfg.crop,
+    )
+    (cfg.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+    log = _Log(cfg.out / "log.jsonl")
+    stream = TrainStream(cfg.data, cfg.crop, cfg.seed, cfg.steps * cfg.batch_size)
+    vset = make_validation_set(cfg)
+    meta_base = {"arch": cfg.arch, "arch_params": arch_params, "crop": cfg.crop, "batch_size": cfg.batch_size,
+                 "data": cfg.data.to_dict(), "seed": cfg.seed, "val_seed": VAL_SEED, "val_size": cfg.val_size}
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "arch_params": arch_params,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "rng": _rng_state(device),
+            "best": best, "wall_seconds": wall + time.perf_counter() - t_start,
+        }
+
+    def run_validation() -> dict[str, Any]:
+        nonlocal best
+        t0 = time.perf_counter()
+        res = {"step": step, **validate(model, vset, "fp32" if device.type == "cpu" else precision)}
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        full = ""
+        if "full_iou" in res:
+            full = f"; global+local IoU {res['full_iou']:.4f} mBA {res['full_mba']:.4f}"
+        logger.info(
+            "step %d: val IoU %.4f (coarse %.4f, %+.4f), mBA %.4f (coarse %.4f, %+.4f)%s", step, res["iou"],
+            res["coarse_iou"], res["gain_iou"], res["mba"], res["coarse_mba"], res["gain_mba"], full,
+        )
+        log.write({"type": "val", **res})
+        if best is None or res["score"] > best["score"]:
+            best = dict(res)
+            export_weights(model, cfg.out / "best.pt", {**meta_base, "steps": step, "metrics": res})
+        return res
+
+    losses: list[float] = []
+    validations: list[dict[str, Any]] = []
+    window: list[float] = []
+    t_log = time.perf_counter()
+    model.train()
+    batches = _batches(stream, cfg, step)
+    skipped = 0
+    mid_step = False  # an interrupt between the update and ``step += 1`` leaves no consistent state
+    try:
+        while step < cfg.steps:
+            mid_step = True
+            value = _train_step(model, next(batches), cfg, device, precision, optimizer, scaler)
+            if value is None:
+                skipped += 1
+                logger.warning("step %d: non-finite loss, batch skipped (%d so far)", step, skipped)
+                if skipped > 20:
+                    raise RefineError(
+                        f"training diverged at step {step} (non-finite loss); lower --lr and start again"
+                    )
+                value = float("nan")
+            scheduler.step()
+            step += 1
+            mid_step = False
+            losses.append(value)
+            window.append(value)
+            if progress is not None:
+                progress(step, cfg.steps, value)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                dt = time.perf_counter() - t_log
+                rec = {"type": "train", "step": step, "loss": _mean(window), "lr": scheduler.get_last_lr()[0],
+                       "sec_per_step": dt / len(window)}
+                log.write(rec)
+                logger.info("step %d/%d: loss %.4f, lr %.2e, %.2f s/step", step, cfg.steps, rec["loss"],
+                            rec["lr"], rec["sec_per_step"])
+                window, t_log = [], time.perf_counter()
+            validated = (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps
+            if validated:
+                validations.append(run_validation())
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or validated:
+                save_checkpoint(ckpt_path, snapshot())
+    except KeyboardInterrupt:
+        if not mid_step:
+            save_checkpoint(ckpt_path, snapshot())
+        when = "during" if mid_step else "after"
+        raise Interrupted(
+            f"training interrupted {when} step {step}; {ckpt_path} holds the last saved state: "
+            f"continue with `refine train --out {cfg.out} --resume`"
+        ) from None
+    seconds = time.perf_counter() - t_start
+    final = cfg.out / "final.pt"
+    last_val = validations[-1] if validations else None
+    export_weights(model, final, {**meta_base, "steps": step, "metrics": last_val,
+                                  "wall_seconds": wall + seconds})
+    return TrainResult(cfg.out, step, losses, validations, best, seconds, final)
+
+
+def _train_step(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    cfg: TrainConfig,
+    device: torch.device,
+    precision: str,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+) -> float | None:
+    """One optimiser step on a batch (global mode, all three cascade iterations).
+
+    Args:
+        model: the module in training mode.
+        batch: ``image`` ``(B, 3, c, c)`` float32 RGB in [0, 1]; ``gt`` and ``coarse``
+            ``(B, 1, c, c)`` float32 in [0, 1].
+
+    Returns:
+        The total loss, or ``None`` when it was not finite (no update made).
+    """
+    im = model.normalize_image(batch["image"].to(device, non_blocking=True))  # type: ignore[operator]
+    seg = model.mask_to_seg(batch["coarse"].to(device, non_blocking=True))  # type: ignore[operator]
+    gt = batch["gt"].to(device, non_blocking=True)
+    if cfg.channels_last:
+        im = im.contiguous(memory_format=torch.channels_last)
+    with _autocast(device, precision):
+        outputs = model(im, seg)
+    loss, _parts = cascadepsp_loss({k: v.float() for k, v in outputs.items()}, gt)
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return None
+    scaler.scale(loss).backward()
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach())

@@ -1,0 +1,232 @@
+"""`refine train`: the CascadePSP-lite model, training loop, checkpoints and exported weights (CPU, tiny)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from refine_cli.errors import InputError, Interrupted, UsageError, WeightsError
+from refine_cli.models.cascadepsp import CascadeRefinementModule
+from refine_cli.models.cascadepsp_lite import LITE_V1, LiteArch, cascadepsp_lite
+from refine_cli.train import trainer as T
+
+TINY_ARCH = dict(T.TINY["arch_params"])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: the tiny tensors gain nothing from more, and a busy CI runner makes them slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Smooth random colour texture, (h, w, 3) uint8."""
+    small = rng.uniform(0, 255, (h // 16 + 2, w // 16 + 2, 3)).astype(np.float32)
+    big = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
+    big += rng.normal(0, 10, (h, w, 3)).astype(np.float32)
+    return np.clip(big, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three small synthetic photos and two synthetic portraits (soft disc-on-shoulders matte)."""
+    root = tmp_path_factory.mktemp("train-data")
+    rng = np.random.default_rng(11)
+    (root / "photos").mkdir()
+    for i in range(3):
+        cv2.imwrite(str(root / "photos" / f"photo{i}.png"), _texture(rng, 200 + 20 * i, 240))
+    (root / "portraits" / "image").mkdir(parents=True)
+    (root / "portraits" / "alpha").mkdir()
+    for i in range(2):
+        h, w = 200, 160
+        yy, xx = np.mgrid[:h, :w]
+        shoulders = np.where(yy > 110, np.minimum(xx - 20, w - 20 - xx), -99)
+        inside = np.maximum(40 - np.hypot(yy - 70, xx - w / 2), shoulders)
+        alpha = np.clip(0.5 + inside / 4.0, 0, 1)
+        cv2.imwrite(str(root / "portraits" / "image" / f"p{i}.png"), _texture(rng, h, w))
+        cv2.imwrite(str(root / "portraits" / "alpha" / f"p{i}.png"), np.rint(alpha * 255).astype(np.uint8))
+    return root
+
+
+def _cfg(out: Path, data_dir: Path, **kw: object) -> T.TrainConfig:
+    data = T.DataConfig(photos=data_dir / "photos", portraits=data_dir / "portraits")
+    settings = {**T.TINY, "threads": 1, **kw}
+    return T.TrainConfig(out=out, data=data, **settings)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ model
+
+
+def test_lite_forward_contract_and_prior() -> None:
+    torch.manual_seed(0)
+    model = cascadepsp_lite(**TINY_ARCH).eval()
+    im = model.normalize_image(torch.rand(2, 3, 48, 64))
+    seg = model.mask_to_seg(torch.rand(2, 1, 48, 64))
+    with torch.no_grad():
+        out = model(im, seg)
+        local = model(im, seg, inter_s8=seg * 0.5)
+        both = model(im, seg, seg, seg)
+    assert len(out) == 12 and len(local) == 10 and len(both) == 6
+    assert all(v.shape == (2, 1, 48, 64) and v.dtype == torch.float32 for v in out.values())
+    # untrained heads are zero: the output is the coarse mask through the prior, sigmoid(3 * seg)
+    assert torch.allclose(out["pred_224"], torch.sigmoid(3.0 * seg))
+    assert ((out["pred_224"] >= 0.5) == (seg > 0)).all()
+    # the mask skip widens the full-resolution decoder input by one channel (image + mask)
+    assert model.up_3.shortcut.in_channels == TINY_ARCH["up2"]
+    assert model.final_11.in_channels == TINY_ARCH["up3"] + 4
+    plain = cascadepsp_lite(**{**TINY_ARCH, "mask_skip": False})
+    assert plain.final_11.in_channels == TINY_ARCH["up3"] + 3
+
+
+def test_lite_cascade_matches_the_parent_forward() -> None:
+    """With the prior gain at 0 (no mask skip) the lite forward is exactly CascadeRefinementModule.forward."""
+    torch.manual_seed(1)
+    model = cascadepsp_lite(**{**TINY_ARCH, "mask_skip": False}).eval()
+    for p in model.parameters():  # make the heads non-trivial
+        p.data.normal_(0, 0.3)
+    assert model.prior_gain is not None
+    model.prior_gain.data.zero_()
+    im, seg = torch.randn(1, 3, 32, 40), torch.rand(1, 1, 32, 40) * 2 - 1
+    with torch.no_grad():
+        for args in ((), (seg.tanh(),), (seg.tanh(), seg * 0.3)):
+            ours = model(im, seg, *args)
+            ref = CascadeRefinementModule.forward(model, im, seg, *args)
+            assert ours.keys() == ref.keys()
+            for k in ours:
+                assert torch.equal(ours[k], ref[k]), k
+
+
+def test_lite_arch_dict_rebuilds_the_same_module() -> None:
+    model = cascadepsp_lite(**LITE_V1.to_dict())
+    again = cascadepsp_lite(**json.loads(json.dumps(model.arch.to_dict())))
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in again.state_dict().items()}
+    assert LiteArch.from_dict(LITE_V1.to_dict()) == LITE_V1
+    no_prior = cascadepsp_lite(**{**TINY_ARCH, "prior_gain": 0.0})
+    assert no_prior.prior_gain is None and "prior_gain" not in no_prior.state_dict()
+    with pytest.raises(WeightsError, match="unknown"):
+        cascadepsp_lite(**{**TINY_ARCH, "depth": 3})
+    with pytest.raises(WeightsError, match="invalid"):
+        cascadepsp_lite(**{**TINY_ARCH, "widths": [8, 16]})
+
+
+def test_architectures(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not available yet"):
+        T.build_model("magnet-refinement")
+    with pytest.raises(UsageError, match="--arch"):
+        T.TrainConfig(out=tmp_path, arch="unet")
+    with pytest.raises(UsageError, match="crop"):
+        T.TrainConfig(out=tmp_path, crop=60)
+    with pytest.raises(UsageError, match="fp16"):
+        T.resolve_precision("fp16", torch.device("cpu"))
+    assert T.resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def test_tiny_training_loss_goes_down(tmp_path: Path, data_dir: Path) -> None:
+    cfg = _cfg(tmp_path / "run", data_dir, steps=40, fixed_batch=True, val_every=0, ckpt_every=0,
+               log_every=10)
+    result = T.train(cfg)
+    first, last = np.mean(result.losses[:5]), np.mean(result.losses[-5:])
+    assert last < 0.8 * first, (first, last)
+    assert result.steps == 40 and len(result.validations) == 1
+    val = result.validations[0]
+    assert 0.0 <= val["iou"] <= 1.0 and 0.0 <= val["mba"] <= 1.0 and "portraits" in val["by_kind"]
+    records = [json.loads(line) for line in (cfg.out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [10, 20, 30, 40]
+    assert not list(cfg.out.glob("*.tmp"))
+
+
+def test_resume_gives_the_identical_continuation(tmp_path: Path, data_dir: Path) -> None:
+    kw = {"steps": 6, "val_every": 0, "ckpt_every": 0, "log_every": 3}
+    straight = T.train(_cfg(tmp_path / "a", data_dir, **kw))
+
+    def stop_after_3(step: int, total: int, loss: float) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cfg_b = _cfg(tmp_path / "b", data_dir, **kw)
+    with pytest.raises(Interrupted, match="--resume"):
+        T.train(cfg_b, progress=stop_after_3)
+    with pytest.raises(UsageError, match="--resume"):
+        T.train(cfg_b)  # the folder holds a run
+    with pytest.raises(UsageError, match="lr"):
+        T.train(cfg_b, resume=True, overrides={"lr": 1.0})
+    resumed = T.train(cfg_b, resume=True)
+    assert resumed.steps == 6 and len(resumed.losses) == 3
+    np.testing.assert_array_equal(resumed.losses, straight.losses[3:])
+    sa = torch.load(tmp_path / "a" / "final.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "final.pt", weights_only=True)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_exported_weights_load_strictly(tmp_path: Path, data_dir: Path) -> None:
+    result = T.train(_cfg(tmp_path / "run", data_dir, steps=2, val_every=2))
+    best = tmp_path / "run" / "best.pt"
+    side = json.loads(best.with_suffix(".json").read_text())
+    assert side["arch"] == "cascadepsp-lite" and side["arch_params"]["widths"] == [8, 16, 16]
+    assert side["steps"] == 2 and side["sha256"] == T.sha256_file(best) and "iou" in side["metrics"]
+    model, meta = T.load_exported(best)
+    trained = torch.load(result.final_weights, weights_only=True)
+    assert all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
+    assert not model.training
+
+    # fp16 storage: loads back into float32
+    half = tmp_path / "half.pt"
+    T.export_weights(model, half, {"arch": "cascadepsp-lite", "arch_params": meta["arch_params"]}, half=True)
+    model16, _ = T.load_exported(half)
+    assert all(p.dtype == torch.float32 for p in model16.parameters())
+
+    with pytest.raises(WeightsError, match="checksum"):
+        T.load_exported(best, sha256="0" * 64)
+    state = dict(trained)
+    state.pop("final_21.bias")
+    torch.save(state, tmp_path / "run" / "final.pt")
+    side_final = json.loads((tmp_path / "run" / "final.json").read_text())
+    with pytest.raises(WeightsError, match="missing"):
+        T.load_exported(tmp_path / "run" / "final.pt", sha256=T.sha256_file(tmp_path / "run" / "final.pt"))
+    assert side_final["arch_params"] == side["arch_params"]
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path: Path, data_dir: Path) -> None:
+    cfg = _cfg(tmp_path / "run", data_dir, steps=2, val_every=0)
+    with pytest.raises(InputError, match="no checkpoint"):
+        T.train(cfg, resume=True)
+    T.train(cfg)
+    ckpt = cfg.out / T.CHECKPOINT
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="damaged"):
+        T.train(replace(cfg, steps=4), resume=True)
+    torch.save({"model": {}}, ckpt)
+    with pytest.raises(InputError, match="not a `refine train` checkpoint"):
+        T.train(cfg, resume=True)
+
+
+def test_cli_tiny_end_to_end(tmp_path: Path, data_dir: Path) -> None:
+    from refine_cli.commands.train import app
+
+    out = tmp_path / "cli"
+    args = ["--tiny", "--out", str(out), "--photos", str(data_dir / "photos"),
+            "--portraits", str(data_dir / "portraits"), "--threads", "1", "-q"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().endswith("best.pt")
+    assert (out / "final.pt").is_file() and (out / T.CHECKPOINT).is_file()
+    res = CliRunner().invoke(app, [*args, "--resume", "--steps", "10"])
+    assert res.exit_code == 0, res.output
+    assert T.load_checkpoint(out / T.CHECKPOINT)["step"] == 10
+    res = CliRunner().invoke(app, ["--out", str(tmp_path / "m"), "--arch", "magnet-refinement", "-q"])
+    assert isinstance(res.exception, UsageError)
