@@ -82,6 +82,10 @@ class CascadeOptions:
         batch_size: local patches per forward pass.
         exact: ``True`` forces the official whole-image procedure, ``False`` the
             streamed cascade, ``None`` lets the memory budget decide.
+        grid: streamed local steps on the ``official`` patch grid (step ``L // 2 - 32``,
+            overlaps averaged, 16-px trims) or a ``feather`` grid (fewer, feathered tiles: faster).
+        skip: streamed local steps skip windows with no ``boundary`` of the mask, or as the
+            ``official`` code does, windows under 10 % or over 90 % foreground.
     """
 
     size: int = 900
@@ -90,6 +94,8 @@ class CascadeOptions:
     precision: str = "fp32"
     batch_size: int = 1
     exact: bool | None = None
+    grid: str = "official"
+    skip: str = "boundary"
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,10 @@ class RefineConfig:
             raise UsageError(f"--precision {self.cascade.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.cascade.size < 66 or self.cascade.size % 2:
             raise UsageError(f"--cascade-size {self.cascade.size} must be an even number >= 66")
+        if self.cascade.grid not in ("official", "feather"):
+            raise UsageError(f"--cascade-grid {self.cascade.grid!r}: use official or feather")
+        if self.cascade.skip not in ("boundary", "official"):
+            raise UsageError(f"--cascade-skip {self.cascade.skip!r}: use boundary or official")
         if self.cascade.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
         if self.guided.radius is not None and self.guided.radius < 1:

@@ -19,9 +19,9 @@ from torch import nn
 from refine_cli.devtools.fill_cascadepsp import (
     fill_state_dict,
     official_entries,
-    read_manifest,
     save_fill_checkpoint,
 )
+from refine_cli.devtools.manifest import read_manifest
 from refine_cli.models.cascadepsp import CascadeRefinementModule, CascadeWidths, cascadepsp_official
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -75,7 +75,7 @@ def test_blend_weights_sum_to_one_and_constant_is_preserved(h, w, tile, data):
             vals = np.stack([np.full(t.window.shape, 0.25, np.float32), np.full(t.window.shape, t.index, np.float32)],
                             -1)
             acc.add(t.window, vals, wt)
-        r0, block = acc.pop_final(plan.rows_final_after(gr))
+        r0, block, _ = acc.pop_final(plan.rows_final_after(gr))
         out[r0:r0 + block.shape[0]] = block
     assert acc.top == h
     np.testing.assert_allclose(out[..., 0], 0.25, rtol=1e-6)  # a constant passes unchanged
@@ -113,7 +113,17 @@ def test_accumulator_refuses_rows_outside_the_band_and_uncovered_rows():
     with pytest.raises(ValueError):
         acc.add(Window(3, 0, 4, 10), np.zeros((4, 10), np.float32), np.ones((4, 10), np.float32))
     acc.add(Window(0, 0, 2, 10), np.ones((2, 10), np.float32), np.ones((2, 10), np.float32))
-    top, rows = acc.pop_final(2)
+    top, rows, uncovered = acc.pop_final(2)
+    assert uncovered is None
     assert top == 0 and rows.shape == (2, 10, 1)
     with pytest.raises(AssertionError, match="never covered"):
         acc.pop_final(3)  # row 2 received no tile
+
+
+def test_uncovered_pixels_can_be_handed_to_the_caller():
+    acc = BandAccumulator(4, 1, 2)
+    w = np.array([[1, 0, 1, 0], [1, 1, 0, 0]], np.float32)
+    acc.add(Window(0, 0, 2, 4), np.full((2, 4), 0.5, np.float32), w)
+    top, rows, uncovered = acc.pop_final(2, allow_uncovered=True)
+    assert uncovered is not None and (uncovered == (w == 0)).all()
+    assert (rows[..., 0][w > 0] == 0.5).all() and (rows[..., 0][w == 0] == 0).all()

@@ -53,6 +53,8 @@ class RunOptions:
     cascade_size: int = 900
     fast: bool = False
     exact: bool | None = None
+    cascade_grid: str = "official"
+    cascade_skip: str = "boundary"
     segmenter: str | None = None
     preset: str | None = None
     full: bool = False
@@ -83,7 +85,8 @@ class RunOptions:
             max_pixels=int(self.max_pixels), inline_limit=int(self.inline_limit),
             guided=GuidedOptions(radius=self.radius, eps=self.eps),
             cascade=CascadeOptions(size=self.cascade_size, fast=self.fast, weights=self.weights,
-                                   precision=self.precision, batch_size=self.batch_size, exact=self.exact),
+                                   precision=self.precision, batch_size=self.batch_size, exact=self.exact,
+                                   grid=self.cascade_grid, skip=self.cascade_skip),
             segmenter=self.segmenter,
             magnet=MagnetOptions(preset=self.preset, full=self.full, weights=self.weights, n_patches=self.patches,
                                  n_points=self.points, tiled=self.tiled),
@@ -119,6 +122,10 @@ OPTIONS: dict[str, Any] = {
                                                  help="cascade: force the official whole-image procedure or "
                                                  "the streamed pyramid (default: exact when it fits "
                                                  "--max-memory).")],
+    "cascade_grid": _opt(str, "--cascade-grid", "cascade, streamed: official patch grid (overlaps averaged, "
+                         "as the official local step) or feather (fewer tiles, faster)."),
+    "cascade_skip": _opt(str, "--cascade-skip", "cascade, streamed: skip windows without a boundary, or as the "
+                         "official code (under 10 % or over 90 % foreground)."),
     "segmenter": _opt(str | None, "--segmenter", "magnet-fast: segmenter name (see `refine weights list`) or "
                       "model file (.onnx/.tflite/TorchScript + sidecar JSON); makes the coarse mask without --mask."),
     "preset": _opt(str | None, "--preset", "magnet-fast: cityscapes, deepglobe or binary (default: from the "

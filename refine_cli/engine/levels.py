@@ -140,7 +140,9 @@ def run_levels(
                 tile_size=tile_size or getattr(level_refiner, "fixed_tile", None),
                 size_flag=None if tile_size else getattr(level_refiner, "size_flag", None),
             )
-            grid = plan_grid(shape, mplan.tile_size, min(overlap, mplan.tile_size // 4), level_refiner.halo)
+            ov = min(overlap, mplan.tile_size // 4)
+            grid = level_refiner.plan_grid(shape, mplan.tile_size, ov) or plan_grid(shape, mplan.tile_size, ov,
+                                                                                      level_refiner.halo)
             with timer.stage("read"):
                 image = image_level(src, shape, tmp_dir=folder)
             opened.append(image)

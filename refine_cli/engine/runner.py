@@ -38,7 +38,7 @@ import numpy as np
 from refine_cli.refiners.base import Refiner, TileInput, TileResult
 from refine_cli.report.timing import StageTimer
 from refine_cli.tiling.blend import BandAccumulator, tile_weights
-from refine_cli.tiling.grid import GridPlan, Tile
+from refine_cli.tiling.grid import GridPlan, Tile, Window
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,10 @@ class GridRunner:
         self.k_out = self.k_in if self.labels else refiner.out_channels(self.k_in)
         self.refiner_unc = bool(getattr(refiner, "provides_uncertainty", False))
         self.channels = self.k_out + (1 if self.refiner_unc else 0)
+        base = Refiner
+        self.custom_skip = type(refiner).skip_test is not base.skip_test and not self.labels
+        self.custom_weights = type(refiner).tile_weights is not base.tile_weights
+        self.weightless_skips = bool(refiner.skipped_tiles_weightless)
         self.start_row = int(start_row)
         self.first_grid_row = next((i for i, r in enumerate(plan.row_starts) if r + plan.tile_height > start_row),
                                    len(plan.row_starts))
@@ -160,18 +164,24 @@ class GridRunner:
     # -- stages --------------------------------------------------------------
     def _load(self, tile: Tile) -> _Item:
         item = _Item(tile)
+        k = None
         if self.skip_uniform:
             const = self.coarse.constant(tile.read)
             if const is not None:
                 item.skip = const
                 return item
-            if self.refiner.skip_rule == "binary" and self.coarse.binary_uniform(tile.read):
+            if self.custom_skip:
+                k = self.coarse.read_k(tile.read)
+                if self.refiner.skip_test(k):
+                    item.skip = k[tile.window.relative_to(tile.read).slices]
+                    return item
+            elif self.refiner.skip_rule == "binary" and self.coarse.binary_uniform(tile.read):
                 item.skip = self.coarse.read_k(tile.window)
                 return item
         if self.labels:
             item.label_window = self.coarse.read_labels(tile.read)
         else:
-            k = self.coarse.read_k(tile.read)
+            k = self.coarse.read_k(tile.read) if k is None else k
             item.coarse = k[..., 0] if self.k_in == 1 else k
         item.image = self.image.read(tile.read) if self.refiner.needs_image else None
         return item
@@ -274,16 +284,21 @@ class GridRunner:
             if res is _END:
                 break
             t = res.tile
-            key = (*t.low_neighbours, *t.high_neighbours)
+            key = (*t.low_neighbours, *t.high_neighbours, *t.window.shape)
             w = weights_cache.get(key)
             if w is None:
-                w = weights_cache[key] = tile_weights(t, plan.overlap)
-            with self.timer.stage("blend"):
-                acc.add(t.window, res.values, w)
+                custom = self.refiner.tile_weights(t, plan) if self.custom_weights else None
+                w = weights_cache[key] = custom if custom is not None else tile_weights(t, plan.overlap)
+            if res.refined or not self.weightless_skips:
+                with self.timer.stage("blend"):
+                    acc.add(t.window, res.values, w)
             done += 1
             if t.grid_col == ncols - 1:
                 with self.timer.stage("blend"):
-                    row0, block = acc.pop_final(plan.rows_final_after(t.grid_row))
+                    row0, block, uncovered = acc.pop_final(plan.rows_final_after(t.grid_row),
+                                                           allow_uncovered=self.weightless_skips or self.custom_weights)
+                    if uncovered is not None:
+                        self._fill_uncovered(row0, block, uncovered)
                 if row0 < self.start_row:  # written by the interrupted run
                     block = block[self.start_row - row0:]
                     row0 = self.start_row
@@ -294,6 +309,13 @@ class GridRunner:
                 self.progress(done, todo)
         if done != todo:
             raise RuntimeError(f"only {done} of {todo} tiles reached the writer")
+
+    def _fill_uncovered(self, row0: int, block: np.ndarray, uncovered: np.ndarray) -> None:
+        """Pixels no refined tile reached get the refiner's ``skip_output`` of the coarse input."""
+        win = Window(row0, 0, block.shape[0], block.shape[1])
+        values = self._skip_values(_Item(Tile(-1, -1, -1, win, win, (False, False), (False, False)),
+                                         skip=self.coarse.read_k(win)))
+        block[uncovered] = values[uncovered]
 
     # -- entry point ---------------------------------------------------------
     def run(self) -> GridStats:

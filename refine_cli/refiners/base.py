@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from refine_cli.tiling.grid import Window
+from refine_cli.tiling.grid import GridPlan, Tile, Window
 
 if TYPE_CHECKING:
     from refine_cli.report.timing import StageTimer
@@ -144,6 +144,24 @@ class Refiner(abc.ABC):
     def for_level(self, index: int, final: bool) -> Refiner:
         """The refiner that runs level ``index`` (``final`` for the last one); default: itself."""
         return self
+
+    # -- tiling hooks (defaults: the engine's even grid, feathered blending, skip_rule) ---------
+    skipped_tiles_weightless: ClassVar[bool] = False
+    """``True``: skipped tiles add nothing to the blend, and pixels no refined tile reached get
+    :meth:`skip_output` of the coarse input (the official CascadePSP fallback)."""
+
+    def plan_grid(self, shape: tuple[int, int], tile_size: int, overlap: int) -> GridPlan | None:
+        """A grid of the refiner's own (e.g. the official CascadePSP patch grid), or ``None``."""
+        return None
+
+    def tile_weights(self, tile: Tile, plan: GridPlan) -> np.ndarray | None:
+        """Blend weights ``(h, w)`` float32 >= 0 of a tile's window, or ``None`` for feathering."""
+        return None
+
+    def skip_test(self, coarse: np.ndarray) -> bool | None:
+        """Decide from the coarse input ``(h, w, K)`` over the read window whether to skip the
+        tile; ``None`` leaves it to :attr:`skip_rule`."""
+        return None
 
     def out_channels(self, in_channels: int) -> int:
         """Channels of ``TileResult.prob`` for a coarse input of ``in_channels`` (default: the same)."""

@@ -146,7 +146,7 @@ class CascadeMethod(Refiner):
             impl = CascadeStreamRefiner(self.model, size=self.options.size, precision=self.options.precision,
                                         labels=labels, classes=int(scene.info.get("classes", 1)),
                                         bytes_per_pixel=self.bytes_per_pixel, weights_info=self.info,
-                                        fast=self.options.fast)
+                                        fast=self.options.fast, grid=self.options.grid, skip=self.options.skip)
             self.mode = "streamed"
         self.impl = impl
         impl.prepare(scene)

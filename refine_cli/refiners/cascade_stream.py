@@ -36,13 +36,17 @@ import torch
 
 from refine_cli.models.cascadepsp import CascadeRefinementModule
 from refine_cli.refiners.base import Refiner, Scene, TileInput, TileResult
-from refine_cli.tiling.cascade_grid import global_resize
+from refine_cli.tiling.cascade_grid import PATCH_TRIM, global_resize, patch_step, plan_cascade_patches
+from refine_cli.tiling.grid import GridPlan, Tile
 from refine_cli.tiling.levels import plan_levels
 
 log = logging.getLogger(__name__)
 
 HALO = 32
-"""Context px on each side of a local tile (the official trims 16 px of interior patch sides)."""
+"""Context px on each side of a local tile on the feathered grid."""
+
+SKIP_LOW, SKIP_HIGH = 0.1, 0.9
+"""The official local step skips patches under 10 % or over 90 % foreground."""
 
 
 def _forward(model: CascadeRefinementModule, images: np.ndarray, seg: np.ndarray, inter: np.ndarray | None,
@@ -85,14 +89,54 @@ class CascadeLevelRefiner(Refiner):
     uses_torch = True
 
     def __init__(self, model: CascadeRefinementModule, size: int, precision: str, labels: bool, final: bool,
-                 bytes_per_pixel: int) -> None:
+                 bytes_per_pixel: int, grid: str = "official", skip: str = "boundary") -> None:
+        if grid not in ("official", "feather") or skip not in ("boundary", "official"):
+            raise ValueError(f"unknown grid {grid!r} or skip rule {skip!r}")
         self.model, self.size, self.precision = model, size, precision
         self.labels, self.final = labels, final
-        self.halo = HALO
-        self.fixed_tile = size - 2 * HALO
+        self.grid, self.skip = grid, skip
+        self.halo = 0 if grid == "official" else HALO
+        self.fixed_tile = size if grid == "official" else size - 2 * HALO
         self.preferred_tile = self.fixed_tile
+        self.skipped_tiles_weightless = grid == "official"
         self.size_flag = f"--cascade-size {size} (one network pass)"
         self._bpp = bytes_per_pixel
+
+    def plan_grid(self, shape: tuple[int, int], tile_size: int, overlap: int) -> GridPlan | None:
+        """The official local-step grid: ``L x L`` windows every ``L // 2 - 32`` px, the last one
+        clamped to the border (``tiling.cascade_grid``); ``None`` for the feathered grid."""
+        if self.grid != "official":
+            return None
+        patches = plan_cascade_patches(shape, self.size)
+        rows = tuple(sorted({p.window.row for p in patches}))
+        cols = tuple(sorted({p.window.col for p in patches}))
+        return GridPlan(shape=shape, tile_size=self.size, overlap=self.size - patch_step(self.size), halo=0,
+                        row_starts=rows, col_starts=cols)
+
+    def tile_weights(self, tile: Tile, plan: GridPlan) -> np.ndarray | None:
+        """Official grid: weight 1, except 0 on the 16 px of each side that is not on the image border."""
+        if self.grid != "official":
+            return None
+        w = np.ones(tile.window.shape, np.float32)
+        t = PATCH_TRIM
+        if tile.low_neighbours[0]:
+            w[:t] = 0
+        if tile.high_neighbours[0]:
+            w[-t:] = 0
+        if tile.low_neighbours[1]:
+            w[:, :t] = 0
+        if tile.high_neighbours[1]:
+            w[:, -t:] = 0
+        return w
+
+    def skip_test(self, coarse: np.ndarray) -> bool | None:
+        """``boundary``: nothing to refine (channel 0 on one side of 0.5 everywhere); ``official``:
+        under 10 % or over 90 % of the window is foreground (the official local-step rule)."""
+        fg = coarse[..., 0] > 0.5
+        if self.skip == "boundary":
+            return bool(fg.all() or not fg.any())
+        frac = float(np.float32(fg.sum()) / np.float32(fg.size))
+        return frac < SKIP_LOW or frac > SKIP_HIGH
 
     def out_channels(self, in_channels: int) -> int:
         """Binary: 2 (``pred_224``, ``pred_56``), 1 on the final level; labels: C."""
@@ -168,12 +212,14 @@ class CascadeStreamRefiner(Refiner):
 
     def __init__(self, model: CascadeRefinementModule, size: int = 900, precision: str = "fp32",
                  labels: bool = False, classes: int = 1, max_ratio: float = 5.0, bytes_per_pixel: int = 5000,
-                 weights_info: dict[str, Any] | None = None, fast: bool = False) -> None:
+                 weights_info: dict[str, Any] | None = None, fast: bool = False, grid: str = "official",
+                 skip: str = "boundary") -> None:
         self.model, self.size, self.precision = model, size, precision
         self.labels, self.classes, self.max_ratio = labels, classes, max_ratio
         self.bytes_per_pixel = bytes_per_pixel
         self.weights_info = weights_info or {}
         self.fast = fast
+        self.grid, self.skip = grid, skip
         self.halo = HALO
         self._top: np.ndarray | None = None
         self._levels: list[tuple[int, int]] = []
@@ -224,7 +270,8 @@ class CascadeStreamRefiner(Refiner):
         """The local step of one level (with ``fast``: the global ``pred_224`` resampled, no local step)."""
         if self.fast:
             return _GlobalOnly(self.labels)
-        return CascadeLevelRefiner(self.model, self.size, self.precision, self.labels, final, self.bytes_per_pixel)
+        return CascadeLevelRefiner(self.model, self.size, self.precision, self.labels, final, self.bytes_per_pixel,
+                                   self.grid, self.skip)
 
     def refine(self, tile: TileInput) -> TileResult:
         """Not used: the work happens in the level refiners."""
@@ -237,7 +284,8 @@ class CascadeStreamRefiner(Refiner):
     def describe(self) -> dict[str, Any]:
         """Mode, working size, levels, weights."""
         return {"name": self.name, "mode": "streamed", "size": self.size, "precision": self.precision,
-                "fast": self.fast, "levels": [list(s) for s in self._levels], "halo": self.halo,
+                "fast": self.fast, "grid": self.grid, "skip": self.skip,
+                "levels": [list(s) for s in self._levels], "halo": self.halo,
                 **self.weights_info}
 
 

@@ -112,23 +112,33 @@ class BandAccumulator:
         self._sum[r0:r1, cs] += values * weights[:, :, None]
         self._weight[r0:r1, cs] += weights
 
-    def pop_final(self, until_row: int) -> tuple[int, np.ndarray]:
+    def pop_final(self, until_row: int, allow_uncovered: bool = False) -> tuple[int, np.ndarray, np.ndarray | None]:
         """Hand out the finished rows ``[top, until_row)`` and drop them from the band.
 
+        Args:
+            until_row: first row not handed out.
+            allow_uncovered: rows may hold pixels no tile gave weight to (their values
+                are 0 and the caller fills them); otherwise such a pixel is an error.
+
         Returns:
-            ``(first_row, values)`` with ``values`` of shape ``(n, W, C)`` float32:
-            the normalised blend ``sum / weight``.
+            ``(first_row, values, uncovered)``: ``values`` of shape ``(n, W, C)`` float32 is the
+            normalised blend ``sum / weight``; ``uncovered`` is the ``(n, W)`` bool mask of
+            zero-weight pixels, or ``None`` when there are none.
         """
         n = until_row - self.top
         if n <= 0:
-            return self.top, np.zeros((0, self.width, self.channels), np.float32)
+            return self.top, np.zeros((0, self.width, self.channels), np.float32), None
         if n > self._sum.shape[0]:
             raise ValueError(f"cannot pop {n} rows from a band of {self._sum.shape[0]}")
         w = self._weight[:n]
-        if np.any(w <= 0):
-            bad = int(np.argmax((w <= 0).any(axis=1))) + self.top
-            raise AssertionError(f"row {bad} was never covered by a tile")
-        out = self._sum[:n] / w[:, :, None]
+        zero = w <= 0
+        uncovered = None
+        if zero.any():
+            if not allow_uncovered:
+                bad = int(np.argmax(zero.any(axis=1))) + self.top
+                raise AssertionError(f"row {bad} was never covered by a tile")
+            uncovered = zero.copy()
+        out = self._sum[:n] / np.where(zero, 1.0, w)[:, :, None]
         first = self.top
         # Shift the open rows up; the freed rows at the bottom start at zero again.
         rest = self._sum.shape[0] - n
@@ -137,4 +147,4 @@ class BandAccumulator:
         self._weight[:rest] = self._weight[n:]
         self._weight[rest:] = 0
         self.top = until_row
-        return first, out
+        return first, out, uncovered

@@ -1,0 +1,674 @@
+"""Quality benchmark: every available refiner on every evaluation set -> IoU, mBA, boundary F, s/MPx.
+
+Methods come from the refiner registry (``refine_cli.refiners.list_refiners``);
+each is probed on a tiny image first and reported as ``unavailable: <reason>``
+when it cannot run (missing weights, missing optional package). The null
+refiner ``coarse`` (the coarse mask resampled to the image) is the baseline.
+
+Data sets (each case has an image, a GT and coarse masks of several kinds):
+
+* ``synthetic``: analytic scenes of ``refine_cli.devtools.synthetic`` (exact GT;
+  needs no data, so ``--quick`` runs anywhere).
+* ``shapes`` / ``portrait-comp``: composites of real photos with exact GT,
+  written by ``benchmarks/make_composites.py`` (24 shape and 8 portrait cases,
+  1024 px, in full mode).
+* ``p3m``: the 8 real P3M portraits; the alpha mattes are *pseudo*-GT (P3M-Net
+  output), so treat absolute numbers with care.
+* ``nuclei``: the DSB2018 fluorescence image with hand-annotated nuclei (GT = label > 0).
+
+Coarse kinds: ``lowres`` (block-averaged by 8, stored small so that ``refine run``
+upsamples it; the composites store theirs upsampled, factor 4-32),
+``perturbed`` (CascadePSP's training perturbation, target IoU 0.8-1) and
+``segmenter`` (MediaPipe selfie segmentation, portraits only; skipped with a
+logged reason while ``ai_edge_litert`` is not importable).
+
+Every case runs through ``refine_cli.api.refine_file`` (the code path of
+``refine run``) and is scored by ``refine_cli.evaluation_io.evaluate_pair``
+(that of ``refine eval``). Seconds per megapixel are the runs' wall time
+(opening files, refining, writing) over the image sizes. Nothing is asserted:
+the numbers are printed, written as JSON and Markdown and plotted.
+
+Time budget (``--max-minutes``, default 55): each method gets an equal share of
+what is left; a method that runs out of its share stops and is marked
+``partial n/N`` (cases run round-robin across data sets, so a partial method
+still covers each of them).
+
+Usage::
+
+    python benchmarks/quality.py [--quick] [--out benchmarks/results] [--work DIR] [--methods a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from refine_cli.errors import RefineError
+
+log = logging.getLogger("quality")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SEGMENTER_MODEL = SHARED / "weights" / "mediapipe-selfie-segmentation" / "selfie_segmentation.tflite"
+METRICS = ("iou", "mba", "boundary_f")
+COARSE_KINDS = ("lowres", "perturbed", "segmenter")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def register_pending() -> list[str]:
+    """Register refiners that exist in the tree but not yet in the registry (this process only).
+
+    Returns:
+        The names registered here (empty once the registry lists them itself).
+    """
+    from refine_cli.refiners import BUILDERS
+
+    added = []
+    if "densecrf" not in BUILDERS:
+        try:
+            from refine_cli.refiners.crf import build_densecrf
+        except ImportError:
+            return added
+        # an entry shaped like the registry's own: (builder, description[, runs on torch])
+        entry = (build_densecrf, "dense CRF of the coarse mask (pydensecrf2)", False)
+        width = len(next(iter(BUILDERS.values()), entry))
+        BUILDERS["densecrf"] = entry[:width]
+        added.append("densecrf")
+    return added
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, memory and library versions of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__}
+    for name in ("torch", "pydensecrf"):
+        try:
+            mod = __import__(name)
+            versions[name] = str(getattr(mod, "__version__", "installed"))
+        except ImportError:
+            versions[name] = "absent"
+    cuda = None
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if torch.cuda.is_available():
+            cuda = torch.cuda.get_device_name(0)
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "platform": platform.platform(),
+            "cuda": cuda, "versions": versions, "load_average": list(os.getloadavg())}
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    """Write a uint8 grey or RGB array as PNG."""
+    data = cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if array.ndim == 3 else array
+    if not cv2.imwrite(str(path), data):
+        raise OSError(f"cannot write {path}")
+    return path
+
+
+def to_u8(prob: np.ndarray) -> np.ndarray:
+    """float ``[0, 1]`` -> uint8 ``0..255``."""
+    return np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
+
+
+def lowres(prob: np.ndarray, factor: int) -> np.ndarray:
+    """Block mean by ``factor`` (edge blocks average their valid pixels): ``(ceil(h/f), ceil(w/f))``."""
+    from refine_cli.train.data import block_mean
+
+    return block_mean(prob.astype(np.float32), factor)
+
+
+def perturbed(prob: np.ndarray, seed: list[int]) -> np.ndarray:
+    """CascadePSP's training perturbation of ``prob >= 0.5`` (strength 1), deterministic in ``seed``."""
+    from refine_cli.train.data import perturb
+
+    coarse, _ = perturb(prob.astype(np.float32), "cascadepsp", np.random.default_rng(seed), 1.0)
+    return coarse
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+
+@dataclass
+class Case:
+    """One evaluation image.
+
+    Attributes:
+        dataset: data-set name.
+        name: case name (unique within the data set).
+        image: image path.
+        gt: ground-truth path.
+        coarse: coarse-mask path per kind.
+        megapixels: image size, MPx.
+    """
+
+    dataset: str
+    name: str
+    image: Path
+    gt: Path
+    coarse: dict[str, Path]
+    megapixels: float
+
+
+@dataclass
+class DataSet:
+    """A data set and what was left out of it.
+
+    Attributes:
+        name: data-set name.
+        cases: its cases.
+        note: one line on what the GT is.
+        skipped: ``{coarse kind or 'all': reason}``.
+    """
+
+    name: str
+    cases: list[Case] = field(default_factory=list)
+    note: str = ""
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+class Segmenter:
+    """The MediaPipe selfie segmenter (``refine_cli.segmenters``, TFLite): person-probability coarse masks."""
+
+    def __init__(self) -> None:
+        self.reason = ""
+        self._seg: Any = None
+        if not SEGMENTER_MODEL.is_file():
+            self.reason = f"segmenter model {SEGMENTER_MODEL} not found"
+            return
+        try:
+            from refine_cli.segmenters import load_segmenter
+
+            self._seg = load_segmenter(SEGMENTER_MODEL, "cpu")
+        except (ImportError, RefineError) as exc:  # no segmenters package yet, or no ai_edge_litert
+            self.reason = f"{type(exc).__name__}: {exc}"
+
+    @property
+    def available(self) -> bool:
+        """Whether the model can run here."""
+        return self._seg is not None
+
+    def coarse(self, rgb: np.ndarray, long_side: int = 256) -> np.ndarray:
+        """Person probability of ``(h, w, 3)`` uint8 RGB, long side ``long_side``, the image's aspect ratio.
+
+        The model sees the image resized to its input size (256 x 256) and answers
+        a probability of that size, resized back to the image's aspect ratio: a
+        low-resolution mask that ``refine run`` upsamples.
+        """
+        probs = self._seg.predict(self._seg.resize(rgb, self._seg.input_size)[None])  # (1, 2, 256, 256)
+        person = probs[0, list(self._seg.classes).index("person")].astype(np.float32)
+        h, w = rgb.shape[:2]
+        s = long_side / max(h, w)
+        size = (max(1, round(w * s)), max(1, round(h * s)))
+        return np.clip(cv2.resize(person, size, interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
+
+
+def synthetic_set(work: Path, n: int, side: int) -> DataSet:
+    """Analytic scenes: exact GT, coarse ``lowres`` (1/8, stored small) and ``perturbed``."""
+    from refine_cli.devtools.synthetic import random_scene
+    from refine_cli.tiling.grid import Window
+
+    ds = DataSet("synthetic", note="analytic shapes on periodic texture, exact GT")
+    folder = work / f"synthetic-{side}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        scene = random_scene((side, side), 6, seed=100 + i, size=side / 7)
+        full = Window.full((side, side))
+        gt = scene.gt(full).astype(np.float32)
+        stem = folder / f"scene_{i:02d}"
+        image, gtp = Path(f"{stem}_image.png"), Path(f"{stem}_gt.png")
+        low, pert = Path(f"{stem}_lowres.png"), Path(f"{stem}_perturbed.png")
+        if not all(p.is_file() for p in (image, gtp, low, pert)):
+            write_png(image, scene.image(full))
+            write_png(gtp, to_u8(gt))
+            write_png(low, scene.coarse(8))
+            write_png(pert, to_u8(perturbed(gt, [7, i])))
+        ds.cases.append(Case(ds.name, f"scene_{i:02d}", image, gtp, {"lowres": low, "perturbed": pert},
+                             side * side / 1e6))
+    return ds
+
+
+def composite_sets(work: Path, n_shapes: int, n_portraits: int, size: int, seg: Segmenter) -> list[DataSet]:
+    """Composites of real photos (``make_composites.py``), generated once into ``work``."""
+    shapes = DataSet("shapes", note="shapes textured with real photos on real photos, exact GT")
+    portraits = DataSet("portrait-comp", note="P3M portraits composited on real photos, exact GT (the alpha)")
+    if not (SHARED / "data" / "photos").is_dir():
+        reason = f"{SHARED / 'data' / 'photos'} not found"
+        shapes.skipped["all"] = portraits.skipped["all"] = reason
+        return [shapes, portraits]
+    if n_portraits and not (SHARED / "data" / "p3m-portraits-pseudogt").is_dir():
+        portraits.skipped["all"] = "P3M portraits not found"
+        n_portraits = 0
+    out = work / f"composites-{size}-{n_shapes}-{n_portraits}"
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        cmd = [sys.executable, str(REPO / "benchmarks" / "make_composites.py"), str(out), "--n-shapes",
+               str(n_shapes), "--n-portraits", str(n_portraits), "--size", str(size), "--overwrite"]
+        log.info("generating composites: %s", " ".join(cmd[1:]))
+        subprocess.run(cmd, check=True)
+    for case in json.loads(manifest.read_text())["cases"]:
+        folder = out / case["case"]
+        coarse = {"lowres": folder / case["coarse"]["lowres"]["file"],
+                  "perturbed": folder / case["coarse"]["cascadepsp"]["file"]}
+        ds = portraits if case["kind"] == "portraits" else shapes
+        if ds is portraits:
+            seg_path = folder / "coarse_segmenter.png"
+            if seg.available:
+                if not seg_path.is_file():
+                    rgb = cv2.cvtColor(cv2.imread(str(folder / case["image"])), cv2.COLOR_BGR2RGB)
+                    write_png(seg_path, to_u8(seg.coarse(rgb)))
+                coarse["segmenter"] = seg_path
+            else:
+                ds.skipped["segmenter"] = seg.reason
+        ds.cases.append(Case(ds.name, case["case"], folder / case["image"], folder / case["gt"], coarse,
+                             size * size / 1e6))
+    return [shapes, portraits]
+
+
+def p3m_set(work: Path, seg: Segmenter, limit: int | None = None) -> DataSet:
+    """The real P3M portraits with their alpha mattes as pseudo-GT."""
+    ds = DataSet("p3m", note="real portraits; GT = P3M-Net alpha (pseudo-GT)")
+    root = SHARED / "data" / "p3m-portraits-pseudogt"
+    if not root.is_dir():
+        ds.skipped["all"] = f"{root} not found"
+        return ds
+    folder = work / "p3m"
+    folder.mkdir(parents=True, exist_ok=True)
+    images = sorted((root / "image").glob("*.jpg"))[:limit]
+    for i, img in enumerate(images):
+        gt = root / "alpha_p3mnet" / f"{img.stem}.png"
+        if not gt.is_file():
+            continue
+        alpha = cv2.imread(str(gt), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0
+        low, pert = folder / f"{img.stem}_lowres.png", folder / f"{img.stem}_perturbed.png"
+        if not low.is_file():
+            write_png(low, to_u8(lowres(alpha, 8)))
+        if not pert.is_file():
+            write_png(pert, to_u8(perturbed(alpha, [11, i])))
+        coarse = {"lowres": low, "perturbed": pert}
+        if seg.available:
+            sp = folder / f"{img.stem}_segmenter.png"
+            if not sp.is_file():
+                write_png(sp, to_u8(seg.coarse(cv2.cvtColor(cv2.imread(str(img)), cv2.COLOR_BGR2RGB))))
+            coarse["segmenter"] = sp
+        else:
+            ds.skipped["segmenter"] = seg.reason
+        ds.cases.append(Case(ds.name, img.stem, img, gt, coarse, alpha.size / 1e6))
+    return ds
+
+
+def nuclei_set(work: Path) -> DataSet:
+    """The DSB2018 nuclei image (uint16) with GT = label > 0; coarse ``lowres`` by 4 (nuclei are small)."""
+    import tifffile
+
+    ds = DataSet("nuclei", note="fluorescence nuclei, hand-annotated labels > 0")
+    root = SHARED / "data" / "stardist-dsb2018-nuclei"
+    if not (root / "labels.tif").is_file():
+        ds.skipped["all"] = f"{root} not found"
+        return ds
+    folder = work / "nuclei"
+    folder.mkdir(parents=True, exist_ok=True)
+    gt = (tifffile.imread(root / "labels.tif") > 0).astype(np.float32)
+    gtp, low, pert = folder / "gt.png", folder / "lowres.png", folder / "perturbed.png"
+    if not gtp.is_file():
+        write_png(gtp, to_u8(gt))
+        write_png(low, to_u8(lowres(gt, 4)))
+        write_png(pert, to_u8(perturbed(gt, [13, 0])))
+    ds.cases.append(Case(ds.name, "img2d", root / "image.tif", gtp, {"lowres": low, "perturbed": pert},
+                         gt.size / 1e6))
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+
+def probe(method: str, work: Path) -> str | None:
+    """Run ``method`` on a tiny image; ``None`` when it works, else the reason it cannot run."""
+    from refine_cli.api import refine_file
+    from refine_cli.config import RefineConfig
+
+    folder = work / "probe"
+    folder.mkdir(parents=True, exist_ok=True)
+    img, msk = folder / "image.png", folder / "mask.png"
+    if not img.is_file():
+        yy, xx = np.mgrid[:96, :128]
+        inside = (yy - 48) ** 2 + (xx - 64) ** 2 < 30**2
+        fg, bg = np.array([200, 120, 90], np.uint8), np.array([60, 100, 60], np.uint8)
+        rgb = np.where(inside[..., None], fg, bg)
+        write_png(img, rgb.astype(np.uint8))
+        write_png(msk, to_u8(cv2.resize(inside.astype(np.float32), (32, 24), interpolation=cv2.INTER_AREA)))
+    try:
+        refine_file(str(img), str(msk), str(folder / f"out_{method}.png"), config=RefineConfig(method=method),
+                    overwrite=True)
+    except RefineError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def interleave(sets: Iterable[DataSet], kinds: Iterable[str]) -> list[tuple[Case, str]]:
+    """``(case, coarse kind)`` jobs, round-robin over data sets so that a partial run covers each of them."""
+    queues = []
+    for ds in sets:
+        jobs = [(c, k) for c in ds.cases for k in kinds if k in c.coarse]
+        if jobs:
+            queues.append(jobs)
+    longest = max((len(q) for q in queues), default=0)
+    return [q[i] for i in range(longest) for q in queues if i < len(q)]
+
+
+def run_method(
+    method: str, jobs: list[tuple[Case, str]], out_dir: Path, budget_s: float
+) -> tuple[list[dict], bool]:
+    """Refine and score every job with one method, stopping when ``budget_s`` is spent.
+
+    Returns:
+        One record per job run, and whether every job ran.
+    """
+    from refine_cli.api import refine_file
+    from refine_cli.config import RefineConfig
+    from refine_cli.evaluation_io import evaluate_pair
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    t0 = time.perf_counter()
+    config = RefineConfig(method=method)
+    for n, (case, kind) in enumerate(jobs):
+        if time.perf_counter() - t0 > budget_s:
+            log.warning("%s: time share of %.0f s spent after %d of %d cases; the rest is skipped", method,
+                        budget_s, n, len(jobs))
+            return records, False
+        rec: dict[str, Any] = {"method": method, "dataset": case.dataset, "case": case.name, "coarse": kind,
+                               "megapixels": case.megapixels}
+        out = out_dir / f"{case.dataset}__{case.name}__{kind}.png"
+        try:
+            rep = refine_file(str(case.image), str(case.coarse[kind]), str(out), config=config,
+                              overwrite=True)
+            res = evaluate_pair(out, case.gt)
+            rec.update({k: res.metrics.scalars()[k] for k in METRICS}, seconds=rep.wall_seconds,
+                       tiles=rep.tiles)
+        except RefineError as exc:
+            rec["error"] = f"{type(exc).__name__}: {exc}"
+            log.warning("%s on %s/%s (%s): %s", method, case.dataset, case.name, kind, exc)
+        finally:
+            out.unlink(missing_ok=True)
+        records.append(rec)
+        done = rec.get("error") or " ".join(f"{k}={rec[k]:.4f}" for k in METRICS) + f" {rec['seconds']:.2f}s"
+        log.info("%s %s/%s %s: %s", method, case.dataset, case.name, kind, done)
+    return records, True
+
+
+def aggregate(records: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """Mean metrics and seconds per megapixel per group of ``keys`` (failed runs counted, not averaged)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    rows = []
+    for key, recs in groups.items():
+        ok = [r for r in recs if "error" not in r]
+        row: dict[str, Any] = dict(zip(keys, key, strict=True))
+        row["n"] = len(ok)
+        row["failed"] = len(recs) - len(ok)
+        for m in METRICS:
+            row[m] = float(np.mean([r[m] for r in ok])) if ok else None
+        mpx = sum(r["megapixels"] for r in ok)
+        row["s_per_mpx"] = sum(r["seconds"] for r in ok) / mpx if mpx else None
+        rows.append(row)
+    return rows
+
+
+def add_gain(rows: list[dict], keys: tuple[str, ...]) -> None:
+    """Add ``gain_<metric>`` = method minus the ``coarse`` baseline of the same group (in place)."""
+    base = {tuple(r[k] for k in keys if k != "method"): r for r in rows if r["method"] == "coarse"}
+    for r in rows:
+        b = base.get(tuple(r[k] for k in keys if k != "method"))
+        for m in METRICS:
+            known = b is not None and r[m] is not None and b[m] is not None
+            r[f"gain_{m}"] = r[m] - b[m] if known else None
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+
+def fmt(v: float | None, digits: int = 4, signed: bool = False) -> str:
+    """Table cell of a number (``-`` when absent)."""
+    if v is None:
+        return "-"
+    return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    """The two tables as Markdown (for benchmarks/README.md and the project README)."""
+    lines = ["| method | data set | n | IoU | mBA | BF@2 | ΔmBA vs coarse | s/MPx |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["summary"]:
+        lines.append(f"| {r['method']} | {r['dataset']} | {r['n']} | {fmt(r['iou'])} | {fmt(r['mba'])} | "
+                     f"{fmt(r['boundary_f'])} | {fmt(r['gain_mba'], signed=True)} | "
+                     f"{fmt(r['s_per_mpx'], 2)} |")
+    lines += [f"\n{name}: {status['status']}" for name, status in result["methods"].items()
+              if status["status"] != "ok"]
+    lines += ["", "mBA by coarse-mask kind (gain over the coarse mask in brackets):", ""]
+    methods = [m for m, s in result["methods"].items()
+               if s["status"] == "ok" or s["status"].startswith("partial")]
+    lines.append("| data set | coarse mask | " + " | ".join(methods) + " |")
+    lines.append("|---|---|" + "---:|" * len(methods))
+    cells: dict[tuple, dict] = {(r["dataset"], r["coarse"], r["method"]): r for r in result["by_coarse"]}
+    for ds, kind in dict.fromkeys((r["dataset"], r["coarse"]) for r in result["by_coarse"]):
+        row = []
+        for m in methods:
+            r = cells.get((ds, kind, m))
+            row.append("-" if r is None or r["mba"] is None else
+                       f"{r['mba']:.4f}" + ("" if m == "coarse" else f" ({fmt(r['gain_mba'], 3, True)})"))
+        lines.append(f"| {ds} | {kind} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_tables(result: dict) -> None:
+    """Rich tables on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(width=None if sys.stdout.isatty() else 150)
+    mach = result["machine"]
+    load = mach.get("load_average_at_start", [0.0])[0], mach.get("load_average", [0.0])[0]
+    t = Table(title=f"refine quality benchmark ({result['mode']}, {mach['cores']} cores, load "
+              f"{load[0]:.1f} -> {load[1]:.1f}, {result['seconds']:.0f} s)", title_justify="left")
+    for col in ("method", "data set", "n", "IoU", "mBA", "BF@2", "ΔmBA", "s/MPx"):
+        t.add_column(col, justify="left" if col in ("method", "data set") else "right")
+    last = None
+    for r in result["summary"]:
+        if last is not None and r["method"] != last:
+            t.add_section()
+        last = r["method"]
+        n = str(r["n"]) + (f" ({r['failed']} failed)" if r["failed"] else "")
+        t.add_row(r["method"], r["dataset"], n,
+                  fmt(r["iou"]), fmt(r["mba"]), fmt(r["boundary_f"]), fmt(r["gain_mba"], signed=True),
+                  fmt(r["s_per_mpx"], 2))
+    con.print(t)
+    for name, status in result["methods"].items():
+        if status["status"] != "ok":
+            con.print(f"{name}: {status['status']}", highlight=False)
+    for ds in result["datasets"].values():
+        if ds["skipped"]:
+            con.print(f"{ds['name']}: skipped " + "; ".join(f"{k}: {v}" for k, v in ds["skipped"].items()))
+
+
+def load_pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or ``None`` (with a message) when matplotlib is absent."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install 'refine-cli[plot]'): no chart written")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(result: dict, path: Path) -> bool:
+    """Bars of IoU, mBA and boundary F per data set, one per method; ``False`` without matplotlib."""
+    plt = load_pyplot()
+    if plt is None:
+        return False
+    rows = result["summary"]
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["dataset"]): r for r in rows}
+    fig, axes = plt.subplots(3, 1, figsize=(max(8.0, 1.5 * len(datasets)), 10))
+    width = 0.8 / max(1, len(methods))
+    for ax, metric, title in zip(axes, METRICS, ("IoU", "mBA", "boundary F (2 px)"), strict=True):
+        lo = 1.0
+        for i, m in enumerate(methods):
+            vals = [cell.get((m, d), {}).get(metric) for d in datasets]
+            vals = [np.nan if v is None else v for v in vals]
+            lo = min(lo, np.nanmin(vals) if not all(np.isnan(vals)) else 1.0)
+            ax.bar(np.arange(len(datasets)) + (i - (len(methods) - 1) / 2) * width, vals, width, label=m)
+        ax.set_xticks(np.arange(len(datasets)), datasets)
+        ax.set_title(title)
+        ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"refine quality ({result['mode']}); coarse kinds pooled")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def build_sets(args: argparse.Namespace, work: Path) -> list[DataSet]:
+    """The data sets of this mode."""
+    seg = Segmenter()
+    if not seg.available:
+        log.info("coarse kind 'segmenter' skipped: %s", seg.reason)
+    if args.quick:
+        sets = [synthetic_set(work, 2, 384)]
+        sets += [s for s in composite_sets(work, 2, 0, 256, seg) if s.name == "shapes"]
+        sets.append(nuclei_set(work))
+        return sets
+    sets = [synthetic_set(work, 4, 1536)]
+    sets += composite_sets(work, 24, 8, 1024, seg)
+    sets.append(p3m_set(work, seg))
+    sets.append(nuclei_set(work))
+    return sets
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny data (CI, seconds)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
+                        help="where quality.json/.md/.png go (default benchmarks/results)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="cache of generated data (default: <tmp>/refine-bench)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the registry's methods")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="time budget for all methods (default 55, quick 5)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr)
+    log.setLevel(logging.INFO)
+    logging.getLogger("refine_cli").setLevel(logging.WARNING)
+    t_start = time.perf_counter()
+    load_start = list(os.getloadavg())
+    added = register_pending()
+    if added:
+        log.info("registered for this run (not yet in the registry): %s", ", ".join(added))
+    from refine_cli.refiners import list_refiners
+
+    methods = list_refiners()
+    if args.methods:
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in methods]
+        if unknown:
+            log.error("unknown method(s) %s; the registry has %s", ", ".join(unknown), ", ".join(methods))
+            return 2
+        methods = wanted
+    if "coarse" in methods:  # the baseline first
+        methods = ["coarse"] + [m for m in methods if m != "coarse"]
+    work = args.work or Path(tempfile.gettempdir()) / "refine-bench"
+    work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    sets = build_sets(args, work)
+    jobs = interleave(sets, COARSE_KINDS)
+    log.info("%d jobs: %s", len(jobs), ", ".join(f"{s.name} ({len(s.cases)})" for s in sets))
+
+    budget = 60.0 * (args.max_minutes if args.max_minutes is not None else 5.0 if args.quick else 55.0)
+    status: dict[str, dict[str, Any]] = {}
+    records: list[dict] = []
+    runnable = []
+    for m in methods:
+        reason = probe(m, work)
+        if reason:
+            status[m] = {"status": f"unavailable: {reason}"}
+            log.warning("%s unavailable: %s", m, reason)
+        else:
+            runnable.append(m)
+    for i, m in enumerate(runnable):
+        left = budget - (time.perf_counter() - t_start)
+        share = max(0.0, left / (len(runnable) - i))
+        recs, complete = run_method(m, jobs, work / "outputs" / m, share)
+        records += recs
+        status[m] = {"status": "ok" if complete else f"partial {len(recs)}/{len(jobs)} (time budget)"}
+
+    summary = aggregate(records, ("method", "dataset"))
+    by_coarse = aggregate(records, ("method", "dataset", "coarse"))
+    add_gain(summary, ("method", "dataset"))
+    add_gain(by_coarse, ("method", "dataset", "coarse"))
+    result = {
+        "benchmark": "quality",
+        "mode": "quick" if args.quick else "full",
+        "machine": {**machine_info(), "load_average_at_start": load_start},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": time.perf_counter() - t_start,
+        "methods": {m: status[m] for m in methods},
+        "datasets": {s.name: {"name": s.name, "cases": len(s.cases), "note": s.note, "skipped": s.skipped,
+                              "megapixels": sum(c.megapixels for c in s.cases)} for s in sets},
+        "summary": summary,
+        "by_coarse": by_coarse,
+        "runs": records,
+    }
+    (args.out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / "quality.md").write_text(markdown(result))
+    plotted = not args.no_plot and bool(summary) and plot(result, args.out / "quality.png")
+    print_tables(result)
+    print(f"wrote {args.out / 'quality.json'}, quality.md" + (", quality.png" if plotted else ""))
+    if not args.work:
+        shutil.rmtree(work / "outputs", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
