@@ -84,8 +84,10 @@ class CascadeOptions:
             streamed cascade, ``None`` lets the memory budget decide.
         grid: streamed local steps on the ``official`` patch grid (step ``L // 2 - 32``,
             overlaps averaged, 16-px trims) or a ``feather`` grid (fewer, feathered tiles: faster).
-        skip: streamed local steps skip windows with no ``boundary`` of the mask, or as the
-            ``official`` code does, windows under 10 % or over 90 % foreground.
+        skip: streamed local steps skip windows as the ``official`` code does (under 10 % or
+            over 90 % foreground; with the official grid the streamed result then equals the
+            exact one on a 4K image, ``benchmarks/cascade_paths.py``), or windows with no
+            ``boundary`` of the mask (refines thin structures the official rule skips).
     """
 
     size: int = 900
@@ -95,7 +97,7 @@ class CascadeOptions:
     batch_size: int = 1
     exact: bool | None = None
     grid: str = "official"
-    skip: str = "boundary"
+    skip: str = "official"
 
 
 @dataclass(frozen=True)

@@ -28,21 +28,6 @@ HAVE_MPL = importlib.util.find_spec("matplotlib") is not None  # the charts need
 rng = np.random.default_rng(11)
 
 
-@pytest.fixture(autouse=True)
-def mounted():
-    """Mount ``eval`` and ``overlay`` on the CLI as ``cli._mount_optional`` does, unless already there."""
-    from refine_cli import cli
-    from refine_cli.commands import eval as eval_mod
-    from refine_cli.commands import overlay as overlay_mod
-
-    before = {c.name for c in cli.app.registered_commands}
-    eval_mod.register(cli.app)
-    overlay_mod.register(cli.app)
-    added = {c.name for c in cli.app.registered_commands} - before
-    yield
-    cli.app.registered_commands[:] = [c for c in cli.app.registered_commands if c.name not in added]
-
-
 def blob(shape, cy, cx, r, value=255, dtype=np.uint8):
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     return (((yy - cy) ** 2 + ((xx - cx) * 0.8) ** 2) < r**2).astype(dtype) * dtype(value)

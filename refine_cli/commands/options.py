@@ -54,7 +54,7 @@ class RunOptions:
     fast: bool = False
     exact: bool | None = None
     cascade_grid: str = "official"
-    cascade_skip: str = "boundary"
+    cascade_skip: str = "official"
     segmenter: str | None = None
     preset: str | None = None
     full: bool = False
@@ -124,8 +124,8 @@ OPTIONS: dict[str, Any] = {
                                                  "--max-memory).")],
     "cascade_grid": _opt(str, "--cascade-grid", "cascade, streamed: official patch grid (overlaps averaged, "
                          "as the official local step) or feather (fewer tiles, faster)."),
-    "cascade_skip": _opt(str, "--cascade-skip", "cascade, streamed: skip windows without a boundary, or as the "
-                         "official code (under 10 % or over 90 % foreground)."),
+    "cascade_skip": _opt(str, "--cascade-skip", "cascade, streamed: official (skip windows under 10 % or over 90 % "
+                         "foreground, as the official code; default) or boundary (skip windows without a boundary)."),
     "segmenter": _opt(str | None, "--segmenter", "magnet-fast: segmenter name (see `refine weights list`) or "
                       "model file (.onnx/.tflite/TorchScript + sidecar JSON); makes the coarse mask without --mask."),
     "preset": _opt(str | None, "--preset", "magnet-fast: cityscapes, deepglobe or binary (default: from the "

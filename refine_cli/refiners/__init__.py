@@ -31,6 +31,12 @@ def _coarse(config: RefineConfig, device: str) -> Refiner:
     return CoarseRefiner()
 
 
+def _densecrf(config: RefineConfig, device: str) -> Refiner:
+    from refine_cli.refiners.crf import build_densecrf
+
+    return build_densecrf(config, device)
+
+
 def _cascade(config: RefineConfig, device: str) -> Refiner:
     from refine_cli.refiners.cascade_method import CascadeMethod
 
@@ -48,6 +54,7 @@ BUILDERS: dict[str, tuple[Callable[[RefineConfig, str], Refiner], str, bool]] = 
     "guided": (_guided, "colour guided filter of the coarse mask (no weights)", False),
     "fgs": (_fgs, "fast global smoother of the coarse mask (no weights)", False),
     "coarse": (_coarse, "no refinement: the coarse mask resampled to the image (baseline, pure I/O)", False),
+    "densecrf": (_densecrf, "fully connected CRF on the coarse mask (needs pydensecrf2; no weights)", False),
     "cascade": (_cascade, "CascadePSP global + local refinement (official or bundled lite weights)", True),
     "magnet-fast": (_magnet, "MagNet-Fast: multi-scale segmenter + MagNet refinement (--preset, --full, "
                     "--segmenter)", True),
