@@ -312,7 +312,8 @@ def build_model(arch: str, params: Mapping[str, Any] | None = None) -> nn.Module
     Args:
         arch: ``cascadepsp-lite`` (params: ``LiteArch`` fields, none = ``LITE_V1``), ``cascadepsp``
             (the official architecture; trained from scratch, because ImageNet weights for its
-            ResNet-50 are not available here), or ``magnet-refinement`` (not available yet).
+            ResNet-50 are not available here), or ``magnet-refinement`` (MagNet's refinement module;
+            params: ``n_classes``, default 2; trained by :mod:`refine_cli.train.magnet`).
         params: architecture hyper-parameters.
 
     Returns:
@@ -334,10 +335,13 @@ def build_model(arch: str, params: Mapping[str, Any] | None = None) -> nn.Module
         logger.warning("training the official CascadePSP architecture from scratch (no ImageNet weights)")
         return cascadepsp_official()
     if arch == "magnet-refinement":
-        raise UsageError(
-            "--arch magnet-refinement is not available yet (its segmenter is still being added); "
-            "use --arch cascadepsp-lite or cascadepsp"
-        )
+        from refine_cli.models.magnet import RefinementMagNet
+
+        n_classes = int(dict(params or {}).get("n_classes", 2))
+        unknown = sorted(set(params or {}) - {"n_classes"})
+        if unknown or n_classes < 2:
+            raise UsageError(f"magnet-refinement architecture: takes only n_classes >= 2, got {dict(params or {})}")
+        return RefinementMagNet(n_classes).train()
     raise UsageError(f"--arch {arch!r}: use one of {', '.join(ARCHITECTURES)}")
 
 
@@ -345,6 +349,8 @@ def arch_dict(model: nn.Module, arch: str) -> dict[str, Any]:
     """The architecture dict that rebuilds ``model`` with :func:`build_model` (stored with weights)."""
     if arch == "cascadepsp-lite":
         return dict(model.arch.to_dict())  # type: ignore[union-attr, operator]
+    if arch == "magnet-refinement":
+        return {"n_classes": int(model.n_classes)}  # type: ignore[arg-type]
     return {}
 
 
@@ -421,6 +427,9 @@ def _batches(stream: TrainStream, cfg: TrainConfig, start_step: int) -> Iterator
         stream, batch_size=b, sampler=range(start_step * b, cfg.steps * b), shuffle=False,
         num_workers=cfg.workers, worker_init_fn=_worker_init if cfg.workers else None,
         persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
+        # fork after torch/OpenCV thread pools exist (a resumed run has loaded its checkpoint)
+        # can leave a worker waiting on a lock held by a thread that was not copied: spawn
+        multiprocessing_context="spawn" if cfg.workers else None,
     )
     yield from loader
 
@@ -554,14 +563,15 @@ def export_weights(
     _atomic_write(path, lambda tmp: torch.save(state, tmp))
     side = {
         "format": EXPORT_FORMAT,
+        # CascadePSP's input contract unless ``meta`` gives the module's own (MagNet's takes no image)
+        "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                          "mask": "binarised (p >= 0.5) and mapped to {-1, +1}"},
         **dict(meta),
         "file": path.name,
         "size": path.stat().st_size,
         "sha256": sha256_file(path),
         "dtype": "float16" if half else "float32",
         "parameters": int(sum(p.numel() for p in model.parameters())),
-        "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                          "mask": "binarised (p >= 0.5) and mapped to {-1, +1}"},
     }
     sidecar = path.with_suffix(".json")
     _atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps(side, indent=2) + "\n", encoding="utf-8"))
@@ -793,6 +803,8 @@ def train(
     t_start = time.perf_counter()
     ckpt_path = cfg.out / CHECKPOINT
     state: dict[str, Any] | None = None
+    if cfg.arch == "magnet-refinement" or (resume and _stored_arch(ckpt_path) == "magnet-refinement"):
+        return _train_magnet(cfg, resume, overrides, progress)
     if resume:
         state = load_checkpoint(ckpt_path)
         cfg = resume_config(TrainConfig.from_dict(state["config"]), {**dict(overrides or {}), "out": cfg.out})
@@ -809,6 +821,37 @@ def train(
         return _run(cfg, state, t_start=t_start, progress=progress)
     finally:
         torch.set_num_threads(threads_before)
+
+
+def _stored_arch(ckpt_path: Path) -> str | None:
+    """The ``arch`` of the run whose checkpoint is ``ckpt_path`` (``None`` if unreadable)."""
+    try:
+        return str(load_checkpoint(ckpt_path)["config"].get("arch"))
+    except InputError:
+        return None
+
+
+def _train_magnet(
+    cfg: TrainConfig, resume: bool, overrides: Mapping[str, Any] | None, progress: ProgressFn | None
+) -> TrainResult:
+    """``--arch magnet-refinement``: :func:`refine_cli.train.magnet.train_magnet` with the shared fields of ``cfg``.
+
+    Only the fields both recipes have are carried over, and only where they differ from
+    ``TrainConfig``'s defaults (steps, batch, crop, learning rate, schedule, device, threads,
+    seed, validation/checkpoint/log intervals, data folders): the rest keeps MagNet's
+    defaults. Build a :class:`~refine_cli.train.magnet.MagnetTrainConfig` for full control.
+    """
+    from refine_cli.train.magnet import MagnetTrainConfig, train_magnet
+
+    shared = ("steps", "batch_size", "crop", "lr", "warmup", "min_lr_ratio", "grad_clip", "device", "threads",
+              "seed", "val_every", "ckpt_every", "log_every", "fixed_batch")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    given = {k: getattr(cfg, k) for k in shared if getattr(cfg, k) != defaults.get(k)}
+    given.update({k: v for k, v in (overrides or {}).items() if k in shared})
+    if resume:
+        return train_magnet(MagnetTrainConfig(out=cfg.out), resume=True, overrides=given, progress=progress)
+    mcfg = MagnetTrainConfig(out=cfg.out, photos=cfg.data.photos, portraits=cfg.data.portraits, **given)
+    return train_magnet(mcfg, progress=progress)
 
 
 def _run(
