@@ -23,6 +23,8 @@ from refine_cli.commands.options import Debug, Quiet, RunOptions, Verbose, run_o
 from refine_cli.errors import RefineError, UsageError
 
 err_console = Console(stderr=True)
+THIRD_PARTY_LOGGERS = ("tifffile", "zarr", "numcodecs", "imagecodecs", "rasterio")
+"""Libraries whose log records are shown only with ``-v`` (see :func:`configure_logging`)."""
 app = typer.Typer(
     name="refine",
     help="Refine segmentation masks on very large images, tile by tile, with bounded memory.",
@@ -60,6 +62,14 @@ def configure_logging(verbose: int, quiet: bool) -> None:
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+    # Decoder libraries log what they repair or skip in a damaged file ("incorrect StripOffsets
+    # count"); without a handler Python prints that bare on stderr, beside refine's one-line error.
+    # Their records go through the same handler, shown with -v only.
+    for name in THIRD_PARTY_LOGGERS:
+        lib = logging.getLogger(name)
+        lib.handlers[:] = [handler]
+        lib.setLevel(logging.WARNING if verbose else logging.CRITICAL + 1)
+        lib.propagate = False
     import warnings
 
     warnings.filterwarnings("ignore", module="rasterio")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 from conftest import write_png
 from refine_cli import batch as lib
@@ -298,6 +299,35 @@ def test_bad_input_fails_alone_then_retry_and_force(data, tmp_path, bcli):
     code, stdout, err = bcli(data, "--mask-suffix", "_mask", "-o", out, "--json", "--force", *FAST)
     assert code == 0 and not any(r["resumed"] for r in ndjson(stdout))
     assert len(journal(out)) == before + 3
+
+
+def test_several_bad_inputs_fail_alone_with_one_line_reasons(tmp_path, bcli):
+    """A corrupt image, a mask of another aspect ratio and an empty file fail; the good inputs finish."""
+    d, out = tmp_path / "imgs", tmp_path / "out"
+    d.mkdir()
+    for i in range(5):
+        make_pair(d, f"im{i}", i, mask_name=f"im{i}_mask.png")
+    png = bytearray((d / "im1.png").read_bytes())
+    png[60:160] = bytes(100)  # inside the compressed data
+    (d / "im1.png").write_bytes(bytes(png))
+    write_png(d / "im2_mask.png", np.zeros((50, 50), np.uint8))
+    (d / "im3.png").write_bytes(b"")
+    code, stdout, err = bcli(d, "--mask-suffix", "_mask", "-o", out, "--json", *FAST)
+    assert code == 3, err
+    assert "Traceback" not in err and "3 of 5 inputs failed" in err
+    recs = {r["key"]: r for r in journal(out)}
+    assert len(journal(out)) == 5
+    reasons = {"im1": "corrupt", "im2": "aspect ratio", "im3": "empty"}
+    for stem, reason in reasons.items():
+        rec = recs[f"{stem}.refined.tif"]
+        assert rec["status"] == "failed" and rec["error_type"] == "InputError", rec
+        assert "\n" not in rec["error"] and reason in rec["error"], rec["error"]
+        assert not (out / f"{stem}.refined.tif").exists()
+    for stem in ("im0", "im4"):
+        assert recs[f"{stem}.refined.tif"]["status"] == "done"
+        assert tifffile.imread(out / f"{stem}.refined.tif").shape == (200, 300)
+    assert sorted(r["status"] for r in ndjson(stdout)) == ["done", "done", "failed", "failed", "failed"]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(TMP_SUFFIX)]
 
 
 def test_fail_fast_stops_at_first_failure(data, tmp_path, bcli):

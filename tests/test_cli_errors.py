@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import subprocess
 import sys
+import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -45,7 +49,57 @@ def files(tmp_path_factory):
     tifffile.imwrite(d / "nan_mask.tif", np.full((96, 128), np.nan, np.float32))
     tifffile.imwrite(d / "big_float_mask.tif", np.full((96, 128), 7.0, np.float32))
     (d / "exists.tif").write_bytes(b"x")
+    # truncated at 10/50/90 % (the IFD comes first, so every cut falls inside the tile data)
+    for pct in (10, 50, 90):
+        (d / f"truncated{pct}.tif").write_bytes(data[: len(data) * pct // 100])
+    (d / "header_only.tif").write_bytes(data[:64])
+    png, jpg = (d / "img.png").read_bytes(), cv2.imencode(".jpg", img)[1].tobytes()
+    (d / "truncated.png").write_bytes(png[: len(png) // 2])
+    (d / "truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
+    # a TIFF declaring 10^6 x 10^6 pixels: a 4 x 4 file with its size tags patched (its strip tags
+    # then disagree with the size, and tifffile logs that while parsing it)
+    tifffile.imwrite(d / "giant.tif", np.zeros((4, 4), np.uint8), metadata=None)
+    giant = bytearray((d / "giant.tif").read_bytes())
+    with tifffile.TiffFile(d / "giant.tif") as tf:
+        offsets = [tf.pages[0].tags[t].valueoffset for t in ("ImageWidth", "ImageLength")]
+    for off in offsets:
+        struct.pack_into("<I", giant, off, 1_000_000)
+    (d / "giant.tif").write_bytes(bytes(giant))
+    # a PNG whose IHDR declares 40000 x 30000 (> 2^30) pixels, with one row of image data
+    (d / "huge.png").write_bytes(make_png(40000, 30000, 0, b"\x00" * 41))
+    # a stripped TIFF: one strip of the whole image
+    tifffile.imwrite(d / "stripped.tif", img, rowsperstrip=96, photometric="rgb", metadata=None)
+    # masks that must work, all showing the same foreground as mask.png
+    fg = mask > 0
+    write_png(d / "mask16.png", fg.astype(np.uint16) * 65535)
+    tifffile.imwrite(d / "mask_prob.tif", cv2.GaussianBlur(fg.astype(np.float32), (9, 9), 3))
+    voc = bytes([0, 0, 0, 128, 0, 0, 0, 128, 0])  # black, dark red, green, as in Pascal VOC
+    (d / "mask_palette.png").write_bytes(make_png(128, 96, 3, png_rows(fg.astype(np.uint8)), plte=voc))
+    labels = fg.astype(np.uint8)
+    labels[20:70, 60:90] = 2
+    (d / "mask_palette3.png").write_bytes(make_png(128, 96, 3, png_rows(labels), plte=voc))
+    write_png(d / "mask_rgba.png", np.dstack([mask, mask, mask, np.full_like(mask, 255)])[..., [2, 1, 0, 3]])
+    write_png(d / "mask_alpha.png", np.dstack([np.zeros((96, 128, 3), np.uint8), mask]))
+    write_png(d / "mask_rgb.png", np.dstack([mask, mask, mask]))
+    write_png(d / "mask_noise.png", rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    (d / "maskdir").mkdir()
     return d
+
+
+def make_png(width: int, height: int, color_type: int, raw: bytes, plte: bytes | None = None) -> bytes:
+    """An 8-bit PNG built chunk by chunk (correct CRCs); ``raw`` is the filtered scanlines."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + (chunk(b"PLTE", plte) if plte else b"")
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def png_rows(a: np.ndarray) -> bytes:
+    """Scanlines of a uint8 ``(h, w)`` array with filter type 0."""
+    return b"".join(b"\x00" + row.tobytes() for row in a)
 
 
 def one_line_error(err: str) -> str:
@@ -88,6 +142,18 @@ CASES = [
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "--classes", "1", "-o", "{t}/o.tif"], 2, "--classes"),
     (["info", "{d}/missing.tif"], 2, "not found"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "--bands", "1,2", "-o", "{t}/o.tif"], 2, "--bands"),
+    (["run", "{d}/truncated10.tif", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--no-skip"], 2, "truncated"),
+    (["run", "{d}/truncated50.tif", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--no-skip"], 2, "truncated"),
+    (["run", "{d}/truncated90.tif", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--no-skip"], 2, "truncated"),
+    (["run", "{d}/header_only.tif", "--mask", "{d}/mask.png", "-o", "{t}/o.tif"], 2, "corrupt or truncated"),
+    (["run", "{d}/truncated.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif"], 2, "corrupt or truncated"),
+    (["run", "{d}/truncated.jpg", "--mask", "{d}/mask.png", "-o", "{t}/o.tif"], 2, "corrupt or truncated"),
+    (["run", "{d}/giant.tif", "--mask", "{d}/mask.png", "-o", "{t}/o.tif"], 2, "raise --max-pixels"),
+    (["run", "{d}/huge.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif"], 2, "huge.png: cannot decode PNG"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask_noise.png", "-o", "{t}/o.tif"], 2, "single-band mask"),
+    (["run", "{d}/img.png", "--mask", "{d}/maskdir", "-o", "{t}/o.tif"], 2, "--mask-dir"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{d}/maskdir"], 2, "is a directory"),
+    (["run", "{d}/img.png", "--mask", "{d}/truncated.png", "-o", "{t}/o.tif"], 2, "corrupt or truncated"),
 ]
 
 
@@ -119,6 +185,92 @@ def test_unreadable_file(files, tmp_path, cli, monkeypatch):
     assert code == 2 and "permission" in one_line_error(err)
 
 
+def test_unreadable_mask(files, tmp_path, cli, monkeypatch):
+    p = tmp_path / "locked_mask.png"
+    p.write_bytes((files / "mask.png").read_bytes())
+    p.chmod(0)
+    real_access = os.access
+    # as in test_unreadable_file: root reads anything, so stand in for an ordinary user's check
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(p) else real_access(path, mode))
+    code, out, err = cli("run", files / "img.png", "--mask", p, "-o", tmp_path / "o.tif")
+    line = one_line_error(err)
+    assert code == 2 and "permission" in line and line.startswith(f"error: mask {p}"), line
+    assert out == "" and not (tmp_path / "o.tif").exists()
+
+
+def test_mask_from_empty_stdin(files, tmp_path, cli, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    code, out, err = cli("run", files / "img.png", "--mask", "-", "-o", tmp_path / "o.tif")
+    assert code == 2 and "no mask data on stdin" in one_line_error(err)
+    assert out == "" and list(tmp_path.iterdir()) == []
+
+
+def refined(cli, image: Path, mask: Path, outdir: Path, *extra: str) -> np.ndarray:
+    """Run ``refine run`` successfully and return the refined mask."""
+    out = outdir / f"{image.stem}-{mask.stem}.tif"
+    code, stdout, err = cli("run", image, "--mask", mask, "-o", out, "-q", *extra)
+    assert code == 0, err
+    assert "Traceback" not in err and stdout == ""
+    return tifffile.imread(out)
+
+
+@pytest.mark.parametrize("mask", ["mask16.png", "mask_palette.png", "mask_rgba.png", "mask_alpha.png",
+                                  "mask_rgb.png"])
+def test_binary_masks_in_other_encodings_refine_like_the_grey_one(files, tmp_path, cli, mask):
+    """16-bit 0/65535, palette indices 0/1, RGBA, alpha-only and grey-as-RGB masks mean mask.png."""
+    expected = refined(cli, files / "img.png", files / "mask.png", tmp_path)
+    got = refined(cli, files / "img.png", files / mask, tmp_path)
+    assert got.shape == (96, 128) and set(np.unique(got)) <= {0, 255}
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_float_probability_mask(files, tmp_path, cli):
+    got = refined(cli, files / "img.png", files / "mask_prob.tif", tmp_path) > 127
+    fg = tifffile.imread(files / "mask_prob.tif") >= 0.5
+    assert fg.any() and (got & fg).sum() / (got | fg).sum() > 0.9
+
+
+def test_palette_mask_classes_are_its_indices(files, tmp_path, cli):
+    """Index 1 (dark red) and 2 (green) stay classes 1 and 2, whatever the sort order of their colours."""
+    got = refined(cli, files / "img.png", files / "mask_palette3.png", tmp_path)
+    assert got[5, 5] == 0 and got[45, 40] == 1 and got[45, 80] == 2
+
+
+def test_palette_png_image_reads_as_its_colours(files, tmp_path, cli):
+    """A palette PNG image (here cached as a tiled TIFF) reads through its palette, like its RGB twin."""
+    voc = np.array([[0, 0, 0], [128, 0, 0], [0, 128, 0]], np.uint8)
+    indices = np.asarray(cv2.imread(str(files / "mask.png"), cv2.IMREAD_UNCHANGED) > 0, np.uint8)
+    indices[::7] = 2
+    (tmp_path / "pal.png").write_bytes(make_png(128, 96, 3, png_rows(indices), plte=voc.tobytes()))
+    write_png(tmp_path / "rgb.png", voc[indices])
+    got = refined(cli, tmp_path / "pal.png", files / "mask.png", tmp_path, "--inline-limit", "1000")
+    np.testing.assert_array_equal(got, refined(cli, tmp_path / "rgb.png", files / "mask.png", tmp_path))
+
+
+@pytest.mark.parametrize("chunk_limit", [None, 1024], ids=["streamed-strip", "decoded-once"])
+def test_stripped_tiff_above_the_inline_limit(files, tmp_path, cli, monkeypatch, chunk_limit):
+    """A stripped TIFF above --inline-limit refines like the same pixels as PNG.
+
+    With a strip above the streaming limit it is decoded once and cached as a tiled TIFF.
+    """
+    from refine_cli.io import readers
+
+    made = []
+    if chunk_limit is not None:
+        monkeypatch.setattr(readers, "MAX_STREAM_CHUNK_BYTES", chunk_limit)
+        real = readers._inline_or_cache
+
+        def spy(*a, **k):
+            made.append(real(*a, **k))
+            return made[-1]
+
+        monkeypatch.setattr(readers, "_inline_or_cache", spy)
+    got = refined(cli, files / "stripped.tif", files / "mask.png", tmp_path, "--inline-limit", "1000")
+    np.testing.assert_array_equal(got, refined(cli, files / "img.png", files / "mask.png", tmp_path))
+    if chunk_limit is not None:
+        assert type(made[0]).__name__ == "TiffReader" and made[0].tiled  # the stripped image, cached tiled
+
+
 def test_ok_run_and_lowres_mask(files, tmp_path, cli):
     code, _, err = cli("run", files / "img.png", "--mask", files / "mask_small.png", "-o", tmp_path / "o.tif",
                        "-q")
@@ -129,12 +281,14 @@ def test_ok_run_and_lowres_mask(files, tmp_path, cli):
     assert code == 2 and "--overwrite" in one_line_error(err)
 
 
-def test_real_process_has_no_traceback(files, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "refine_cli", "run", str(files / "truncated.tif"), "--mask",
-                           str(files / "mask.png"), "-o", str(tmp_path / "o.tif")], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2
-    one_line_error(proc.stderr)
+@pytest.mark.parametrize("name", ["truncated.tif", "giant.tif", "huge.png", "truncated.jpg"])
+def test_real_process_has_no_traceback(files, tmp_path, name):
+    """Neither C decoders (libpng and libjpeg print on fd 2) nor library loggers (tifffile) add lines."""
+    proc = subprocess.run([sys.executable, "-m", "refine_cli", "run", str(files / name), "--mask",
+                           str(files / "mask.png"), "-o", str(tmp_path / "o.tif")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert name in one_line_error(proc.stderr)
     assert proc.stdout == ""
 
 

@@ -24,10 +24,14 @@ import logging
 import os
 import shutil
 import stat
+import struct
 import sys
 import tempfile
 import threading
+import zlib
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -470,7 +474,8 @@ def check_readable(path: str | Path, what: str = "image") -> Path:
     if not p.exists():
         raise InputError(f"{what} not found: {p} (check the path given as {flag})")
     if p.is_dir():
-        raise InputError(f"{what} {p} is a directory, not a file; for many files use `refine batch {p}`")
+        hint = f"refine batch IMAGES --mask-dir {p}" if what == "mask" else f"refine batch {p}"
+        raise InputError(f"{what} {p} is a directory, not a file; for many files use `{hint}`")
     if not stat.S_ISREG(p.stat().st_mode):
         raise InputError(f"{what} {p} is not a regular file")
     if not os.access(p, os.R_OK):
@@ -524,8 +529,8 @@ def open_raster(source: str | Path | bytes, *, max_pixels: int, inline_limit: in
         if kind.size is None:
             raise InputError(f"{name}: {kind.kind.upper()} header is damaged (no image size); export it again")
         check_pixels(name, kind.size, max_pixels)
-        arr = _decode_file(name, kind.kind)
-        return _inline_or_cache(name, arr, inline_limit=inline_limit, tmp_dir=tmp_dir)
+        arr, palette = _decode(name, kind.kind, path=name, head=head)
+        return _inline_or_cache(name, arr, inline_limit=inline_limit, tmp_dir=tmp_dir, palette=palette)
     # Anything else: let GDAL try (JPEG 2000, VRT, ...).
     try:
         reader = RasterioReader(name)
@@ -586,14 +591,110 @@ def _largest_chunk_bytes(page: Any) -> int:
     return int(rows) * int(cols) * int(page.samplesperpixel) * np.dtype(page.dtype).itemsize
 
 
-def _decode_file(path: str, kind: str) -> np.ndarray:
-    try:
-        arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:
-        raise InputError(f"{path}: cannot decode {kind.upper()} ({_short(exc)})") from exc
-    if arr is None:
-        raise InputError(f"{path}: cannot decode {kind.upper()}; the file is corrupt or truncated: export it again")
-    return _cv2_to_rgb(arr)
+_FD2_LOCK = threading.Lock()
+
+
+@contextmanager
+def _native_stderr() -> Iterator[list[str]]:
+    """Collect what C libraries print on file descriptor 2 during the block.
+
+    libpng and libjpeg report damaged data by printing to stderr (``libpng error: ...``,
+    ``Premature end of JPEG file``), which would add lines to refine's one-line errors. The
+    lines are in the yielded list after the block. Output of other threads in that window is
+    collected too, so callers that do not turn the lines into an error write them back.
+    """
+    lines: list[str] = []
+    with _FD2_LOCK, tempfile.TemporaryFile() as tmp:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(ln for ln in tmp.read().decode("utf-8", "replace").splitlines() if ln.strip())
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def _png_index_stream(data: bytes) -> tuple[np.ndarray, bytes] | None:
+    """For a palette PNG (colour type 3): its colour table and a stream that decodes to the indices.
+
+    OpenCV always expands palettes to colours. The returned stream keeps IHDR and IDAT and
+    replaces PLTE by entry ``i`` = ``(i, 0, 0)`` (other chunks, tRNS included, are dropped), so
+    its red channel is the exact index of every pixel.
+
+    Returns:
+        ``((N, 3) uint8 palette, PNG bytes)``, or ``None`` when not a well-formed palette PNG.
+    """
+    if len(data) < 33 or data[12:16] != b"IHDR" or data[25] != 3:
+        return None
+    pos, keep, palette = 8, [data[:8]], None
+    while pos + 12 <= len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        if len(body) < n:
+            return None
+        if kind == b"PLTE":
+            if n % 3 or n == 0:
+                return None
+            palette = np.frombuffer(body, np.uint8).reshape(-1, 3).copy()
+            keep.append(_png_chunk(b"PLTE", bytes(v for i in range(n // 3) for v in (i, 0, 0))))
+        elif kind in (b"IHDR", b"IDAT", b"IEND"):
+            keep.append(data[pos:pos + 12 + n])
+        pos += 12 + n
+        if kind == b"IEND":
+            break
+    return None if palette is None else (palette, b"".join(keep))
+
+
+def _decode(name: str, kind: str, *, path: str | None = None, head: bytes = b"", data: bytes | None = None,
+            indices: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode a PNG/JPEG/WebP/BMP file (``path``) or its bytes (``data``) with OpenCV.
+
+    Damaged data (what the decoder reports, including a JPEG that ends early, which OpenCV
+    would return grey-filled) raises one :class:`InputError`; the decoder's own stderr lines
+    go into its message.
+
+    Returns:
+        ``(array, palette)``: ``(H, W)``, ``(H, W, 3)`` RGB or ``(H, W, 4)`` RGBA in the file's
+        dtype and ``None``; for a palette PNG the ``(H, W)`` uint8 indices and the ``(N, 3)``
+        uint8 colour table.
+    """
+    indexed = None
+    if indices and kind == "png" and (data or head)[25:26] == b"\x03":
+        if data is None:
+            data = Path(str(path)).read_bytes()
+        indexed = _png_index_stream(data)
+    source = indexed[1] if indexed is not None else data
+    error = None
+    with _native_stderr() as said:
+        try:
+            if source is None:
+                arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            else:
+                arr = cv2.imdecode(np.frombuffer(source, np.uint8), cv2.IMREAD_UNCHANGED)
+        except cv2.error as exc:
+            arr, error = None, _short(exc)
+    if arr is None or any("Premature end" in ln for ln in said):
+        detail = error or "; ".join(said)
+        because = f" ({_short(detail)})" if detail else ""
+        raise InputError(f"{name}: cannot decode {kind.upper()}{because}; the file is corrupt or truncated: "
+                         "export it again")
+    if said:  # warnings of a good decode: pass them on as the decoder printed them
+        os.write(2, ("\n".join(said) + "\n").encode())
+    if indexed is not None:
+        if arr.ndim == 3 and arr.shape[2] == 3 and not arr[..., :2].any():
+            return np.ascontiguousarray(arr[..., 2]), indexed[0]
+        log.debug("%s: palette indices not recovered; using the colours", name)
+        return _decode(name, kind, data=data, indices=False)
+    return _cv2_to_rgb(arr), None
 
 
 def _cv2_to_rgb(arr: np.ndarray) -> np.ndarray:
@@ -628,21 +729,17 @@ def _open_bytes(data: bytes, *, max_pixels: int, inline_limit: int, tmp_dir: str
         if kind.size is None:
             raise InputError(f"stdin: {kind.kind.upper()} header is damaged (no image size)")
         check_pixels("-", kind.size, max_pixels)
-        try:
-            arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-        except cv2.error as exc:
-            raise InputError(f"stdin: cannot decode {kind.kind.upper()} ({_short(exc)})") from exc
-        if arr is None:
-            raise InputError(f"stdin: cannot decode {kind.kind.upper()}; the data is corrupt or truncated")
-        return _inline_or_cache("-", _cv2_to_rgb(arr), inline_limit=inline_limit, tmp_dir=tmp_dir)
+        arr, palette = _decode("stdin", kind.kind, data=data)
+        return _inline_or_cache("-", arr, inline_limit=inline_limit, tmp_dir=tmp_dir, palette=palette)
     raise InputError(f"stdin: unrecognised {what} data; pipe PNG, JPEG, WebP or TIFF bytes")
 
 
-def _inline_or_cache(path: str, arr: np.ndarray, *, inline_limit: int, tmp_dir: str | None) -> Reader:
+def _inline_or_cache(path: str, arr: np.ndarray, *, inline_limit: int, tmp_dir: str | None,
+                     palette: np.ndarray | None = None) -> Reader:
     """Keep a decoded image in memory, or spill it once to a tiled temporary TIFF."""
     h, w = arr.shape[:2]
     if h * w <= inline_limit:
-        return ArrayReader(path, arr)
+        return ArrayReader(path, arr, palette=palette)
     import tifffile
 
     tmp = tempfile.mkdtemp(prefix="refine-cache-", dir=tmp_dir)
@@ -656,7 +753,9 @@ def _inline_or_cache(path: str, arr: np.ndarray, *, inline_limit: int, tmp_dir: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     del arr
-    return TiffReader(dst, cleanup_dir=tmp)
+    reader = TiffReader(dst, cleanup_dir=tmp)
+    reader.palette = palette
+    return reader
 
 
 def parse_bands(text: str | None) -> tuple[int, ...] | None:
