@@ -72,28 +72,6 @@ COARSE_KINDS = ("lowres", "perturbed", "segmenter")
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def register_pending() -> list[str]:
-    """Register refiners that exist in the tree but not yet in the registry (this process only).
-
-    Returns:
-        The names registered here (empty once the registry lists them itself).
-    """
-    from refine_cli.refiners import BUILDERS
-
-    added = []
-    if "densecrf" not in BUILDERS:
-        try:
-            from refine_cli.refiners.crf import build_densecrf
-        except ImportError:
-            return added
-        # an entry shaped like the registry's own: (builder, description[, runs on torch])
-        entry = (build_densecrf, "dense CRF of the coarse mask (pydensecrf2)", False)
-        width = len(next(iter(BUILDERS.values()), entry))
-        BUILDERS["densecrf"] = entry[:width]
-        added.append("densecrf")
-    return added
-
-
 def machine_info() -> dict[str, Any]:
     """CPU, cores, memory and library versions of this machine."""
     cpu = platform.processor() or platform.machine()
@@ -594,6 +572,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=None, help="comma-separated subset of the registry's methods")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="time budget for all methods (default 55, quick 5)")
+    parser.add_argument("--datasets", default=None, help="comma-separated subset of the data sets "
+                        "(synthetic, shapes, portrait-comp, p3m, nuclei)")
+    parser.add_argument("--coarse", default=None, help=f"comma-separated coarse kinds (default {','.join(COARSE_KINDS)})")
+    parser.add_argument("--max-cases", type=int, default=None, help="at most this many cases per data set")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -603,9 +585,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("refine_cli").setLevel(logging.WARNING)
     t_start = time.perf_counter()
     load_start = list(os.getloadavg())
-    added = register_pending()
-    if added:
-        log.info("registered for this run (not yet in the registry): %s", ", ".join(added))
     from refine_cli.refiners import list_refiners
 
     methods = list_refiners()
@@ -622,7 +601,14 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     sets = build_sets(args, work)
-    jobs = interleave(sets, COARSE_KINDS)
+    if args.datasets:
+        wanted_sets = {d.strip() for d in args.datasets.split(",") if d.strip()}
+        sets = [s for s in sets if s.name in wanted_sets]
+    if args.max_cases:
+        for ds in sets:
+            ds.cases = ds.cases[: args.max_cases]
+    kinds = tuple(k.strip() for k in args.coarse.split(",")) if args.coarse else COARSE_KINDS
+    jobs = interleave(sets, kinds)
     log.info("%d jobs: %s", len(jobs), ", ".join(f"{s.name} ({len(s.cases)})" for s in sets))
 
     budget = 60.0 * (args.max_minutes if args.max_minutes is not None else 5.0 if args.quick else 55.0)

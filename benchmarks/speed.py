@@ -46,7 +46,7 @@ from typing import Any
 import cv2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import load_pyplot, machine_info, probe, register_pending  # noqa: E402
+from quality import load_pyplot, machine_info, probe  # noqa: E402
 
 log = logging.getLogger("speed")
 
@@ -295,8 +295,7 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def _child(argv: list[str]) -> int:
-    """``speed.py _run ...``: ``refine`` with the pending refiners registered (runs in the measured child)."""
-    register_pending()
+    """``speed.py _run ...``: ``refine`` in the measured child."""
     from refine_cli.cli import main as refine_main
 
     try:
@@ -331,7 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("refine_cli").setLevel(logging.WARNING)  # the probes' own log lines
     t0 = time.perf_counter()
     load_start = list(os.getloadavg())
-    register_pending()
     from refine_cli.refiners import list_refiners
 
     methods = list_refiners()

@@ -105,7 +105,7 @@ def _opt(kind: Any, flag: str, text: str) -> Any:
 
 
 OPTIONS: dict[str, Any] = {
-    "method": _opt(str, "--method", "Refiner: guided, fgs, coarse, cascade, magnet-fast."),
+    "method": _opt(str, "--method", "Refiner: guided, fgs, coarse, densecrf, cascade, magnet-fast (see README, 'Which method?')."),
     "soft": _opt(bool, "--soft", "Write probabilities (float32 TIFF / uint8 PNG) instead of a 0/255 mask."),
     "threshold": _opt(float, "--threshold", "Foreground probability threshold of the hard mask."),
     "classes": _opt(int | None, "--classes", "Treat the mask as a label map with this many classes."),
