@@ -15,6 +15,10 @@ are unknown: the cache sidecar records the sha256 on first fetch or import. Lice
 the code is AGPL-3.0 (HRNet parts MIT); the weights carry no stated licence and were
 trained on Cityscapes (non-commercial terms) and DeepGlobe (challenge terms).
 
+**magnet-binary-refine** (``--preset binary``): the 2-class refinement module this project
+trained for the selfie segmenter (``refine_cli.train.magnet``), shipped in the repository's
+``weights/`` folder (record field ``bundled``) with its training sidecar; sha256 pinned below.
+
 **MediaPipe Selfie Segmentation** (general model, ``selfie_segmentation.tflite``,
 249 505 bytes, sha256 ``9ee168ec...``, Apache-2.0). These are the bytes of the
 mediapipe 0.10.21 wheel. MediaPipe's own build pins the same bytes in
@@ -40,6 +44,18 @@ MAGNET_LICENSE = (
     "Cityscapes (non-commercial terms) / DeepGlobe (challenge terms)"
 )
 """What is known about the official MagNet files' licensing."""
+
+BINARY_REFINE = "magnet-binary-refine"
+"""Registry name of the project-trained 2-class refinement module (``--preset binary``)."""
+
+BINARY_REFINE_FILE = "magnet-binary-refine-v1.pt"
+"""Its file in the repository's ``weights/`` folder (and in the cache, when imported)."""
+
+BINARY_REFINE_SHA256: str | None = None
+"""sha256 of the shipped file (also in its sidecar ``weights/magnet-binary-refine-v1.json``)."""
+
+BINARY_REFINE_SIZE: int | None = None
+"""Its size in bytes."""
 
 _DRIVE = "https://drive.usercontent.google.com/download?id={}&export=download&confirm=t"
 _ORIGINAL_HOST = "https://public.vinai.io/magnet_cvpr2021/"
@@ -106,14 +122,18 @@ def magnet_records() -> list[WeightsRecord]:
         for name, arch, filename, drive_id, approx, what, strip in _OFFICIAL
     ]
     records.append(WeightsRecord(
-        name="magnet-binary-refine", architecture="magnet_refinement_c2", url=None,
-        filename="magnet_binary_refinement.pth", size=None, approx_size=330_000, md5=None, sha256=None,
-        license="project-trained (not released yet)", normalization=refinement,
-        notes="2-class (background/person) MagNet refinement module for --preset binary, to be trained by "
-        "this project on the mediapipe-selfie segmenter's outputs. Not available yet; a compatible "
-        "state_dict (81 672 parameters, 60 entries) can be imported with `refine weights import "
-        "magnet-binary-refine FILE`.",
-        strip_prefixes=("module.",), trust_on_first_use=True,
+        name=BINARY_REFINE, architecture="magnet_refinement_c2", url=None,
+        filename=BINARY_REFINE_FILE, size=BINARY_REFINE_SIZE, approx_size=BINARY_REFINE_SIZE or 350_000,
+        md5=None, sha256=BINARY_REFINE_SHA256,
+        license="MIT (this project: trained by `refine train --arch magnet-refinement`); made for the "
+        "MediaPipe selfie segmenter (Apache-2.0); training composites of P3M portraits (MIT) on the photos "
+        "listed in weights/README.md",
+        normalization=refinement,
+        notes="2-class (background/person) MagNet refinement module for --preset binary, trained by this "
+        "project on the mediapipe-selfie segmenter's outputs (model card: weights/README.md, section "
+        "magnet-binary-refine-v1). Shipped in the repository's weights/ folder with its .json sidecar "
+        "(refine train export: arch, recipe, sha256); 81 672 parameters, 60 state_dict entries.",
+        strip_prefixes=(), bundled=BINARY_REFINE_FILE,
     ))
     records.append(WeightsRecord(
         name="mediapipe-selfie", architecture="mediapipe_selfie_tflite",

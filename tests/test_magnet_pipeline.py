@@ -310,11 +310,10 @@ def test_refiner_prepare_then_windows():
     assert refiner.describe()["magnet"]["points"] > 0
 
 
-def test_binary_preset_says_its_weights_are_missing(monkeypatch):
+def test_missing_official_weights_say_how_to_fetch_them(monkeypatch):
+    # the binary preset's module is shipped in weights/ (tests/test_magnet_binary.py)
     for record in MAGNET_RECORDS:
         monkeypatch.setitem(registry._REGISTRY, record.name, record)
-    with pytest.raises(WeightsError, match="not been trained yet"):
-        load_refinement_modules(PRESETS["binary"])
     with pytest.raises(WeightsError, match="refine weights fetch magnet-cityscapes-refine-512"):
         load_refinement_modules(PRESETS["cityscapes"])
 

@@ -1,10 +1,14 @@
-"""Train a CascadePSP refinement module (lite or official architecture) on generated composites.
+"""Train a refinement module on generated composites: CascadePSP (lite or official) or MagNet's.
 
-A thin translator over :mod:`refine_cli.train.trainer`: flags become a ``TrainConfig``, one
-``trainer.train`` call runs, and the result is rendered. The same call from Python::
+A thin translator over :mod:`refine_cli.train.trainer` and :mod:`refine_cli.train.magnet`:
+flags become a ``TrainConfig`` (or a ``MagnetTrainConfig`` for ``--arch magnet-refinement``),
+one training call runs, and the result is rendered. The same calls from Python::
 
     from refine_cli.train.trainer import TrainConfig, train
     train(TrainConfig(out="runs/lite", steps=6000))
+
+    from refine_cli.train.magnet import MagnetTrainConfig, train_magnet
+    train_magnet(MagnetTrainConfig(out="runs/magnet", steps=800, threads=1))
 
 User errors are ``RefineError`` subclasses (``cli.py`` prints them as one red line). Logs,
 the progress bar (terminals only) and the summary go to stderr; stdout gets the path of the
@@ -20,7 +24,8 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(
-    help="Train a CascadePSP refinement module on generated composites (CPU or CUDA).",
+    help="Train a CascadePSP refinement module, or MagNet's for a frozen segmenter, on generated composites "
+    "(CPU or CUDA).",
     invoke_without_command=True,
     add_completion=False,
 )
@@ -96,14 +101,20 @@ def train_cmd(
     seed: Annotated[int | None, typer.Option(help="Seed of initialisation and data (default 0).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
     workers: Annotated[int | None, typer.Option(help="Data-generation processes (default 1).")] = None,
+    segmenter: Annotated[str | None, typer.Option(help="magnet-refinement only: the frozen segmenter, a "
+                                                  "registry name or model file (default mediapipe-selfie).")]
+    = None,
+    samples: Annotated[int | None, typer.Option(help="magnet-refinement only: composites in the segmenter "
+                                                "cache (default 400).")] = None,
     tiny: Annotated[bool, typer.Option("--tiny", help="CI smoke mode: a minute model, 8 steps of 2 x 64 px "
                                        "crops, 2 validation samples.")] = False,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
 ) -> None:
-    """Train a refinement module with CascadePSP's recipe; checkpoints and weights go to --out."""
+    """Train a refinement module (CascadePSP's or MagNet's recipe); checkpoints and weights go to --out."""
     from refine_cli.cli import configure_logging
-    from refine_cli.train import trainer
+    from refine_cli.errors import UsageError
+    from refine_cli.train import magnet, trainer
 
     configure_logging(verbose, quiet)
     given = {
@@ -111,14 +122,30 @@ def train_cmd(
         "val_every": val_every, "val_size": val_size, "val_n": val_n, "ckpt_every": ckpt_every,
         "device": device, "precision": precision, "seed": seed, "threads": threads, "workers": workers,
     }
-    settings: dict[str, Any] = dict(trainer.TINY) if tiny else {}
-    settings.update({k: v for k, v in given.items() if v is not None})
-    if photos is not None or portraits is not None or pairs is not None:
-        settings["data"] = trainer.DataConfig(photos=photos, portraits=portraits, pairs=pairs)
     console = _stderr()
-    cfg = trainer.TrainConfig(out=out, **settings)
-    with _Bar(console, enabled=not quiet) as bar:
-        result = trainer.train(cfg, resume=resume, overrides=settings, progress=bar)
+    stored_arch = magnet.checkpoint_arch(out) if resume and arch is None else None
+    if magnet.ARCH in (arch, stored_arch):
+        cascade_only = {"--val-size": val_size, "--val-n": val_n, "--precision": precision,
+                        "--workers": workers, "--pairs": pairs}
+        bad = [flag for flag, value in cascade_only.items() if value is not None]
+        if bad:
+            raise UsageError(f"{', '.join(bad)} do not apply to --arch {magnet.ARCH}; drop them")
+        settings: dict[str, Any] = dict(magnet.TINY) if tiny else {}
+        extra = {"segmenter": segmenter, "samples": samples, "photos": photos, "portraits": portraits}
+        settings.update({k: v for k, v in {**given, **extra}.items() if v is not None and k != "arch"})
+        with _Bar(console, enabled=not quiet) as bar:
+            result = magnet.train_magnet(magnet.MagnetTrainConfig(out=out, **settings), resume=resume,
+                                         overrides=settings, progress=bar)
+    else:
+        if segmenter is not None or samples is not None:
+            raise UsageError(f"--segmenter and --samples apply to --arch {magnet.ARCH} only; drop them")
+        settings = dict(trainer.TINY) if tiny else {}
+        settings.update({k: v for k, v in given.items() if v is not None})
+        if photos is not None or portraits is not None or pairs is not None:
+            settings["data"] = trainer.DataConfig(photos=photos, portraits=portraits, pairs=pairs)
+        cfg = trainer.TrainConfig(out=out, **settings)
+        with _Bar(console, enabled=not quiet) as bar:
+            result = trainer.train(cfg, resume=resume, overrides=settings, progress=bar)
     if not quiet:
         from rich.table import Table
 

@@ -1039,6 +1039,11 @@ def load_refinement_modules(
 ) -> list[RefinementMagNet]:
     """Build the preset's refinement modules and load their checkpoints strictly.
 
+    Every file is checked against the sha256 known for it (the registry record, the cache
+    sidecar, or the sidecar of weights exported by ``refine train``) before loading, and
+    loading is strict (all keys and shapes). The ``binary`` preset's module is shipped in
+    the repository's ``weights/`` folder (registry ``bundled``), so it needs no flags.
+
     Args:
         preset: gives C and the checkpoint names.
         device: where the modules go.
@@ -1046,11 +1051,10 @@ def load_refinement_modules(
         download: fetch registry checkpoints that are not cached yet.
 
     Raises:
-        WeightsError: a checkpoint is missing or does not fit (for ``--preset binary``: the
-            2-class module is not trained yet, said plainly).
+        WeightsError: a checkpoint is missing, damaged (checksum) or does not fit (for
+            ``--preset binary``: the message names the shipped file that is missing).
     """
     from refine_cli import weights as registry
-    from refine_cli.models.magnet import build_refinement_magnet
     from refine_cli.segmenters.base import resolve_device
 
     dev = resolve_device(device)
@@ -1060,16 +1064,72 @@ def load_refinement_modules(
             resolved = registry.resolve_weights(name, download=download)
         except WeightsError as exc:
             if preset.name == "binary" and weights is None:
+                record = registry.get_record(name)
+                shipped, cached = registry.bundled_path(record), registry.cache_path(name)
                 raise WeightsError(
-                    f"--preset binary needs the 2-class MagNet refinement module {name!r}, which has not "
-                    f"been trained yet, so its weights are missing; use --preset cityscapes or deepglobe, "
-                    f"another --method, or `refine weights import {name} FILE` with a compatible checkpoint"
+                    f"--preset binary needs the 2-class MagNet refinement module {name!r}, shipped "
+                    f"with refine as {shipped}, but that file is missing and it is not in the cache "
+                    f"({cached}); restore it from the repository (`git checkout -- weights/`) or run "
+                    f"`refine weights import {name} FILE`"
                 ) from exc
             raise
-        module = build_refinement_magnet(preset.num_classes)
-        module.load_state_dict(registry.load_state_dict(resolved.path, module), strict=True)
-        modules.append(module.to(dev).eval())
+        module = load_refinement_file(resolved.path, preset.num_classes, sha256=resolved.sha256)
+        modules.append(module.to(dev))
     return modules
+
+
+def load_refinement_file(path: Any, num_classes: int, *, sha256: str | None = None) -> RefinementMagNet:
+    """One refinement module from a checkpoint file, checksum-checked and loaded strictly.
+
+    Files exported by ``refine train --arch magnet-refinement`` (a ``.json`` sidecar with
+    ``format`` ``refine-weights/1`` beside them) are checked against ``sha256`` or else the
+    sidecar's digest, and must say ``arch`` ``magnet-refinement`` with C classes; plain
+    state_dicts (the official files) are checked against ``sha256`` when it is known.
+
+    Args:
+        path: the checkpoint.
+        num_classes: C the module must have.
+        sha256: expected digest (registry or cache sidecar), or ``None``.
+
+    Returns:
+        The module in eval mode on the CPU.
+
+    Raises:
+        WeightsError: checksum mismatch, other architecture or class count, or keys / shapes that
+            do not fit (named).
+    """
+    from pathlib import Path
+
+    from refine_cli import weights as registry
+    from refine_cli.models.magnet import RefinementMagNet, build_refinement_magnet
+
+    path = Path(path)
+    if path.with_suffix(".json").is_file() and path.suffix != ".json":
+        from refine_cli.train.trainer import load_exported, read_sidecar
+
+        try:
+            side = read_sidecar(path)
+        except WeightsError:
+            side = None
+        if side is not None:
+            classes = int((side.get("arch_params") or {}).get("n_classes", -1))
+            if side.get("arch") != "magnet-refinement" or classes != num_classes:
+                raise WeightsError(
+                    f"{path} holds {side.get('arch')} weights ({side.get('arch_params')}), not a "
+                    f"{num_classes}-class MagNet refinement module; pass the checkpoint trained for this "
+                    "segmenter"
+                )
+            model, _ = load_exported(path, sha256=sha256)
+            assert isinstance(model, RefinementMagNet)
+            return model
+    module = build_refinement_magnet(num_classes)
+    if sha256:
+        got = registry.file_digests(path).sha256
+        if got != sha256.lower():
+            raise WeightsError(f"checksum mismatch for {path} (sha256 {got}, expected {sha256}); the file is "
+                               "damaged or not these weights: fetch or import it again")
+    module.load_state_dict(registry.load_state_dict(path, module), strict=True)
+    return module.eval()
 
 
 class MagnetRefiner(Refiner):

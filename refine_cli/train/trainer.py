@@ -340,7 +340,9 @@ def build_model(arch: str, params: Mapping[str, Any] | None = None) -> nn.Module
         n_classes = int(dict(params or {}).get("n_classes", 2))
         unknown = sorted(set(params or {}) - {"n_classes"})
         if unknown or n_classes < 2:
-            raise UsageError(f"magnet-refinement architecture: takes only n_classes >= 2, got {dict(params or {})}")
+            raise UsageError(
+                f"magnet-refinement architecture: takes only n_classes >= 2, got {dict(params or {})}"
+            )
         return RefinementMagNet(n_classes).train()
     raise UsageError(f"--arch {arch!r}: use one of {', '.join(ARCHITECTURES)}")
 
@@ -834,7 +836,7 @@ def _stored_arch(ckpt_path: Path) -> str | None:
 def _train_magnet(
     cfg: TrainConfig, resume: bool, overrides: Mapping[str, Any] | None, progress: ProgressFn | None
 ) -> TrainResult:
-    """``--arch magnet-refinement``: :func:`refine_cli.train.magnet.train_magnet` with the shared fields of ``cfg``.
+    """``--arch magnet-refinement``: :func:`refine_cli.train.magnet.train_magnet` with ``cfg``'s fields.
 
     Only the fields both recipes have are carried over, and only where they differ from
     ``TrainConfig``'s defaults (steps, batch, crop, learning rate, schedule, device, threads,
