@@ -72,6 +72,26 @@ COARSE_KINDS = ("lowres", "perturbed", "segmenter")
 # ---------------------------------------------------------------------------------------------- helpers
 
 
+def select_methods(spec: str | None) -> list[str] | None:
+    """The registry's methods, or the comma-separated subset ``spec``, baseline ``coarse`` first.
+
+    Returns ``None`` (after logging the registry's names) when ``spec`` names an unknown method.
+    """
+    from refine_cli.refiners import list_refiners
+
+    methods = list_refiners()
+    if spec:
+        wanted = [m.strip() for m in spec.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in methods]
+        if unknown:
+            log.error("unknown method(s) %s; the registry has %s", ", ".join(unknown), ", ".join(methods))
+            return None
+        methods = wanted
+    if "coarse" in methods:
+        methods = ["coarse"] + [m for m in methods if m != "coarse"]
+    return methods
+
+
 def machine_info() -> dict[str, Any]:
     """CPU, cores, memory and library versions of this machine."""
     cpu = platform.processor() or platform.machine()
@@ -585,18 +605,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("refine_cli").setLevel(logging.WARNING)
     t_start = time.perf_counter()
     load_start = list(os.getloadavg())
-    from refine_cli.refiners import list_refiners
-
-    methods = list_refiners()
-    if args.methods:
-        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = [m for m in wanted if m not in methods]
-        if unknown:
-            log.error("unknown method(s) %s; the registry has %s", ", ".join(unknown), ", ".join(methods))
-            return 2
-        methods = wanted
-    if "coarse" in methods:  # the baseline first
-        methods = ["coarse"] + [m for m in methods if m != "coarse"]
+    methods = select_methods(args.methods)
+    if methods is None:
+        return 2
     work = args.work or Path(tempfile.gettempdir()) / "refine-bench"
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ from typing import Any
 import cv2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import load_pyplot, machine_info, probe  # noqa: E402
+from quality import load_pyplot, machine_info, probe, select_methods  # noqa: E402
 
 log = logging.getLogger("speed")
 
@@ -330,18 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("refine_cli").setLevel(logging.WARNING)  # the probes' own log lines
     t0 = time.perf_counter()
     load_start = list(os.getloadavg())
-    from refine_cli.refiners import list_refiners
-
-    methods = list_refiners()
-    if args.methods:
-        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = [m for m in wanted if m not in methods]
-        if unknown:
-            log.error("unknown method(s) %s; the registry has %s", ", ".join(unknown), ", ".join(methods))
-            return 2
-        methods = wanted
-    if "coarse" in methods:  # the baseline (pure I/O) first
-        methods = ["coarse"] + [m for m in methods if m != "coarse"]
+    methods = select_methods(args.methods)  # the baseline (pure I/O) first
+    if methods is None:
+        return 2
     sizes = [1.0] if args.quick else [4.0, 64.0, 1024.0]
     if args.sizes:
         sizes = [float(s) for s in args.sizes.split(",")]
