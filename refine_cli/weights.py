@@ -148,10 +148,10 @@ CASCADEPSP_LITE = WeightsRecord(
     architecture="cascadepsp-lite",
     url=None,
     filename="cascadepsp-lite-v1.pt",
-    size=None,
-    approx_size=4_000_000,
+    size=2_174_940,
+    approx_size=2_174_940,
     md5=None,
-    sha256=None,
+    sha256="66c97d062a677d94e83eeb147278503de3a551137858a3caea9e12defcf22b45",
     license="MIT (this project); trained by `refine train` on composites of the photos listed in "
     "weights/README.md (CC-BY/CC-BY-SA/CC0/GPL-2+ sources, see there)",
     normalization=IMAGENET,
@@ -161,8 +161,7 @@ CASCADEPSP_LITE = WeightsRecord(
     bundled="cascadepsp-lite-v1.pt",
 )
 
-_REGISTRY: dict[str, WeightsRecord] = {r.name: r for r in (CASCADEPSP,) + ((CASCADEPSP_LITE,) if CASCADEPSP_LITE.sha256
-                                                                          else ())}
+_REGISTRY: dict[str, WeightsRecord] = {r.name: r for r in (CASCADEPSP, CASCADEPSP_LITE)}
 
 
 def bundled_path(record: WeightsRecord) -> Path | None:

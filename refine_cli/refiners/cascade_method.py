@@ -136,7 +136,8 @@ class CascadeMethod(Refiner):
         if exact:
             impl = CascadePSPRefiner(self.model, size=self.options.size, fast=self.options.fast,
                                      batch_size=self.options.batch_size, precision=self.options.precision,
-                                     device=self.device, weights_info=self.info)
+                                     device=self.device, weights_info=self.info,
+                                     bytes_per_pixel=self.bytes_per_pixel)
             impl.fixed_tile = max(scene.shape)  # type: ignore[attr-defined]
             impl.size_flag = (f"--cascade-size {self.options.size} (exact path: whole image + one "  # type: ignore
                               "network pass; --streamed needs less)")

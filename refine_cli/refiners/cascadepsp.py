@@ -604,6 +604,7 @@ class CascadePSPRefiner(Refiner):
         precision: str = "fp32",
         device: str = "cpu",
         weights_info: dict[str, Any] | None = None,
+        bytes_per_pixel: int = 5 * 1024,
     ) -> None:
         dev = resolve_device(device)
         precision_context(dev, precision)  # validates early
@@ -612,6 +613,7 @@ class CascadePSPRefiner(Refiner):
         self.model = model.to(dev).eval()
         self.size, self.fast, self.batch_size, self.precision = size, fast, batch_size, precision
         self.weights_info = dict(weights_info or {})
+        self.bytes_per_pixel = bytes_per_pixel
         self.stats: dict[str, int] = {}
 
     @classmethod
@@ -666,9 +668,10 @@ class CascadePSPRefiner(Refiner):
         return TileResult(prob, binary_uncertainty(prob))
 
     def tile_memory(self, pixels: int) -> int:
-        """Bytes to refine a ``pixels``-px image: ~20 B/px of state plus ~5 KB/px of one forward."""
+        """Bytes to refine a ``pixels``-px image: ~20 B/px of state plus one forward pass
+        (``bytes_per_pixel`` of the working size: ~5 KB/px for the official model)."""
         side = padded_shape((self.size, self.size))[0]
-        return 20 * pixels + 5 * 1024 * side * side * (1 if self.fast else self.batch_size)
+        return 20 * pixels + self.bytes_per_pixel * side * side * (1 if self.fast else self.batch_size)
 
     def fixed_memory(self) -> int:
         """Bytes held by the weights."""
