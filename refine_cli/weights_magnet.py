@@ -51,10 +51,10 @@ BINARY_REFINE = "magnet-binary-refine"
 BINARY_REFINE_FILE = "magnet-binary-refine-v1.pt"
 """Its file in the repository's ``weights/`` folder (and in the cache, when imported)."""
 
-BINARY_REFINE_SHA256: str | None = None
+BINARY_REFINE_SHA256: str | None = "96c55ca9a048b00f3c77acfd0b31f851a9efcbe480ea2a3a5524fb481ed98e66"
 """sha256 of the shipped file (also in its sidecar ``weights/magnet-binary-refine-v1.json``)."""
 
-BINARY_REFINE_SIZE: int | None = None
+BINARY_REFINE_SIZE: int | None = 351_911
 """Its size in bytes."""
 
 _DRIVE = "https://drive.usercontent.google.com/download?id={}&export=download&confirm=t"

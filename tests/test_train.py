@@ -322,11 +322,10 @@ def test_magnet_cli_tiny(tmp_path: Path, shared: Path, selfie: Path) -> None:
     from refine_cli.train import magnet as M
 
     out = tmp_path / "cli"
-    args = ["--arch", "magnet-refinement", "--tiny", "--steps", "4", "--out", str(out),
-            "--segmenter", str(selfie),
-            "--photos", str(shared / "data" / "photos"), "--portraits",
-            str(shared / "data" / "p3m-portraits-pseudogt"), "-q"]
-    res = CliRunner().invoke(app, args)
+    data = shared / "data"
+    base = ["--arch", "magnet-refinement", "--tiny", "--segmenter", str(selfie),
+            "--photos", str(data / "photos"), "--portraits", str(data / "p3m-portraits-pseudogt"), "-q"]
+    res = CliRunner().invoke(app, [*base, "--steps", "4", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert res.stdout.strip().endswith("best.pt") and (out / "final.pt").is_file()
     # --resume finds the architecture in the checkpoint; the cache is reused, not rebuilt
@@ -335,6 +334,12 @@ def test_magnet_cli_tiny(tmp_path: Path, shared: Path, selfie: Path) -> None:
     assert res.exit_code == 0, res.output
     assert T.load_checkpoint(out / T.CHECKPOINT)["step"] == 6
     assert (out / "cache" / "train-0000.npz").stat().st_mtime_ns == stamp
+    # fine-tuning from exported weights records where it started
+    res = CliRunner().invoke(app, [*base, "--steps", "2", "--out", str(tmp_path / "ft"), "--init",
+                                   str(out / "final.pt")])
+    assert res.exit_code == 0, res.output
+    side = json.loads((tmp_path / "ft" / "final.json").read_text())
+    assert side["init"] == {"file": "final.pt", "sha256": T.sha256_file(out / "final.pt"), "steps": 6}
     # a cache made with other settings is refused
     (out / T.CHECKPOINT).unlink()
     with pytest.raises(UsageError, match="other settings"):

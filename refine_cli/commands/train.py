@@ -106,6 +106,8 @@ def train_cmd(
     = None,
     samples: Annotated[int | None, typer.Option(help="magnet-refinement only: composites in the segmenter "
                                                 "cache (default 400).")] = None,
+    init: Annotated[Path | None, typer.Option(help="magnet-refinement only: fine-tune from these exported "
+                                              "weights (.pt with its .json sidecar).")] = None,
     tiny: Annotated[bool, typer.Option("--tiny", help="CI smoke mode: a minute model, 8 steps of 2 x 64 px "
                                        "crops, 2 validation samples.")] = False,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 1,
@@ -131,14 +133,17 @@ def train_cmd(
         if bad:
             raise UsageError(f"{', '.join(bad)} do not apply to --arch {magnet.ARCH}; drop them")
         settings: dict[str, Any] = dict(magnet.TINY) if tiny else {}
-        extra = {"segmenter": segmenter, "samples": samples, "photos": photos, "portraits": portraits}
+        extra = {"segmenter": segmenter, "samples": samples, "photos": photos, "portraits": portraits,
+                 "init": init}
         settings.update({k: v for k, v in {**given, **extra}.items() if v is not None and k != "arch"})
         with _Bar(console, enabled=not quiet) as bar:
             result = magnet.train_magnet(magnet.MagnetTrainConfig(out=out, **settings), resume=resume,
                                          overrides=settings, progress=bar)
     else:
-        if segmenter is not None or samples is not None:
-            raise UsageError(f"--segmenter and --samples apply to --arch {magnet.ARCH} only; drop them")
+        if segmenter is not None or samples is not None or init is not None:
+            raise UsageError(
+                f"--segmenter, --samples and --init apply to --arch {magnet.ARCH} only; drop them"
+            )
         settings = dict(trainer.TINY) if tiny else {}
         settings.update({k: v for k, v in given.items() if v is not None})
         if photos is not None or portraits is not None or pairs is not None:
