@@ -118,9 +118,11 @@ def test_refine_run_binary_improves_the_segmenter(shared, selfie_cached, tmp_pat
 
     image, alpha = _heldout_composite(tmp_path)
     refined = tmp_path / "refined.png"
+    report = tmp_path / "report.json"
     code, _, err = cli("run", image, "--method", "magnet-fast", "--preset", "binary", "-o", refined,
-                       "--threads", "1", "-q")
+                       "--report", report, "--threads", "1", "-q")
     assert code == 0, err
+    assert f'"refinement_sha256": ["{_record().sha256}"]' in json.dumps(json.loads(report.read_text()))
     # the segmenter alone: its probabilities upsampled to the image by the null refiner
     coarse, base = tmp_path / "coarse.png", tmp_path / "segmenter.png"
     segment_file(str(image), str(coarse), segmenter="mediapipe-selfie", device="cpu", soft=True)

@@ -1132,6 +1132,24 @@ def load_refinement_file(path: Any, num_classes: int, *, sha256: str | None = No
     return module.eval()
 
 
+def _known_sha256(spec: str) -> str | None:
+    """The sha256 the run's checkpoint ``spec`` was checked against (registry, cache or export sidecar)."""
+    from refine_cli import weights as registry
+
+    resolved = registry.resolve_weights(spec)
+    if resolved.sha256:
+        return resolved.sha256
+    side = resolved.path.with_suffix(".json")
+    if side.is_file() and resolved.path.suffix != ".json":
+        from refine_cli.train.trainer import read_sidecar
+
+        try:
+            return str(read_sidecar(resolved.path).get("sha256") or "") or None
+        except WeightsError:
+            return None
+    return None
+
+
 class MagnetRefiner(Refiner):
     """MagNet-Fast (or full MagNet) behind the refiner protocol.
 
@@ -1217,7 +1235,8 @@ class MagnetRefiner(Refiner):
             )
         modules = load_refinement_modules(preset, seg.device, weights=options.weights, download=download)
         refinement = [options.weights] if options.weights else list(preset.refinement)
-        info = {"preset": preset.name, "segmenter": seg.name, "refinement": refinement}
+        info = {"preset": preset.name, "segmenter": seg.name, "refinement": refinement,
+                "refinement_sha256": [_known_sha256(name) for name in refinement]}
         return cls(seg, modules, preset, fast=not options.full, n_patches=options.n_patches,
                    n_points=options.n_points, batch_size=batch_size, info=info,
                    tiled=options.tiled)
