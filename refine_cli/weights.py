@@ -275,18 +275,43 @@ def _write_sidecar(record: WeightsRecord, path: Path, digests: Digests, source: 
     os.replace(tmp, side)
 
 
-def verify(name: str) -> Digests:
-    """Check the cached checkpoint against the record (size, md5, sha256) and its sidecar sha256.
+def local_file(name: str) -> tuple[Path, str] | None:
+    """Where a registry checkpoint is on this machine: ``(path, "cache" | "bundled")``, or ``None``.
 
-    Records the sha256 in the sidecar when it was missing.
+    The cache wins over the copy shipped in the repository's ``weights/`` folder, as in
+    :func:`resolve_weights`.
+    """
+    record = get_record(name)
+    cached = cache_path(name)
+    if cached.is_file():
+        return cached, "cache"
+    shipped = bundled_path(record)
+    if shipped is not None and shipped.is_file():
+        return shipped, "bundled"
+    return None
+
+
+def verify(name: str) -> Digests:
+    """Check the checkpoint (cached, else the bundled copy) against the record (size, md5, sha256)
+    and its sidecar sha256.
+
+    Records the sha256 in the cache sidecar when it was missing.
 
     Returns:
         The file's digests.
 
     Raises:
-        WeightsError: not cached, or a checksum differs (the message says how to fix it).
+        WeightsError: not on this machine, or a checksum differs (the message says how to fix it).
     """
     record = get_record(name)
+    found = local_file(name)
+    if found is not None and found[1] == "bundled":
+        digests = file_digests(found[0])
+        problem = _mismatch(record, digests, record.sha256)
+        if problem:
+            raise WeightsError(f"checksum mismatch for the bundled {name} at {found[0]} ({problem}); restore it "
+                               f"with `git checkout -- {found[0].name}` in weights/ or reinstall refine")
+        return digests
     path = cache_path(name)
     if not path.is_file():
         raise WeightsError(

@@ -77,3 +77,18 @@ def test_lite_improves_perturbed_composites(tmp_path):
         gains_mba.append(refined.mba - coarse.mba)
     assert np.mean(gains_iou) > 0.01, gains_iou
     assert np.mean(gains_mba) > 0.03, gains_mba
+
+
+def test_weights_commands_see_the_bundled_copies(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("REFINE_HOME", str(tmp_path / "empty-cache"))
+    code, out, _ = cli("weights", "list", "--json")
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["cascadepsp-lite-v1"]["local"] == "bundled" and not rows["cascadepsp-lite-v1"]["cached"]
+    assert rows["cascadepsp"]["local"] is None
+    code, _, err = cli("weights", "verify", "cascadepsp-lite-v1")
+    assert code == 0 and RECORD.sha256 in "".join(err.split())
+    code, out, _ = cli("weights", "path", "cascadepsp-lite-v1")
+    assert Path(out.strip()) == weights.bundled_path(RECORD)
+    code, _, err = cli("weights", "verify", "cascadepsp")
+    assert code != 0 and "refine weights fetch cascadepsp" in err

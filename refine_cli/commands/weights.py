@@ -35,22 +35,24 @@ NAME = typer.Argument(..., help="registry name (see `refine weights list`)", aut
 def list_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the records as JSON on stdout"),
 ) -> None:
-    """List known checkpoints and whether they are in the cache."""
+    """List known checkpoints and where they are (cache, bundled in weights/, or not here)."""
     rows = []
     for record in weights.list_records():
-        path = weights.cache_path(record.name)
-        rows.append({**record.to_dict(), "cached": path.is_file(), "path": str(path)})
+        found = weights.local_file(record.name)
+        path = found[0] if found else weights.cache_path(record.name)
+        rows.append({**record.to_dict(), "cached": found is not None and found[1] == "cache",
+                     "local": found[1] if found else None, "path": str(path)})
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(title=f"weights (cache {weights.refine_home() / 'weights'})")
-    for col in ("name", "architecture", "size", "cached", "license"):
+    for col in ("name", "architecture", "size", "here", "license"):
         table.add_column(col)
     for row in rows:
         size = row["size"] or row["approx_size"]
         table.add_row(
-            row["name"], row["architecture"], f"{'' if row['size'] else '~'}{size / 1e6:.0f} MB",
-            "yes" if row["cached"] else "no", row["license"],
+            row["name"], row["architecture"], f"{'' if row['size'] else '~'}" + (f"{size / 1e6:.0f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"),
+            row["local"] or "no", row["license"],
         )
     _stderr().print(table)
 
@@ -80,15 +82,16 @@ def fetch(
 
 @app.command()
 def verify(name: str = NAME) -> None:
-    """Check the cached checkpoint's size and checksums."""
+    """Check the checkpoint's size and checksums (the cached copy, else the bundled one)."""
     digests = weights.verify(name)
     _stderr().print(f"[green]ok[/green] {name}: {digests.size} bytes, sha256 {digests.sha256}")
 
 
 @app.command()
 def path(name: str = NAME) -> None:
-    """Print where the checkpoint lives (or must be put) in the cache."""
-    typer.echo(str(weights.cache_path(name)))
+    """Print where the checkpoint is (cache, else bundled), or where it must be put in the cache."""
+    found = weights.local_file(name)
+    typer.echo(str(found[0] if found else weights.cache_path(name)))
 
 
 @app.command("import")
