@@ -79,7 +79,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from refine_cli.errors import InputError, Interrupted, RefineError, UsageError
+from refine_cli.errors import InputError, UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -779,7 +779,7 @@ def _run(cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float
                  "portraits": None if cfg.portraits is None else str(cfg.portraits)},
     }
 
-    def snapshot() -> dict[str, Any]:
+    def snapshot(step: int) -> dict[str, Any]:
         return {
             "format": T.CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "arch_params": arch_params,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -787,7 +787,7 @@ def _run(cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float
             "best": best, "wall_seconds": wall + time.perf_counter() - t_start,
         }
 
-    def run_validation() -> dict[str, Any]:
+    def run_validation(step: int) -> dict[str, Any]:
         nonlocal best
         t0 = time.perf_counter()
         res = {"step": step, **validate(model, val_set, device)}
@@ -800,53 +800,16 @@ def _run(cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float
             T.export_weights(model, cfg.out / "best.pt", {**meta_base, "steps": step, "metrics": res})
         return res
 
-    losses: list[float] = []
-    validations: list[dict[str, Any]] = []
-    window: list[float] = []
-    t_log = time.perf_counter()
     fixed = batch_at(train_set, 0, cfg) if cfg.fixed_batch else None
-    skipped = 0
-    mid_step = False
-    try:
-        while step < cfg.steps:
-            mid_step = True
-            batch = fixed if fixed is not None else batch_at(train_set, step, cfg)
-            value = _train_step(model, batch, cfg, device, optimizer)
-            if value is None:
-                skipped += 1
-                logger.warning("step %d: non-finite loss, batch skipped (%d so far)", step, skipped)
-                if skipped > 20:
-                    raise RefineError(f"training diverged at step {step} (non-finite loss); lower --lr and "
-                                      "start again")
-                value = float("nan")
-            scheduler.step()
-            step += 1
-            mid_step = False
-            losses.append(value)
-            window.append(value)
-            if progress is not None:
-                progress(step, cfg.steps, value)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                dt = time.perf_counter() - t_log
-                rec = {"type": "train", "step": step, "loss": float(np.mean(window)),
-                       "lr": scheduler.get_last_lr()[0], "sec_per_step": dt / len(window)}
-                log.write(rec)
-                logger.info("step %d/%d: loss %.4f, lr %.2e, %.2f s/step", step, cfg.steps, rec["loss"],
-                            rec["lr"], rec["sec_per_step"])
-                window, t_log = [], time.perf_counter()
-            validated = bool(cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps
-            if validated:
-                validations.append(run_validation())
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or validated:
-                T.save_checkpoint(ckpt_path, snapshot())
-    except KeyboardInterrupt:
-        if not mid_step:
-            T.save_checkpoint(ckpt_path, snapshot())
-        when = "during" if mid_step else "after"
-        raise Interrupted(
-            f"training interrupted {when} step {step}; {ckpt_path} holds the last saved state: "
-            f"continue with `refine train --out {cfg.out} --resume`"
-        ) from None
+
+    def one_step(step: int) -> float | None:
+        batch = fixed if fixed is not None else batch_at(train_set, step, cfg)
+        return _train_step(model, batch, cfg, device, optimizer)
+
+    step, losses, validations = T.run_steps(
+        cfg, step, one_step, scheduler=scheduler, log=log, progress=progress, run_validation=run_validation,
+        snapshot=snapshot, ckpt_path=ckpt_path,
+    )
     seconds = time.perf_counter() - t_start
     final = cfg.out / "final.pt"
     last_val = validations[-1] if validations else None

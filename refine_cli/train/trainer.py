@@ -897,7 +897,7 @@ def _run(
     meta_base = {"arch": cfg.arch, "arch_params": arch_params, "crop": cfg.crop, "batch_size": cfg.batch_size,
                  "data": cfg.data.to_dict(), "seed": cfg.seed, "val_seed": VAL_SEED, "val_size": cfg.val_size}
 
-    def snapshot() -> dict[str, Any]:
+    def snapshot(step: int) -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "arch_params": arch_params,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -906,7 +906,7 @@ def _run(
             "best": best, "wall_seconds": wall + time.perf_counter() - t_start,
         }
 
-    def run_validation() -> dict[str, Any]:
+    def run_validation(step: int) -> dict[str, Any]:
         nonlocal best
         t0 = time.perf_counter()
         res = {"step": step, **validate(model, vset, "fp32" if device.type == "cpu" else precision)}
@@ -924,18 +924,56 @@ def _run(
             export_weights(model, cfg.out / "best.pt", {**meta_base, "steps": step, "metrics": res})
         return res
 
+    model.train()
+    batches = _batches(stream, cfg, step)
+    step, losses, validations = run_steps(
+        cfg, step, lambda _: _train_step(model, next(batches), cfg, device, precision, optimizer, scaler),
+        scheduler=scheduler, log=log, progress=progress, run_validation=run_validation, snapshot=snapshot,
+        ckpt_path=ckpt_path,
+    )
+    seconds = time.perf_counter() - t_start
+    final = cfg.out / "final.pt"
+    last_val = validations[-1] if validations else None
+    export_weights(model, final, {**meta_base, "steps": step, "metrics": last_val,
+                                  "wall_seconds": wall + seconds})
+    return TrainResult(cfg.out, step, losses, validations, best, seconds, final)
+
+
+def run_steps(
+    cfg: Any,
+    start: int,
+    train_step: Callable[[int], float | None],
+    *,
+    scheduler: Any,
+    log: _Log,
+    progress: ProgressFn | None,
+    run_validation: Callable[[int], dict[str, Any]],
+    snapshot: Callable[[int], dict[str, Any]],
+    ckpt_path: Path,
+) -> tuple[int, list[float], list[dict[str, Any]]]:
+    """The step loop every ``refine train`` architecture shares: steps ``start .. cfg.steps``.
+
+    Per step: ``train_step(step)`` (the loss, or ``None`` when it was not finite and no update
+    was made; more than 20 such steps stop the run), the scheduler, the progress callback, a
+    ``train`` log record every ``cfg.log_every`` steps, ``run_validation(step)`` every
+    ``cfg.val_every`` steps and at the end, and ``snapshot(step)`` saved to ``ckpt_path`` every
+    ``cfg.ckpt_every`` steps and after each validation. Ctrl-C saves the last consistent state
+    and raises :class:`Interrupted` with the resume command.
+
+    Returns:
+        ``(steps done, losses of this run, validation records of this run)``.
+    """
+    step = start
     losses: list[float] = []
     validations: list[dict[str, Any]] = []
     window: list[float] = []
     t_log = time.perf_counter()
-    model.train()
-    batches = _batches(stream, cfg, step)
     skipped = 0
     mid_step = False  # an interrupt between the update and ``step += 1`` leaves no consistent state
     try:
         while step < cfg.steps:
             mid_step = True
-            value = _train_step(model, next(batches), cfg, device, precision, optimizer, scaler)
+            value = train_step(step)
             if value is None:
                 skipped += 1
                 logger.warning("step %d: non-finite loss, batch skipped (%d so far)", step, skipped)
@@ -959,25 +997,20 @@ def _run(
                 logger.info("step %d/%d: loss %.4f, lr %.2e, %.2f s/step", step, cfg.steps, rec["loss"],
                             rec["lr"], rec["sec_per_step"])
                 window, t_log = [], time.perf_counter()
-            validated = (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps
+            validated = bool(cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps
             if validated:
-                validations.append(run_validation())
+                validations.append(run_validation(step))
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or validated:
-                save_checkpoint(ckpt_path, snapshot())
+                save_checkpoint(ckpt_path, snapshot(step))
     except KeyboardInterrupt:
         if not mid_step:
-            save_checkpoint(ckpt_path, snapshot())
+            save_checkpoint(ckpt_path, snapshot(step))
         when = "during" if mid_step else "after"
         raise Interrupted(
             f"training interrupted {when} step {step}; {ckpt_path} holds the last saved state: "
             f"continue with `refine train --out {cfg.out} --resume`"
         ) from None
-    seconds = time.perf_counter() - t_start
-    final = cfg.out / "final.pt"
-    last_val = validations[-1] if validations else None
-    export_weights(model, final, {**meta_base, "steps": step, "metrics": last_val,
-                                  "wall_seconds": wall + seconds})
-    return TrainResult(cfg.out, step, losses, validations, best, seconds, final)
+    return step, losses, validations
 
 
 def _train_step(
