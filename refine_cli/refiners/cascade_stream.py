@@ -97,7 +97,7 @@ class CascadeLevelRefiner(Refiner):
     uses_torch = True
 
     def __init__(self, model: CascadeRefinementModule, size: int, precision: str, labels: bool, final: bool,
-                 bytes_per_pixel: int, grid: str = "official", skip: str = "boundary") -> None:
+                 bytes_per_pixel: int, grid: str = "official", skip: str = "official") -> None:
         if grid not in ("official", "feather") or skip not in ("boundary", "official"):
             raise ValueError(f"unknown grid {grid!r} or skip rule {skip!r}")
         self.model, self.size, self.precision = model, size, precision
@@ -221,7 +221,7 @@ class CascadeStreamRefiner(Refiner):
     def __init__(self, model: CascadeRefinementModule, size: int = 900, precision: str = "fp32",
                  labels: bool = False, classes: int = 1, max_ratio: float = 5.0, bytes_per_pixel: int = 5000,
                  weights_info: dict[str, Any] | None = None, fast: bool = False, grid: str = "official",
-                 skip: str = "boundary") -> None:
+                 skip: str = "official") -> None:
         self.model, self.size, self.precision = model, size, precision
         self.labels, self.classes, self.max_ratio = labels, classes, max_ratio
         self.bytes_per_pixel = bytes_per_pixel
