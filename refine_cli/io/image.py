@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -146,6 +147,55 @@ def pool_bounds(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
 
 
+@dataclass(frozen=True)
+class PoolBlock:
+    """One input window of an area downscale and the pooling ranges inside it.
+
+    Output columns ``[j0, j1)`` of the band come from ``window``; output row ``k`` of the
+    band pools window rows ``[top[k], bottom[k])`` and output column ``j0 + m`` pools window
+    columns ``[left[m], right[m])``.
+    """
+
+    j0: int
+    j1: int
+    window: Window
+    top: np.ndarray
+    bottom: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+
+
+def pool_plan(in_shape: tuple[int, int], out_shape: tuple[int, int], band_rows: int,
+              band_cols: int) -> Iterator[tuple[int, int, list[PoolBlock]]]:
+    """The windows of an adaptive average pooling from ``in_shape`` to ``out_shape``, band by band.
+
+    Yields:
+        ``(i0, i1, blocks)``: output rows ``[i0, i1)`` and the :class:`PoolBlock` windows (about
+        ``band_rows x band_cols`` input px each) that cover them left to right.
+
+    Raises:
+        ValueError: ``out_shape`` is not a reduction of ``in_shape``.
+    """
+    H, W = in_shape
+    oh, ow = out_shape
+    if oh > H or ow > W or oh < 1 or ow < 1:
+        raise ValueError(f"area downscale from {in_shape} to {out_shape} is not a reduction")
+    rs, re_ = pool_bounds(H, oh)
+    cs, ce = pool_bounds(W, ow)
+    per_row = max(1, int(band_rows * oh / H))
+    per_col = max(1, int(band_cols * ow / W))
+    for i0 in range(0, oh, per_row):
+        i1 = min(oh, i0 + per_row)
+        r0, r1 = int(rs[i0]), int(re_[i1 - 1])
+        blocks = []
+        for j0 in range(0, ow, per_col):
+            j1 = min(ow, j0 + per_col)
+            c0, c1 = int(cs[j0]), int(ce[j1 - 1])
+            blocks.append(PoolBlock(j0, j1, Window(r0, c0, r1 - r0, c1 - c0), rs[i0:i1] - r0, re_[i0:i1] - r0,
+                                    cs[j0:j1] - c0, ce[j0:j1] - c0))
+        yield i0, i1, blocks
+
+
 def area_downscale_bands(read: object, in_shape: tuple[int, int], out_shape: tuple[int, int],
                          band_rows: int = 512, band_cols: int = 2048) -> Iterator[tuple[int, np.ndarray]]:
     """Adaptive average pooling of a raster, produced as bands of output rows.
@@ -164,35 +214,23 @@ def area_downscale_bands(read: object, in_shape: tuple[int, int], out_shape: tup
     Yields:
         ``(first_output_row, block)`` with ``block`` of shape ``(n, w, C)`` float32, in order.
     """
-    H, W = in_shape
-    oh, ow = out_shape
-    if oh > H or ow > W or oh < 1 or ow < 1:
-        raise ValueError(f"area downscale from {in_shape} to {out_shape} is not a reduction")
-    rs, re_ = pool_bounds(H, oh)
-    cs, ce = pool_bounds(W, ow)
-    per_row = max(1, int(band_rows * oh / H))
-    per_col = max(1, int(band_cols * ow / W))
-    for i0 in range(0, oh, per_row):
-        i1 = min(oh, i0 + per_row)
-        r0, r1 = int(rs[i0]), int(re_[i1 - 1])
+    for i0, i1, blocks in pool_plan(in_shape, out_shape, band_rows, band_cols):
         out: np.ndarray | None = None
-        for j0 in range(0, ow, per_col):
-            j1 = min(ow, j0 + per_col)
-            c0, c1 = int(cs[j0]), int(ce[j1 - 1])
-            block = np.asarray(read(Window(r0, c0, r1 - r0, c1 - c0)), dtype=np.float64)  # type: ignore[operator]
+        for b in blocks:
+            block = np.asarray(read(b.window), dtype=np.float64)  # type: ignore[operator]
             if block.ndim == 2:
                 block = block[:, :, None]
             nc = block.shape[2]
             if out is None:
-                out = np.empty((i1 - i0, ow, nc), np.float32)
-            cum = np.zeros((r1 - r0 + 1, c1 - c0, nc))
+                out = np.empty((i1 - i0, out_shape[1], nc), np.float32)
+            cum = np.zeros((b.window.height + 1, b.window.width, nc))
             np.cumsum(block, axis=0, out=cum[1:])
-            rows = cum[re_[i0:i1] - r0] - cum[rs[i0:i1] - r0]
-            cum = np.zeros((i1 - i0, c1 - c0 + 1, nc))
+            rows = cum[b.bottom] - cum[b.top]
+            cum = np.zeros((i1 - i0, b.window.width + 1, nc))
             np.cumsum(rows, axis=1, out=cum[:, 1:])
-            sums = cum[:, ce[j0:j1] - c0] - cum[:, cs[j0:j1] - c0]
-            counts = (re_[i0:i1] - rs[i0:i1])[:, None, None] * (ce[j0:j1] - cs[j0:j1])[None, :, None]
-            out[:, j0:j1] = (sums / counts).astype(np.float32)
+            sums = cum[:, b.right] - cum[:, b.left]
+            counts = (b.bottom - b.top)[:, None, None] * (b.right - b.left)[None, :, None]
+            out[:, b.j0:b.j1] = (sums / counts).astype(np.float32)
         assert out is not None
         yield i0, out
 
@@ -254,30 +292,17 @@ def area_downscale_bands_u8(read: Callable[[Window], np.ndarray], in_shape: tupl
     """
     import cv2
 
-    H, W = in_shape
-    oh, ow = out_shape
-    if oh > H or ow > W or oh < 1 or ow < 1:
-        raise ValueError(f"area downscale from {in_shape} to {out_shape} is not a reduction")
-    rs, re_ = pool_bounds(H, oh)
-    cs, ce = pool_bounds(W, ow)
-    per_row = max(1, int(band_rows * oh / H))
-    per_col = max(1, int(band_cols * ow / W))
-    for i0 in range(0, oh, per_row):
-        i1 = min(oh, i0 + per_row)
-        r0, r1 = int(rs[i0]), int(re_[i1 - 1])
-        out = np.empty((i1 - i0, ow, 3), np.uint8)
-        for j0 in range(0, ow, per_col):
-            j1 = min(ow, j0 + per_col)
-            c0, c1 = int(cs[j0]), int(ce[j1 - 1])
-            block = np.ascontiguousarray(read(Window(r0, c0, r1 - r0, c1 - c0))[..., :3])
+    for i0, i1, blocks in pool_plan(in_shape, out_shape, band_rows, band_cols):
+        out = np.empty((i1 - i0, out_shape[1], 3), np.uint8)
+        for b in blocks:
+            block = np.ascontiguousarray(read(b.window)[..., :3])
             integral = cv2.integral(block, sdepth=cv2.CV_32S).astype(np.int64)
-            integral = integral.reshape(r1 - r0 + 1, c1 - c0 + 1, 3)
-            top, bottom = rs[i0:i1] - r0, re_[i0:i1] - r0
-            left, right = cs[j0:j1] - c0, ce[j0:j1] - c0
+            integral = integral.reshape(b.window.height + 1, b.window.width + 1, 3)
+            top, bottom, left, right = b.top, b.bottom, b.left, b.right
             sums = (integral[bottom][:, right] - integral[top][:, right]
                     - integral[bottom][:, left] + integral[top][:, left])
             counts = (bottom - top)[:, None, None] * (right - left)[None, :, None]
-            out[:, j0:j1] = np.clip(np.round((sums / counts).astype(np.float32)), 0, 255).astype(np.uint8)
+            out[:, b.j0:b.j1] = np.clip(np.round((sums / counts).astype(np.float32)), 0, 255).astype(np.uint8)
         yield i0, out
 
 
