@@ -188,6 +188,17 @@ def test_overview_is_torch_area():
     np.testing.assert_allclose(got, ref, atol=2e-4)
 
 
+def test_uint8_overview_is_the_rounded_float_one():
+    from refine_cli.io.image import area_downscale_bands_u8
+
+    a = rgb(301, 457)
+    got = np.concatenate([b for _, b in area_downscale_bands_u8(lambda w: a[w.slices], (301, 457), (97, 130),
+                                                                band_rows=40, band_cols=100)])
+    ref = area_downscale(lambda w: a[w.slices].astype(np.float32), (301, 457), (97, 130))
+    assert got.dtype == np.uint8 and got.shape == (97, 130, 3)
+    assert int(np.abs(got.astype(np.int16) - np.round(ref).astype(np.int16)).max()) == 0
+
+
 def test_decompression_bomb_rejected_before_decoding(tmp_path):
     import struct
     import zlib
