@@ -327,31 +327,42 @@ class CascadeRefinementModule(nn.Module):
             ``*_224`` (iteration 3, OS8/OS4/OS1; ``pred_224`` is the refined mask).
             12 entries with no ``inter_*``, 10 with ``inter_s8`` only, 6 with both.
         """
+        return self._cascade(im, seg, inter_s8, inter_s4, guide=im, prior=None)
+
+    def _cascade(
+        self, im: Tensor, seg: Tensor, inter_s8: Tensor | None, inter_s4: Tensor | None, *, guide: Tensor,
+        prior: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """The three cascade iterations (see :meth:`forward`).
+
+        Args:
+            guide: the full-resolution skip input of ``up_3`` and of the OS1 head (the official
+                module: ``im``; subclasses may add channels).
+            prior: added to every output logit before it is emitted and fed back (``None``: nothing).
+        """
         out: dict[str, Tensor] = {}
 
-        def emit(key: str, logit: Tensor) -> None:
+        def emit(key: str, logit: Tensor) -> Tensor:
+            if prior is not None:
+                logit = logit + prior
             out["out_" + key] = logit
             out["pred_" + key] = torch.sigmoid(logit)
+            return logit
 
         if inter_s8 is None:
             p, _, _ = self._encode(im, seg, seg, seg)
-            logit8 = _up(self.final_28(p), 8)
-            emit("28", logit8)
-            inter_s8 = torch.tanh(logit8)
+            inter_s8 = torch.tanh(emit("28", _up(self.final_28(p), 8)))
         if inter_s4 is None:
             p, _, f_2 = self._encode(im, seg, inter_s8, inter_s8)
-            logit8 = _up(self.final_28(p), 8)
-            logit4 = _up(self.final_56(self.up_1(p, f_2)), 4)
-            emit("28_2", logit8)
-            emit("56", logit4)
+            logit8 = emit("28_2", _up(self.final_28(p), 8))
+            logit4 = emit("56", _up(self.final_56(self.up_1(p, f_2)), 4))
             inter_s8, inter_s4 = torch.tanh(logit8), torch.tanh(logit4)
-
         p, f_1, f_2 = self._encode(im, seg, inter_s8, inter_s4)
         emit("28_3", _up(self.final_28(p), 8))
         p = self.up_1(p, f_2)
         emit("56_2", _up(self.final_56(p), 4))
-        p = self.up_3(self.up_2(p, f_1), im)
-        emit("224", self.final_21(F.relu(self.final_11(torch.cat([p, im], 1)))))
+        p = self.up_3(self.up_2(p, f_1), guide)
+        emit("224", self.final_21(F.relu(self.final_11(torch.cat([p, guide], 1)))))
         return out
 
 

@@ -260,34 +260,9 @@ class LiteCascadeModule(CascadeRefinementModule):
         Returns:
             ``out_*`` logits and ``pred_*`` probabilities, ``(N, 1, H, W)``, the keys of the parent.
         """
-        if self.prior_gain is None and not self.arch.mask_skip:
-            return super().forward(im, seg, inter_s8, inter_s4)
         prior = None if self.prior_gain is None else self.prior_gain.to(seg.dtype) * seg
         guide = torch.cat([im, seg.to(im.dtype)], 1) if self.arch.mask_skip else im
-        out: dict[str, Tensor] = {}
-
-        def emit(key: str, logit: Tensor) -> Tensor:
-            if prior is not None:
-                logit = logit + prior
-            out["out_" + key] = logit
-            out["pred_" + key] = torch.sigmoid(logit)
-            return logit
-
-        if inter_s8 is None:
-            p, _, _ = self._encode(im, seg, seg, seg)
-            inter_s8 = torch.tanh(emit("28", _up(self.final_28(p), 8)))
-        if inter_s4 is None:
-            p, _, f_2 = self._encode(im, seg, inter_s8, inter_s8)
-            logit8 = emit("28_2", _up(self.final_28(p), 8))
-            logit4 = emit("56", _up(self.final_56(self.up_1(p, f_2)), 4))
-            inter_s8, inter_s4 = torch.tanh(logit8), torch.tanh(logit4)
-        p, f_1, f_2 = self._encode(im, seg, inter_s8, inter_s4)
-        emit("28_3", _up(self.final_28(p), 8))
-        p = self.up_1(p, f_2)
-        emit("56_2", _up(self.final_56(p), 4))
-        p = self.up_3(self.up_2(p, f_1), guide)
-        emit("224", self.final_21(F.relu(self.final_11(torch.cat([p, guide], 1)))))
-        return out
+        return self._cascade(im, seg, inter_s8, inter_s4, guide=guide, prior=prior)
 
 
 def cascadepsp_lite(**arch: Any) -> LiteCascadeModule:
