@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from magnet_fixtures import ColourSegmenter, fill_module
 from refine_cli import weights as registry
 from refine_cli.devtools.fill_magnet import fill_state_dict, module_entries
 from refine_cli.errors import InputError, UsageError, WeightsError
@@ -28,34 +29,12 @@ from refine_cli.refiners.magnet import (
     load_refinement_modules,
     run_magnet,
 )
-from refine_cli.segmenters.base import Segmenter, SegmenterSpec
 from refine_cli.tiling.grid import Window
 from refine_cli.weights_magnet import MAGNET_RECORDS
 
 C = 3
 INPUT = (48, 32)  # (w, h)
 IMAGE_HW = (256, 384)
-
-
-class ColourSegmenter(Segmenter):
-    """Deterministic: per-pixel softmax of a fixed linear map of RGB plus a 3x3 box blur of it.
-
-    Counts the images it segments, so tests can tell whether stage 1 ran.
-    """
-
-    def __init__(self, classes: int = C, size: tuple[int, int] = INPUT) -> None:
-        self.spec = SegmenterSpec("colour", size, tuple(f"class{i}" for i in range(classes)), resize="linear")
-        g = torch.Generator().manual_seed(1234)
-        self.weight = torch.randn(classes, 3, generator=g) * 6
-        self.images = 0
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        batch = self.check_batch(images)
-        self.images += len(batch)
-        x = torch.from_numpy(batch).float().permute(0, 3, 1, 2) / 255 - 0.5
-        logits = torch.einsum("nkhw,ck->nchw", x, self.weight)
-        logits = torch.nn.functional.avg_pool2d(logits, 3, 1, 1, count_include_pad=False)
-        return torch.softmax(logits, dim=1).numpy()
 
 
 def _image(hw: tuple[int, int] = IMAGE_HW, seed: int = 7) -> np.ndarray:
@@ -68,9 +47,7 @@ def _image(hw: tuple[int, int] = IMAGE_HW, seed: int = 7) -> np.ndarray:
 
 
 def _module(classes: int = C) -> nn.Module:
-    m = build_refinement_magnet(classes)
-    m.load_state_dict(fill_state_dict(module_entries(m)), strict=True)
-    return m.eval()
+    return fill_module(classes)
 
 
 def _preset(**over: object) -> MagnetPreset:
