@@ -92,6 +92,40 @@ def select_methods(spec: str | None) -> list[str] | None:
     return methods
 
 
+def parse_variant(spec: str) -> tuple[str, Any]:
+    """``LABEL=METHOD[,GROUP.FIELD=VALUE ...]`` -> ``(label, RefineConfig)``.
+
+    A variant is a registered method with other options, run under its own label beside the
+    others, e.g. ``lite-v2=cascade,cascade.weights=runs/a/best.pt`` or
+    ``magnet-binary=magnet-fast,magnet.preset=binary``. Values are JSON when they parse, else text.
+    """
+    import dataclasses
+
+    from refine_cli.config import RefineConfig
+
+    label, _, rest = spec.partition("=")
+    method, *assignments = [p.strip() for p in rest.split(",")]
+    if not label or not method:
+        raise SystemExit(f"--variant {spec!r}: use LABEL=METHOD[,GROUP.FIELD=VALUE ...]")
+    config = RefineConfig(method=method)
+    for item in assignments:
+        key, _, text = item.partition("=")
+        try:
+            value: Any = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        group, _, name = key.partition(".")
+        try:
+            if name:
+                config = dataclasses.replace(config, **{group: dataclasses.replace(getattr(config, group),
+                                                                                    **{name: value})})
+            else:
+                config = dataclasses.replace(config, **{group: value})
+        except (AttributeError, TypeError) as exc:
+            raise SystemExit(f"--variant {spec!r}: {key} is not an option ({exc})") from None
+    return label, config
+
+
 def machine_info() -> dict[str, Any]:
     """CPU, cores, memory and library versions of this machine."""
     cpu = platform.processor() or platform.machine()
@@ -349,8 +383,8 @@ def nuclei_set(work: Path) -> DataSet:
 # ------------------------------------------------------------------------------------------------- runs
 
 
-def probe(method: str, work: Path) -> str | None:
-    """Run ``method`` on a tiny image; ``None`` when it works, else the reason it cannot run."""
+def probe(method: str, work: Path, config: Any = None) -> str | None:
+    """Run ``method`` (or its variant ``config``) on a tiny image; ``None`` when it works, else why not."""
     from refine_cli.api import refine_file
     from refine_cli.config import RefineConfig
 
@@ -365,8 +399,8 @@ def probe(method: str, work: Path) -> str | None:
         write_png(img, rgb.astype(np.uint8))
         write_png(msk, to_u8(cv2.resize(inside.astype(np.float32), (32, 24), interpolation=cv2.INTER_AREA)))
     try:
-        refine_file(str(img), str(msk), str(folder / f"out_{method}.png"), config=RefineConfig(method=method),
-                    overwrite=True)
+        refine_file(str(img), str(msk), str(folder / f"out_{method}.png"),
+                    config=config or RefineConfig(method=method), overwrite=True)
     except RefineError as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -384,9 +418,9 @@ def interleave(sets: Iterable[DataSet], kinds: Iterable[str]) -> list[tuple[Case
 
 
 def run_method(
-    method: str, jobs: list[tuple[Case, str]], out_dir: Path, budget_s: float
+    method: str, jobs: list[tuple[Case, str]], out_dir: Path, budget_s: float, config: Any = None
 ) -> tuple[list[dict], bool]:
-    """Refine and score every job with one method, stopping when ``budget_s`` is spent.
+    """Refine and score every job with one method (or variant ``config``), stopping when ``budget_s`` is spent.
 
     Returns:
         One record per job run, and whether every job ran.
@@ -398,7 +432,7 @@ def run_method(
     out_dir.mkdir(parents=True, exist_ok=True)
     records = []
     t0 = time.perf_counter()
-    config = RefineConfig(method=method)
+    config = config or RefineConfig(method=method)
     for n, (case, kind) in enumerate(jobs):
         if time.perf_counter() - t0 > budget_s:
             log.warning("%s: time share of %.0f s spent after %d of %d cases; the rest is skipped", method,
@@ -596,6 +630,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(synthetic, shapes, portrait-comp, p3m, nuclei)")
     parser.add_argument("--coarse", default=None, help=f"comma-separated coarse kinds (default {','.join(COARSE_KINDS)})")
     parser.add_argument("--max-cases", type=int, default=None, help="at most this many cases per data set")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD[,GROUP.FIELD=VALUE]",
+                        help="also run a method with other options under its own label, e.g. "
+                             "lite2=cascade,cascade.weights=runs/a/best.pt (repeatable)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -608,6 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = select_methods(args.methods)
     if methods is None:
         return 2
+    variants = dict(parse_variant(v) for v in args.variant)
+    methods += [v for v in variants if v not in methods]
     work = args.work or Path(tempfile.gettempdir()) / "refine-bench"
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -627,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict] = []
     runnable = []
     for m in methods:
-        reason = probe(m, work)
+        reason = probe(m, work, variants.get(m))
         if reason:
             status[m] = {"status": f"unavailable: {reason}"}
             log.warning("%s unavailable: %s", m, reason)
@@ -636,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, m in enumerate(runnable):
         left = budget - (time.perf_counter() - t_start)
         share = max(0.0, left / (len(runnable) - i))
-        recs, complete = run_method(m, jobs, work / "outputs" / m, share)
+        recs, complete = run_method(m, jobs, work / "outputs" / m, share, variants.get(m))
         records += recs
         status[m] = {"status": "ok" if complete else f"partial {len(recs)}/{len(jobs)} (time budget)"}
 
@@ -651,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": time.perf_counter() - t_start,
         "methods": {m: status[m] for m in methods},
+        "variants": {label: spec for label, spec in (v.split("=", 1) for v in args.variant)},
         "datasets": {s.name: {"name": s.name, "cases": len(s.cases), "note": s.note, "skipped": s.skipped,
                               "megapixels": sum(c.megapixels for c in s.cases)} for s in sets},
         "summary": summary,

@@ -75,6 +75,9 @@ def train_cmd(
                                       "final.pt/.json, log.jsonl.")],
     arch: Annotated[str | None, typer.Option(help="cascadepsp-lite (default), cascadepsp (official "
                                              "architecture, from scratch) or magnet-refinement.")] = None,
+    arch_params: Annotated[str | None, typer.Option(
+        "--arch-params", help='cascadepsp-lite only: JSON of architecture fields to change from the shipped '
+        'v1, e.g. \'{"widths": [32, 64, 128], "psp": 96}\'.')] = None,
     steps: Annotated[int | None, typer.Option(help="Optimiser steps in total (default 6000).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Crops per step (default 8).")] = None,
     crop: Annotated[int | None, typer.Option(help="Crop side in px, multiple of 8 (default 224).")] = None,
@@ -129,6 +132,7 @@ def train_cmd(
     if magnet.ARCH in (arch, stored_arch):
         cascade_only = {"--val-size": val_size, "--val-n": val_n, "--precision": precision,
                         "--workers": workers, "--pairs": pairs}
+        cascade_only["--arch-params"] = arch_params
         bad = [flag for flag, value in cascade_only.items() if value is not None]
         if bad:
             raise UsageError(f"{', '.join(bad)} do not apply to --arch {magnet.ARCH}; drop them")
@@ -146,6 +150,8 @@ def train_cmd(
             )
         settings = dict(trainer.TINY) if tiny else {}
         settings.update({k: v for k, v in given.items() if v is not None})
+        if arch_params is not None:
+            settings["arch_params"] = trainer.parse_arch_params(arch_params, settings.get("arch_params"))
         if photos is not None or portraits is not None or pairs is not None:
             settings["data"] = trainer.DataConfig(photos=photos, portraits=portraits, pairs=pairs)
         cfg = trainer.TrainConfig(out=out, **settings)

@@ -306,6 +306,33 @@ def resume_config(stored: TrainConfig, overrides: Mapping[str, Any]) -> TrainCon
 # models
 
 
+def parse_arch_params(text: str, base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``--arch-params``: a JSON object of ``LiteArch`` fields over ``base`` (none: the shipped v1).
+
+    Raises:
+        UsageError: not a JSON object, or fields ``LiteArch`` does not have or refuses.
+    """
+    from refine_cli.models.cascadepsp_lite import LITE_V1, LiteArch
+
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--arch-params is not valid JSON ({exc.msg}); give an object such as "
+                         '\'{"widths": [32, 64, 128]}\'') from None
+    if not isinstance(given, dict):
+        raise UsageError("--arch-params must be a JSON object of architecture fields, e.g. '{\"psp\": 96}'")
+    known = set(LITE_V1.to_dict())
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise UsageError(f"--arch-params: unknown fields {unknown}; the fields are {', '.join(sorted(known))}")
+    merged = {**(dict(base) if base else LITE_V1.to_dict()), **given}
+    try:
+        return LiteArch.from_dict(merged).to_dict()
+    except (WeightsError, ValueError, TypeError) as exc:
+        raise UsageError(f"--arch-params: {exc}") from None
+
+
+
 def build_model(arch: str, params: Mapping[str, Any] | None = None) -> nn.Module:
     """Build a freshly initialised refinement module.
 
