@@ -8,7 +8,7 @@ Default input: the official demo image (aeroplane, 3492 x 2328) from
 ``../shared/data/cascadepsp-samples``.
 
     python benchmarks/cascade_paths.py                         # default weights
-    python benchmarks/cascade_paths.py --weights weights/cascadepsp-lite-v1.pt --size 900
+    python benchmarks/cascade_paths.py --weights weights/cascadepsp-lite-v2.pt --size 900
     python benchmarks/cascade_paths.py --image big.tif --mask coarse.png --no-exact
 """
 

@@ -141,27 +141,44 @@ CASCADEPSP = WeightsRecord(
     "md5 from the package's download check; sha256 recorded in the cache sidecar on first fetch/import.",
 )
 
-DEFAULT_CASCADEPSP_LITE = "cascadepsp-lite-v1"
+def _lite_record(version: str, size: int, sha256: str, notes: str) -> WeightsRecord:
+    """A self-trained CascadePSP-lite checkpoint shipped in ``weights/`` (model card: weights/README.md)."""
+    name = f"cascadepsp-lite-{version}"
+    return WeightsRecord(
+        name=name,
+        architecture="cascadepsp-lite",
+        url=None,
+        filename=f"{name}.pt",
+        size=size,
+        approx_size=size,
+        md5=None,
+        sha256=sha256,
+        license="MIT (this project); trained by `refine train` on composites of the photos listed in "
+        "weights/README.md (CC-BY/CC-BY-SA/CC0/GPL-2+ sources, see there)",
+        normalization=IMAGENET,
+        notes=notes,
+        strip_prefixes=(),
+        bundled=f"{name}.pt",
+    )
 
-CASCADEPSP_LITE = WeightsRecord(
-    name=DEFAULT_CASCADEPSP_LITE,
-    architecture="cascadepsp-lite",
-    url=None,
-    filename="cascadepsp-lite-v1.pt",
-    size=2_174_940,
-    approx_size=2_174_940,
-    md5=None,
-    sha256="66c97d062a677d94e83eeb147278503de3a551137858a3caea9e12defcf22b45",
-    license="MIT (this project); trained by `refine train` on composites of the photos listed in "
-    "weights/README.md (CC-BY/CC-BY-SA/CC0/GPL-2+ sources, see there)",
-    normalization=IMAGENET,
-    notes="Self-trained CascadePSP-lite shipped in weights/ (model card: weights/README.md); the default "
-    "--method cascade weights when the official checkpoint is not in the cache.",
-    strip_prefixes=(),
-    bundled="cascadepsp-lite-v1.pt",
+
+DEFAULT_CASCADEPSP_LITE = "cascadepsp-lite-v2"
+
+CASCADEPSP_LITE = _lite_record(
+    "v2", 2_172_006, "90014e5764208a5d9fb5ecf5f69b21c7d3b937bc5cb8bf05cdbe60f0a864b86d",
+    "Self-trained CascadePSP-lite (20 400 steps on one GPU) shipped in weights/; the default --method cascade "
+    "weights when the official checkpoint is not in the cache.",
 )
 
-_REGISTRY: dict[str, WeightsRecord] = {r.name: r for r in (CASCADEPSP, CASCADEPSP_LITE)}
+CASCADEPSP_LITE_V1 = _lite_record(
+    "v1", 2_174_940, "66c97d062a677d94e83eeb147278503de3a551137858a3caea9e12defcf22b45",
+    "The first self-trained CascadePSP-lite (2 000 steps on 2 CPU cores), kept for comparison; same "
+    "architecture as v2, lower quality (weights/README.md).",
+)
+
+_REGISTRY: dict[str, WeightsRecord] = {
+    r.name: r for r in (CASCADEPSP, CASCADEPSP_LITE, CASCADEPSP_LITE_V1)
+}
 
 
 def bundled_path(record: WeightsRecord) -> Path | None:

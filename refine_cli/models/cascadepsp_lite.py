@@ -126,7 +126,7 @@ LITE_V1 = LiteArch(
     stem=16, widths=(24, 48, 96), depths=(1, 2, 2), dilation=2, psp=64, up1=32, up2=16, up3=8, head=16,
     prior_gain=3.0, mask_skip=True,
 )
-"""The architecture of the shipped ``cascadepsp-lite-v1`` weights."""
+"""The architecture of the shipped ``cascadepsp-lite-v1`` and ``-v2`` weights."""
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:

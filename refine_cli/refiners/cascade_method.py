@@ -3,7 +3,7 @@
 Weights (``--weights``): a checkpoint file (the official one, or one exported by
 ``refine train`` with its JSON sidecar) or a registry name. Without ``--weights``
 the official checkpoint is used when it is in the cache, else the project's own
-``cascadepsp-lite-v1`` from ``weights/``, with a one-line notice; the report
+``cascadepsp-lite-v2`` from ``weights/``, with a one-line notice; the report
 records which weights ran and their sha256.
 
 Path: the **exact** official procedure (``refiners.cascadepsp``) runs on the whole
