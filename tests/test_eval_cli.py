@@ -325,12 +325,18 @@ def test_overlay_of_tiled_tiff_streams(tmp_path):
 
 def test_quality_benchmark_quick(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--quick", "--methods",
-                           "coarse,guided", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+                           "coarse,guided", "--variant", "tight=guided,guided.eps=0.0001",
+                           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "out" / "quality.json").read_text())
     assert res["mode"] == "quick"
-    assert res["methods"] == {"coarse": {"status": "ok"}, "guided": {"status": "ok"}}
+    assert res["methods"] == {m: {"status": "ok"} for m in ("coarse", "guided", "tight")}
+    assert res["variants"] == {"tight": "guided,guided.eps=0.0001"}
+    by_method = {(r["method"], r["dataset"], r["case"], r["coarse"]): r["mba"] for r in res["runs"]}
+    tight = {k[1:]: v for k, v in by_method.items() if k[0] == "tight"}
+    guided = {k[1:]: v for k, v in by_method.items() if k[0] == "guided"}
+    assert tight.keys() == guided.keys() and tight != guided  # the variant really ran with its own option
     rows = {(r["method"], r["dataset"]): r for r in res["summary"]}
     assert ("coarse", "synthetic") in rows and ("guided", "synthetic") in rows
     for r in res["summary"]:

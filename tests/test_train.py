@@ -241,6 +241,27 @@ def test_cli_tiny_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     assert isinstance(res.exception, UsageError) and "magnet-refinement" in str(res.exception)
 
 
+def test_cli_arch_params(tmp_path: Path, data_dir: Path) -> None:
+    """--arch-params changes fields of the lite architecture; bad JSON or fields are usage errors."""
+    from refine_cli.commands.train import app
+
+    base = ["--tiny", "--photos", str(data_dir / "photos"), "--portraits", str(data_dir / "portraits"),
+            "--threads", "1", "--steps", "2", "-q"]
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "w"), "--arch-params",
+                                   '{"psp": 24, "head": 4}'])
+    assert res.exit_code == 0, res.output
+    arch = json.loads((tmp_path / "w" / "final.json").read_text())["arch_params"]
+    assert arch["psp"] == 24 and arch["head"] == 4 and arch["widths"] == T.TINY["arch_params"]["widths"]
+    assert T.parse_arch_params('{"psp": 80}')["widths"] == [24, 48, 96]  # over the shipped v1 without --tiny
+    for text, words in (("{psp: 1}", "not valid JSON"), ("[1, 2]", "JSON object"),
+                        ('{"pspx": 1}', "unknown fields ['pspx']"), ('{"widths": [8]}', "3 entries")):
+        res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "bad"), "--arch-params", text])
+        assert isinstance(res.exception, UsageError) and words in str(res.exception), (text, res.exception)
+    res = CliRunner().invoke(app, ["--out", str(tmp_path / "m"), "--arch", "magnet-refinement",
+                                   "--arch-params", "{}", "-q"])
+    assert isinstance(res.exception, UsageError) and "--arch-params" in str(res.exception)
+
+
 # ------------------------------------------------------------------------------ MagNet refinement module
 
 
