@@ -420,7 +420,7 @@ def interleave(sets: Iterable[DataSet], kinds: Iterable[str]) -> list[tuple[Case
 def run_method(
     method: str, jobs: list[tuple[Case, str]], out_dir: Path, budget_s: float, config: Any = None
 ) -> tuple[list[dict], bool]:
-    """Refine and score every job with one method (or variant ``config``), stopping when ``budget_s`` is spent.
+    """Refine and score every job with one method (or its variant ``config``) until ``budget_s`` is spent.
 
     Returns:
         One record per job run, and whether every job ran.

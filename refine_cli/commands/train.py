@@ -131,8 +131,7 @@ def train_cmd(
     stored_arch = magnet.checkpoint_arch(out) if resume and arch is None else None
     if magnet.ARCH in (arch, stored_arch):
         cascade_only = {"--val-size": val_size, "--val-n": val_n, "--precision": precision,
-                        "--workers": workers, "--pairs": pairs}
-        cascade_only["--arch-params"] = arch_params
+                        "--workers": workers, "--pairs": pairs, "--arch-params": arch_params}
         bad = [flag for flag, value in cascade_only.items() if value is not None]
         if bad:
             raise UsageError(f"{', '.join(bad)} do not apply to --arch {magnet.ARCH}; drop them")

@@ -332,7 +332,6 @@ def parse_arch_params(text: str, base: Mapping[str, Any] | None = None) -> dict[
         raise UsageError(f"--arch-params: {exc}") from None
 
 
-
 def build_model(arch: str, params: Mapping[str, Any] | None = None) -> nn.Module:
     """Build a freshly initialised refinement module.
 
