@@ -244,6 +244,10 @@ def main(argv: list[str] | None = None) -> None:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         _error(f"{exc.strerror or exc}{where}", debug)
         raise SystemExit(1) from None
+    except ModuleNotFoundError as exc:  # a broken install, not a bug: say what to install
+        _error(f"the Python package {exc.name!r} is missing: reinstall refine (`pip install -e .` in the "
+               f"checkout, or `pip install {exc.name}`)", debug)
+        raise SystemExit(1) from None
     except Exception as exc:  # a bug: one line, traceback with --debug
         if debug:
             err_console.print_exception()

@@ -335,3 +335,13 @@ def test_ctrl_c_exits_130_with_a_message(files, tmp_path, cli, monkeypatch):
     monkeypatch.setattr(api, "refine_file", interrupted)
     code, _, err = cli("run", files / "img.png", "--mask", files / "mask.png", "-o", tmp_path / "o.tif")
     assert code == 130 and "interrupted" in one_line_error(err)
+
+
+def test_a_missing_package_names_what_to_install(files, cli, monkeypatch):
+    """A broken install (a dependency not importable) is one line naming the package, not 'internal error'."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "zarr", None)  # `import zarr` now raises ModuleNotFoundError
+    code, _, err = cli("info", files / "tiled.tif")
+    line = one_line_error(err)
+    assert code == 1 and "'zarr' is missing" in line and "pip install" in line and "internal" not in line
