@@ -186,12 +186,10 @@ class MagnetTrainConfig:
         object.__setattr__(self, "holdout", tuple(str(v) for v in self.holdout))
         if self.arch != ARCH:
             raise UsageError(f"MagnetTrainConfig trains --arch {ARCH}, not {self.arch!r}")
+        from refine_cli.train.trainer import check_settings
+
         lo, hi = self.canvas
-        checks = (
-            (self.steps >= 1, f"--steps {self.steps} must be >= 1"),
-            (self.batch_size >= 1, f"--batch-size {self.batch_size} must be >= 1"),
-            (self.crop >= 32 and self.crop % 8 == 0, f"--crop {self.crop} must be a multiple of 8, >= 32"),
-            (self.lr > 0, f"--lr {self.lr} must be > 0"),
+        check_settings(self, (
             (self.optimizer in OPTIMIZERS,
              f"optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}"),
             (0.0 < self.ohem_threshold <= 1.0, "ohem_threshold must be in (0, 1]"),
@@ -203,13 +201,7 @@ class MagnetTrainConfig:
             (0.0 <= self.boundary_bias <= 1.0, "boundary_bias must be in [0, 1]"),
             (min(self.val_every, self.ckpt_every, self.warmup) >= 0, "--val-every, --ckpt-every and warm-up "
              "must be >= 0"),
-            (self.log_every >= 1, "log_every must be >= 1"),
-            (self.threads is None or self.threads >= 1, f"--threads {self.threads} must be >= 1"),
-            (0.0 < self.min_lr_ratio <= 1.0, "min_lr_ratio must be in (0, 1]"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
+        ))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view (stored in checkpoints and sidecars)."""

@@ -159,6 +159,31 @@ class DataConfig:
         )
 
 
+def check_settings(cfg: Any, checks: Sequence[tuple[bool, str]]) -> None:
+    """Validate the step-loop settings every ``refine train`` config has, then ``checks``.
+
+    Args:
+        cfg: a config with ``steps``, ``batch_size``, ``crop``, ``lr``, ``log_every``,
+            ``threads`` and ``min_lr_ratio`` (:class:`TrainConfig`, MagNet's config).
+        checks: ``(ok, message)`` pairs of the config's own fields.
+
+    Raises:
+        UsageError: the message of the first failed check.
+    """
+    common = (
+        (cfg.steps >= 1, f"--steps {cfg.steps} must be >= 1"),
+        (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be >= 1"),
+        (cfg.crop >= 32 and cfg.crop % 8 == 0, f"--crop {cfg.crop} must be a multiple of 8, >= 32"),
+        (cfg.lr > 0, f"--lr {cfg.lr} must be > 0"),
+        (cfg.log_every >= 1, "log_every must be >= 1"),
+        (cfg.threads is None or cfg.threads >= 1, f"--threads {cfg.threads} must be >= 1"),
+        (0.0 < cfg.min_lr_ratio <= 1.0, "min_lr_ratio must be in (0, 1]"),
+    )
+    for ok, message in (*common, *checks):
+        if not ok:
+            raise UsageError(message)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on (stored in its checkpoint).
@@ -227,23 +252,13 @@ class TrainConfig:
             raise UsageError(f"--arch {self.arch!r}: use one of {', '.join(ARCHITECTURES)}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        checks = (
-            (self.steps >= 1, f"--steps {self.steps} must be >= 1"),
-            (self.batch_size >= 1, f"--batch-size {self.batch_size} must be >= 1"),
-            (self.crop >= 32 and self.crop % 8 == 0, f"--crop {self.crop} must be a multiple of 8, >= 32"),
-            (self.lr > 0, f"--lr {self.lr} must be > 0"),
+        check_settings(self, (
             (self.val_size >= 64 and self.val_size % 8 == 0,
              f"--val-size {self.val_size} must be a multiple of 8, >= 64"),
             (self.val_n >= 1, f"--val-n {self.val_n} must be >= 1"),
             (min(self.val_every, self.ckpt_every, self.val_full_n, self.workers, self.warmup) >= 0,
              "--val-every, --ckpt-every, --workers, warm-up and val_full_n must be >= 0"),
-            (self.log_every >= 1, "log_every must be >= 1"),
-            (self.threads is None or self.threads >= 1, f"--threads {self.threads} must be >= 1"),
-            (0.0 < self.min_lr_ratio <= 1.0, "min_lr_ratio must be in (0, 1]"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
+        ))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view (stored in checkpoints and sidecars)."""
@@ -324,7 +339,9 @@ def parse_arch_params(text: str, base: Mapping[str, Any] | None = None) -> dict[
     known = set(LITE_V1.to_dict())
     unknown = sorted(set(given) - known)
     if unknown:
-        raise UsageError(f"--arch-params: unknown fields {unknown}; the fields are {', '.join(sorted(known))}")
+        raise UsageError(
+            f"--arch-params: unknown fields {unknown}; the fields are {', '.join(sorted(known))}"
+        )
     merged = {**(dict(base) if base else LITE_V1.to_dict()), **given}
     try:
         return LiteArch.from_dict(merged).to_dict()
