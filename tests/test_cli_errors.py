@@ -174,24 +174,25 @@ def test_bad_input_gives_one_line_and_exit_code(files, tmp_path, cli, args, code
     assert leftovers == []
 
 
-def test_unreadable_file(files, tmp_path, cli, monkeypatch):
-    p = tmp_path / "locked.png"
-    p.write_bytes((files / "img.png").read_bytes())
-    p.chmod(0)
+def locked_copy(src: Path, dst: Path, monkeypatch) -> Path:
+    """``dst``: a copy of ``src`` with no permissions, unreadable even though the tests may run as root."""
+    dst.write_bytes(src.read_bytes())
+    dst.chmod(0)
     real_access = os.access
     # root reads anything, so stand in for an ordinary user's permission check
-    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(p) else real_access(path, mode))
+    monkeypatch.setattr(os, "access",
+                        lambda path, mode: False if str(path) == str(dst) else real_access(path, mode))
+    return dst
+
+
+def test_unreadable_file(files, tmp_path, cli, monkeypatch):
+    p = locked_copy(files / "img.png", tmp_path / "locked.png", monkeypatch)
     code, _, err = cli("run", p, "--mask", files / "mask.png")
     assert code == 2 and "permission" in one_line_error(err)
 
 
 def test_unreadable_mask(files, tmp_path, cli, monkeypatch):
-    p = tmp_path / "locked_mask.png"
-    p.write_bytes((files / "mask.png").read_bytes())
-    p.chmod(0)
-    real_access = os.access
-    # as in test_unreadable_file: root reads anything, so stand in for an ordinary user's check
-    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(p) else real_access(path, mode))
+    p = locked_copy(files / "mask.png", tmp_path / "locked_mask.png", monkeypatch)
     code, out, err = cli("run", files / "img.png", "--mask", p, "-o", tmp_path / "o.tif")
     line = one_line_error(err)
     assert code == 2 and "permission" in line and line.startswith(f"error: mask {p}"), line
