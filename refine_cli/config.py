@@ -88,6 +88,9 @@ class CascadeOptions:
             over 90 % foreground; with the official grid the streamed result then equals the
             exact one on a 4K image, ``benchmarks/cascade_paths.py``), or windows with no
             ``boundary`` of the mask (refines thin structures the official rule skips).
+        pad: how network inputs are padded to a multiple of 8: ``auto`` (the weights' own
+            convention: ``official`` for the official architecture, ``replicate`` for the
+            lite one), ``official`` (mean colour / background) or ``replicate`` (edge pixels).
     """
 
     size: int = 900
@@ -98,6 +101,7 @@ class CascadeOptions:
     exact: bool | None = None
     grid: str = "official"
     skip: str = "official"
+    pad: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -188,6 +192,8 @@ class RefineConfig:
             raise UsageError(f"--cascade-grid {self.cascade.grid!r}: use official or feather")
         if self.cascade.skip not in ("boundary", "official"):
             raise UsageError(f"--cascade-skip {self.cascade.skip!r}: use boundary or official")
+        if self.cascade.pad not in ("auto", "official", "replicate"):
+            raise UsageError(f"--cascade-pad {self.cascade.pad!r}: use auto, official or replicate")
         if self.cascade.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
         if self.guided.radius is not None and self.guided.radius < 1:

@@ -14,7 +14,7 @@ from conftest import write_png
 from refine_cli.api import refine_file
 from refine_cli.config import CascadeOptions, RefineConfig
 from refine_cli.devtools.synthetic import random_scene
-from refine_cli.errors import ResourceError, WeightsError
+from refine_cli.errors import ResourceError, UsageError, WeightsError
 from refine_cli.tiling.grid import Window
 
 
@@ -119,3 +119,13 @@ def test_streamed_official_grid_equals_the_exact_path(small, tmp_path, tiny):
     off = np.abs(streamed - exact) > 1e-4
     assert int(off.sum()) <= exact.size * 1e-4, np.argwhere(off)[:10].tolist()
     assert float(np.abs(streamed - exact).mean()) < 1e-4
+
+
+def test_cascade_pad_follows_the_weights_unless_forced(small, tmp_path, tiny):
+    """``--cascade-pad auto`` takes the architecture's convention (lite: replicate), the flag forces
+    one, and the report says which ran (``safe_forward`` tests check what each mode feeds the network)."""
+    _, rep = run(small, tmp_path, tiny, "pad_auto", exact=True, size=404, fast=True)
+    _, rep_o = run(small, tmp_path, tiny, "pad_off", exact=False, fast=True, pad="official")
+    assert rep.refiner["pad"] == "replicate" and rep_o.refiner["pad"] == "official"
+    with pytest.raises(UsageError, match="--cascade-pad 'zero'"):
+        RefineConfig(method="cascade", cascade=CascadeOptions(pad="zero"))

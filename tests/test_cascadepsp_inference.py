@@ -272,9 +272,10 @@ def test_input_errors(model):
 class Recorder(torch.nn.Module):
     """Stands in for the network: records its inputs, returns seg mapped to [0, 1]."""
 
-    def __init__(self):
+    def __init__(self, pad_mode="official"):
         super().__init__()
         self.calls = []
+        self.pad_mode = pad_mode
 
     def forward(self, im, seg, inter_s8=None, inter_s4=None):
         self.calls.append((im, seg, inter_s8, inter_s4))
@@ -293,6 +294,30 @@ def test_safe_forward_padding_rule():
     assert out["pred_224"].shape == (2, 1, 97, 130) and bool((out["pred_224"] == 1).all())
     safe_forward(rec, torch.ones(1, 3, 96, 128), torch.ones(1, 1, 96, 128))
     assert rec.calls[-1][0].shape[-2:] == (96, 128)  # multiples of 8 are not padded
+
+
+def test_safe_forward_replicate_padding():
+    """``pad_mode == "replicate"`` (the lite weights' convention): every input repeats its last
+    row and column; the output is cropped back the same way."""
+    rec = Recorder(pad_mode="replicate")
+    g = torch.Generator().manual_seed(0)
+    im, seg = torch.randn(1, 3, 97, 130, generator=g), torch.rand(1, 1, 97, 130, generator=g) * 2 - 1
+    inter = torch.rand(1, 1, 97, 130, generator=g) * 2 - 1
+    out = safe_forward(rec, im, seg, inter)
+    pim, pseg, pinter, _ = rec.calls[0]
+    assert pim.shape[-2:] == (104, 136)
+    assert torch.equal(pim[..., :97, :130], im) and torch.equal(pseg[..., :97, :130], seg)
+    assert torch.equal(pim[..., 97:, :130], im[..., 96:97, :].expand(-1, -1, 7, -1))
+    assert torch.equal(pseg[..., :97, 130:], seg[..., :, 129:130].expand(-1, -1, -1, 6))
+    assert torch.equal(pinter[..., 103, 135], inter[..., 96, 129])
+    assert torch.equal(out["pred_224"], (seg + 1) / 2)
+
+
+def test_each_architecture_has_its_padding_convention():
+    from refine_cli.models.cascadepsp_lite import cascadepsp_lite
+
+    assert cascadepsp_official().pad_mode == "official"  # the golden references need it
+    assert cascadepsp_lite().pad_mode == "replicate"
 
 
 class TinyEncoder(torch.nn.Module):

@@ -104,3 +104,28 @@ def test_weights_commands_see_the_bundled_copies(cli, tmp_path, monkeypatch):
     assert Path(out.strip()) == weights.bundled_path(RECORD)
     code, _, err = cli("weights", "verify", "cascadepsp")
     assert code != 0 and "refine weights fetch cascadepsp" in err
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "photos").is_dir(), reason="needs ../shared/data")
+def test_lite_does_not_grow_the_mask_along_the_padded_border():
+    """At L = 300 the global input is padded to 304 at the bottom and right. With the official padding
+    (mean colour, background) the lite weights read that strip as an edge and grow false foreground
+    along it; their own ``replicate`` padding must leave those sides no worse than the top and left."""
+    from refine_cli.refiners.cascade_method import load_cascade_model
+    from refine_cli.refiners.cascadepsp import refine_exact
+    from refine_cli.train.data import SampleSpec, make_sample
+
+    torch.set_num_threads(1)
+    model, info, _ = load_cascade_model(CascadeOptions(), "cpu")
+    assert info["pad"] == "replicate"
+    spec = SampleSpec(size=(300, 300), seed=777)
+    strip = 12
+    padded_sides, other_sides = 0, 0
+    for i in range(6):
+        s = make_sample(i, spec, perturbation="cascadepsp")
+        prob, _ = refine_exact(model, s.image, s.coarse, size=300)
+        fp = (prob >= 0.5) & ~s.hard
+        padded_sides += int(fp[-strip:].sum() + fp[:, -strip:].sum())
+        other_sides += int(fp[:strip].sum() + fp[:, :strip].sum())
+    # measured: replicate 0 px vs 30 px on the top/left strips; the official padding gave 1 978 px
+    assert padded_sides <= other_sides + 100, (padded_sides, other_sides)

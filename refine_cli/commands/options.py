@@ -55,6 +55,7 @@ class RunOptions:
     exact: bool | None = None
     cascade_grid: str = "official"
     cascade_skip: str = "official"
+    cascade_pad: str = "auto"
     segmenter: str | None = None
     preset: str | None = None
     full: bool = False
@@ -86,7 +87,8 @@ class RunOptions:
             guided=GuidedOptions(radius=self.radius, eps=self.eps),
             cascade=CascadeOptions(size=self.cascade_size, fast=self.fast, weights=self.weights,
                                    precision=self.precision, batch_size=self.batch_size, exact=self.exact,
-                                   grid=self.cascade_grid, skip=self.cascade_skip),
+                                   grid=self.cascade_grid,
+                                   skip=self.cascade_skip, pad=self.cascade_pad),
             segmenter=self.segmenter,
             magnet=MagnetOptions(preset=self.preset, full=self.full, weights=self.weights, n_patches=self.patches,
                                  n_points=self.points, tiled=self.tiled),
@@ -126,6 +128,9 @@ OPTIONS: dict[str, Any] = {
                          "as the official local step) or feather (fewer tiles, faster)."),
     "cascade_skip": _opt(str, "--cascade-skip", "cascade, streamed: official (skip windows under 10 % or over 90 % "
                          "foreground, as the official code; default) or boundary (skip windows without a boundary)."),
+    "cascade_pad": _opt(str, "--cascade-pad", "cascade: padding of network inputs to a multiple of 8: auto (the "
+                        "weights' own: official for the official weights, replicate for the bundled lite ones), "
+                        "official (mean colour / background) or replicate (edge pixels)."),
     "segmenter": _opt(str | None, "--segmenter", "magnet-fast: segmenter name (see `refine weights list`) or "
                       "model file (.onnx/.tflite/TorchScript + sidecar JSON); makes the coarse mask without --mask."),
     "preset": _opt(str | None, "--preset", "magnet-fast: cityscapes, deepglobe or binary (default: from the "

@@ -223,10 +223,17 @@ class CascadeRefinementModule(nn.Module):
     The module owns its input normalisation (:meth:`normalize_image`, :meth:`mask_to_seg`,
     :meth:`prob_to_feedback`); mean and std are non-persistent buffers, so they follow
     ``.to(device)`` but are not part of the ``state_dict``.
+
+    Attributes:
+        pad_mode: how inference pads inputs to a multiple of 8 (see
+            ``refine_cli.refiners.cascadepsp.safe_forward``): ``official`` (mean colour and
+            background, as the official code: the golden references need it) or ``replicate``
+            (edge pixels repeated). Set per run by ``--cascade-pad``.
     """
 
     pixel_mean: Tensor
     pixel_std: Tensor
+    pad_mode: str = "official"
 
     def __init__(self, encoder: nn.Module, widths: CascadeWidths | None = None) -> None:
         super().__init__()

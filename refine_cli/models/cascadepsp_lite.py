@@ -215,7 +215,12 @@ class LiteCascadeModule(CascadeRefinementModule):
     Attributes:
         arch: the hyper-parameters this module was built from.
         prior_gain: learned scalar ``g`` of ``logit = head + g * seg`` (only when ``arch.prior_gain > 0``).
+        pad_mode: ``replicate``: trained on crops without padding, the module reads a strip of
+            mean colour and background (the official padding) at the bottom/right of the global
+            step as an edge and grows the mask along it (``benchmarks/quality.py``).
     """
+
+    pad_mode = "replicate"
 
     def __init__(self, arch: LiteArch) -> None:
         super().__init__(LiteEncoder(arch), arch.widths_of_cascade)

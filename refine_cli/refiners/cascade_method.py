@@ -81,6 +81,9 @@ def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[
             info["weights_sha256"] = resolved.sha256
         info["architecture"] = "cascadepsp"
         bpp = OFFICIAL_BYTES_PER_PIXEL
+    if options.pad != "auto":
+        model.pad_mode = options.pad
+    info["pad"] = model.pad_mode
     if notice:
         info["notice"] = notice
         log.warning("%s", notice)

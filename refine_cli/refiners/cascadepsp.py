@@ -107,8 +107,10 @@ def safe_forward(
     """Run the module on any size, padding as the official ``safe_forward`` does.
 
     When H or W is not a multiple of 8, both are padded at the bottom/right to
-    ``(d // 8 + 1) * 8`` (see :func:`~refine_cli.tiling.cascade_grid.padded_shape`): the
-    image with 0 (the mean colour), ``seg`` and the ``inter_*`` maps with -1 (background).
+    ``(d // 8 + 1) * 8`` (see :func:`~refine_cli.tiling.cascade_grid.padded_shape`). With
+    ``model.pad_mode == "official"`` the image is padded with 0 (the mean colour), ``seg``
+    and the ``inter_*`` maps with -1 (background), as the official code; with ``replicate``
+    every input repeats its last row/column.
 
     Args:
         model: the refinement module (eval mode).
@@ -125,10 +127,14 @@ def safe_forward(
     ph, pw = padded_shape((h, w))
     if (ph, pw) != (h, w):
         pad = (0, pw - w, 0, ph - h)
-        im = F.pad(im, pad, value=0.0)
-        seg = F.pad(seg, pad, value=-1.0)
-        inter_s8 = None if inter_s8 is None else F.pad(inter_s8, pad, value=-1.0)
-        inter_s4 = None if inter_s4 is None else F.pad(inter_s4, pad, value=-1.0)
+        if model.pad_mode == "replicate":
+            im, seg, inter_s8, inter_s4 = (None if t is None else F.pad(t, pad, mode="replicate")
+                                           for t in (im, seg, inter_s8, inter_s4))
+        else:
+            im = F.pad(im, pad, value=0.0)
+            seg = F.pad(seg, pad, value=-1.0)
+            inter_s8 = None if inter_s8 is None else F.pad(inter_s8, pad, value=-1.0)
+            inter_s4 = None if inter_s4 is None else F.pad(inter_s4, pad, value=-1.0)
     with torch.inference_mode(), precision_context(im.device, precision):
         out = model(im, seg, inter_s8, inter_s4)
     return {k: out[k][..., :h, :w].float() for k in ("pred_224", "pred_28_3", "pred_56_2")}
