@@ -262,6 +262,36 @@ def test_cli_arch_params(tmp_path: Path, data_dir: Path) -> None:
     assert isinstance(res.exception, UsageError) and "--arch-params" in str(res.exception)
 
 
+def test_cli_init_fine_tunes_exported_weights(tmp_path: Path, data_dir: Path) -> None:
+    """--init starts a CascadePSP-lite run from exported weights (their architecture kept, the sidecar
+    names where it started); a mismatched --arch or an --arch-params beside it is a usage error."""
+    from refine_cli.commands.train import app
+
+    base = ["--tiny", "--photos", str(data_dir / "photos"), "--portraits", str(data_dir / "portraits"),
+            "--threads", "1", "-q"]
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "a"), "--arch-params", '{"psp": 24}'])
+    assert res.exit_code == 0, res.output
+    start = tmp_path / "a" / "final.pt"
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "b"), "--init", str(start), "--steps", "1"])
+    assert res.exit_code == 0, res.output
+    side = json.loads((tmp_path / "b" / "final.json").read_text())
+    assert side["arch_params"]["psp"] == 24 and side["init"]["sha256"] == T.sha256_file(start)
+    a, _ = T.load_exported(start)
+    b, meta = T.load_init(T.TrainConfig(out=tmp_path / "x", init=str(start)))
+    assert meta["steps"] == 8 and b.training
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "c"), "--init", str(start), "--arch",
+                                   "cascadepsp"])
+    assert isinstance(res.exception, UsageError) and "--arch cascadepsp-lite" in str(res.exception)
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "d"), "--init", str(start),
+                                   "--arch-params", '{"psp": 16}'])
+    assert isinstance(res.exception, UsageError) and "drop --arch-params" in str(res.exception)
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "e"), "--init", "cascadepsp-lite-v2",
+                                   "--steps", "1", "--crop", "64"])
+    assert res.exit_code == 0, res.output  # a registry name: the bundled weights
+    assert json.loads((tmp_path / "e" / "final.json").read_text())["init"]["weights"] == "cascadepsp-lite-v2"
+
+
 # ------------------------------------------------------------------------------ MagNet refinement module
 
 

@@ -109,8 +109,9 @@ def train_cmd(
     = None,
     samples: Annotated[int | None, typer.Option(help="magnet-refinement only: composites in the segmenter "
                                                 "cache (default 400).")] = None,
-    init: Annotated[Path | None, typer.Option(help="magnet-refinement only: fine-tune from these exported "
-                                              "weights (.pt with its .json sidecar).")] = None,
+    init: Annotated[str | None, typer.Option(help="Fine-tune from these weights: an exported .pt (its .json "
+                                             "sidecar beside it) or a registry name, e.g. cascadepsp-lite-v2.")]
+    = None,
     tiny: Annotated[bool, typer.Option("--tiny", help="CI smoke mode: a minute model, 8 steps of 2 x 64 px "
                                        "crops, 2 validation samples.")] = False,
     verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 1,
@@ -143,12 +144,12 @@ def train_cmd(
             result = magnet.train_magnet(magnet.MagnetTrainConfig(out=out, **settings), resume=resume,
                                          overrides=settings, progress=bar)
     else:
-        if segmenter is not None or samples is not None or init is not None:
-            raise UsageError(
-                f"--segmenter, --samples and --init apply to --arch {magnet.ARCH} only; drop them"
-            )
+        if segmenter is not None or samples is not None:
+            raise UsageError(f"--segmenter and --samples apply to --arch {magnet.ARCH} only; drop them")
         settings = dict(trainer.TINY) if tiny else {}
-        settings.update({k: v for k, v in given.items() if v is not None})
+        settings.update({k: v for k, v in {**given, "init": init}.items() if v is not None})
+        if init is not None:
+            settings.pop("arch_params", None)  # the weights bring their architecture (--tiny's included)
         if arch_params is not None:
             settings["arch_params"] = trainer.parse_arch_params(arch_params, settings.get("arch_params"))
         if photos is not None or portraits is not None or pairs is not None:

@@ -217,6 +217,9 @@ class TrainConfig:
         log_every: log the mean loss every this many steps.
         fixed_batch: train on the first batch over and over (a debugging / test aid).
         data: what the training stream generates.
+        init: start from these exported weights (a ``.pt`` with its sidecar, or a registry name
+            such as ``cascadepsp-lite-v2``; strict and checksum-checked) instead of a random
+            initialisation: fine-tuning. Their architecture is kept.
     """
 
     out: Path
@@ -244,9 +247,12 @@ class TrainConfig:
     log_every: int = 25
     fixed_batch: bool = False
     data: DataConfig = field(default_factory=DataConfig)
+    init: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out).expanduser())
+        if self.init is not None:
+            object.__setattr__(self, "init", str(self.init))
         object.__setattr__(self, "arch_params", dict(self.arch_params))
         if self.arch not in ARCHITECTURES:
             raise UsageError(f"--arch {self.arch!r}: use one of {', '.join(ARCHITECTURES)}")
@@ -868,6 +874,29 @@ def train(
         torch.set_num_threads(threads_before)
 
 
+def load_init(cfg: TrainConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The module a fine-tuning run (``cfg.init``) starts from, and facts for the sidecar.
+
+    Raises:
+        UsageError: the weights are of another architecture than ``--arch``, or ``--arch-params``
+            was given too.
+        WeightsError: missing files, checksum mismatch, keys or shapes that do not fit.
+    """
+    from refine_cli import weights
+
+    resolved = weights.resolve_weights(str(cfg.init))
+    model, side = load_exported(resolved.path, sha256=resolved.sha256)  # strict, checksum-checked
+    if side.get("arch") != cfg.arch:
+        raise UsageError(f"--init {cfg.init} holds {side.get('arch')} weights; train them with --arch "
+                         f"{side.get('arch')} (not {cfg.arch})")
+    if cfg.arch_params:
+        raise UsageError("--init keeps the architecture of its weights; drop --arch-params")
+    meta = {"weights": resolved.name or resolved.path.name, "sha256": side.get("sha256"),
+            "steps": side.get("steps")}
+    logger.info("fine-tuning from %s (%s steps)", cfg.init, meta["steps"])
+    return model.train(), meta
+
+
 def _stored_arch(ckpt_path: Path) -> str | None:
     """The ``arch`` of the run whose checkpoint is ``ckpt_path`` (``None`` if unreadable)."""
     try:
@@ -909,7 +938,14 @@ def _run(
     seed_everything(cfg.seed)
 
     # a resumed run rebuilds the exact architecture it stored, whatever the defaults are now
-    model = build_model(cfg.arch, state["arch_params"] if state is not None else cfg.arch_params).to(device)
+    init_meta = None
+    if state is not None:
+        model = build_model(cfg.arch, state["arch_params"])
+    elif cfg.init is not None:
+        model, init_meta = load_init(cfg)
+    else:
+        model = build_model(cfg.arch, cfg.arch_params)
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     arch_params = arch_dict(model, cfg.arch)
@@ -939,6 +975,8 @@ def _run(
     vset = make_validation_set(cfg)
     meta_base = {"arch": cfg.arch, "arch_params": arch_params, "crop": cfg.crop, "batch_size": cfg.batch_size,
                  "data": cfg.data.to_dict(), "seed": cfg.seed, "val_seed": VAL_SEED, "val_size": cfg.val_size}
+    if cfg.init is not None:
+        meta_base["init"] = init_meta if init_meta is not None else (state or {}).get("init")
 
     def snapshot(step: int) -> dict[str, Any]:
         return {
@@ -946,7 +984,7 @@ def _run(
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "rng": _rng_state(device),
-            "best": best, "wall_seconds": wall + time.perf_counter() - t_start,
+            "best": best, "wall_seconds": wall + time.perf_counter() - t_start, "init": meta_base.get("init"),
         }
 
     def run_validation(step: int) -> dict[str, Any]:
