@@ -75,7 +75,8 @@ class CascadeOptions:
     """Options of ``--method cascade`` (CascadePSP).
 
     Attributes:
-        size: working size L of the global step and of local patches (official 900).
+        size: working size L of the global step and of local patches; ``None`` takes the
+            weights' own (900 for the official weights, as the paper; 640 for the lite ones).
         fast: global step only (the pip package's ``fast=True``).
         weights: a checkpoint file or registry name; ``None`` picks the default.
         precision: ``fp32`` | ``fp16`` | ``bf16`` (autocast; fp16 only on CUDA).
@@ -93,7 +94,7 @@ class CascadeOptions:
             lite one), ``official`` (mean colour / background) or ``replicate`` (edge pixels).
     """
 
-    size: int = 900
+    size: int | None = None
     fast: bool = False
     weights: str | None = None
     precision: str = "fp32"
@@ -186,7 +187,7 @@ class RefineConfig:
             raise UsageError(f"--classes {self.classes} must be between 2 and 65535")
         if self.cascade.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.cascade.precision!r}: use one of {', '.join(PRECISIONS)}")
-        if self.cascade.size < 66 or self.cascade.size % 2:
+        if self.cascade.size is not None and (self.cascade.size < 66 or self.cascade.size % 2):
             raise UsageError(f"--cascade-size {self.cascade.size} must be an even number >= 66")
         if self.cascade.grid not in ("official", "feather"):
             raise UsageError(f"--cascade-grid {self.cascade.grid!r}: use official or feather")

@@ -125,6 +125,7 @@ def test_cascade_pad_follows_the_weights_unless_forced(small, tmp_path, tiny):
     """``--cascade-pad auto`` takes the architecture's convention (lite: replicate), the flag forces
     one, and the report says which ran (``safe_forward`` tests check what each mode feeds the network)."""
     _, rep = run(small, tmp_path, tiny, "pad_auto", exact=True, size=404, fast=True)
+    assert rep.refiner["size"] == 404  # an explicit --cascade-size wins over the weights' own
     _, rep_o = run(small, tmp_path, tiny, "pad_off", exact=False, fast=True, pad="official")
     assert rep.refiner["pad"] == "replicate" and rep_o.refiner["pad"] == "official"
     with pytest.raises(UsageError, match="--cascade-pad 'zero'"):

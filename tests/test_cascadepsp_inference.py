@@ -313,11 +313,12 @@ def test_safe_forward_replicate_padding():
     assert torch.equal(out["pred_224"], (seg + 1) / 2)
 
 
-def test_each_architecture_has_its_padding_convention():
+def test_each_architecture_has_its_inference_conventions():
     from refine_cli.models.cascadepsp_lite import cascadepsp_lite
 
-    assert cascadepsp_official().pad_mode == "official"  # the golden references need it
-    assert cascadepsp_lite().pad_mode == "replicate"
+    official, lite = cascadepsp_official(), cascadepsp_lite()
+    assert (official.pad_mode, official.working_size) == ("official", 900)  # the golden references need it
+    assert (lite.pad_mode, lite.working_size) == ("replicate", 640)
 
 
 class TinyEncoder(torch.nn.Module):

@@ -58,6 +58,7 @@ def test_default_weights_are_the_bundled_lite_with_a_notice(tmp_path, monkeypatc
     assert "bundled cascadepsp-lite-v2" in notes and "refine weights fetch cascadepsp" in notes
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["refiner"]["weights"] == "cascadepsp-lite-v2"
+    assert saved["refiner"]["size"] == 640 and saved["refiner"]["pad"] == "replicate"  # the lite defaults
     assert saved["refiner"]["weights_sha256"] == RECORD.sha256
 
 

@@ -50,7 +50,7 @@ class RunOptions:
     no_skip: bool = False
     radius: int | None = None
     eps: float = 1e-2
-    cascade_size: int = 900
+    cascade_size: int | None = None
     fast: bool = False
     exact: bool | None = None
     cascade_grid: str = "official"
@@ -118,7 +118,8 @@ OPTIONS: dict[str, Any] = {
     "no_skip": _opt(bool, "--no-skip", "Refine every tile, also where the coarse mask is uniform."),
     "radius": _opt(int | None, "--radius", "guided/fgs: filter radius in px (default: from the resolution)."),
     "eps": _opt(float, "--eps", "guided: regularisation (smaller follows edges more)."),
-    "cascade_size": _opt(int, "--cascade-size", "cascade: working size L of global step and patches."),
+    "cascade_size": _opt(int | None, "--cascade-size", "cascade: working size L of global step and patches "
+                         "(default: the weights' own, 900 official, 640 lite)."),
     "fast": _opt(bool, "--fast", "cascade: global step only."),
     "exact": Annotated[bool | None, typer.Option("--exact/--streamed", show_default=False,
                                                  help="cascade: force the official whole-image procedure or "

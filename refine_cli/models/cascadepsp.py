@@ -229,11 +229,13 @@ class CascadeRefinementModule(nn.Module):
             ``refine_cli.refiners.cascadepsp.safe_forward``): ``official`` (mean colour and
             background, as the official code: the golden references need it) or ``replicate``
             (edge pixels repeated). Set per run by ``--cascade-pad``.
+        working_size: the default working size L of inference (``--cascade-size``): 900, the paper's.
     """
 
     pixel_mean: Tensor
     pixel_std: Tensor
     pad_mode: str = "official"
+    working_size: int = 900
 
     def __init__(self, encoder: nn.Module, widths: CascadeWidths | None = None) -> None:
         super().__init__()

@@ -16,6 +16,7 @@ larger than the working size always take the exact path.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,8 @@ class CascadeMethod(Refiner):
         self.options = config.cascade
         self.device = device
         self.model, self.info, self.bytes_per_pixel = load_cascade_model(self.options, device)
+        if self.options.size is None:  # the weights' own working size
+            self.options = replace(self.options, size=self.model.working_size)
         self.impl: Refiner | None = None
         self.mode = ""
 

@@ -640,7 +640,7 @@ class CascadePSPRefiner(Refiner):
         if resolved.sha256:
             info["weights_sha256"] = resolved.sha256
         return cls(
-            model, size=options.size, fast=options.fast, batch_size=options.batch_size,
+            model, size=options.size or model.working_size, fast=options.fast, batch_size=options.batch_size,
             precision=options.precision, device=device, weights_info=info,
         )
 
