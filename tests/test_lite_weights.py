@@ -117,8 +117,8 @@ def test_lite_does_not_grow_the_mask_along_the_padded_border():
     from refine_cli.train.data import SampleSpec, make_sample
 
     torch.set_num_threads(1)
-    model, info, _ = load_cascade_model(CascadeOptions(), "cpu")
-    assert info["pad"] == "replicate"
+    model, _, _ = load_cascade_model(CascadeOptions(), "cpu")
+    assert model.pad_mode == "replicate"
     spec = SampleSpec(size=(300, 300), seed=777)
     strip = 12
     padded_sides, other_sides = 0, 0

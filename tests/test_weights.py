@@ -141,6 +141,7 @@ def test_import_then_load_through_cache(fill_ckpt, model, raw, monkeypatch, home
     model.load_state_dict(weights.load_state_dict(resolved.path, model), strict=True)
     refiner = CascadePSPRefiner.from_options(CascadeOptions(size=128))
     assert refiner.describe()["weights_sha256"] == digests.sha256
+    assert refiner.describe()["pad"] == "official" and refiner.size == 128  # the official padding, L given
     assert torch.equal(refiner.model.psp.bottleneck.bias, raw["module.psp.bottleneck.bias"])
 
 

@@ -16,7 +16,6 @@ larger than the working size always take the exact path.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +81,6 @@ def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[
             info["weights_sha256"] = resolved.sha256
         info["architecture"] = "cascadepsp"
         bpp = OFFICIAL_BYTES_PER_PIXEL
-    if options.pad != "auto":
-        model.pad_mode = options.pad
-    info["pad"] = model.pad_mode
     if notice:
         info["notice"] = notice
         log.warning("%s", notice)
@@ -109,9 +105,10 @@ class CascadeMethod(Refiner):
         self.config = config
         self.options = config.cascade
         self.device = device
+        from refine_cli.refiners.cascadepsp import with_model_defaults
+
         self.model, self.info, self.bytes_per_pixel = load_cascade_model(self.options, device)
-        if self.options.size is None:  # the weights' own working size
-            self.options = replace(self.options, size=self.model.working_size)
+        self.options = with_model_defaults(self.options, self.model)  # the weights' own L and padding
         self.impl: Refiner | None = None
         self.mode = ""
 
@@ -191,6 +188,7 @@ class CascadeMethod(Refiner):
     def describe(self) -> dict[str, Any]:
         """Path, working size, weights."""
         base = self.impl.describe() if self.impl is not None else {}
-        return {**base, "name": self.name, "mode": self.mode, "size": self.options.size, **self.info}
+        return {**base, "name": self.name, "mode": self.mode, "size": self.options.size, "pad": self.options.pad,
+                **self.info}
 
 

@@ -34,7 +34,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -77,6 +77,14 @@ ProgressFn = Callable[[int, int], None]
 
 # --------------------------------------------------------------------------------------------
 # small building blocks
+
+
+def with_model_defaults(options: CascadeOptions, model: CascadeRefinementModule) -> CascadeOptions:
+    """``options`` with the working size and padding a run uses: the ones given, else the model's own
+    (``working_size``, ``pad_mode``). Sets ``model.pad_mode`` to the padding chosen."""
+    if options.pad != "auto":
+        model.pad_mode = options.pad
+    return replace(options, size=options.size or model.working_size, pad=model.pad_mode)
 
 
 def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -127,14 +135,15 @@ def safe_forward(
     ph, pw = padded_shape((h, w))
     if (ph, pw) != (h, w):
         pad = (0, pw - w, 0, ph - h)
-        if model.pad_mode == "replicate":
-            im, seg, inter_s8, inter_s4 = (None if t is None else F.pad(t, pad, mode="replicate")
-                                           for t in (im, seg, inter_s8, inter_s4))
-        else:
-            im = F.pad(im, pad, value=0.0)
-            seg = F.pad(seg, pad, value=-1.0)
-            inter_s8 = None if inter_s8 is None else F.pad(inter_s8, pad, value=-1.0)
-            inter_s4 = None if inter_s4 is None else F.pad(inter_s4, pad, value=-1.0)
+        replicate = model.pad_mode == "replicate"
+
+        def padded(t: Tensor | None, value: float) -> Tensor | None:
+            if t is None:
+                return None
+            return F.pad(t, pad, mode="replicate") if replicate else F.pad(t, pad, value=value)
+
+        im, seg = padded(im, 0.0), padded(seg, -1.0)
+        inter_s8, inter_s4 = padded(inter_s8, -1.0), padded(inter_s4, -1.0)
     with torch.inference_mode(), precision_context(im.device, precision):
         out = model(im, seg, inter_s8, inter_s4)
     return {k: out[k][..., :h, :w].float() for k in ("pred_224", "pred_28_3", "pred_56_2")}
@@ -639,8 +648,9 @@ class CascadePSPRefiner(Refiner):
         info = {"weights": resolved.name or str(resolved.path), "weights_path": str(resolved.path)}
         if resolved.sha256:
             info["weights_sha256"] = resolved.sha256
+        options = with_model_defaults(options, model)
         return cls(
-            model, size=options.size or model.working_size, fast=options.fast, batch_size=options.batch_size,
+            model, size=options.size, fast=options.fast, batch_size=options.batch_size,
             precision=options.precision, device=device, weights_info=info,
         )
 
@@ -686,6 +696,7 @@ class CascadePSPRefiner(Refiner):
     def describe(self) -> dict[str, Any]:
         """Parameters and weights facts for the report."""
         return {
-            **super().describe(), "size": self.size, "fast": self.fast, "batch_size": self.batch_size,
-            "precision": self.precision, "device": str(self.model.device), **self.weights_info, **self.stats,
+            **super().describe(), "size": self.size, "pad": self.model.pad_mode, "fast": self.fast,
+            "batch_size": self.batch_size, "precision": self.precision, "device": str(self.model.device),
+            **self.weights_info, **self.stats,
         }
