@@ -92,6 +92,9 @@ class CascadeOptions:
         pad: how network inputs are padded to a multiple of 8: ``auto`` (the weights' own
             convention: ``official`` for the official architecture, ``replicate`` for the
             lite one), ``official`` (mean colour / background) or ``replicate`` (edge pixels).
+        snap: a last full-resolution step that moves the refined boundary onto the image's colour
+            edges (``refiners.classical.EdgeSnapRefiner``, binary masks): ``auto`` (the weights'
+            own: ``off`` for the official weights, ``on`` for the lite ones), ``on`` or ``off``.
     """
 
     size: int | None = None
@@ -103,6 +106,7 @@ class CascadeOptions:
     grid: str = "official"
     skip: str = "official"
     pad: str = "auto"
+    snap: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,8 @@ class RefineConfig:
             raise UsageError(f"--cascade-skip {self.cascade.skip!r}: use boundary or official")
         if self.cascade.pad not in ("auto", "official", "replicate"):
             raise UsageError(f"--cascade-pad {self.cascade.pad!r}: use auto, official or replicate")
+        if self.cascade.snap not in ("auto", "on", "off"):
+            raise UsageError(f"--cascade-snap {self.cascade.snap!r}: use auto, on or off")
         if self.cascade.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
         if self.guided.radius is not None and self.guided.radius < 1:

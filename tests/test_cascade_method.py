@@ -42,9 +42,9 @@ def small(tmp_path_factory):
     return make_scene(tmp_path_factory.mktemp("csmall"), (450, 600), 9)
 
 
-def run(d, tmp_path, tiny, name, soft=False, **cascade):
-    cfg = RefineConfig(method="cascade", max_memory=4 << 30, soft=soft,
-                       cascade=CascadeOptions(weights=str(tiny), **{"size": 200, **cascade}))
+def run(d, tmp_path, tiny, name, soft=False, max_memory=None, **cascade):
+    cfg = RefineConfig(method="cascade", max_memory=max_memory or 4 << 30, soft=soft,
+                       cascade=CascadeOptions(weights=str(tiny), **{"size": 200, "snap": "off", **cascade}))
     out = tmp_path / f"{name}.tif"
     rep = refine_file(str(d / "img.png"), str(d / "coarse.png"), str(out), config=cfg,
                       report=str(tmp_path / f"{name}.json"))
@@ -130,3 +130,26 @@ def test_cascade_pad_follows_the_weights_unless_forced(small, tmp_path, tiny):
     assert rep.refiner["pad"] == "replicate" and rep_o.refiner["pad"] == "official"
     with pytest.raises(UsageError, match="--cascade-pad 'zero'"):
         RefineConfig(method="cascade", cascade=CascadeOptions(pad="zero"))
+
+
+def test_edge_snap_is_a_tiled_last_level(scene, tmp_path, tiny):
+    """``--cascade-snap auto`` is on for the lite architecture: one more full-resolution level whose
+    tiles (halo 17 px) give the guided filter of the cascade's own result; ``off`` and label maps
+    have no such level, and the report says which ran."""
+    from refine_cli.refiners.classical import guided_filter
+
+    plain, rep_off = run(scene, tmp_path, tiny, "snap_off", exact=True, size=400, soft=True)
+    snapped, rep_on = run(scene, tmp_path, tiny, "snap_on", exact=True, size=400, soft=True, snap="auto")
+    assert rep_off.refiner["snap"] == "off" and len(rep_off.levels) == 1
+    assert rep_on.refiner["snap"] == {"radius": 8, "eps": 1e-4, "halo": 17}
+    assert [lv["width"] for lv in rep_on.levels] == [1200, 1200] and rep_on.levels[1]["tiles"] > 1
+    image = cv2.cvtColor(cv2.imread(str(scene / "img.png")), cv2.COLOR_BGR2RGB)
+    direct = np.clip(guided_filter(image, plain, 8, 1e-4), 0, 1)
+    # tiles whose input lies on one side of 0.5 (with their halo) are copied, not filtered: the
+    # masks agree everywhere, the probabilities wherever the filter ran
+    assert ((snapped >= 0.5) == (direct >= 0.5)).all()
+    filtered = snapped != plain
+    assert filtered.mean() > 0.05
+    assert float(np.abs(snapped - direct)[filtered].max()) < 1e-5
+    with pytest.raises(UsageError, match="--cascade-snap 'yes'"):
+        RefineConfig(method="cascade", cascade=CascadeOptions(snap="yes"))

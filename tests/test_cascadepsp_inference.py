@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from refine_cli.config import CascadeOptions
 from refine_cli.devtools.fill_cascadepsp import fill_state_dict
 from refine_cli.errors import InputError, ResourceError, UsageError
 from refine_cli.models.cascadepsp import CascadeRefinementModule, CascadeWidths, cascadepsp_official
@@ -41,6 +42,7 @@ from refine_cli.refiners.cascadepsp import (
     refine_exact,
     safe_forward,
     upsample_bilinear_window,
+    with_model_defaults,
 )
 from refine_cli.tiling.cascade_grid import global_resize
 from refine_cli.tiling.grid import Window
@@ -319,6 +321,11 @@ def test_each_architecture_has_its_inference_conventions():
     official, lite = cascadepsp_official(), cascadepsp_lite()
     assert (official.pad_mode, official.working_size) == ("official", 900)  # the golden references need it
     assert (lite.pad_mode, lite.working_size) == ("replicate", 640)
+    assert not official.edge_snap and lite.edge_snap  # the official output stays the official procedure's
+    for model, auto in ((official, "off"), (lite, "on")):
+        assert with_model_defaults(CascadeOptions(), model).snap == auto
+        assert with_model_defaults(CascadeOptions(snap="on"), model).snap == "on"
+        assert with_model_defaults(CascadeOptions(snap="off"), model).snap == "off"
 
 
 class TinyEncoder(torch.nn.Module):

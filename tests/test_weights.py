@@ -142,6 +142,8 @@ def test_import_then_load_through_cache(fill_ckpt, model, raw, monkeypatch, home
     refiner = CascadePSPRefiner.from_options(CascadeOptions(size=128))
     assert refiner.describe()["weights_sha256"] == digests.sha256
     assert refiner.describe()["pad"] == "official" and refiner.size == 128  # the official padding, L given
+    with pytest.raises(UsageError, match="--cascade-snap on"):  # a step of --method cascade only
+        CascadePSPRefiner.from_options(CascadeOptions(size=128, snap="on"))
     assert torch.equal(refiner.model.psp.bottleneck.bias, raw["module.psp.bottleneck.bias"])
 
 

@@ -56,6 +56,7 @@ class RunOptions:
     cascade_grid: str = "official"
     cascade_skip: str = "official"
     cascade_pad: str = "auto"
+    cascade_snap: str = "auto"
     segmenter: str | None = None
     preset: str | None = None
     full: bool = False
@@ -87,7 +88,8 @@ class RunOptions:
             guided=GuidedOptions(radius=self.radius, eps=self.eps),
             cascade=CascadeOptions(size=self.cascade_size, fast=self.fast, weights=self.weights,
                                    precision=self.precision, batch_size=self.batch_size, exact=self.exact,
-                                   grid=self.cascade_grid, skip=self.cascade_skip, pad=self.cascade_pad),
+                                   grid=self.cascade_grid, skip=self.cascade_skip, pad=self.cascade_pad,
+                                   snap=self.cascade_snap),
             segmenter=self.segmenter,
             magnet=MagnetOptions(preset=self.preset, full=self.full, weights=self.weights, n_patches=self.patches,
                                  n_points=self.points, tiled=self.tiled),
@@ -131,6 +133,9 @@ OPTIONS: dict[str, Any] = {
     "cascade_pad": _opt(str, "--cascade-pad", "cascade: padding of network inputs to a multiple of 8: auto (the "
                         "weights' own: official for the official weights, replicate for the bundled lite ones), "
                         "official (mean colour / background) or replicate (edge pixels)."),
+    "cascade_snap": _opt(str, "--cascade-snap", "cascade: finish by moving the boundary onto the image's colour "
+                         "edges (guided filter, radius 8): auto (on for the bundled lite weights, off for the "
+                         "official ones), on or off."),
     "segmenter": _opt(str | None, "--segmenter", "magnet-fast: segmenter name (see `refine weights list`) or "
                       "model file (.onnx/.tflite/TorchScript + sidecar JSON); makes the coarse mask without --mask."),
     "preset": _opt(str | None, "--preset", "magnet-fast: cityscapes, deepglobe or binary (default: from the "

@@ -230,12 +230,15 @@ class CascadeRefinementModule(nn.Module):
             background, as the official code: the golden references need it) or ``replicate``
             (edge pixels repeated). Set per run by ``--cascade-pad``.
         working_size: the default working size L of inference (``--cascade-size``): 900, the paper's.
+        edge_snap: whether ``--method cascade`` ends with the edge snap by default
+            (``--cascade-snap auto``): off, the official procedure's output as it is.
     """
 
     pixel_mean: Tensor
     pixel_std: Tensor
     pad_mode: str = "official"
     working_size: int = 900
+    edge_snap: bool = False
 
     def __init__(self, encoder: nn.Module, widths: CascadeWidths | None = None) -> None:
         super().__init__()

@@ -11,6 +11,10 @@ image as one tile when the image, its per-pixel state and one network pass fit
 ``--max-memory``; otherwise the **streamed** cascade (``refiners.cascade_stream``)
 refines a pyramid tile by tile. ``--exact`` / ``--streamed`` force one. Images no
 larger than the working size always take the exact path.
+
+Edge snap (``--cascade-snap``, default: on for the lite weights, off for the official
+ones): binary masks get one more full-resolution level, tiled, that moves the refined
+boundary onto the image's colour edges (``refiners.classical.EdgeSnapRefiner``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ OFFICIAL_BYTES_PER_PIXEL = 5 * 1024
 
 EXACT_BYTES_PER_PIXEL = 40
 """Whole-image state of the exact path per pixel: image, coarse, accumulator, count, blend, output."""
+
+SNAP_RADIUS, SNAP_EPS = 8, 1e-4
+"""Edge snap: guided-filter radius (px) and eps, chosen on the tuning composites (weights/README.md)."""
 
 
 def bundled_weights_dir() -> Path:
@@ -111,6 +118,8 @@ class CascadeMethod(Refiner):
         self.options = with_model_defaults(self.options, self.model)  # the weights' own L and padding
         self.impl: Refiner | None = None
         self.mode = ""
+        self.snap: Refiner | None = None
+        self._impl_levels = 0
 
     def _pass_bytes(self) -> int:
         from refine_cli.tiling.cascade_grid import padded_shape
@@ -154,6 +163,15 @@ class CascadeMethod(Refiner):
             self.mode = "streamed"
         self.impl = impl
         impl.prepare(scene)
+        self._impl_levels = len(impl.level_shapes(scene.shape))
+        self.snap = None
+        if self.options.snap == "on":
+            if labels:
+                log.info("cascade: no edge snap for label maps")
+            else:
+                from refine_cli.refiners.classical import EdgeSnapRefiner
+
+                self.snap = EdgeSnapRefiner(SNAP_RADIUS, SNAP_EPS)
         if "notice" in self.info:
             scene.info.setdefault("notes", []).append(self.info["notice"])
         scene.info.setdefault("notes", []).append(
@@ -166,19 +184,22 @@ class CascadeMethod(Refiner):
         return self.impl
 
     def level_shapes(self, shape: tuple[int, int]) -> list[tuple[int, int]]:
-        """The chosen path's levels."""
-        return self._impl().level_shapes(shape)
+        """The chosen path's levels, then the edge snap at full resolution."""
+        shapes = self._impl().level_shapes(shape)
+        return shapes + [shape] if self.snap is not None else shapes
 
     def initial_coarse(self) -> Any:
         """The chosen path's first coarse input."""
         return self._impl().initial_coarse()
 
     def for_level(self, index: int, final: bool) -> Refiner:
-        """The chosen path's level refiner."""
-        return self._impl().for_level(index, final)
+        """The chosen path's level refiner, or the edge snap after its last level."""
+        if self.snap is not None and index == self._impl_levels:
+            return self.snap
+        return self._impl().for_level(index, index == self._impl_levels - 1)
 
     def refine(self, tile: TileInput) -> TileResult:
-        """Delegate (single-level exact path)."""
+        """Delegate (single-level exact path without snap)."""
         return self._impl().refine(tile)
 
     def fixed_memory(self) -> int:
@@ -188,7 +209,8 @@ class CascadeMethod(Refiner):
     def describe(self) -> dict[str, Any]:
         """Path, working size, weights."""
         base = self.impl.describe() if self.impl is not None else {}
+        snap = {k: v for k, v in self.snap.describe().items() if k != "name"} if self.snap is not None else "off"
         return {**base, "name": self.name, "mode": self.mode, "size": self.options.size, "pad": self.options.pad,
-                **self.info}
+                "snap": snap, **self.info}
 
 

@@ -80,11 +80,12 @@ ProgressFn = Callable[[int, int], None]
 
 
 def with_model_defaults(options: CascadeOptions, model: CascadeRefinementModule) -> CascadeOptions:
-    """``options`` with the working size and padding a run uses: the ones given, else the model's own
-    (``working_size``, ``pad_mode``). Sets ``model.pad_mode`` to the padding chosen."""
+    """``options`` with the working size, padding and edge snap a run uses: the ones given, else the
+    model's own (``working_size``, ``pad_mode``, ``edge_snap``). Sets ``model.pad_mode`` to the padding chosen."""
     if options.pad != "auto":
         model.pad_mode = options.pad
-    return replace(options, size=options.size or model.working_size, pad=model.pad_mode)
+    snap = options.snap if options.snap != "auto" else ("on" if model.edge_snap else "off")
+    return replace(options, size=options.size or model.working_size, pad=model.pad_mode, snap=snap)
 
 
 def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -649,6 +650,9 @@ class CascadePSPRefiner(Refiner):
         if resolved.sha256:
             info["weights_sha256"] = resolved.sha256
         options = with_model_defaults(options, model)
+        if options.snap == "on":
+            raise UsageError("the edge snap (--cascade-snap on) is a step of --method cascade "
+                             "(refine_cli.api), not of the official procedure alone")
         return cls(
             model, size=options.size, fast=options.fast, batch_size=options.batch_size,
             precision=options.precision, device=device, weights_info=info,

@@ -1,7 +1,7 @@
-"""Refiners that need no weights: the null refiner, the guided filter and the fast global smoother.
+"""Refiners that need no weights: the null refiner, the guided filter, the fast global smoother,
+and the edge snap that ends ``--method cascade`` with the bundled weights.
 
-Uncertainty for all three: ``1 - |2p - 1|`` of the output probability (the
-engine's default).
+Uncertainty for all: ``1 - |2p - 1|`` of the output probability (the engine's default).
 """
 
 from __future__ import annotations
@@ -32,6 +32,28 @@ class CoarseRefiner(Refiner):
     def tile_memory(self, pixels: int) -> int:
         """Nothing beyond the inputs."""
         return 4 * pixels
+
+
+def guided_filter(image: np.ndarray, p: np.ndarray, radius: int, eps: float) -> np.ndarray:
+    """Colour guided filter (He et al. 2010) of ``p`` guided by an RGB image.
+
+    OpenCV's ``ximgproc.guidedFilter`` with a float guide in [0, 1] is wrong for eps below
+    about 1e-2 (outputs off by up to 1.0 at eps 1e-3 against a float64 implementation);
+    with the guide in [0, 255] and ``eps * 255**2`` it agrees to 1e-5 down to eps 1e-4
+    (``tests/test_classical.py``), so the filter is always called that way.
+
+    Args:
+        image: ``(h, w, 3)`` uint8 RGB (or float in [0, 255]).
+        p: ``(h, w)`` float32 to filter.
+        radius: box radius in px, >= 1.
+        eps: regularisation in units of the guide scaled to [0, 1] (variance of a colour step
+            that the filter still follows).
+
+    Returns:
+        ``(h, w)`` float32, not clipped (the filter can overshoot [0, 1] slightly).
+    """
+    guide = image.astype(np.float32, copy=False)
+    return cv2.ximgproc.guidedFilter(guide, p.astype(np.float32, copy=False), radius, eps * 255.0**2, -1)
 
 
 def guided_radius(shape: tuple[int, int], coarse_scale: float) -> int:
@@ -86,11 +108,9 @@ class GuidedRefiner(Refiner):
 
     def refine(self, tile: TileInput) -> TileResult:
         """Filter the coarse probability of one window."""
-        guide = tile.image.astype(np.float32) * np.float32(1 / 255)
-        p = tile.coarse.astype(np.float32, copy=False)
         eps = float(self.options.eps)
-        q = cv2.ximgproc.guidedFilter(guide, p, self.radius, eps, -1)
-        q = cv2.ximgproc.guidedFilter(guide, (q >= 0.5).astype(np.float32), self.radius2, eps, -1)
+        q = guided_filter(tile.image, tile.coarse, self.radius, eps)
+        q = guided_filter(tile.image, (q >= 0.5).astype(np.float32), self.radius2, eps)
         return TileResult(np.clip(q, 0.0, 1.0).astype(np.float32, copy=False))
 
     def tile_memory(self, pixels: int) -> int:
@@ -142,3 +162,50 @@ class FGSRefiner(Refiner):
         """Strength and halo."""
         return {"name": self.name, "lambda": float(self.radius) ** 2, "sigma_color": 8.0, "halo": self.halo,
                 "sharpening": "logistic(8 (q - 0.5))", "radius": self.radius}
+
+
+class EdgeSnapRefiner(Refiner):
+    """Moves a refined probability onto the image's colour edges: one guided filter, small radius and eps.
+
+    The last step of ``--method cascade`` with the bundled lite weights (``--cascade-snap``):
+    their boundaries land within a few px of the true edge, and a guided filter of radius 8
+    with eps 1e-4 (it follows any colour step of more than about 1 % of the range) pulls the
+    0.5 crossing onto the edge. Chosen on a tuning set of composites kept apart from the
+    benchmark (``benchmarks/make_composites.py --seed 4242``); see the model card.
+
+    Input: the previous level's channel 0, ``(h, w)`` or ``(h, w, K)`` float32 in [0, 1].
+    Output: ``(h, w)`` float32 in [0, 1]. Each output pixel depends on pixels within
+    ``2 radius`` of it, so with that halo tiled and whole-image results agree.
+
+    Args:
+        radius: box radius in px.
+        eps: regularisation (guide in [0, 1] units).
+    """
+
+    name = "snap"
+    skip_rule = "binary"
+
+    def __init__(self, radius: int = 8, eps: float = 1e-4) -> None:
+        self.radius, self.eps = radius, eps
+        self.halo = 2 * radius + 1
+
+    def out_channels(self, in_channels: int) -> int:
+        """One probability."""
+        return 1
+
+    def skip_output(self, coarse: np.ndarray) -> np.ndarray:
+        """No boundary in reach: the input unchanged."""
+        return coarse[..., :1]
+
+    def refine(self, tile: TileInput) -> TileResult:
+        """Filter one window of the refined probability."""
+        p = tile.coarse[..., 0] if tile.coarse.ndim == 3 else tile.coarse
+        return TileResult(np.clip(guided_filter(tile.image, p, self.radius, self.eps), 0.0, 1.0))
+
+    def tile_memory(self, pixels: int) -> int:
+        """OpenCV's guided filter keeps about 25 float planes."""
+        return 110 * pixels
+
+    def describe(self) -> dict[str, Any]:
+        """Radius, eps, halo."""
+        return {"name": self.name, "radius": self.radius, "eps": self.eps, "halo": self.halo}
