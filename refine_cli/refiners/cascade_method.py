@@ -115,7 +115,7 @@ class CascadeMethod(Refiner):
         from refine_cli.refiners.cascadepsp import with_model_defaults
 
         self.model, self.info, self.bytes_per_pixel = load_cascade_model(self.options, device)
-        self.options = with_model_defaults(self.options, self.model)  # the weights' own L and padding
+        self.options = with_model_defaults(self.options, self.model)  # the weights' own L, padding, snap
         self.impl: Refiner | None = None
         self.mode = ""
         self.snap: Refiner | None = None
