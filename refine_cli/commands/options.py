@@ -133,9 +133,9 @@ OPTIONS: dict[str, Any] = {
     "cascade_pad": _opt(str, "--cascade-pad", "cascade: padding of network inputs to a multiple of 8: auto (the "
                         "weights' own: official for the official weights, replicate for the bundled lite ones), "
                         "official (mean colour / background) or replicate (edge pixels)."),
-    "cascade_snap": _opt(str, "--cascade-snap", "cascade: finish by moving the boundary onto the image's colour "
-                         "edges (guided filter, radius 8): auto (on for the bundled lite weights, off for the "
-                         "official ones), on or off."),
+    "cascade_snap": _opt(str, "--cascade-snap", "cascade: finish by moving the boundary onto the image's "
+                         "colour edges (guided filter, radius 8): auto (on for the bundled lite weights, off "
+                         "for the official ones), on or off."),
     "segmenter": _opt(str | None, "--segmenter", "magnet-fast: segmenter name (see `refine weights list`) or "
                       "model file (.onnx/.tflite/TorchScript + sidecar JSON); makes the coarse mask without --mask."),
     "preset": _opt(str | None, "--preset", "magnet-fast: cityscapes, deepglobe or binary (default: from the "

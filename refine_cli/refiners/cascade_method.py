@@ -209,7 +209,9 @@ class CascadeMethod(Refiner):
     def describe(self) -> dict[str, Any]:
         """Path, working size, weights."""
         base = self.impl.describe() if self.impl is not None else {}
-        snap = {k: v for k, v in self.snap.describe().items() if k != "name"} if self.snap is not None else "off"
+        snap: Any = "off"
+        if self.snap is not None:
+            snap = {k: v for k, v in self.snap.describe().items() if k != "name"}
         return {**base, "name": self.name, "mode": self.mode, "size": self.options.size, "pad": self.options.pad,
                 "snap": snap, **self.info}
 

@@ -81,7 +81,8 @@ ProgressFn = Callable[[int, int], None]
 
 def with_model_defaults(options: CascadeOptions, model: CascadeRefinementModule) -> CascadeOptions:
     """``options`` with the working size, padding and edge snap a run uses: the ones given, else the
-    model's own (``working_size``, ``pad_mode``, ``edge_snap``). Sets ``model.pad_mode`` to the padding chosen."""
+    model's own (``working_size``, ``pad_mode``, ``edge_snap``). Sets ``model.pad_mode`` to the
+    padding chosen."""
     if options.pad != "auto":
         model.pad_mode = options.pad
     snap = options.snap if options.snap != "auto" else ("on" if model.edge_snap else "off")
