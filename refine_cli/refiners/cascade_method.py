@@ -36,9 +36,6 @@ OFFICIAL_BYTES_PER_PIXEL = 5 * 1024
 EXACT_BYTES_PER_PIXEL = 40
 """Whole-image state of the exact path per pixel: image, coarse, accumulator, count, blend, output."""
 
-SNAP_RADIUS, SNAP_EPS = 8, 1e-4
-"""Edge snap: guided-filter radius (px) and eps, chosen on the tuning composites (weights/README.md)."""
-
 
 def bundled_weights_dir() -> Path:
     """The repository's ``weights/`` folder (self-trained checkpoints shipped with the code)."""
@@ -171,7 +168,7 @@ class CascadeMethod(Refiner):
             else:
                 from refine_cli.refiners.classical import EdgeSnapRefiner
 
-                self.snap = EdgeSnapRefiner(SNAP_RADIUS, SNAP_EPS)
+                self.snap = EdgeSnapRefiner()  # the tuned radius and eps
         if "notice" in self.info:
             scene.info.setdefault("notes", []).append(self.info["notice"])
         scene.info.setdefault("notes", []).append(
