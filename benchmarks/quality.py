@@ -67,6 +67,7 @@ SHARED = REPO.parent / "shared"
 SEGMENTER_MODEL = SHARED / "weights" / "mediapipe-selfie-segmentation" / "selfie_segmentation.tflite"
 METRICS = ("iou", "mba", "boundary_f")
 COARSE_KINDS = ("lowres", "perturbed", "segmenter")
+COMPOSITES = ("shapes", "portrait-comp")  # exact-GT composites, pooled as "the composites benchmark"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -487,6 +488,13 @@ def add_gain(rows: list[dict], keys: tuple[str, ...]) -> None:
             r[f"gain_{m}"] = r[m] - b[m] if known else None
 
 
+def pool_composites(records: list[dict]) -> list[dict]:
+    """Per method x coarse kind, means over every case of the composite sets together (each case once)."""
+    rows = aggregate([r for r in records if r["dataset"] in COMPOSITES], ("method", "coarse"))
+    add_gain(rows, ("method", "coarse"))
+    return rows
+
+
 # --------------------------------------------------------------------------------------------- reports
 
 
@@ -520,7 +528,26 @@ def markdown(result: dict) -> str:
             row.append("-" if r is None or r["mba"] is None else
                        f"{r['mba']:.4f}" + ("" if m == "coarse" else f" ({fmt(r['gain_mba'], 3, True)})"))
         lines.append(f"| {ds} | {kind} | " + " | ".join(row) + " |")
+    if result["composites"]:
+        lines += ["", f"Composites pooled ({' + '.join(COMPOSITES)}, every case weighted once), IoU / mBA "
+                  "(gain over the coarse mask in points):", "",
+                  "| coarse mask | n | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
+        pooled = {(r["coarse"], r["method"]): r for r in result["composites"]}
+        for kind in dict.fromkeys(r["coarse"] for r in result["composites"]):
+            row = [pooled_cell(pooled.get((kind, m)), m == "coarse") for m in methods]
+            n = max(r["n"] for (k, _), r in pooled.items() if k == kind)
+            lines.append(f"| {kind} | {n} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def pooled_cell(r: dict | None, baseline: bool) -> str:
+    """``IoU / mBA (+gain / +gain)`` in the pooled table; gains in points (x 100)."""
+    if r is None or r["mba"] is None:
+        return "-"
+    cell = f"{r['iou']:.3f} / {r['mba']:.3f}"
+    if baseline or r["gain_mba"] is None:
+        return cell
+    return cell + f" ({100 * r['gain_iou']:+.1f} / {100 * r['gain_mba']:+.1f})"
 
 
 def print_tables(result: dict) -> None:
@@ -545,6 +572,14 @@ def print_tables(result: dict) -> None:
                   fmt(r["iou"]), fmt(r["mba"]), fmt(r["boundary_f"]), fmt(r["gain_mba"], signed=True),
                   fmt(r["s_per_mpx"], 2))
     con.print(t)
+    if result["composites"]:
+        t = Table(title=f"composites pooled ({' + '.join(COMPOSITES)}): IoU / mBA (gain in points)",
+                  title_justify="left")
+        for col in ("method", "coarse mask", "n", "IoU / mBA (gain)"):
+            t.add_column(col, justify="left" if col != "n" else "right")
+        for r in sorted(result["composites"], key=lambda r: r["coarse"]):
+            t.add_row(r["method"], r["coarse"], str(r["n"]), pooled_cell(r, r["method"] == "coarse"))
+        con.print(t)
     for name, status in result["methods"].items():
         if status["status"] != "ok":
             con.print(f"{name}: {status['status']}", highlight=False)
@@ -695,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
                               "megapixels": sum(c.megapixels for c in s.cases)} for s in sets},
         "summary": summary,
         "by_coarse": by_coarse,
+        "composites": pool_composites(records),
         "runs": records,
     }
     (args.out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")

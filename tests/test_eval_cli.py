@@ -342,6 +342,13 @@ def test_quality_benchmark_quick(tmp_path):
     for r in res["summary"]:
         assert 0.0 <= r["mba"] <= 1.0 and r["s_per_mpx"] > 0 and r["n"] > 0
     assert rows[("coarse", "synthetic")]["gain_mba"] == 0.0
+    composite_runs = [r for r in res["runs"] if r["dataset"] in ("shapes", "portrait-comp")]
+    assert len(res["composites"]) == len({(r["method"], r["coarse"]) for r in composite_runs})
+    for p in res["composites"]:  # pooled over the composite cases: the "composites benchmark"
+        runs = [r for r in composite_runs if (r["method"], r["coarse"]) == (p["method"], p["coarse"])]
+        assert p["n"] == len(runs) and p["mba"] == pytest.approx(np.mean([r["mba"] for r in runs]))
+        base = next(b for b in res["composites"] if (b["method"], b["coarse"]) == ("coarse", p["coarse"]))
+        assert p["gain_iou"] == pytest.approx(p["iou"] - base["iou"])
     if HAVE_MPL:
         assert (tmp_path / "out" / "quality.png").stat().st_size > 0
     assert "| guided | synthetic |" in (tmp_path / "out" / "quality.md").read_text()
