@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,3 +57,13 @@ def write_png(path: Path, array: np.ndarray) -> Path:
 
 def python_exe() -> str:
     return sys.executable
+
+
+def popen_interruptible(args: list[str], **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` of a child that turns SIGINT into ``KeyboardInterrupt``, as in a terminal.
+
+    A shell's background job (``cmd &``, some CI runners) inherits SIGINT as ignored, and Python then
+    installs no handler: a test's SIGINT would be lost and the child would run to the end. The child
+    gets the default disposition back before it starts.
+    """
+    return subprocess.Popen(args, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import write_png
+from conftest import popen_interruptible, write_png
 from refine_cli import batch as lib
 from refine_cli.config import RefineConfig
 from refine_cli.errors import DependencyError, UsageError
@@ -545,10 +545,8 @@ def test_sigint_flushes_journal_and_resume_is_identical(tmp_path, bcli):
     ref, out = tmp_path / "ref", tmp_path / "out"
     args = [str(d), "--mask-suffix", "_mask", "--uncertainty", *FAST, "--no-skip", "--tile-size", "128",
             "--overlap", "16"]
-    # a shell's background jobs inherit an ignored SIGINT; give the child Python's usual handler
-    proc = subprocess.Popen([sys.executable, "-m", "refine_cli.commands.batch", *args, "-o", str(out), "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    cmd = [sys.executable, "-m", "refine_cli.commands.batch", *args, "-o", str(out), "-q"]
+    proc = popen_interruptible(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path))
     jpath = out / lib.JOURNAL_NAME
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:

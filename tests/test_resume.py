@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import write_png
+from conftest import popen_interruptible, write_png
 from refine_cli.devtools.synthetic import random_scene
 from refine_cli.engine.checkpoint import parts_dir_for
 from refine_cli.tiling.grid import Window
@@ -40,7 +40,8 @@ ENV = {**os.environ, "REFINE_SEGMENT_BYTES": str(W * 512)}  # 512-row segments: 
 
 
 def interrupted_run(d: Path, out: Path, sig: int) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd(d, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = popen_interruptible(cmd(d, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
     seg = parts_dir_for(str(out)) / "mask" / "segment_000002.tif"
     t0 = time.time()
     while not seg.exists() and proc.poll() is None and time.time() - t0 < 120:
