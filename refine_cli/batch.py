@@ -45,6 +45,15 @@ because an output existed) until ``overwrite`` is given; ``force`` runs everythi
 again. An existing output may be replaced when a record or a claim line names its key
 (also a damaged record whose key is still legible), so outputs of a run killed between
 writing a file and its record are redone; any other existing file needs ``overwrite``.
+A *changed configuration* (another method, other settings or output options, see
+:func:`config_hash`) never silently replaces finished work: when the latest record of an
+input is ``done`` with another config hash and an output it lists is still in OUTDIR,
+the input's decision is ``conflict`` and the whole batch stops before it runs or records
+anything (:class:`ConfigChangedError`, exit code 2, naming the old and new method) unless
+``overwrite`` (replace them) or ``force`` (redo everything) is given; another OUTDIR
+keeps both. Inputs that only failed, were skipped or were claimed by a killed run (no
+``done`` record) rerun under the new configuration as before. The check uses the merged
+journals, so it holds across shards.
 
 **Shards** (SLURM array jobs): ``shard=(I, N)`` runs the inputs at positions ``I-1,
 I-1+N, ...`` of the plan sorted by key (balanced to within one input, and the same on
@@ -96,7 +105,8 @@ from typing import TYPE_CHECKING, Any
 
 from refine_cli import __version__
 from refine_cli.config import RefineConfig
-from refine_cli.errors import DependencyError, InputError, Interrupted, RefineError, UsageError
+from refine_cli.errors import (DependencyError, InputError, Interrupted, OutputExistsError, RefineError,
+                               UsageError)
 
 if TYPE_CHECKING:
     from refine_cli.engine.budget import MemoryPlan
@@ -126,6 +136,10 @@ class BatchIncomplete(RefineError, RuntimeError):
     """Some inputs of a batch failed; the others were done (exit code 3)."""
 
     exit_code = 3
+
+
+class ConfigChangedError(OutputExistsError):
+    """Outputs a finished run made with another configuration would be replaced; nothing ran (exit code 2)."""
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -234,7 +248,9 @@ class Decision:
     """Whether an input runs, and why (one line).
 
     Attributes:
-        action: ``run`` | ``keep`` (latest record stands) | ``skip`` | ``fail`` (planning problem).
+        action: ``run`` | ``keep`` (latest record stands) | ``skip`` | ``fail`` (planning problem) |
+            ``conflict`` (the configuration changed and a ``done`` run's outputs exist: the batch
+            stops unless ``overwrite`` or ``force``).
         reason: why.
         previous: the latest journal record of the input, or ``None``.
         facts: ``{"image": facts, "mask": facts | None}`` of the inputs now (see :func:`file_facts`).
@@ -910,13 +926,53 @@ def _outputs_intact(outdir: Path, item: BatchItem, recorded: dict[str, Any]) -> 
     return None
 
 
+def _earlier_outputs(outdir: Path, item: BatchItem, previous: Record) -> list[str]:
+    """Outputs (relative) listed by ``previous`` that this run would write again and that exist."""
+    planned = set(item.outputs().values())
+    recorded = [o.get("path") for o in (previous.get("outputs") or {}).values() if isinstance(o, dict)]
+    return [rel for rel in recorded if rel in planned and os.path.lexists(Path(outdir) / rel)]
+
+
+def recorded_method(record: Record | None) -> str | None:
+    """The method a ``done`` record ran (``result.method``), or ``None``."""
+    result = (record or {}).get("result")
+    method = result.get("method") if isinstance(result, dict) else None
+    return method if isinstance(method, str) else None
+
+
+def conflict_error(conflicts: Sequence[tuple[str, str | None]], method: str, total: int,
+                   outdir: str | Path) -> ConfigChangedError:
+    """The one-line error for inputs whose finished outputs a changed configuration would replace.
+
+    Args:
+        conflicts: ``(key, method of its done record or None)`` of each such input.
+        method: the method of this run.
+        total: inputs in this run.
+        outdir: the output folder.
+    """
+    keys = sorted(key for key, _ in conflicts)
+    old = sorted({m for _, m in conflicts if m})
+    if not old:
+        what = "another configuration"
+    elif old == [method]:
+        what = f"other settings of method {method}"
+    else:
+        what = f"method {'/'.join(old)}, not {method},"
+    n = len(keys)
+    were, their, first = ("was", "its", "") if n == 1 else ("were", "their", "first: ")
+    return ConfigChangedError(
+        f"{n} of {total} input{'s' if total != 1 else ''} {were} done with {what} and {their} outputs are "
+        f"still in {outdir} ({first}{keys[0]}); nothing was run: add --overwrite to replace them "
+        "(--force also redoes every input), or give another -o OUTDIR")
+
+
 def decide(item: BatchItem, previous: Record | None, job: BatchJob, chash: str) -> Decision:
     """Whether ``item`` runs now, given its latest journal record (see the module docstring).
 
     Args:
         item: the planned input.
         previous: its latest record, or ``None``.
-        job: the batch options (``force``, ``retry_failed``, ``verify_inputs``, ``outdir``).
+        job: the batch options (``force``, ``retry_failed``, ``verify_inputs``, ``outdir``, ``overwrite``).
         chash: :func:`config_hash` of this run.
     """
     if item.error:
@@ -933,6 +989,13 @@ def decide(item: BatchItem, previous: Record | None, job: BatchJob, chash: str) 
     if status == "skipped":
         return Decision("run", "skipped before, can run now", previous, facts)
     if previous.get("config_hash") != chash:
+        existing = [] if job.outputs.overwrite or status != "done" else \
+            _earlier_outputs(job.outdir, item, previous)
+        if existing:
+            old = recorded_method(previous)
+            was = f" (was method {old})" if old and old != job.config.method else ""
+            return Decision("conflict", f"configuration changed{was} and {existing[0]} exists; --overwrite "
+                            "replaces it", previous, facts)
         return Decision("run", "configuration changed", previous, facts)
     changed = (_same_input(previous.get("image"), facts["image"], job.verify_inputs)
                or _same_input(previous.get("mask"), facts["mask"], job.verify_inputs))
@@ -1161,6 +1224,8 @@ def run_batch(
         Interrupted: SIGINT or SIGTERM. Every finished input is in the journal, the
             unfinished one's files and temporary files are removed; rerunning resumes.
         UsageError: the journal is held by another batch.
+        ConfigChangedError: the configuration changed and finished outputs would be replaced
+            (neither ``overwrite`` nor ``force``); nothing was run or recorded.
         DependencyError: ``scheduler`` given but Dask distributed is not installed.
     """
     if scheduler is not None:
@@ -1172,9 +1237,16 @@ def run_batch(
         log.info("removed stale temporary file %s", p)
     chash = config_hash(job.config, job.outputs)
     summary = BatchSummary(journal=job.journal)
+    fresh = not job.journal.exists()
     with Journal(job.journal) as journal, _sigterm_as_interrupt():
         decisions, problems = decide_all(items, job)
         summary.problems += problems
+        conflicts = [(it.key, recorded_method(d.previous)) for it, d in decisions if d.action == "conflict"]
+        if conflicts:
+            if fresh:  # leave OUTDIR as it was: drop the journal file this call created
+                with contextlib.suppress(OSError):
+                    job.journal.unlink()
+            raise conflict_error(conflicts, job.config.method, len(items), job.outdir)
 
         def emit(rec: Record, resumed: bool, new: bool) -> None:
             with _signals_deferred():  # the journal and the summary agree even when interrupted here
@@ -1489,19 +1561,25 @@ def dry_run(items: Sequence[BatchItem], job: BatchJob) -> tuple[list[Record], li
     """The plan of a batch without running it: per input its action, reason and memory estimate.
 
     Returns:
-        ``([{"action", "reason", "previous", "key", "image", "mask", "outputs", "memory"}], problems)``:
-        ``previous`` is the status of the latest record or ``None``; ``memory`` is
+        ``([{"action", "reason", "previous", "previous_method", "key", "image", "mask", "outputs",
+        "memory"}], problems)``: ``action`` is the :class:`Decision`'s, except that an input
+        that would run but whose header or memory plan fails is ``fail`` (it would fail when
+        run); ``previous`` is the status of the latest record or ``None`` and
+        ``previous_method`` its method (:func:`recorded_method`); ``memory`` is
         ``{"estimate_bytes", "budget", "tile_size", "queue_depth", "shape"}`` for inputs that
-        would run, ``{"error": ...}`` when they cannot be planned, else ``None``.
+        would run (or ``conflict``), ``{"error": ...}`` when they cannot be planned, else ``None``.
+        A plan with ``conflict`` rows would stop: see :func:`conflict_error`.
     """
     from refine_cli.refiners import build_refiner
 
     decisions, problems = decide_all(items, replace(job, outdir=Path(os.path.abspath(job.outdir))))
-    refiner = build_refiner(job.config) if any(d.action == "run" for _, d in decisions) else None
+    runs = any(d.action in ("run", "conflict") for _, d in decisions)
+    refiner = build_refiner(job.config) if runs else None
     rows: list[Record] = []
     for item, dec in decisions:
         memory: dict[str, Any] | None = None
-        if dec.action == "run":
+        action = dec.action
+        if action in ("run", "conflict"):
             try:
                 plan = plan_file_memory(item.image, job.config, job.outputs, refiner=refiner)
                 memory = {"estimate_bytes": plan.total, "budget": plan.budget, "tile_size": plan.tile_size,
@@ -1509,7 +1587,9 @@ def dry_run(items: Sequence[BatchItem], job: BatchJob) -> tuple[list[Record], li
                           "shape": list(image_shape(item.image, max_pixels=job.config.max_pixels))}
             except RefineError as exc:
                 memory = {"error": _one_line(exc)}
-        rows.append({"action": dec.action, "reason": dec.reason,
-                     "previous": dec.previous.get("status") if dec.previous else None, "key": item.key,
+                action = "fail" if action == "run" else action
+        rows.append({"action": action, "reason": dec.reason,
+                     "previous": dec.previous.get("status") if dec.previous else None,
+                     "previous_method": recorded_method(dec.previous), "key": item.key,
                      "image": item.image, "mask": item.mask, "outputs": item.outputs(), "memory": memory})
     return rows, problems

@@ -22,6 +22,7 @@ from refine_cli.errors import DependencyError, UsageError
 from refine_cli.io.writers import TMP_SUFFIX
 
 FAST = ("--method", "guided", "--threads", "1")
+COARSE = ("--method", "coarse", "--threads", "1")
 
 
 def make_pair(folder: Path, stem: str, seed: int, shape=(200, 300), mask_name: str | None = None) -> Path:
@@ -185,6 +186,27 @@ def test_dry_run_prints_plan_and_memory_without_running(data, tmp_path, bcli):
     assert lib.image_shape(str(data / "im0_mask.png")) == (50, 75)
 
 
+def test_dry_run_summary_counts_planned_failures_and_exits_like_the_run(data, tmp_path, bcli):
+    out = tmp_path / "out"
+    (data / "im1.png").write_bytes(b"not an image")
+    code, stdout, err = bcli(data, "--mask-suffix", "_mask", "-o", out, "--dry-run", *FAST)
+    rows = [line.split("\t") for line in stdout.splitlines()]
+    assert [r[0] for r in rows] == ["run", "fail", "run"] and rows[1][3].startswith("error:")
+    assert "2 to run" in err and "1 failing" in err and "0 failing" not in err
+    assert code == 3 and "1 of 3 inputs would end failed" in err and "Traceback" not in err
+    assert not out.exists()
+    assert bcli(data, "--mask-suffix", "_mask", "-o", out, *FAST)[0] == 3, "the real run fails it too"
+    code, stdout, err = bcli(data, "--mask-suffix", "_mask", "-o", out, "--dry-run", *FAST)
+    assert [line.split("\t")[0] for line in stdout.splitlines()] == ["keep"] * 3
+    assert code == 3 and "(1 of them failed)" in err and "--retry-failed" in err
+
+    csv = tmp_path / "pairs.csv"  # a planning error: two inputs would write one file
+    csv.write_text("imgs/im0.png,imgs/im0_mask.png,same.tif\nimgs/im2.png,imgs/im2_mask.png,same.tif\n")
+    code, stdout, err = bcli("--pairs", csv, "-o", tmp_path / "other", "--dry-run", "--json", *FAST)
+    assert [r["action"] for r in ndjson(stdout)] == ["fail", "fail"]
+    assert code == 3 and "2 failing" in err and "2 of 2 inputs would end failed" in err
+
+
 # ------------------------------------------------------------------------------ journal and resume
 
 
@@ -242,12 +264,92 @@ def test_resume_redoes_changed_inputs(data, tmp_path, bcli, change):
         with open(out / "im1.refined.tif", "ab") as fh:
             fh.write(b"\0")
     else:
-        extra = ("--eps", "0.05")
+        extra = ("--eps", "0.05", "--overwrite")  # without --overwrite it stops: see the tests below
         expect = {"im0.refined.tif", "im1.refined.tif", "im2.refined.tif"}
     assert _rerun_keys(bcli, data, out, *extra) == expect
     assert _rerun_keys(bcli, data, out, *extra) == set()
     for rec in lib.merge_journals(out).latest.values():
         assert sha(out / rec["outputs"]["mask"]["path"]) == rec["outputs"]["mask"]["sha256"]
+
+
+def test_changed_method_stops_before_replacing_done_outputs(data, tmp_path, bcli):
+    out = tmp_path / "out"
+    assert bcli(data, "--mask-suffix", "_mask", "-o", out, *FAST)[0] == 0
+    before, journal_bytes = tree(out), (out / lib.JOURNAL_NAME).read_bytes()
+    for extra in ((), ("--json",), ("--dry-run",)):
+        code, stdout, err = bcli(data, "--mask-suffix", "_mask", "-o", out, *COARSE, *extra)
+        assert code == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == (2 if extra == ("--dry-run",) else 1), err
+        assert lines[-1].startswith("error: 3 of 3 inputs were done with method guided, not coarse, and "
+                                    "their outputs are still in "), err
+        assert "(first: im0.refined.tif)" in lines[-1] and "--overwrite" in lines[-1]
+        assert "--force" in lines[-1] and "another -o OUTDIR" in lines[-1]
+        if extra == ("--dry-run",):
+            assert [line.split("\t")[0] for line in stdout.splitlines()] == ["conflict"] * 3
+            assert "3 would replace earlier outputs" in lines[0]
+        else:
+            assert stdout == ""
+        assert tree(out) == before, "outputs untouched"
+        assert (out / lib.JOURNAL_NAME).read_bytes() == journal_bytes, "nothing recorded, not even a claim"
+    # output options are part of the configuration too
+    code, _, err = bcli(data, "--mask-suffix", "_mask", "-o", out, *FAST, "--soft")
+    assert code == 2 and "done with other settings of method guided and" in err
+    # the same configuration still resumes
+    code, stdout, err = bcli(data, "--mask-suffix", "_mask", "-o", out, "--json", *FAST)
+    assert code == 0 and [r["resumed"] for r in ndjson(stdout)] == [True] * 3
+    assert tree(out) == before
+
+
+@pytest.mark.parametrize("flag", ["--overwrite", "--force"])
+def test_changed_method_replaces_with_overwrite_or_force(data, tmp_path, bcli, flag):
+    out = tmp_path / "out"
+    assert bcli(data, "--mask-suffix", "_mask", "-o", out, *FAST)[0] == 0
+    before = tree(out)
+    assert bcli(data, "--mask-suffix", "_mask", "-o", out, *COARSE)[0] == 2, "without the flag it stops"
+    assert tree(out) == before
+    code, stdout, err = bcli(data, "--mask-suffix", "_mask", "-o", out, "--json", flag, *COARSE)
+    assert code == 0, err
+    recs = ndjson(stdout)
+    assert [r["resumed"] for r in recs] == [False] * 3
+    assert {r["result"]["method"] for r in recs} == {"coarse"}
+    assert tree(out) != before
+    for rec in lib.merge_journals(out).latest.values():
+        assert sha(out / rec["outputs"]["mask"]["path"]) == rec["outputs"]["mask"]["sha256"]
+    assert _rerun_keys(bcli, data, out, *COARSE) == set(), "then the new configuration resumes"
+
+
+def test_changed_method_after_killed_run_replaces_only_unrecorded_outputs(data, tmp_path, bcli):
+    """Outputs that only a claim line names (a run killed before their record) are debris: they are redone."""
+    out = tmp_path / "out"
+    assert bcli(data, "--mask-suffix", "_mask", "-o", out, *FAST)[0] == 0
+    path = out / lib.JOURNAL_NAME
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(ln for ln in lines if '"im1.refined.tif","status"' not in ln) + "\n")
+    (out / "im1.refined.tif").write_bytes(b"half-finished by a killed run")
+    code, _, err = bcli(data, "--mask-suffix", "_mask", "-o", out, *COARSE)
+    assert code == 2 and "2 of 3 inputs were done" in err and "(first: im0.refined.tif)" in err
+    assert (out / "im1.refined.tif").read_bytes() == b"half-finished by a killed run"
+
+    assert '"claim"' in lines[0]
+    path.write_text(lines[0] + "\n")  # killed before its first record: nothing is vouched for
+    code, stdout, err = bcli(data, "--mask-suffix", "_mask", "-o", out, "--json", *COARSE)
+    assert code == 0, err
+    assert [(r["status"], r["resumed"], r["result"]["method"]) for r in ndjson(stdout)] == \
+        [("done", False, "coarse")] * 3
+
+
+def test_changed_method_check_reads_every_shard_journal(data, tmp_path, bcli):
+    out = tmp_path / "out"
+    for i in (1, 2):
+        assert bcli(data, "--mask-suffix", "_mask", "-o", out, "--shard", f"{i}/2", *FAST)[0] == 0
+    before = tree(out)
+    code, _, err = bcli(data, "--mask-suffix", "_mask", "-o", out, *COARSE)
+    assert code == 2 and "3 of 3 inputs were done with method guided" in err
+    assert not (out / lib.JOURNAL_NAME).exists(), "the stopped run leaves no journal of its own"
+    code, _, err = bcli(data, "--mask-suffix", "_mask", "-o", out, "--shard", "2/2", *COARSE)
+    assert code == 2 and "1 of 1 input was done with method guided" in err and "(im1.refined.tif)" in err
+    assert tree(out) == before
 
 
 def test_verify_inputs_detects_same_size_same_mtime_edit(data, tmp_path, bcli):

@@ -4,8 +4,11 @@
 and a :class:`~refine_cli.batch.BatchJob`, one library call runs it, and the records are
 rendered. Records (``--json``), ``--list`` and ``--dry-run`` go to stdout, one line per
 input; progress, logs and the summary go to stderr. Exit codes: 0 every input done or
-skipped, 3 some failed, 2 usage errors, 130 interrupted (journal flushed, temporary
-files removed; rerun to resume).
+skipped, 3 some failed, 2 usage errors (also: a changed configuration would replace
+finished outputs, see :class:`~refine_cli.batch.ConfigChangedError`), 130 interrupted
+(journal flushed, temporary files removed; rerun to resume). ``--dry-run`` exits as the
+real run would end: 2 when it would stop at such a conflict, 3 when inputs would fail
+(planning errors, unreadable headers, earlier failures kept), else 0.
 
 Mount with :func:`register` (a plain command: ``app.add_typer`` would make it a group
 that expects a sub-command name); ``python -m refine_cli.commands.batch ARGS`` runs it
@@ -34,7 +37,8 @@ if TYPE_CHECKING:
 EPILOG = (
     "Pairing: --mask-dir D (same stem), --mask-suffix _mask (beside the image), or --pairs pairs.csv "
     "(image,mask[,out]). Resume is the default: inputs recorded as done with unchanged inputs, settings "
-    "and outputs are not run again. Shards (--shard I/N) write refine-journal.shard-I-of-N.jsonl; every "
+    "and outputs are not run again; another method or other settings stop the run while finished outputs "
+    "exist (--overwrite replaces them). Shards (--shard I/N) write refine-journal.shard-I-of-N.jsonl; every "
     "run reads all journals in OUTDIR, latest record per input wins."
 )
 
@@ -161,7 +165,8 @@ def batch_cmd(
             if not quiet:
                 err_console.print(f"{len(items)} inputs{where}", highlight=False)
         elif dry_run:
-            _print_plan(lib.dry_run(items, job)[0], job, json_out, None if quiet else err_console, where)
+            _print_plan(lib.dry_run(items, job)[0], job, json_out, None if quiet else err_console, where,
+                        len(items))
         else:
             _run(items, job, scheduler, json_out, err_console, quiet, where)
 
@@ -195,8 +200,15 @@ def _print_list(items: Sequence[BatchItem], out: Path, json_out: bool) -> None:
 
 
 def _print_plan(rows: list[dict[str, Any]], job: BatchJob, json_out: bool, console: Console | None,
-                where: str) -> None:
-    """``--dry-run``: action, image, output, memory, reason per line (or NDJSON); totals on stderr."""
+                where: str, total: int) -> None:
+    """``--dry-run``: action, image, output, memory, reason per line (or NDJSON); totals on stderr.
+
+    Raises:
+        ConfigChangedError: the real run would stop (a changed configuration, finished outputs exist).
+        BatchIncomplete: the real run would end with failed inputs (exit code 3).
+    """
+    from refine_cli import batch as lib
+
     peak = 0
     for row in rows:
         mem = row["memory"] or {}
@@ -208,13 +220,24 @@ def _print_plan(rows: list[dict[str, Any]], job: BatchJob, json_out: bool, conso
                else f"error: {mem['error']}" if "error" in mem else "-")
         typer.echo("\t".join([row["action"], row["image"], str(job.outdir / row["outputs"]["mask"]), est,
                               row["reason"]]))
+    n = {a: sum(1 for r in rows if r["action"] == a) for a in ("run", "keep", "skip", "fail", "conflict")}
+    n["kept_failed"] = sum(1 for r in rows if r["action"] == "keep" and r["previous"] == "failed")
     if console is not None:
-        n = {a: sum(1 for r in rows if r["action"] == a) for a in ("run", "keep", "skip", "fail")}
-        n["kept_failed"] = sum(1 for r in rows if r["action"] == "keep" and r["previous"] == "failed")
-        console.print(f"plan{where}: {n['run']} to run, {n['keep']} kept from the journal "
+        blocked = f"{n['conflict']} would replace earlier outputs, " if n["conflict"] else ""
+        console.print(f"plan{where}: {n['run']} to run, {blocked}{n['keep']} kept from the journal "
                       f"({n['kept_failed']} of them failed), {n['skip']} skipped, {n['fail']} failing; "
                       f"peak estimate {_size(peak)} of --max-memory {_size(job.config.max_memory)}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
+    if n["conflict"]:
+        conflicts = [(r["key"], r["previous_method"]) for r in rows if r["action"] == "conflict"]
+        raise lib.conflict_error(conflicts, job.config.method, total, job.outdir)
+    failing = n["fail"] + n["kept_failed"]
+    if failing:
+        counts = ((n["fail"], "failing"), (n["kept_failed"], "failed before"))
+        parts = ", ".join(f"{k} {what}" for k, what in counts if k)
+        retry = " and rerun with --retry-failed" if n["kept_failed"] else ""
+        raise lib.BatchIncomplete(f"dry run: {failing} of {total} inputs would end failed ({parts}); fix them"
+                                  f"{retry} (reasons on the plan lines)")
 
 
 def _run(items: Sequence[BatchItem], job: BatchJob, scheduler: str | None, json_out: bool, console: Console,
