@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,7 @@ from refine_cli.engine.levels import run_levels
 from refine_cli.errors import Interrupted, UsageError
 from refine_cli.io.image import ImageSource, area_downscale
 from refine_cli.io.masks import MaskSource
+from refine_cli.io.paths import check_distinct
 from refine_cli.io.readers import Reader, open_raster
 from refine_cli.io.writers import (
     RasterSink,
@@ -40,6 +43,7 @@ from refine_cli.refiners import build_refiner, uses_torch
 from refine_cli.refiners.base import Scene
 from refine_cli.report.summary import RunReport, library_versions, peak_rss_bytes
 from refine_cli.report.timing import StageTimer
+from refine_cli.segment import segment_file
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +99,26 @@ def set_threads(threads: int | None) -> int:
 def _mask_facts(mask: MaskSource) -> dict[str, Any]:
     return {"path": mask.path, "kind": mask.kind.kind, "classes": mask.classes,
             "height": mask.native_shape[0], "width": mask.native_shape[1],
-            "resampled": not mask.same_resolution}
+            "resampled": not mask.same_resolution,
+            **({"instance_ids": mask.kind.ids} if mask.kind.kind == "instances" else {})}
+
+
+def _coarse_facts(mask: MaskSource | None, seg_facts: dict[str, Any] | None, save_coarse: str | None,
+                  config: RefineConfig) -> dict[str, Any]:
+    """The report's ``mask`` entry: the user's mask, the mask ``--segmenter`` made, or the method's own."""
+    if mask is None:
+        return {"path": None, "kind": "segmenter", "segmenter": config.segmenter or "preset default"}
+    facts = _mask_facts(mask)
+    if seg_facts is not None:
+        facts.update(path=save_coarse, made_by=seg_facts)
+    return facts
+
+
+def _utc_now() -> str:
+    """The current time as ISO 8601 UTC with seconds (``2026-12-06T21:49:43Z``)."""
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def refine_file(
@@ -112,12 +135,15 @@ def refine_file(
     bands: tuple[int, ...] | None = None,
     progress: Progress | None = None,
     resume: bool = False,
+    save_coarse: str | None = None,
+    command: str | None = None,
 ) -> RunReport:
     """Refine the coarse mask of one image and write the results.
 
     Args:
         image: image path, or ``-`` for bytes on stdin.
-        mask: coarse mask path (``-`` for stdin); ``None`` runs the method's segmenter.
+        mask: coarse mask path (``-`` for stdin); ``None`` makes it with ``config.segmenter`` (or
+            the method's own segmenter, for magnet-fast).
         out: refined mask path (``-`` for stdout); default ``<stem>.refined.tif`` beside the image.
         config: what to compute (method, device, memory budget ...).
         uncertainty: uncertainty map path (uint8, 255 = most uncertain), or ``None``.
@@ -130,6 +156,9 @@ def refine_file(
         resume: continue an interrupted run from the parts it left beside ``out`` (TIFF
             outputs taller than one segment are always written resumably; see
             ``engine.checkpoint``).
+        save_coarse: also keep the coarse mask that ``config.segmenter`` made at this path
+            (low resolution, see ``refine_cli.segment``); only without ``mask``.
+        command: the command line that started the run, recorded in the report.
 
     Returns:
         The run report.
@@ -139,11 +168,14 @@ def refine_file(
     """
     config = config or RefineConfig()
     t_start = time.perf_counter()
+    started = _utc_now()
     timer = StageTimer()
     out = out or default_output(image)
     if image == "-" and mask == "-":
         raise UsageError("only one of IMAGE and --mask can be read from stdin")
-    for path in (out, uncertainty, report):
+    check_distinct({"image": image, "--mask": mask}, {"-o": out, "--uncertainty": uncertainty,
+                                                      "--report": report, "--save-coarse": save_coarse})
+    for path in (out, uncertainty, report, save_coarse):
         if path:
             check_output(path, overwrite)
             if path != "-":
@@ -152,14 +184,32 @@ def refine_file(
     device = resolve_device(config.device, uses_torch(config.method))
     threads = set_threads(config.threads)
     refiner = build_refiner(config, device)
-    if mask is None and not getattr(refiner, "makes_coarse", False):
-        raise UsageError(f"no --mask given: method {config.method!r} needs a coarse mask (magnet-fast makes its "
-                         "own with a segmenter); pass --mask MASK")
+    own_segmenter = bool(getattr(refiner, "makes_coarse", False))
+    segment_first = mask is None and not own_segmenter
+    if save_coarse and not segment_first:
+        raise UsageError("--save-coarse keeps the mask that --segmenter makes: use it without --mask"
+                         + (" (magnet-fast uses its segmenter's output inside; `refine segment` saves it)"
+                            if own_segmenter else ""))
+    if segment_first and not config.segmenter:
+        raise UsageError(f"no --mask given: method {config.method!r} needs a coarse mask; pass --mask MASK, or "
+                         "--segmenter NAME|FILE to make one in the same run (e.g. --segmenter mediapipe-selfie "
+                         "for people)")
+    if segment_first and image == "-":
+        raise UsageError("--segmenter reads the image twice: save it to a file instead of piping it on stdin")
     tmp_dir = default_tmp_dir()
     readers: list[Reader] = []
     writer: OutputWriter | None = None
     checkpoint: RunCheckpoint | None = None
+    seg_facts: dict[str, Any] | None = None
+    seg_dir: str | None = None
     try:
+        if segment_first:
+            seg_dir = tempfile.mkdtemp(prefix="refine-coarse-", dir=tmp_dir)
+            mask = save_coarse or os.path.join(seg_dir, "coarse.tif")
+            with timer.stage("segment"):
+                seg_facts = segment_file(image, mask, segmenter=str(config.segmenter), device=device, soft=None,
+                                         overwrite=overwrite, bands=bands, max_pixels=config.max_pixels,
+                                         inline_limit=config.inline_limit, progress=progress)
         with timer.stage("read"):
             img_reader = open_raster(image, max_pixels=config.max_pixels, inline_limit=config.inline_limit,
                                      tmp_dir=tmp_dir, what="image")
@@ -170,7 +220,8 @@ def refine_file(
                 mask_reader = open_raster(mask, max_pixels=config.max_pixels, inline_limit=config.inline_limit,
                                           tmp_dir=tmp_dir, what="mask")
                 readers.append(mask_reader)
-                msk = MaskSource(mask_reader, src.shape, classes=config.classes)
+                msk = MaskSource(mask_reader, src.shape, classes=config.classes, kind=config.mask_kind,
+                                 threshold=config.threshold)
         H, W = src.shape
 
         def read_overview(shape: tuple[int, int], binarize: bool = False) -> tuple[Any, Any]:
@@ -188,9 +239,13 @@ def refine_file(
 
         info: dict[str, Any] = {"max_memory": config.max_memory, "coarse": "none" if msk is None else "mask",
                                 "image_source": src}
+        spec = OutputSpec(mask=out, uncertainty=uncertainty, soft=config.soft, threshold=config.threshold,
+                          fmt=fmt, cog=cog, overwrite=overwrite)
         if msk is not None:
-            info.update(coarse_scale=H / msk.native_shape[0], labels=msk.is_labels, classes=msk.classes)
-        scene = Scene(shape=(H, W), read_overview=read_overview, device=device, timer=timer, info=info)
+            info.update(coarse_scale=H / msk.native_shape[0], labels=msk.is_labels, classes=msk.classes,
+                        bytes_out=bytes_per_pixel(spec, msk.channels, msk.is_labels))
+        scene = Scene(shape=(H, W), read_overview=read_overview, device=device, timer=timer, info=info,
+                      progress=progress)
         refiner.prepare(scene)
 
         # A method with its own label space (MagNet's segmenter) decides the output layout;
@@ -198,8 +253,6 @@ def refine_file(
         n_out = int(getattr(refiner, "num_classes", 0) or 0)
         assert n_out or msk is not None
         labels = n_out > 2 if n_out else bool(msk and msk.is_labels)
-        spec = OutputSpec(mask=out, uncertainty=uncertainty, soft=config.soft, threshold=config.threshold,
-                          fmt=fmt, cog=cog, overwrite=overwrite)
         channels = (n_out or (msk.classes if msk else 1)) if labels else 1
         batch = config.cascade.batch_size if getattr(refiner, "uses_torch", False) else 1
         bands_out, dtype_out = mask_layout(spec, channels, labels)
@@ -208,7 +261,7 @@ def refine_file(
         if out != "-" and output_format(out, fmt) == "tiff" and H > seg_rows and image != "-" and mask != "-":
             checkpoint = RunCheckpoint(out, {
                 "config": config_hash(config.to_dict()), "image": file_identity(image),
-                "mask": file_identity(mask) if mask else None,
+                "mask": (None if segment_first else file_identity(mask)) if mask else None,
                 "shape": [H, W], "outputs": {"uncertainty": bool(uncertainty), "cog": cog, "bands": bands},
             }, resume)
         resampling = "average" if config.soft else "nearest"
@@ -244,18 +297,21 @@ def refine_file(
     except BaseException:
         if writer is not None:
             writer.abort()
+        if save_coarse and seg_facts is not None:  # the run's outputs are one unit: all or none
+            Path(save_coarse).unlink(missing_ok=True)
         raise
     finally:
         for r in readers:
             r.close()
+        if seg_dir is not None:
+            shutil.rmtree(seg_dir, ignore_errors=True)
 
     wall = time.perf_counter() - t_start
     rep = RunReport(
         image={**{k: v for k, v in img_reader.describe().items() if k != "levels"},
                "georeferenced": georef is not None},
-        mask=_mask_facts(msk) if msk is not None else {"path": None, "kind": "segmenter",
-                                                       "segmenter": config.segmenter or "preset default"},
-        outputs={"mask": out, "uncertainty": uncertainty, "report": report},
+        mask=_coarse_facts(msk, seg_facts, save_coarse, config),
+        outputs={"mask": out, "uncertainty": uncertainty, "report": report, "coarse": save_coarse},
         method=refiner.name,
         refiner=refiner.describe(),
         device=device,
@@ -278,6 +334,9 @@ def refine_file(
         versions=library_versions(),
         config={**config.to_dict(), "threads_used": threads},
         notes=list(scene.info.get("notes", [])),
+        started=started,
+        finished=_utc_now(),
+        command=command,
     )
     if report:
         write_bytes_atomic(report, rep.to_json().encode(), overwrite=overwrite)

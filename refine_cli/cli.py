@@ -50,15 +50,21 @@ def _root(
 
 
 def configure_logging(verbose: int, quiet: bool) -> None:
-    """Map ``-v/-q`` to a log level and send records to stderr through Rich."""
+    """Map ``-v/-q`` to a log level and send records to stderr: through Rich on a terminal, else
+    one plain line per record (``WARNING  text``), never wrapped, so logs and pipes can grep them."""
     from rich.logging import RichHandler
 
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else
                                          logging.WARNING)
     root = logging.getLogger("refine_cli")
     root.handlers.clear()
-    handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler: logging.Handler
+    if err_console.is_terminal:
+        handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
@@ -76,7 +82,10 @@ def configure_logging(verbose: int, quiet: bool) -> None:
 
 
 class _Progress:
-    """A Rich progress bar on stderr, shown only on a terminal."""
+    """Rich progress bars on stderr, one per stage, shown only on a terminal.
+
+    Called as ``progress(stage, done, total)``; ``total = 0`` shows a spinner (amount unknown).
+    """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and err_console.is_terminal
@@ -85,10 +94,10 @@ class _Progress:
 
     def __enter__(self) -> _Progress:
         if self.enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
 
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True)
             self._bar.__enter__()
         return self
@@ -98,8 +107,8 @@ class _Progress:
             return
         task = self._tasks.get(stage)
         if task is None:
-            task = self._tasks[stage] = self._bar.add_task(f"{stage} tiles", total=total)
-        self._bar.update(task, completed=done, total=total)
+            task = self._tasks[stage] = self._bar.add_task(stage, total=total or None)
+        self._bar.update(task, completed=done, total=total or None)
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
@@ -120,6 +129,8 @@ def run_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from the finished rows "
                                          "it left beside the output.")] = False,
+    save_coarse: Annotated[str | None, typer.Option("--save-coarse", help="With --segmenter and no --mask: also "
+                                                    "keep the coarse mask it made (.tif/.png).")] = None,
     opts: RunOptions = RunOptions(),
     verbose: Verbose = 0,
     quiet: Quiet = False,
@@ -138,7 +149,7 @@ def run_cmd(
     with _Progress(enabled=not quiet) as progress:
         rep = refine_file(image, mask, target, config=config, uncertainty=uncertainty, report=report,
                           overwrite=opts.overwrite, fmt=opts.fmt, cog=opts.cog, bands=opts.band_indices(),
-                          progress=progress, resume=resume)
+                          progress=progress, resume=resume, save_coarse=save_coarse, command=_command_line())
     if json_out:
         typer.echo(rep.to_json())
     if not quiet:
@@ -205,6 +216,16 @@ from refine_cli.commands.segment import segment_cmd  # noqa: E402
 app.command("segment", help="Make a coarse mask with a segmenter (the first step of MagNet-Fast).")(segment_cmd)
 
 
+_ARGV: list[str] = []
+"""The arguments of the running command (set by :func:`main`), for the report."""
+
+
+def _command_line() -> str | None:
+    import shlex
+
+    return shlex.join(["refine", *_ARGV]) if _ARGV else None
+
+
 def _error(text: str, debug: bool = False) -> None:
     """Print one red ``error:`` line (the message is not parsed as markup)."""
     from rich.markup import escape
@@ -219,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     from typer._click.exceptions import ClickException  # typer bundles its own click
 
     args = list(sys.argv[1:] if argv is None else argv)
+    _ARGV[:] = args
     debug = "--debug" in args
     try:
         rc = app(args=args, prog_name="refine", standalone_mode=False)

@@ -35,8 +35,29 @@ DEFAULT_THRESHOLD = 0.5
 GIB = 1024**3
 MIB = 1024**2
 
+MIN_MAX_MEMORY = 512 * MIB
+"""The smallest ``--max-memory``: the engine's fixed items alone (``engine.budget``: 350 MiB base +
+2 x 64 MiB block caches) plan about 480 MiB for the smallest image; ``tests/test_memory.py``
+checks that a run at this budget fits."""
+
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+MASK_KINDS = ("auto", "binary", "soft", "labels", "instances")
+"""Values of ``--mask-kind`` (how a coarse mask's values are read; see ``refine_cli.io.masks``)."""
+
+
+def check_mask_kind(kind: str, classes: int | None) -> None:
+    """Reject an unknown ``--mask-kind`` and one that contradicts ``--classes``.
+
+    Raises:
+        UsageError: one line naming the flags.
+    """
+    if kind not in MASK_KINDS:
+        raise UsageError(f"--mask-kind {kind!r} is not valid: use one of {', '.join(MASK_KINDS)}")
+    if classes is not None and kind not in ("auto", "labels"):
+        raise UsageError(f"--classes {classes} declares a label map but --mask-kind {kind} says otherwise: "
+                         "drop one of them")
 
 
 def parse_size(text: str | int) -> int:
@@ -144,6 +165,9 @@ class RefineConfig:
         skip_uniform: copy tiles whose coarse mask is uniform within the halo
             instead of running the refiner (boundary-only processing).
         classes: number of classes of a label-map mask; ``None`` detects it.
+        mask_kind: how the mask's values are read: ``auto`` (detect), ``binary`` (non-zero is
+            foreground), ``soft`` (probabilities at the dtype scale), ``labels`` (class indices,
+            refined per class) or ``instances`` (object ids, refined as one foreground).
         threshold: probability at or above which a pixel is foreground.
         soft: write probabilities instead of a hard mask.
         segmenter: coarse segmenter name or path, used when no mask is given.
@@ -164,6 +188,7 @@ class RefineConfig:
     overlap: int = 64
     skip_uniform: bool = True
     classes: int | None = None
+    mask_kind: str = "auto"
     threshold: float = DEFAULT_THRESHOLD
     soft: bool = False
     segmenter: str | None = None
@@ -177,8 +202,10 @@ class RefineConfig:
     def __post_init__(self) -> None:
         if not DEVICE_PATTERN.match(self.device):
             raise UsageError(f"--device {self.device!r} is not valid: use auto, cpu, cuda or cuda:N")
-        if self.max_memory < 256 * MIB:
-            raise UsageError("--max-memory must be at least 256M")
+        if self.max_memory < MIN_MAX_MEMORY:
+            raise UsageError(f"--max-memory {self.max_memory // MIB}M is below the smallest budget a run fits in "
+                             f"({MIN_MAX_MEMORY // MIB}M: Python, NumPy, OpenCV, torch and the writers' caches); "
+                             f"give --max-memory {MIN_MAX_MEMORY // MIB}M or more")
         if self.tile_size is not None and self.tile_size < 64:
             raise UsageError(f"--tile-size {self.tile_size} is too small: use 64 or more")
         if self.overlap < 0:
@@ -189,6 +216,7 @@ class RefineConfig:
             raise UsageError(f"--threshold {self.threshold} must be strictly between 0 and 1")
         if self.classes is not None and not 2 <= self.classes <= 65535:
             raise UsageError(f"--classes {self.classes} must be between 2 and 65535")
+        check_mask_kind(self.mask_kind, self.classes)
         if self.cascade.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.cascade.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.cascade.size is not None and (self.cascade.size < 66 or self.cascade.size % 2):

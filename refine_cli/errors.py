@@ -63,6 +63,12 @@ class ResourceError(RefineError, MemoryError):
     exit_code = 1
 
 
+class BudgetError(ResourceError):
+    """The planned work does not fit ``--max-memory`` (found before running: fix the flag)."""
+
+    exit_code = 2
+
+
 class DependencyError(RefineError, ImportError):
     """An optional dependency is needed; the message gives the ``pip install`` line."""
 

@@ -11,14 +11,14 @@ exactly those of the whole image in memory, with memory bounded by
 How values are read (binary mode):
 
 * The kind and full-scale value of each file are decided once, by the scan
-  ``MaskSource`` makes when it opens a mask: values ``{0, 1}`` (any integer
-  dtype) have scale 1, ``{0, 255}`` scale 255, ``{0, 65535}`` (uint16) scale
-  65535; other uint8 masks are soft with scale 255, uint16 with 65535, float
-  masks are probabilities in ``[0, 1]``. A pixel is foreground when
-  ``value >= threshold * scale`` (prediction, coarse) or ``>= 0.5 * scale`` (GT).
+  ``MaskSource`` makes when it opens a mask (``refine_cli.io.masks``): binary
+  masks (``{0, v}``) count non-zero as foreground; soft masks (uint8 v/255,
+  uint16 v/65535, float in ``[0, 1]``) are foreground when ``value >= threshold
+  * scale`` (prediction, coarse) or ``>= 0.5 * scale`` (GT).
 * An integer file that ``MaskSource`` reads as a label map (values ``0..63``
-  that are not binary, palette or colour-coded masks) counts ``label > 0`` as
-  foreground; pass ``labels=True`` for per-class IoU.
+  that are not binary, palette or colour-coded masks) or as an instance map
+  (many object ids) counts ``label > 0`` as foreground; pass ``labels=True``
+  for per-class IoU.
 * The prediction and the GT must have the same size. The coarse mask may be
   smaller with the same aspect ratio: it is resampled to the GT grid exactly as
   ``refine run`` resamples it (bilinear, ``align_corners=False``), so its
@@ -103,14 +103,15 @@ class MaskFile:
     """
 
     def __init__(self, path: str | Path, *, what: str, grid: tuple[int, int] | None = None,
-                 labels: bool = False, classes: int | None = None, limits: Limits | None = None) -> None:
+                 labels: bool = False, classes: int | None = None, limits: Limits | None = None,
+                 flag: str | None = None) -> None:
         limits = limits or Limits()
         self.path = str(path)
         self.what = what
         self.labels_mode = labels or classes is not None
         self._reader: Reader = open_raster(self.path, max_pixels=limits.max_pixels,
                                            inline_limit=limits.inline_limit, tmp_dir=default_tmp_dir(),
-                                           what="mask")
+                                           what="mask", flag=flag)
         try:
             self.native_shape: tuple[int, int] = self._reader.shape
             self.shape: tuple[int, int] = self.native_shape if grid is None else (int(grid[0]), int(grid[1]))
@@ -323,9 +324,9 @@ def evaluate_pair(
     labels = options.labels
     opened: list[MaskFile] = []
     try:
-        g = MaskFile(gt, what="ground truth", labels=labels, classes=classes, limits=limits)
+        g = MaskFile(gt, what="ground truth", labels=labels, classes=classes, limits=limits, flag="GT")
         opened.append(g)
-        p = MaskFile(pred, what="prediction", labels=labels, classes=classes, limits=limits)
+        p = MaskFile(pred, what="prediction", labels=labels, classes=classes, limits=limits, flag="PRED")
         opened.append(p)
         if p.native_shape != g.native_shape:
             (ph, pw), (gh, gw) = p.native_shape, g.native_shape
@@ -337,7 +338,7 @@ def evaluate_pair(
         c = None
         if coarse is not None:
             c = MaskFile(coarse, what="coarse mask", grid=g.shape, labels=labels, classes=classes,
-                         limits=limits)
+                         limits=limits, flag="--coarse")
             opened.append(c)
         p_opts = dataclasses.replace(options, pred_scale=p.scale, gt_scale=g.scale)
         acc = MetricAccumulator(g.shape, p_opts)

@@ -107,9 +107,9 @@ class _Layer:
     overview: np.ndarray  # (oh, ow): float32 prob, or int32 labels
 
 
-def _open(path: str, what: str, cfg: RefineConfig) -> Reader:
+def _open(path: str, what: str, cfg: RefineConfig, flag: str) -> Reader:
     return open_raster(path, max_pixels=cfg.max_pixels, inline_limit=cfg.inline_limit,
-                       tmp_dir=default_tmp_dir(), what=what)
+                       tmp_dir=default_tmp_dir(), what=what, flag=flag)
 
 
 def _resize(arr: np.ndarray, out_shape: tuple[int, int]) -> np.ndarray:
@@ -333,16 +333,16 @@ def render_overlay(
     cfg = config or RefineConfig()
     readers: list[Reader] = []
     try:
-        img_reader = _open(image, "image", cfg)
+        img_reader = _open(image, "image", cfg, "IMAGE")
         readers.append(img_reader)
         src = ImageSource(img_reader, bands)
         H, W = src.shape
         oshape = fit_within((H, W), max_side)
         layers: list[_Layer] = []
-        for path in (mask, compare):
+        for path, flag in ((mask, "MASK"), (compare, "--compare")):
             if path is None:
                 continue
-            r = _open(path, "mask", cfg)
+            r = _open(path, "mask", cfg, flag)
             readers.append(r)
             ms = MaskSource(r, (H, W), classes=classes)
             layers.append(_Layer(Path(path).name, ms, label_overview(ms, oshape) if ms.is_labels
@@ -353,7 +353,7 @@ def render_overlay(
                              "like with like (force label maps with --classes)")
         unc = None
         if uncertainty is not None:
-            ur = _open(uncertainty, "mask", cfg)
+            ur = _open(uncertainty, "mask", cfg, "--uncertainty")
             readers.append(ur)
             unc = uncertainty_overview(ur, (H, W), oshape)
         view = np.clip(np.rint(src.overview(oshape)), 0, 255).astype(np.uint8)

@@ -96,8 +96,9 @@ class WeightsRecord:
         normalization: input contract.
         notes: provenance and caveats.
         strip_prefixes: key prefixes stripped by name when loading.
-        bundled: file name in the repository's ``weights/`` folder for checkpoints the project
-            trains and ships itself (used when the cache has no copy).
+        bundled: file name in the shipped weights folder (:func:`bundled_dir`: the repository's
+            ``weights/``, installed as package data) for checkpoints the project trains and ships
+            itself (used when the cache has no copy).
         trust_on_first_use: no checksum was ever published for this file (md5 and sha256 are
             ``None`` on purpose): the first fetch or import records its sha256 in the cache
             sidecar, with a warning; later uses check the size against it and
@@ -181,11 +182,46 @@ _REGISTRY: dict[str, WeightsRecord] = {
 }
 
 
+BUNDLED_PACKAGE = "refine_cli._bundled"
+"""The package that holds the checkpoints shipped with refine.
+
+``pyproject.toml`` maps it onto the repository's top-level ``weights/`` folder (setuptools
+``package-dir``) and ships its ``*.pt`` / ``*.json`` / ``*.md`` as package data, so the same name
+resolves in a wheel install (``site-packages/refine_cli/_bundled/``) and in an editable install
+(setuptools' editable finder maps it to the checkout's ``weights/``, which needs its ``__init__.py``).
+"""
+
+
+def bundled_dir() -> Path:
+    """The folder of the checkpoints shipped with refine (package :data:`BUNDLED_PACKAGE`).
+
+    The one place that locates them: found through the import system, never relative to this
+    file, so it works for wheel and editable installs alike.
+
+    Raises:
+        WeightsError: the package is missing (an editable install made before the mapping
+            existed: reinstall with ``pip install -e .``) or not on the file system (zip import).
+    """
+    import importlib.resources
+
+    try:
+        root = importlib.resources.files(BUNDLED_PACKAGE)
+    except ModuleNotFoundError as exc:
+        raise WeightsError(
+            f"the weights shipped with refine are missing: package {BUNDLED_PACKAGE} is not installed "
+            "(an old editable install? rerun `pip install -e .` in the checkout, or reinstall refine)"
+        ) from exc
+    if not isinstance(root, Path):
+        raise WeightsError(f"the weights shipped with refine ({BUNDLED_PACKAGE}) are not on the file system "
+                           f"({root}); install refine as a regular (unzipped) package")
+    return root
+
+
 def bundled_path(record: WeightsRecord) -> Path | None:
-    """The shipped copy of a self-trained checkpoint in the repository's ``weights/`` folder."""
+    """The shipped copy of a self-trained checkpoint (in :func:`bundled_dir`), ``None`` if it has none."""
     if record.bundled is None:
         return None
-    return Path(__file__).resolve().parents[1] / "weights" / record.bundled
+    return bundled_dir() / record.bundled
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,10 +367,7 @@ def verify(name: str) -> Digests:
         return digests
     path = cache_path(name)
     if not path.is_file():
-        raise WeightsError(
-            f"weights {name!r} are not in the cache ({path}); run `refine weights fetch {name}` "
-            f"or `refine weights import {name} FILE`"
-        )
+        raise WeightsError(missing_message(record, path))
     digests = file_digests(path)
     side = read_sidecar(name)
     problem = _mismatch(record, digests, record.sha256 or side.get("sha256"))
@@ -354,6 +387,26 @@ def verify(name: str) -> Digests:
 
 def _one_line(text: object) -> str:
     return " ".join(str(text).split())
+
+
+def short_license(text: str) -> str:
+    """A licence text's first clause (up to a ``;`` outside brackets): ``Apache-2.0 (MediaPipe)``."""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if ch == ";" and depth == 0:
+            return text[:i].strip()
+    return text.strip()
+
+
+def missing_message(record: WeightsRecord, dest: Path) -> str:
+    """One line for weights that are not on this machine: the fetch command, size and licence, the import."""
+    size = record.size or record.approx_size
+    text = f"{size / 1e6:.0f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
+    licence = short_license(record.license)
+    return (f"weights {record.name!r} are not on this machine yet (looked in {dest}): run `refine weights fetch "
+            f"{record.name}` once ({'~' if not record.size else ''}{text}, licence {licence}; later runs are "
+            f"offline), or `refine weights import {record.name} FILE` with a copy")
 
 
 def _offline_message(record: WeightsRecord, dest: Path, reason: object) -> str:
@@ -529,10 +582,7 @@ def resolve_weights(spec: str | os.PathLike[str], *, download: bool = False) -> 
             return ResolvedWeights(shipped, text, _REGISTRY[text].sha256)
         if not dest.is_file():
             if not download:
-                raise WeightsError(
-                    f"weights {text!r} are not in the cache ({dest}); run `refine weights fetch {text}` "
-                    f"or `refine weights import {text} FILE`"
-                )
+                raise WeightsError(missing_message(_REGISTRY[text], dest))
             fetch(text)
         side = read_sidecar(text)
         if side.get("size") is not None and dest.stat().st_size != side["size"]:

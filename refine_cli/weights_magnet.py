@@ -144,7 +144,7 @@ def magnet_records() -> list[WeightsRecord]:
         notes="MediaPipe legacy Selfie Segmentation, general model: TFLite, input [1,256,256,3] float32 "
         "RGB in [0,1], output [1,256,256,1] person probability. Same bytes as mediapipe 0.10.21's "
         "mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite; URL and sha256 as pinned in "
-        "MediaPipe's third_party/external_files.bzl. Runs with ai-edge-litert (refine-cli[tflite]).",
+        "MediaPipe's third_party/external_files.bzl. Runs with ai-edge-litert (a dependency of refine).",
         strip_prefixes=(),
     ))
     return records

@@ -14,7 +14,7 @@ from conftest import write_png
 from refine_cli.api import refine_file
 from refine_cli.config import CascadeOptions, RefineConfig
 from refine_cli.devtools.synthetic import random_scene
-from refine_cli.errors import ResourceError, UsageError, WeightsError
+from refine_cli.errors import BudgetError, UsageError, WeightsError
 from refine_cli.tiling.grid import Window
 
 
@@ -95,8 +95,9 @@ def test_label_map_through_both_paths(tmp_path, tiny):
 
 
 def test_budget_too_small_names_the_flags(scene, tmp_path, tiny):
-    cfg = RefineConfig(method="cascade", max_memory=300 << 20, cascade=CascadeOptions(weights=str(tiny), size=900))
-    with pytest.raises(ResourceError, match="--cascade-size 900.*--max-memory"):
+    cfg = RefineConfig(method="cascade", max_memory=512 << 20,
+                       cascade=CascadeOptions(weights=str(tiny), size=900, exact=True))
+    with pytest.raises(BudgetError, match="--cascade-size 900.*--max-memory"):
         refine_file(str(scene / "img.png"), str(scene / "coarse.png"), str(tmp_path / "o.tif"), config=cfg)
 
 
@@ -153,3 +154,52 @@ def test_edge_snap_is_a_tiled_last_level(scene, tmp_path, tiny):
     assert float(np.abs(snapped - direct)[filtered].max()) < 1e-5
     with pytest.raises(UsageError, match="--cascade-snap 'yes'"):
         RefineConfig(method="cascade", cascade=CascadeOptions(snap="yes"))
+
+
+@pytest.fixture(scope="module")
+def jpeg_scene(tmp_path_factory):
+    """A 700 x 1100 JPEG (decoded whole into memory) with a 1/8 coarse mask: at a 512 MiB budget the
+    old estimate of the exact path (40 B/px) accepted it, the engine's plan (the whole image as one
+    square tile) does not."""
+    d = tmp_path_factory.mktemp("cjpeg")
+    sc = random_scene((700, 1100), 5, seed=11, size=100)
+    cv2.imwrite(str(d / "img.jpg"), cv2.cvtColor(sc.image(Window(0, 0, 700, 1100)), cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(d / "coarse.png"), sc.coarse(8))
+    return d
+
+
+@pytest.mark.parametrize(("budget", "mode"), [(512 << 20, "streamed"), (4 << 30, "exact")])
+def test_automatic_path_fits_the_budget_for_a_decoded_jpeg(jpeg_scene, tmp_path, tiny, budget, mode):
+    """Without --exact/--streamed the path follows the engine's own memory plan: the exact path only
+    when the engine accepts the whole image as one tile, else the streamed one, and the report says
+    which ran and why (a 6000 x 4000 JPEG at the default budget used to stop with 'raise --max-memory')."""
+    cfg = RefineConfig(method="cascade", max_memory=budget,
+                       cascade=CascadeOptions(weights=str(tiny), size=200, snap="off", fast=True))
+    rep = refine_file(str(jpeg_scene / "img.jpg"), str(jpeg_scene / "coarse.png"), str(tmp_path / "o.tif"),
+                      config=cfg)
+    assert rep.refiner["mode"] == mode
+    note = next(n for n in rep.notes if n.startswith("cascade:"))
+    assert f"{mode} path" in note and ("above --max-memory" in note if mode == "streamed" else "of --max-memory" in note)
+    assert rep.memory_plan["estimate_bytes"] <= budget
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_every_long_step_reports_progress(small, scene, tmp_path, tiny, exact):
+    """The global step, the local patches of the exact path, every level's tiles and the edge snap
+    each report progress (the exact path used to show one tile for its whole run)."""
+    seen: list[tuple[str, int, int]] = []
+    d = small if exact else scene
+    cfg = RefineConfig(method="cascade", cascade=CascadeOptions(weights=str(tiny), size=400 if exact else 200,
+                                                                snap="on", exact=exact, fast=not exact))
+    refine_file(str(d / "img.png"), str(d / "coarse.png"), str(tmp_path / "o.tif"), config=cfg,
+                progress=lambda *a: seen.append(a))
+    stages = list(dict.fromkeys(s for s, _, _ in seen))
+    assert stages[0] == "cascade global step"
+    assert ("cascade global step", 1, 1) in seen
+    if exact:
+        local = [(d, t) for s, d, t in seen if s == "cascade local patches"]
+        assert len(local) >= 2 and local[-1][0] == local[-1][1] > 0
+    last = stages[-1]
+    assert last.endswith("snap tiles") and last.startswith(f"level {len([s for s in stages if 'tiles' in s])}/")
+    done = [(d, t) for s, d, t in seen if s == last]
+    assert done[-1][0] == done[-1][1] > 0

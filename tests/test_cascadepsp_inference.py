@@ -237,9 +237,11 @@ def test_refiner_whole_image(model):
     np.testing.assert_array_equal(result.uncertainty, binary_uncertainty(prob))
     calls = []
     prob2, info = refine_exact(
-        model, image, coarse, size=66, batch_size=1, progress=lambda d, t: calls.append(d)
+        model, image, coarse, size=66, batch_size=1, progress=lambda s, d, t: calls.append((s, d, t))
     )
-    assert info["global_shape"] == (38, 66) and info["patches"] == 3 and calls[-1] == 3
+    assert info["global_shape"] == (38, 66) and info["patches"] == 3
+    assert calls[:2] == [("cascade global step", 0, 1), ("cascade global step", 1, 1)]
+    assert calls[-1] == ("cascade local patches", 3, 3)
     assert info["patches_processed"] >= 2  # so the batch of 2 really ran
     assert float(np.abs(prob2 - prob).max()) < 1e-5  # batching changes rounding only
     desc = refiner.describe()

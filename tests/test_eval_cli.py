@@ -152,15 +152,14 @@ def test_label_map_in_binary_mode_and_empty_gt_warning(tmp_path, caplog, monkeyp
     write_png(tmp_path / "fg.png", (labels > 0).astype(np.uint8) * 255)
     res = evaluate_pair(tmp_path / "labels.png", tmp_path / "fg.png")  # label map as a prediction
     assert res.files["pred"]["kind"] == "labels" and res.metrics.iou == 1.0
-    # 16-bit instance labels up to 183 read as a soft mask have no foreground: warn, suggest --labels
+    # 16-bit instance ids {77, 183} are objects (id > 0 is foreground), not probabilities below 0.5
     inst = np.zeros((64, 64), np.uint16)
     inst[5:20, 5:20] = 183
     inst[30:50, 30:50] = 77
     tifffile.imwrite(tmp_path / "inst.tif", inst)
-    with caplog.at_level("WARNING", logger="refine_cli.evaluation_io"):
-        res = evaluate_pair(tmp_path / "fg.png", tmp_path / "inst.tif")
-    assert res.metrics.counts.tp + res.metrics.counts.fn == 0
-    assert "--labels" in caplog.text and "183" in caplog.text
+    write_png(tmp_path / "inst_fg.png", (inst > 0).astype(np.uint8) * 255)
+    res = evaluate_pair(tmp_path / "inst_fg.png", tmp_path / "inst.tif")
+    assert res.files["gt"]["kind"] == "instances" and res.metrics.iou == 1.0
 
 
 @pytest.mark.parametrize(

@@ -263,7 +263,7 @@ def test_missing_litert_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
     path = tmp_path / "seg.tflite"
     path.write_bytes(b"x")
-    with pytest.raises(DependencyError, match=r'pip install "refine-cli\[tflite\]"'):
+    with pytest.raises(DependencyError, match=r"pip install ai-edge-litert"):
         load_segmenter(path)
 
 
@@ -431,3 +431,59 @@ def test_output_shape_keeps_the_aspect_ratio():
         assert shape[0] <= hw[0] and shape[1] <= hw[1]
         assert shape[0] >= min(size[1], hw[0]) or shape[1] >= min(size[0], hw[1])
     assert output_shape((1080, 1920), (256, 256)) == (256, 455)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_run_with_a_segmenter_makes_the_coarse_mask_first(tmp_path, classes):
+    """``refine run IMG --segmenter FILE --method M`` (no --mask): the segmenter's output is the coarse
+    mask (probabilities for 2 classes, a label map for more), kept with --save-coarse, reported, and
+    shown as a progress stage; without --save-coarse nothing but the outputs is left behind."""
+    import tifffile
+
+    from refine_cli.api import refine_file
+    from refine_cli.config import RefineConfig
+    from tests.conftest import write_png
+
+    names = ["background", "person"] if classes == 2 else ["a", "b", "c"]
+    model = _torchscript(tmp_path, TinySeg(classes))
+    _sidecar(model, classes=names)
+    image = _images(1, 120, 200, seed=5)[0]
+    src = write_png(tmp_path / "img.png", image)
+    seen: list[tuple[str, int, int]] = []
+    cfg = RefineConfig(method="guided", segmenter=str(model), device="cpu")
+    rep = refine_file(str(src), None, str(tmp_path / "out.tif"), config=cfg, save_coarse=str(tmp_path / "c.tif"),
+                      progress=lambda *a: seen.append(a))
+    coarse = tifffile.imread(tmp_path / "c.tif")
+    assert coarse.shape == (24, 40)
+    assert coarse.dtype == (np.float32 if classes == 2 else np.uint8)
+    assert rep.mask["made_by"]["segmenter"] == str(model) and rep.mask["path"] == str(tmp_path / "c.tif")
+    assert rep.mask["kind"] == ("soft" if classes == 2 else "labels")
+    assert ("segmenter", 0, 0) in seen and ("segmenter", 1, 1) in seen
+    assert seen.index(("segmenter", 1, 1)) < min(i for i, a in enumerate(seen) if a[0].endswith("tiles"))
+    out = tifffile.imread(tmp_path / "out.tif")
+    assert out.shape == (120, 200)
+    # the same run without --save-coarse equals it and leaves no coarse file anywhere
+    rep2 = refine_file(str(src), None, str(tmp_path / "out2.tif"), config=cfg)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out2.tif"), out)
+    assert rep2.mask["path"] is None and rep2.outputs["coarse"] is None
+    assert sorted(p.name for p in tmp_path.iterdir() if "coarse" in p.name or p.name.startswith(".")) == []
+
+
+def test_run_with_a_segmenter_removes_the_saved_coarse_mask_when_refining_fails(tmp_path, monkeypatch):
+    """The run's outputs are one unit: a failure after the segmenter leaves no --save-coarse file."""
+    from refine_cli import api
+    from refine_cli.config import RefineConfig
+    from tests.conftest import write_png
+
+    model = _torchscript(tmp_path, TinySeg(2))
+    _sidecar(model, classes=["background", "person"])
+    src = write_png(tmp_path / "img.png", _images(1, 120, 200, seed=5)[0])
+
+    def boom(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(api, "run_levels", boom)
+    with pytest.raises(OSError):
+        api.refine_file(str(src), None, str(tmp_path / "out.tif"), config=RefineConfig(segmenter=str(model)),
+                        save_coarse=str(tmp_path / "c.png"))
+    assert not (tmp_path / "c.png").exists() and not (tmp_path / "out.tif").exists()

@@ -384,3 +384,16 @@ def test_cli_fetch(monkeypatch):
 def test_cli_unknown_name():
     result = runner.invoke(app, ["path", "nope"])
     assert isinstance(result.exception, UsageError)
+
+
+@pytest.mark.parametrize("columns", ["80", "60", "200"])
+def test_weights_list_shows_whole_names_on_narrow_terminals(cli, monkeypatch, columns):
+    """The names users must type are never cut, whatever the terminal width."""
+    from refine_cli import weights as registry
+
+    monkeypatch.setenv("COLUMNS", columns)
+    code, out, err = cli("weights", "list")
+    assert code == 0, err
+    lines = err.splitlines()
+    for record in registry.list_records():
+        assert any(ln.split() and ln.split()[0] == record.name for ln in lines), (record.name, err)

@@ -53,6 +53,7 @@ class _BatchProgress:
         self._bar: Any = None
         self._files: Any = None
         self._tiles: Any = None
+        self._name = ""
 
     def __enter__(self) -> _BatchProgress:
         if self.enabled:
@@ -70,16 +71,17 @@ class _BatchProgress:
         """A new input begins: reset the tile bar."""
         if self._bar is None:
             return
-        name = Path(item.image).name
+        self._name = Path(item.image).name
         if self._tiles is None:
-            self._tiles = self._bar.add_task(f"  {name} tiles", total=None)
+            self._tiles = self._bar.add_task(f"  {self._name}", total=None)
         else:
-            self._bar.reset(self._tiles, description=f"  {name} tiles", total=None)
+            self._bar.reset(self._tiles, description=f"  {self._name}", total=None)
 
     def tiles(self, stage: str, done: int, total: int) -> None:
-        """Tile progress of the current input."""
+        """Progress of the current input's stage (tiles, patches, segmenter; ``total = 0``: unknown)."""
         if self._bar is not None and self._tiles is not None:
-            self._bar.update(self._tiles, completed=done, total=total)
+            self._bar.update(self._tiles, description=f"  {self._name} {stage}", completed=done,
+                             total=total or None)
 
     def record(self) -> None:
         """One input finished (or was kept)."""

@@ -43,6 +43,7 @@ class RunOptions:
     soft: bool = False
     threshold: float = 0.5
     classes: int | None = None
+    mask_kind: str = "auto"
     device: str = "auto"
     max_memory: str = "2G"
     tile_size: int | None = None
@@ -84,6 +85,7 @@ class RunOptions:
             method=self.method, device=self.device, max_memory=parse_size(self.max_memory),
             tile_size=self.tile_size, overlap=self.overlap, skip_uniform=not self.no_skip,
             classes=self.classes, threshold=self.threshold, soft=self.soft, threads=self.threads,
+            mask_kind=self.mask_kind,
             max_pixels=int(self.max_pixels), inline_limit=int(self.inline_limit),
             guided=GuidedOptions(radius=self.radius, eps=self.eps),
             cascade=CascadeOptions(size=self.cascade_size, fast=self.fast, weights=self.weights,
@@ -112,6 +114,10 @@ OPTIONS: dict[str, Any] = {
     "soft": _opt(bool, "--soft", "Write probabilities (float32 TIFF / uint8 PNG) instead of a 0/255 mask."),
     "threshold": _opt(float, "--threshold", "Foreground probability threshold of the hard mask."),
     "classes": _opt(int | None, "--classes", "Treat the mask as a label map with this many classes."),
+    "mask_kind": _opt(str, "--mask-kind", "How to read the mask's values: auto (detect; see README), binary "
+                      "(non-zero is foreground), soft (probabilities: uint8 v/255, uint16 v/65535, float as is), "
+                      "labels (class indices 0..C-1 refined per class, C from --classes or max+1) or instances "
+                      "(object ids, refined as one foreground)."),
     "device": _opt(str, "--device", "auto, cpu, cuda or cuda:N."),
     "max_memory": _opt(str, "--max-memory", "RAM budget, e.g. 2G or 1500M; tile size follows."),
     "tile_size": _opt(int | None, "--tile-size", "Tile side in px (default: from the budget)."),
@@ -136,8 +142,9 @@ OPTIONS: dict[str, Any] = {
     "cascade_snap": _opt(str, "--cascade-snap", "cascade: finish by moving the boundary onto the image's "
                          "colour edges (guided filter, radius 8): auto (on for the bundled lite weights, off "
                          "for the official ones), on or off."),
-    "segmenter": _opt(str | None, "--segmenter", "magnet-fast: segmenter name (see `refine weights list`) or "
-                      "model file (.onnx/.tflite/TorchScript + sidecar JSON); makes the coarse mask without --mask."),
+    "segmenter": _opt(str | None, "--segmenter", "Without --mask: make the coarse mask with this segmenter first "
+                      "(a name, e.g. mediapipe-selfie, see `refine weights list`, or a .onnx/.tflite/TorchScript file "
+                      "+ sidecar JSON); for magnet-fast, its segmenter."),
     "preset": _opt(str | None, "--preset", "magnet-fast: cityscapes, deepglobe or binary (default: from the "
                    "segmenter)."),
     "full": _opt(bool, "--full", "magnet-fast: full MagNet (every patch at every scale) instead of MagNet-Fast."),

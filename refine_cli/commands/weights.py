@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
@@ -45,15 +46,22 @@ def list_cmd(
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"weights (cache {weights.refine_home() / 'weights'})")
-    for col in ("name", "architecture", "size", "here", "license"):
-        table.add_column(col)
+    console = _stderr()
+    wide = console.width >= 110
+    table = Table(title=f"weights (cache {weights.refine_home() / 'weights'})", box=box.SIMPLE_HEAD,
+                  title_justify="left")
+    table.add_column("name", no_wrap=True, min_width=max(len(r["name"]) for r in rows))  # typed by users
+    if wide:
+        table.add_column("architecture", no_wrap=True)
+    table.add_column("size", no_wrap=True, justify="right")
+    table.add_column("here", no_wrap=True)
+    table.add_column("license", overflow="fold")
     for row in rows:
         size = row["size"] or row["approx_size"]
-        table.add_row(
-            row["name"], row["architecture"], f"{'' if row['size'] else '~'}" + (f"{size / 1e6:.0f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"),
-            row["local"] or "no", row["license"],
-        )
+        text = f"{'' if row['size'] else '~'}" + (f"{size / 1e6:.0f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB")
+        cells = [row["name"], *([row["architecture"]] if wide else []), text, row["local"] or "no",
+                 weights.short_license(row["license"]) if not wide else row["license"]]
+        table.add_row(*cells)
     _stderr().print(table)
 
 
@@ -63,6 +71,9 @@ def fetch(
     force: bool = typer.Option(False, "--force", help="download again even when a verified copy is cached"),
 ) -> None:
     """Download a checkpoint into the cache (resumable) and verify it; prints its path."""
+    record = weights.get_record(name)
+    if record.url:
+        _stderr().print(f"{name}: {record.url}\nlicence: {record.license}", highlight=False, soft_wrap=True)
     with Progress(
         TextColumn(name),
         BarColumn(),

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from refine_cli.config import MIB
-from refine_cli.errors import ResourceError
+from refine_cli.errors import BudgetError
 
 BASE_BYTES = 350 * MIB
 GDAL_CACHE_BYTES = 64 * MIB
@@ -100,8 +100,36 @@ def plan_memory(shape: tuple[int, int], *, budget: int, halo: int, channels: int
         size_flag: the flag that fixed ``tile_size``, for the message (default ``--tile-size N``).
 
     Raises:
-        ResourceError: nothing fits; the message gives the budget that would.
+        BudgetError: nothing fits; the message gives the budget that would (exit code 2).
     """
+    best = _search(shape, budget=budget, halo=halo, channels=channels, batch=batch, tile_memory=tile_memory,
+                   fixed_memory=fixed_memory, bytes_out=bytes_out, preferred_tile=preferred_tile,
+                   tile_size=tile_size)
+    if best.total <= budget:
+        return best
+    h, w = shape
+    need = -(-best.total // MIB)
+    what = size_flag or (f"--tile-size {tile_size}" if tile_size else "refining")
+    fix = f" or lower {size_flag.split()[0]}" if size_flag else (" or use a smaller --tile-size" if tile_size else "")
+    raise BudgetError(
+        f"{what} needs about {need} MiB for a {w}x{h} image but --max-memory is {budget // MIB} MiB; "
+        f"raise --max-memory to {need + 64}M or more{fix}"
+    )
+
+
+def smallest_need(shape: tuple[int, int], *, halo: int, channels: int, batch: int, tile_memory: object,
+                  fixed_memory: int, bytes_out: int, tile_size: int) -> int:
+    """The smallest estimate in bytes of a grid of ``tile_size`` tiles (what :func:`plan_memory`
+    would need as a budget to accept that tile size; arguments as there)."""
+    return _search(shape, budget=0, halo=halo, channels=channels, batch=batch, tile_memory=tile_memory,
+                   fixed_memory=fixed_memory, bytes_out=bytes_out, preferred_tile=tile_size,
+                   tile_size=tile_size).total
+
+
+def _search(shape: tuple[int, int], *, budget: int, halo: int, channels: int, batch: int,
+            tile_memory: object, fixed_memory: int, bytes_out: int, preferred_tile: int,
+            tile_size: int | None) -> MemoryPlan:
+    """The first plan (largest tile, deepest queue) within ``budget``, else the smallest one."""
     h, w = shape
     candidates = [tile_size] if tile_size else [t for t in TILE_SIZES if t <= max(preferred_tile, TILE_SIZES[-1])]
     best: MemoryPlan | None = None
@@ -117,10 +145,4 @@ def plan_memory(shape: tuple[int, int], *, budget: int, halo: int, channels: int
             if best is None or plan.total < best.total:
                 best = plan
     assert best is not None
-    need = -(-best.total // MIB)
-    what = size_flag or (f"--tile-size {tile_size}" if tile_size else "refining")
-    fix = f" or lower {size_flag.split()[0]}" if size_flag else (" or use a smaller --tile-size" if tile_size else "")
-    raise ResourceError(
-        f"{what} needs about {need} MiB for a {w}x{h} image but --max-memory is {budget // MIB} MiB; "
-        f"raise --max-memory to {need + 64}M or more{fix}"
-    )
+    return best

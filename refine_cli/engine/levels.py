@@ -149,7 +149,8 @@ def run_levels(
             if image.reader is None:
                 src.reader.set_cache_bytes(mplan.cache_bytes)
             writer: Any = final_writer if final else LevelWriter(folder or "", shape, channels)
-            name = "refine" if len(shapes) == 1 else f"level {i + 1}/{len(shapes)}"
+            what = level_refiner.name or "refine"
+            name = f"{what} tiles" if len(shapes) == 1 else f"level {i + 1}/{len(shapes)} {what} tiles"
             if not final and work_dir is not None and _complete(writer.path, shape, channels):
                 log.info("level %d/%d: reusing %s", i + 1, len(shapes), writer.path)
                 stats = GridStats(tiles_total=len(grid), pixels=shape[0] * shape[1], extra={"reused": True})

@@ -98,6 +98,9 @@ class Scene:
         device: torch device string the refiner should use.
         timer: stage timer to attribute time to (``read``, ``segment``, ``refine`` ...).
         info: free-form facts for the report (weights name and sha256 ...).
+        progress: ``f(stage, done, total)`` for steps that take long inside a refiner (a global
+            step, the patches of a whole-image pass, a segmenter); ``total = 0`` means the
+            amount is unknown (a spinner). ``None``: nobody listens.
     """
 
     shape: tuple[int, int]
@@ -105,6 +108,7 @@ class Scene:
     device: str = "cpu"
     timer: StageTimer | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    progress: Callable[[str, int, int], None] | None = None
 
 
 class Refiner(abc.ABC):

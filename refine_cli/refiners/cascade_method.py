@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from refine_cli.config import CascadeOptions, RefineConfig
-from refine_cli.engine.budget import BASE_BYTES
+from refine_cli.engine.budget import smallest_need
 from refine_cli.errors import WeightsError
 from refine_cli.refiners.base import Refiner, Scene, TileInput, TileResult
 
@@ -33,13 +33,14 @@ log = logging.getLogger(__name__)
 OFFICIAL_BYTES_PER_PIXEL = 5 * 1024
 """Activation memory of one official fp32 forward per input pixel (NOTES §5: ~5 KB/px)."""
 
-EXACT_BYTES_PER_PIXEL = 40
-"""Whole-image state of the exact path per pixel: image, coarse, accumulator, count, blend, output."""
-
-
 def bundled_weights_dir() -> Path:
-    """The repository's ``weights/`` folder (self-trained checkpoints shipped with the code)."""
-    return Path(__file__).resolve().parents[2] / "weights"
+    """The folder of the self-trained checkpoints shipped with refine: :func:`refine_cli.weights.bundled_dir`.
+
+    The repository's ``weights/`` folder, installed as the package data of ``refine_cli._bundled``.
+    """
+    from refine_cli.weights import bundled_dir
+
+    return bundled_dir()
 
 
 def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[str, Any], int]:
@@ -118,16 +119,22 @@ class CascadeMethod(Refiner):
         self.snap: Refiner | None = None
         self._impl_levels = 0
 
-    def _pass_bytes(self) -> int:
-        from refine_cli.tiling.cascade_grid import padded_shape
+    def exact_need(self, impl: Refiner, scene: Scene, snap: bool) -> int:
+        """Bytes the engine's memory plan needs for the exact path on ``scene`` (the whole image as
+        one tile), computed as ``engine.levels`` will plan it, so that the path chosen here always
+        runs within ``--max-memory``.
 
-        side = padded_shape((self.options.size, self.options.size))[0]
-        return self.bytes_per_pixel * side * side * max(1, self.options.batch_size)
-
-    def exact_bytes(self, shape: tuple[int, int]) -> int:
-        """Memory of the exact path on an ``(H, W)`` image."""
-        weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return BASE_BYTES + weights_bytes + EXACT_BYTES_PER_PIXEL * shape[0] * shape[1] + self._pass_bytes()
+        Args:
+            impl: the exact refiner (``fixed_tile`` set).
+            scene: the image; ``scene.info`` may give ``bytes_out`` (bytes per pixel of the outputs)
+                and ``classes`` / ``labels``.
+            snap: the edge snap follows (the exact level then writes a float level file).
+        """
+        channels = int(scene.info.get("classes", 1)) if scene.info.get("labels") else 1
+        bytes_out = 4 * channels if snap else int(scene.info.get("bytes_out", 2))
+        return smallest_need(scene.shape, halo=impl.halo, channels=channels, batch=self.options.batch_size,
+                             tile_memory=impl.tile_memory, fixed_memory=impl.fixed_memory(),
+                             bytes_out=bytes_out, tile_size=max(scene.shape))
 
     def prepare(self, scene: Scene) -> None:
         """Choose the path for this image and run its global step."""
@@ -137,20 +144,33 @@ class CascadeMethod(Refiner):
 
         labels = bool(scene.info.get("labels"))
         small = global_resize(scene.shape, self.options.size).mode != "down"
-        fits = self.exact_bytes(scene.shape) <= self.config.max_memory
-        exact = self.options.exact if self.options.exact is not None else (small or fits)
+        snap = self.options.snap == "on" and not labels
+        exact_impl = CascadePSPRefiner(self.model, size=self.options.size, fast=self.options.fast,
+                                       batch_size=self.options.batch_size, precision=self.options.precision,
+                                       device=self.device, weights_info=self.info,
+                                       bytes_per_pixel=self.bytes_per_pixel, progress=scene.progress)
+        exact_impl.fixed_tile = max(scene.shape)  # type: ignore[attr-defined]
+        exact_impl.size_flag = (f"--cascade-size {self.options.size} (exact path: whole image + one "  # type: ignore
+                                "network pass; --streamed needs less)")
+        exact_impl.skip_rule = "uniform"  # type: ignore[misc]
+        need = self.exact_need(exact_impl, scene, snap)
+        budget = self.config.max_memory
+        mib = 1024**2
+        if self.options.exact is not None:
+            exact = self.options.exact
+            why = "--exact" if exact else "--streamed"
+        elif small:
+            exact, why = True, f"the image is not larger than the working size {self.options.size}"
+        elif need <= budget:
+            exact, why = True, f"it needs about {-(-need // mib)} MiB of --max-memory {budget // mib} MiB"
+        else:
+            exact, why = False, (f"the exact path would need about {-(-need // mib)} MiB, above --max-memory "
+                                 f"{budget // mib} MiB")
         if small and not exact:
             log.info("the image is not larger than --cascade-size %d: using the exact path", self.options.size)
-            exact = True
+            exact, why = True, f"the image is not larger than the working size {self.options.size}"
         if exact:
-            impl = CascadePSPRefiner(self.model, size=self.options.size, fast=self.options.fast,
-                                     batch_size=self.options.batch_size, precision=self.options.precision,
-                                     device=self.device, weights_info=self.info,
-                                     bytes_per_pixel=self.bytes_per_pixel)
-            impl.fixed_tile = max(scene.shape)  # type: ignore[attr-defined]
-            impl.size_flag = (f"--cascade-size {self.options.size} (exact path: whole image + one "  # type: ignore
-                              "network pass; --streamed needs less)")
-            impl.skip_rule = "uniform"  # type: ignore[misc]
+            impl: Refiner = exact_impl
             self.mode = "exact"
         else:
             impl = CascadeStreamRefiner(self.model, size=self.options.size, precision=self.options.precision,
@@ -158,21 +178,22 @@ class CascadeMethod(Refiner):
                                         bytes_per_pixel=self.bytes_per_pixel, weights_info=self.info,
                                         fast=self.options.fast, grid=self.options.grid, skip=self.options.skip)
             self.mode = "streamed"
+        self.why = why
+        log.info("cascade: %s path: %s", self.mode, why)
         self.impl = impl
         impl.prepare(scene)
         self._impl_levels = len(impl.level_shapes(scene.shape))
         self.snap = None
-        if self.options.snap == "on":
-            if labels:
-                log.info("cascade: no edge snap for label maps")
-            else:
-                from refine_cli.refiners.classical import EdgeSnapRefiner
+        if snap:
+            from refine_cli.refiners.classical import EdgeSnapRefiner
 
-                self.snap = EdgeSnapRefiner()  # the tuned radius and eps
+            self.snap = EdgeSnapRefiner()  # the tuned radius and eps
+        elif self.options.snap == "on":
+            log.info("cascade: no edge snap for label maps")
         if "notice" in self.info:
             scene.info.setdefault("notes", []).append(self.info["notice"])
         scene.info.setdefault("notes", []).append(
-            f"cascade: {self.mode} path, weights {self.info.get('weights')}"
+            f"cascade: {self.mode} path ({self.why}); weights {self.info.get('weights')}"
             + (f" (sha256 {str(self.info['weights_sha256'])[:12]}...)" if self.info.get("weights_sha256") else ""))
 
     def _impl(self) -> Refiner:

@@ -237,6 +237,10 @@ class CascadeStreamRefiner(Refiner):
         plan = global_resize(scene.shape, self.size)
         if plan.mode != "down":
             raise ValueError("the streamed cascade is for images larger than the working size; use the exact path")
+        from refine_cli.refiners.cascadepsp import GLOBAL_STAGE
+
+        if scene.progress is not None:
+            scene.progress(GLOBAL_STAGE, 0, 1)
         image, coarse = scene.read_overview(plan.out_shape, True)
         coarse = coarse if coarse.ndim == 3 else coarse[..., None]
         if scene.timer is not None:
@@ -244,6 +248,8 @@ class CascadeStreamRefiner(Refiner):
                 self._top = self._global(image, coarse)
         else:
             self._top = self._global(image, coarse)
+        if scene.progress is not None:
+            scene.progress(GLOBAL_STAGE, 1, 1)
         self._levels = [scene.shape] if self.fast else plan_levels(plan.out_shape, scene.shape, self.max_ratio)
         scene.info.setdefault("notes", [])
         log.info("cascade: global step at %dx%d, then levels %s", plan.out_shape[1], plan.out_shape[0],

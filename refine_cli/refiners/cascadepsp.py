@@ -74,6 +74,13 @@ _BAND_ROWS = 512
 ProgressFn = Callable[[int, int], None]
 """``progress(done, total)`` called after each batch of local patches."""
 
+StageProgress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``: ``cascade global step`` (0 of 1, then 1 of 1) and
+``cascade local patches`` (patches visited of all)."""
+
+GLOBAL_STAGE = "cascade global step"
+LOCAL_STAGE = "cascade local patches"
+
 
 # --------------------------------------------------------------------------------------------
 # small building blocks
@@ -549,7 +556,7 @@ def refine_exact(
     fast: bool = False,
     batch_size: int = 1,
     precision: str = "fp32",
-    progress: ProgressFn | None = None,
+    progress: StageProgress | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Refine a whole image exactly as the official ``Refiner.refine`` (before its uint8 cast).
 
@@ -561,14 +568,19 @@ def refine_exact(
         fast: global step only.
         batch_size: local patches per forward pass.
         precision: ``fp32`` | ``bf16`` | ``fp16``.
-        progress: ``progress(done, total)`` over local patches.
+        progress: ``progress(stage, done, total)`` of the global step and the local patches
+            (:data:`StageProgress`).
 
     Returns:
         ``prob`` ``(H, W)`` float32 in [0, 1], and facts for the report (sizes, patch counts,
         seconds per step). The official package returns ``(prob * 255).astype(uint8)``.
     """
     t0 = time.perf_counter()
+    if progress is not None:
+        progress(GLOBAL_STAGE, 0, 1)
     glob = global_step(model, image_u8, coarse, size, precision=precision)
+    if progress is not None:
+        progress(GLOBAL_STAGE, 1, 1)
     t1 = time.perf_counter()
     info: dict[str, Any] = {
         "size": size, "fast": fast, "precision": precision, "global_shape": glob.resize.out_shape,
@@ -576,7 +588,8 @@ def refine_exact(
     }
     if fast:
         return fast_output(glob)[0, 0].numpy(), info
-    local = local_step(model, image_u8, glob, batch_size=batch_size, precision=precision, progress=progress)
+    local = local_step(model, image_u8, glob, batch_size=batch_size, precision=precision,
+                       progress=None if progress is None else lambda d, t: progress(LOCAL_STAGE, d, t))
     info.update(
         patches=len(local.patches),
         patches_processed=sum(o.processed for o in local.patches),
@@ -606,6 +619,7 @@ class CascadePSPRefiner(Refiner):
         precision: ``fp32`` | ``bf16`` | ``fp16`` (CUDA only).
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         weights_info: facts about the weights for :meth:`describe` (name, path, sha256).
+        progress: ``progress(stage, done, total)`` of each whole-image pass (:data:`StageProgress`).
     """
 
     name = "cascade"
@@ -622,6 +636,7 @@ class CascadePSPRefiner(Refiner):
         device: str = "cpu",
         weights_info: dict[str, Any] | None = None,
         bytes_per_pixel: int = 5 * 1024,
+        progress: StageProgress | None = None,
     ) -> None:
         dev = resolve_device(device)
         precision_context(dev, precision)  # validates early
@@ -631,6 +646,7 @@ class CascadePSPRefiner(Refiner):
         self.size, self.fast, self.batch_size, self.precision = size, fast, batch_size, precision
         self.weights_info = dict(weights_info or {})
         self.bytes_per_pixel = bytes_per_pixel
+        self.progress = progress
         self.stats: dict[str, int] = {}
 
     @classmethod
@@ -673,7 +689,7 @@ class CascadePSPRefiner(Refiner):
         """
         return refine_exact(
             self.model, image_u8, coarse_prob, size=self.size, fast=self.fast,
-            batch_size=self.batch_size, precision=self.precision,
+            batch_size=self.batch_size, precision=self.precision, progress=self.progress,
         )
 
     def refine(self, tile: TileInput) -> TileResult:

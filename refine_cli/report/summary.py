@@ -54,6 +54,9 @@ class RunReport:
         versions: library versions.
         config: the full configuration.
         notes: one-line remarks (which weights ran, fallbacks taken ...).
+        started: when the run started, ISO 8601 UTC (``2026-12-06T21:49:43Z``).
+        finished: when it finished, the same format.
+        command: the command line that ran it (shell-quoted), or ``None`` for a library call.
     """
 
     image: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +77,9 @@ class RunReport:
     versions: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    started: str = ""
+    finished: str = ""
+    command: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -98,7 +104,12 @@ def render_table(report: RunReport) -> Any:
     img = report.image
     t.add_row("image", f"{img.get('path')}  {img.get('width')}x{img.get('height')}  {img.get('bands')} band(s) "
               f"{img.get('dtype')}")
-    if report.mask.get("kind") == "segmenter":
+    made_by = report.mask.get("made_by")
+    if made_by:
+        m = report.mask
+        t.add_row("coarse mask", f"made by --segmenter {made_by.get('segmenter')}  {m.get('kind')}  "
+                  f"{m.get('width')}x{m.get('height')}" + (f"  saved as {m['path']}" if m.get("path") else ""))
+    elif report.mask.get("kind") == "segmenter":
         t.add_row("coarse mask", f"made by the segmenter ({report.refiner.get('segmenter', report.mask.get('segmenter'))})")
     elif report.mask:
         m = report.mask

@@ -1,4 +1,4 @@
-"""TFLite segmenters through ``ai-edge-litert`` (optional extra ``refine-cli[tflite]``).
+"""TFLite segmenters through ``ai-edge-litert`` (a dependency of ``refine-cli``).
 
 The built-in one is the MediaPipe (legacy) Selfie Segmentation *general* model
 (``selfie_segmentation.tflite``, Apache-2.0, 249 505 bytes, sha256 ``9ee168ec...``;
@@ -28,7 +28,7 @@ from refine_cli.segmenters.base import Segmenter, SegmenterSpec, read_sidecar
 
 logger = logging.getLogger(__name__)
 
-TFLITE_INSTALL = 'pip install "refine-cli[tflite]"'
+TFLITE_INSTALL = "pip install ai-edge-litert"
 """How to get the TFLite runtime."""
 
 SELFIE_NAME = "mediapipe-selfie"
@@ -66,7 +66,8 @@ def _import_interpreter() -> Any:
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as exc:
-        raise DependencyError(f"TFLite segmenters need ai-edge-litert; run `{TFLITE_INSTALL}`") from exc
+        raise DependencyError(f"TFLite segmenters need ai-edge-litert, a dependency of refine that is missing "
+                              f"here; run `{TFLITE_INSTALL}` (or reinstall refine)") from exc
     return Interpreter
 
 
