@@ -28,7 +28,7 @@ from refine_cli.errors import Interrupted, UsageError
 from refine_cli.io.image import ImageSource, area_downscale
 from refine_cli.io.masks import MaskSource
 from refine_cli.io.paths import check_distinct
-from refine_cli.io.readers import Reader, open_raster
+from refine_cli.io.readers import ArrayReader, Reader, open_raster
 from refine_cli.io.writers import (
     RasterSink,
     SegmentedSink,
@@ -112,6 +112,12 @@ def _coarse_facts(mask: MaskSource | None, seg_facts: dict[str, Any] | None, sav
     if seg_facts is not None:
         facts.update(path=save_coarse, made_by=seg_facts)
     return facts
+
+
+def _decoded_bytes(readers: list[Reader]) -> int:
+    """Bytes that decoded inputs hold for the whole run (PNG/JPEG below ``--inline-limit`` are decoded
+    whole): an item of every memory plan, so ``--max-memory`` bounds the process, not only the work."""
+    return sum(int(r.array.nbytes) for r in {id(r): r for r in readers}.values() if isinstance(r, ArrayReader))
 
 
 def _utc_now() -> str:
@@ -237,7 +243,8 @@ def refine_file(
                 coarse = area_downscale(coarse_k, (H, W), shape)
             return img, coarse if msk.is_labels else coarse[..., 0]
 
-        info: dict[str, Any] = {"max_memory": config.max_memory, "coarse": "none" if msk is None else "mask",
+        held = _decoded_bytes([*readers, *([msk.reader] if msk is not None else [])])
+        info: dict[str, Any] = {"max_memory": config.max_memory, "resident_bytes": held, "coarse": "none" if msk is None else "mask",
                                 "image_source": src}
         spec = OutputSpec(mask=out, uncertainty=uncertainty, soft=config.soft, threshold=config.threshold,
                           fmt=fmt, cog=cog, overwrite=overwrite)
@@ -278,7 +285,7 @@ def refine_file(
         writer = OutputWriter(spec, labels, mask_sink, unc_sink,
                               refiner_uncertainty=bool(getattr(refiner, "provides_uncertainty", False)))
         levels = run_levels(
-            src, msk, refiner, writer, timer=timer, budget=config.max_memory,
+            src, msk, refiner, writer, timer=timer, budget=config.max_memory, resident=held,
             bytes_out=bytes_per_pixel(spec, channels, labels), overlap=config.overlap, tile_size=config.tile_size,
             batch_size=batch, skip_uniform=config.skip_uniform, tmp_dir=tmp_dir, progress=progress,
             work_dir=checkpoint.path("levels") if checkpoint else None, start_row=start_row,
@@ -346,8 +353,9 @@ def refine_file(
 def _sink(path: str, shape: tuple[int, int], bands: int, dtype: np.dtype, overwrite: bool, georef: Any,
           fmt: str | None, cog: bool, inline_limit: int, resampling: str, checkpoint: RunCheckpoint | None,
           name: str, segment_rows: int) -> RasterSink:
-    """A resumable segmented sink when the run is checkpointed, else the plain sink for ``path``."""
-    if checkpoint is None:
+    """A resumable segmented sink when the run is checkpointed and ``path`` is a TIFF, else the plain
+    sink for ``path`` (a PNG beside a resumable TIFF is written whole; a resume then starts at row 0)."""
+    if checkpoint is None or output_format(path, fmt) != "tiff":
         return open_sink(path, shape, bands, dtype, overwrite=overwrite, georef=georef, fmt=fmt, cog=cog,
                          inline_limit=inline_limit, resampling=resampling)
     check_output(path, overwrite)

@@ -67,3 +67,12 @@ def popen_interruptible(args: list[str], **kwargs) -> subprocess.Popen:
     gets the default disposition back before it starts.
     """
     return subprocess.Popen(args, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
+
+
+def one_line_error(err: str) -> str:
+    """The single ``error:`` line of a failed command's stderr (asserting there is nothing else)."""
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:"), err
+    return lines[0]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import write_png
+from conftest import one_line_error, write_png
 
 rng = np.random.default_rng(3)
 
@@ -83,6 +83,8 @@ def files(tmp_path_factory):
     write_png(d / "mask_rgb.png", np.dstack([mask, mask, mask]))
     write_png(d / "mask_noise.png", rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
     (d / "maskdir").mkdir()
+    (d / "img_link.png").symlink_to(d / "img.png")
+    os.link(d / "mask.png", d / "mask_hardlink.png")
     return d
 
 
@@ -100,14 +102,6 @@ def make_png(width: int, height: int, color_type: int, raw: bytes, plte: bytes |
 def png_rows(a: np.ndarray) -> bytes:
     """Scanlines of a uint8 ``(h, w)`` array with filter type 0."""
     return b"".join(b"\x00" + row.tobytes() for row in a)
-
-
-def one_line_error(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert "Traceback" not in err, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:"), err
-    return lines[0]
 
 
 CASES = [
@@ -132,7 +126,7 @@ CASES = [
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.jpg"], 2, ".tif"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/nodir/o.tif"], 2, "does not exist"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--max-memory", "lots"], 2, "size"),
-    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--max-memory", "100M"], 2, "256M"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--max-memory", "100M"], 2, "512M or more"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--device", "tpu"], 2, "--device"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--device", "cuda:0"], 2, "cuda"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--threshold", "1.5"], 2, "threshold"),
@@ -142,7 +136,42 @@ CASES = [
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "-", "--json"], 2, "stdout"),
     (["run", "{d}/img.png", "-o", "{t}/o.tif"], 2, "--mask"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "--classes", "1", "-o", "{t}/o.tif"], 2, "--classes"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "--mask-kind", "probs", "-o", "{t}/o.tif"], 2,
+     "--mask-kind 'probs' is not valid"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "--mask-kind", "soft", "--classes", "3", "-o",
+      "{t}/o.tif"], 2, "--classes 3 declares a label map but --mask-kind soft"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask_prob.tif", "--mask-kind", "instances", "-o", "{t}/o.tif"], 2,
+     "--mask-kind instances needs an integer mask"),
     (["info", "{d}/missing.tif"], 2, "not found"),
+    # outputs that are an input, or each other: refused before anything is read, even with --overwrite
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{d}/img.png", "--overwrite"], 2, "-o"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{d}/mask.png", "--overwrite"], 2, "is the --mask"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{d}/img_link.png", "--overwrite"], 2, "is the image"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{d}/mask_hardlink.png", "--overwrite"], 2,
+     "is the --mask"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{d}/../{dn}/img.png", "--overwrite"], 2, "is the image"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.png", "--uncertainty", "{t}/./o.png"], 2,
+     "same file"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--report", "{t}/o.tif"], 2,
+     "same file"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--report", "{d}/mask.png",
+      "--overwrite"], 2, "--report"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--uncertainty", "{d}/img_link.png",
+      "--overwrite"], 2, "--uncertainty"),
+    # a segmenter in the same run
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "--save-coarse", "{t}/c.png", "-o", "{t}/o.tif"], 2,
+     "without --mask"),
+    (["run", "{d}/img.png", "--segmenter", "nonsense", "-o", "{t}/o.tif"], 2, "unknown --segmenter"),
+    (["run", "{d}/img.png", "--segmenter", "{d}/missing.onnx", "-o", "{t}/o.tif"], 2, "missing.onnx"),
+    (["run", "{d}/img.png", "--segmenter", "mediapipe-selfie", "--save-coarse", "{d}/img.png", "-o",
+      "{t}/o.tif", "--overwrite"], 2, "--save-coarse"),
+    # positional arguments are named as such
+    (["eval", "{d}/missing.png", "{d}/mask.png"], 2, "given as PRED"),
+    (["eval", "{d}/mask.png", "{d}/missing.png"], 2, "given as GT"),
+    (["overlay", "{d}/img.png", "{d}/missing.png", "-o", "{t}/v.png"], 2, "given as MASK"),
+    (["overlay", "{d}/missing.png", "{d}/mask.png", "-o", "{t}/v.png"], 2, "given as IMAGE"),
+    (["overlay", "{d}/img.png", "{d}/mask.png", "--compare", "{d}/missing.png", "-o", "{t}/v.png"], 2,
+     "given as --compare"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "--bands", "1,2", "-o", "{t}/o.tif"], 2, "--bands"),
     (["run", "{d}/truncated10.tif", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--no-skip"], 2, "truncated"),
     (["run", "{d}/truncated50.tif", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--no-skip"], 2, "truncated"),
@@ -161,7 +190,7 @@ CASES = [
 
 @pytest.mark.parametrize(("args", "code", "text"), CASES, ids=[" ".join(c[0][:1] + [c[2]]) for c in CASES])
 def test_bad_input_gives_one_line_and_exit_code(files, tmp_path, cli, args, code, text):
-    argv = [a.format(d=files, t=tmp_path) for a in args]
+    argv = [a.format(d=files, t=tmp_path, dn=files.name) for a in args]
     if sys.platform.startswith("linux") and "cuda" in argv:
         import torch
 
@@ -348,3 +377,16 @@ def test_a_missing_package_names_what_to_install(files, cli, monkeypatch):
     code, _, err = cli("info", files / "tiled.tif")
     line = one_line_error(err)
     assert code == 1 and "'zarr' is missing" in line and "pip install" in line and "internal" not in line
+
+
+def test_the_memory_floor_is_real(files, tmp_path, cli):
+    """The smallest --max-memory accepted is one a run fits in; below it: exit 2, one line."""
+    from refine_cli.config import MIB, MIN_MAX_MEMORY
+
+    floor = f"{MIN_MAX_MEMORY // MIB}M"
+    code, _, err = cli("run", files / "img.png", "--mask", files / "mask.png", "-o", tmp_path / "o.tif",
+                       "--max-memory", floor, "-q")
+    assert code == 0, err
+    code, _, err = cli("run", files / "img.png", "--mask", files / "mask.png", "-o", tmp_path / "p.tif",
+                       "--max-memory", f"{MIN_MAX_MEMORY // MIB - 1}M")
+    assert code == 2 and f"{floor} or more" in one_line_error(err)

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
+import tifffile
 
 from refine_cli.api import refine_file
 from refine_cli.config import RefineConfig
 from refine_cli.devtools.synthetic import random_scene
 from refine_cli.engine.checkpoint import parts_dir_for
-from refine_cli.errors import OutputError, ReadError
+from refine_cli.errors import OutputError, OutputExistsError, ReadError
 from refine_cli.io import readers, writers
 from refine_cli.tiling.grid import Window
 
@@ -80,10 +85,17 @@ def test_disk_full_keeps_finished_rows_and_resume_is_identical(tall, reference, 
         self._ds = FullDisk(self._ds)
 
     monkeypatch.setattr(writers.TiffSink, "__init__", init)
-    with pytest.raises(OutputError, match="No space left on device.*free disk space"):
+    with pytest.raises(OutputError, match="No space left on device.*free disk space") as err:
         run(tall, out)
     assert not out.exists() and no_temps(tmp_path)
-    assert (parts_dir_for(str(out)) / "mask" / "segment_000000.tif").exists()
+    parts = parts_dir_for(str(out))
+    assert (parts / "mask" / "segment_000000.tif").exists()
+    # the message says where the finished rows are, how much they hold, and what to do with them
+    msg = str(err.value)
+    size = readers.human_bytes(writers.dir_bytes(parts))
+    assert msg.startswith(f"disk full writing {out} ") and "\n" not in msg
+    assert f"{size} of finished rows are kept in {parts}" in msg and "--resume" in msg
+    assert f"or delete {parts}" in msg
     monkeypatch.setattr(writers.TiffSink, "__init__", real_init)  # space freed
     rep = run(tall, out, resume=True)
     assert rep.tiles["resumed_from_row"] > 0
@@ -148,3 +160,153 @@ def test_killed_before_rename_never_leaves_a_final_name(tall, tmp_path, monkeypa
         run(tall, out)
     assert not out.exists() and not out.with_suffix(".unc.tif").exists()
     assert no_temps(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# A real full disk: libtiff's own lines, and the parts left behind (issue 14, point 11)
+# ---------------------------------------------------------------------------
+
+FULL_DISK_RUN = """
+import os, sys
+import refine_cli.io.writers as w
+real = w.temp_path_for
+def on_full_disk(path):
+    tmp = real(path)
+    if sys.argv[1] in path:  # this file's temporary is /dev/full: every write fails with ENOSPC
+        os.symlink("/dev/full", tmp)
+    return tmp
+w.temp_path_for = on_full_disk
+from refine_cli.cli import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("fails", ["segment_000002", "out.unc.tif"], ids=["segment", "assembly"])
+def test_real_enospc_is_one_line_and_keeps_the_parts(tall, tmp_path, fails):
+    """GDAL writes through libtiff, which prints `_tiffWriteProc: No space left on device.` on fd 2 by itself.
+
+    Writing to /dev/full gives a genuine ENOSPC without filling a disk: while a segment is written, or
+    while the finished segments are assembled into the uncertainty map (then the mask, already
+    prepared, must not appear either).
+    """
+    script = tmp_path / "full_disk_run.py"
+    script.write_text(FULL_DISK_RUN)
+    out = tmp_path / "out.tif"
+    args = [sys.executable, str(script), fails, "run", str(tall / "img.tif"), "--mask",
+            str(tall / "coarse.png"), "-o", str(out), "--uncertainty", str(tmp_path / "out.unc.tif"),
+            "--tile-size", "256"]
+    env = {**os.environ, "REFINE_SEGMENT_BYTES": str(W * 512)}
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 1, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: disk full writing "), proc.stderr
+    parts = parts_dir_for(str(out))
+    assert f"kept in {parts}" in lines[0] and "--resume" in lines[0]
+    assert "_tiffWriteProc" not in proc.stderr and "_tiffSeekProc" not in proc.stderr
+    assert (parts / "mask" / "segment_000000.tif").exists()
+    assert not out.exists() and not (tmp_path / "out.unc.tif").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p != parts] == []
+    # with -v the libtiff lines are there, as log records
+    proc = subprocess.run(args + ["-v", "--resume"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1 and "No space left on device" in proc.stderr.split("error:")[0], proc.stderr
+
+
+def test_png_failing_beside_a_resumable_tiff_says_the_parts_are_kept(tmp_path, monkeypatch):
+    """A segmented TIFF and a PNG as one unit: the PNG fails, the TIFF goes, the parts stay (it says so)."""
+    from refine_cli.engine.outputs import OutputSpec, OutputWriter
+
+    out, unc = tmp_path / "out.tif", tmp_path / "unc.png"
+    parts = parts_dir_for(str(out))
+    mask_sink = writers.SegmentedSink(str(out), (1024, 64), 1, np.uint8, False, parts_dir=str(parts / "mask"),
+                                      segment_rows=512)
+    unc_sink = writers.PngSink(str(unc), (1024, 64), 1, np.uint8, False)
+    writer = OutputWriter(OutputSpec(mask=str(out), uncertainty=str(unc)), False, mask_sink, unc_sink)
+    writer.write(0, np.random.default_rng(0).random((1024, 64, 1), dtype=np.float32))
+
+    def full(self, final, data, sidecar):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writers.PngSink, "_stage", full)
+    with pytest.raises(OutputError) as err:
+        writer.commit()
+    msg = str(err.value)
+    assert msg.startswith(f"disk full writing {unc} ") and f"kept in {parts}" in msg and "--resume" in msg
+    assert not out.exists() and not unc.exists() and no_temps(tmp_path)
+    assert (parts / "mask" / "segment_000001.tif").exists()
+
+
+def small_scene(d: Path) -> None:
+    img = np.random.default_rng(1).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    tifffile.imwrite(d / "img.tif", img, tile=(64, 64), photometric="rgb")
+    mask = np.zeros((96, 128), np.uint8)
+    mask[20:70, 30:90] = 255
+    cv2.imwrite(str(d / "mask.png"), mask)
+
+
+@pytest.mark.parametrize(("mask_name", "unc_name"), [("out.png", "unc.png"), ("out.tif", "unc.png"),
+                                                     ("out.png", "unc.tif")])
+def test_outputs_are_one_unit_when_the_second_fails(tmp_path, monkeypatch, mask_name, unc_name):
+    """A failing uncertainty map leaves no mask behind: a plain rerun then works (no "exists")."""
+    small_scene(tmp_path)
+    out, unc = tmp_path / mask_name, tmp_path / unc_name
+    real_stage, real_prepare = writers.PngSink._stage, writers.TiffSink.prepare
+
+    def full_png(self, final, data, sidecar):
+        if final == str(unc):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_stage(self, final, data, sidecar)
+
+    def full_tiff(self):
+        if self.path == str(unc):
+            raise OutputError(f"writing {unc} failed (No space left on device); check free disk space")
+        return real_prepare(self)
+
+    monkeypatch.setattr(writers.PngSink, "_stage", full_png)
+    monkeypatch.setattr(writers.TiffSink, "prepare", full_tiff)
+    kw = dict(config=RefineConfig(tile_size=256), uncertainty=str(unc))
+    with pytest.raises(OutputError, match="No space left on device"):
+        refine_file(str(tmp_path / "img.tif"), str(tmp_path / "mask.png"), str(out), **kw)
+    assert not out.exists() and not unc.exists() and no_temps(tmp_path)
+    monkeypatch.setattr(writers.PngSink, "_stage", real_stage)
+    monkeypatch.setattr(writers.TiffSink, "prepare", real_prepare)
+    refine_file(str(tmp_path / "img.tif"), str(tmp_path / "mask.png"), str(out), **kw)  # no --overwrite
+    assert out.exists() and unc.exists() and no_temps(tmp_path)
+
+
+def test_a_failed_rename_takes_back_the_renamed_outputs(tmp_path, monkeypatch):
+    """The second rename of the unit fails: the first output, already in place, is removed again."""
+    small_scene(tmp_path)
+    out, unc = tmp_path / "out.tif", tmp_path / "unc.png"
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(writers.os, "replace", replace)
+    with pytest.raises(OutputError, match="Input/output error"):
+        refine_file(str(tmp_path / "img.tif"), str(tmp_path / "mask.png"), str(out),
+                    config=RefineConfig(tile_size=256), uncertainty=str(unc))
+    assert len(calls) == 2 and not out.exists() and not unc.exists() and no_temps(tmp_path)
+
+
+def test_an_output_appearing_meanwhile_publishes_nothing(tmp_path, monkeypatch):
+    """Both names are checked before the first rename: a file that appears meanwhile blocks the unit."""
+    small_scene(tmp_path)
+    out, unc = tmp_path / "out.png", tmp_path / "unc.png"
+    real_prepare = writers.PngSink.prepare
+
+    def prepare(self):
+        real_prepare(self)
+        if self.path == str(unc):
+            unc.write_bytes(b"someone else's")
+
+    monkeypatch.setattr(writers.PngSink, "prepare", prepare)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        refine_file(str(tmp_path / "img.tif"), str(tmp_path / "mask.png"), str(out),
+                    config=RefineConfig(tile_size=256), uncertainty=str(unc))
+    assert not out.exists() and unc.read_bytes() == b"someone else's" and no_temps(tmp_path)

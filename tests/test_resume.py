@@ -100,3 +100,20 @@ def test_changed_config_does_not_resume(tall, tmp_path):
                    timeout=600)
     assert json.loads(rep.read_text())["tiles"]["resumed_from_row"] == 0
     assert np.array_equal(np.unique(cv2.imread(str(out), cv2.IMREAD_UNCHANGED)), [0, 255])
+
+
+def test_png_uncertainty_beside_a_resumable_tiff_is_a_png(tmp_path, monkeypatch):
+    """In a run whose TIFF mask is written resumably, a .png uncertainty map is still a PNG."""
+    from refine_cli.api import refine_file
+    from refine_cli.config import RefineConfig
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((1100, 300), np.uint8)
+    mask[200:900, 50:250] = 255
+    write_png(tmp_path / "img.png", rng.integers(0, 256, (1100, 300, 3), dtype=np.uint8))
+    write_png(tmp_path / "m.png", mask)
+    monkeypatch.setenv("REFINE_SEGMENT_BYTES", str(512 * 300))  # segments of 512 rows: the run is checkpointed
+    refine_file(str(tmp_path / "img.png"), str(tmp_path / "m.png"), str(tmp_path / "o.tif"),
+                uncertainty=str(tmp_path / "u.png"), config=RefineConfig(method="coarse"))
+    assert (tmp_path / "u.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cv2.imread(str(tmp_path / "u.png"), cv2.IMREAD_UNCHANGED).shape == (1100, 300)

@@ -10,6 +10,7 @@ The estimate adds up what a run holds at its peak (bytes)::
   + 4 * (C + 1) * T * W       the accumulator band (sum + weight)
   + (bytes_out + 1) * 512 * W + 2 * 64 MiB   output strips and GDAL block caches
   + cache                     decoded input chunks: one band of (T + 2*halo + 512) rows
+  + resident                  inputs decoded whole for the run (PNG/JPEG below the inline limit)
 
 with ``A = (T + 2*halo)^2`` the pixels a refiner sees per tile, ``C`` the blended
 channels and ``W`` the image width. The largest tile size from
@@ -54,7 +55,7 @@ class MemoryPlan:
 
 
 def estimate(tile: int, halo: int, width: int, channels: int, depth: int, batch: int,
-             tile_memory: int, fixed_memory: int, bytes_out: int) -> dict[str, int]:
+             tile_memory: int, fixed_memory: int, bytes_out: int, resident: int = 0) -> dict[str, int]:
     """The items of the estimate for one tile size (see module docstring).
 
     Args:
@@ -67,6 +68,7 @@ def estimate(tile: int, halo: int, width: int, channels: int, depth: int, batch:
         tile_memory: refiner working bytes for one tile of ``(T + 2*halo)^2`` px.
         fixed_memory: refiner bytes held all run long.
         bytes_out: bytes per pixel of all outputs together.
+        resident: bytes of inputs held decoded in memory all run long.
     """
     read = (tile + 2 * halo) ** 2
     return {
@@ -78,12 +80,13 @@ def estimate(tile: int, halo: int, width: int, channels: int, depth: int, batch:
         "accumulator": 4 * (channels + 1) * tile * width,
         "writers": (bytes_out + 1) * 512 * width + 2 * GDAL_CACHE_BYTES,
         "read_cache": 3 * (tile + 2 * halo + 512) * width,
+        "resident_inputs": resident,
     }
 
 
 def plan_memory(shape: tuple[int, int], *, budget: int, halo: int, channels: int, batch: int,
                 tile_memory: object, fixed_memory: int, bytes_out: int, preferred_tile: int = 1024,
-                tile_size: int | None = None, size_flag: str | None = None) -> MemoryPlan:
+                tile_size: int | None = None, size_flag: str | None = None, resident: int = 0) -> MemoryPlan:
     """Choose the tile size and queue depth for a budget.
 
     Args:
@@ -98,13 +101,14 @@ def plan_memory(shape: tuple[int, int], *, budget: int, halo: int, channels: int
         preferred_tile: the refiner's favourite tile size (upper bound when choosing).
         tile_size: a size forced by ``--tile-size`` or by the method (checked, not chosen).
         size_flag: the flag that fixed ``tile_size``, for the message (default ``--tile-size N``).
+        resident: bytes of inputs held decoded in memory all run long.
 
     Raises:
         BudgetError: nothing fits; the message gives the budget that would (exit code 2).
     """
     best = _search(shape, budget=budget, halo=halo, channels=channels, batch=batch, tile_memory=tile_memory,
                    fixed_memory=fixed_memory, bytes_out=bytes_out, preferred_tile=preferred_tile,
-                   tile_size=tile_size)
+                   tile_size=tile_size, resident=resident)
     if best.total <= budget:
         return best
     h, w = shape
@@ -118,17 +122,17 @@ def plan_memory(shape: tuple[int, int], *, budget: int, halo: int, channels: int
 
 
 def smallest_need(shape: tuple[int, int], *, halo: int, channels: int, batch: int, tile_memory: object,
-                  fixed_memory: int, bytes_out: int, tile_size: int) -> int:
+                  fixed_memory: int, bytes_out: int, tile_size: int, resident: int = 0) -> int:
     """The smallest estimate in bytes of a grid of ``tile_size`` tiles (what :func:`plan_memory`
     would need as a budget to accept that tile size; arguments as there)."""
     return _search(shape, budget=0, halo=halo, channels=channels, batch=batch, tile_memory=tile_memory,
                    fixed_memory=fixed_memory, bytes_out=bytes_out, preferred_tile=tile_size,
-                   tile_size=tile_size).total
+                   tile_size=tile_size, resident=resident).total
 
 
 def _search(shape: tuple[int, int], *, budget: int, halo: int, channels: int, batch: int,
             tile_memory: object, fixed_memory: int, bytes_out: int, preferred_tile: int,
-            tile_size: int | None) -> MemoryPlan:
+            tile_size: int | None, resident: int = 0) -> MemoryPlan:
     """The first plan (largest tile, deepest queue) within ``budget``, else the smallest one."""
     h, w = shape
     candidates = [tile_size] if tile_size else [t for t in TILE_SIZES if t <= max(preferred_tile, TILE_SIZES[-1])]
@@ -138,7 +142,7 @@ def _search(shape: tuple[int, int], *, budget: int, halo: int, channels: int, ba
         for depth in (2, 1):
             est = estimate(t_eff, halo, w, channels, depth, batch,
                            int(tile_memory((t_eff + 2 * halo) ** 2)),  # type: ignore[operator]
-                           fixed_memory, bytes_out)
+                           fixed_memory, bytes_out, resident)
             plan = MemoryPlan(t, depth, est["read_cache"], budget, est)
             if plan.total <= budget:
                 return plan

@@ -7,7 +7,10 @@ identifies the run (configuration hash, inputs' path, size and mtime, output
 shape). A killed run leaves only whole segments and whole levels there.
 ``refine run --resume`` continues from them when ``state.json`` still matches;
 a run without ``--resume`` (or with a changed configuration or input) starts
-over and clears the folder. A finished run removes it.
+over and clears the folder. A finished run removes it. A failed write (a full
+disk ...) keeps it, and its one-line error says where it is, how much it holds,
+and that ``--resume`` continues while a run without it starts over
+(``io.writers.resumable_error``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from refine_cli.io.writers import TILE, write_bytes_atomic
+from refine_cli.io.writers import PARTS_SUFFIX, TILE, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ def config_hash(config: dict[str, Any]) -> str:
 def parts_dir_for(out: str) -> Path:
     """``<dir>/.<name>.refine-parts`` beside the output."""
     p = Path(out)
-    return p.parent / f".{p.name}.refine-parts"
+    return p.parent / f".{p.name}{PARTS_SUFFIX}"
 
 
 class RunCheckpoint:

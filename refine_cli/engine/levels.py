@@ -93,6 +93,7 @@ def run_levels(
     progress: Callable[[str, int, int], None] | None = None,
     work_dir: str | None = None,
     start_row: int = 0,
+    resident: int = 0,
 ) -> list[LevelResult]:
     """Refine every level of ``refiner`` and write the last one to ``final_writer``.
 
@@ -114,6 +115,7 @@ def run_levels(
         work_dir: a persistent folder for intermediate levels instead (resumable runs):
             a level whose file is already there (written atomically) is not computed again.
         start_row: rows of the final level already written by an interrupted run.
+        resident: bytes of inputs held decoded in memory all run long (an item of every plan).
 
     Returns:
         One :class:`LevelResult` per level, coarse to fine.
@@ -139,6 +141,7 @@ def run_levels(
                 bytes_out=level_bytes, preferred_tile=int(getattr(level_refiner, "preferred_tile", 1024)),
                 tile_size=tile_size or getattr(level_refiner, "fixed_tile", None),
                 size_flag=None if tile_size else getattr(level_refiner, "size_flag", None),
+                resident=resident,
             )
             ov = min(overlap, mplan.tile_size // 4)
             grid = level_refiner.plan_grid(shape, mplan.tile_size, ov) or plan_grid(shape, mplan.tile_size, ov,

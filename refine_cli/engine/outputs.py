@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from refine_cli.config import MASK_FG
-from refine_cli.io.writers import RasterSink, output_format
+from refine_cli.errors import OutputError
+from refine_cli.io.writers import RasterSink, SegmentedSink, output_format, resumable_error
 from refine_cli.refiners.base import binary_uncertainty, margin_uncertainty
 
 
@@ -118,10 +119,33 @@ class OutputWriter:
         return margin_uncertainty(norm)
 
     def commit(self) -> None:
-        """Finish both files."""
-        for sink in (self.mask_sink, self.unc_sink):
-            if sink is not None:
-                sink.commit()
+        """Finish the outputs as one unit: all of them (with their sidecars) exist afterwards, or none.
+
+        Phase 1 prepares every file under its temporary name (encoding, assembling segments,
+        fsync); phase 2 renames them, stdout last (it cannot be taken back). If any step fails,
+        every temporary and every file of this unit already renamed is removed (the parts of a
+        resumable run stay), and the error is raised.
+        """
+        sinks = [s for s in (self.mask_sink, self.unc_sink) if s is not None]
+        current: RasterSink | None = None
+        try:
+            for current in sinks:
+                current.prepare()
+            for current in sinks:
+                current.check_publishable()
+            for current in sorted(sinks, key=lambda k: k.path == "-"):
+                current.publish()
+        except BaseException as exc:
+            for sink in sinks:
+                sink.rollback()
+            kept = next((s.resume_dir for s in sinks if isinstance(s, SegmentedSink)), None)
+            if kept is not None and current is not None and isinstance(exc, OutputError) and \
+                    getattr(exc, "kept", None) is None:
+                # e.g. a PNG uncertainty map beside a resumable TIFF mask: say that the parts are kept
+                raise resumable_error(current.path, kept, exc) from exc
+            raise
+        for sink in sinks:
+            sink.cleanup()
 
     def abort(self) -> None:
         """Remove partial files."""

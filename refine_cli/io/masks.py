@@ -301,10 +301,8 @@ class MaskSource:
         if r.bands == 1:
             return 0, None
         in_memory = isinstance(r, ArrayReader)
-        if in_memory:
-            alpha = r.bands - 1 if r.bands in (2, 4) else None
-        else:
-            alpha = r.alpha_band if r.bands in (2, 4) and r.alpha_band == r.bands - 1 else None
+        alpha = r.alpha_band if r.bands in (2, 4) and r.alpha_band == r.bands - 1 else None
+        if not in_memory:
             if alpha is None:
                 raise InputError(f"mask {self.path} has {r.bands} bands; give a single-band mask (grey, "
                                  "probability or label map)")
@@ -677,7 +675,7 @@ class ProbSource:
     def __init__(self, source: np.ndarray | Reader, shape: tuple[int, int], path: str = "level") -> None:
         if isinstance(source, np.ndarray):
             arr = source if source.ndim == 3 else source[:, :, None]
-            self.reader: Reader = ArrayReader(path, np.ascontiguousarray(arr, dtype=np.float32))
+            self.reader: Reader = ArrayReader(path, np.ascontiguousarray(arr, dtype=np.float32), alpha_band=None)
         else:
             self.reader = source
         self.path = path

@@ -1,40 +1,65 @@
 """Raster outputs written row band by row band, atomically.
 
 Every sink writes into a temporary file in the target directory and renames it
-over the final name only in :meth:`RasterSink.commit` (after fsync), so an
-interrupted run never leaves a half-written file under a final name. Existing
-outputs are refused unless ``overwrite`` is set.
+over the final name only when committed (after fsync), so an interrupted run
+never leaves a half-written file under a final name. Existing outputs are
+refused unless ``overwrite`` is set.
+
+Committing is two-phase so that the files of one run are one unit
+(:class:`~refine_cli.engine.outputs.OutputWriter`): :meth:`RasterSink.prepare`
+finishes every file (and its sidecars) under temporary names, :meth:`RasterSink.publish`
+renames them into place, :meth:`RasterSink.rollback` removes the temporaries and
+whatever this unit already renamed.
 
 * ``.tif`` / ``.tiff``: tiled BigTIFF (512 px tiles, deflate + predictor),
   written through rasterio/GDAL with a small block cache, so memory does not
   grow with the image. Georeferencing of the input is copied. ``cog=True``
   rewrites the finished file as a Cloud-Optimised GeoTIFF with overviews.
 * ``.png``: for outputs up to the inline limit; kept in memory and encoded at the end.
-* ``-``: PNG (or TIFF) bytes on stdout, same limit.
+  Georeferencing goes into GDAL's sidecars: a world file ``<stem>.pgw`` and
+  ``<name>.aux.xml`` with the CRS.
+* ``-``: PNG (or TIFF) bytes on stdout, same limit (no georeferencing: a warning says so).
+
+GDAL's and libtiff's own messages (``_tiffWriteProc: No space left on device``) go to the
+``rasterio`` loggers, never bare on stderr; a failure becomes one :class:`OutputError`.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import uuid
 import warnings
 from pathlib import Path
 from typing import Any
+from xml.sax.saxutils import escape as xml_escape
 
 import numpy as np
 
-from refine_cli.errors import OutputError, OutputExistsError, UsageError
-from refine_cli.io.readers import Georef
+from refine_cli.errors import OutputError, OutputExistsError, UsageError, exception_chain
+from refine_cli.io.readers import (
+    Georef,
+    gdal_env,
+    gdal_message,
+    human_bytes,
+    libtiff_messages_since,
+    libtiff_seq,
+    route_libtiff_messages,
+)
 
 log = logging.getLogger(__name__)
 
 TILE = 512
 TMP_SUFFIX = ".refine-tmp"
 """Every temporary output ends with this, so leftovers of killed runs can be found and removed."""
+
+PARTS_SUFFIX = ".refine-parts"
+"""Name ending of the hidden folder of a resumable run's finished parts (``engine.checkpoint``)."""
 
 TIFF_EXTS = (".tif", ".tiff")
 PNG_EXTS = (".png",)
@@ -165,8 +190,116 @@ def _unlink(path: str) -> None:
         pass
 
 
+def _fsync_file(path: str) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def dir_bytes(path: str | Path) -> int:
+    """Bytes of all files under ``path`` (0 when it does not exist)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def parts_root(path: str | Path) -> Path | None:
+    """The resumable-parts folder (``.<name>.refine-parts``) that ``path`` lies in, or ``None``."""
+    for parent in (Path(path), *Path(path).parents):
+        if parent.name.startswith(".") and parent.name.endswith(PARTS_SUFFIX):
+            return parent
+    return None
+
+
+_FULL_TEXTS = ("no space left on device", "disk quota exceeded", "disk full")
+
+
+def is_disk_full(exc: BaseException, native: list[str] | None = None, where: str | None = None) -> bool:
+    """Whether a write failed because the disk (or the quota) is full.
+
+    Looks at the exception chain (``errno`` ENOSPC/EDQUOT or the text), libtiff's messages of the
+    failed operation (GDAL's own error only says ``Write error at scanline 0``), and, for a GDAL
+    write error without a cause, the free space left in ``where``.
+    """
+    for e in exception_chain(exc):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if getattr(e, "disk_full", False) or any(t in str(e).lower() for t in _FULL_TEXTS):
+            return True
+    if any(t in m.lower() for m in native or [] for t in _FULL_TEXTS):
+        return True
+    if where is not None and any(type(e).__module__.startswith("rasterio") for e in exception_chain(exc)):
+        try:
+            st = os.statvfs(where)
+            return st.f_bavail * st.f_frsize < 1024**2
+        except (OSError, AttributeError):
+            return False
+    return False
+
+
+def _reason(exc: BaseException, full: bool) -> str:
+    if full:
+        return "No space left on device"
+    for e in exception_chain(exc):
+        if isinstance(e, OSError) and e.strerror:
+            return str(e.strerror)
+    return gdal_message(exc)
+
+
+def resumable_error(out: str, parts: Path, exc: BaseException, full: bool | None = None) -> OutputError:
+    """The one-line error of a failed resumable run: what failed, and the finished rows kept in ``parts``.
+
+    Args:
+        out: the output being written.
+        parts: the folder of finished parts, kept for ``--resume``.
+        exc: the failure.
+        full: the disk is full (``None``: decide from ``exc``).
+    """
+    if getattr(exc, "kept", None) is not None and isinstance(exc, OutputError):
+        return exc
+    full = is_disk_full(exc) if full is None else full
+    size = human_bytes(dir_bytes(parts))
+    keep = (f"{size} of finished rows are kept in {parts}: {{fix}} and rerun the same command with --resume "
+            f"to continue (a run without --resume deletes them and starts over), or delete {parts}")
+    if full:
+        err = OutputError(f"disk full writing {out} (No space left on device); "
+                          + keep.format(fix="free disk space"))
+    else:
+        err = OutputError(f"writing {out} failed ({_reason(exc, False)}); " + keep.format(fix="fix that"))
+    err.disk_full = full  # type: ignore[attr-defined]
+    err.kept = str(parts)  # type: ignore[attr-defined]
+    if full:
+        err.errno = errno.ENOSPC
+    return err
+
+
+def write_error(path: str, exc: BaseException, native: list[str] | None = None) -> OutputError:
+    """The one-line error of a failed write of ``path`` (no resumable parts)."""
+    if isinstance(exc, OutputError):
+        return exc
+    where = str(Path(path).parent) if path != "-" else None
+    full = is_disk_full(exc, native, where)
+    if full:
+        err = OutputError(f"writing {path} failed (No space left on device); check free disk space")
+        err.errno = errno.ENOSPC
+    else:
+        err = OutputError(f"writing {path} failed ({_reason(exc, False)}); check free disk space and "
+                          "permissions")
+    err.disk_full = full  # type: ignore[attr-defined]
+    return err
+
+
 class RasterSink:
     """Receives an image as consecutive full-width row blocks.
+
+    Finishing is two-phase (see the module docstring): :meth:`prepare` writes every file under a
+    temporary name, :meth:`publish` renames them, :meth:`rollback` undoes both, :meth:`cleanup`
+    drops what is no longer needed once the whole unit is published. :meth:`commit` does all
+    three for a sink on its own.
 
     Args:
         path: final output path (``-`` for stdout).
@@ -184,6 +317,9 @@ class RasterSink:
         self.overwrite = overwrite
         self.next_row = 0
         self.closed = False
+        self._staged: list[tuple[str, str, bool]] = []
+        """(temporary, final, is_sidecar) files prepared and fsynced, not yet renamed."""
+        self._published: list[str] = []
 
     def _check_block(self, row0: int, block: np.ndarray) -> np.ndarray:
         if row0 != self.next_row:
@@ -195,13 +331,63 @@ class RasterSink:
         self.next_row += block.shape[0]
         return block.astype(self.dtype, copy=False)
 
+    def _check_complete(self) -> None:
+        if self.next_row != self.shape[0]:
+            raise ValueError(f"{self.path}: only {self.next_row} of {self.shape[0]} rows were written")
+
     def write_rows(self, row0: int, block: np.ndarray) -> None:
         """Write rows ``row0 .. row0 + n`` (``(n, W)`` or ``(n, W, bands)``)."""
         raise NotImplementedError
 
-    def commit(self) -> None:
-        """Finish the file and move it to its final name."""
+    def prepare(self) -> None:
+        """Phase 1: finish every file of this sink under a temporary name (fsynced)."""
         raise NotImplementedError
+
+    def check_publishable(self) -> None:
+        """Refuse before any rename when a final name exists and ``overwrite`` is false."""
+        for _, final, sidecar in self._staged:
+            if not sidecar and not self.overwrite and os.path.exists(final):
+                raise OutputExistsError(f"output {final} appeared while running; pass --overwrite to "
+                                        "replace it")
+
+    def publish(self) -> None:
+        """Phase 2: rename the prepared files to their final names (main file last)."""
+        self.check_publishable()
+        dirs = set()
+        for entry in sorted(self._staged, key=lambda e: not e[2]):  # sidecars first: the image is the commit
+            tmp, final, _ = entry
+            os.replace(tmp, final)
+            self._staged.remove(entry)
+            self._published.append(final)
+            dirs.add(str(Path(final).parent))
+        for d in dirs:
+            fsync_dir(d)
+        self.closed = True
+
+    def rollback(self) -> None:
+        """Remove the prepared temporaries and the files this sink already published."""
+        if not self.closed:
+            self.abort()
+        for tmp, _, _ in self._staged:
+            _unlink(tmp)
+        self._staged.clear()
+        for final in self._published:
+            _unlink(final)
+        self._published.clear()
+        self.closed = True
+
+    def cleanup(self) -> None:  # noqa: B027 - optional
+        """After the whole unit is published: drop what is no longer needed."""
+
+    def commit(self) -> None:
+        """Finish the file and move it to its final name (prepare, publish, cleanup)."""
+        try:
+            self.prepare()
+            self.publish()
+        except BaseException:
+            self.rollback()
+            raise
+        self.cleanup()
 
     def abort(self) -> None:
         """Drop everything written; no file remains."""
@@ -215,17 +401,26 @@ class TiffSink(RasterSink):
         georef: georeferencing to copy, or ``None``.
         cog: rewrite as a Cloud-Optimised GeoTIFF with overviews at commit.
         resampling: overview resampling for COG (``nearest`` for masks, ``average`` for soft maps).
+        resume_target: ``(output, parts folder)`` when this file is part of a resumable run, so a
+            failure says which output failed and where its finished rows are kept; by default
+            found from the path (a file inside a ``.<name>.refine-parts`` folder: that output).
     """
 
     def __init__(self, path: str, shape: tuple[int, int], bands: int, dtype: Any, overwrite: bool,
-                 georef: Georef | None = None, cog: bool = False, resampling: str = "nearest") -> None:
+                 georef: Georef | None = None, cog: bool = False, resampling: str = "nearest",
+                 resume_target: tuple[str, Path] | None = None) -> None:
         import rasterio
         from rasterio.transform import Affine
 
         super().__init__(path, shape, bands, dtype, overwrite)
+        route_libtiff_messages()
         self.cog = cog
         self.resampling = resampling
         self.tmp = temp_path_for(path)
+        root = parts_root(path)
+        if resume_target is None and root is not None:
+            resume_target = (str(root.parent / root.name[1 : -len(PARTS_SUFFIX)]), root)
+        self.resume_target = resume_target
         profile: dict[str, Any] = dict(
             driver="GTiff", width=self.shape[1], height=self.shape[0], count=self.bands, dtype=self.dtype.name,
             tiled=True, blockxsize=TILE, blockysize=TILE, compress="deflate", zlevel=6,
@@ -235,16 +430,30 @@ class TiffSink(RasterSink):
             profile["transform"] = Affine(*georef.transform)
             if georef.crs_wkt:
                 profile["crs"] = rasterio.crs.CRS.from_wkt(georef.crs_wkt)
+        seq = libtiff_seq()
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), gdal_env():
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
                 self._ds = rasterio.open(self.tmp, "w", **profile)
         except Exception as exc:
             _unlink(self.tmp)
-            raise OutputError(f"cannot create {path} ({exc})") from exc
+            native = libtiff_messages_since(seq)
+            if is_disk_full(exc, native, str(Path(path).parent)):
+                raise self._error(exc, native) from exc
+            raise OutputError(f"cannot create {path} ({gdal_message(exc)})") from exc
         self._pending: list[np.ndarray] = []
         self._pending_rows = 0
         self._pending_start = 0
+
+    def _error(self, exc: BaseException, native: list[str] | None = None) -> OutputError:
+        """Abort, then the one-line error of ``exc`` (naming the kept parts of a resumable run)."""
+        self.abort()
+        if isinstance(exc, OutputError):
+            return exc
+        if self.resume_target is not None:
+            full = is_disk_full(exc, native, str(Path(self.path).parent))
+            return resumable_error(self.resume_target[0], self.resume_target[1], exc, full)
+        return write_error(self.path, exc, native)
 
     def write_rows(self, row0: int, block: np.ndarray) -> None:
         """Buffer rows and write whole 512-row strips (the last strip may be shorter)."""
@@ -263,37 +472,39 @@ class TiffSink(RasterSink):
 
         data = np.concatenate(self._pending, axis=0) if len(self._pending) > 1 else self._pending[0]
         n = until - self._pending_start
+        seq = libtiff_seq()
         try:
-            self._ds.write(np.transpose(data[:n], (2, 0, 1)),
-                           window=RWindow(0, self._pending_start, self.shape[1], n))
+            with gdal_env():
+                self._ds.write(np.transpose(data[:n], (2, 0, 1)),
+                               window=RWindow(0, self._pending_start, self.shape[1], n))
         except Exception as exc:
-            raise OutputError(f"writing {self.path} failed ({exc}); check free disk space") from exc
+            raise self._error(exc, libtiff_messages_since(seq)) from exc
         rest = data[n:]
         self._pending = [rest] if rest.shape[0] else []
         self._pending_rows = rest.shape[0]
         self._pending_start = until
 
-    def commit(self) -> None:
-        """Close, optionally convert to COG, and rename into place."""
-        if self.next_row != self.shape[0]:
-            raise ValueError(f"{self.path}: only {self.next_row} of {self.shape[0]} rows were written")
+    def prepare(self) -> None:
+        """Write the last rows, close, optionally convert to COG and fsync, under the temporary name."""
+        self._check_complete()
+        seq = libtiff_seq()
         try:
             if self._pending:
                 self._flush(self._pending_start + self._pending_rows)
-            self._ds.close()
-            src = self.tmp
-            if self.cog:
-                src = self._to_cog()
-            atomic_replace(src, self.path, self.overwrite)
-        except OSError as exc:
-            self.abort()
-            if isinstance(exc, OutputExistsError):
-                raise
-            raise OutputError(f"writing {self.path} failed ({exc}); check free disk space") from exc
+            with gdal_env():
+                self._ds.close()
+                src = self.tmp
+                if self.cog:
+                    src = self._to_cog()
+            _fsync_file(src)
+        except OutputError:
+            raise
         except Exception as exc:
+            raise self._error(exc, libtiff_messages_since(seq)) from exc
+        except BaseException:
             self.abort()
-            raise OutputError(f"writing {self.path} failed ({exc}); check free disk space") from exc
-        self.closed = True
+            raise
+        self._staged = [(src, self.path, False)]
 
     def _to_cog(self) -> str:
         from rasterio.shutil import copy as rio_copy
@@ -309,7 +520,8 @@ class TiffSink(RasterSink):
         """Close and delete the temporary file(s)."""
         try:
             if not self._ds.closed:
-                self._ds.close()
+                with gdal_env():
+                    self._ds.close()
         except Exception:  # noqa: BLE001 - best effort while failing
             pass
         _unlink(self.tmp)
@@ -318,16 +530,47 @@ class TiffSink(RasterSink):
         self.closed = True
 
 
+def world_file_path(path: str) -> str:
+    """``<dir>/<stem>.pgw``: the world file GDAL reads beside a PNG."""
+    return str(Path(path).with_suffix(".pgw"))
+
+
+def aux_xml_path(path: str) -> str:
+    """``<path>.aux.xml``: GDAL's PAM sidecar (here: the CRS)."""
+    return f"{path}.aux.xml"
+
+
+def world_file_text(transform: tuple[float, float, float, float, float, float]) -> str:
+    """The six lines of a world file for the affine ``(a, b, c, d, e, f)`` of the pixel corner.
+
+    World files give A, D, B, E and the centre of the top-left pixel: ``c + a/2 + b/2``, ``f + d/2 + e/2``.
+    """
+    a, b, c, d, e, f = (float(v) for v in transform)
+    return "\n".join(repr(v) for v in (a, d, b, e, c + a / 2 + b / 2, f + d / 2 + e / 2)) + "\n"
+
+
+def aux_xml_text(crs_wkt: str) -> str:
+    """GDAL's PAM document holding the CRS: ``<PAMDataset><SRS>WKT</SRS></PAMDataset>``."""
+    return f"<PAMDataset>\n  <SRS>{xml_escape(crs_wkt)}</SRS>\n</PAMDataset>\n"
+
+
 class PngSink(RasterSink):
-    """An in-memory image encoded as PNG (or TIFF bytes for ``-`` with ``fmt='tiff'``) at commit."""
+    """An in-memory image encoded as PNG (or TIFF bytes for ``-`` with ``fmt='tiff'``) at commit.
+
+    Args:
+        georef: georeferencing of the input; written as GDAL sidecars beside a PNG file (world
+            file ``<stem>.pgw`` and ``<name>.aux.xml`` with the CRS), published with the PNG.
+    """
 
     def __init__(self, path: str, shape: tuple[int, int], bands: int, dtype: Any, overwrite: bool,
-                 fmt: str = "png") -> None:
+                 fmt: str = "png", georef: Georef | None = None) -> None:
         super().__init__(path, shape, bands, dtype, overwrite)
         if fmt == "png" and (self.dtype not in (np.uint8, np.uint16) or self.bands not in (1, 3, 4)):
             raise UsageError(f"cannot store {self.bands}-band {self.dtype} data in PNG {path}; write a .tif")
         self.fmt = fmt
+        self.georef = georef
         self.array = np.zeros((self.shape[0], self.shape[1], self.bands), self.dtype)
+        self._stdout: bytes | None = None
 
     def write_rows(self, row0: int, block: np.ndarray) -> None:
         """Copy rows into the buffer."""
@@ -354,26 +597,67 @@ class PngSink(RasterSink):
             raise OutputError(f"PNG encoding of {self.path} failed")
         return buf.tobytes()
 
-    def commit(self) -> None:
-        """Encode and write (atomically, or to stdout)."""
-        if self.next_row != self.shape[0]:
-            raise ValueError(f"{self.path}: only {self.next_row} of {self.shape[0]} rows were written")
+    def sidecars(self) -> dict[str, bytes]:
+        """``{final path: bytes}`` of the georeferencing sidecars (empty without georeferencing)."""
+        if self.georef is None or self.path == "-":
+            return {}
+        files = {world_file_path(self.path): world_file_text(self.georef.transform).encode()}
+        if self.georef.crs_wkt:
+            files[aux_xml_path(self.path)] = aux_xml_text(self.georef.crs_wkt).encode()
+        return files
+
+    def _stage(self, final: str, data: bytes, sidecar: bool) -> None:
+        tmp = temp_path_for(final)
+        self._staged.append((tmp, final, sidecar))
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def prepare(self) -> None:
+        """Encode; write the PNG and its sidecars under temporary names (stdout: keep the bytes)."""
+        self._check_complete()
         data = self.encode()
         if self.path == "-":
-            sys.stdout.buffer.write(data)
+            self._stdout = data
+            return
+        try:
+            self._stage(self.path, data, False)
+            del data
+            for final, side in self.sidecars().items():
+                self._stage(final, side, True)
+        except OSError as exc:
+            for tmp, _, _ in self._staged:
+                _unlink(tmp)
+            self._staged.clear()
+            raise write_error(self.path, exc) from exc
+
+    def publish(self) -> None:
+        """Rename the PNG and its sidecars into place, or write the bytes to stdout."""
+        if self.path == "-":
+            assert self._stdout is not None
+            sys.stdout.buffer.write(self._stdout)
             sys.stdout.buffer.flush()
-        else:
-            try:
-                write_bytes_atomic(self.path, data, overwrite=self.overwrite)
-            except OSError as exc:
-                if isinstance(exc, OutputExistsError):
-                    raise
-                raise OutputError(f"writing {self.path} failed ({exc}); check free disk space") from exc
-        self.closed = True
+            self._stdout = None
+            self.closed = True
+            return
+        if self.georef is None:
+            for stale in (world_file_path(self.path), aux_xml_path(self.path)):
+                if os.path.exists(stale):
+                    log.info("removing %s: georeferencing of an earlier %s, not of this one", stale,
+                             self.path)
+                    _unlink(stale)
+        try:
+            super().publish()
+        except OSError as exc:
+            if isinstance(exc, OutputExistsError):
+                raise
+            raise write_error(self.path, exc) from exc
 
     def abort(self) -> None:
         """Drop the buffer."""
         self.array = np.zeros((0, 0, self.bands), self.dtype)
+        self._stdout = None
         self.closed = True
 
 
@@ -382,10 +666,12 @@ class SegmentedSink(RasterSink):
 
     Rows go to segment files of ``segment_rows`` rows (a multiple of 512) in
     ``parts_dir``, each written to a temporary name and renamed when complete, so a
-    killed run leaves only whole segments. :meth:`commit` streams the segments, in
-    order, into the final tiled TIFF (written atomically like any output) and removes
-    the parts. Reopening with the same ``parts_dir`` continues after the last
-    complete segment: :attr:`next_row` tells the engine where to start.
+    killed run leaves only whole segments. :meth:`prepare` streams the segments, in
+    order, into the final tiled TIFF (under a temporary name), :meth:`publish` renames
+    it, :meth:`cleanup` removes the parts. Reopening with the same ``parts_dir``
+    continues after the last complete segment: :attr:`next_row` tells the engine where
+    to start. A failure (a full disk ...) keeps the complete segments and says where
+    they are and how much they hold (:func:`resumable_error`).
 
     Args:
         parts_dir: folder of the segments (created; one folder per output).
@@ -401,9 +687,12 @@ class SegmentedSink(RasterSink):
             raise ValueError(f"segment_rows must be a multiple of {TILE}")
         self.parts_dir = Path(parts_dir)
         self.parts_dir.mkdir(parents=True, exist_ok=True)
+        self.resume_dir = parts_root(self.parts_dir) or self.parts_dir
+        """The folder a failure reports as kept (the run's whole parts folder)."""
         self.segment_rows = segment_rows
         self.georef, self.cog, self.resampling = georef, cog, resampling
         self._current: TiffSink | None = None
+        self._final: TiffSink | None = None
         self.next_row = self._resume_point()
 
     def _segment_path(self, index: int) -> str:
@@ -444,45 +733,80 @@ class SegmentedSink(RasterSink):
                 _unlink(str(stale))
         self.next_row = row
 
+    def _failed(self, exc: BaseException) -> OutputError:
+        """Drop the unfinished segment, then the error naming the kept parts and their size."""
+        if self._current is not None:
+            self._current.abort()
+            self._current = None
+        return resumable_error(self.path, self.resume_dir, exc)
+
     def write_rows(self, row0: int, block: np.ndarray) -> None:
         """Write rows; a segment is committed as soon as its last row arrives."""
         block = self._check_block(row0, block)
-        while block.shape[0]:
-            index = row0 // self.segment_rows
-            if self._current is None:
-                self._current = TiffSink(self._segment_path(index), (self._segment_rows(index), self.shape[1]),
-                                         self.bands, self.dtype, overwrite=True)
-            seg_start = index * self.segment_rows
-            n = min(block.shape[0], seg_start + self._segment_rows(index) - row0)
-            self._current.write_rows(row0 - seg_start, block[:n])
-            if self._current.next_row == self._current.shape[0]:
-                self._current.commit()
-                self._current = None
-            block, row0 = block[n:], row0 + n
+        try:
+            while block.shape[0]:
+                index = row0 // self.segment_rows
+                if self._current is None:
+                    rows = (self._segment_rows(index), self.shape[1])
+                    self._current = TiffSink(self._segment_path(index), rows, self.bands, self.dtype,
+                                             overwrite=True, resume_target=(self.path, self.resume_dir))
+                seg_start = index * self.segment_rows
+                n = min(block.shape[0], seg_start + self._segment_rows(index) - row0)
+                self._current.write_rows(row0 - seg_start, block[:n])
+                if self._current.next_row == self._current.shape[0]:
+                    self._current.commit()
+                    self._current = None
+                block, row0 = block[n:], row0 + n
+        except OSError as exc:
+            raise self._failed(exc) from exc
 
-    def commit(self) -> None:
-        """Assemble the segments into the final file, then remove the parts."""
-        import shutil
-
+    def prepare(self) -> None:
+        """Assemble the segments into the final file, under a temporary name (the parts stay)."""
         from refine_cli.io.readers import TiffReader
         from refine_cli.tiling.grid import Window
 
-        if self.next_row != self.shape[0]:
-            raise ValueError(f"{self.path}: only {self.next_row} of {self.shape[0]} rows were written")
-        final = TiffSink(self.path, self.shape, self.bands, self.dtype, self.overwrite, georef=self.georef,
-                         cog=self.cog, resampling=self.resampling)
+        self._check_complete()
+        try:
+            final = TiffSink(self.path, self.shape, self.bands, self.dtype, self.overwrite,
+                             georef=self.georef, cog=self.cog, resampling=self.resampling,
+                             resume_target=(self.path, self.resume_dir))
+        except OSError as exc:
+            raise self._failed(exc) from exc
+        self._final = final
         try:
             for index in range(-(-self.shape[0] // self.segment_rows)):
                 with TiffReader(self._segment_path(index), cache_bytes=0) as seg:
                     for r in range(0, seg.shape[0], TILE):
                         part = seg.read(Window(r, 0, min(TILE, seg.shape[0] - r), self.shape[1]))
                         final.write_rows(index * self.segment_rows + r, part)
+            final.prepare()
+        except OutputError as exc:
+            final.abort()
+            raise self._failed(exc) from exc
         except BaseException:
             final.abort()
             raise
-        final.commit()
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
+
+    def check_publishable(self) -> None:
+        """See :meth:`RasterSink.check_publishable`."""
+        if self._final is not None:
+            self._final.check_publishable()
+
+    def publish(self) -> None:
+        """Rename the assembled file into place."""
+        assert self._final is not None
+        self._final.publish()
         self.closed = True
+
+    def rollback(self) -> None:
+        """Remove the assembled file (temporary or published); the parts stay for ``--resume``."""
+        if self._final is not None:
+            self._final.rollback()
+        self.abort()
+
+    def cleanup(self) -> None:
+        """Remove the parts (the output is in place)."""
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
 
     def abort(self) -> None:
         """Stop writing but keep the complete segments (the run can be resumed)."""
@@ -493,8 +817,6 @@ class SegmentedSink(RasterSink):
 
     def discard(self) -> None:
         """Remove every segment."""
-        import shutil
-
         self.abort()
         shutil.rmtree(self.parts_dir, ignore_errors=True)
 
@@ -514,7 +836,11 @@ def open_sink(path: str, shape: tuple[int, int], bands: int, dtype: Any, *, over
         if shape[0] * shape[1] > inline_limit:
             raise UsageError(f"{path}: a {shape[1]}x{shape[0]} output is above the in-memory limit "
                              f"({inline_limit} px) for PNG/stdout; write a .tif instead")
-        return PngSink(path, shape, bands, dtype, overwrite, fmt="tiff" if (path == "-" and kind == "tiff") else "png")
+        if path == "-" and georef is not None:
+            # short: Rich wraps log lines at the terminal width (80 columns when not a terminal)
+            log.warning("stdout output: the georeferencing is dropped; write a .tif to keep it")
+        return PngSink(path, shape, bands, dtype, overwrite,
+                       fmt="tiff" if (path == "-" and kind == "tiff") else "png", georef=georef)
     if georef is None and cog:
         log.info("--cog without georeferencing: writing a plain tiled TIFF with overviews")
     return TiffSink(path, shape, bands, dtype, overwrite, georef=georef, cog=cog, resampling=resampling)

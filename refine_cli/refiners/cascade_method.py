@@ -126,15 +126,16 @@ class CascadeMethod(Refiner):
 
         Args:
             impl: the exact refiner (``fixed_tile`` set).
-            scene: the image; ``scene.info`` may give ``bytes_out`` (bytes per pixel of the outputs)
-                and ``classes`` / ``labels``.
+            scene: the image; ``scene.info`` may give ``bytes_out`` (bytes per pixel of the outputs),
+                ``resident_bytes`` (decoded inputs held in memory) and ``classes`` / ``labels``.
             snap: the edge snap follows (the exact level then writes a float level file).
         """
         channels = int(scene.info.get("classes", 1)) if scene.info.get("labels") else 1
         bytes_out = 4 * channels if snap else int(scene.info.get("bytes_out", 2))
         return smallest_need(scene.shape, halo=impl.halo, channels=channels, batch=self.options.batch_size,
                              tile_memory=impl.tile_memory, fixed_memory=impl.fixed_memory(),
-                             bytes_out=bytes_out, tile_size=max(scene.shape))
+                             bytes_out=bytes_out, tile_size=max(scene.shape),
+                             resident=int(scene.info.get("resident_bytes", 0)))
 
     def prepare(self, scene: Scene) -> None:
         """Choose the path for this image and run its global step."""
