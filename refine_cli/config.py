@@ -142,6 +142,10 @@ class MagnetOptions:
         n_points: points replaced per scale.
         tiled: ``True`` forces the tiled pipeline (Y in tiled stores on disk, bounded memory),
             ``False`` the whole-image one, ``None`` picks whole-image when it fits ``max_memory``.
+        snap: a last full-resolution edge snap of a binary result (a colour guided filter that moves
+            the boundary onto the image's edges): ``auto`` (on for the ``binary`` preset), ``on`` or ``off``.
+        stages: ``all`` (MagNet's refinement scales after the segmenter's pass) or ``none`` (the
+            segmenter's pass only, then the snap: several times faster).
     """
 
     preset: str | None = None
@@ -150,6 +154,8 @@ class MagnetOptions:
     n_patches: int | None = None
     n_points: int | None = None
     tiled: bool | None = None
+    snap: str = "auto"
+    stages: str = "all"
 
 
 @dataclass(frozen=True)
@@ -229,6 +235,10 @@ class RefineConfig:
             raise UsageError(f"--cascade-pad {self.cascade.pad!r}: use auto, official or replicate")
         if self.cascade.snap not in ("auto", "on", "off"):
             raise UsageError(f"--cascade-snap {self.cascade.snap!r}: use auto, on or off")
+        if self.magnet.snap not in ("auto", "on", "off"):
+            raise UsageError(f"--magnet-snap {self.magnet.snap!r}: use auto, on or off")
+        if self.magnet.stages not in ("all", "none"):
+            raise UsageError(f"--magnet-stages {self.magnet.stages!r}: use all or none")
         if self.cascade.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
         if self.guided.radius is not None and self.guided.radius < 1:

@@ -158,6 +158,10 @@ CASES = [
       "--overwrite"], 2, "--report"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--uncertainty", "{d}/img_link.png",
       "--overwrite"], 2, "--uncertainty"),
+    (["run", "{d}/img.png", "--method", "magnet-fast", "--magnet-snap", "yes", "-o", "{t}/o.tif"], 2,
+     "--magnet-snap 'yes'"),
+    (["run", "{d}/img.png", "--method", "magnet-fast", "--magnet-stages", "some", "-o", "{t}/o.tif"], 2,
+     "--magnet-stages 'some'"),
     # a segmenter in the same run
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "--save-coarse", "{t}/c.png", "-o", "{t}/o.tif"], 2,
      "without --mask"),

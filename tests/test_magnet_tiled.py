@@ -430,3 +430,53 @@ def test_absolute_scales_are_resized_to_the_image_like_the_reference(last, tmp_p
         _compare(whole, tiled, img.shape[:2])
     finally:
         tiled.close()
+
+
+# --------------------------------------------------------------------------- issue 14.7: confident rule, snap
+
+
+def test_tiled_equals_whole_image_with_the_confident_rule(tmp_path):
+    """``replace="confident"`` is a pointwise test, so the tiled run keeps the whole-image result bit for bit
+    (1024x2048, the binary preset's geometry, with a module that hedges on sure background)."""
+    import dataclasses
+
+    from test_magnet_pipeline import HedgingModule
+
+    seg = ColourSegmenter(2, (256, 256))
+    img = blocky_image((1024, 2048), block=24)
+    preset = dataclasses.replace(make_preset(seg, kernel=5, n_points=2**16), replace="confident")
+    module = HedgingModule()
+    whole = run_magnet(img, seg, [module], preset)
+    tiled = run_magnet_tiled(ArrayImage(img), seg, [module], preset, memory_pixels=0, tile=512,
+                             tmp_dir=str(tmp_path))
+    try:
+        _compare(whole, tiled, img.shape[:2])
+        assert tiled.report()["replace"] == whole.report()["replace"] == "confident"
+        paper = run_magnet(img, seg, [module], make_preset(seg, kernel=5, n_points=2**16))
+        assert not np.array_equal(paper.probs, whole.probs)  # the rule changed something
+    finally:
+        tiled.close()
+
+
+def test_refiner_snap_is_the_same_tiled_and_whole_and_keeps_the_budget(tmp_path):
+    """The binary preset's edge snap runs as the engine's level over the final Y in both paths: same output;
+    the tiled path's level plan counts rendering Y per window and what the run holds."""
+    from test_magnet_pipeline import HedgingModule, _binary_like, portrait_like, run_refiner
+
+    from refine_cli.refiners.magnet import SnapOverY
+
+    image, _ = portrait_like()
+    outs = {}
+    for tiled in (False, True):
+        refiner = MagnetRefiner(ColourSegmenter(2, (64, 64)), [HedgingModule()], _binary_like(), tiled=tiled)
+        outs[tiled] = run_refiner(refiner, image, str(tmp_path))
+        level = refiner.for_level(0, True)
+        assert isinstance(level, SnapOverY) and level.halo == 33
+        if tiled:
+            run = refiner.tiled_result
+            assert level.tile_memory(100) == 100 * (110 + run.plan.bytes_per_pixel + 8)
+            assert level.fixed_memory() == refiner.fixed_memory() + run.held_bytes()
+        assert refiner.describe()["snap"] == {"radius": 16, "eps": 1e-4, "halo": 33}
+        refiner.close()
+    np.testing.assert_allclose(outs[True], outs[False], rtol=0, atol=1e-6)
+    assert not list(tmp_path.iterdir())

@@ -92,7 +92,7 @@ def test_gigapixel_magnet_fast_runs_tiled_in_bounded_memory(big, tmp_path):
     scales = [tuple(s["scale"]) for s in magnet["stages"]]
     assert scales[0] == (256, 256) and scales[-1] == (SIDE, SIDE) and len(scales) == 8
     refined = magnet["stages"][1:]
-    assert all(len(s["patches"]) == 3 and s["points"] == s["k"] == 2**16 for s in refined)
+    assert all(len(s["patches"]) == 3 and s["points"] <= s["k"] == 2**16 for s in refined)  # Q > 0 only
     assert "level" in magnet["tiled"]["stage_images"].values()  # the coarsest scales come from a built level
     with tifffile.TiffFile(out) as tf:
         page = tf.pages[0]

@@ -62,6 +62,8 @@ class RunOptions:
     preset: str | None = None
     full: bool = False
     tiled: bool | None = None
+    magnet_snap: str = "auto"
+    magnet_stages: str = "all"
     patches: int | None = None
     points: float | None = None
     weights: str | None = None
@@ -94,7 +96,8 @@ class RunOptions:
                                    snap=self.cascade_snap),
             segmenter=self.segmenter,
             magnet=MagnetOptions(preset=self.preset, full=self.full, weights=self.weights, n_patches=self.patches,
-                                 n_points=self.points, tiled=self.tiled),
+                                 n_points=self.points, tiled=self.tiled, snap=self.magnet_snap,
+                                 stages=self.magnet_stages),
         )
 
     def band_indices(self) -> tuple[int, ...] | None:
@@ -151,6 +154,10 @@ OPTIONS: dict[str, Any] = {
     "tiled": Annotated[bool | None, typer.Option("--tiled/--whole", show_default=False,
                                                  help="magnet-fast: force the tiled pipeline (bounded memory) or "
                                                  "the whole-image one (default: whole when it fits --max-memory).")],
+    "magnet_snap": _opt(str, "--magnet-snap", "magnet-fast: finish a binary result by moving its boundary onto "
+                        "the image's colour edges: auto (on for --preset binary), on or off."),
+    "magnet_stages": _opt(str, "--magnet-stages", "magnet-fast: all (the refinement scales) or none (the "
+                          "segmenter's pass, then the snap: several times faster)."),
     "patches": _opt(int | None, "--patches", "magnet-fast: patches refined per scale (default: the preset's)."),
     "points": _opt(float | None, "--points", "magnet-fast: points replaced per scale (count, or a fraction <= 1)."),
     "weights": _opt(str | None, "--weights", "Checkpoint file or registry name (see `refine weights list`)."),

@@ -663,11 +663,17 @@ def route_libtiff_messages() -> None:
     libtiff's process-wide handler, whose default prints ``_tiffWriteProc: No space left on device.``
     on file descriptor 2, beside refine's one-line error. The handler is replaced by one that logs
     to ``rasterio.libtiff`` (shown with ``-v``) and keeps the text in :data:`LIBTIFF_MESSAGES`, so
-    an error can name the cause. Best effort: without a findable libtiff nothing changes.
+    an error can name the cause. Best effort: without a findable libtiff nothing changes. Only on
+    Linux x86-64, where a C ``va_list`` argument is passed as a pointer (the handler hands it to
+    ``vsnprintf`` as one); elsewhere libtiff's lines stay as they are.
     """
     if _LIBTIFF:
         return
     _LIBTIFF["tried"] = True
+    import platform
+
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return
     try:
         import ctypes
 

@@ -14,11 +14,15 @@ patch, R the refinement module's output (paper notation). One run::
                   R  <- softmax(refine(O, crop(Y)))   (official test order) refine_patches
                   R patches are averaged into a stage map                   assemble
                   Q  <- up(median_k(down(Yu * (1 - Ru))))                   point_scores
-                  the k pixels with the largest Q inside the refined patches (canonical ties)
+                  the k pixels with the largest Q > 0 inside the refined patches (canonical ties)
                                                                             select_points
                   Y[:, those] <- R[:, those]                                replace
+                  (preset rule ``confident``: only where R is more certain than Y)
     end           Y resized to the image (when the last scale is not the image size);
                   labels = argmax, uncertainty = 1 - (top1 - top2) of Y
+    snap          2 classes with the preset's snap (``--preset binary``): the engine's one level
+                  runs the edge snap on the class-1 probability of Y (``MagnetRefiner``), and
+                  the uncertainty map is 1 - |2p - 1| of the snapped probability
 
 Each step is a function on tensors (numpy only at the edges: image in, result out), so
 a tiled version can reuse them (``magnet_points`` holds the tile-able score/top-k/replace
@@ -40,6 +44,13 @@ primitives, e.g. :class:`~refine_cli.refiners.magnet_points.StreamingTopK`).
    exact bilinear crops and patch means exact box means (the official code uses
    ``roi_align(aligned=False)`` with a half-pixel shift); ties in top-k go to the lowest
    flat index.
+6. Points with a zero score Q are never replaced, so k is an upper bound. Nothing says R is
+   better there, and the tie-break among zeros would take the top rows of the refined
+   patches: rectangles in Y that have nothing to do with the image.
+7. ``MagnetPreset.replace="confident"`` (``--preset binary``): a selected point takes R only
+   where R is more certain than Y. The project-trained binary module hedges (R ~ 0.22 where
+   the segmenter and Y agree on background), and the paper's rule copied that hedge into
+   most of every refined patch.
 
 :func:`run_magnet` with ``selection="official"`` reproduces defects 1 and 2 (ascending
 patch order; score zeroed inside a 10-px-inset mask of the refined patches, then only
@@ -53,6 +64,7 @@ Sizes are written ``(w, h)`` / ``(W, H)`` where OpenCV-style, ``hw`` where rows 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -66,10 +78,13 @@ import torch
 from refine_cli.engine.budget import BASE_BYTES
 from refine_cli.errors import InputError, ResourceError, UsageError, WeightsError
 from refine_cli.refiners.base import Refiner, Scene, TileInput, TileResult
+from refine_cli.refiners.classical import EdgeSnapRefiner
 from refine_cli.refiners.magnet_points import (
     PointScore,
     canonical_topk,
     certainty,
+    check_replace_rule,
+    confident_mask,
     covered_area,
     crop_resize,
     ensemble_patches,
@@ -92,6 +107,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+StageProgress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)`` of a MagNet run (``total = 0``: amount unknown)."""
+
+SEGMENTER_STAGE = "magnet segmenter"
+SCALES_STAGE = "magnet scales"
+
 PAPER_POINTS = 2**16
 """Points replaced per scale in the paper (§4.2.3, Table 6, Fig. 7; DeepGlobe §4.3)."""
 
@@ -100,6 +121,24 @@ OFFICIAL_INSET = 10
 
 SELECTIONS = ("paper", "official")
 """Patch/point selection rules: the paper's, or the official code's defects (comparison only)."""
+
+SNAP_MODES = ("auto", "on", "off")
+"""Values of the edge snap setting of :class:`MagnetRefiner`."""
+
+SNAP_RADIUS = 16
+"""Radius in px of MagNet's edge snap (eps :data:`SNAP_EPS`). Chosen on 48 tuning composites of the held-out
+portraits (seeds 4 000 037 and 4 000 039, never the benchmark's): mBA after the binary preset rose
+monotonically with the radius (8: 0.701, 16: 0.724, 32: 0.740); 16 keeps the filter's support (2 r) within
+the 32 px beyond which background must stay certain, and limits how far the boundary can be pulled to an
+unrelated edge in real photos (``weights/README.md``, magnet-binary-refine-v1)."""
+
+SNAP_EPS = 1e-4
+"""Regularisation of MagNet's edge snap (the lite cascade's; 1e-3 was slightly worse on the tuning
+composites)."""
+
+STAGE_MODES = ("all", "none")
+"""Values of the ``stages`` setting of :class:`MagnetRefiner`: the schedule's refinement stages, or none
+(the segmenter's first pass upsampled to the image, then the snap if on; for comparisons)."""
 
 Size = tuple[int, int]
 
@@ -126,6 +165,9 @@ class MagnetPreset:
         refinement: checkpoint names (or paths), one per refinement stage of ``scales``
             (``scales[1:]``), or a single one shared by every stage.
         description: one line for listings.
+        replace: which selected points take R: ``all`` (the paper) or ``confident`` (only where R
+            is more certain than Y; :func:`~refine_cli.refiners.magnet_points.confident_mask`).
+        snap: end 2-class runs with the edge snap (``refiners.classical.EdgeSnapRefiner``) by default.
     """
 
     name: str
@@ -140,8 +182,11 @@ class MagnetPreset:
     kernel: int
     refinement: tuple[str, ...]
     description: str = ""
+    replace: str = "all"
+    snap: bool = False
 
     def __post_init__(self) -> None:
+        check_replace_rule(self.replace)
         if self.scales is not None:
             if len(self.scales) < 2:
                 raise ValueError(f"preset {self.name}: needs a coarse scale and at least one refinement "
@@ -192,7 +237,7 @@ class MagnetPreset:
         ]
         return Schedule(
             preset=self.name, image_hw=(int(image_hw[0]), int(image_hw[1])), input_size=self.input_size,
-            kernel=self.kernel, fast=fast, stages=tuple(stages),
+            kernel=self.kernel, fast=fast, stages=tuple(stages), replace=self.replace,
         )
 
 
@@ -233,6 +278,7 @@ class Schedule:
         kernel: median window side of Q.
         fast: MagNet-Fast or full MagNet.
         stages: stage 1 (coarse) first.
+        replace: ``all`` | ``confident`` (see :class:`MagnetPreset`).
     """
 
     preset: str
@@ -241,6 +287,7 @@ class Schedule:
     kernel: int
     fast: bool
     stages: tuple[StagePlan, ...]
+    replace: str = "all"
 
     @property
     def input_hw(self) -> Size:
@@ -299,11 +346,16 @@ PRESETS: dict[str, MagnetPreset] = {
         name="binary", segmenter="mediapipe-selfie", num_classes=2, input_size=(256, 256), crop_size=None,
         scales=None, fast_scales=None, n_patches=3, n_points=PAPER_POINTS, kernel=5,
         refinement=("magnet-binary-refine",),
-        description="person/background with the MediaPipe selfie segmenter; generic schedule for any size",
+        description="person/background with the MediaPipe selfie segmenter; generic schedule for any size, "
+                    "then the edge snap",
+        replace="confident", snap=True,
     ),
 }
 """``--preset`` values. Cityscapes/DeepGlobe scales are absolute (the datasets' image sizes): other
-image sizes are resized to them and the result back, as the official code does."""
+image sizes are resized to them and the result back, as the official code does. ``binary`` replaces
+only where R is more certain than Y (its module hedges at ~0.22 on certain background; with the paper's
+rule that hedge filled the refined patches) and ends with the edge snap; both were chosen on tuning
+composites (``benchmarks/magnet_binary.py --split tune``, see ``weights/README.md``)."""
 
 
 def custom_preset(segmenter: Segmenter, refinement: str, *, kernel: int = 5) -> MagnetPreset:
@@ -712,9 +764,11 @@ class StageStats:
         patches_total: patches covering the stage.
         patches: refined patch indices (row-major over the stage's grid), in selection order.
         patch_uncertainty: mean Yu of those patches, same order.
-        candidates: pixels eligible for replacement (the refined patches' union).
+        candidates: pixels eligible for replacement: those of the refined patches' union with a
+            positive score Q (``selection="official"``: the official inset mask).
         k: points asked for.
-        points: points replaced.
+        points: points selected by the top-k cut (``min(k, candidates)``); with ``replace="confident"``
+            only those where R is more certain than Y take R.
         seconds: wall time per step (``upsample``, ``uncertainty``, ``select``, ``segment``,
             ``refine``, ``assemble``, ``score``, ``topk``, ``replace``).
     """
@@ -759,8 +813,10 @@ class StageTrace:
         covered: ``(H, W)`` bool, the refined patches' union.
         e: ``(1, 1, H, W)`` E.
         score: the :class:`PointScore` (Q at ``score.q``).
-        indices: replaced flat indices, ascending.
+        indices: selected flat indices (the top-k cut), ascending.
         y_out: Y after replacement.
+        replaced: the selected indices that took R (all of them, or with ``replace="confident"`` those
+            where R is more certain than Y), ascending.
     """
 
     y: torch.Tensor
@@ -774,6 +830,7 @@ class StageTrace:
     score: PointScore
     indices: torch.Tensor
     y_out: torch.Tensor
+    replaced: torch.Tensor
 
 
 @dataclass
@@ -803,7 +860,7 @@ class MagnetResult:
         return {
             "preset": self.schedule.preset, "mode": "magnet-fast" if self.schedule.fast else "magnet",
             "input_size": list(self.schedule.input_size), "kernel": self.schedule.kernel,
-            "stages": [s.to_dict() for s in self.stages],
+            "replace": self.schedule.replace, "stages": [s.to_dict() for s in self.stages],
             "patches": sum(len(s.patches) for s in self.stages), "points": sum(s.points for s in self.stages),
         }
 
@@ -896,15 +953,25 @@ def refinement_stage(
     zero_inside = official_mask(sel_boxes, stage_hw) if selection == "official" else None
     e, score = point_scores(yu, r, schedule.input_hw, schedule.kernel, zero_inside)
     clock.lap("score")
-    candidates = int((zero_inside if zero_inside is not None else covered).sum())
     k = stage_points(plan.n_points, covered_area(sel_boxes, stage_hw))
-    if selection == "official":
+    if zero_inside is not None:  # selection == "official"
+        candidates = int(zero_inside.sum())
         picked = select_points(score.q, k)
         idx = picked[zero_inside.reshape(-1).to(picked.device)[picked]]
+        replaced = idx
     else:
-        idx = select_points(score.q, k, None if full else covered)
+        positive = score.q[0, 0] > 0  # zero scores are never replaced (magnet_points docstring)
+        valid = positive if full else positive & covered.to(positive.device)
+        candidates = int(valid.sum())
+        idx = select_points(score.q, k, valid)
+        replaced = idx
+        if schedule.replace == "confident" and idx.numel():  # tested at the selected points only
+            c = y.shape[1]
+            at = idx.to(y.device)
+            yv, rv = (t.reshape(c, -1)[:, at].reshape(1, c, 1, -1) for t in (y, r))
+            replaced = idx[confident_mask(yv, rv).reshape(-1).to(idx.device)]
     clock.lap("topk")
-    y_out = replace_points(y, r, idx)
+    y_out = replace_points(y, r, replaced)
     clock.lap("replace")
     stats = StageStats(
         plan.index, plan.scale, len(boxes), tuple(chosen), tuple(float(means[i]) for i in chosen),
@@ -915,7 +982,7 @@ def refinement_stage(
         record = StageTrace(
             y=y.cpu(), yu=yu.cpu(), boxes=list(boxes), patch_means=means.cpu(), chosen=list(chosen),
             r=r.cpu(), covered=covered.cpu(), e=e.cpu(), score=PointScore(*(t.cpu() for t in score)),
-            indices=idx.cpu(), y_out=y_out.cpu(),
+            indices=idx.cpu(), y_out=y_out.cpu(), replaced=replaced.cpu(),
         )
     return y_out, stats, record
 
@@ -951,6 +1018,7 @@ def run_magnet(
     selection: str = "paper",
     batch_size: int = 1,
     trace: bool = False,
+    progress: StageProgress | None = None,
 ) -> MagnetResult:
     """MagNet(-Fast) on a whole image.
 
@@ -968,6 +1036,8 @@ def run_magnet(
         selection: ``paper`` (default) or ``official`` (reproduces the official defects; comparison only).
         batch_size: patches per forward pass.
         trace: keep the intermediates of every refinement stage in ``result.trace``.
+        progress: ``progress(stage, done, total)``: :data:`SEGMENTER_STAGE` (0 of 0, then 1 of 1)
+            and :data:`SCALES_STAGE` (refinement scales done of all).
 
     Returns:
         :class:`MagnetResult`.
@@ -1002,7 +1072,11 @@ def run_magnet(
     traces: list[StageTrace] = []
     with torch.inference_mode():
         if coarse_probs is None:
+            if progress is not None:
+                progress(SEGMENTER_STAGE, 0, 0)
             y, s1 = first_stage(image_u8, segmenter, schedule.stages[0], batch_size, device)
+            if progress is not None:
+                progress(SEGMENTER_STAGE, 1, 1)
         else:
             t0 = time.perf_counter()
             probs = np.asarray(coarse_probs, dtype=np.float32)
@@ -1013,12 +1087,17 @@ def run_magnet(
             s1 = StageStats(1, (probs.shape[1], probs.shape[0]), 0, (), (), 0, 0, 0,
                             {"coarse": time.perf_counter() - t0})
         stats.append(s1)
-        for plan in schedule.stages[1:]:
+        n_scales = len(schedule.stages) - 1
+        for i, plan in enumerate(schedule.stages[1:]):
+            if progress is not None:
+                progress(SCALES_STAGE, i, n_scales)
             module = refinement_modules[plan.refinement if len(refinement_modules) > 1 else 0]
             y, st, tr = refinement_stage(
                 image_u8, y, segmenter, module, plan, schedule, selection=selection, batch_size=batch_size,
                 trace=trace,
             )
+            if progress is not None:
+                progress(SCALES_STAGE, i + 1, n_scales)
             stats.append(st)
             if tr is not None:
                 traces.append(tr)
@@ -1165,10 +1244,23 @@ class MagnetRefiner(Refiner):
 
     ``tiled=None`` takes the whole-image path when its estimate fits the budget
     (``scene.info["max_memory"]``), else the tiled one; ``True``/``False`` force one. The
-    engine then copies the final Y to the outputs (one pass-through level).
+    engine then copies the final Y to the outputs (one pass-through level), or, with the
+    **edge snap** (2 classes; ``snap="auto"`` follows :attr:`MagnetPreset.snap`, on for
+    ``--preset binary``), runs :class:`~refine_cli.refiners.classical.EdgeSnapRefiner` on the
+    class-1 probability of the final Y as that level, tiled, in either path: the same values, and
+    the tiled path stays within its budget (windows of Y are rendered as the tiles ask).
 
-    Uncertainty: ``1 - (top1 - top2)`` of the final Y. ``prob`` is the class-1 probability
-    for 2 classes and the top-1 probability for more (the label map is in :attr:`result`).
+    Uncertainty (``--uncertainty``) describes the final result pixel by pixel, from its
+    probabilities alone: for 2 classes ``u = 1 - |2p - 1|`` of the final foreground probability
+    ``p`` (after the snap when it runs; without it this is ``1 - (top1 - top2)`` of the final Y),
+    for C > 2 ``1 - (top1 - top2)`` of the final class probabilities (the engine's defaults).
+    MagNet's own per-stage maps (Yu, E, Q) only steer which patches and points are refined and are
+    never written. ``u`` therefore depends on the patch grid only through ``p`` itself; two
+    pipeline rules keep ``p`` free of patch-shaped plateaus: zero scores are never replaced (the
+    canonical tie-break would fill the top rows of the refined patches), and ``--preset binary``
+    replaces only where R is more certain than Y (its module hedges at ~0.22 on certain background).
+    ``prob`` of :meth:`refine` is the class-1 probability for 2 classes and the top-1 probability for
+    more (the label map is in :attr:`result`), before any snap.
 
     Args:
         segmenter: the coarse segmenter.
@@ -1180,6 +1272,12 @@ class MagnetRefiner(Refiner):
         batch_size: patches per forward pass.
         info: facts for :meth:`describe` (weights names ...).
         tiled: force the tiled (``True``) or whole-image (``False``) path; ``None`` decides by budget.
+        snap: the edge snap: ``auto`` (the preset's :attr:`MagnetPreset.snap`), ``on`` or ``off``;
+            2 classes only.
+        stages: ``all`` (the schedule) or ``none`` (stage 1 only: no refinement module runs).
+
+    Raises:
+        UsageError: unknown ``snap`` or ``stages``.
     """
 
     name = "magnet-fast"
@@ -1189,14 +1287,22 @@ class MagnetRefiner(Refiner):
     def __init__(
         self, segmenter: Segmenter, modules: Sequence[RefinementMagNet], preset: MagnetPreset, *,
         fast: bool = True, n_patches: int | None = None, n_points: float | None = None, batch_size: int = 1,
-        info: dict[str, Any] | None = None, tiled: bool | None = None,
+        info: dict[str, Any] | None = None, tiled: bool | None = None, snap: str = "auto",
+        stages: str = "all",
     ) -> None:
+        if snap not in SNAP_MODES:
+            raise UsageError(f"magnet-fast edge snap {snap!r}: use one of {', '.join(SNAP_MODES)}")
+        if stages not in STAGE_MODES:
+            raise UsageError(f"magnet-fast stages {stages!r}: use one of {', '.join(STAGE_MODES)}")
+        self.stages = stages
         self.segmenter = segmenter
         self.modules = list(modules)
         self.preset = preset
         self.fast, self.n_patches, self.n_points, self.batch_size = fast, n_patches, n_points, batch_size
         self.info = dict(info or {})
         self.tiled = tiled
+        self.snap_mode = snap
+        self.snap: EdgeSnapRefiner | None = None
         self.result: MagnetResult | None = None
         self.tiled_result: TiledMagnetResult | None = None
 
@@ -1209,6 +1315,7 @@ class MagnetRefiner(Refiner):
 
         The preset comes from ``--preset``, else from the segmenter's name, else ``cityscapes``.
         A segmenter file without a preset runs the generic schedule and needs ``--weights``.
+        The edge snap and the stages follow ``options.snap`` / ``options.stages``.
         """
         from refine_cli.segmenters import load_segmenter
 
@@ -1239,17 +1346,25 @@ class MagnetRefiner(Refiner):
                 "refinement_sha256": [_known_sha256(name) for name in refinement]}
         return cls(seg, modules, preset, fast=not options.full, n_patches=options.n_patches,
                    n_points=options.n_points, batch_size=batch_size, info=info,
-                   tiled=options.tiled)
+                   tiled=options.tiled, snap=options.snap, stages=options.stages)
 
-    def refine_image(self, image_u8: np.ndarray, coarse: np.ndarray | None = None) -> MagnetResult:
-        """Run on a whole image; ``coarse`` is a user mask in any form :func:`coarse_to_probs` accepts."""
+    def refine_image(self, image_u8: np.ndarray, coarse: np.ndarray | None = None,
+                     progress: StageProgress | None = None) -> MagnetResult:
+        """Run on a whole image; ``coarse`` is a user mask in any form :func:`coarse_to_probs` accepts;
+        ``progress`` as :func:`run_magnet`."""
         seg = self.segmenter
         probs = None if coarse is None else coarse_to_probs(coarse, seg.num_classes, seg.classes)
-        self.result = run_magnet(
-            image_u8, seg, self.modules, self.preset, probs, fast=self.fast, n_patches=self.n_patches,
-            n_points=self.n_points, batch_size=self.batch_size,
-        )
+        self.result = run_magnet(image_u8, seg, self.modules, self.schedule(image_u8.shape[:2]), probs,
+                                 batch_size=self.batch_size, progress=progress)
         return self.result
+
+    def schedule(self, image_hw: Size) -> Schedule:
+        """The stages to run on an image of ``image_hw`` ``(H, W)`` (only stage 1 with ``stages="none"``)."""
+        schedule = self.preset.schedule(image_hw, fast=self.fast, n_patches=self.n_patches,
+                                        n_points=self.n_points)
+        if self.stages == "none":
+            schedule = dataclasses.replace(schedule, stages=schedule.stages[:1])
+        return schedule
 
     def whole_image_bytes(self, shape: Size) -> int:
         """Estimated peak bytes of the whole-image path on an image of ``shape`` ``(H, W)``."""
@@ -1266,7 +1381,8 @@ class MagnetRefiner(Refiner):
                 not fit ``--max-memory``.
         """
         self.close()
-        need = self.whole_image_bytes(scene.shape)
+        held = int(scene.info.get("resident_bytes", 0))  # decoded inputs, held all run long
+        need = self.whole_image_bytes(scene.shape) + held
         budget = int(scene.info.get("max_memory", need))
         tiled = self.tiled if self.tiled is not None else need > budget
         source = scene.info.get("image_source")
@@ -1283,10 +1399,25 @@ class MagnetRefiner(Refiner):
                 "tiled")
         if scene.timer is not None:
             with scene.timer.stage("refine"):
-                self._prepare_tiled(scene, source, budget) if tiled else self._prepare_whole(scene)
+                self._prepare_tiled(scene, source, budget - held) if tiled else self._prepare_whole(scene)
         else:
-            self._prepare_tiled(scene, source, budget) if tiled else self._prepare_whole(scene)
+            self._prepare_tiled(scene, source, budget - held) if tiled else self._prepare_whole(scene)
         scene.info["magnet"] = self.report()
+        self.snap = self._make_snap()
+        if self.snap is not None:
+            scene.info.setdefault("notes", []).append(
+                f"magnet-fast: edge snap at full resolution (guided filter, radius {self.snap.radius}, "
+                f"eps {self.snap.eps:g})")
+
+    def _make_snap(self) -> EdgeSnapRefiner | None:
+        """The edge snap when it is on and the output is one probability (2 classes)."""
+        on = self.snap_mode == "on" or (self.snap_mode == "auto" and self.preset.snap)
+        if not on:
+            return None
+        if self.num_classes != 2:
+            logger.info("magnet-fast: no edge snap for %d classes (label maps)", self.num_classes)
+            return None
+        return EdgeSnapRefiner(SNAP_RADIUS, SNAP_EPS)
 
     def _prepare_whole(self, scene: Scene) -> None:
         image, coarse = scene.read_overview(scene.shape)
@@ -1294,14 +1425,13 @@ class MagnetRefiner(Refiner):
             raise UsageError("MagNet's whole-image reference needs the image at full resolution")
         img = np.clip(np.rint(image), 0, 255).astype(np.uint8) if image.dtype != np.uint8 else image
         use_mask = scene.info.get("coarse") != "none" and coarse is not None
-        self.refine_image(img, coarse if use_mask else None)
+        self.refine_image(img, coarse if use_mask else None, progress=scene.progress)
 
     def _prepare_tiled(self, scene: Scene, source: Any, budget: int) -> None:
         from refine_cli.io.writers import default_tmp_dir
         from refine_cli.refiners.magnet_tiled import run_magnet_tiled
 
-        schedule = self.preset.schedule(scene.shape, fast=self.fast, n_patches=self.n_patches,
-                                        n_points=self.n_points)
+        schedule = self.schedule(scene.shape)
         probs = None
         if scene.info.get("coarse") != "none":
             first = schedule.stages[1].hw if len(schedule.stages) > 1 else schedule.stages[0].hw
@@ -1314,7 +1444,7 @@ class MagnetRefiner(Refiner):
                     f"magnet-fast (tiled): the mask became stage-1 Y at {shape[1]}x{shape[0]} (area average)")
         self.tiled_result = run_magnet_tiled(
             source, self.segmenter, self.modules, schedule, probs, batch_size=self.batch_size, budget=budget,
-            tmp_dir=default_tmp_dir())
+            tmp_dir=default_tmp_dir(), progress=scene.progress)
 
     def report(self) -> dict[str, Any]:
         """The run's per-stage facts (``{}`` before :meth:`prepare`)."""
@@ -1345,12 +1475,17 @@ class MagnetRefiner(Refiner):
         return probs[..., 1:2] if probs.shape[-1] == 2 else probs
 
     def for_level(self, index: int, final: bool) -> Refiner:
-        """The result is final: tiles pass it through to the outputs."""
+        """The single level: the edge snap of the final Y when it is on, else a pass-through."""
         if self.tiled_result is not None:
             from refine_cli.refiners.magnet_tiled import PassThrough
 
             run = self.tiled_result
-            return PassThrough(run.plan.bytes_per_pixel, self.fixed_memory() + run.held_bytes())
+            fixed = self.fixed_memory() + run.held_bytes()
+            if self.snap is not None:
+                return SnapOverY(self.snap.radius, self.snap.eps, run.plan.bytes_per_pixel + 8, fixed)
+            return PassThrough(run.plan.bytes_per_pixel, fixed)
+        if self.snap is not None:
+            return SnapOverY(self.snap.radius, self.snap.eps)
         from refine_cli.refiners.classical import CoarseRefiner
 
         return CoarseRefiner()
@@ -1387,10 +1522,43 @@ class MagnetRefiner(Refiner):
         self.result = None
 
     def describe(self) -> dict[str, Any]:
-        """Facts for the report."""
-        out = {**super().describe(), **self.info, "fast": self.fast, **self.segmenter.describe()}
+        """Facts for the report (``snap``: its radius, eps and halo, or ``off``, as ``--method cascade``)."""
+        snap: Any = "off"
+        if self.snap is not None:
+            snap = {k: v for k, v in self.snap.describe().items() if k != "name"}
+        out = {**super().describe(), **self.info, "fast": self.fast, "snap": snap,
+               "replace": self.preset.replace, "stages": self.stages, **self.segmenter.describe()}
         report = self.report()
         if report:
             out["magnet"] = report
             out["tiled"] = "tiled" in report
         return out
+
+
+class SnapOverY(EdgeSnapRefiner):
+    """The edge snap as the level refiner of MagNet's final Y (:meth:`MagnetRefiner.for_level`).
+
+    The same filter as :class:`~refine_cli.refiners.classical.EdgeSnapRefiner`; its memory
+    estimate adds what producing a window of the final Y costs (the tiled run renders it from
+    its stores as the engine reads) and what the run holds meanwhile, so the engine's tile plan
+    keeps ``--max-memory``.
+
+    Args:
+        radius: box radius in px.
+        eps: regularisation (guide in [0, 1] units).
+        y_bytes_per_pixel: working bytes per pixel of rendering a window of Y (0: it is in memory).
+        fixed: bytes held for the whole level (weights, the tiled run's in-memory maps).
+    """
+
+    def __init__(self, radius: int = SNAP_RADIUS, eps: float = SNAP_EPS, y_bytes_per_pixel: int = 0,
+                 fixed: int = 0) -> None:
+        super().__init__(radius, eps)
+        self._y_bpp, self._fixed = int(y_bytes_per_pixel), int(fixed)
+
+    def tile_memory(self, pixels: int) -> int:
+        """The guided filter's planes plus rendering Y over the window."""
+        return super().tile_memory(pixels) + self._y_bpp * pixels
+
+    def fixed_memory(self) -> int:
+        """What the MagNet run holds while the level runs."""
+        return self._fixed

@@ -10,8 +10,17 @@ One stage of MagNet, at stage size ``H x W`` with backbone input size ``h x w``:
     E  = Yu * (top1(R) - top2(R))                = Yu * (1 - Ru)          (error_score)
     Q  = up(median_k(down(E)))                   nearest down to h x w, k x k median with zero
                                                  padding, nearest back up to H x W  (score_map)
-    S  = the k flat indices with the largest Q   canonical ties             (canonical_topk / StreamingTopK)
+    S  = the k flat indices with the largest Q   canonical ties, only pixels with Q > 0
+                                                                            (canonical_topk / StreamingTopK)
     Y[:, S] = R[:, S]                            exact copy, no blending    (replace_points)
+                                                 rule ``confident``: only where R is more certain
+                                                 than Y                     (confident_mask)
+
+**Zero scores are never replaced.** Where Q = 0 (Y certain, or R a tie) nothing says R is
+better, and the canonical tie-break would fill the rest of k with the lowest flat indices:
+the top rows of the refined patches, rectangles unrelated to the image. So the candidates
+are the refined pixels with Q > 0 and k is an upper bound (the paper's fixed k assumes more
+uncertain pixels than k). ``selection="official"`` keeps the official tie behaviour.
 
 Shapes: probability maps are ``(N, C, H, W)`` float32 in ``[0, 1]`` (N = 1 in the
 pipeline); single-channel maps (Yu, E, Q) are ``(N, 1, H, W)``. Flat indices are
@@ -542,6 +551,47 @@ def replace_points(y: torch.Tensor, r: torch.Tensor, indices: torch.Tensor) -> t
     idx = indices.to(device=y.device, dtype=torch.int64)
     out.view(-1, h * w)[:, idx] = r.reshape(-1, h * w)[:, idx]
     return out
+
+
+REPLACE_RULES = ("all", "confident")
+"""Which selected points take R: ``all`` (the paper) or ``confident`` (only where R is more certain
+than Y)."""
+
+
+def confident_mask(y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Where R is strictly more certain than Y: ``top1(R) - top2(R) > top1(Y) - top2(Y)``.
+
+    The ``confident`` replacement rule: a selected point takes R only there, so a stage never
+    makes a pixel less certain than Y already was. A refinement module that hedges where the
+    segmenter is sure (the binary module answers ~0.22 on certain background) then cannot paint
+    its hedge into the refined patches, which would show as patch-shaped plateaus in the
+    probabilities and the uncertainty map. Pointwise, so tiles agree with the whole map.
+
+    Args:
+        y: ``(N, C, H, W)`` accumulated prediction.
+        r: same shape, the refined prediction (0 outside the refined patches: never confident there).
+
+    Returns:
+        ``(H, W)`` bool for N = 1, else ``(N, 1, H, W)``.
+    """
+    if y.shape != r.shape:
+        raise ValueError(f"Y {tuple(y.shape)} and R {tuple(r.shape)} differ in shape")
+    if y.shape[1] == 2:  # top1 - top2 = |p0 - p1| exactly for two classes (no topk)
+        gain = (r[:, 0:1] - r[:, 1:2]).abs() > (y[:, 0:1] - y[:, 1:2]).abs()
+    else:
+        gain = certainty(r) > certainty(y)
+    return gain[0, 0] if gain.shape[0] == 1 else gain
+
+
+def check_replace_rule(rule: str) -> str:
+    """``rule`` if it is one of :data:`REPLACE_RULES`.
+
+    Raises:
+        UsageError: unknown rule.
+    """
+    if rule not in REPLACE_RULES:
+        raise UsageError(f"replacement rule {rule!r}: use one of {', '.join(REPLACE_RULES)}")
+    return rule
 
 
 def replace_where(y: torch.Tensor, r: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,10 @@ nothing proportional to the image area stays in RAM::
     score        Q = up(median_k(down(E))) needs E only where legacy-nearest ``down`` samples it
                  (``h_in x w_in`` values), so Q_small is computed exactly as the whole image
                  does; Q is constant on blocks, so the canonical top-k cut (Q descending, flat
-                 index ascending) is found by counting block areas (:class:`BlockScores`), no sort
-    pass B       tiles again: Y_s = upsampled Y_{s-1}, R at the selected points -> the next store;
+                 index ascending, only Q > 0) is found by counting block areas (:class:`BlockScores`),
+                 no sort
+    pass B       tiles again: Y_s = upsampled Y_{s-1}, R at the selected points (``replace="confident"``:
+                 only where R is more certain than Y, a pointwise test) -> the next store;
                  at the last stage nothing is written: the engine reads Y window by window
                  (:class:`FinalReader`) and writes the outputs
 
@@ -68,9 +70,12 @@ from refine_cli.errors import ResourceError, UsageError
 from refine_cli.io.image import area_downscale_bands_u8, choose_level, write_level_tiff
 from refine_cli.refiners.classical import CoarseRefiner
 from refine_cli.refiners.magnet import (
+    SCALES_STAGE,
+    SEGMENTER_STAGE,
     MagnetPreset,
     Schedule,
     StagePlan,
+    StageProgress,
     StageStats,
     _module_classes,
     first_stage,
@@ -82,6 +87,7 @@ from refine_cli.refiners.magnet import (
 from refine_cli.refiners.magnet_points import (
     TopKCut,
     certainty,
+    confident_mask,
     error_score,
     median_filter,
     nearest_indices,
@@ -568,9 +574,12 @@ class BlockScores:
         q_small: ``(h, w)`` or ``(1, 1, h, w)`` float32 Q before ``up``.
         stage_hw: ``(H, W)``.
         boxes: candidate windows (their union), or ``None`` for every pixel.
+        positive: only pixels with Q > 0 are candidates (the pipeline's rule: zero scores are never
+            replaced); :attr:`covered_area` still counts the whole union.
     """
 
-    def __init__(self, q_small: torch.Tensor, stage_hw: Size, boxes: Sequence[Window] | None) -> None:
+    def __init__(self, q_small: torch.Tensor, stage_hw: Size, boxes: Sequence[Window] | None,
+                 positive: bool = False) -> None:
         q = q_small.reshape(q_small.shape[-2], q_small.shape[-1]).to(torch.float32)
         if bool(torch.isnan(q).any()):
             raise ValueError("scores contain NaN")
@@ -598,6 +607,9 @@ class BlockScores:
             for a, b in ((r0, c1), (r1, c0)):
                 np.add.at(diff, (a, b), -1)
             self.valid = diff.cumsum(axis=0).cumsum(axis=1)[:-1, :-1] > 0
+        self.covered_area = int(self.sizes[self.valid].sum())
+        if positive:
+            self.valid &= self.values > 0
         self.n_candidates = int(self.sizes[self.valid].sum())
         self._q_np, self._rows_np, self._cols_np = q.numpy(), self.row_cells.numpy(), self.col_cells.numpy()
 
@@ -747,7 +759,8 @@ class StageOutput:
         scores: Q as blocks.
         cut: the selected points.
         bank: R of the refined patches.
-        full: every pixel is a candidate (no candidate mask).
+        full: the refined patches cover the stage (no patch mask; candidates still need Q > 0).
+        replace: ``all`` | ``confident`` (selected points take R only where it is more certain than Y).
     """
 
     yup: YMap
@@ -755,6 +768,7 @@ class StageOutput:
     cut: TopKCut
     bank: PatchBank
     full: bool
+    replace: str = "all"
 
     @property
     def shape(self) -> Size:
@@ -772,13 +786,18 @@ class StageOutput:
             y = self.yup.read(window)
             if self.cut.k == 0:
                 return y
-            valid = None if self.full else self.bank.covered(window)
-            if valid is not None and not bool(valid.any()):
+            covered = None if self.full else self.bank.covered(window)
+            if covered is not None and not bool(covered.any()):
                 return y
-            sel = self.cut.mask(self.scores.q_window(window), window.row, window.col, valid)
+            q = self.scores.q_window(window)
+            valid = q > 0 if covered is None else covered & (q > 0)
+            sel = self.cut.mask(q, window.row, window.col, valid)
             if not bool(sel.any()):
                 return y
-            return torch.where(sel, self.bank.render(window), y)
+            r = self.bank.render(window)
+            if self.replace == "confident":
+                sel = sel & confident_mask(y, r)
+            return torch.where(sel, r, y)
 
     def close(self) -> None:
         """Drop R of the patches."""
@@ -936,11 +955,12 @@ def refinement_stage_tiled(
         q_small = median_filter(e_small, ctx.schedule.kernel)
         clock.lap("score")
         # patch_grid covers the stage exactly, so refining every patch leaves no pixel out
-        scores = BlockScores(q_small, stage_hw, None if len(chosen) == len(boxes) else sel_boxes)
-        full = scores.n_candidates == area
+        scores = BlockScores(q_small, stage_hw, None if len(chosen) == len(boxes) else sel_boxes,
+                             positive=True)
+        full = scores.covered_area == area
         if full and len(chosen) < len(boxes):
-            scores = BlockScores(q_small, stage_hw, None)
-        k = stage_points(plan.n_points, scores.n_candidates)
+            scores = BlockScores(q_small, stage_hw, None, positive=True)
+        k = stage_points(plan.n_points, scores.covered_area)
         cut = scores.cut(k)
         clock.lap("topk")
     except BaseException:
@@ -952,7 +972,7 @@ def refinement_stage_tiled(
         tuple(float(mean_values[i]) for i in chosen) if mean_values is not None else tuple(own_means),
         scores.n_candidates, k, cut.k, clock.seconds,
     )
-    return StageOutput(yup, scores, cut, bank, full), stats
+    return StageOutput(yup, scores, cut, bank, full, ctx.schedule.replace), stats
 
 
 def _resize_to(x: torch.Tensor, size: Size) -> torch.Tensor:
@@ -1074,7 +1094,7 @@ class TiledMagnetResult:
         return {
             "preset": self.schedule.preset, "mode": "magnet-fast" if self.schedule.fast else "magnet",
             "input_size": list(self.schedule.input_size), "kernel": self.schedule.kernel,
-            "stages": [s.to_dict() for s in self.stages],
+            "replace": self.schedule.replace, "stages": [s.to_dict() for s in self.stages],
             "patches": sum(len(s.patches) for s in self.stages), "points": sum(s.points for s in self.stages),
             "tiled": {"tile": self.plan.tile, "store_dtype": self.plan.store_dtype,
                       "memory_pixels": self.plan.memory_pixels, "read_limit": self.plan.read_limit,
@@ -1104,6 +1124,7 @@ def run_magnet_tiled(
     read_limit: int | None = None,
     store_dtype: str = "float32",
     tmp_dir: str | None = None,
+    progress: StageProgress | None = None,
 ) -> TiledMagnetResult:
     """MagNet(-Fast) in bounded memory; the final Y is read back by window (then ``close()`` it).
 
@@ -1124,6 +1145,7 @@ def run_magnet_tiled(
         read_limit: force the largest full-resolution region read at once, bytes (tests).
         store_dtype: ``float32`` (exact) or ``float16``.
         tmp_dir: parent folder of the temporary stores.
+        progress: ``progress(stage, done, total)`` as :func:`refine_cli.refiners.magnet.run_magnet`.
 
     Returns:
         :class:`TiledMagnetResult`.
@@ -1162,10 +1184,14 @@ def run_magnet_tiled(
         with torch.inference_mode():
             t0 = time.perf_counter()
             if coarse_probs is None:
+                if progress is not None:
+                    progress(SEGMENTER_STAGE, 0, 0)
                 first_image = images.whole(schedule.stages[0].scale)
                 t_read = time.perf_counter() - t0
                 y, s1 = first_stage(first_image, segmenter, schedule.stages[0], batch_size, device)
                 s1.seconds["read"] = t_read
+                if progress is not None:
+                    progress(SEGMENTER_STAGE, 1, 1)
                 y = y.cpu()
             else:
                 probs = np.asarray(coarse_probs, dtype=np.float32)
@@ -1177,7 +1203,10 @@ def run_magnet_tiled(
             stats.append(s1)
             y_prev: MemoryY | TileStore = MemoryY(y)
             last: StageOutput | None = None
+            n_scales = len(schedule.stages) - 1
             for i, stage in enumerate(schedule.stages[1:]):
+                if progress is not None:
+                    progress(SCALES_STAGE, i, n_scales)
                 module = refinement_modules[stage.refinement if len(refinement_modules) > 1 else 0]
                 out, st = refinement_stage_tiled(ctx, y_prev, module, stage)
                 closers.append(out.close)
@@ -1195,6 +1224,8 @@ def run_magnet_tiled(
                         y_prev.close()
                     y_prev = nxt
                 stats.append(st)
+                if progress is not None:
+                    progress(SCALES_STAGE, i + 1, n_scales)
                 where = "memory" if stage.hw[0] * stage.hw[1] <= plan.memory_pixels else "tiled"
                 logger.info("MagNet stage %d %dx%d (%s): %d/%d patches, %d points in %.2fs", st.stage,
                             *st.scale, where, len(st.patches), st.patches_total, st.points, st.total)
