@@ -117,7 +117,8 @@ def _coarse_facts(mask: MaskSource | None, seg_facts: dict[str, Any] | None, sav
 def _decoded_bytes(readers: list[Reader]) -> int:
     """Bytes that decoded inputs hold for the whole run (PNG/JPEG below ``--inline-limit`` are decoded
     whole): an item of every memory plan, so ``--max-memory`` bounds the process, not only the work."""
-    return sum(int(r.array.nbytes) for r in {id(r): r for r in readers}.values() if isinstance(r, ArrayReader))
+    unique = {id(r): r for r in readers}.values()
+    return sum(int(r.array.nbytes) for r in unique if isinstance(r, ArrayReader))
 
 
 def _utc_now() -> str:
@@ -197,9 +198,9 @@ def refine_file(
                          + (" (magnet-fast uses its segmenter's output inside; `refine segment` saves it)"
                             if own_segmenter else ""))
     if segment_first and not config.segmenter:
-        raise UsageError(f"no --mask given: method {config.method!r} needs a coarse mask; pass --mask MASK, or "
-                         "--segmenter NAME|FILE to make one in the same run (e.g. --segmenter mediapipe-selfie "
-                         "for people)")
+        raise UsageError(f"no --mask given: method {config.method!r} needs a coarse mask; pass --mask MASK, "
+                         "or --segmenter NAME|FILE to make one in the same run (e.g. --segmenter "
+                         "mediapipe-selfie for people)")
     if segment_first and image == "-":
         raise UsageError("--segmenter reads the image twice: save it to a file instead of piping it on stdin")
     tmp_dir = default_tmp_dir()
@@ -213,9 +214,10 @@ def refine_file(
             seg_dir = tempfile.mkdtemp(prefix="refine-coarse-", dir=tmp_dir)
             mask = save_coarse or os.path.join(seg_dir, "coarse.tif")
             with timer.stage("segment"):
-                seg_facts = segment_file(image, mask, segmenter=str(config.segmenter), device=device, soft=None,
-                                         overwrite=overwrite, bands=bands, max_pixels=config.max_pixels,
-                                         inline_limit=config.inline_limit, progress=progress)
+                seg_facts = segment_file(image, mask, segmenter=str(config.segmenter), device=device,
+                                         soft=None, overwrite=overwrite, bands=bands,
+                                         max_pixels=config.max_pixels, inline_limit=config.inline_limit,
+                                         progress=progress)
         with timer.stage("read"):
             img_reader = open_raster(image, max_pixels=config.max_pixels, inline_limit=config.inline_limit,
                                      tmp_dir=tmp_dir, what="image")
@@ -244,8 +246,8 @@ def refine_file(
             return img, coarse if msk.is_labels else coarse[..., 0]
 
         held = _decoded_bytes([*readers, *([msk.reader] if msk is not None else [])])
-        info: dict[str, Any] = {"max_memory": config.max_memory, "resident_bytes": held, "coarse": "none" if msk is None else "mask",
-                                "image_source": src}
+        info: dict[str, Any] = {"max_memory": config.max_memory, "resident_bytes": held,
+                                "coarse": "none" if msk is None else "mask", "image_source": src}
         spec = OutputSpec(mask=out, uncertainty=uncertainty, soft=config.soft, threshold=config.threshold,
                           fmt=fmt, cog=cog, overwrite=overwrite)
         if msk is not None:
@@ -346,7 +348,14 @@ def refine_file(
         command=command,
     )
     if report:
-        write_bytes_atomic(report, rep.to_json().encode(), overwrite=overwrite)
+        try:
+            write_bytes_atomic(report, rep.to_json().encode(), overwrite=overwrite)
+        except BaseException:  # the run's outputs are one unit: without its report, none of them
+            if writer is not None:
+                writer.take_back()
+            if save_coarse:
+                Path(save_coarse).unlink(missing_ok=True)
+            raise
     return rep
 
 

@@ -97,8 +97,9 @@ class _Progress:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
 
-            self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True)
+            self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=err_console, transient=True)
             self._bar.__enter__()
         return self
 
@@ -129,8 +130,8 @@ def run_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from the finished rows "
                                          "it left beside the output.")] = False,
-    save_coarse: Annotated[str | None, typer.Option("--save-coarse", help="With --segmenter and no --mask: also "
-                                                    "keep the coarse mask it made (.tif/.png).")] = None,
+    save_coarse: Annotated[str | None, typer.Option("--save-coarse", help="With --segmenter and no --mask: "
+                                                    "also keep the coarse mask it made (.tif/.png).")] = None,
     opts: RunOptions = RunOptions(),
     verbose: Verbose = 0,
     quiet: Quiet = False,

@@ -209,9 +209,10 @@ class RefineConfig:
         if not DEVICE_PATTERN.match(self.device):
             raise UsageError(f"--device {self.device!r} is not valid: use auto, cpu, cuda or cuda:N")
         if self.max_memory < MIN_MAX_MEMORY:
-            raise UsageError(f"--max-memory {self.max_memory // MIB}M is below the smallest budget a run fits in "
-                             f"({MIN_MAX_MEMORY // MIB}M: Python, NumPy, OpenCV, torch and the writers' caches); "
-                             f"give --max-memory {MIN_MAX_MEMORY // MIB}M or more")
+            floor = MIN_MAX_MEMORY // MIB
+            raise UsageError(f"--max-memory {self.max_memory // MIB}M is below the smallest budget a run "
+                             f"fits in ({floor}M: Python, NumPy, OpenCV, torch and the writers' caches); "
+                             f"give --max-memory {floor}M or more")
         if self.tile_size is not None and self.tile_size < 64:
             raise UsageError(f"--tile-size {self.tile_size} is too small: use 64 or more")
         if self.overlap < 0:

@@ -404,8 +404,9 @@ def missing_message(record: WeightsRecord, dest: Path) -> str:
     size = record.size or record.approx_size
     text = f"{size / 1e6:.0f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
     licence = short_license(record.license)
-    return (f"weights {record.name!r} are not on this machine yet (looked in {dest}): run `refine weights fetch "
-            f"{record.name}` once ({'~' if not record.size else ''}{text}, licence {licence}; later runs are "
+    about = "" if record.size else "~"
+    return (f"weights {record.name!r} are not on this machine yet (looked in {dest}): run `refine weights "
+            f"fetch {record.name}` once ({about}{text}, licence {licence}; later runs are "
             f"offline), or `refine weights import {record.name} FILE` with a copy")
 
 

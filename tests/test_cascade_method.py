@@ -179,7 +179,8 @@ def test_automatic_path_fits_the_budget_for_a_decoded_jpeg(jpeg_scene, tmp_path,
                       config=cfg)
     assert rep.refiner["mode"] == mode
     note = next(n for n in rep.notes if n.startswith("cascade:"))
-    assert f"{mode} path" in note and ("above --max-memory" in note if mode == "streamed" else "of --max-memory" in note)
+    assert f"{mode} path" in note
+    assert ("above --max-memory" if mode == "streamed" else "of --max-memory") in note
     assert rep.memory_plan["estimate_bytes"] <= budget
 
 
@@ -200,6 +201,7 @@ def test_every_long_step_reports_progress(small, scene, tmp_path, tiny, exact):
         local = [(d, t) for s, d, t in seen if s == "cascade local patches"]
         assert len(local) >= 2 and local[-1][0] == local[-1][1] > 0
     last = stages[-1]
-    assert last.endswith("snap tiles") and last.startswith(f"level {len([s for s in stages if 'tiles' in s])}/")
+    n_levels = len([s for s in stages if "tiles" in s])
+    assert last.endswith("snap tiles") and last.startswith(f"level {n_levels}/")
     done = [(d, t) for s, d, t in seen if s == last]
     assert done[-1][0] == done[-1][1] > 0

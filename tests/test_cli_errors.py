@@ -126,7 +126,8 @@ CASES = [
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.jpg"], 2, ".tif"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/nodir/o.tif"], 2, "does not exist"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--max-memory", "lots"], 2, "size"),
-    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--max-memory", "100M"], 2, "512M or more"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--max-memory", "100M"], 2,
+     "512M or more"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--device", "tpu"], 2, "--device"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--device", "cuda:0"], 2, "cuda"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--threshold", "1.5"], 2, "threshold"),
@@ -145,11 +146,14 @@ CASES = [
     (["info", "{d}/missing.tif"], 2, "not found"),
     # outputs that are an input, or each other: refused before anything is read, even with --overwrite
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{d}/img.png", "--overwrite"], 2, "-o"),
-    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{d}/mask.png", "--overwrite"], 2, "is the --mask"),
-    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{d}/img_link.png", "--overwrite"], 2, "is the image"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{d}/mask.png", "--overwrite"], 2,
+     "is the --mask"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{d}/img_link.png", "--overwrite"], 2,
+     "is the image"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{d}/mask_hardlink.png", "--overwrite"], 2,
      "is the --mask"),
-    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{d}/../{dn}/img.png", "--overwrite"], 2, "is the image"),
+    (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{d}/../{dn}/img.png", "--overwrite"], 2,
+     "is the image"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.png", "--uncertainty", "{t}/./o.png"], 2,
      "same file"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.tif", "--report", "{t}/o.tif"], 2,
@@ -394,3 +398,19 @@ def test_the_memory_floor_is_real(files, tmp_path, cli):
     code, _, err = cli("run", files / "img.png", "--mask", files / "mask.png", "-o", tmp_path / "p.tif",
                        "--max-memory", f"{MIN_MAX_MEMORY // MIB - 1}M")
     assert code == 2 and f"{floor} or more" in one_line_error(err)
+
+
+def test_report_has_timestamps_and_the_command_line(files, tmp_path, cli):
+    import datetime as dt
+    import json
+    import shlex
+
+    args = ["run", str(files / "img.png"), "--mask", str(files / "mask.png"), "-o", str(tmp_path / "o.tif"),
+            "--report", str(tmp_path / "r.json"), "-q"]
+    code, _, err = cli(*args)
+    assert code == 0, err
+    rep = json.loads((tmp_path / "r.json").read_text())
+    started = dt.datetime.strptime(rep["started"], "%Y-%m-%dT%H:%M:%SZ")
+    finished = dt.datetime.strptime(rep["finished"], "%Y-%m-%dT%H:%M:%SZ")
+    assert started <= finished and abs((dt.datetime.now(dt.UTC).replace(tzinfo=None) - finished).total_seconds()) < 600
+    assert shlex.split(rep["command"]) == ["refine", *args]

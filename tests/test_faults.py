@@ -274,6 +274,28 @@ def test_outputs_are_one_unit_when_the_second_fails(tmp_path, monkeypatch, mask_
     assert out.exists() and unc.exists() and no_temps(tmp_path)
 
 
+def test_a_report_that_cannot_be_written_takes_back_the_outputs(tmp_path, monkeypatch):
+    """The report is part of the unit: when it fails (disk full), the published mask and uncertainty
+    map are removed again, and a plain rerun works (no "exists")."""
+    from refine_cli import api
+
+    small_scene(tmp_path)
+    out, unc, rep = tmp_path / "out.tif", tmp_path / "unc.png", tmp_path / "run.json"
+    real = api.write_bytes_atomic
+
+    def full(path, data, overwrite=True):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(api, "write_bytes_atomic", full)
+    kw = dict(config=RefineConfig(tile_size=256), uncertainty=str(unc), report=str(rep))
+    with pytest.raises(OSError, match="No space left"):
+        refine_file(str(tmp_path / "img.tif"), str(tmp_path / "mask.png"), str(out), **kw)
+    assert not out.exists() and not unc.exists() and not rep.exists() and no_temps(tmp_path)
+    monkeypatch.setattr(api, "write_bytes_atomic", real)
+    refine_file(str(tmp_path / "img.tif"), str(tmp_path / "mask.png"), str(out), **kw)
+    assert out.exists() and unc.exists() and rep.exists()
+
+
 def test_a_failed_rename_takes_back_the_renamed_outputs(tmp_path, monkeypatch):
     """The second rename of the unit fails: the first output, already in place, is removed again."""
     small_scene(tmp_path)

@@ -112,7 +112,7 @@ def test_png_uncertainty_beside_a_resumable_tiff_is_a_png(tmp_path, monkeypatch)
     mask[200:900, 50:250] = 255
     write_png(tmp_path / "img.png", rng.integers(0, 256, (1100, 300, 3), dtype=np.uint8))
     write_png(tmp_path / "m.png", mask)
-    monkeypatch.setenv("REFINE_SEGMENT_BYTES", str(512 * 300))  # segments of 512 rows: the run is checkpointed
+    monkeypatch.setenv("REFINE_SEGMENT_BYTES", str(512 * 300))  # 512-row segments: the run is checkpointed
     refine_file(str(tmp_path / "img.png"), str(tmp_path / "m.png"), str(tmp_path / "o.tif"),
                 uncertainty=str(tmp_path / "u.png"), config=RefineConfig(method="coarse"))
     assert (tmp_path / "u.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

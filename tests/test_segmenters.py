@@ -451,8 +451,8 @@ def test_run_with_a_segmenter_makes_the_coarse_mask_first(tmp_path, classes):
     src = write_png(tmp_path / "img.png", image)
     seen: list[tuple[str, int, int]] = []
     cfg = RefineConfig(method="guided", segmenter=str(model), device="cpu")
-    rep = refine_file(str(src), None, str(tmp_path / "out.tif"), config=cfg, save_coarse=str(tmp_path / "c.tif"),
-                      progress=lambda *a: seen.append(a))
+    rep = refine_file(str(src), None, str(tmp_path / "out.tif"), config=cfg,
+                      save_coarse=str(tmp_path / "c.tif"), progress=lambda *a: seen.append(a))
     coarse = tifffile.imread(tmp_path / "c.tif")
     assert coarse.shape == (24, 40)
     assert coarse.dtype == (np.float32 if classes == 2 else np.uint8)

@@ -117,10 +117,10 @@ OPTIONS: dict[str, Any] = {
     "soft": _opt(bool, "--soft", "Write probabilities (float32 TIFF / uint8 PNG) instead of a 0/255 mask."),
     "threshold": _opt(float, "--threshold", "Foreground probability threshold of the hard mask."),
     "classes": _opt(int | None, "--classes", "Treat the mask as a label map with this many classes."),
-    "mask_kind": _opt(str, "--mask-kind", "How to read the mask's values: auto (detect; see README), binary "
-                      "(non-zero is foreground), soft (probabilities: uint8 v/255, uint16 v/65535, float as is), "
-                      "labels (class indices 0..C-1 refined per class, C from --classes or max+1) or instances "
-                      "(object ids, refined as one foreground)."),
+    "mask_kind": _opt(str, "--mask-kind", "How to read the mask's values: auto (detect; see README), "
+                      "binary (non-zero is foreground), soft (probabilities: uint8 v/255, uint16 v/65535, "
+                      "float as is), labels (class indices 0..C-1 refined per class, C from --classes or "
+                      "max+1) or instances (object ids, refined as one foreground)."),
     "device": _opt(str, "--device", "auto, cpu, cuda or cuda:N."),
     "max_memory": _opt(str, "--max-memory", "RAM budget, e.g. 2G or 1500M; tile size follows."),
     "tile_size": _opt(int | None, "--tile-size", "Tile side in px (default: from the budget)."),
@@ -145,17 +145,17 @@ OPTIONS: dict[str, Any] = {
     "cascade_snap": _opt(str, "--cascade-snap", "cascade: finish by moving the boundary onto the image's "
                          "colour edges (guided filter, radius 8): auto (on for the bundled lite weights, off "
                          "for the official ones), on or off."),
-    "segmenter": _opt(str | None, "--segmenter", "Without --mask: make the coarse mask with this segmenter first "
-                      "(a name, e.g. mediapipe-selfie, see `refine weights list`, or a .onnx/.tflite/TorchScript file "
-                      "+ sidecar JSON); for magnet-fast, its segmenter."),
+    "segmenter": _opt(str | None, "--segmenter", "Without --mask: make the coarse mask with this segmenter "
+                      "first (a name, e.g. mediapipe-selfie, see `refine weights list`, or a .onnx/.tflite/"
+                      "TorchScript file + sidecar JSON); for magnet-fast, its segmenter."),
     "preset": _opt(str | None, "--preset", "magnet-fast: cityscapes, deepglobe or binary (default: from the "
                    "segmenter)."),
     "full": _opt(bool, "--full", "magnet-fast: full MagNet (every patch at every scale) instead of MagNet-Fast."),
     "tiled": Annotated[bool | None, typer.Option("--tiled/--whole", show_default=False,
                                                  help="magnet-fast: force the tiled pipeline (bounded memory) or "
                                                  "the whole-image one (default: whole when it fits --max-memory).")],
-    "magnet_snap": _opt(str, "--magnet-snap", "magnet-fast: finish a binary result by moving its boundary onto "
-                        "the image's colour edges: auto (on for --preset binary), on or off."),
+    "magnet_snap": _opt(str, "--magnet-snap", "magnet-fast: finish a binary result by moving its boundary "
+                        "onto the image's colour edges: auto (on for --preset binary), on or off."),
     "magnet_stages": _opt(str, "--magnet-stages", "magnet-fast: all (the refinement scales) or none (the "
                           "segmenter's pass, then the snap: several times faster)."),
     "patches": _opt(int | None, "--patches", "magnet-fast: patches refined per scale (default: the preset's)."),

@@ -58,7 +58,8 @@ def list_cmd(
     table.add_column("license", overflow="fold")
     for row in rows:
         size = row["size"] or row["approx_size"]
-        text = f"{'' if row['size'] else '~'}" + (f"{size / 1e6:.0f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB")
+        text = f"{size / 1e6:.0f} MB" if size >= 1e6 else f"{size / 1e3:.0f} kB"
+        text = ("" if row["size"] else "~") + text
         cells = [row["name"], *([row["architecture"]] if wide else []), text, row["local"] or "no",
                  weights.short_license(row["license"]) if not wide else row["license"]]
         table.add_row(*cells)

@@ -114,7 +114,10 @@ def plan_memory(shape: tuple[int, int], *, budget: int, halo: int, channels: int
     h, w = shape
     need = -(-best.total // MIB)
     what = size_flag or (f"--tile-size {tile_size}" if tile_size else "refining")
-    fix = f" or lower {size_flag.split()[0]}" if size_flag else (" or use a smaller --tile-size" if tile_size else "")
+    if size_flag:
+        fix = f" or lower {size_flag.split()[0]}"
+    else:
+        fix = " or use a smaller --tile-size" if tile_size else ""
     raise BudgetError(
         f"{what} needs about {need} MiB for a {w}x{h} image but --max-memory is {budget // MIB} MiB; "
         f"raise --max-memory to {need + 64}M or more{fix}"

@@ -147,6 +147,13 @@ class OutputWriter:
         for sink in sinks:
             sink.cleanup()
 
+    def take_back(self) -> None:
+        """Remove the outputs :meth:`commit` published (when a later file of the run, such as the
+        report, could not be written: the run's outputs are one unit). Bytes sent to stdout stay sent."""
+        for sink in (self.mask_sink, self.unc_sink):
+            if sink is not None and sink.path != "-":
+                sink.rollback()
+
     def abort(self) -> None:
         """Remove partial files."""
         for sink in (self.mask_sink, self.unc_sink):

@@ -675,7 +675,8 @@ class ProbSource:
     def __init__(self, source: np.ndarray | Reader, shape: tuple[int, int], path: str = "level") -> None:
         if isinstance(source, np.ndarray):
             arr = source if source.ndim == 3 else source[:, :, None]
-            self.reader: Reader = ArrayReader(path, np.ascontiguousarray(arr, dtype=np.float32), alpha_band=None)
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            self.reader: Reader = ArrayReader(path, arr, alpha_band=None)
         else:
             self.reader = source
         self.path = path

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 OFFICIAL_BYTES_PER_PIXEL = 5 * 1024
 """Activation memory of one official fp32 forward per input pixel (NOTES §5: ~5 KB/px)."""
 
+
 def bundled_weights_dir() -> Path:
     """The folder of the self-trained checkpoints shipped with refine: :func:`refine_cli.weights.bundled_dir`.
 
@@ -117,6 +118,7 @@ class CascadeMethod(Refiner):
         self.impl: Refiner | None = None
         self.mode = ""
         self.snap: Refiner | None = None
+        self.why = ""
         self._impl_levels = 0
 
     def exact_need(self, impl: Refiner, scene: Scene, snap: bool) -> int:
@@ -151,8 +153,9 @@ class CascadeMethod(Refiner):
                                        device=self.device, weights_info=self.info,
                                        bytes_per_pixel=self.bytes_per_pixel, progress=scene.progress)
         exact_impl.fixed_tile = max(scene.shape)  # type: ignore[attr-defined]
-        exact_impl.size_flag = (f"--cascade-size {self.options.size} (exact path: whole image + one "  # type: ignore
-                                "network pass; --streamed needs less)")
+        exact_impl.size_flag = (  # type: ignore[attr-defined]
+            f"--cascade-size {self.options.size} (exact path: whole image + one network pass; --streamed "
+            "needs less)")
         exact_impl.skip_rule = "uniform"  # type: ignore[misc]
         need = self.exact_need(exact_impl, scene, snap)
         budget = self.config.max_memory

@@ -107,8 +107,9 @@ def render_table(report: RunReport) -> Any:
     made_by = report.mask.get("made_by")
     if made_by:
         m = report.mask
+        saved = f"  saved as {m['path']}" if m.get("path") else ""
         t.add_row("coarse mask", f"made by --segmenter {made_by.get('segmenter')}  {m.get('kind')}  "
-                  f"{m.get('width')}x{m.get('height')}" + (f"  saved as {m['path']}" if m.get("path") else ""))
+                  f"{m.get('width')}x{m.get('height')}{saved}")
     elif report.mask.get("kind") == "segmenter":
         t.add_row("coarse mask", f"made by the segmenter ({report.refiner.get('segmenter', report.mask.get('segmenter'))})")
     elif report.mask:

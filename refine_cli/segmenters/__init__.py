@@ -66,8 +66,8 @@ REGISTRY: dict[str, tuple[Builder, str]] = {
     ),
     "mediapipe-selfie": (
         _selfie,
-        "MediaPipe Selfie Segmentation (TFLite): background/person, input 256x256 (model: `refine weights fetch "
-        "mediapipe-selfie`, 250 kB, once)",
+        "MediaPipe Selfie Segmentation (TFLite): background/person, input 256x256 (model: `refine weights "
+        "fetch mediapipe-selfie`, 250 kB, once)",
     ),
 }
 """Segmenters by name: ``name -> (build(device, download), description)``."""

@@ -66,8 +66,8 @@ def _import_interpreter() -> Any:
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError as exc:
-        raise DependencyError(f"TFLite segmenters need ai-edge-litert, a dependency of refine that is missing "
-                              f"here; run `{TFLITE_INSTALL}` (or reinstall refine)") from exc
+        raise DependencyError("TFLite segmenters need ai-edge-litert, a dependency of refine that is "
+                              f"missing here; run `{TFLITE_INSTALL}` (or reinstall refine)") from exc
     return Interpreter
 
 
