@@ -22,7 +22,6 @@ import pytest
 
 from refine_cli import weights
 from refine_cli.errors import WeightsError
-from refine_cli.refiners.cascade_method import bundled_weights_dir
 
 REPO = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
@@ -39,7 +38,6 @@ def test_the_bundled_folder_is_the_mapped_package():
     assert spec is not None and spec.submodule_search_locations, "refine_cli._bundled is not importable"
     package_dir = Path(next(iter(spec.submodule_search_locations))).resolve()
     assert weights.bundled_dir().resolve() == package_dir
-    assert bundled_weights_dir() == weights.bundled_dir()
     # editable install: the finder maps the name onto the checkout's weights/; wheel install: the
     # folder is refine_cli/_bundled/ beside the installed refine_cli package
     import refine_cli

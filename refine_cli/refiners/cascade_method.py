@@ -20,7 +20,6 @@ boundary onto the image's colour edges (``refiners.classical.EdgeSnapRefiner``).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from refine_cli.config import CascadeOptions, RefineConfig
@@ -32,16 +31,6 @@ log = logging.getLogger(__name__)
 
 OFFICIAL_BYTES_PER_PIXEL = 5 * 1024
 """Activation memory of one official fp32 forward per input pixel (NOTES §5: ~5 KB/px)."""
-
-
-def bundled_weights_dir() -> Path:
-    """The folder of the self-trained checkpoints shipped with refine: :func:`refine_cli.weights.bundled_dir`.
-
-    The repository's ``weights/`` folder, installed as the package data of ``refine_cli._bundled``.
-    """
-    from refine_cli.weights import bundled_dir
-
-    return bundled_dir()
 
 
 def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[str, Any], int]:

@@ -1148,7 +1148,7 @@ def load_refinement_modules(
                 raise WeightsError(
                     f"--preset binary needs the 2-class MagNet refinement module {name!r}, shipped "
                     f"with refine as {shipped}, but that file is missing and it is not in the cache "
-                    f"({cached}); restore it from the repository (`git checkout -- weights/`) or run "
+                    f"({cached}); reinstall refine (in a checkout: `git checkout -- weights/`) or run "
                     f"`refine weights import {name} FILE`"
                 ) from exc
             raise
