@@ -24,9 +24,12 @@ logged reason while ``ai_edge_litert`` is not importable).
 
 Every case runs through ``refine_cli.api.refine_file`` (the code path of
 ``refine run``) and is scored by ``refine_cli.evaluation_io.evaluate_pair``
-(that of ``refine eval``). Seconds per megapixel are the runs' wall time
-(opening files, refining, writing) over the image sizes. Nothing is asserted:
-the numbers are printed, written as JSON and Markdown and plotted.
+(that of ``refine eval``). **Harm** is counted per case: a run harms when its IoU is more than
+:data:`HARM_IOU` (0.5 points) below the IoU of the coarse mask it started from (the ``coarse``
+method on the same case and coarse kind); every table gives, per method, data set and coarse
+kind, the harm count and the worst case (lowest IoU and largest IoU loss). Seconds per
+megapixel are the runs' wall time (opening files, refining, writing) over the image sizes.
+Nothing is asserted: the numbers are printed, written as JSON and Markdown and plotted.
 
 Time budget (``--max-minutes``, default 55): each method gets an equal share of
 what is left; a method that runs out of its share stops and is marked
@@ -68,6 +71,8 @@ SEGMENTER_MODEL = SHARED / "weights" / "mediapipe-selfie-segmentation" / "selfie
 METRICS = ("iou", "mba", "boundary_f")
 COARSE_KINDS = ("lowres", "perturbed", "segmenter")
 COMPOSITES = ("shapes", "portrait-comp")  # exact-GT composites, pooled as "the composites benchmark"
+HARM_IOU = 0.005
+"""A run *harms* its case when its IoU is more than this below the coarse mask's IoU (0.5 points)."""
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -459,8 +464,22 @@ def run_method(
     return records, True
 
 
+def mark_harm(records: list[dict]) -> None:
+    """Add ``delta_iou`` (IoU minus the coarse mask's IoU on the same case and coarse kind) and ``harm``
+    (``delta_iou < -HARM_IOU``) to every scored record that has a ``coarse`` baseline (in place)."""
+    base = {(r["dataset"], r["case"], r["coarse"]): r["iou"] for r in records
+            if r["method"] == "coarse" and "error" not in r}
+    for r in records:
+        b = base.get((r["dataset"], r["case"], r["coarse"]))
+        if "error" in r or b is None:
+            continue
+        r["delta_iou"] = r["iou"] - b
+        r["harm"] = bool(r["delta_iou"] < -HARM_IOU)
+
+
 def aggregate(records: list[dict], keys: tuple[str, ...]) -> list[dict]:
-    """Mean metrics and seconds per megapixel per group of ``keys`` (failed runs counted, not averaged)."""
+    """Mean metrics and seconds per megapixel per group of ``keys`` (failed runs counted, not averaged),
+    the harm count, the worst IoU and the largest IoU loss against the coarse mask (see :func:`mark_harm`)."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
@@ -474,6 +493,10 @@ def aggregate(records: list[dict], keys: tuple[str, ...]) -> list[dict]:
             row[m] = float(np.mean([r[m] for r in ok])) if ok else None
         mpx = sum(r["megapixels"] for r in ok)
         row["s_per_mpx"] = sum(r["seconds"] for r in ok) / mpx if mpx else None
+        row["harm"] = sum(1 for r in ok if r.get("harm"))
+        row["worst_iou"] = min((r["iou"] for r in ok), default=None)
+        deltas = [r["delta_iou"] for r in ok if "delta_iou" in r]
+        row["worst_delta_iou"] = min(deltas) if deltas else None
         rows.append(row)
     return rows
 
@@ -507,15 +530,17 @@ def fmt(v: float | None, digits: int = 4, signed: bool = False) -> str:
 
 def markdown(result: dict) -> str:
     """The two tables as Markdown (for benchmarks/README.md and the project README)."""
-    lines = ["| method | data set | n | IoU | mBA | BF@2 | ΔmBA vs coarse | s/MPx |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | data set | n | IoU | mBA | BF@2 | ΔmBA vs coarse | harm | worst IoU | worst ΔIoU "
+             "| s/MPx |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["summary"]:
         lines.append(f"| {r['method']} | {r['dataset']} | {r['n']} | {fmt(r['iou'])} | {fmt(r['mba'])} | "
-                     f"{fmt(r['boundary_f'])} | {fmt(r['gain_mba'], signed=True)} | "
+                     f"{fmt(r['boundary_f'])} | {fmt(r['gain_mba'], signed=True)} | {harm_cell(r)} | "
+                     f"{fmt(r['worst_iou'])} | {fmt(r['worst_delta_iou'], signed=True)} | "
                      f"{fmt(r['s_per_mpx'], 2)} |")
     lines += [f"\n{name}: {status['status']}" for name, status in result["methods"].items()
               if status["status"] != "ok"]
-    lines += ["", "mBA by coarse-mask kind (gain over the coarse mask in brackets):", ""]
+    lines += ["", "mBA by coarse-mask kind (gain over the coarse mask in brackets; harm count: cases whose "
+              f"IoU fell more than {100 * HARM_IOU:.1f} points below the coarse mask's):", ""]
     methods = [m for m, s in result["methods"].items()
                if s["status"] == "ok" or s["status"].startswith("partial")]
     lines.append("| data set | coarse mask | " + " | ".join(methods) + " |")
@@ -526,7 +551,8 @@ def markdown(result: dict) -> str:
         for m in methods:
             r = cells.get((ds, kind, m))
             row.append("-" if r is None or r["mba"] is None else
-                       f"{r['mba']:.4f}" + ("" if m == "coarse" else f" ({fmt(r['gain_mba'], 3, True)})"))
+                       f"{r['mba']:.4f}" + ("" if m == "coarse" else
+                                            f" ({fmt(r['gain_mba'], 3, True)}) harm {harm_cell(r)}"))
         lines.append(f"| {ds} | {kind} | " + " | ".join(row) + " |")
     if result["composites"]:
         lines += ["", f"Composites pooled ({' + '.join(COMPOSITES)}, every case weighted once), IoU / mBA "
@@ -540,6 +566,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def harm_cell(r: dict) -> str:
+    """``harm/n`` of a table row (``-`` for the coarse baseline itself)."""
+    return "-" if r["method"] == "coarse" else f"{r['harm']}/{r['n']}"
+
+
 def pooled_cell(r: dict | None, baseline: bool) -> str:
     """``IoU / mBA (+gain / +gain)`` in the pooled table; gains in points (x 100)."""
     if r is None or r["mba"] is None:
@@ -547,7 +578,7 @@ def pooled_cell(r: dict | None, baseline: bool) -> str:
     cell = f"{r['iou']:.3f} / {r['mba']:.3f}"
     if baseline or r["gain_mba"] is None:
         return cell
-    return cell + f" ({100 * r['gain_iou']:+.1f} / {100 * r['gain_mba']:+.1f})"
+    return cell + f" ({100 * r['gain_iou']:+.1f} / {100 * r['gain_mba']:+.1f}) harm {r['harm']}"
 
 
 def print_tables(result: dict) -> None:
@@ -560,7 +591,7 @@ def print_tables(result: dict) -> None:
     load = mach.get("load_average_at_start", [0.0])[0], mach.get("load_average", [0.0])[0]
     t = Table(title=f"refine quality benchmark ({result['mode']}, {mach['cores']} cores, load "
               f"{load[0]:.1f} -> {load[1]:.1f}, {result['seconds']:.0f} s)", title_justify="left")
-    for col in ("method", "data set", "n", "IoU", "mBA", "BF@2", "ΔmBA", "s/MPx"):
+    for col in ("method", "data set", "n", "IoU", "mBA", "BF@2", "ΔmBA", "harm", "worst ΔIoU", "s/MPx"):
         t.add_column(col, justify="left" if col in ("method", "data set") else "right")
     last = None
     for r in result["summary"]:
@@ -570,7 +601,7 @@ def print_tables(result: dict) -> None:
         n = str(r["n"]) + (f" ({r['failed']} failed)" if r["failed"] else "")
         t.add_row(r["method"], r["dataset"], n,
                   fmt(r["iou"]), fmt(r["mba"]), fmt(r["boundary_f"]), fmt(r["gain_mba"], signed=True),
-                  fmt(r["s_per_mpx"], 2))
+                  harm_cell(r), fmt(r["worst_delta_iou"], signed=True), fmt(r["s_per_mpx"], 2))
     con.print(t)
     if result["composites"]:
         t = Table(title=f"composites pooled ({' + '.join(COMPOSITES)}): IoU / mBA (gain in points)",
@@ -714,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
         records += recs
         status[m] = {"status": "ok" if complete else f"partial {len(recs)}/{len(jobs)} (time budget)"}
 
+    mark_harm(records)
     summary = aggregate(records, ("method", "dataset"))
     by_coarse = aggregate(records, ("method", "dataset", "coarse"))
     add_gain(summary, ("method", "dataset"))

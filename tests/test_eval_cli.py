@@ -348,9 +348,21 @@ def test_quality_benchmark_quick(tmp_path):
         assert p["n"] == len(runs) and p["mba"] == pytest.approx(np.mean([r["mba"] for r in runs]))
         base = next(b for b in res["composites"] if (b["method"], b["coarse"]) == ("coarse", p["coarse"]))
         assert p["gain_iou"] == pytest.approx(p["iou"] - base["iou"])
+    # harm: a run whose IoU is more than 0.5 points below its coarse mask's, counted per group
+    coarse_iou = {(r["dataset"], r["case"], r["coarse"]): r["iou"] for r in res["runs"]
+                  if r["method"] == "coarse"}
+    for r in res["by_coarse"]:
+        group = (r["method"], r["dataset"], r["coarse"])
+        runs = [x for x in res["runs"] if (x["method"], x["dataset"], x["coarse"]) == group]
+        deltas = [x["iou"] - coarse_iou[(x["dataset"], x["case"], x["coarse"])] for x in runs]
+        assert r["harm"] == sum(d < -0.005 for d in deltas)
+        assert r["worst_delta_iou"] == pytest.approx(min(deltas))
+        assert r["worst_iou"] == min(x["iou"] for x in runs)
+    assert all(r["harm"] == 0 for r in res["summary"] if r["method"] == "coarse")
     if HAVE_MPL:
         assert (tmp_path / "out" / "quality.png").stat().st_size > 0
-    assert "| guided | synthetic |" in (tmp_path / "out" / "quality.md").read_text()
+    md = (tmp_path / "out" / "quality.md").read_text()
+    assert "| guided | synthetic |" in md and "| harm | worst IoU | worst ΔIoU |" in md
 
 
 def test_speed_benchmark_quick(tmp_path):
