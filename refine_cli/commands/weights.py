@@ -74,8 +74,9 @@ def fetch(
     """Download a checkpoint into the cache (resumable) and verify it; prints its path."""
     record = weights.get_record(name)
     if record.url:
-        _stderr().print(f"fetching {name} from {record.url} (licence: {weights.short_license(record.license)}; "
-                        "`refine weights list --json` has it in full)", highlight=False, soft_wrap=True)
+        licence = weights.short_license(record.license)
+        _stderr().print(f"fetching {name} from {record.url} (licence: {licence}; `refine weights list --json` "
+                        "has it in full)", highlight=False, soft_wrap=True)
     with Progress(
         TextColumn(name),
         BarColumn(),

@@ -356,6 +356,14 @@ def _axes_to_yxc(axes: str, shape: tuple[int, ...], path: str) -> tuple[tuple[in
     return (order["Y"], order["X"]), others
 
 
+def _as_yxc(arr: np.ndarray, perm: tuple[int, ...], squeeze: list[int]) -> np.ndarray:
+    """A whole decoded TIFF series as ``(H, W)`` or ``(H, W, C)``: the first plane of each axis in
+    ``squeeze``, then the axes in the order ``perm`` (both from :func:`_axes_to_yxc`)."""
+    for ax in sorted(squeeze, reverse=True):
+        arr = np.take(arr, 0, axis=ax)
+    return np.transpose(arr, perm) if arr.ndim == 3 else arr
+
+
 def _bands_of(axes: str, shape: tuple[int, ...]) -> int:
     for a, n in zip(axes, shape, strict=True):
         if a in "SC" and n > 1:
@@ -518,11 +526,6 @@ def _check_tiff_layout(tf: Any, path: str) -> None:
                              f"{size} bytes); {_TRUNCATED}")
         if offsets.size and (counts == 0).any() and page.compression != 1:
             raise InputError(f"{path}: TIFF has empty data chunks; the file is incomplete: export it again")
-
-
-def _check_offsets(tf: Any, path: str) -> None:
-    """Alias of :func:`_check_tiff_layout` (older name)."""
-    _check_tiff_layout(tf, path)
 
 
 def tiff_is_georeferenced(path: str) -> bool:
@@ -959,10 +962,7 @@ def _open_tiff(path: str, *, max_pixels: int, inline_limit: int, tmp_dir: str | 
     perm, squeeze = reader._axes_perm, reader._squeeze
     palette, alpha = reader.palette, reader.alpha_band
     reader.close()
-    arr = np.asarray(arr)
-    for ax in sorted(squeeze, reverse=True):
-        arr = np.take(arr, 0, axis=ax)
-    arr = np.transpose(arr, perm) if arr.ndim == 3 else arr
+    arr = _as_yxc(np.asarray(arr), perm, squeeze)
     return _inline_or_cache(path, arr, inline_limit=inline_limit, tmp_dir=tmp_dir, palette=palette,
                             alpha_band=alpha)
 
@@ -1181,10 +1181,7 @@ def _open_bytes(data: bytes, *, max_pixels: int, inline_limit: int, tmp_dir: str
         except Exception as exc:
             raise InputError(f"stdin: not a readable TIFF ({_short(exc)}); the data is corrupt or "
                              "truncated") from exc
-        perm, squeeze = _axes_to_yxc(axes, arr.shape, "stdin")
-        for ax in sorted(squeeze, reverse=True):
-            arr = np.take(arr, 0, axis=ax)
-        arr = np.transpose(arr, perm) if arr.ndim == 3 else arr
+        arr = _as_yxc(arr, *_axes_to_yxc(axes, arr.shape, "stdin"))
         return _inline_or_cache("-", arr, inline_limit=inline_limit, tmp_dir=tmp_dir, palette=palette,
                                 alpha_band=alpha)
     if kind.kind in ("png", "jpeg", "webp", "bmp"):

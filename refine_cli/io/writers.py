@@ -125,8 +125,7 @@ def atomic_replace(tmp: str, final: str, overwrite: bool) -> None:
     """fsync ``tmp``, rename it to ``final`` and fsync the directory."""
     if not overwrite and os.path.exists(final):
         raise OutputExistsError(f"output {final} appeared while running; pass --overwrite to replace it")
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
+    _fsync_file(tmp)
     os.replace(tmp, final)
     fsync_dir(Path(final).parent)
 
@@ -837,7 +836,6 @@ def open_sink(path: str, shape: tuple[int, int], bands: int, dtype: Any, *, over
             raise UsageError(f"{path}: a {shape[1]}x{shape[0]} output is above the in-memory limit "
                              f"({inline_limit} px) for PNG/stdout; write a .tif instead")
         if path == "-" and georef is not None:
-            # short: Rich wraps log lines at the terminal width (80 columns when not a terminal)
             log.warning("stdout output: the georeferencing is dropped; write a .tif to keep it")
         return PngSink(path, shape, bands, dtype, overwrite,
                        fmt="tiff" if (path == "-" and kind == "tiff") else "png", georef=georef)

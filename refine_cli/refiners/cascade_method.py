@@ -149,19 +149,19 @@ class CascadeMethod(Refiner):
         need = self.exact_need(exact_impl, scene, snap)
         budget = self.config.max_memory
         mib = 1024**2
-        if self.options.exact is not None:
+        if small:  # the streamed path needs an image larger than L: exact, whatever was asked
+            if self.options.exact is False:
+                log.info("the image is not larger than --cascade-size %d: using the exact path",
+                         self.options.size)
+            exact, why = True, f"the image is not larger than the working size {self.options.size}"
+        elif self.options.exact is not None:
             exact = self.options.exact
             why = "--exact" if exact else "--streamed"
-        elif small:
-            exact, why = True, f"the image is not larger than the working size {self.options.size}"
         elif need <= budget:
             exact, why = True, f"it needs about {-(-need // mib)} MiB of --max-memory {budget // mib} MiB"
         else:
             exact, why = False, (f"the exact path would need about {-(-need // mib)} MiB, above --max-memory "
                                  f"{budget // mib} MiB")
-        if small and not exact:
-            log.info("the image is not larger than --cascade-size %d: using the exact path", self.options.size)
-            exact, why = True, f"the image is not larger than the working size {self.options.size}"
         if exact:
             impl: Refiner = exact_impl
             self.mode = "exact"
