@@ -182,6 +182,13 @@ def test_automatic_path_fits_the_budget_for_a_decoded_jpeg(jpeg_scene, tmp_path,
     assert f"{mode} path" in note
     assert ("above --max-memory" if mode == "streamed" else "of --max-memory") in note
     assert rep.memory_plan["estimate_bytes"] <= budget
+    # known answer: the mask equals the one of the path forced by flag
+    forced = RefineConfig(method="cascade", max_memory=4 << 30,
+                          cascade=CascadeOptions(weights=str(tiny), size=200, snap="off", fast=True,
+                                                 exact=mode == "exact"))
+    refine_file(str(jpeg_scene / "img.jpg"), str(jpeg_scene / "coarse.png"), str(tmp_path / "f.tif"),
+                config=forced)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "o.tif"), tifffile.imread(tmp_path / "f.tif"))
 
 
 @pytest.mark.parametrize("exact", [True, False])

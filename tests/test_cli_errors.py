@@ -395,6 +395,9 @@ def test_the_memory_floor_is_real(files, tmp_path, cli):
     code, _, err = cli("run", files / "img.png", "--mask", files / "mask.png", "-o", tmp_path / "o.tif",
                        "--max-memory", floor, "-q")
     assert code == 0, err
+    code, _, err = cli("run", files / "img.png", "--mask", files / "mask.png", "-o", tmp_path / "d.tif", "-q")
+    assert code == 0, err  # known answer: the same mask as at the default budget
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "o.tif"), tifffile.imread(tmp_path / "d.tif"))
     code, _, err = cli("run", files / "img.png", "--mask", files / "mask.png", "-o", tmp_path / "p.tif",
                        "--max-memory", f"{MIN_MAX_MEMORY // MIB - 1}M")
     assert code == 2 and f"{floor} or more" in one_line_error(err)

@@ -462,6 +462,11 @@ def test_run_with_a_segmenter_makes_the_coarse_mask_first(tmp_path, classes):
     assert seen.index(("segmenter", 1, 1)) < min(i for i, a in enumerate(seen) if a[0].endswith("tiles"))
     out = tifffile.imread(tmp_path / "out.tif")
     assert out.shape == (120, 200)
+    # known answer: the same as segmenting first and refining the saved mask in a second run
+    two_step = refine_file(str(src), str(tmp_path / "c.tif"), str(tmp_path / "two.tif"),
+                           config=RefineConfig(method="guided", device="cpu"))
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "two.tif"), out)
+    assert two_step.mask["kind"] == rep.mask["kind"] and 0 < (out > 0).mean() < 1
     # the same run without --save-coarse equals it and leaves no coarse file anywhere
     rep2 = refine_file(str(src), None, str(tmp_path / "out2.tif"), config=cfg)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "out2.tif"), out)
