@@ -1,20 +1,24 @@
 """Training and evaluation samples with exact ground truth, made on the fly.
 
-Three kinds of sample, each an RGB image with a soft ground-truth alpha and a
-coarse mask derived from it:
+Six kinds of sample, each an RGB image with a soft ground-truth alpha and a
+coarse mask:
 
 * ``shapes``: random shapes with thin branches, holes and sharp corners,
   rasterised at 4x supersampling with a 1-2 px anti-aliased edge, filled with a
   texture crop of one photo and pasted onto a crop of another photo.
 * ``portraits``: a portrait and its alpha matte composited onto a photo crop.
 * ``pairs``: random crops of user image/mask pairs (``--pairs``).
+* ``aerial``, ``cells``, ``thin``: one window of a larger scene of that family
+  (:mod:`refine_cli.train.scenes`: roofs among roads, trees and water; fluorescent
+  nuclei; wires, branches, fences and strands), whose ground truth is exact too.
 
 For the two composite kinds the image is ``round(alpha * fg + (1 - alpha) * bg)``
 (:meth:`Layers.composite`), so the ground truth is exactly the alpha used to
 make it. The coarse input is a perturbation of the ground truth
 (:func:`perturb`): CascadePSP's boundary modification plus random local
 dilation/erosion down to a target IoU, low-resolution down/up-sampling, or
-blobs added and removed along the boundary.
+blobs added and removed along the boundary; scene kinds can instead use their
+``detector`` mask (per-object errors like a cheap instance detector's).
 
 Everything is deterministic: sample ``i`` of a :class:`SampleSpec` comes from
 ``numpy.random.default_rng([seed, i, stream])`` and does not depend on the
@@ -44,14 +48,35 @@ import torch
 from torch.utils.data import Dataset
 
 from refine_cli.errors import InputError, UsageError
+from refine_cli.tiling.grid import Window
+from refine_cli.train.scenes import FAMILIES, SceneGenerator
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("shapes", "portraits", "pairs")
+SCENE_KINDS: tuple[str, ...] = FAMILIES
+"""Sample kinds cut from a :class:`~refine_cli.train.scenes.SceneGenerator` scene."""
+
+KINDS = ("shapes", "portraits", "pairs", *SCENE_KINDS)
 """Sample kinds :func:`make_sample` can produce."""
 
 PERTURBATIONS = ("cascadepsp", "lowres", "blobs")
-"""Coarse-mask perturbations :func:`perturb` implements."""
+"""Coarse-mask perturbations :func:`perturb` implements (functions of the ground truth alone)."""
+
+SCENE_PERTURBATIONS = ("detector",)
+"""Coarse masks that come with a scene: ``detector`` is the scene's own detector-like mask.
+
+For kinds outside :data:`SCENE_KINDS` a ``detector`` draw falls back to ``cascadepsp``
+(``meta["perturbation"] == "cascadepsp"``, ``meta["requested"] == "detector"``).
+"""
+
+COARSE_METHODS = PERTURBATIONS + SCENE_PERTURBATIONS
+"""Every name :attr:`SampleSpec.perturbations` accepts."""
+
+SCENE_SCALE = (2.0, 8.0)
+"""A scene sample's scene is this many times the sample size per side (log-uniform)."""
+
+SCENE_DENSITY = (0.5, 2.0)
+"""Range of a scene sample's object density factor (log-uniform)."""
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 """File suffixes read as photos (case-insensitive)."""
@@ -97,14 +122,17 @@ class SampleSpec:
     Attributes:
         size: ``(height, width)`` of every sample, px (>= 32 each); one int means a square.
         seed: base seed; sample ``i`` uses ``default_rng([seed, i, stream])``.
-        kinds: relative weights of ``shapes`` / ``portraits`` / ``pairs``
-            (a mapping is accepted and stored as sorted ``(name, weight)`` pairs).
+        kinds: relative weights of ``shapes`` / ``portraits`` / ``pairs`` / ``aerial`` /
+            ``cells`` / ``thin`` (a mapping is accepted and stored as sorted ``(name, weight)``
+            pairs); the default has no scene kinds.
         perturbations: relative weights of the coarse-mask perturbations
-            (``cascadepsp`` / ``lowres`` / ``blobs``).
+            (``cascadepsp`` / ``lowres`` / ``blobs`` / ``detector``; ``detector`` applies to
+            scene kinds only and falls back to ``cascadepsp`` for the others).
         strength: perturbation strength in ``(0, 2]``; 1 is CascadePSP's recipe
             (target IoU in ``[0.8, 1)``, low-res factors 4-32).
         photos: folder of photos for textures and backgrounds (searched
-            recursively); ``None`` uses ``../shared/data/photos`` when present.
+            recursively); ``None`` uses ``../shared/data/photos`` when present. Scene
+            kinds fall back to procedural textures when there is none.
         portraits: folder with ``image/`` and ``alpha*/`` (same stems); ``None``
             uses ``../shared/data/p3m-portraits-pseudogt`` when present, and drops
             the ``portraits`` kind with a log message when it is absent.
@@ -130,7 +158,7 @@ class SampleSpec:
             raise UsageError(f"--size {self.size} is invalid: give one or two sides of at least 32 px")
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "kinds", _weights(self.kinds, KINDS, "--kinds"))
-        perts = _weights(self.perturbations, PERTURBATIONS, "--perturbations")
+        perts = _weights(self.perturbations, COARSE_METHODS, "--perturbations")
         object.__setattr__(self, "perturbations", perts)
         if not 0.0 < self.strength <= 2.0:
             raise UsageError(f"--strength {self.strength} must be in (0, 2]")
@@ -200,9 +228,10 @@ class Sample:
         image: ``(h, w, 3)`` uint8 RGB.
         gt: ``(h, w)`` float32 ground-truth alpha in ``[0, 1]``.
         coarse: ``(h, w)`` float32 coarse mask in ``[0, 1]``.
-        kind: ``shapes`` | ``portraits`` | ``pairs``.
+        kind: one of :data:`KINDS`.
         meta: JSON-serialisable description (sources, placement, ``perturbation``
-            and its parameters, ``coarse_iou`` against the hard GT ...).
+            and its parameters, ``coarse_iou`` against the hard GT ...; scene kinds add
+            ``scene``: family, shape, seed, density, window ``[row, col, h, w]``).
     """
 
     image: np.ndarray
@@ -266,11 +295,13 @@ def make_sample(
         index: sample number (>= 0); the same index always gives the same arrays.
         spec: what to generate.
         kind: force a kind instead of drawing it from ``spec.kinds``.
-        perturbation: force a coarse perturbation instead of drawing it.
-        strength: override ``spec.strength`` for the coarse mask.
+        perturbation: force a coarse perturbation instead of drawing it; ``detector``
+            uses a scene kind's detector mask and means ``cascadepsp`` for other kinds.
+        strength: override ``spec.strength`` for the coarse mask (not used by ``detector``).
 
     Returns:
-        A :class:`Sample` of size ``spec.size``.
+        A :class:`Sample` of size ``spec.size``. Scene kinds render one window of a
+        scene 2-8 times the sample size (:func:`scene_crop`).
 
     Raises:
         InputError: a data folder (``--photos``, ``--portraits``, ``--pairs``) is
@@ -281,17 +312,69 @@ def make_sample(
     kind = kind or drawn
     if kind not in KINDS:
         raise UsageError(f"unknown sample kind {kind!r}; use {', '.join(KINDS)}")
+    detector = None
     if kind == "pairs":
         image, gt, meta = _pair_crop(index, spec, rng)
+    elif kind in SCENE_KINDS:
+        image, gt, detector, meta = scene_crop(kind, spec, rng)
     else:
         layers, meta = _make_layers(kind, index, spec, rng)
         image, gt = layers.composite(), layers.alpha
     crng = _rng(spec.seed, index, _STREAM_COARSE)
     drawn = _choose(crng, spec.perturbations)
     method = perturbation or drawn
-    coarse, pmeta = perturb(gt, method, crng, spec.strength if strength is None else strength)
+    strength = spec.strength if strength is None else strength
+    if method == "detector" and detector is not None:
+        if not 0.0 < strength <= 2.0:
+            raise UsageError(f"--strength {strength} must be in (0, 2]")
+        coarse = detector
+        pmeta = {"perturbation": "detector", "strength": float(strength),
+                 "coarse_iou": iou(detector >= 0.5, gt >= 0.5)}
+    elif method == "detector":  # not a scene kind: no detector mask to use
+        coarse, pmeta = perturb(gt, "cascadepsp", crng, strength)
+        pmeta["requested"] = "detector"
+    else:
+        coarse, pmeta = perturb(gt, method, crng, strength)
     meta = {"index": int(index), "kind": kind, **meta, **pmeta}
     return Sample(image=image, gt=gt, coarse=coarse, kind=kind, meta=meta)
+
+
+def scene_crop(
+    kind: str, spec: SampleSpec, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    """One ``spec.size`` window of a random scene of family ``kind``.
+
+    The scene is :data:`SCENE_SCALE` times the sample size per side, with a seed and
+    a density (:data:`SCENE_DENSITY`) drawn from ``rng``; textures come from
+    ``spec.photos`` (procedural without photos). Windows with (almost) no
+    foreground or background are redrawn, up to 3 times.
+
+    Args:
+        kind: one of :data:`SCENE_KINDS`.
+        spec: size and photo folder.
+        rng: random generator (consumed).
+
+    Returns:
+        image ``(h, w, 3)`` uint8 RGB, gt ``(h, w)`` float32 in ``[0, 1]``, the scene's
+        detector mask ``(h, w)`` float32 in ``[0, 1]``, and meta ``{"scene": {...}}``.
+    """
+    h, w = spec.size
+    lo, hi = SCENE_SCALE
+    f = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    shape = (int(round(h * f)), int(round(w * f)))
+    seed = int(rng.integers(2**63))
+    dlo, dhi = SCENE_DENSITY
+    density = float(math.exp(rng.uniform(math.log(dlo), math.log(dhi))))
+    photos = sources(spec).photos if spec.photos is not None else None
+    gen = SceneGenerator(kind, shape, seed, photos, density)
+    for attempt in range(1, 5):
+        y0, x0 = int(rng.integers(0, shape[0] - h + 1)), int(rng.integers(0, shape[1] - w + 1))
+        sw = gen.render(Window(y0, x0, h, w))
+        meta = {"scene": {"family": kind, "shape": list(shape), "seed": seed, "density": density,
+                          "window": [y0, x0, h, w], "attempts": attempt}}
+        if 0.002 < np.count_nonzero(sw.gt >= 0.5) / sw.gt.size < 0.998:
+            break
+    return sw.image, sw.gt, sw.detector, meta
 
 
 def make_layers(index: int, spec: SampleSpec, kind: str | None = None) -> tuple[Layers, dict[str, Any]]:
@@ -824,6 +907,8 @@ class Sources:
     def check(self) -> None:
         """List every folder the spec's positive-weight kinds need, raising on the first missing one."""
         if self.spec.weight("shapes") > 0 or self.spec.weight("portraits") > 0:
+            _ = self.photos
+        elif self.spec.photos is not None and any(self.spec.weight(k) > 0 for k in SCENE_KINDS):
             _ = self.photos
         if self.spec.weight("portraits") > 0:
             _ = self.portraits
