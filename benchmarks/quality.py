@@ -5,22 +5,48 @@ each is probed on a tiny image first and reported as ``unavailable: <reason>``
 when it cannot run (missing weights, missing optional package). The null
 refiner ``coarse`` (the coarse mask resampled to the image) is the baseline.
 
-Data sets (each case has an image, a GT and coarse masks of several kinds):
+Data sets (each case has an image, a GT and coarse masks of several kinds), by size class
+(``--sizes small,large,huge``, default all three; the names carry the size):
 
-* ``synthetic``: analytic scenes of ``refine_cli.devtools.synthetic`` (exact GT;
+small, ~1 MPx:
+
+* ``synthetic``: 4 analytic scenes of ``refine_cli.devtools.synthetic``, 1536² (exact GT;
   needs no data, so ``--quick`` runs anywhere).
 * ``shapes`` / ``portrait-comp``: composites of real photos with exact GT,
-  written by ``benchmarks/make_composites.py`` (24 shape and 8 portrait cases,
-  1024 px, in full mode).
-* ``p3m``: the 8 real P3M portraits; the alpha mattes are *pseudo*-GT (P3M-Net
+  written by ``benchmarks/make_composites.py`` (24 shape and 8 portrait cases, 1024²).
+* ``p3m``: the 8 real P3M portraits (~1.9 MPx); the alpha mattes are *pseudo*-GT (P3M-Net
   output), so treat absolute numbers with care.
-* ``nuclei``: the DSB2018 fluorescence image with hand-annotated nuclei (GT = label > 0).
+* ``nuclei``: the DSB2018 fluorescence image with hand-annotated nuclei (GT = label > 0), 512².
+* ``aerial`` / ``cells`` / ``thin``: 8 many-object scenes each of ``refine_cli.train.scenes``
+  (roofs seen from above, touching nuclei, wires and strands), 1024², exact GT.
 
-Coarse kinds: ``lowres`` (block-averaged by 8, stored small so that ``refine run``
-upsamples it; the composites store theirs upsampled, factor 4-32),
-``perturbed`` (CascadePSP's training perturbation, target IoU 0.8-1) and
-``segmenter`` (MediaPipe selfie segmentation, portraits only; skipped with a
-logged reason while ``ai_edge_litert`` is not importable).
+large, 4K-8K (12-45 MPx), made by ``make_composites.py`` with the generator of the 1024 sets:
+
+* ``shapes-large``: 6 cases, 4096x3072, 4096x6144, 8192x5464 (width x height) in turn;
+* ``portrait-large``: 4 cases, 3072x4096, 6144x4096, 5464x8192 in turn. The P3M portraits are
+  ~1080 px tall, so the person is upscaled 2-20x (soft, blurred); the photos are 1-6K px,
+  cached up to 8192 px (smaller ones are upscaled too). Shapes are drawn on a 2x (not 4x)
+  sub-pixel grid, which at 8K would otherwise take 6 GB.
+
+huge, >= 100 MPx:
+
+* ``aerial-huge``: one 10240² aerial scene (105 MPx), written 1024 rows at a time as tiled
+  deflate TIFF (image, GT 0/255, detector); nothing holds the whole image.
+
+Coarse kinds, at the same size *relative to the image* in every set:
+
+* ``lowres``: the GT block-averaged and stored small, so that ``refine run`` upsamples it
+  (1/8 for synthetic, p3m and the scenes, 1/4 for nuclei). The 1024 composites store theirs
+  upsampled with a factor r = 4-32 (log-uniform); the large composites draw r the same way and
+  average by ``r * long side / 1024`` (32-256 at 8192 px), stored small.
+* ``perturbed``: CascadePSP's training perturbation (target IoU 0.8-1), at full size: its
+  rectangles scale with the object and its kernels with the image, so it is scale-free but for
+  the polygon simplification (every 10th contour pixel). Not made for ``aerial-huge`` (it holds
+  the whole mask in memory).
+* ``segmenter``: MediaPipe selfie segmentation, 256 px long side, portraits only (skipped with a
+  logged reason while ``ai_edge_litert`` is not importable).
+* ``detector``: the scenes' simulated instance detector (per-object shape errors, missed
+  objects, false positives), full size.
 
 Every case runs through ``refine_cli.api.refine_file`` (the code path of
 ``refine run``) and is scored by ``refine_cli.evaluation_io.evaluate_pair``
@@ -31,19 +57,28 @@ kind, the harm count and the worst case (lowest IoU and largest IoU loss). Secon
 megapixel are the runs' wall time (opening files, refining, writing) over the image sizes.
 Nothing is asserted: the numbers are printed, written as JSON and Markdown and plotted.
 
-Time budget (``--max-minutes``, default 55): each method gets an equal share of
-what is left; a method that runs out of its share stops and is marked
-``partial n/N`` (cases run round-robin across data sets, so a partial method
-still covers each of them).
+Time budget (``--max-minutes``, default 55, not counting the first run's data generation,
+which is cached in ``--work``): each method gets an equal share of what is left; a method that
+runs out of its share stops and is marked ``partial n/N``. Jobs run one of every data set
+first, then from the set with the fewest megapixels run so far (:func:`interleave`), and that
+first round runs even past the share, so every method covers every data set; the ~1 MPx sets
+are not starved by the 100 MPx one.
+
+``--keep-outputs`` keeps every refined mask as
+``<work>/outputs/<method>/<data set>__<case>__<kind>.png`` (``.tif`` for large and huge); each
+run's record in the JSON names its ``image``, ``gt`` and ``coarse_path`` (and ``output``).
 
 Usage::
 
     python benchmarks/quality.py [--quick] [--out benchmarks/results] [--work DIR] [--methods a,b]
+                                 [--sizes small,large,huge] [--datasets a,b] [--keep-outputs]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -69,8 +104,27 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SEGMENTER_MODEL = SHARED / "weights" / "mediapipe-selfie-segmentation" / "selfie_segmentation.tflite"
 METRICS = ("iou", "mba", "boundary_f")
-COARSE_KINDS = ("lowres", "perturbed", "segmenter")
+COARSE_KINDS = ("lowres", "perturbed", "segmenter", "detector")
 COMPOSITES = ("shapes", "portrait-comp")  # exact-GT composites, pooled as "the composites benchmark"
+SIZE_CLASSES = {
+    "small": ("synthetic", "shapes", "portrait-comp", "p3m", "nuclei", "aerial", "cells", "thin"),
+    "large": ("shapes-large", "portrait-large"),
+    "huge": ("aerial-huge",),
+}
+"""Data sets by size class (``--sizes``): ~1 MPx, 4K-8K (12-45 MPx), >= 100 MPx."""
+SCENE_FAMILIES = ("aerial", "cells", "thin")
+REFERENCE_SIDE = 1024
+"""The large composites' coarse masks are drawn as for a composite of this side (same relative size)."""
+LARGE_SHAPE_SIZES = ((3072, 4096), (6144, 4096), (5464, 8192))
+"""``(height, width)`` of the ``shapes-large`` cases, taken in turn (long sides 4096, 6144, 8192)."""
+LARGE_PORTRAIT_SIZES = ((4096, 3072), (4096, 6144), (8192, 5464))
+"""``(height, width)`` of the ``portrait-large`` cases, taken in turn."""
+LARGE_SUPERSAMPLE = 2
+"""Sub-pixel grid of the large shapes (``make_composites.py --supersample``): 4 would take 6 GB at 8K."""
+SCENE_LOWRES = 8
+"""Block-mean factor of the scene sets' ``lowres`` coarse masks (stored small)."""
+SCENE_SEED = 4000
+HUGE_SIDE = 10240
 HARM_IOU = 0.005
 """A run *harms* its case when its IoU is more than this below the coarse mask's IoU (0.5 points)."""
 
@@ -130,6 +184,15 @@ def parse_variant(spec: str) -> tuple[str, Any]:
         except (AttributeError, TypeError) as exc:
             raise SystemExit(f"--variant {spec!r}: {key} is not an option ({exc})") from None
     return label, config
+
+
+def peak_rss() -> int | None:
+    """Peak resident set size of this process so far, bytes (``None`` where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def machine_info() -> dict[str, Any]:
@@ -207,6 +270,9 @@ class Case:
         gt: ground-truth path.
         coarse: coarse-mask path per kind.
         megapixels: image size, MPx.
+        shape: ``(height, width)`` of the image.
+        scale: size class of its data set (``small`` | ``large`` | ``huge``); large and huge
+            outputs are written as tiled TIFF.
     """
 
     dataset: str
@@ -215,6 +281,8 @@ class Case:
     gt: Path
     coarse: dict[str, Path]
     megapixels: float
+    shape: tuple[int, int] = (0, 0)
+    scale: str = "small"
 
 
 @dataclass
@@ -226,12 +294,21 @@ class DataSet:
         cases: its cases.
         note: one line on what the GT is.
         skipped: ``{coarse kind or 'all': reason}``.
+        size: the image sizes, in words (``1024²``, ``4096x3072, 8192x5464`` as width x height ...).
+        scale: size class (``small`` | ``large`` | ``huge``, see :data:`SIZE_CLASSES`).
     """
 
     name: str
     cases: list[Case] = field(default_factory=list)
     note: str = ""
     skipped: dict[str, str] = field(default_factory=dict)
+    size: str = ""
+    scale: str = "small"
+
+    def add(self, name: str, image: Path, gt: Path, coarse: dict[str, Path], shape: tuple[int, int]) -> None:
+        """Append a case of this set."""
+        h, w = int(shape[0]), int(shape[1])
+        self.cases.append(Case(self.name, name, image, gt, coarse, h * w / 1e6, (h, w), self.scale))
 
 
 class Segmenter:
@@ -275,7 +352,7 @@ def synthetic_set(work: Path, n: int, side: int) -> DataSet:
     from refine_cli.devtools.synthetic import random_scene
     from refine_cli.tiling.grid import Window
 
-    ds = DataSet("synthetic", note="analytic shapes on periodic texture, exact GT")
+    ds = DataSet("synthetic", note="analytic shapes on periodic texture, exact GT", size=f"{side}²")
     folder = work / f"synthetic-{side}"
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
@@ -290,34 +367,35 @@ def synthetic_set(work: Path, n: int, side: int) -> DataSet:
             write_png(gtp, to_u8(gt))
             write_png(low, scene.coarse(8))
             write_png(pert, to_u8(perturbed(gt, [7, i])))
-        ds.cases.append(Case(ds.name, f"scene_{i:02d}", image, gtp, {"lowres": low, "perturbed": pert},
-                             side * side / 1e6))
+        ds.add(f"scene_{i:02d}", image, gtp, {"lowres": low, "perturbed": pert}, (side, side))
     return ds
 
 
-def composite_sets(work: Path, n_shapes: int, n_portraits: int, size: int, seg: Segmenter) -> list[DataSet]:
-    """Composites of real photos (``make_composites.py``), generated once into ``work``."""
-    shapes = DataSet("shapes", note="shapes textured with real photos on real photos, exact GT")
-    portraits = DataSet("portrait-comp", note="P3M portraits composited on real photos, exact GT (the alpha)")
-    if not (SHARED / "data" / "photos").is_dir():
-        reason = f"{SHARED / 'data' / 'photos'} not found"
-        shapes.skipped["all"] = portraits.skipped["all"] = reason
-        return [shapes, portraits]
-    if n_portraits and not (SHARED / "data" / "p3m-portraits-pseudogt").is_dir():
-        portraits.skipped["all"] = "P3M portraits not found"
-        n_portraits = 0
-    out = work / f"composites-{size}-{n_shapes}-{n_portraits}"
+def make_composites(out: Path, args: list[str]) -> Path:
+    """Run ``make_composites.py`` into ``out`` once (a child process, so its memory is returned);
+    the manifest path."""
     manifest = out / "manifest.json"
     if not manifest.is_file():
-        cmd = [sys.executable, str(REPO / "benchmarks" / "make_composites.py"), str(out), "--n-shapes",
-               str(n_shapes), "--n-portraits", str(n_portraits), "--size", str(size), "--overwrite"]
+        cmd = [sys.executable, str(REPO / "benchmarks" / "make_composites.py"), str(out), *args,
+               "--overwrite"]
         log.info("generating composites: %s", " ".join(cmd[1:]))
+        t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
+        log.info("composites in %s: %.0f s", out, time.perf_counter() - t0)
+    return manifest
+
+
+def manifest_cases(manifest: Path, shapes: DataSet | None, portraits: DataSet | None, seg: Segmenter) -> None:
+    """Add the cases of a ``make_composites.py`` manifest to ``shapes`` / ``portraits`` (with the
+    ``segmenter`` coarse mask of each portrait, made once)."""
+    out = manifest.parent
     for case in json.loads(manifest.read_text())["cases"]:
         folder = out / case["case"]
         coarse = {"lowres": folder / case["coarse"]["lowres"]["file"],
                   "perturbed": folder / case["coarse"]["cascadepsp"]["file"]}
         ds = portraits if case["kind"] == "portraits" else shapes
+        if ds is None:
+            continue
         if ds is portraits:
             seg_path = folder / "coarse_segmenter.png"
             if seg.available:
@@ -327,14 +405,72 @@ def composite_sets(work: Path, n_shapes: int, n_portraits: int, size: int, seg: 
                 coarse["segmenter"] = seg_path
             else:
                 ds.skipped["segmenter"] = seg.reason
-        ds.cases.append(Case(ds.name, case["case"], folder / case["image"], folder / case["gt"], coarse,
-                             size * size / 1e6))
+        h, w = case.get("size") or cv2.imread(str(folder / case["gt"]), cv2.IMREAD_GRAYSCALE).shape
+        ds.add(case["case"], folder / case["image"], folder / case["gt"], coarse, (h, w))
+
+
+def composite_sets(work: Path, n_shapes: int, n_portraits: int, size: int, seg: Segmenter) -> list[DataSet]:
+    """Composites of real photos (``make_composites.py``), generated once into ``work``."""
+    shapes = DataSet("shapes", note="shapes textured with real photos on real photos, exact GT",
+                     size=f"{size}²")
+    portraits = DataSet("portrait-comp", note="P3M portraits composited on real photos, exact GT (the alpha)",
+                        size=f"{size}²")
+    if not (SHARED / "data" / "photos").is_dir():
+        reason = f"{SHARED / 'data' / 'photos'} not found"
+        shapes.skipped["all"] = portraits.skipped["all"] = reason
+        return [shapes, portraits]
+    if n_portraits and not (SHARED / "data" / "p3m-portraits-pseudogt").is_dir():
+        portraits.skipped["all"] = "P3M portraits not found"
+        n_portraits = 0
+    manifest = make_composites(work / f"composites-{size}-{n_shapes}-{n_portraits}",
+                               ["--n-shapes", str(n_shapes), "--n-portraits", str(n_portraits),
+                                "--size", str(size)])
+    manifest_cases(manifest, shapes, portraits, seg)
     return [shapes, portraits]
+
+
+def size_words(sizes: Iterable[tuple[int, int]]) -> str:
+    """``W x H`` sizes (width first, as image viewers say) of a set, e.g. ``4096x3072, 8192x5464``."""
+    return ", ".join(f"{w}x{h}" for h, w in sizes)
+
+
+def large_sets(work: Path, n_shapes: int, n_portraits: int, seg: Segmenter,
+               wanted: set[str]) -> list[DataSet]:
+    """4K-8K composites (``shapes-large``, ``portrait-large``): the generator of the 1024 sets at
+    :data:`LARGE_SHAPE_SIZES` / :data:`LARGE_PORTRAIT_SIZES`, coarse masks relative to 1024 px."""
+    shapes = DataSet("shapes-large", scale="large", size=size_words(LARGE_SHAPE_SIZES),
+                     note="shapes textured with real photos on real photos, exact GT; photos (1-6K px) "
+                          "cached up to 8192 px, so the smaller ones are upscaled")
+    portraits = DataSet("portrait-large", scale="large", size=size_words(LARGE_PORTRAIT_SIZES),
+                        note="P3M portraits on real photos, exact GT; the portraits are ~1080 px tall, so "
+                             "the person (0.6-2.5 image heights) is upscaled 2-20x: a soft, blurred subject")
+    out: list[DataSet] = []
+    for ds, n, sizes, kind in ((shapes, n_shapes, LARGE_SHAPE_SIZES, "shapes"),
+                               (portraits, n_portraits, LARGE_PORTRAIT_SIZES, "portraits")):
+        if ds.name not in wanted:
+            continue
+        out.append(ds)
+        if not (SHARED / "data" / "photos").is_dir():
+            ds.skipped["all"] = f"{SHARED / 'data' / 'photos'} not found"
+            continue
+        if kind == "portraits" and not (SHARED / "data" / "p3m-portraits-pseudogt").is_dir():
+            ds.skipped["all"] = "P3M portraits not found"
+            continue
+        counts = ["--n-shapes", str(n if kind == "shapes" else 0),
+                  "--n-portraits", str(n if kind == "portraits" else 0)]
+        tag = "-".join(f"{w}x{h}" for h, w in sizes)
+        manifest = make_composites(
+            work / f"large-{kind}-{n}-{tag}",
+            [*counts, "--size", *(f"{h}x{w}" for h, w in sizes), "--reference-side", str(REFERENCE_SIDE),
+             "--supersample", str(LARGE_SUPERSAMPLE)])
+        manifest_cases(manifest, shapes if kind == "shapes" else None,
+                       portraits if kind == "portraits" else None, seg)
+    return out
 
 
 def p3m_set(work: Path, seg: Segmenter, limit: int | None = None) -> DataSet:
     """The real P3M portraits with their alpha mattes as pseudo-GT."""
-    ds = DataSet("p3m", note="real portraits; GT = P3M-Net alpha (pseudo-GT)")
+    ds = DataSet("p3m", note="real portraits; GT = P3M-Net alpha (pseudo-GT)", size="1080 px tall, ~1.9 MPx")
     root = SHARED / "data" / "p3m-portraits-pseudogt"
     if not root.is_dir():
         ds.skipped["all"] = f"{root} not found"
@@ -360,7 +496,7 @@ def p3m_set(work: Path, seg: Segmenter, limit: int | None = None) -> DataSet:
             coarse["segmenter"] = sp
         else:
             ds.skipped["segmenter"] = seg.reason
-        ds.cases.append(Case(ds.name, img.stem, img, gt, coarse, alpha.size / 1e6))
+        ds.add(img.stem, img, gt, coarse, alpha.shape)
     return ds
 
 
@@ -368,7 +504,7 @@ def nuclei_set(work: Path) -> DataSet:
     """The DSB2018 nuclei image (uint16) with GT = label > 0; coarse ``lowres`` by 4 (nuclei are small)."""
     import tifffile
 
-    ds = DataSet("nuclei", note="fluorescence nuclei, hand-annotated labels > 0")
+    ds = DataSet("nuclei", note="fluorescence nuclei, hand-annotated labels > 0", size="512²")
     root = SHARED / "data" / "stardist-dsb2018-nuclei"
     if not (root / "labels.tif").is_file():
         ds.skipped["all"] = f"{root} not found"
@@ -381,8 +517,181 @@ def nuclei_set(work: Path) -> DataSet:
         write_png(gtp, to_u8(gt))
         write_png(low, to_u8(lowres(gt, 4)))
         write_png(pert, to_u8(perturbed(gt, [13, 0])))
-    ds.cases.append(Case(ds.name, "img2d", root / "image.tif", gtp, {"lowres": low, "perturbed": pert},
-                         gt.size / 1e6))
+    ds.add("img2d", root / "image.tif", gtp, {"lowres": low, "perturbed": pert}, gt.shape)
+    return ds
+
+
+def load_scenes() -> tuple[Any, str]:
+    """``refine_cli.train.scenes`` and ``""``, or ``None`` and why it cannot be imported."""
+    try:
+        from refine_cli.train import scenes
+    except ImportError as exc:
+        return None, f"refine_cli.train.scenes is not importable ({exc})"
+    return scenes, ""
+
+
+@functools.lru_cache(maxsize=1)
+def scene_photos() -> Any:
+    """The shared photos as a ``PhotoBank`` (one per process, so decoded photos are reused), or ``None``."""
+    from refine_cli.train.data import PhotoBank
+
+    root = SHARED / "data" / "photos"
+    return PhotoBank(root) if root.is_dir() else None
+
+
+def scene_generator(scenes: Any, family: str, shape: tuple[int, int], seed: int) -> Any:
+    """``SceneGenerator(family, shape, seed)`` with the shared photos as textures when present."""
+    return scenes.SceneGenerator(family, shape, seed, photos=scene_photos())
+
+
+def generator_stamp(scenes: Any, **params: Any) -> dict[str, Any]:
+    """What a cached scene was made from: the parameters and a hash of ``scenes.py``, so a changed
+    generator regenerates the cache instead of scoring stale files."""
+    source = Path(scenes.__file__).read_bytes()
+    return {"scenes_sha1": hashlib.sha1(source).hexdigest(), **params}
+
+
+def cached(folder: Path, stamp: dict[str, Any], files: Iterable[Path]) -> bool:
+    """Whether ``folder`` holds ``files`` made with ``stamp`` (``folder/stamp.json``)."""
+    meta = folder / "stamp.json"
+    return (meta.is_file() and json.loads(meta.read_text()) == stamp and all(f.is_file() for f in files))
+
+
+def scene_sets(work: Path, families: Iterable[str], n: int, side: int) -> list[DataSet]:
+    """Many-object scenes of ``refine_cli.train.scenes`` at ``side``² (whole windows), one data set per
+    family: exact GT, coarse ``lowres`` (block mean by :data:`SCENE_LOWRES`, stored small),
+    ``perturbed`` and ``detector`` (the generator's simulated detector output)."""
+    families = list(families)
+    notes = {"aerial": "aerial-style scene, many buildings/objects, exact GT",
+             "cells": "microscopy-style scene, many touching cells, exact GT",
+             "thin": "thin structures (wires, branches, vessels), exact GT"}
+    sets = [DataSet(f, note=notes.get(f, "many-object scene, exact GT"), size=f"{side}²") for f in families]
+    scenes, reason = load_scenes()
+    if scenes is None:
+        for ds in sets:
+            ds.skipped["all"] = reason
+        return sets
+    for ds in sets:
+        if ds.name not in scenes.FAMILIES:
+            ds.skipped["all"] = f"family {ds.name!r} is not in refine_cli.train.scenes.FAMILIES"
+            continue
+        for i in range(n):
+            seed = SCENE_SEED + i
+            folder = work / f"scenes-{side}" / f"{ds.name}_{i:02d}"
+            files = {k: folder / f"{k}.png" for k in ("image", "gt", "lowres", "perturbed", "detector")}
+            stamp = generator_stamp(scenes, family=ds.name, shape=[side, side], seed=seed,
+                                    lowres=SCENE_LOWRES)
+            if not cached(folder, stamp, files.values()):
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "stamp.json").unlink(missing_ok=True)
+                write_scene_case(scene_generator(scenes, ds.name, (side, side), seed), files, [17, i])
+                (folder / "stamp.json").write_text(json.dumps(stamp) + "\n")
+            ds.add(f"{ds.name}_{i:02d}", files["image"], files["gt"],
+                   {k: files[k] for k in ("lowres", "perturbed", "detector")}, (side, side))
+    return sets
+
+
+def write_scene_case(gen: Any, files: dict[str, Path], seed: list[int]) -> None:
+    """Render a whole (small) scene and write its image, GT, and ``lowres`` / ``perturbed`` /
+    ``detector`` coarse masks as PNG."""
+    from refine_cli.tiling.grid import Window
+
+    win = gen.render(Window.full(tuple(gen.shape)))
+    gt = np.asarray(win.gt, np.float32)
+    write_png(files["image"], np.asarray(win.image, np.uint8))
+    write_png(files["gt"], to_u8(gt))
+    write_png(files["lowres"], to_u8(lowres(gt, SCENE_LOWRES)))
+    write_png(files["perturbed"], to_u8(perturbed(gt, seed)))
+    write_png(files["detector"], to_u8(np.asarray(win.detector, np.float32)))
+
+
+def write_scene_tiffs(gen: Any, folder: Path, band: int = 1024,
+                      factor: int = SCENE_LOWRES) -> dict[str, Path]:
+    """Write a scene band by band (``band`` full-width rows at a time, bounded memory).
+
+    Files: ``image.tif`` (RGB uint8), ``gt.tif`` (uint8 0/255, ``gt >= 0.5``) and ``detector.tif``
+    (uint8 0-255), tiled 512 x 512 deflate BigTIFF through ``refine_cli.io.writers.TiffSink`` (each
+    published atomically when complete), and ``lowres.png``, the soft GT block-averaged by ``factor``
+    (``refine_cli.train.data.block_mean``; ``band`` is a multiple of ``factor``, so the bands'
+    block means are the whole image's), stored small.
+    """
+    from refine_cli.io.writers import TiffSink
+    from refine_cli.tiling.grid import Window
+    from refine_cli.train.data import block_mean
+
+    if band % factor:
+        raise ValueError(f"band {band} must be a multiple of the lowres factor {factor}")
+    h, w = (int(v) for v in gen.shape)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"image": folder / "image.tif", "gt": folder / "gt.tif", "detector": folder / "detector.tif",
+             "lowres": folder / "lowres.png"}
+    sinks = {"image": TiffSink(str(paths["image"]), (h, w), 3, np.uint8, overwrite=True),
+             "gt": TiffSink(str(paths["gt"]), (h, w), 1, np.uint8, overwrite=True),
+             "detector": TiffSink(str(paths["detector"]), (h, w), 1, np.uint8, overwrite=True)}
+    small = []
+    try:
+        for row in range(0, h, band):
+            win = gen.render(Window(row, 0, min(band, h - row), w))
+            gt = np.asarray(win.gt, np.float32)
+            sinks["image"].write_rows(row, np.asarray(win.image, np.uint8))
+            sinks["gt"].write_rows(row, np.where(gt >= 0.5, np.uint8(255), np.uint8(0)))
+            sinks["detector"].write_rows(row, to_u8(np.asarray(win.detector, np.float32)))
+            small.append(block_mean(gt, factor))
+            del win, gt
+        for sink in sinks.values():
+            sink.commit()
+    except BaseException:
+        for sink in sinks.values():
+            if not sink.closed:
+                sink.abort()
+        raise
+    write_png(paths["lowres"], to_u8(np.concatenate(small, axis=0)))
+    return paths
+
+
+def scene_tiffs(job: dict[str, Any]) -> None:
+    """:func:`write_scene_tiffs` of the scene ``job`` names (``family``, ``shape``, ``seed``, ``folder``,
+    ``band``): what the hidden ``--scene-tiffs JSON`` option runs in a child process."""
+    scenes, reason = load_scenes()
+    if scenes is None:
+        raise RuntimeError(reason)
+    gen = scene_generator(scenes, job["family"], tuple(job["shape"]), job["seed"])
+    write_scene_tiffs(gen, Path(job["folder"]), job["band"])
+    log.info("peak RSS while writing the scene: %.0f MiB", (peak_rss() or 0) / 2**20)
+
+
+def huge_set(work: Path, side: int, band: int = 1024, child: bool = True) -> DataSet:
+    """``aerial-huge``: one ``side``² aerial scene (>= 100 MPx at 10240), written band by band as tiled
+    TIFF (by a child process unless ``child`` is false, so the runs' memory is not the generator's);
+    coarse ``lowres`` (1/8, stored small) and ``detector`` (full size). No ``perturbed``: that
+    perturbation works on the whole mask in memory."""
+    ds = DataSet("aerial-huge", scale="huge", size=f"{side}²",
+                 note=f"one {side * side / 1e6:.0f} MPx aerial scene, many objects, exact GT")
+    scenes, reason = load_scenes()
+    if scenes is None:
+        ds.skipped["all"] = reason
+        return ds
+    folder = work / f"aerial-huge-{side}"
+    seed = SCENE_SEED + 1000
+    stamp = generator_stamp(scenes, family="aerial", shape=[side, side], seed=seed, lowres=SCENE_LOWRES,
+                            band=band)
+    names = {"image": "image.tif", "gt": "gt.tif", "detector": "detector.tif", "lowres": "lowres.png"}
+    paths = {k: folder / v for k, v in names.items()}
+    if not cached(folder, stamp, paths.values()):
+        (folder / "stamp.json").unlink(missing_ok=True)
+        log.info("writing the %dx%d aerial scene to %s", side, side, folder)
+        t0 = time.perf_counter()
+        job = {"family": "aerial", "shape": [side, side], "seed": seed, "folder": str(folder), "band": band}
+        if child:
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--scene-tiffs", json.dumps(job)],
+                           check=True)
+        else:
+            scene_tiffs(job)
+        (folder / "stamp.json").write_text(json.dumps(stamp) + "\n")
+        log.info("aerial-huge written in %.0f s", time.perf_counter() - t0)
+    ds.skipped["perturbed"] = "not made at this size (the perturbation holds the whole mask in memory)"
+    ds.add("aerial_00", paths["image"], paths["gt"],
+           {"lowres": paths["lowres"], "detector": paths["detector"]}, (side, side))
     return ds
 
 
@@ -413,20 +722,42 @@ def probe(method: str, work: Path, config: Any = None) -> str | None:
 
 
 def interleave(sets: Iterable[DataSet], kinds: Iterable[str]) -> list[tuple[Case, str]]:
-    """``(case, coarse kind)`` jobs, round-robin over data sets so that a partial run covers each of them."""
-    queues = []
-    for ds in sets:
-        jobs = [(c, k) for c in ds.cases for k in kinds if k in c.coarse]
-        if jobs:
-            queues.append(jobs)
-    longest = max((len(q) for q in queues), default=0)
-    return [q[i] for i in range(longest) for q in queues if i < len(q)]
+    """``(case, coarse kind)`` jobs in the order they run, so that a method stopped by its time share
+    has covered every data set, and the data sets about equally by pixels.
+
+    Within a data set the jobs keep their order (case by case, the kinds of a case together). Each
+    next job comes from the data set with the fewest megapixels queued so far (ties: the set listed
+    first): so first one job of every set, in order, then the small sets catch up with the large
+    ones (a 1 MPx set runs ~100 cases in the time of one 100 MPx case) before more large cases run.
+    """
+    kinds = tuple(kinds)
+    queues = [q for q in ([(c, k) for c in ds.cases for k in kinds if k in c.coarse] for ds in sets) if q]
+    done = [0.0] * len(queues)
+    pos = [0] * len(queues)
+    jobs = []
+    while True:
+        open_ = [i for i, q in enumerate(queues) if pos[i] < len(q)]
+        if not open_:
+            return jobs
+        i = min(open_, key=lambda j: (done[j], j))
+        job = queues[i][pos[i]]
+        jobs.append(job)
+        pos[i] += 1
+        done[i] += job[0].megapixels
 
 
 def run_method(
-    method: str, jobs: list[tuple[Case, str]], out_dir: Path, budget_s: float, config: Any = None
+    method: str, jobs: list[tuple[Case, str]], out_dir: Path, budget_s: float, config: Any = None,
+    keep: bool = False, first: int = 0,
 ) -> tuple[list[dict], bool]:
     """Refine and score every job with one method (or its variant ``config``) until ``budget_s`` is spent.
+
+    The first ``first`` jobs run whatever the budget (:func:`interleave` puts one job of every data set
+    first, so every method covers every data set).
+
+    The refined mask is ``out_dir/<data set>__<case>__<kind>.png`` (``.tif`` for the large and huge
+    sets); it is deleted once scored unless ``keep``. A job that starts inside the share runs to the
+    end, so a method can overrun its share by one job (minutes for the 100 MPx case).
 
     Returns:
         One record per job run, and whether every job ran.
@@ -440,24 +771,32 @@ def run_method(
     t0 = time.perf_counter()
     config = config or RefineConfig(method=method)
     for n, (case, kind) in enumerate(jobs):
-        if time.perf_counter() - t0 > budget_s:
+        if n >= first and time.perf_counter() - t0 > budget_s:
             log.warning("%s: time share of %.0f s spent after %d of %d cases; the rest is skipped", method,
                         budget_s, n, len(jobs))
             return records, False
         rec: dict[str, Any] = {"method": method, "dataset": case.dataset, "case": case.name, "coarse": kind,
-                               "megapixels": case.megapixels}
-        out = out_dir / f"{case.dataset}__{case.name}__{kind}.png"
+                               "megapixels": case.megapixels, "shape": list(case.shape),
+                               "image": str(case.image), "gt": str(case.gt),
+                               "coarse_path": str(case.coarse[kind])}
+        suffix = ".png" if case.scale == "small" else ".tif"
+        out = out_dir / f"{case.dataset}__{case.name}__{kind}{suffix}"
+        t_job = time.perf_counter()
         try:
             rep = refine_file(str(case.image), str(case.coarse[kind]), str(out), config=config,
                               overwrite=True)
             res = evaluate_pair(out, case.gt)
             rec.update({k: res.metrics.scalars()[k] for k in METRICS}, seconds=rep.wall_seconds,
-                       tiles=rep.tiles)
+                       eval_seconds=res.seconds, tiles=rep.tiles)
+            if keep:
+                rec["output"] = str(out)
         except RefineError as exc:
             rec["error"] = f"{type(exc).__name__}: {exc}"
             log.warning("%s on %s/%s (%s): %s", method, case.dataset, case.name, kind, exc)
         finally:
-            out.unlink(missing_ok=True)
+            if not keep:
+                out.unlink(missing_ok=True)
+        rec["job_seconds"] = time.perf_counter() - t_job
         records.append(rec)
         done = rec.get("error") or " ".join(f"{k}={rec[k]:.4f}" for k in METRICS) + f" {rec['seconds']:.2f}s"
         log.info("%s %s/%s %s: %s", method, case.dataset, case.name, kind, done)
@@ -528,12 +867,29 @@ def fmt(v: float | None, digits: int = 4, signed: bool = False) -> str:
     return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
 
 
+def order_rows(rows: list[dict], datasets: list[str], methods: list[str]) -> list[dict]:
+    """Rows grouped by data set (in the order of :data:`SIZE_CLASSES`), then method, then coarse kind."""
+    def key(r: dict) -> tuple:
+        d = datasets.index(r["dataset"]) if r.get("dataset") in datasets else len(datasets)
+        m = methods.index(r["method"]) if r["method"] in methods else len(methods)
+        c = COARSE_KINDS.index(r["coarse"]) if r.get("coarse") in COARSE_KINDS else len(COARSE_KINDS)
+        return (d, m, c)
+
+    return sorted(rows, key=key)
+
+
 def markdown(result: dict) -> str:
-    """The two tables as Markdown (for benchmarks/README.md and the project README)."""
-    lines = ["| method | data set | n | IoU | mBA | BF@2 | ΔmBA vs coarse | harm | worst IoU | worst ΔIoU "
-             "| s/MPx |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """The tables as Markdown (for benchmarks/README.md and the project README)."""
+    lines = ["| data set | size class | cases | image size (w x h) | ground truth |",
+             "|---|---|---:|---|---|"]
+    for ds in result["datasets"].values():
+        skipped = "; ".join(f"{k} skipped: {v}" for k, v in ds["skipped"].items())
+        lines.append(f"| {ds['name']} | {ds['scale']} | {ds['cases']} | {ds['size']} | {ds['note']}"
+                     + (f" ({skipped})" if skipped else "") + " |")
+    lines += ["", "| data set | method | n | IoU | mBA | BF@2 | ΔmBA vs coarse | harm | worst IoU "
+              "| worst ΔIoU | s/MPx |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["summary"]:
-        lines.append(f"| {r['method']} | {r['dataset']} | {r['n']} | {fmt(r['iou'])} | {fmt(r['mba'])} | "
+        lines.append(f"| {r['dataset']} | {r['method']} | {r['n']} | {fmt(r['iou'])} | {fmt(r['mba'])} | "
                      f"{fmt(r['boundary_f'])} | {fmt(r['gain_mba'], signed=True)} | {harm_cell(r)} | "
                      f"{fmt(r['worst_iou'])} | {fmt(r['worst_delta_iou'], signed=True)} | "
                      f"{fmt(r['s_per_mpx'], 2)} |")
@@ -554,6 +910,14 @@ def markdown(result: dict) -> str:
                        f"{r['mba']:.4f}" + ("" if m == "coarse" else
                                             f" ({fmt(r['gain_mba'], 3, True)}) harm {harm_cell(r)}"))
         lines.append(f"| {ds} | {kind} | " + " | ".join(row) + " |")
+    lines += ["", "Per data set, coarse mask and method:", "",
+              "| data set | coarse mask | method | n | IoU | mBA | ΔmBA vs coarse | harm | worst IoU "
+              "| worst ΔIoU | s/MPx |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["by_coarse"]:
+        lines.append(f"| {r['dataset']} | {r['coarse']} | {r['method']} | {r['n']} | {fmt(r['iou'])} | "
+                     f"{fmt(r['mba'])} | {fmt(r['gain_mba'], signed=True)} | {harm_cell(r)} | "
+                     f"{fmt(r['worst_iou'])} | {fmt(r['worst_delta_iou'], signed=True)} | "
+                     f"{fmt(r['s_per_mpx'], 2)} |")
     if result["composites"]:
         lines += ["", f"Composites pooled ({' + '.join(COMPOSITES)}, every case weighted once), IoU / mBA "
                   "(gain over the coarse mask in points):", "",
@@ -582,27 +946,41 @@ def pooled_cell(r: dict | None, baseline: bool) -> str:
 
 
 def print_tables(result: dict) -> None:
-    """Rich tables on stdout."""
+    """Rich tables on stdout: per data set x method, per data set x coarse kind x method, and the
+    composites pooled."""
     from rich.console import Console
     from rich.table import Table
 
-    con = Console(width=None if sys.stdout.isatty() else 150)
+    con = Console(width=None if sys.stdout.isatty() else 160)
     mach = result["machine"]
     load = mach.get("load_average_at_start", [0.0])[0], mach.get("load_average", [0.0])[0]
-    t = Table(title=f"refine quality benchmark ({result['mode']}, {mach['cores']} cores, load "
-              f"{load[0]:.1f} -> {load[1]:.1f}, {result['seconds']:.0f} s)", title_justify="left")
-    for col in ("method", "data set", "n", "IoU", "mBA", "BF@2", "ΔmBA", "harm", "worst ΔIoU", "s/MPx"):
-        t.add_column(col, justify="left" if col in ("method", "data set") else "right")
-    last = None
-    for r in result["summary"]:
-        if last is not None and r["method"] != last:
-            t.add_section()
-        last = r["method"]
-        n = str(r["n"]) + (f" ({r['failed']} failed)" if r["failed"] else "")
-        t.add_row(r["method"], r["dataset"], n,
-                  fmt(r["iou"]), fmt(r["mba"]), fmt(r["boundary_f"]), fmt(r["gain_mba"], signed=True),
-                  harm_cell(r), fmt(r["worst_delta_iou"], signed=True), fmt(r["s_per_mpx"], 2))
-    con.print(t)
+    sizes = {d["name"]: d["size"] for d in result["datasets"].values()}
+    for title, rows, keys in (
+        (f"refine quality benchmark ({result['mode']}, {mach['cores']} cores, load {load[0]:.1f} -> "
+         f"{load[1]:.1f}, {result['seconds']:.0f} s)", result["summary"], ("dataset",)),
+        ("per coarse mask", result["by_coarse"], ("dataset", "coarse")),
+    ):
+        t = Table(title=title, title_justify="left")
+        cols = ["data set", *(["coarse"] if "coarse" in keys else []), "method", "n", "IoU", "mBA",
+                *(["BF@2"] if "coarse" not in keys else []), "ΔmBA", "harm", "worst IoU", "worst ΔIoU",
+                "s/MPx"]
+        for col in cols:
+            t.add_column(col, justify="left" if col in ("method", "data set", "coarse") else "right")
+        last = None
+        for r in rows:
+            if last is not None and r["dataset"] != last:
+                t.add_section()
+            first = r["dataset"] != last
+            last = r["dataset"]
+            n = str(r["n"]) + (f" ({r['failed']} failed)" if r["failed"] else "")
+            name = f"{r['dataset']} ({sizes.get(r['dataset'], '')})" if first and "coarse" not in keys else (
+                r["dataset"] if first else "")
+            cells = [name, *([r["coarse"]] if "coarse" in keys else []), r["method"], n, fmt(r["iou"]),
+                     fmt(r["mba"]), *([fmt(r["boundary_f"])] if "coarse" not in keys else []),
+                     fmt(r["gain_mba"], signed=True), harm_cell(r), fmt(r["worst_iou"]),
+                     fmt(r["worst_delta_iou"], signed=True), fmt(r["s_per_mpx"], 2)]
+            t.add_row(*cells)
+        con.print(t)
     if result["composites"]:
         t = Table(title=f"composites pooled ({' + '.join(COMPOSITES)}): IoU / mBA (gain in points)",
                   title_justify="left")
@@ -616,7 +994,8 @@ def print_tables(result: dict) -> None:
             con.print(f"{name}: {status['status']}", highlight=False)
     for ds in result["datasets"].values():
         if ds["skipped"]:
-            con.print(f"{ds['name']}: skipped " + "; ".join(f"{k}: {v}" for k, v in ds["skipped"].items()))
+            con.print(f"{ds['name']}: skipped " + "; ".join(f"{k}: {v}" for k, v in ds["skipped"].items()),
+                      highlight=False)
 
 
 def load_pyplot() -> Any:
@@ -665,20 +1044,56 @@ def plot(result: dict, path: Path) -> bool:
 # ----------------------------------------------------------------------------------------------- main
 
 
-def build_sets(args: argparse.Namespace, work: Path) -> list[DataSet]:
-    """The data sets of this mode."""
+def selected_sets(args: argparse.Namespace) -> list[str] | None:
+    """The data-set names ``--sizes`` and ``--datasets`` select, in run order (``None``: a name is
+    unknown, logged)."""
+    names = [n for cls in SIZE_CLASSES.values() for n in cls]
+    sizes = [c.strip() for c in (args.sizes or ",".join(SIZE_CLASSES)).split(",") if c.strip()]
+    unknown = [c for c in sizes if c not in SIZE_CLASSES]
+    if unknown:
+        log.error("unknown size class(es) %s; use %s", ", ".join(unknown), ",".join(SIZE_CLASSES))
+        return None
+    wanted = [n for c in SIZE_CLASSES if c in sizes for n in SIZE_CLASSES[c]]
+    if args.datasets:
+        named = [d.strip() for d in args.datasets.split(",") if d.strip()]
+        unknown = [d for d in named if d not in names]
+        if unknown:
+            log.error("unknown data set(s) %s; the data sets are %s", ", ".join(unknown), ", ".join(names))
+            return None
+        wanted = [n for n in wanted if n in named]
+    return wanted
+
+
+def build_sets(args: argparse.Namespace, work: Path, wanted: list[str]) -> list[DataSet]:
+    """The data sets of this mode that ``wanted`` names, generated into ``work`` on first use."""
     seg = Segmenter()
     if not seg.available:
         log.info("coarse kind 'segmenter' skipped: %s", seg.reason)
+    want = set(wanted)
+    sets: list[DataSet] = []
     if args.quick:
-        sets = [synthetic_set(work, 2, 384)]
-        sets += [s for s in composite_sets(work, 2, 0, 256, seg) if s.name == "shapes"]
-        sets.append(nuclei_set(work))
+        if "synthetic" in want:
+            sets.append(synthetic_set(work, 2, 384))
+        if "shapes" in want:
+            sets += [s for s in composite_sets(work, 2, 0, 256, seg) if s.name == "shapes"]
+        if "nuclei" in want:
+            sets.append(nuclei_set(work))
+        if "aerial" in want:
+            sets += scene_sets(work, ["aerial"], 1, 256)
         return sets
-    sets = [synthetic_set(work, 4, 1536)]
-    sets += composite_sets(work, 24, 8, 1024, seg)
-    sets.append(p3m_set(work, seg))
-    sets.append(nuclei_set(work))
+    if "synthetic" in want:
+        sets.append(synthetic_set(work, 4, 1536))
+    if want & set(COMPOSITES):
+        sets += [s for s in composite_sets(work, 24, 8, 1024, seg) if s.name in want]
+    if "p3m" in want:
+        sets.append(p3m_set(work, seg))
+    if "nuclei" in want:
+        sets.append(nuclei_set(work))
+    sets += scene_sets(work, [f for f in SCENE_FAMILIES if f in want], 8, 1024)
+    if want & set(SIZE_CLASSES["large"]):
+        sets += large_sets(work, 6, 4, seg, want)
+    if "aerial-huge" in want:
+        sets.append(huge_set(work, HUGE_SIDE))
     return sets
 
 
@@ -692,20 +1107,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=None, help="comma-separated subset of the registry's methods")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="time budget for all methods (default 55, quick 5)")
-    parser.add_argument("--datasets", default=None, help="comma-separated subset of the data sets "
-                        "(synthetic, shapes, portrait-comp, p3m, nuclei)")
-    parser.add_argument("--coarse", default=None, help=f"comma-separated coarse kinds (default {','.join(COARSE_KINDS)})")
+    parser.add_argument("--sizes", default=None, help="comma-separated size classes: small (~1 MPx), large "
+                        "(4K-8K), huge (100 MPx); default all (--quick: small, tiny)")
+    parser.add_argument("--datasets", default=None, help="comma-separated subset of the data sets ("
+                        + ", ".join(n for c in SIZE_CLASSES.values() for n in c) + ")")
+    parser.add_argument("--coarse", default=None,
+                        help=f"comma-separated coarse kinds (default {','.join(COARSE_KINDS)})")
     parser.add_argument("--max-cases", type=int, default=None, help="at most this many cases per data set")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL=METHOD[,GROUP.FIELD=VALUE]",
                         help="also run a method with other options under its own label, e.g. "
                              "lite2=cascade,cascade.weights=runs/a/best.pt (repeatable)")
+    parser.add_argument("--keep-outputs", action="store_true",
+                        help="keep every refined mask as <work>/outputs/<method>/<data set>__<case>__<kind>"
+                             ".png (.tif for the large and huge sets)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--scene-tiffs", default=None, help=argparse.SUPPRESS)  # internal: huge_set's child
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",
                         stream=sys.stderr)
     log.setLevel(logging.INFO)
     logging.getLogger("refine_cli").setLevel(logging.WARNING)
+    if args.scene_tiffs:
+        scene_tiffs(json.loads(args.scene_tiffs))
+        return 0
     t_start = time.perf_counter()
     load_start = list(os.getloadavg())
     methods = select_methods(args.methods)
@@ -716,10 +1141,13 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.gettempdir()) / "refine-bench"
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    sets = build_sets(args, work)
-    if args.datasets:
-        wanted_sets = {d.strip() for d in args.datasets.split(",") if d.strip()}
-        sets = [s for s in sets if s.name in wanted_sets]
+    wanted = selected_sets(args)
+    if wanted is None:
+        return 2
+    sets = build_sets(args, work, wanted)
+    data_seconds = time.perf_counter() - t_start
+    rss_data = peak_rss()
+    log.info("data sets ready in %.0f s", data_seconds)
     if args.max_cases:
         for ds in sets:
             ds.cases = ds.cases[: args.max_cases]
@@ -739,15 +1167,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             runnable.append(m)
     for i, m in enumerate(runnable):
-        left = budget - (time.perf_counter() - t_start)
+        left = budget - (time.perf_counter() - t_start - data_seconds)  # generating the data is not counted
         share = max(0.0, left / (len(runnable) - i))
-        recs, complete = run_method(m, jobs, work / "outputs" / m, share, variants.get(m))
+        recs, complete = run_method(m, jobs, work / "outputs" / m, share, variants.get(m), args.keep_outputs,
+                                    first=len({case.dataset for case, _ in jobs}))
         records += recs
         status[m] = {"status": "ok" if complete else f"partial {len(recs)}/{len(jobs)} (time budget)"}
 
     mark_harm(records)
-    summary = aggregate(records, ("method", "dataset"))
-    by_coarse = aggregate(records, ("method", "dataset", "coarse"))
+    order = [s.name for s in sets]
+    summary = order_rows(aggregate(records, ("method", "dataset")), order, methods)
+    by_coarse = order_rows(aggregate(records, ("method", "dataset", "coarse")), order, methods)
     add_gain(summary, ("method", "dataset"))
     add_gain(by_coarse, ("method", "dataset", "coarse"))
     result = {
@@ -756,9 +1186,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {**machine_info(), "load_average_at_start": load_start},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": time.perf_counter() - t_start,
+        "data_seconds": data_seconds,
+        "peak_rss_bytes": {"after_data": rss_data, "end": peak_rss()},
         "methods": {m: status[m] for m in methods},
         "variants": {label: spec for label, spec in (v.split("=", 1) for v in args.variant)},
-        "datasets": {s.name: {"name": s.name, "cases": len(s.cases), "note": s.note, "skipped": s.skipped,
+        "sizes": sorted({s.scale for s in sets}, key=list(SIZE_CLASSES).index),
+        "datasets": {s.name: {"name": s.name, "scale": s.scale, "size": s.size, "cases": len(s.cases),
+                              "note": s.note, "skipped": s.skipped,
+                              "kinds": [k for k in kinds if any(k in c.coarse for c in s.cases)],
                               "megapixels": sum(c.megapixels for c in s.cases)} for s in sets},
         "summary": summary,
         "by_coarse": by_coarse,
@@ -770,7 +1205,9 @@ def main(argv: list[str] | None = None) -> int:
     plotted = not args.no_plot and bool(summary) and plot(result, args.out / "quality.png")
     print_tables(result)
     print(f"wrote {args.out / 'quality.json'}, quality.md" + (", quality.png" if plotted else ""))
-    if not args.work:
+    if args.keep_outputs:
+        print(f"refined masks kept in {work / 'outputs'}")
+    elif not args.work:
         shutil.rmtree(work / "outputs", ignore_errors=True)
     return 0
 

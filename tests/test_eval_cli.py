@@ -322,14 +322,29 @@ def test_overlay_of_tiled_tiff_streams(tmp_path):
 # ------------------------------------------------------------------------------------------ benchmarks
 
 
+def load_quality():
+    """``benchmarks/quality.py`` as a module (it is a script, not part of the package)."""
+    if "quality_bench" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("quality_bench", REPO / "benchmarks" / "quality.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["quality_bench"] = mod  # its dataclasses look their module up
+        spec.loader.exec_module(mod)
+    return sys.modules["quality_bench"]
+
+
 def test_quality_benchmark_quick(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--quick", "--methods",
-                           "coarse,guided", "--variant", "tight=guided,guided.eps=0.0001",
+                           "coarse,guided", "--variant", "tight=guided,guided.eps=0.0001", "--keep-outputs",
                            "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((tmp_path / "out" / "quality.json").read_text())
     assert res["mode"] == "quick"
+    for r in res["runs"]:  # --keep-outputs: every refined mask kept under its name, every input recorded
+        assert Path(r["output"]) == tmp_path / "work" / "outputs" / r["method"] / \
+            f"{r['dataset']}__{r['case']}__{r['coarse']}.png"
+        assert Path(r["output"]).is_file()
+        assert all(Path(r[k]).is_file() for k in ("image", "gt", "coarse_path"))
     assert res["methods"] == {m: {"status": "ok"} for m in ("coarse", "guided", "tight")}
     assert res["variants"] == {"tight": "guided,guided.eps=0.0001"}
     by_method = {(r["method"], r["dataset"], r["case"], r["coarse"]): r["mba"] for r in res["runs"]}
@@ -362,7 +377,127 @@ def test_quality_benchmark_quick(tmp_path):
     if HAVE_MPL:
         assert (tmp_path / "out" / "quality.png").stat().st_size > 0
     md = (tmp_path / "out" / "quality.md").read_text()
-    assert "| guided | synthetic |" in md and "| harm | worst IoU | worst ΔIoU |" in md
+    assert "| synthetic | guided |" in md and "| harm | worst IoU | worst ΔIoU |" in md
+    assert "| synthetic | lowres | guided |" in md  # per data set x coarse kind x method, with the harm
+    if importlib.util.find_spec("refine_cli.train.scenes") is not None:  # a tiny many-object scene
+        kinds = {r["coarse"] for r in res["runs"] if r["dataset"] == "aerial"}
+        assert kinds == {"lowres", "perturbed", "detector"}
+    datasets = [r["dataset"] for r in res["summary"]]  # grouped by data set
+    assert datasets == sorted(datasets, key=datasets.index) and res["datasets"]["synthetic"]["size"] == "384²"
+
+
+class StubScenes:
+    """A stand-in for ``refine_cli.train.scenes``: an anti-aliased disc whose windows are computed from
+    global coordinates (so a window equals the crop of the whole render), counting its render calls."""
+
+    FAMILIES = ("aerial", "cells", "thin")
+    __file__ = __file__
+    windows: list = []
+
+    class SceneGenerator:
+        def __init__(self, family, shape, seed, photos=None, density=1.0):
+            self.family, self.shape, self.seed = family, tuple(shape), seed
+
+        def render(self, window):
+            from types import SimpleNamespace
+
+            StubScenes.windows.append(window)
+            yy, xx = np.mgrid[window.row : window.row_end, window.col : window.col_end].astype(np.float32)
+            h, w = self.shape
+            d = 0.3 * min(h, w) - np.hypot(yy - 0.5 * h, xx - 0.4 * w - self.seed % 7)
+            gt = np.clip(d + 0.5, 0, 1).astype(np.float32)
+            image = np.stack([(yy * 3 + xx) % 256, (xx * 5) % 256, 40 + 150 * gt], -1).astype(np.uint8)
+            return SimpleNamespace(image=image, gt=gt, detector=np.clip((d + 4) / 8, 0, 1).astype(np.float32))
+
+        def count(self):
+            return 1
+
+
+def test_quality_scene_sets_stream_and_score(tmp_path, monkeypatch):
+    """The scene sets against a stub generator: the 1024-style cases (PNG, detector kind) and the huge
+    one written band by band as tiled TIFF equal to the whole render; both run and score."""
+    from refine_cli.tiling.grid import Window
+    from refine_cli.train.data import block_mean
+
+    q = load_quality()
+    monkeypatch.setattr(q, "load_scenes", lambda: (StubScenes, ""))
+    StubScenes.windows.clear()
+    (aerial,) = q.scene_sets(tmp_path, ["aerial"], 2, 64)
+    assert [c.name for c in aerial.cases] == ["aerial_00", "aerial_01"]
+    assert set(aerial.cases[0].coarse) == {"lowres", "perturbed", "detector"}
+    low = cv2.imread(str(aerial.cases[0].coarse["lowres"]), cv2.IMREAD_GRAYSCALE)
+    assert low.shape == (8, 8)  # 1/8, stored small
+    side, band = 203, 64  # not a multiple of the band nor of the lowres factor
+    huge = q.huge_set(tmp_path, side, band=band, child=False)  # the stub lives in this process
+    assert all(w.height <= band and w.width == side for w in StubScenes.windows[2:])  # bounded
+    gen = StubScenes.SceneGenerator("aerial", (side, side), q.SCENE_SEED + 1000)
+    full = gen.render(Window.full((side, side)))
+    case = huge.cases[0]
+    assert set(case.coarse) == {"lowres", "detector"} and "perturbed" in huge.skipped
+    with tifffile.TiffFile(case.image) as tif:
+        page = tif.pages[0]
+        assert page.is_tiled and page.tilewidth == 512 and page.compression == 8  # deflate
+        assert np.array_equal(page.asarray(), full.image)
+    assert np.array_equal(tifffile.imread(case.gt), np.where(full.gt >= 0.5, 255, 0).astype(np.uint8))
+    assert np.array_equal(tifffile.imread(case.coarse["detector"]), q.to_u8(full.detector))
+    low = cv2.imread(str(case.coarse["lowres"]), cv2.IMREAD_GRAYSCALE)
+    assert np.array_equal(low, q.to_u8(block_mean(full.gt, 8)))
+    n = len(StubScenes.windows)
+    q.huge_set(tmp_path, side, band=band, child=False)
+    q.scene_sets(tmp_path, ["aerial"], 2, 64)
+    assert len(StubScenes.windows) == n  # cached: nothing rendered again
+    jobs = q.interleave([aerial, huge], q.COARSE_KINDS)
+    recs, complete = q.run_method("coarse", jobs, tmp_path / "outputs" / "coarse", 1e9, keep=True)
+    assert complete and not [r for r in recs if "error" in r]
+    assert {(r["dataset"], r["coarse"]) for r in recs} == {("aerial", "lowres"), ("aerial", "perturbed"),
+                                                           ("aerial", "detector"), ("aerial-huge", "lowres"),
+                                                           ("aerial-huge", "detector")}
+    for r in recs:
+        assert r["output"].endswith(".tif" if r["dataset"] == "aerial-huge" else ".png")
+        assert r["iou"] > 0.8 and r["shape"] == ([side, side] if r["dataset"] == "aerial-huge" else [64, 64])
+
+
+def test_quality_interleave_covers_every_set_then_evens_pixels():
+    q = load_quality()
+
+    def dataset(name, n, mpx):
+        ds = q.DataSet(name)
+        for i in range(n):
+            ds.cases.append(q.Case(name, f"c{i}", Path("i"), Path("g"), {"lowres": Path("l")}, mpx))
+        return ds
+
+    jobs = q.interleave([dataset("small", 6, 1.0), dataset("large", 3, 4.0), dataset("huge", 2, 100.0)],
+                        ["lowres"])
+    names = [c.dataset for c, _ in jobs]
+    assert names[:3] == ["small", "large", "huge"]  # one job of each first
+    assert names[3:] == ["small"] * 4 + ["large", "small", "large", "huge"]  # then the fewest MPx run so far
+
+
+def test_quality_large_composites_relative_coarse(tmp_path):
+    """make_composites.py with HxW sizes and --reference-side: the lowres mask is stored small, with
+    the factor scaled to the long side, and refine accepts its aspect ratio."""
+    from refine_cli.io.masks import check_mask_shape
+
+    if not (REPO.parent / "shared" / "data" / "photos").is_dir():
+        pytest.skip("../shared/data/photos not found")
+    out = tmp_path / "large"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "make_composites.py"), str(out),
+                           "--n-shapes", "2", "--n-portraits", "0", "--size", "96x160", "200x120",
+                           "--reference-side", "64", "--supersample", "2", "--cache-side", "256"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["args"]["sizes"] == [[96, 160], [200, 120]] and manifest["args"]["supersample"] == 2
+    for case, (h, w) in zip(manifest["cases"], [(96, 160), (200, 120)], strict=True):
+        assert case["size"] == [h, w]
+        assert cv2.imread(str(out / case["case"] / "image.png")).shape == (h, w, 3)
+        low = case["coarse"]["lowres"]
+        assert low["factor"] == pytest.approx(low["relative_factor"] * max(h, w) / 64)
+        small = cv2.imread(str(out / case["case"] / low["file"]), cv2.IMREAD_GRAYSCALE)
+        assert list(small.shape) == low["stored_size"] and small.shape[0] < h
+        check_mask_shape(small.shape, (h, w), "lowres")
+        pert = out / case["case"] / case["coarse"]["cascadepsp"]["file"]
+        assert cv2.imread(str(pert), cv2.IMREAD_GRAYSCALE).shape == (h, w)
 
 
 def test_speed_benchmark_quick(tmp_path):
