@@ -60,8 +60,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(out: Path, data_dir: Path, **kw: object) -> T.TrainConfig:
     data = T.DataConfig(photos=data_dir / "photos", portraits=data_dir / "portraits")
-    settings = {**T.TINY, "threads": 1, **kw}
-    return T.TrainConfig(out=out, data=data, **settings)  # type: ignore[arg-type]
+    settings = {**T.TINY, "threads": 1, "data": data, **kw}
+    return T.TrainConfig(out=out, **settings)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------ model
@@ -290,6 +290,145 @@ def test_cli_init_fine_tunes_exported_weights(tmp_path: Path, data_dir: Path) ->
                                    "--steps", "1", "--crop", "64"])
     assert res.exit_code == 0, res.output  # a registry name: the bundled weights
     assert json.loads((tmp_path / "e" / "final.json").read_text())["init"]["weights"] == "cascadepsp-lite-v2"
+
+
+# ------------------------------------------------------------------------------ --kinds, --perturbations
+
+
+MIX = ["--kinds", "shapes=0.5,thin=0.3,cells=0.2", "--perturbations", "cascadepsp=0.6,detector=0.4"]
+
+
+def test_mix_options_parse() -> None:
+    """name=weight,...; a bare name weighs 1; DataConfig checks the names too; defaults are the old mix."""
+    assert T.parse_mix("shapes=0.3, aerial", T.KINDS, "--kinds") == (("aerial", 1.0), ("shapes", 0.3))
+    assert T.parse_mix("thin", T.KINDS, "--kinds") == (("thin", 1.0),)
+    assert T.parse_mix("detector=2,lowres=0", T.COARSE_METHODS, "--perturbations") == (
+        ("detector", 2.0), ("lowres", 0.0))
+    assert T.format_mix((("aerial", 1.0), ("shapes", 0.3))) == "aerial=1,shapes=0.3"
+    valid = "the valid names are shapes, portraits, pairs, aerial, cells, thin"
+    for text, words in (("shapes,bogus", f"unknown name 'bogus'; {valid}"),
+                        ("shapes=0.5,shapes=1", "given twice"), ("shapes=x", "must be a number"),
+                        ("shapes=-1", ">= 0"), ("shapes=0", "positive weight"),
+                        ("shapes,,thin", "empty entry"), ("", "empty entry")):
+        with pytest.raises(UsageError, match="--kinds") as info:
+            T.parse_mix(text, T.KINDS, "--kinds")
+        assert words in str(info.value) and "\n" not in str(info.value), text
+    with pytest.raises(UsageError, match="cascadepsp, lowres, blobs, detector"):
+        T.parse_mix("cascade", T.COARSE_METHODS, "--perturbations")
+    with pytest.raises(UsageError, match="unknown name 'rivers'"):
+        T.DataConfig(kinds={"rivers": 1.0})
+    assert T.DataConfig(kinds="cells").kinds == (("cells", 1.0),)
+    old = T.DataConfig()  # old runs reproduce: the default mix is unchanged
+    assert old.kinds == (("portraits", 0.38), ("shapes", 0.62))
+    assert old.perturbations == (("blobs", 0.25), ("cascadepsp", 0.45), ("lowres", 0.3))
+
+
+def test_cli_bad_mix_is_one_error_line(tmp_path: Path, cli) -> None:
+    for flag, value, words in (("--kinds", "shapes=0.5,forest=0.5", "aerial, cells, thin"),
+                               ("--perturbations", "detector,sam", "cascadepsp, lowres, blobs, detector")):
+        code, out, err = cli("train", "--tiny", "--out", tmp_path / "bad", flag, value)
+        assert code == 2 and out == "", err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and flag in lines[0] and words in lines[0], err
+    assert not (tmp_path / "bad").exists()
+    code, _, err = cli("train", "--out", tmp_path / "m", "--arch", "magnet-refinement", "--kinds", "cells")
+    assert code == 2 and "--kinds" in err and "magnet-refinement" in err
+
+
+def test_cli_mix_is_stored_and_resume_refuses_a_changed_mix(tmp_path: Path, data_dir: Path) -> None:
+    from refine_cli.commands.train import app
+
+    out = tmp_path / "mix"
+    base = ["--tiny", "--out", str(out), "--photos", str(data_dir / "photos"), "--threads", "1",
+            "--val-n", "3", "-q"]
+    res = CliRunner().invoke(app, [*base, *MIX, "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    want = {"kinds": [["cells", 0.2], ["shapes", 0.5], ["thin", 0.3]],
+            "perturbations": [["cascadepsp", 0.6], ["detector", 0.4]]}
+    config = json.loads((out / "config.json").read_text())["data"]
+    stored = T.load_checkpoint(out / T.CHECKPOINT)["config"]["data"]
+    side = json.loads((out / "best.json").read_text())
+    for data in (config, stored, side["data"]):
+        assert {k: data[k] for k in want} == want
+    assert side["validation"]["kinds"] == {"cells": 1, "shapes": 1, "thin": 1}
+    assert side["validation"]["selection"] == T.SELECTION_RULE
+
+    for flag, value, words in (
+        ("--kinds", "shapes=0.5,thin=0.5", "whose --kinds is cells=0.2,shapes=0.5,thin=0.3"),
+        ("--perturbations", "cascadepsp",
+         "whose --perturbations is cascadepsp=0.6,detector=0.4, not cascadepsp=1"),
+    ):
+        res = CliRunner().invoke(app, [*base, "--resume", "--steps", "4", flag, value])
+        assert isinstance(res.exception, UsageError) and words in str(res.exception), res.exception
+        assert "cannot change on resume" in str(res.exception)
+    with pytest.raises(UsageError, match="--kinds"):  # the Python API refuses it the same way
+        T.train(T.TrainConfig(out=out), resume=True, overrides={"data": {"kinds": {"shapes": 1.0}}})
+    assert T.load_checkpoint(out / T.CHECKPOINT)["step"] == 2
+    # the same mix given again (in another order), or none: the run goes on with its stored mix
+    res = CliRunner().invoke(app, [*base, "--resume", "--steps", "3",
+                                   "--kinds", "thin=0.3,cells=0.2,shapes=0.5"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, [*base, "--resume", "--steps", "4"])
+    assert res.exit_code == 0, res.output
+    state = T.load_checkpoint(out / T.CHECKPOINT)
+    assert state["step"] == 4 and {k: state["config"]["data"][k] for k in want} == want
+
+
+def test_validation_reports_per_kind_metrics_and_selects_on_the_mean_kind_gain(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    data = T.DataConfig(photos=data_dir / "photos", portraits=data_dir / "portraits",
+                        kinds={"shapes": 0.6, "portraits": 0.1, "aerial": 0.1, "cells": 0.1, "thin": 0.1},
+                        perturbations={"cascadepsp": 1, "lowres": 1, "detector": 1})
+    cfg = _cfg(tmp_path / "run", data_dir, data=data, steps=4, val_every=2, val_n=10, lr=3e-2)
+    vset = T.make_validation_set(cfg)
+    counts = T.validation_counts(vset)
+    # balanced across kinds whatever their training weights; within a kind the perturbations cycle
+    assert counts["kinds"] == {k: 2 for k in ("aerial", "cells", "portraits", "shapes", "thin")}
+    by_kind_pert = {(k, p) for k, p, *_ in vset.samples}
+    assert {("aerial", "cascadepsp"), ("aerial", "detector"), ("shapes", "cascadepsp")} <= by_kind_pert
+    assert ("shapes", "detector") not in by_kind_pert  # no detector mask: it fell back to cascadepsp
+    result = T.train(cfg)
+    assert [v["step"] for v in result.validations] == [2, 4]
+    for res in result.validations:
+        assert set(res["by_kind"]) == {"aerial", "cells", "portraits", "shapes", "thin"}
+        for k in res["by_kind"].values():
+            assert k["n"] == 2
+            assert {"iou", "mba", "coarse_iou", "coarse_mba", "gain_iou", "gain_mba"} <= set(k)
+            assert k["gain_iou"] == pytest.approx(k["iou"] - k["coarse_iou"])
+        assert "detector" in res["by_perturbation"]
+        assert res["score"] == pytest.approx(np.mean([k["gain_iou"] for k in res["by_kind"].values()]))
+        assert res["worst_kind"]["gain_iou"] == min(k["gain_iou"] for k in res["by_kind"].values())
+    records = [json.loads(line) for line in (cfg.out / "log.jsonl").read_text().splitlines()]
+    vals = [r for r in records if r["type"] == "val"]
+    assert [set(r["by_kind"]) for r in vals] == [set(result.validations[0]["by_kind"])] * 2
+    side = json.loads((cfg.out / "best.json").read_text())
+    top = max(result.validations, key=T.selection_score)
+    assert side["steps"] == top["step"]
+    assert side["metrics"]["by_kind"] == json.loads(json.dumps(top["by_kind"]))
+    second_better = result.validations[1]["score"] > result.validations[0]["score"]
+    assert [r["best"] for r in vals] == [True, second_better]
+
+
+def test_selection_rule_weighs_every_kind_the_same() -> None:
+    """A step that wins on a frequent kind by ruining a rare one does not become best.pt."""
+
+    def res(kinds: dict[str, tuple[float, float, int]]) -> dict:
+        by = {k: {"iou": i, "coarse_iou": c, "n": n} for k, (i, c, n) in kinds.items()}
+        total = sum(n for *_, n in kinds.values())
+        iou = sum(i * n for i, _, n in kinds.values()) / total
+        ciou = sum(c * n for _, c, n in kinds.values()) / total
+        return {"iou": iou, "coarse_iou": ciou, "mba": 0.5, "by_kind": by}
+
+    balanced = res({"shapes": (0.93, 0.90, 18), "thin": (0.75, 0.70, 2)})
+    lopsided = res({"shapes": (0.96, 0.90, 18), "thin": (0.55, 0.70, 2)})  # higher overall IoU, thin ruined
+    assert lopsided["iou"] > balanced["iou"]
+    assert T.selection_score(balanced) == pytest.approx((0.03 + 0.05) / 2)
+    assert T.selection_score(lopsided) < T.selection_score(balanced)
+    # an older checkpoint's best (score = iou + mba) is compared on the per-kind rule
+    old_best = {**balanced, "score": balanced["iou"] + balanced["mba"]}
+    assert T.selection_score(old_best) == pytest.approx(0.04)
+    assert T.selection_score({"iou": 0.9, "coarse_iou": 0.8}) == pytest.approx(0.1)
 
 
 # ------------------------------------------------------------------------------ MagNet refinement module

@@ -84,7 +84,8 @@ def train_cmd(
     lr: Annotated[float | None, typer.Option(help="Peak AdamW learning rate (default 2e-3).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.pt "
                                          "(only --steps, --threads, --workers, --device, --val-every and "
-                                         "--ckpt-every may change).")] = False,
+                                         "--ckpt-every may change; the data mix, --kinds and "
+                                         "--perturbations included, may not).")] = False,
     val_every: Annotated[int | None, typer.Option(help="Validate every N steps (default 500; 0 = at the "
                                                   "end only).")] = None,
     val_size: Annotated[int | None, typer.Option(help="Validation sample side and global-step size L "
@@ -99,8 +100,18 @@ def train_cmd(
                                                 "(default ../shared/data/photos).")] = None,
     portraits: Annotated[Path | None, typer.Option(help="Folder with image/ and alpha*/ portraits (default "
                                                    "../shared/data/p3m-portraits-pseudogt).")] = None,
-    pairs: Annotated[Path | None, typer.Option(help="CSV or folder of your own image/mask pairs to mix in.")]
+    pairs: Annotated[Path | None, typer.Option(help="CSV or folder of your own image/mask pairs to mix in "
+                                               "(as pairs=0.3 unless --kinds names pairs).")]
     = None,
+    kinds: Annotated[str | None, typer.Option(
+        "--kinds", help="Sample kinds and their relative weights, name=weight,...; a bare name weighs 1: "
+        "shapes, portraits, pairs, aerial, cells, thin (default portraits=0.38,shapes=0.62). Validation "
+        "uses the same kinds, balanced, and best.pt is the step with the highest mean over kinds of the "
+        "IoU gain over the coarse masks. Fixed for the run (--resume keeps it).")] = None,
+    perturbations: Annotated[str | None, typer.Option(
+        "--perturbations", help="Coarse masks and their relative weights, name=weight,...: cascadepsp, "
+        "lowres, blobs, detector (the scene kinds' detector-like mask; cascadepsp for other kinds) "
+        "(default blobs=0.25,cascadepsp=0.45,lowres=0.3). Fixed for the run.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of initialisation and data (default 0).")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
     workers: Annotated[int | None, typer.Option(help="Data-generation processes (default 1).")] = None,
@@ -132,7 +143,8 @@ def train_cmd(
     stored_arch = magnet.checkpoint_arch(out) if resume and arch is None else None
     if magnet.ARCH in (arch, stored_arch):
         cascade_only = {"--val-size": val_size, "--val-n": val_n, "--precision": precision,
-                        "--workers": workers, "--pairs": pairs, "--arch-params": arch_params}
+                        "--workers": workers, "--pairs": pairs, "--arch-params": arch_params,
+                        "--kinds": kinds, "--perturbations": perturbations}
         bad = [flag for flag, value in cascade_only.items() if value is not None]
         if bad:
             raise UsageError(f"{', '.join(bad)} do not apply to --arch {magnet.ARCH}; drop them")
@@ -152,22 +164,49 @@ def train_cmd(
             settings.pop("arch_params", None)  # the weights bring their architecture (--tiny's included)
         if arch_params is not None:
             settings["arch_params"] = trainer.parse_arch_params(arch_params, settings.get("arch_params"))
-        if photos is not None or portraits is not None or pairs is not None:
-            settings["data"] = trainer.DataConfig(photos=photos, portraits=portraits, pairs=pairs)
+        folders = {"photos": photos, "portraits": portraits, "pairs": pairs}
+        data: dict[str, Any] = {k: v for k, v in folders.items() if v is not None}
+        if kinds is not None:
+            data["kinds"] = trainer.parse_mix(kinds, trainer.KINDS, "--kinds")
+        if perturbations is not None:
+            data["perturbations"] = trainer.parse_mix(perturbations, trainer.COARSE_METHODS,
+                                                      "--perturbations")
+        if data:
+            settings["data"] = trainer.DataConfig(**data)
         cfg = trainer.TrainConfig(out=out, **settings)
+        # on --resume only the data fields given are compared with the stored run's
+        overrides = {**settings, "data": data} if data else settings
         with _Bar(console, enabled=not quiet) as bar:
-            result = trainer.train(cfg, resume=resume, overrides=settings, progress=bar)
+            result = trainer.train(cfg, resume=resume, overrides=overrides, progress=bar)
     if not quiet:
-        from rich.table import Table
-
-        table = Table(title=f"refine train: {result.steps} steps in {result.out}", title_justify="left")
-        for col in ("", "IoU", "mBA", "coarse IoU", "coarse mBA"):
-            table.add_column(col)
-        for name, res in (("last validation", result.validations[-1] if result.validations else None),
-                          ("best", result.best)):
-            if res:
-                table.add_row(f"{name} (step {res['step']})", f"{res['iou']:.4f}", f"{res['mba']:.4f}",
-                              f"{res['coarse_iou']:.4f}", f"{res['coarse_mba']:.4f}")
-        console.print(table)
+        _print_summary(console, result)
     best = result.out / "best.pt"
     typer.echo(str(best if best.is_file() else result.final_weights))
+
+
+def _print_summary(console: Console, result: Any) -> None:
+    """The last and the best validation, overall and per kind, as a Rich table on stderr."""
+    from rich.table import Table
+
+    from refine_cli.train.trainer import selection_score
+
+    caption = None
+    if result.best:
+        caption = (f"best.pt: step {result.best['step']}, the highest mean over kinds of the IoU gain "
+                   f"({selection_score(result.best):+.4f})")
+    table = Table(title=f"refine train: {result.steps} steps in {result.out}", title_justify="left",
+                  caption=caption, caption_justify="left")
+    for col in ("", "IoU", "mBA", "coarse IoU", "coarse mBA", "IoU gain"):
+        table.add_column(col)
+    for name, res in (("last validation", result.validations[-1] if result.validations else None),
+                      ("best", result.best)):
+        if not res:
+            continue
+        table.add_row(f"{name} (step {res['step']})", f"{res['iou']:.4f}", f"{res['mba']:.4f}",
+                      f"{res['coarse_iou']:.4f}", f"{res['coarse_mba']:.4f}",
+                      f"{res['iou'] - res['coarse_iou']:+.4f}")
+        for kind, k in (res.get("by_kind") or {}).items():
+            gain = k["iou"] - k["coarse_iou"]
+            table.add_row(f"  {kind} ({k['n']})", f"{k['iou']:.4f}", f"{k['mba']:.4f}",
+                          f"{k['coarse_iou']:.4f}", f"{k['coarse_mba']:.4f}", f"{gain:+.4f}")
+    console.print(table)

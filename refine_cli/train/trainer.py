@@ -24,7 +24,18 @@ What a run writes to ``out``::
 Validation runs the official *global step* (:func:`refine_cli.refiners.cascadepsp.global_step`)
 at ``val_size`` on a fixed generated set (seed :data:`VAL_SEED`, never used for training)
 and, on ``val_full_n`` samples twice that size, the full global + local procedure; it reports
-IoU and mBA of the refined and of the coarse masks and the gain.
+IoU and mBA of the refined and of the coarse masks and the gain, overall, per sample kind
+and per coarse perturbation. The set is made of the run's own kinds and perturbations
+(``data.kinds``, ``data.perturbations``), balanced: entry ``i`` cycles through the kinds,
+then the perturbations, then three strengths (:func:`~refine_cli.train.data.make_eval_set`),
+so the kinds' counts differ by at most one.
+
+Model selection (``best.pt``, :func:`selection_score`): the validation with the highest
+**mean over the validated kinds of the IoU gain over the coarse mask** (global step),
+every kind weighing the same whatever its training weight or sample count. A step that
+gains in one domain only by losing as much or more in another does not score higher, and a
+domain with few samples cannot be traded away for a frequent one. The per-kind numbers of
+the selected step are in ``best.json`` (``metrics.by_kind``).
 
 Conventions: images enter the network through the model's own normalisation; masks are
 float32 in [0, 1] (``refine_cli.config``).
@@ -53,7 +64,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from refine_cli.errors import InputError, Interrupted, RefineError, UsageError, WeightsError
-from refine_cli.train.data import SampleSpec, color_jitter, make_eval_set, make_sample, random_crop
+from refine_cli.train.data import (
+    COARSE_METHODS,
+    KINDS,
+    SampleSpec,
+    color_jitter,
+    make_eval_set,
+    make_sample,
+    random_crop,
+)
 from refine_cli.train.losses import cascadepsp_loss
 
 logger = logging.getLogger(__name__)
@@ -80,8 +99,79 @@ _STREAM = 0x7EA1
 """Extra seed word of the per-item crop / augmentation random stream."""
 
 
+SELECTION_RULE = "mean over kinds of (IoU - coarse IoU), global step on the validation set"
+"""How ``best.pt`` is chosen (stored in sidecars): see :func:`selection_score`."""
+
+
 # --------------------------------------------------------------------------------------------
 # configuration
+
+
+Mix = tuple[tuple[str, float], ...]
+"""Relative weights as sorted ``(name, weight)`` pairs."""
+
+
+def check_mix(value: Any, names: Sequence[str], flag: str) -> Mix:
+    """Normalise and check a weight mix (``kinds`` or ``perturbations``).
+
+    Args:
+        value: a mapping ``name -> weight``, or ``(name, weight)`` pairs or bare names (weight 1).
+        names: the valid names.
+        flag: the option named in errors (``--kinds``).
+
+    Returns:
+        Sorted ``(name, weight)`` pairs (float weights).
+
+    Raises:
+        UsageError: an unknown or repeated name, a weight that is not a number >= 0, or no
+            positive weight; one line naming the valid names.
+    """
+    items = value.items() if isinstance(value, Mapping) else [value] if isinstance(value, str) else value
+    out: dict[str, float] = {}
+    for item in items:
+        name, weight = (item, 1.0) if isinstance(item, str) else item
+        name = str(name)
+        if name not in names:
+            raise UsageError(f"{flag}: unknown name {name!r}; the valid names are {', '.join(names)}")
+        if name in out:
+            raise UsageError(f"{flag}: {name!r} is given twice; give each name once")
+        try:
+            w = float(weight)
+        except (TypeError, ValueError):
+            raise UsageError(f"{flag}: the weight of {name!r} must be a number, got {weight!r}") from None
+        if not (w >= 0 and math.isfinite(w)):
+            raise UsageError(f"{flag}: the weight of {name!r} must be a finite number >= 0, got {weight!r}")
+        out[name] = w
+    if not any(w > 0 for w in out.values()):
+        raise UsageError(f"{flag}: give at least one name with a positive weight, e.g. {names[0]}=1")
+    return tuple(sorted(out.items()))
+
+
+def parse_mix(text: str, names: Sequence[str], flag: str) -> Mix:
+    """``--kinds`` / ``--perturbations``: ``name=weight,name=weight,...``; a bare name weighs 1.
+
+    Weights are relative (they need not sum to 1). ``"aerial"`` alone is ``aerial=1``.
+
+    Raises:
+        UsageError: empty text, a malformed item, or what :func:`check_mix` refuses (one line).
+    """
+    items: list[tuple[str, str] | str] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            raise UsageError(f"{flag} {text!r}: empty entry; write name=weight,name=weight (e.g. "
+                             f"{names[0]}=0.5,{names[1]}=0.5)")
+        if "=" in part:
+            name, _, weight = part.partition("=")
+            items.append((name.strip(), weight.strip()))
+        else:
+            items.append(part)
+    return check_mix(items, names, flag)
+
+
+def format_mix(mix: Mix) -> str:
+    """``name=weight,...`` (the ``--kinds`` syntax) of a mix."""
+    return ",".join(f"{k}={w:g}" for k, w in mix)
 
 
 @dataclass(frozen=True)
@@ -91,9 +181,15 @@ class DataConfig:
     Attributes:
         photos: folder of photos (``None``: ``../shared/data/photos`` when present).
         portraits: folder of portraits with mattes (``None``: the shared one when present).
-        pairs: CSV or folder of user image/mask pairs; adds the ``pairs`` kind when given.
-        kinds: relative weights of ``shapes`` / ``portraits`` / ``pairs``.
-        perturbations: relative weights of ``cascadepsp`` / ``lowres`` / ``blobs``.
+        pairs: CSV or folder of user image/mask pairs; adds the ``pairs`` kind (weight 0.3)
+            when given and ``kinds`` does not name it.
+        kinds: relative weights of the sample kinds (:data:`~refine_cli.train.data.KINDS`:
+            ``shapes`` / ``portraits`` / ``pairs`` / ``aerial`` / ``cells`` / ``thin``); a mapping,
+            pairs or bare names (weight 1). The validation set is made of the same kinds.
+        perturbations: relative weights of the coarse masks
+            (:data:`~refine_cli.train.data.COARSE_METHODS`: ``cascadepsp`` / ``lowres`` /
+            ``blobs`` / ``detector``; ``detector`` is the scene kinds' own detector-like mask and
+            means ``cascadepsp`` for the other kinds).
         strength: ``(low, high)``: each sample's perturbation strength is drawn uniformly here
             (1 = CascadePSP's recipe, target IoU 0.8-1; 2 = target IoU down to 0.6).
         scales: sample side = ``crop * scale`` (rounded to 8 px), drawn uniformly from these;
@@ -112,13 +208,12 @@ class DataConfig:
         for name in ("photos", "portraits", "pairs"):
             value = getattr(self, name)
             object.__setattr__(self, name, None if value is None else Path(value).expanduser())
-        kinds = dict(self.kinds.items() if isinstance(self.kinds, Mapping) else self.kinds)
+        kinds = dict(check_mix(self.kinds, KINDS, "--kinds"))
         if self.pairs is not None and "pairs" not in kinds:
             kinds["pairs"] = 0.3
-        object.__setattr__(self, "kinds", tuple(sorted((str(k), float(v)) for k, v in kinds.items())))
-        perts = self.perturbations
-        perts = perts.items() if isinstance(perts, Mapping) else perts
-        object.__setattr__(self, "perturbations", tuple(sorted((str(k), float(v)) for k, v in perts)))
+        object.__setattr__(self, "kinds", tuple(sorted(kinds.items())))
+        perts = check_mix(self.perturbations, COARSE_METHODS, "--perturbations")
+        object.__setattr__(self, "perturbations", perts)
         lo, hi = (float(v) for v in self.strength)
         if not 0.0 < lo <= hi <= 2.0:
             raise UsageError(f"strength range {self.strength} must satisfy 0 < low <= high <= 2")
@@ -312,15 +407,56 @@ def resume_config(stored: TrainConfig, overrides: Mapping[str, Any]) -> TrainCon
     for key, value in overrides.items():
         if key in ("out",):
             continue
+        if key == "data":
+            _check_resume_data(stored, value)
+            continue
         current = getattr(stored, key)
         if key in RESUME_OVERRIDABLE:
             changes[key] = value
-        elif value != current and not (key == "data" and value == stored.data):
+        elif value != current:
             raise UsageError(
                 f"--resume continues the run in {stored.out} whose {key} is {current!r}, not {value!r}; "
                 f"drop that flag, or train into a new --out folder"
             )
     return replace(stored, **changes)
+
+
+_DATA_FLAGS = {"kinds": "--kinds", "perturbations": "--perturbations", "photos": "--photos",
+               "portraits": "--portraits", "pairs": "--pairs", "strength": "strength", "scales": "scales"}
+
+
+def _check_resume_data(stored: TrainConfig, given: DataConfig | Mapping[str, Any]) -> None:
+    """Refuse a resume whose data options differ from the stored run's (all are fixed).
+
+    Args:
+        stored: the checkpoint's config.
+        given: a whole :class:`DataConfig`, or only the data fields the caller set (the CLI's
+            ``--kinds``, ``--photos`` ...), each compared after normalisation against the
+            stored run's (a bare ``--kinds`` equal to the stored mix is accepted).
+
+    Raises:
+        UsageError: a field differs; names the flag, the stored and the given value.
+    """
+    if isinstance(given, DataConfig):
+        candidate = given
+        names = [f.name for f in dataclasses.fields(DataConfig)]
+    else:
+        try:
+            candidate = replace(stored.data, **dict(given))
+        except UsageError as exc:
+            raise UsageError(f"--resume: {exc}") from None
+        names = list(given)
+    for name in names:
+        have, want = getattr(stored.data, name), getattr(candidate, name)
+        if have == want:
+            continue
+        show = format_mix if name in ("kinds", "perturbations") else repr
+        flag = _DATA_FLAGS.get(name, name)
+        raise UsageError(
+            f"--resume continues the run in {stored.out} whose {flag} is {show(have)}, "
+            f"not {show(want)}; the data mix cannot change on resume: drop that flag, or train into a new "
+            f"--out folder"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,8 +839,21 @@ class ValidationSet:
 
 
 def make_validation_set(cfg: TrainConfig) -> ValidationSet:
-    """The validation samples of a run (seed :data:`VAL_SEED`, strengths 0.5 / 1 / 1.5)."""
+    """The validation samples of a run (seed :data:`VAL_SEED`, strengths 0.5 / 1 / 1.5).
+
+    Made of the run's kinds and perturbations (``cfg.data``), balanced by
+    :func:`~refine_cli.train.data.make_eval_set`: entry ``i`` has kind ``i mod K`` and
+    perturbation ``(i div K) mod P`` (``K`` kinds, ``P`` perturbations, sorted by name), so each
+    kind gets ``val_n / K`` entries (+-1) and, within a kind, the perturbations cycle. A
+    ``val_n`` that is a multiple of ``K * P`` balances both exactly. Logs a warning when
+    ``val_n`` is below ``K`` (some kinds would go unvalidated and out of model selection).
+    """
     base = cfg.data.spec(cfg.val_size, VAL_SEED)
+    kinds = [k for k, w in base.kinds if w > 0]
+    if cfg.val_n < len(kinds):
+        logger.warning("validation: --val-n %d covers %d of the %d kinds (%s); the others are neither "
+                       "validated nor part of model selection: use --val-n %d or more",
+                       cfg.val_n, cfg.val_n, len(kinds), ", ".join(kinds), len(kinds))
 
     def take(n: int, size: int, seed: int) -> list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]:
         if n == 0:
@@ -714,6 +863,36 @@ def make_validation_set(cfg: TrainConfig) -> ValidationSet:
 
     return ValidationSet(cfg.val_size, take(cfg.val_n, cfg.val_size, VAL_SEED),
                          take(cfg.val_full_n, 2 * cfg.val_size, VAL_SEED + 1))
+
+
+def validation_counts(vset: ValidationSet) -> dict[str, dict[str, int]]:
+    """How many global-step validation samples each kind and each perturbation has (for sidecars).
+
+    A ``detector`` entry of a kind that has no detector mask counts as ``cascadepsp``, the
+    coarse mask it really got.
+    """
+    kinds: dict[str, int] = {}
+    perts: dict[str, int] = {}
+    for kind, pert, *_ in vset.samples:
+        kinds[kind] = kinds.get(kind, 0) + 1
+        perts[pert] = perts.get(pert, 0) + 1
+    return {"kinds": dict(sorted(kinds.items())), "perturbations": dict(sorted(perts.items()))}
+
+
+def selection_score(res: Mapping[str, Any]) -> float:
+    """The model-selection score of a validation result: higher is better.
+
+    The mean over the validated kinds (``res["by_kind"]``) of ``iou - coarse_iou`` (global
+    step), each kind weighing the same whatever its sample count or training weight; a result
+    without ``by_kind`` scores its overall ``iou - coarse_iou``. Recomputed from the per-kind
+    numbers, so the ``best`` of a checkpoint written under an earlier rule (``iou + mba``)
+    compares on this rule when the run resumes.
+    """
+    by_kind = res.get("by_kind") or {}
+    gains = [float(v["iou"]) - float(v["coarse_iou"]) for v in by_kind.values()]
+    if not gains:
+        return float(res["iou"]) - float(res["coarse_iou"])
+    return float(np.mean(gains))
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -730,43 +909,54 @@ def validate(model: nn.Module, vset: ValidationSet, precision: str = "fp32") -> 
 
     Returns:
         ``iou``, ``mba`` (global step, refined), ``coarse_iou``, ``coarse_mba``, ``gain_iou``,
-        ``gain_mba``, ``score`` (``iou + mba``, the best-checkpoint criterion), ``by_kind``
-        (the same per sample kind), and ``full_*`` for the global + local samples when any.
+        ``gain_mba``, ``n``; ``by_kind`` and ``by_perturbation`` (the same per sample kind and
+        per coarse mask actually used); ``score`` (:func:`selection_score`, the best-checkpoint
+        criterion: the mean over kinds of ``gain_iou``) and ``worst_kind`` (the kind with the
+        lowest ``gain_iou``: ``{"kind", "gain_iou"}``); ``full_*`` for the global + local
+        samples when any (overall, and ``full_by_kind``).
     """
     from refine_cli.evaluate import evaluate_arrays
     from refine_cli.refiners.cascadepsp import fast_output, global_step, refine_exact
 
     was_training = model.training
     model.eval()
-    rows: list[tuple[str, float, float, float, float]] = []
+    Row = tuple[str, str, float, float, float, float]  # kind, perturbation, IoU, mBA, coarse IoU, mBA
+    rows: list[Row] = []
+    full_rows: list[Row] = []
     try:
-        for kind, _pert, image, gt, coarse in vset.samples:
+        for kind, pert, image, gt, coarse in vset.samples:
             glob = global_step(model, image, coarse, vset.size, precision=precision)
             pred = fast_output(glob)[0, 0].numpy()
             r, c = evaluate_arrays(pred, gt), evaluate_arrays(coarse, gt)
-            rows.append((kind, float(r.iou), float(r.mba), float(c.iou), float(c.mba)))
-        full_rows = []
-        for _kind, _pert, image, gt, coarse in vset.full:
+            rows.append((kind, pert, float(r.iou), float(r.mba), float(c.iou), float(c.mba)))
+        for kind, pert, image, gt, coarse in vset.full:
             pred, _ = refine_exact(model, image, coarse, size=vset.size, precision=precision)
             r, c = evaluate_arrays(pred, gt), evaluate_arrays(coarse, gt)
-            full_rows.append((float(r.iou), float(r.mba), float(c.iou), float(c.mba)))
+            full_rows.append((kind, pert, float(r.iou), float(r.mba), float(c.iou), float(c.mba)))
     finally:
         model.train(was_training)
 
-    def summary(sel: Sequence[tuple[str, float, float, float, float]]) -> dict[str, float]:
-        iou, mba = _mean([r[1] for r in sel]), _mean([r[2] for r in sel])
-        ciou, cmba = _mean([r[3] for r in sel]), _mean([r[4] for r in sel])
+    def summary(sel: Sequence[Row]) -> dict[str, float]:
+        iou, mba = _mean([r[2] for r in sel]), _mean([r[3] for r in sel])
+        ciou, cmba = _mean([r[4] for r in sel]), _mean([r[5] for r in sel])
         return {"iou": iou, "mba": mba, "coarse_iou": ciou, "coarse_mba": cmba,
                 "gain_iou": iou - ciou, "gain_mba": mba - cmba, "n": len(sel)}
 
+    def grouped(sel: Sequence[Row], col: int) -> dict[str, dict[str, float]]:
+        return {k: summary([r for r in sel if r[col] == k]) for k in sorted({r[col] for r in sel})}
+
     out: dict[str, Any] = summary(rows)
-    out["score"] = out["iou"] + out["mba"]
-    out["by_kind"] = {k: summary([r for r in rows if r[0] == k]) for k in sorted({r[0] for r in rows})}
+    out["by_kind"] = grouped(rows, 0)
+    out["by_perturbation"] = grouped(rows, 1)
+    out["score"] = selection_score(out)
+    worst = min(out["by_kind"].items(), key=lambda kv: kv[1]["gain_iou"])
+    out["worst_kind"] = {"kind": worst[0], "gain_iou": worst[1]["gain_iou"]}
     if full_rows:
-        out["full_iou"] = _mean([r[0] for r in full_rows])
-        out["full_mba"] = _mean([r[1] for r in full_rows])
-        out["full_coarse_iou"] = _mean([r[2] for r in full_rows])
-        out["full_coarse_mba"] = _mean([r[3] for r in full_rows])
+        out["full_iou"] = _mean([r[2] for r in full_rows])
+        out["full_mba"] = _mean([r[3] for r in full_rows])
+        out["full_coarse_iou"] = _mean([r[4] for r in full_rows])
+        out["full_coarse_mba"] = _mean([r[5] for r in full_rows])
+        out["full_by_kind"] = grouped(full_rows, 0)
     return out
 
 
@@ -974,7 +1164,9 @@ def _run(
     stream = TrainStream(cfg.data, cfg.crop, cfg.seed, cfg.steps * cfg.batch_size)
     vset = make_validation_set(cfg)
     meta_base = {"arch": cfg.arch, "arch_params": arch_params, "crop": cfg.crop, "batch_size": cfg.batch_size,
-                 "data": cfg.data.to_dict(), "seed": cfg.seed, "val_seed": VAL_SEED, "val_size": cfg.val_size}
+                 "data": cfg.data.to_dict(), "seed": cfg.seed, "val_seed": VAL_SEED, "val_size": cfg.val_size,
+                 "validation": {"n": len(vset.samples), "full_n": len(vset.full), **validation_counts(vset),
+                                "selection": SELECTION_RULE}}
     if cfg.init is not None:
         meta_base["init"] = init_meta if init_meta is not None else (state or {}).get("init")
 
@@ -999,8 +1191,17 @@ def _run(
             "step %d: val IoU %.4f (coarse %.4f, %+.4f), mBA %.4f (coarse %.4f, %+.4f)%s", step, res["iou"],
             res["coarse_iou"], res["gain_iou"], res["mba"], res["coarse_mba"], res["gain_mba"], full,
         )
-        log.write({"type": "val", **res})
-        if best is None or res["score"] > best["score"]:
+        for kind, k in res["by_kind"].items():
+            logger.info("  %-10s IoU %.4f (coarse %.4f, %+.4f), mBA %.4f (coarse %.4f, %+.4f), n %d",
+                        kind, k["iou"], k["coarse_iou"], k["gain_iou"], k["mba"], k["coarse_mba"],
+                        k["gain_mba"], k["n"])
+        improved = best is None or res["score"] > selection_score(best)
+        kept = "new best" if best is None or improved else \
+            f"best stays step {best['step']} ({selection_score(best):+.4f})"
+        logger.info("  selection score (mean IoU gain over kinds) %+.4f; worst kind %s %+.4f; %s",
+                    res["score"], res["worst_kind"]["kind"], res["worst_kind"]["gain_iou"], kept)
+        log.write({"type": "val", **res, "best": improved})
+        if improved:
             best = dict(res)
             export_weights(model, cfg.out / "best.pt", {**meta_base, "steps": step, "metrics": res})
         return res
