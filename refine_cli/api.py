@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from refine_cli.config import RefineConfig
-from refine_cli.engine.outputs import OutputSpec, OutputWriter, bytes_per_pixel, mask_layout
 from refine_cli.engine.checkpoint import RunCheckpoint, config_hash, file_identity, segment_rows_for
 from refine_cli.engine.levels import run_levels
+from refine_cli.engine.outputs import OutputSpec, OutputWriter, bytes_per_pixel, mask_layout
 from refine_cli.errors import Interrupted, UsageError
 from refine_cli.io.image import ImageSource, area_downscale
 from refine_cli.io.masks import MaskSource
@@ -41,6 +41,7 @@ from refine_cli.io.writers import (
 )
 from refine_cli.refiners import build_refiner, uses_torch
 from refine_cli.refiners.base import Scene
+from refine_cli.refiners.guard import guard_notes, guard_params, guard_report
 from refine_cli.report.summary import RunReport, library_versions, peak_rss_bytes
 from refine_cli.report.timing import StageTimer
 from refine_cli.segment import segment_file
@@ -284,13 +285,15 @@ def refine_file(
         for k in (mask_sink, unc_sink):
             if isinstance(k, SegmentedSink) and k.next_row > start_row:
                 k.rewind(start_row)
+        guard = guard_params(config, refiner, msk, (H, W))
         writer = OutputWriter(spec, labels, mask_sink, unc_sink,
-                              refiner_uncertainty=bool(getattr(refiner, "provides_uncertainty", False)))
+                              refiner_uncertainty=guard is not None
+                              or bool(getattr(refiner, "provides_uncertainty", False)))
         levels = run_levels(
             src, msk, refiner, writer, timer=timer, budget=config.max_memory, resident=held,
             bytes_out=bytes_per_pixel(spec, channels, labels), overlap=config.overlap, tile_size=config.tile_size,
             batch_size=batch, skip_uniform=config.skip_uniform, tmp_dir=tmp_dir, progress=progress,
-            work_dir=checkpoint.path("levels") if checkpoint else None, start_row=start_row,
+            work_dir=checkpoint.path("levels") if checkpoint else None, start_row=start_row, guard=guard,
         )
         with timer.stage("write"):
             writer.commit()
@@ -315,6 +318,15 @@ def refine_file(
         if seg_dir is not None:
             shutil.rmtree(seg_dir, ignore_errors=True)
 
+    resumed = int(levels[-1].stats.extra.get("resumed_from_row", 0))
+    guard_level = levels[-1] if "guard" in levels[-1].stats.extra else None
+    ran = list(levels)
+    if guard_level is not None:  # the report's tiles and levels are the refiner's; the guard's go to `guard`
+        levels = levels[:-1]
+    guard_facts = guard_report(config, refiner, msk, guard, None if guard_level is None else {
+        **guard_level.stats.extra["guard"], "tiles": guard_level.stats.tiles_total,
+        "tiles_checked": guard_level.stats.tiles_refined, "tile_size": guard_level.grid.tile_size,
+        "halo": guard_level.grid.halo, "estimate_bytes": guard_level.memory.total})
     wall = time.perf_counter() - t_start
     rep = RunReport(
         image={**{k: v for k, v in img_reader.describe().items() if k != "levels"},
@@ -328,7 +340,7 @@ def refine_file(
                "refined": sum(lv.stats.tiles_refined for lv in levels),
                "skipped": sum(lv.stats.tiles_skipped for lv in levels),
                "refiner_calls": sum(lv.stats.refiner_calls for lv in levels),
-               "resumed_from_row": int(levels[-1].stats.extra.get("resumed_from_row", 0))},
+               "resumed_from_row": resumed},
         stages=timer.seconds(),
         wall_seconds=wall,
         megapixels=H * W / 1e6,
@@ -337,12 +349,14 @@ def refine_file(
         peak_gpu_bytes=_peak_gpu(device),
         memory_plan={"tile_size": levels[-1].grid.tile_size, "overlap": levels[-1].grid.overlap,
                      "halo": levels[-1].grid.halo, "queue_depth": levels[-1].memory.queue_depth,
-                     "estimate_bytes": max(lv.memory.total for lv in levels), "budget": config.max_memory,
+                     "estimate_bytes": max(lv.memory.total for lv in ran),
+                     "budget": config.max_memory,
                      "items": levels[-1].memory.estimate},
         levels=[lv.to_dict() for lv in levels],
         versions=library_versions(),
         config={**config.to_dict(), "threads_used": threads},
-        notes=list(scene.info.get("notes", [])),
+        notes=list(scene.info.get("notes", [])) + guard_notes(guard_facts),
+        guard=guard_facts,
         started=started,
         finished=_utc_now(),
         command=command,

@@ -182,6 +182,11 @@ class RefineConfig:
             converted once to a tiled temporary file.
         max_pixels: refuse images declaring more pixels than this (decompression-bomb guard).
         threads: CPU threads for torch/OpenCV; ``None`` uses all cores.
+        guard: ``on``: the do-no-harm guard holds back the refiner's changes that lie beyond the
+            coarse mask's error band, detach from its boundary, or delete a small component whole
+            (``refine_cli.refiners.guard``); ``off``: the refiner's output as is.
+        max_shift: the guard's band, px: how far the true boundary may lie from the coarse one;
+            ``None`` derives it from the mask's resolution.
         guided: options of the guided filter.
         cascade: options of CascadePSP.
         magnet: options of MagNet-Fast.
@@ -201,6 +206,8 @@ class RefineConfig:
     inline_limit: int = 64_000_000
     max_pixels: int = 50_000_000_000
     threads: int | None = None
+    guard: str = "on"
+    max_shift: float | None = None
     guided: GuidedOptions = field(default_factory=GuidedOptions)
     cascade: CascadeOptions = field(default_factory=CascadeOptions)
     magnet: MagnetOptions = field(default_factory=MagnetOptions)
@@ -224,6 +231,10 @@ class RefineConfig:
         if self.classes is not None and not 2 <= self.classes <= 65535:
             raise UsageError(f"--classes {self.classes} must be between 2 and 65535")
         check_mask_kind(self.mask_kind, self.classes)
+        if self.guard not in ("on", "off"):
+            raise UsageError(f"--guard {self.guard!r}: use on or off")
+        if self.max_shift is not None and not self.max_shift > 0:
+            raise UsageError(f"--max-shift {self.max_shift} must be > 0 px")
         if self.cascade.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.cascade.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.cascade.size is not None and (self.cascade.size < 66 or self.cascade.size % 2):

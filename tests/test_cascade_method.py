@@ -42,8 +42,8 @@ def small(tmp_path_factory):
     return make_scene(tmp_path_factory.mktemp("csmall"), (450, 600), 9)
 
 
-def run(d, tmp_path, tiny, name, soft=False, max_memory=None, **cascade):
-    cfg = RefineConfig(method="cascade", max_memory=max_memory or 4 << 30, soft=soft,
+def run(d, tmp_path, tiny, name, soft=False, max_memory=None, guard="on", **cascade):
+    cfg = RefineConfig(method="cascade", max_memory=max_memory or 4 << 30, soft=soft, guard=guard,
                        cascade=CascadeOptions(weights=str(tiny), **{"size": 200, "snap": "off", **cascade}))
     out = tmp_path / f"{name}.tif"
     rep = refine_file(str(d / "img.png"), str(d / "coarse.png"), str(out), config=cfg,
@@ -139,8 +139,9 @@ def test_edge_snap_is_a_tiled_last_level(scene, tmp_path, tiny):
     have no such level, and the report says which ran."""
     from refine_cli.refiners.classical import guided_filter
 
-    plain, rep_off = run(scene, tmp_path, tiny, "snap_off", exact=True, size=400, soft=True)
-    snapped, rep_on = run(scene, tmp_path, tiny, "snap_on", exact=True, size=400, soft=True, snap="auto")
+    plain, rep_off = run(scene, tmp_path, tiny, "snap_off", exact=True, size=400, soft=True, guard="off")
+    snapped, rep_on = run(scene, tmp_path, tiny, "snap_on", exact=True, size=400, soft=True, snap="auto",
+                          guard="off")
     assert rep_off.refiner["snap"] == "off" and len(rep_off.levels) == 1
     assert rep_on.refiner["snap"] == {"radius": 8, "eps": 1e-4, "halo": 17}
     assert [lv["width"] for lv in rep_on.levels] == [1200, 1200] and rep_on.levels[1]["tiles"] > 1
@@ -193,8 +194,8 @@ def test_automatic_path_fits_the_budget_for_a_decoded_jpeg(jpeg_scene, tmp_path,
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_every_long_step_reports_progress(small, scene, tmp_path, tiny, exact):
-    """The global step, the local patches of the exact path, every level's tiles and the edge snap
-    each report progress (the exact path used to show one tile for its whole run)."""
+    """The global step, the local patches of the exact path, every level's tiles, the edge snap and
+    the guard each report progress (the exact path used to show one tile for its whole run)."""
     seen: list[tuple[str, int, int]] = []
     d = small if exact else scene
     cfg = RefineConfig(method="cascade", cascade=CascadeOptions(weights=str(tiny), size=400 if exact else 200,
@@ -209,6 +210,7 @@ def test_every_long_step_reports_progress(small, scene, tmp_path, tiny, exact):
         assert len(local) >= 2 and local[-1][0] == local[-1][1] > 0
     last = stages[-1]
     n_levels = len([s for s in stages if "tiles" in s])
-    assert last.endswith("snap tiles") and last.startswith(f"level {n_levels}/")
+    assert last.endswith("guard tiles") and last.startswith(f"level {n_levels}/")
+    assert stages[-2].endswith("snap tiles")
     done = [(d, t) for s, d, t in seen if s == last]
     assert done[-1][0] == done[-1][1] > 0

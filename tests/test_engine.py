@@ -70,7 +70,7 @@ def test_skipping_uniform_tiles_changes_nothing(scene_files):
 
 def test_soft_and_png_and_uncertainty_outputs(scene_files, tmp_path):
     d = scene_files
-    cfg = RefineConfig(soft=True)
+    cfg = RefineConfig(soft=True, guard="off")  # the guard marks held pixels 255 (tests/test_guard.py)
     rep = refine_file(str(d / "img.png"), str(d / "coarse.png"), str(tmp_path / "soft.tif"), config=cfg,
                       uncertainty=str(tmp_path / "unc.tif"), report=str(tmp_path / "rep.json"))
     soft = tifffile.imread(tmp_path / "soft.tif")

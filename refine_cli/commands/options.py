@@ -74,6 +74,8 @@ class RunOptions:
     cog: bool = False
     bands: str | None = None
     threads: int | None = None
+    guard: str = "on"
+    max_shift: float | None = None
     max_pixels: float = 5e10
     inline_limit: float = 6.4e7
 
@@ -87,7 +89,7 @@ class RunOptions:
             method=self.method, device=self.device, max_memory=parse_size(self.max_memory),
             tile_size=self.tile_size, overlap=self.overlap, skip_uniform=not self.no_skip,
             classes=self.classes, threshold=self.threshold, soft=self.soft, threads=self.threads,
-            mask_kind=self.mask_kind,
+            mask_kind=self.mask_kind, guard=self.guard, max_shift=self.max_shift,
             max_pixels=int(self.max_pixels), inline_limit=int(self.inline_limit),
             guided=GuidedOptions(radius=self.radius, eps=self.eps),
             cascade=CascadeOptions(size=self.cascade_size, fast=self.fast, weights=self.weights,
@@ -121,6 +123,11 @@ OPTIONS: dict[str, Any] = {
                       "binary (non-zero is foreground), soft (probabilities: uint8 v/255, uint16 v/65535, "
                       "float as is), labels (class indices 0..C-1 refined per class, C from --classes or "
                       "max+1) or instances (object ids, refined as one foreground)."),
+    "guard": _opt(str, "--guard", "on: keep the coarse mask wherever the refiner's change is implausible "
+                  "(beyond --max-shift of the coarse boundary, detached from it, or deleting a small object "
+                  "whole; counts in the report); off: the refiner's output as is."),
+    "max_shift": _opt(float | None, "--max-shift", "guard: how far (px) the true boundary may lie from the "
+                      "coarse mask's (default: from the mask's resolution, see README)."),
     "device": _opt(str, "--device", "auto, cpu, cuda or cuda:N."),
     "max_memory": _opt(str, "--max-memory", "RAM budget, e.g. 2G or 1500M; tile size follows."),
     "tile_size": _opt(int | None, "--tile-size", "Tile side in px (default: from the budget)."),

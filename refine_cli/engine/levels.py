@@ -7,6 +7,11 @@ built once by streaming (``io.image.image_level``), each level's result is
 written to a temporary K-band float TIFF and becomes the next level's coarse
 input (``io.masks.ProbSource``, resampled per window), and only the last level
 goes to the user's outputs. Memory is bounded per level exactly as for one grid.
+
+With a guard (``refiners.guard``), one more full-resolution level follows the
+refiner's last: it reads the refiner's result and the user's mask side by side
+(``io.masks.StackedSource``) and holds back the changes the coarse mask does not
+allow. Label maps are not guarded.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ from typing import Any
 from refine_cli.engine.budget import MemoryPlan, plan_memory
 from refine_cli.engine.runner import GridRunner, GridStats
 from refine_cli.io.image import ImageSource, image_level
-from refine_cli.io.masks import ProbSource
+from refine_cli.io.masks import ProbSource, StackedSource
 from refine_cli.io.readers import TiffReader
 from refine_cli.io.writers import TiffSink
 from refine_cli.refiners.base import Refiner
+from refine_cli.refiners.guard import GuardParams, GuardRefiner
 from refine_cli.report.timing import StageTimer
 from refine_cli.tiling.grid import GridPlan, plan_grid
 
@@ -94,6 +100,7 @@ def run_levels(
     work_dir: str | None = None,
     start_row: int = 0,
     resident: int = 0,
+    guard: GuardParams | None = None,
 ) -> list[LevelResult]:
     """Refine every level of ``refiner`` and write the last one to ``final_writer``.
 
@@ -116,6 +123,8 @@ def run_levels(
             a level whose file is already there (written atomically) is not computed again.
         start_row: rows of the final level already written by an interrupted run.
         resident: bytes of inputs held decoded in memory all run long (an item of every plan).
+        guard: run the guard level after the refiner's last (binary and soft masks only); its
+            counts go to the last result's ``stats.extra["guard"]``.
 
     Returns:
         One :class:`LevelResult` per level, coarse to fine.
@@ -123,17 +132,31 @@ def run_levels(
     shapes = refiner.level_shapes(src.shape)
     if shapes[-1] != src.shape:
         raise ValueError(f"the last level must be the image size {src.shape}, got {shapes[-1]}")
+    n_inner = len(shapes)
+    guarded = guard is not None and mask is not None and not mask.is_labels
+    if guarded:
+        shapes = [*shapes, src.shape]
     init = refiner.initial_coarse()
     coarse: Any = ProbSource(init, shapes[0], "global step") if init is not None else mask
     own_folder = work_dir is None and len(shapes) > 1
     folder = tempfile.mkdtemp(prefix="refine-levels-", dir=tmp_dir) if own_folder else work_dir
     results: list[LevelResult] = []
     opened: list[Any] = []
+    inner_unc = False
     try:
         for i, shape in enumerate(shapes):
             final = i == len(shapes) - 1
-            level_refiner = refiner.for_level(i, final)
+            if guarded and final:
+                assert guard is not None
+                level_refiner: Refiner = GuardRefiner(guard, src.shape, inner_uncertainty=inner_unc)
+                coarse = StackedSource(coarse, mask)
+            else:
+                level_refiner = refiner.for_level(i, i == n_inner - 1)
             channels = coarse.channels if coarse.is_labels else level_refiner.out_channels(coarse.channels)
+            if guarded and i == n_inner - 1:
+                inner_unc = bool(getattr(level_refiner, "provides_uncertainty", False))
+            if inner_unc and not final:
+                channels += 1  # the guard passes the refiner's uncertainty on
             level_bytes = bytes_out if final else 4 * channels
             mplan = plan_memory(
                 shape, budget=budget, halo=level_refiner.halo, channels=channels, batch=batch_size,
@@ -174,6 +197,8 @@ def run_levels(
                 if not final:
                     with timer.stage("write"):
                         writer.commit()
+            if isinstance(level_refiner, GuardRefiner):
+                stats.extra["guard"] = level_refiner.describe()
             results.append(LevelResult(shape, stats, mplan, grid))
             log.info("level %d/%d %dx%d: %d tiles, %d refined, %d skipped", i + 1, len(shapes), shape[1],
                      shape[0], stats.tiles_total, stats.tiles_refined, stats.tiles_skipped)
@@ -184,8 +209,9 @@ def run_levels(
     finally:
         for image in opened:
             image.close()
-        if isinstance(coarse, ProbSource):
-            coarse.close()
+        for part in getattr(coarse, "parts", (coarse,)):
+            if isinstance(part, ProbSource):
+                part.close()
         if own_folder and folder:
             shutil.rmtree(folder, ignore_errors=True)
     return results

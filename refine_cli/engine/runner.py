@@ -215,7 +215,8 @@ class GridRunner:
         """Refine a batch of non-skipped items (binary: batched; labels: per class)."""
         results: list[_Result] = []
         if not self.labels:
-            inputs = [TileInput(it.image, it.coarse, it.tile.read) for it in items]  # type: ignore[arg-type]
+            inputs = [TileInput(it.image, it.coarse, it.tile.read,  # type: ignore[arg-type]
+                                core=self.plan.owned(it.tile).relative_to(it.tile.read)) for it in items]
             with self.timer.stage("refine"):
                 outs = self.refiner.refine_batch(inputs)
             self.stats.refiner_calls += len(items)

@@ -55,6 +55,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -715,3 +716,51 @@ class ProbSource:
     def close(self) -> None:
         """Release the underlying raster."""
         self.reader.close()
+
+
+class StackedSource:
+    """Several coarse sources on one grid read as one, their channels side by side.
+
+    The guard level reads the refiner's result and the user's mask through it.
+
+    Args:
+        parts: sources with the same ``shape`` (none of them a label map).
+    """
+
+    is_labels = False
+
+    def __init__(self, *parts: Any) -> None:
+        if not parts or any(p.is_labels for p in parts) or len({tuple(p.shape) for p in parts}) != 1:
+            raise ValueError("stacked sources must be non-label sources of one shape")
+        self.parts = parts
+        self.shape = tuple(parts[0].shape)
+        self.channels = sum(int(p.channels) for p in parts)
+
+    def constant(self, window: Window) -> np.ndarray | None:
+        """The ``(K,)`` values if every part is constant over ``window`` and channel 0 of every part
+        lies on the same side of 0.5, else ``None``."""
+        values = []
+        for p in self.parts:
+            v = p.constant(window)
+            if v is None:
+                return None
+            values.append(v)
+        sides = {bool(v[0] >= 0.5) for v in values}
+        return np.concatenate(values).astype(np.float32) if len(sides) == 1 else None
+
+    def binary_uniform(self, window: Window, threshold: float = 0.5) -> bool:
+        """Whether channel 0 of every part lies on one and the same side of ``threshold`` over ``window``."""
+        sides = set()
+        for p in self.parts:
+            if not p.binary_uniform(window, threshold):
+                return False
+            sides.add(bool(p.read_k(Window(window.row, window.col, 1, 1))[0, 0, 0] >= threshold))
+        return len(sides) == 1
+
+    def read_k(self, window: Window) -> np.ndarray:
+        """``(h, w, K)`` float32: the parts' channels in order."""
+        return np.concatenate([p.read_k(window) for p in self.parts], axis=-1)
+
+    def read(self, window: Window) -> np.ndarray:
+        """``(h, w)`` float32 channel 0."""
+        return self.read_k(window)[..., 0]

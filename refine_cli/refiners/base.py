@@ -65,11 +65,14 @@ class TileInput:
         image: ``(h, w, 3)`` uint8 RGB over ``window`` (``None`` for refiners with ``needs_image = False``).
         coarse: ``(h, w)`` (or ``(h, w, K)``) float32 probability in [0, 1] over ``window``.
         window: where the arrays lie in the level's pixel grid (tile + halo).
+        core: the part of ``window`` this tile alone accounts for (relative to ``window``; the
+            owned windows of a grid partition the image), for counts kept per pixel; ``None``: all.
     """
 
     image: np.ndarray | None
     coarse: np.ndarray
     window: Window
+    core: Window | None = None
 
 
 @dataclass
@@ -123,6 +126,9 @@ class Refiner(abc.ABC):
     needs_image: ClassVar[bool] = True
     """``False`` for refiners that only transform the coarse input: the engine then does not
     read (decode) the image and ``TileInput.image`` is ``None``."""
+    guarded: ClassVar[bool] = True
+    """Whether the engine's do-no-harm guard (``refiners.guard``) checks this refiner's result against
+    the user's mask (``False`` for refiners that cannot change a class, e.g. the null refiner)."""
     skip_rule: ClassVar[str] = "uniform"
     """When the engine may skip a tile (with ``skip_uniform``): ``uniform`` = the coarse input is
     constant over the tile and its halo (the copy is then exact for refiners that keep constants);

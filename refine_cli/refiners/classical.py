@@ -22,6 +22,7 @@ class CoarseRefiner(Refiner):
     """
 
     name = "coarse"
+    guarded = False
     halo = 0
     needs_image = False
 

@@ -57,6 +57,11 @@ class RunReport:
         started: when the run started, ISO 8601 UTC (``2026-12-06T21:49:43Z``).
         finished: when it finished, the same format.
         command: the command line that ran it (shell-quoted), or ``None`` for a library call.
+        guard: what the do-no-harm guard did (``refine_cli.refiners.guard``): ``state`` (``on``,
+            ``off`` or why it did not run), its ``band`` and ``component`` sizes, and the counts
+            ``pixels_changed`` (by the refiner), ``pixels_held`` (of those, kept as in the coarse mask),
+            ``far`` / ``detached`` / ``restored`` (held pixels per rule), ``components_restored`` and
+            ``regions_detached``.
     """
 
     image: dict[str, Any] = field(default_factory=dict)
@@ -80,6 +85,7 @@ class RunReport:
     started: str = ""
     finished: str = ""
     command: str | None = None
+    guard: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""

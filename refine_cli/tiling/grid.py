@@ -218,6 +218,16 @@ class GridPlan:
         """The tiles of one grid row, left to right."""
         return [self.tile(grid_row, j) for j in range(self.grid_shape[1])]
 
+    def owned(self, tile: Tile) -> Window:
+        """The part of ``tile.window`` that this tile alone accounts for: from its start to the next
+        tile's start on each axis (to the image's end for the last tile). The owned windows of a grid
+        partition the image: counting per tile over them counts every pixel once."""
+        g, c = tile.grid_row, tile.grid_col
+        r1 = self.row_starts[g + 1] if g + 1 < len(self.row_starts) else self.shape[0]
+        c1 = self.col_starts[c + 1] if c + 1 < len(self.col_starts) else self.shape[1]
+        r0, c0 = self.row_starts[g], self.col_starts[c]
+        return Window(r0, c0, r1 - r0, c1 - c0).intersection(tile.window) or Window(r0, c0, 0, 0)
+
     def rows_final_after(self, grid_row: int) -> int:
         """First image row that a later grid row can still touch.
 

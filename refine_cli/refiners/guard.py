@@ -1,0 +1,571 @@
+"""The do-no-harm guard: a refiner may change the coarse mask only where a change is plausible.
+
+A refined mask is compared with the user's coarse mask, window by window, and three
+kinds of change are held back (the coarse value is kept there):
+
+* **far changes**: pixels farther than ``band`` px from the coarse boundary, unless the
+  coarse mask itself is unsure there (a soft value between ``unsure`` and ``1 - unsure``,
+  as in an upsampled low-resolution mask). The band is the coarse mask's error scale
+  (its resolution when it is smaller than the image, else ``--max-shift``).
+* **detached changes**: connected regions of change that touch neither the coarse
+  boundary nor an unsure coarse pixel: a hole punched into an object (lettering on a
+  fuselage) or an island painted into the background (a tree crown next to a roof).
+* **deleted components**: a connected component of the coarse foreground, or a hole of
+  it, whose bounding box fits in ``component`` px and of which the refiner kept less
+  than ``keep`` of the pixels: a nucleus wiped out, a gap between an arm and a body
+  filled. It is restored whole.
+
+Everything is computed inside the window the engine reads (the tile grown by the
+guard's halo). A component is judged whole only when it lies inside the window
+without touching its border; the engine's halo (``component`` + the band) makes every
+component that small fully visible to every tile that writes any of its pixels, so
+decisions do not depend on where tiles are cut.
+
+Arrays: ``refined`` and ``coarse`` are ``(h, w)`` float32 probabilities in ``[0, 1]``
+(foreground ``>= 0.5``); the result has the same shape and dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from refine_cli.refiners.base import Refiner, TileInput, TileResult, binary_uncertainty
+
+ANCHOR_PX = 1.5
+"""A change touches the coarse boundary when it reaches a pixel this close to it, px."""
+
+
+@dataclass(frozen=True)
+class GuardParams:
+    """How much the guard lets a refiner change.
+
+    Attributes:
+        band: changes farther than this from the coarse boundary are held back, px (> 0).
+        band_large: the band around large coarse components (bounding box over ``component`` px,
+            or reaching a cut of the window), at least ``band``; ``None``: twice ``band``.
+        component: coarse components (and holes) whose bounding box fits in this many px are
+            judged whole (deleted ones restored), px (>= 0; 0 turns the rule off).
+        keep: a judged component is restored when the refiner kept less than this share of it.
+        unsure: coarse values in ``(unsure, 1 - unsure)`` mark pixels the coarse mask is unsure
+            of: changes there are allowed whatever their distance.
+        evidence: ``pixel``: a changed pixel whose colour clearly keeps to its old class (see
+            :func:`colour_level`: more than ``margin`` past halfway on the old class's side) is held
+            back, and a detached region or a deleted component is let through when at least
+            ``release`` of its pixels clearly show the new class (more than ``strong`` past halfway);
+            ``none``: no image evidence.
+        margin: how far on its old class's side a changed pixel's colour may lie, in levels.
+        strong: how far on the new class's side a pixel's colour must lie to count as clear.
+        release: the share of clear pixels that lets a detached region or a deleted component through.
+        aligned: where at least this share of the pixels 2-3 px from the coarse boundary look like
+            their own class (the boundary already sits on the image's edge), changes farther than
+            ``tight`` px from it need clear evidence.
+        tight: px, see ``aligned``.
+        thin: parts of either class at most this wide (strands, bars, gaps between them), px, change
+            only with clear evidence (0: no such rule).
+    """
+
+    band: float
+    band_large: float | None = None
+    component: int = 96
+    keep: float = 0.5
+    unsure: float = 0.05
+    evidence: str = "pixel"
+    margin: float = 0.15
+    strong: float = 0.25
+    release: float = 0.8
+    aligned: float = 0.85
+    tight: float = 0.0
+    thin: float = 6.0
+
+    @property
+    def wide(self) -> float:
+        """The band around large components, px: ``band_large``, or twice ``band`` when it is ``None``."""
+        return 2.0 * self.band if self.band_large is None else max(self.band, self.band_large)
+
+    @property
+    def halo(self) -> int:
+        """Context each side of a tile the guard needs to decide independently of the cut, px."""
+        return int(np.ceil(self.wide)) + self.component + 4
+
+
+@dataclass
+class GuardStats:
+    """What the guard held back, counted over tile cores (each image pixel once).
+
+    Attributes:
+        pixels_changed: pixels whose class the refiner changed.
+        pixels_held: of those, pixels whose change was held back (the coarse class kept).
+        far: held back because they lie beyond the band.
+        detached: held back because their region of change does not touch the coarse boundary.
+        unsupported: held back because the image does not support them (see ``GuardParams.evidence``).
+        restored: held back because the refiner deleted (most of) a small coarse component.
+        components_restored: coarse components and holes restored whole (counted in the tile
+            holding their first pixel in row-major order).
+        regions_detached: detached regions of change held back (counted the same way).
+    """
+
+    pixels_changed: int = 0
+    pixels_held: int = 0
+    far: int = 0
+    detached: int = 0
+    unsupported: int = 0
+    restored: int = 0
+    components_restored: int = 0
+    regions_detached: int = 0
+
+    def add(self, other: GuardStats) -> None:
+        """Add another tile's counts (in place)."""
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def to_dict(self) -> dict[str, int]:
+        """Plain dict for the report."""
+        return {name: int(getattr(self, name)) for name in self.__dataclass_fields__}
+
+
+@dataclass
+class GuardResult:
+    """The guarded window.
+
+    Attributes:
+        prob: ``(h, w)`` float32 in [0, 1]: the refined value where its change is allowed, else
+            the coarse value.
+        held: ``(h, w)`` bool, where a change was held back.
+        stats: counts over the core (see :func:`guard_window`).
+    """
+
+    prob: np.ndarray
+    held: np.ndarray
+    stats: GuardStats = field(default_factory=GuardStats)
+
+
+def boundary_distance(fg: np.ndarray) -> np.ndarray:
+    """Distance of every pixel to the nearest pixel of the other class, px.
+
+    Args:
+        fg: ``(h, w)`` bool.
+
+    Returns:
+        ``(h, w)`` float32 >= 1 (``inf`` when the window holds one class only): 1 next to the
+        boundary, on either side.
+    """
+    if fg.all() or not fg.any():
+        return np.full(fg.shape, np.inf, np.float32)
+    u8 = fg.astype(np.uint8)
+    inside = cv2.distanceTransform(u8, cv2.DIST_L2, 5)
+    outside = cv2.distanceTransform(1 - u8, cv2.DIST_L2, 5)
+    return np.where(fg, inside, outside).astype(np.float32)
+
+
+Cut = tuple[bool, bool, bool, bool]
+"""Which sides of a window (top, bottom, left, right) cut through the image; the others are its edges."""
+
+ALL_CUT: Cut = (True, True, True, True)
+
+
+def _touching_border(labels: np.ndarray, n: int, cut: Cut) -> np.ndarray:
+    """``(n,)`` bool: components (by label) that reach a side of the window that cuts the image (what
+    lies beyond is unknown; the image's own edges are not cuts)."""
+    out = np.zeros(n, bool)
+    for side, edge in zip(cut, (labels[0], labels[-1], labels[:, 0], labels[:, -1]), strict=True):
+        if side:
+            out[edge] = True
+    return out
+
+
+def _first_in_core(labels: np.ndarray, n: int, core: tuple[slice, slice] | None) -> np.ndarray:
+    """``(n,)`` bool: components whose first pixel (row-major) lies in ``core`` (all when ``None``)."""
+    if core is None:
+        return np.ones(n, bool)
+    flat = labels.ravel()
+    first = np.full(n, -1, np.int64)
+    idx = np.flatnonzero(flat)
+    if idx.size:
+        lab = flat[idx]
+        order = np.unique(lab, return_index=True)
+        first[order[0]] = idx[order[1]]
+    rows, cols = np.divmod(np.maximum(first, 0), labels.shape[1])
+    r, c = core
+    return (first >= 0) & (rows >= r.start) & (rows < r.stop) & (cols >= c.start) & (cols < c.stop)
+
+
+def _restore_deleted(coarse_fg: np.ndarray, out_fg: np.ndarray, params: GuardParams, value: bool,
+                     core: tuple[slice, slice] | None, cut: Cut,
+                     strong: np.ndarray | None) -> tuple[np.ndarray | None, int]:
+    """Mask of the small components of ``coarse_fg == value`` that ``out_fg`` mostly lost (unless the
+    image clearly shows the loss, see :attr:`GuardParams.release`), and their count in the core."""
+    comp = coarse_fg if value else ~coarse_fg
+    n, labels, st, _ = cv2.connectedComponentsWithStats(comp.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return None, 0
+    kept_px = out_fg if value else ~out_fg
+    kept = np.bincount(labels.ravel(), weights=kept_px.ravel(), minlength=n)
+    area = st[:, cv2.CC_STAT_AREA].astype(np.float64)
+    small = (st[:, cv2.CC_STAT_WIDTH] <= params.component) & (st[:, cv2.CC_STAT_HEIGHT] <= params.component)
+    lost = small & ~_touching_border(labels, n, cut) & (kept < params.keep * area)
+    lost[0] = False
+    if lost.any() and strong is not None:
+        lost &= ~_clear(labels, n, comp & ~kept_px, strong, params.release)
+    if not lost.any():
+        return None, 0
+    return lost[labels], int((lost & _first_in_core(labels, n, core)).sum())
+
+
+def band_map(c_fg: np.ndarray, params: GuardParams, cut: Cut = ALL_CUT) -> np.ndarray | float:
+    """The allowed distance from the coarse boundary per pixel, px: ``band_large`` for pixels of, or
+    nearest to, a large coarse component, ``band`` elsewhere (a float when it is the same everywhere).
+
+    Args:
+        c_fg: ``(h, w)`` bool coarse foreground.
+        params: the bands and the component size.
+        cut: which sides of the window cut through the image.
+    """
+    if params.wide <= params.band or not c_fg.any():
+        return params.band
+    comp, large = nearest_components(c_fg, params.component, cut)
+    if not large.any():
+        return params.band
+    bands = np.where(large, params.wide, params.band).astype(np.float32)
+    return bands[comp]
+
+
+def nearest_components(c_fg: np.ndarray, size: int, cut: Cut) -> tuple[np.ndarray, np.ndarray]:
+    """The coarse foreground component each pixel belongs to or lies nearest to, and which are large.
+
+    Args:
+        c_fg: ``(h, w)`` bool coarse foreground (not empty).
+        size: components whose bounding box is wider or taller than this are large.
+        cut: which sides of the window cut through the image (a component reaching one is large).
+
+    Returns:
+        ``(comp, large)``: ``(h, w)`` int32 labels ``1..n-1`` and ``(n,)`` bool (label 0 unused).
+    """
+    n, labels, st, _ = cv2.connectedComponentsWithStats(c_fg.astype(np.uint8), connectivity=8)
+    large = (st[:, cv2.CC_STAT_WIDTH] > size) | (st[:, cv2.CC_STAT_HEIGHT] > size)
+    large |= _touching_border(labels, n, cut)
+    large[0] = False
+    _, near = cv2.distanceTransformWithLabels((~c_fg).astype(np.uint8), cv2.DIST_L2, 5,
+                                              labelType=cv2.DIST_LABEL_CCOMP)
+    to_comp = np.zeros(int(near.max()) + 1, np.int32)
+    to_comp[near[c_fg]] = labels[c_fg]
+    return np.where(c_fg, labels, to_comp[near]).astype(np.int32), large
+
+
+def colour_level(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, radius: int,
+                 objects: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Where each pixel's colour lies between the local background and foreground colours.
+
+    The local colour of each class is the mean Lab colour of the unchanged pixels of that class in
+    a ``(2 radius + 1)`` box around the pixel; a pixel's level is its Lab colour projected on the
+    line from the background's mean (0) to the foreground's (1).
+
+    Args:
+        image: ``(h, w, 3)`` uint8 RGB.
+        c_fg: ``(h, w)`` bool coarse foreground.
+        changed: ``(h, w)`` bool pixels whose class the refiner changed (left out of the means).
+        radius: box radius, px.
+        objects: ``(comp, small)``: the coarse foreground component of (or nearest to) each pixel,
+            ``(h, w)`` int, and which components are small, ``(n,)`` bool: pixels of or near a small
+            component take its own mean colour as the foreground's.
+
+    Returns:
+        ``(level, known)``: ``(h, w)`` float32 level (unbounded; 0.5 is halfway) and ``(h, w)`` bool,
+        False where a class has no unchanged pixel in the box (nothing to compare with).
+    """
+    lab = cv2.cvtColor(image.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2Lab)
+    k = (2 * radius + 1, 2 * radius + 1)
+    means = []
+    for side in (c_fg & ~changed, ~c_fg & ~changed):
+        w = side.astype(np.float32)
+        n = cv2.boxFilter(w, -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
+        s = cv2.boxFilter(lab * w[..., None], -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
+        means.append((s / np.maximum(n, 1e-6)[..., None], n > 0.5))
+    (m_fg, has_fg), (m_bg, has_bg) = means
+    if objects is not None:  # small objects: their own colour, not the mix of their neighbours'
+        comp, small = objects
+        stable = c_fg & ~changed
+        n = small.size
+        cnt = np.bincount(comp[stable], minlength=n).astype(np.float32)
+        own = np.stack([np.bincount(comp[stable], weights=lab[..., i][stable], minlength=n)
+                        for i in range(3)], -1) / np.maximum(cnt, 1)[:, None]
+        use = (small & (cnt > 0))[comp]
+        m_fg = np.where(use[..., None], own[comp], m_fg)
+        has_fg = has_fg | use
+    axis = m_fg - m_bg
+    norm2 = np.maximum((axis * axis).sum(-1), 1e-6)
+    level = ((lab - m_bg) * axis).sum(-1) / norm2
+    return level.astype(np.float32), has_fg & has_bg
+
+
+def guard_window(refined: np.ndarray, coarse: np.ndarray, params: GuardParams,
+                 core: tuple[slice, slice] | None = None, image: np.ndarray | None = None,
+                 cut: Cut = ALL_CUT) -> GuardResult:
+    """Hold back the changes of ``refined`` from ``coarse`` that the coarse mask and the image do not allow.
+
+    Args:
+        refined: ``(h, w)`` float32 in [0, 1], the refiner's probability.
+        coarse: ``(h, w)`` float32 in [0, 1], the user's coarse probability on the same grid.
+        params: the rules' sizes.
+        core: the part of the window this tile writes (slices into it), where pixels are counted;
+            ``None``: the whole window.
+        image: ``(h, w, 3)`` uint8 RGB of the window, for the evidence rules (``None``: none).
+        cut: which sides of the window (top, bottom, left, right) cut through the image: a
+            component reaching one is not judged whole; one reaching the image's edge is.
+
+    Returns:
+        The guarded probability, where changes were held back, and the counts.
+    """
+    c_fg = coarse >= 0.5
+    r_fg = refined >= 0.5
+    changed = c_fg != r_fg
+    stats = GuardStats()
+    cr = core or (slice(0, refined.shape[0]), slice(0, refined.shape[1]))
+    stats.pixels_changed = int(changed[cr].sum())
+    if not changed.any():
+        return GuardResult(refined, np.zeros(refined.shape, bool), stats)
+    dist = boundary_distance(c_fg)
+    unsure = (coarse > params.unsure) & (coarse < 1.0 - params.unsure)
+    far = changed & (dist > band_map(c_fg, params, cut)) & ~unsure
+    supported = strong = None
+    settled = np.zeros_like(changed)
+    if image is not None and params.evidence != "none":
+        radius = max(4, int(round(params.band)))
+        objects = None
+        if c_fg.any():
+            comp, large = nearest_components(c_fg, params.component, cut)
+            objects = (comp, ~large)
+        level, known = colour_level(image, c_fg, changed, radius, objects)
+        new_side = np.where(c_fg, 0.5 - level, level - 0.5)  # > 0: the colour leans to the new class
+        supported = ~known | (new_side > -params.margin)
+        strong = known & (new_side > params.strong)
+        # Where the coarse boundary already sits on the image's edge, or the coarse mask has thin
+        # parts (strands, bars, gaps), only clear evidence may change it.
+        settled = changed & ~far & ((~strong & _on_edge(dist, known, -new_side, radius, params))
+                                    | _thin(c_fg, dist, params.thin))
+    allowed = changed & ~far
+    # Regions of change must reach the coarse boundary or the coarse mask's unsure pixels, unless
+    # the image clearly shows the new class over most of them.
+    detached = np.zeros_like(changed)
+    n_detached = 0
+    if allowed.any():
+        n, labels = cv2.connectedComponents(allowed.astype(np.uint8), connectivity=8)
+        anchor = (dist <= ANCHOR_PX) | unsure
+        free = ~(np.bincount(labels[anchor], minlength=n) > 0) & ~_touching_border(labels, n, cut)
+        free[0] = False
+        if free.any() and strong is not None:
+            free &= ~_clear(labels, n, allowed, strong, params.release)
+        if free.any():
+            detached = free[labels]
+            n_detached = int((free & _first_in_core(labels, n, core)).sum())
+            allowed &= ~detached
+    unsupported = np.zeros_like(changed)
+    if supported is not None:
+        unsupported = allowed & (~supported | settled)
+        allowed &= ~unsupported
+    out_fg = np.where(allowed, r_fg, c_fg)
+    restored = np.zeros_like(changed)
+    n_restored = 0
+    if params.component > 0:
+        for value in (True, False):
+            lost, count = _restore_deleted(c_fg, out_fg, params, value, core, cut, strong)
+            if lost is not None:
+                restored |= lost & (out_fg != c_fg)
+                out_fg = np.where(lost, c_fg, out_fg)
+                n_restored += count
+    held = changed & (out_fg == c_fg)
+    prob = np.where(held, coarse, refined).astype(np.float32, copy=False)
+    stats.pixels_held = int(held[cr].sum())
+    stats.far = int(far[cr].sum())
+    stats.detached = int((detached & held)[cr].sum())
+    stats.unsupported = int((unsupported & held)[cr].sum())
+    stats.restored = int((restored & held & ~far & ~detached & ~unsupported)[cr].sum())
+    stats.components_restored = n_restored
+    stats.regions_detached = n_detached
+    return GuardResult(prob, held, stats)
+
+
+def _on_edge(dist: np.ndarray, known: np.ndarray, own_side: np.ndarray, radius: int,
+             params: GuardParams) -> np.ndarray:
+    """``(h, w)`` bool: pixels farther than ``params.tight`` px from a coarse boundary that, in their
+    ``(2 radius + 1)`` box, sits on the image's edge: at least ``params.aligned`` of the pixels 2-3 px
+    from it look like their own coarse class (``own_side > 0.2``)."""
+    near = known & (dist > 1.5) & (dist <= 3.5)
+    ok = near & (own_side > 0.2)
+    k = (2 * radius + 1, 2 * radius + 1)
+    n_near = cv2.boxFilter(near.astype(np.float32), -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
+    n_ok = cv2.boxFilter(ok.astype(np.float32), -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
+    aligned = (n_near >= radius) & (n_ok >= params.aligned * n_near)
+    return aligned & (dist > params.tight)
+
+
+def _thin(c_fg: np.ndarray, dist: np.ndarray, width: float) -> np.ndarray:
+    """``(h, w)`` bool: pixels of parts of either class at most ``width`` px wide (strands, bars, gaps)."""
+    if width <= 0:
+        return np.zeros(c_fg.shape, bool)
+    d = np.minimum(dist, 1e6).astype(np.float32)
+    r = int(np.ceil(width / 2.0)) + 2  # the largest distance within r px is a part's half-width
+    local = cv2.dilate(d, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+    return 2.0 * local <= width + 1.0
+
+
+def _clear(labels: np.ndarray, n: int, where: np.ndarray, strong: np.ndarray, share: float) -> np.ndarray:
+    """``(n,)`` bool: components in which at least ``share`` of the pixels in ``where`` are ``strong``."""
+    sizes = np.bincount(labels[where], minlength=n)
+    votes = np.bincount(labels[where & strong], minlength=n)
+    return (sizes > 0) & (votes >= share * np.maximum(sizes, 1))
+
+
+class GuardRefiner(Refiner):
+    """The guard as the engine's last full-resolution level.
+
+    Its coarse input has 2 or 3 channels over each window: channel 0 is the refiner's result (the
+    previous level), channel 1 its uncertainty when ``inner_uncertainty``, the last one the user's
+    coarse mask. It needs no image.
+
+    Args:
+        params: the rules' sizes.
+        shape: ``(H, W)`` of the image, to tell the image's edges from tile cuts.
+        inner_uncertainty: the refiner wrote its own uncertainty as channel 1.
+    """
+
+    name = "guard"
+    provides_uncertainty = True
+
+    def __init__(self, params: GuardParams, shape: tuple[int, int], inner_uncertainty: bool = False) -> None:
+        self.params = params
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.needs_image = params.evidence != "none"  # type: ignore[misc]
+        self.inner_uncertainty = inner_uncertainty
+        self.halo = params.halo
+        self.preferred_tile = 1024
+        self.stats = GuardStats()
+
+    def out_channels(self, in_channels: int) -> int:
+        """One channel: the guarded probability."""
+        return 1
+
+    def skip_test(self, coarse: np.ndarray) -> bool | None:
+        """Skip a window where the refined and the coarse class agree everywhere."""
+        return bool(((coarse[..., 0] >= 0.5) == (coarse[..., -1] >= 0.5)).all())
+
+    def skip_output(self, coarse: np.ndarray) -> np.ndarray:
+        """The refined value (it agrees with the coarse class everywhere)."""
+        return coarse[..., :1]
+
+    def refine(self, tile: TileInput) -> TileResult:
+        """Guard one window; the uncertainty is 1 where a change was held back."""
+        refined, coarse = tile.coarse[..., 0], tile.coarse[..., -1]
+        core = tile.core.slices if tile.core is not None else None
+        w = tile.window
+        cut = (w.row > 0, w.row_end < self.shape[0], w.col > 0, w.col_end < self.shape[1])
+        res = guard_window(refined, coarse, self.params, core, image=tile.image, cut=cut)
+        self.stats.add(res.stats)
+        if self.inner_uncertainty:
+            unc = np.where(res.held, 1.0, tile.coarse[..., 1]).astype(np.float32)
+        else:
+            unc = binary_uncertainty(res.prob)
+            unc[res.held] = 1.0
+        return TileResult(res.prob[..., None], unc)
+
+    def tile_memory(self, pixels: int) -> int:
+        """Inputs, Lab colours and their local means, distances, labels and masks of one window
+        (measured: about 200 bytes per pixel at the peak)."""
+        return 200 * pixels
+
+    def describe(self) -> dict[str, Any]:
+        """Parameters and counts."""
+        p = self.params
+        return {"band": p.band, "band_large": p.band_large, "component": p.component, "keep": p.keep,
+                "unsure": p.unsure, "evidence": p.evidence, "margin": p.margin, "strong": p.strong,
+                "release": p.release, **self.stats.to_dict()}
+
+
+MIN_BAND = 16.0
+"""Smallest default band, px: a full-resolution mask's boundary may be off by this much."""
+
+
+def default_band(scale: float) -> float:
+    """The band for a coarse mask whose boundary is blurred or blocky over ``scale`` px (its size ratio
+    to the image, or the width of its soft ramps): ``1.5 * scale + 2`` px, and at least
+    :data:`MIN_BAND`."""
+    return max(MIN_BAND, 1.5 * float(scale) + 2.0)
+
+
+def ramp_width(mask: Any, rows: int = 256) -> float:
+    """Mean width of a soft mask's ramps from background to foreground, px, in one streamed pass.
+
+    The pixels strictly between ``0.05`` and ``0.95`` over the pixels on the foreground's
+    boundary (an upsampled low-resolution mask saved at full size has ramps about as wide as its
+    upsampling factor; a binary mask has none).
+
+    Args:
+        mask: a ``MaskSource`` (binary or soft) on the image grid.
+        rows: rows read per block.
+    """
+    from refine_cli.tiling.grid import Window
+
+    h, w = mask.shape
+    soft = edge = 0
+    kernel = np.ones((3, 3), np.uint8)
+    for r0 in range(0, h, rows):
+        block = mask.read(Window(r0, 0, min(rows, h - r0), w))
+        soft += int(((block > 0.05) & (block < 0.95)).sum())
+        fg = (block >= 0.5).astype(np.uint8)
+        edge += int((fg - cv2.erode(fg, kernel, borderType=cv2.BORDER_REPLICATE)).sum())
+    return soft / edge if edge else 0.0
+
+
+def guard_params(config: Any, refiner: Refiner, mask: Any, shape: tuple[int, int]) -> GuardParams | None:
+    """The guard of a run, or ``None`` when it does not run.
+
+    The band is ``--max-shift`` when given (then also around large objects); otherwise
+    :func:`default_band` of the mask's scale (its size ratio to the image, or for a soft mask of the
+    image's size the width of its ramps, :func:`ramp_width`), and twice that around large objects.
+
+    Args:
+        config: the run's ``RefineConfig`` (``guard``, ``max_shift``).
+        refiner: the method (its ``guarded`` flag).
+        mask: the user's ``MaskSource``, or ``None`` (no mask: nothing to guard against).
+        shape: ``(H, W)`` of the image.
+    """
+    if config.guard == "off" or mask is None or mask.is_labels or not refiner.guarded:
+        return None
+    if config.max_shift is not None:
+        return GuardParams(band=float(config.max_shift), band_large=float(config.max_shift))
+    scale = max(shape[0] / mask.native_shape[0], shape[1] / mask.native_shape[1])
+    if mask.same_resolution and mask.kind.kind == "soft":
+        scale = max(scale, ramp_width(mask))
+    return GuardParams(band=default_band(scale))
+
+
+def guard_report(config: Any, refiner: Refiner, mask: Any, params: GuardParams | None,
+                 facts: dict[str, Any] | None) -> dict[str, Any]:
+    """The report's ``guard`` entry: its state, sizes and counts."""
+    if params is not None:
+        return {"state": "on", **(facts or {})}
+    if config.guard == "off":
+        state = "off (--guard off)"
+    elif mask is None:
+        state = "not run: no coarse mask to compare with"
+    elif mask.is_labels:
+        state = "not run: label maps are not guarded"
+    else:
+        state = f"not run: {refiner.name} does not change classes"
+    return {"state": state}
+
+
+def guard_notes(facts: dict[str, Any]) -> list[str]:
+    """One line for the report's notes when the guard held changes back (else none)."""
+    held = int(facts.get("pixels_held", 0))
+    if facts.get("state") != "on" or not held:
+        return []
+    changed = max(1, int(facts.get("pixels_changed", 0)))
+    return [f"guard: kept the coarse mask on {held} px of the {changed} the refiner changed "
+            f"({100.0 * held / changed:.1f} %): {facts.get('far', 0)} beyond {facts.get('band', 0):g} px of "
+            f"the coarse boundary, {facts.get('detached', 0)} in {facts.get('regions_detached', 0)} detached "
+            f"regions, {facts.get('restored', 0)} in {facts.get('components_restored', 0)} objects restored "
+            "whole (--max-shift widens the band; --guard off gives the refiner's output as is)"]
