@@ -11,6 +11,9 @@
 #            JSON (empty = the shipped v1 architecture), BATCH (default 16), WORKERS per run (default 7).
 #   CHECKS   1 (default) runs the CUDA tests and a `refine run --device cuda` timing first.
 #   DEV      training device (default cuda); PROBE_STEPS steps of the probe (default 100).
+#   TRAIN_ARGS more `refine train` flags for every run, e.g. the lite-v3 mix:
+#            TRAIN_ARGS="--init cascadepsp-lite-v2 --kinds shapes=0.3,portraits=0.2,aerial=0.2,cells=0.15,thin=0.15
+#            --perturbations cascadepsp=0.4,lowres=0.25,blobs=0.15,detector=0.2"
 # Writes under $OUT: env.txt, checks.log, <run>.tar (best/final weights, log, config), <run>_checkpoint.pt.
 set -u
 OUT=${OUT:-out/gpu}
@@ -21,6 +24,7 @@ WORKERS=${WORKERS:-7}
 CHECKS=${CHECKS:-1}
 DEV=${DEV:-cuda}
 PROBE_STEPS=${PROBE_STEPS:-100}
+read -r -a TA <<< "${TRAIN_ARGS:-}"
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 mkdir -p "$OUT" runs/gpu
@@ -67,7 +71,7 @@ arch_flag() {  # sets AF to the run's --arch-params flag (an array: the JSON hol
 for r in $RUNS; do
   rm -rf "runs/gpu/probe_$r"; arch_flag "$r"
   refine train --out "runs/gpu/probe_$r" --device "$DEV" --batch-size "$BATCH" --workers "$WORKERS" --threads 2 \
-    --steps "$PROBE_STEPS" --val-every 0 --val-n 2 "${AF[@]}" -q >/dev/null 2>"$OUT/probe_$r.err" &
+    --steps "$PROBE_STEPS" --val-every 0 --val-n 2 "${AF[@]}" "${TA[@]}" -q >/dev/null 2>"$OUT/probe_$r.err" &
 done
 wait
 declare -A SPS
@@ -86,7 +90,7 @@ for r in $RUNS; do
   echo "run $r: $steps steps (val every $ve) in ~$LEFT s"
   rm -rf "runs/gpu/$r"; arch_flag "$r"
   refine train --out "runs/gpu/$r" --device "$DEV" --batch-size "$BATCH" --workers "$WORKERS" --threads 2 \
-    --steps "$steps" --val-every "$ve" --ckpt-every "$ve" "${AF[@]}" -v 2>"$OUT/$r.err" &
+    --steps "$steps" --val-every "$ve" --ckpt-every "$ve" "${AF[@]}" "${TA[@]}" -v 2>"$OUT/$r.err" &
 done
 wait
 for r in $RUNS; do
