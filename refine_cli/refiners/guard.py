@@ -1,12 +1,13 @@
 """The do-no-harm guard: a refiner may change the coarse mask only where a change is plausible.
 
-A refined mask is compared with the user's coarse mask, window by window, and three
+A refined mask is compared with the user's coarse mask, window by window, and four
 kinds of change are held back (the coarse value is kept there):
 
-* **far changes**: pixels farther than ``band`` px from the coarse boundary, unless the
-  coarse mask itself is unsure there (a soft value between ``unsure`` and ``1 - unsure``,
-  as in an upsampled low-resolution mask). The band is the coarse mask's error scale
-  (its resolution when it is smaller than the image, else ``--max-shift``).
+* **far changes**: pixels farther than ``band`` px from the coarse boundary (twice that
+  around large objects), unless the coarse mask itself is unsure there (a soft value
+  between ``unsure`` and ``1 - unsure``, as in an upsampled low-resolution mask). The band
+  is the coarse mask's error scale: from its resolution or the width of its soft ramps, or
+  ``--max-shift``.
 * **detached changes**: connected regions of change that touch neither the coarse
   boundary nor an unsure coarse pixel: a hole punched into an object (lettering on a
   fuselage) or an island painted into the background (a tree crown next to a roof).
@@ -14,10 +15,14 @@ kinds of change are held back (the coarse value is kept there):
   it, whose bounding box fits in ``component`` px and of which the refiner kept less
   than ``keep`` of the pixels: a nucleus wiped out, a gap between an arm and a body
   filled. It is restored whole.
+* **unsupported changes** (with the image): a changed pixel whose colour clearly keeps to
+  its old class, a change to a strand or gap a few px wide, or a change where the coarse
+  boundary already sits on the image's edge (see :class:`GuardParams`). Detached regions and
+  deleted components go through when most of their pixels clearly show the new class.
 
 Everything is computed inside the window the engine reads (the tile grown by the
 guard's halo). A component is judged whole only when it lies inside the window
-without touching its border; the engine's halo (``component`` + the band) makes every
+without touching a side that cuts the image; the engine's halo (``component`` + the band) makes every
 component that small fully visible to every tile that writes any of its pixels, so
 decisions do not depend on where tiles are cut.
 
