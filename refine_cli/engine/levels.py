@@ -64,8 +64,9 @@ class LevelResult:
 class LevelWriter:
     """Writes a level's K blended channels to a temporary float32 TIFF (the next level's input)."""
 
-    def __init__(self, folder: str, shape: tuple[int, int], channels: int) -> None:
-        self.path = os.path.join(folder, f"level_{shape[0]}x{shape[1]}.tif")
+    def __init__(self, folder: str, shape: tuple[int, int], channels: int, index: int = 0) -> None:
+        # the index keeps two levels of one size apart (a refiner's last level and its edge snap)
+        self.path = os.path.join(folder, f"level{index}_{shape[0]}x{shape[1]}.tif")
         self.sink = TiffSink(self.path, shape, channels, "float32", overwrite=True)
 
     def write(self, row0: int, block: Any) -> None:
@@ -174,7 +175,7 @@ def run_levels(
             opened.append(image)
             if image.reader is None:
                 src.reader.set_cache_bytes(mplan.cache_bytes)
-            writer: Any = final_writer if final else LevelWriter(folder or "", shape, channels)
+            writer: Any = final_writer if final else LevelWriter(folder or "", shape, channels, i)
             what = level_refiner.name or "refine"
             name = f"{what} tiles" if len(shapes) == 1 else f"level {i + 1}/{len(shapes)} {what} tiles"
             if not final and work_dir is not None and _complete(writer.path, shape, channels):
