@@ -575,5 +575,5 @@ def guard_notes(facts: dict[str, Any]) -> list[str]:
             f"({100.0 * held / changed:.1f} %): {facts.get('far', 0)} beyond {facts.get('band', 0):g} px of "
             f"the coarse boundary, {facts.get('detached', 0)} in {facts.get('regions_detached', 0)} detached "
             f"regions, {facts.get('restored', 0)} in {facts.get('components_restored', 0)} objects restored "
-            f"whole, {facts.get('unsupported', 0)} against the image's evidence (--max-shift widens the band; "
-            "--guard off gives the refiner's output as is)"]
+            f"whole, {facts.get('unsupported', 0)} against the image's evidence "
+            "(--max-shift widens the band; --guard off gives the refiner's output as is)"]
