@@ -222,7 +222,8 @@ def _restore_deleted(coarse_fg: np.ndarray, out_fg: np.ndarray, params: GuardPar
     return lost[labels], int((lost & _first_in_core(labels, n, core)).sum())
 
 
-def band_map(c_fg: np.ndarray, params: GuardParams, cut: Cut = ALL_CUT) -> np.ndarray | float:
+def band_map(c_fg: np.ndarray, params: GuardParams, cut: Cut = ALL_CUT,
+             components: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray | float:
     """The allowed distance from the coarse boundary per pixel, px: ``band_large`` for pixels of, or
     nearest to, a large coarse component, ``band`` elsewhere (a float when it is the same everywhere).
 
@@ -230,10 +231,11 @@ def band_map(c_fg: np.ndarray, params: GuardParams, cut: Cut = ALL_CUT) -> np.nd
         c_fg: ``(h, w)`` bool coarse foreground.
         params: the bands and the component size.
         cut: which sides of the window cut through the image.
+        components: :func:`nearest_components` of ``c_fg`` when the caller has it already.
     """
     if params.wide <= params.band or not c_fg.any():
         return params.band
-    comp, large = nearest_components(c_fg, params.component, cut)
+    comp, large = components or nearest_components(c_fg, params.component, cut)
     if not large.any():
         return params.band
     bands = np.where(large, params.wide, params.band).astype(np.float32)
@@ -336,15 +338,13 @@ def guard_window(refined: np.ndarray, coarse: np.ndarray, params: GuardParams,
         return GuardResult(refined, np.zeros(refined.shape, bool), stats)
     dist = boundary_distance(c_fg)
     unsure = (coarse > params.unsure) & (coarse < 1.0 - params.unsure)
-    far = changed & (dist > band_map(c_fg, params, cut)) & ~unsure
+    components = nearest_components(c_fg, params.component, cut) if c_fg.any() else None
+    far = changed & (dist > band_map(c_fg, params, cut, components)) & ~unsure
     supported = strong = None
     settled = np.zeros_like(changed)
     if image is not None and params.evidence != "none":
         radius = max(4, int(round(params.band)))
-        objects = None
-        if c_fg.any():
-            comp, large = nearest_components(c_fg, params.component, cut)
-            objects = (comp, ~large)
+        objects = None if components is None else (components[0], ~components[1])
         level, known = colour_level(image, c_fg, changed, radius, objects)
         new_side = np.where(c_fg, 0.5 - level, level - 0.5)  # > 0: the colour leans to the new class
         supported = ~known | (new_side > -params.margin)
