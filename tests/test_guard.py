@@ -84,6 +84,39 @@ def test_changes_where_the_coarse_mask_is_unsure_are_allowed_at_any_distance():
     assert (res.prob == refined).all() and res.stats.pixels_held == 0
 
 
+def blobs_image(noise: float, contrast: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A grey image of 12 discs of radius 8 (level ``contrast`` over 0.2) blurred by 1.5 px, with
+    Gaussian noise of ``noise``: ``(image (256, 256, 3) uint8, exact mask (256, 256) float32)``."""
+    import cv2
+
+    mask = np.zeros((256, 256), np.float32)
+    for i in range(12):
+        mask = np.maximum(mask, disc((256, 256), 40 + 60 * (i // 4), 30 + 64 * (i % 4), 8))
+    v = 0.2 + contrast * cv2.GaussianBlur(mask, (0, 0), 1.5)
+    v = v + np.random.default_rng(seed).normal(0, noise, v.shape)
+    return (np.clip(v, 0, 1)[..., None].repeat(3, -1) * 255).astype(np.uint8), mask
+
+
+def test_noise_alone_is_no_evidence_for_moving_an_exact_boundary():
+    import cv2
+
+    image, exact = blobs_image(noise=0.06, contrast=0.12)  # dim blobs: noise half their contrast
+    eroded = cv2.erode(exact, np.ones((3, 3), np.uint8)).astype(np.float32)  # a 1 px shrink
+    res = guard_window(eroded, exact, GuardParams(band=16), image=image)
+    assert res.stats.pixels_held >= 0.8 * res.stats.pixels_changed
+    lax = guard_window(eroded, exact, GuardParams(band=16, noise=0.0), image=image)
+    assert lax.stats.pixels_held < 0.75 * res.stats.pixels_held  # the noise rule holds the difference
+
+
+def test_a_boundary_moved_onto_a_clear_edge_passes_the_noise_rule():
+    import cv2
+
+    image, exact = blobs_image(noise=0.02, contrast=0.5)
+    grown = cv2.dilate(exact, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))).astype(np.float32)
+    res = guard_window(exact, grown, GuardParams(band=16), image=image)  # the coarse mask 2 px too wide
+    assert res.stats.pixels_held <= 0.05 * res.stats.pixels_changed
+
+
 def test_decisions_do_not_depend_on_the_tile_cut():
     rng = np.random.default_rng(3)
     shape = (700, 900)

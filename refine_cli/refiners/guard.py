@@ -57,12 +57,16 @@ class GuardParams:
         keep: a judged component is restored when the refiner kept less than this share of it.
         unsure: coarse values in ``(unsure, 1 - unsure)`` mark pixels the coarse mask is unsure
             of: changes there are allowed whatever their distance.
-        evidence: ``pixel``: a changed pixel whose colour clearly keeps to its old class (see
-            :func:`colour_level`: more than ``margin`` past halfway on the old class's side) is held
-            back, and a detached region or a deleted component is let through when at least
-            ``release`` of its pixels clearly show the new class (more than ``strong`` past halfway);
-            ``none``: no image evidence.
-        margin: how far on its old class's side a changed pixel's colour may lie, in levels.
+        evidence: ``pixel``: a changed pixel whose colour does not lean to its new class by more than
+            noise does (see :func:`colour_level`: less than ``noise`` times the local spread, minus
+            ``margin``, past halfway on the new class's side) is held back, and a detached region or a
+            deleted component is let through when at least ``release`` of its pixels clearly show the
+            new class (more than ``strong`` past halfway); ``none``: no image evidence.
+        margin: how far on its old class's side a changed pixel's colour may lie where the colours
+            do not spread, in levels.
+        noise: a changed pixel must also lean to its new class by more than this many times the
+            local spread of its class colours (noise and texture, see :func:`colour_level`), so
+            that noise alone does not count as evidence (0: no such rule).
         strong: how far on the new class's side a pixel's colour must lie to count as clear.
         release: the share of clear pixels that lets a detached region or a deleted component through.
         aligned: where at least this share of the pixels 2-3 px from the coarse boundary look like
@@ -80,6 +84,7 @@ class GuardParams:
     unsure: float = 0.05
     evidence: str = "pixel"
     margin: float = 0.15
+    noise: float = 1.0
     strong: float = 0.25
     release: float = 0.8
     aligned: float = 0.85
@@ -282,18 +287,22 @@ def colour_level(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, radiu
             component take its own mean colour as the foreground's.
 
     Returns:
-        ``(level, known)``: ``(h, w)`` float32 level (unbounded; 0.5 is halfway) and ``(h, w)`` bool,
-        False where a class has no unchanged pixel in the box (nothing to compare with).
+        ``(level, known, spread)``: ``(h, w)`` float32 level (unbounded; 0.5 is halfway), ``(h, w)``
+        bool, False where a class has no unchanged pixel in the box (nothing to compare with), and
+        ``(h, w)`` float32 >= 0, the standard deviation of the levels of the unchanged pixels about
+        their class's level (0 or 1) in the box, pooled over both classes: how far noise and texture
+        alone move a pixel's level.
     """
     lab = cv2.cvtColor(image.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2Lab)
     k = (2 * radius + 1, 2 * radius + 1)
     means = []
-    for side in (c_fg & ~changed, ~c_fg & ~changed):
+    sides = (c_fg & ~changed, ~c_fg & ~changed)
+    for side in sides:
         w = side.astype(np.float32)
         n = cv2.boxFilter(w, -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
         s = cv2.boxFilter(lab * w[..., None], -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
-        means.append((s / np.maximum(n, 1e-6)[..., None], n > 0.5))
-    (m_fg, has_fg), (m_bg, has_bg) = means
+        means.append((s / np.maximum(n, 1e-6)[..., None], n > 0.5, n))
+    (m_fg, has_fg, n_fg), (m_bg, has_bg, n_bg) = means
     if objects is not None:  # small objects: their own colour, not the mix of their neighbours'
         comp, small = objects
         stable = c_fg & ~changed
@@ -307,7 +316,14 @@ def colour_level(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, radiu
     axis = m_fg - m_bg
     norm2 = np.maximum((axis * axis).sum(-1), 1e-6)
     level = ((lab - m_bg) * axis).sum(-1) / norm2
-    return level.astype(np.float32), has_fg & has_bg
+    # spread: sum over the box of (level - own class level)^2, from the box sums of level and level^2
+    sq = np.zeros(level.shape, np.float32)
+    for side, centre in zip(sides, (1.0, 0.0), strict=True):
+        w = side.astype(np.float32)
+        d = (level - np.float32(centre)) * w
+        sq += cv2.boxFilter(d * d, -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
+    spread = np.sqrt(np.maximum(sq, 0.0) / np.maximum(n_fg + n_bg, 1.0))  # box sums round below 0
+    return level.astype(np.float32), has_fg & has_bg, spread
 
 
 def guard_window(refined: np.ndarray, coarse: np.ndarray, params: GuardParams,
@@ -345,9 +361,9 @@ def guard_window(refined: np.ndarray, coarse: np.ndarray, params: GuardParams,
     if image is not None and params.evidence != "none":
         radius = max(4, int(round(params.band)))
         objects = None if components is None else (components[0], ~components[1])
-        level, known = colour_level(image, c_fg, changed, radius, objects)
+        level, known, spread = colour_level(image, c_fg, changed, radius, objects)
         new_side = np.where(c_fg, 0.5 - level, level - 0.5)  # > 0: the colour leans to the new class
-        supported = ~known | (new_side > -params.margin)
+        supported = ~known | (new_side > params.noise * spread - params.margin)
         strong = known & (new_side > params.strong)
         # Where the coarse boundary already sits on the image's edge, or the coarse mask has thin
         # parts (strands, bars, gaps), only clear evidence may change it.
@@ -480,8 +496,8 @@ class GuardRefiner(Refiner):
 
     def tile_memory(self, pixels: int) -> int:
         """Inputs, Lab colours and their local means, distances, labels and masks of one window
-        (measured with tracemalloc: 164 bytes per pixel at the peak, plus 15 of inputs)."""
-        return 180 * pixels
+        (measured with tracemalloc: 173 bytes per pixel at the peak, plus 15 of inputs)."""
+        return 190 * pixels
 
     def describe(self) -> dict[str, Any]:
         """Parameters and counts."""
