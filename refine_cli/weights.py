@@ -177,8 +177,14 @@ CASCADEPSP_LITE_V1 = _lite_record(
     "architecture as v2, lower quality (weights/README.md).",
 )
 
+CASCADEPSP_LITE_V3 = _lite_record(
+    "v3", 2_172_211, "248503d8e18ba474c4ffaee08f37deff0e1f662a5f78e892223f1eccc18f7f61",
+    "CascadePSP-lite fine-tuned from v2 (1 750 steps on 2 CPU cores) on photos and the aerial, cells and thin "
+    "scene families; same architecture; `--weights cascadepsp-lite-v3` (weights/README.md: where it beats v2).",
+)
+
 _REGISTRY: dict[str, WeightsRecord] = {
-    r.name: r for r in (CASCADEPSP, CASCADEPSP_LITE, CASCADEPSP_LITE_V1)
+    r.name: r for r in (CASCADEPSP, CASCADEPSP_LITE, CASCADEPSP_LITE_V3, CASCADEPSP_LITE_V1)
 }
 
 

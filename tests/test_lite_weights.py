@@ -26,7 +26,7 @@ def test_the_default_lite_weights_are_v2():
     assert RECORD.name == "cascadepsp-lite-v2"
 
 
-@pytest.mark.parametrize("name", ["cascadepsp-lite-v2", "cascadepsp-lite-v1"])
+@pytest.mark.parametrize("name", ["cascadepsp-lite-v2", "cascadepsp-lite-v3", "cascadepsp-lite-v1"])
 def test_shipped_weights_match_the_registry_and_load_strictly(name):
     record = weights.get_record(name)
     path = weights.bundled_path(record)
@@ -96,7 +96,7 @@ def test_weights_commands_see_the_bundled_copies(cli, tmp_path, monkeypatch):
     code, out, _ = cli("weights", "list", "--json")
     assert code == 0
     rows = {r["name"]: r for r in json.loads(out)}
-    for name in ("cascadepsp-lite-v2", "cascadepsp-lite-v1"):
+    for name in ("cascadepsp-lite-v2", "cascadepsp-lite-v3", "cascadepsp-lite-v1"):
         assert rows[name]["local"] == "bundled" and not rows[name]["cached"]
     assert rows["cascadepsp"]["local"] is None
     code, _, err = cli("weights", "verify", "cascadepsp-lite-v2")
