@@ -316,7 +316,7 @@ def colour_level(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, radiu
     axis = m_fg - m_bg
     norm2 = np.maximum((axis * axis).sum(-1), 1e-6)
     level = ((lab - m_bg) * axis).sum(-1) / norm2
-    # spread: sum over the box of (level - own class level)^2, from the box sums of level and level^2
+    # spread: the box sum of (level - own class level)^2 over the unchanged pixels of both classes
     sq = np.zeros(level.shape, np.float32)
     for side, centre in zip(sides, (1.0, 0.0), strict=True):
         w = side.astype(np.float32)
