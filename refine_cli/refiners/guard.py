@@ -503,8 +503,8 @@ class GuardRefiner(Refiner):
         """Parameters and counts."""
         p = self.params
         return {"band": p.band, "band_large": p.band_large, "component": p.component, "keep": p.keep,
-                "unsure": p.unsure, "evidence": p.evidence, "margin": p.margin, "strong": p.strong,
-                "release": p.release, **self.stats.to_dict()}
+                "unsure": p.unsure, "evidence": p.evidence, "margin": p.margin, "noise": p.noise,
+                "strong": p.strong, "release": p.release, **self.stats.to_dict()}
 
 
 MIN_BAND = 16.0
