@@ -11,8 +11,9 @@
 #            JSON (empty = the shipped v1 architecture), BATCH (default 16), WORKERS per run (default 7).
 #   CHECKS   1 (default) runs the CUDA tests and a `refine run --device cuda` timing first.
 #   DEV      training device (default cuda); PROBE_STEPS steps of the probe (default 100).
-#   TRAIN_ARGS more `refine train` flags for every run, e.g. the lite-v3 mix:
-#            TRAIN_ARGS="--init cascadepsp-lite-v2 --kinds shapes=0.3,portraits=0.2,aerial=0.2,cells=0.15,thin=0.15
+#   TRAIN_ARGS more `refine train` flags for every run, e.g. the lite-v3 mix (v3 itself: 1 750 CPU steps
+#            from v2; a GPU run would continue it with --init cascadepsp-lite-v3):
+#            TRAIN_ARGS="--init cascadepsp-lite-v3 --kinds shapes=0.3,portraits=0.2,aerial=0.2,cells=0.15,thin=0.15
 #            --perturbations cascadepsp=0.4,lowres=0.25,blobs=0.15,detector=0.2"
 # Writes under $OUT: env.txt, checks.log, <run>.tar (best/final weights, log, config), <run>_checkpoint.pt.
 set -u
