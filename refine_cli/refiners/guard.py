@@ -32,7 +32,7 @@ Arrays: ``refined`` and ``coarse`` are ``(h, w)`` float32 probabilities in ``[0,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import cv2
@@ -296,8 +296,7 @@ def colour_level(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, radiu
     lab = cv2.cvtColor(image.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2Lab)
     k = (2 * radius + 1, 2 * radius + 1)
     means = []
-    sides = (c_fg & ~changed, ~c_fg & ~changed)
-    for side in sides:
+    for side in (c_fg & ~changed, ~c_fg & ~changed):
         w = side.astype(np.float32)
         n = cv2.boxFilter(w, -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
         s = cv2.boxFilter(lab * w[..., None], -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
@@ -316,12 +315,9 @@ def colour_level(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, radiu
     axis = m_fg - m_bg
     norm2 = np.maximum((axis * axis).sum(-1), 1e-6)
     level = ((lab - m_bg) * axis).sum(-1) / norm2
-    # spread: the box sum of (level - own class level)^2 over the unchanged pixels of both classes
-    sq = np.zeros(level.shape, np.float32)
-    for side, centre in zip(sides, (1.0, 0.0), strict=True):
-        w = side.astype(np.float32)
-        d = (level - np.float32(centre)) * w
-        sq += cv2.boxFilter(d * d, -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
+    # spread: the box sum of (level - own class level)^2 over the unchanged pixels (class level: 1 or 0)
+    d = (level - c_fg.astype(np.float32)) * (~changed).astype(np.float32)
+    sq = cv2.boxFilter(d * d, -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
     spread = np.sqrt(np.maximum(sq, 0.0) / np.maximum(n_fg + n_bg, 1.0))  # box sums round below 0
     return level.astype(np.float32), has_fg & has_bg, spread
 
@@ -501,10 +497,7 @@ class GuardRefiner(Refiner):
 
     def describe(self) -> dict[str, Any]:
         """Parameters and counts."""
-        p = self.params
-        return {"band": p.band, "band_large": p.band_large, "component": p.component, "keep": p.keep,
-                "unsure": p.unsure, "evidence": p.evidence, "margin": p.margin, "noise": p.noise,
-                "strong": p.strong, "release": p.release, **self.stats.to_dict()}
+        return {**asdict(self.params), **self.stats.to_dict()}
 
 
 MIN_BAND = 16.0

@@ -58,9 +58,9 @@ class RunReport:
         finished: when it finished, the same format.
         command: the command line that ran it (shell-quoted), or ``None`` for a library call.
         guard: what the do-no-harm guard did (``refine_cli.refiners.guard``): ``state`` (``on``,
-            ``off`` or why it did not run), its ``band`` and ``component`` sizes, and the counts
+            ``off`` or why it did not run), its parameters (the fields of ``GuardParams``), and the counts
             ``pixels_changed`` (by the refiner), ``pixels_held`` (of those, kept as in the coarse mask),
-            ``far`` / ``detached`` / ``restored`` (held pixels per rule), ``components_restored`` and
+            ``far`` / ``detached`` / ``unsupported`` / ``restored`` (held pixels per rule), ``components_restored`` and
             ``regions_detached``.
     """
 
