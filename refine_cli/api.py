@@ -117,7 +117,8 @@ def _coarse_facts(mask: MaskSource | None, seg_facts: dict[str, Any] | None, sav
 
 def _decoded_bytes(readers: list[Reader]) -> int:
     """Bytes that decoded inputs hold for the whole run (PNG/JPEG below ``--inline-limit`` are decoded
-    whole): an item of every memory plan, so ``--max-memory`` bounds the process, not only the work."""
+    whole): an item of every memory plan, so ``--max-memory`` bounds the process, not only the work.
+    """
     unique = {id(r): r for r in readers}.values()
     return sum(int(r.array.nbytes) for r in unique if isinstance(r, ArrayReader))
 
@@ -377,7 +378,8 @@ def _sink(path: str, shape: tuple[int, int], bands: int, dtype: np.dtype, overwr
           fmt: str | None, cog: bool, inline_limit: int, resampling: str, checkpoint: RunCheckpoint | None,
           name: str, segment_rows: int) -> RasterSink:
     """A resumable segmented sink when the run is checkpointed and ``path`` is a TIFF, else the plain
-    sink for ``path`` (a PNG beside a resumable TIFF is written whole; a resume then starts at row 0)."""
+    sink for ``path`` (a PNG beside a resumable TIFF is written whole; a resume then starts at row 0).
+    """
     if checkpoint is None or output_format(path, fmt) != "tiff":
         return open_sink(path, shape, bands, dtype, overwrite=overwrite, georef=georef, fmt=fmt, cog=cog,
                          inline_limit=inline_limit, resampling=resampling)

@@ -105,8 +105,14 @@ from typing import TYPE_CHECKING, Any
 
 from refine_cli import __version__
 from refine_cli.config import RefineConfig
-from refine_cli.errors import (DependencyError, InputError, Interrupted, OutputExistsError, RefineError,
-                               UsageError)
+from refine_cli.errors import (
+    DependencyError,
+    InputError,
+    Interrupted,
+    OutputExistsError,
+    RefineError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     from refine_cli.engine.budget import MemoryPlan

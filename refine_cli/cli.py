@@ -51,7 +51,8 @@ def _root(
 
 def configure_logging(verbose: int, quiet: bool) -> None:
     """Map ``-v/-q`` to a log level and send records to stderr: through Rich on a terminal, else
-    one plain line per record (``WARNING  text``), never wrapped, so logs and pipes can grep them."""
+    one plain line per record (``WARNING  text``), never wrapped, so logs and pipes can grep them.
+    """
     from rich.logging import RichHandler
 
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else
@@ -94,8 +95,15 @@ class _Progress:
 
     def __enter__(self) -> _Progress:
         if self.enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 def exception_chain(exc: BaseException, limit: int = 10) -> list[BaseException]:
     """``exc`` and the exceptions it was raised from or during (``__cause__``, else ``__context__``),
-    outermost first, at most ``limit``; cycles are cut."""
+    outermost first, at most ``limit``; cycles are cut.
+    """
     chain: list[BaseException] = []
     cur: BaseException | None = exc
     while cur is not None and cur not in chain and len(chain) < limit:

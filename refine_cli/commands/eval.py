@@ -56,8 +56,8 @@ def eval_cmd(
     from refine_cli.cli import configure_logging, err_console
     from refine_cli.errors import UsageError
     from refine_cli.evaluate import EvalOptions
-    from refine_cli.evaluation_io import evaluate_directories, evaluate_pair
     from refine_cli.evaluation_io import EvalSummary as Summary
+    from refine_cli.evaluation_io import evaluate_directories, evaluate_pair
 
     configure_logging(verbose, quiet)
     single = pred is not None or gt is not None

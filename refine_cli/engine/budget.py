@@ -127,7 +127,8 @@ def plan_memory(shape: tuple[int, int], *, budget: int, halo: int, channels: int
 def smallest_need(shape: tuple[int, int], *, halo: int, channels: int, batch: int, tile_memory: object,
                   fixed_memory: int, bytes_out: int, tile_size: int, resident: int = 0) -> int:
     """The smallest estimate in bytes of a grid of ``tile_size`` tiles (what :func:`plan_memory`
-    would need as a budget to accept that tile size; arguments as there)."""
+    would need as a budget to accept that tile size; arguments as there).
+    """
     return _search(shape, budget=0, halo=halo, channels=channels, batch=batch, tile_memory=tile_memory,
                    fixed_memory=fixed_memory, bytes_out=bytes_out, preferred_tile=tile_size,
                    tile_size=tile_size, resident=resident).total

@@ -149,7 +149,8 @@ class OutputWriter:
 
     def take_back(self) -> None:
         """Remove the outputs :meth:`commit` published (when a later file of the run, such as the
-        report, could not be written: the run's outputs are one unit). Bytes sent to stdout stay sent."""
+        report, could not be written: the run's outputs are one unit). Bytes sent to stdout stay sent.
+        """
         for sink in (self.mask_sink, self.unc_sink):
             if sink is not None and sink.path != "-":
                 sink.rollback()

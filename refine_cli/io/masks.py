@@ -594,7 +594,8 @@ class MaskSource:
 
     def read_k(self, window: Window) -> np.ndarray:
         """``(h, w, 1)`` float32 probability (binary/soft/instance masks), ``(h, w, C)`` one-hot probabilities
-        (label maps; memory grows with C)."""
+        (label maps; memory grows with C).
+        """
         if self.is_labels:
             lw = self.read_labels(window)
             out = np.zeros((window.height, window.width, self.classes), np.float32)
@@ -738,7 +739,8 @@ class StackedSource:
 
     def constant(self, window: Window) -> np.ndarray | None:
         """The ``(K,)`` values if every part is constant over ``window`` and channel 0 of every part
-        lies on the same side of 0.5, else ``None``."""
+        lies on the same side of 0.5, else ``None``.
+        """
         values = []
         for p in self.parts:
             v = p.constant(window)

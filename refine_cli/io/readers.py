@@ -358,7 +358,8 @@ def _axes_to_yxc(axes: str, shape: tuple[int, ...], path: str) -> tuple[tuple[in
 
 def _as_yxc(arr: np.ndarray, perm: tuple[int, ...], squeeze: list[int]) -> np.ndarray:
     """A whole decoded TIFF series as ``(H, W)`` or ``(H, W, C)``: the first plane of each axis in
-    ``squeeze``, then the axes in the order ``perm`` (both from :func:`_axes_to_yxc`)."""
+    ``squeeze``, then the axes in the order ``perm`` (both from :func:`_axes_to_yxc`).
+    """
     for ax in sorted(squeeze, reverse=True):
         arr = np.take(arr, 0, axis=ax)
     return np.transpose(arr, perm) if arr.ndim == 3 else arr
@@ -655,7 +656,7 @@ def libtiff_seq() -> int:
 
 
 def libtiff_messages_since(seq: int) -> list[str]:
-    """libtiff's error texts after :func:`libtiff_seq` returned ``seq`` (any thread)."""
+    """Libtiff's error texts after :func:`libtiff_seq` returned ``seq`` (any thread)."""
     return [text for n, text in list(LIBTIFF_MESSAGES) if n > seq]
 
 

@@ -108,7 +108,7 @@ def temp_path_for(path: str) -> str:
 
 
 def fsync_dir(path: str | Path) -> None:
-    """fsync a directory so a rename in it is durable (no-op where unsupported)."""
+    """Fsync a directory so a rename in it is durable (no-op where unsupported)."""
     try:
         fd = os.open(str(path), os.O_RDONLY)
     except OSError:
@@ -122,7 +122,7 @@ def fsync_dir(path: str | Path) -> None:
 
 
 def atomic_replace(tmp: str, final: str, overwrite: bool) -> None:
-    """fsync ``tmp``, rename it to ``final`` and fsync the directory."""
+    """Fsync ``tmp``, rename it to ``final`` and fsync the directory."""
     if not overwrite and os.path.exists(final):
         raise OutputExistsError(f"output {final} appeared while running; pass --overwrite to replace it")
     _fsync_file(tmp)

@@ -148,7 +148,8 @@ class Refiner(abc.ABC):
 
     def initial_coarse(self) -> np.ndarray | None:
         """The first level's coarse input as ``(h0, w0, K)`` float32 in [0, 1] (e.g. the output
-        of a global step run in :meth:`prepare`), or ``None`` to use the user's mask."""
+        of a global step run in :meth:`prepare`), or ``None`` to use the user's mask.
+        """
         return None
 
     def for_level(self, index: int, final: bool) -> Refiner:
@@ -170,7 +171,8 @@ class Refiner(abc.ABC):
 
     def skip_test(self, coarse: np.ndarray) -> bool | None:
         """Decide from the coarse input ``(h, w, K)`` over the read window whether to skip the
-        tile; ``None`` leaves it to :attr:`skip_rule`."""
+        tile; ``None`` leaves it to :attr:`skip_rule`.
+        """
         return None
 
     def out_channels(self, in_channels: int) -> int:

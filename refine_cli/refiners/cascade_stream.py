@@ -112,7 +112,8 @@ class CascadeLevelRefiner(Refiner):
 
     def plan_grid(self, shape: tuple[int, int], tile_size: int, overlap: int) -> GridPlan | None:
         """The official local-step grid: ``L x L`` windows every ``L // 2 - 32`` px, the last one
-        clamped to the border (``tiling.cascade_grid``); ``None`` for the feathered grid."""
+        clamped to the border (``tiling.cascade_grid``); ``None`` for the feathered grid.
+        """
         if self.grid != "official":
             return None
         patches = plan_cascade_patches(shape, self.size)
@@ -139,7 +140,8 @@ class CascadeLevelRefiner(Refiner):
 
     def skip_test(self, coarse: np.ndarray) -> bool | None:
         """``boundary``: nothing to refine (channel 0 on one side of 0.5 everywhere); ``official``:
-        under 10 % or over 90 % of the window is foreground (the official local-step rule)."""
+        under 10 % or over 90 % of the window is foreground (the official local-step rule).
+        """
         fg = coarse[..., 0] > 0.5
         if self.skip == "boundary":
             return bool(fg.all() or not fg.any())

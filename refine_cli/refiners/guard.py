@@ -181,7 +181,8 @@ ALL_CUT: Cut = (True, True, True, True)
 
 def _touching_border(labels: np.ndarray, n: int, cut: Cut) -> np.ndarray:
     """``(n,)`` bool: components (by label) that reach a side of the window that cuts the image (what
-    lies beyond is unknown; the image's own edges are not cuts)."""
+    lies beyond is unknown; the image's own edges are not cuts).
+    """
     out = np.zeros(n, bool)
     for side, edge in zip(cut, (labels[0], labels[-1], labels[:, 0], labels[:, -1]), strict=True):
         if side:
@@ -209,7 +210,8 @@ def _restore_deleted(coarse_fg: np.ndarray, out_fg: np.ndarray, params: GuardPar
                      core: tuple[slice, slice] | None, cut: Cut,
                      strong: np.ndarray | None) -> tuple[np.ndarray | None, int]:
     """Mask of the small components of ``coarse_fg == value`` that ``out_fg`` mostly lost (unless the
-    image clearly shows the loss, see :attr:`GuardParams.release`), and their count in the core."""
+    image clearly shows the loss, see :attr:`GuardParams.release`), and their count in the core.
+    """
     comp = coarse_fg if value else ~coarse_fg
     n, labels, st, _ = cv2.connectedComponentsWithStats(comp.astype(np.uint8), connectivity=8)
     if n <= 1:
@@ -411,7 +413,8 @@ def _on_edge(dist: np.ndarray, known: np.ndarray, own_side: np.ndarray, radius: 
              params: GuardParams) -> np.ndarray:
     """``(h, w)`` bool: pixels farther than ``params.tight`` px from a coarse boundary that, in their
     ``(2 radius + 1)`` box, sits on the image's edge: at least ``params.aligned`` of the pixels 2-3 px
-    from it look like their own coarse class (``own_side > 0.2``)."""
+    from it look like their own coarse class (``own_side > 0.2``).
+    """
     near = known & (dist > 1.5) & (dist <= 3.5)
     ok = near & (own_side > 0.2)
     k = (2 * radius + 1, 2 * radius + 1)
@@ -492,7 +495,8 @@ class GuardRefiner(Refiner):
 
     def tile_memory(self, pixels: int) -> int:
         """Inputs, Lab colours and their local means, distances, labels and masks of one window
-        (measured with tracemalloc: 173 bytes per pixel at the peak, plus 15 of inputs)."""
+        (measured with tracemalloc: 173 bytes per pixel at the peak, plus 15 of inputs).
+        """
         return 190 * pixels
 
     def describe(self) -> dict[str, Any]:
@@ -507,7 +511,8 @@ MIN_BAND = 16.0
 def default_band(scale: float) -> float:
     """The band for a coarse mask whose boundary is blurred or blocky over ``scale`` px (its size ratio
     to the image, or the width of its soft ramps): ``1.5 * scale + 2`` px, and at least
-    :data:`MIN_BAND`."""
+    :data:`MIN_BAND`.
+    """
     return max(MIN_BAND, 1.5 * float(scale) + 2.0)
 
 

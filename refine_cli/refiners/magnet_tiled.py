@@ -187,7 +187,8 @@ class _LevelImage:
 
 def _lattice(n_src: int, n_dst: int) -> tuple[int, int]:
     """``(q, p)``: destination positions ``x`` with ``x * n_src / n_dst`` integer are multiples of q,
-    and q of them span p source pixels."""
+    and q of them span p source pixels.
+    """
     g = math.gcd(n_src, n_dst)
     return n_dst // g, n_src // g
 
@@ -281,7 +282,8 @@ class StageImages:
 
     def _level(self, hw: Size) -> _LevelImage:
         """The area-downscaled level of size ``hw``; the first call builds every level, largest first,
-        each from the smallest larger one (the largest from the image or its pyramid)."""
+        each from the smallest larger one (the largest from the image or its pyramid).
+        """
         if hw not in self._levels:
             wanted = sorted({(s[1], s[0]) for s, m in self.modes.items() if m == "level"},
                             key=lambda t: t[0] * t[1], reverse=True)
@@ -448,7 +450,8 @@ YMap = MemoryY | TileStore | UpsampledY
 
 def fast_uncertainty(y: torch.Tensor) -> torch.Tensor:
     """:func:`~refine_cli.refiners.magnet_points.uncertainty` of ``(N, C, h, w)``, bit for bit;
-    for C = 2 ``1 - |y0 - y1|`` (``max - min`` equals ``|a - b|`` exactly) instead of ``topk``."""
+    for C = 2 ``1 - |y0 - y1|`` (``max - min`` equals ``|a - b|`` exactly) instead of ``topk``.
+    """
     if y.shape[1] == 2:
         return 1 - (y[:, 0:1] - y[:, 1:2]).abs()
     return uncertainty(y)
@@ -1243,7 +1246,8 @@ def run_magnet_tiled(
 
 def _cut_facts(stage: int, cut: TopKCut) -> dict[str, Any]:
     """The top-k cut of a stage for the report: threshold (``None`` when all or none are taken),
-    pixels above it, pixels at it and how many of those were taken (lowest flat indices)."""
+    pixels above it, pixels at it and how many of those were taken (lowest flat indices).
+    """
     finite = math.isfinite(cut.threshold)
     return {"stage": stage, "threshold": round(cut.threshold, 8) if finite else None, "above": cut.n_greater,
             "tied": cut.n_equal, "tied_taken": cut.n_tied_taken}

@@ -50,7 +50,7 @@ MIN_SIZE = 66
 
 
 def resize_output_shape(shape: tuple[int, int], scale: float) -> tuple[int, int]:
-    """torch's output size of ``interpolate(scale_factor=scale)``: ``floor(float(side) * scale)``.
+    """Torch's output size of ``interpolate(scale_factor=scale)``: ``floor(float(side) * scale)``.
 
     Args:
         shape: ``(h, w)`` input size in px.

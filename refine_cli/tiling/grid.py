@@ -221,7 +221,8 @@ class GridPlan:
     def owned(self, tile: Tile) -> Window:
         """The part of ``tile.window`` that this tile alone accounts for: from its start to the next
         tile's start on each axis (to the image's end for the last tile). The owned windows of a grid
-        partition the image: counting per tile over them counts every pixel once."""
+        partition the image: counting per tile over them counts every pixel once.
+        """
         g, c = tile.grid_row, tile.grid_col
         r1 = self.row_starts[g + 1] if g + 1 < len(self.row_starts) else self.shape[0]
         c1 = self.col_starts[c + 1] if c + 1 < len(self.col_starts) else self.shape[1]

@@ -1142,7 +1142,6 @@ def perturb(
     """Make a coarse mask from a ground truth.
 
     Methods:
-
     * ``cascadepsp``: CascadePSP's recipe. A target IoU is drawn in
       ``[1 - 0.2 * strength, 1)``. Every contour of >= 10 points loses a run of
       10 % of its vertices (starting among the 10 % of starts with the shortest
