@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from refine_cli.config import RefineConfig
-from refine_cli.engine.checkpoint import RunCheckpoint, config_hash, file_identity, segment_rows_for
+from refine_cli.engine.checkpoint import RunCheckpoint, file_identity, segment_rows_for
 from refine_cli.engine.levels import run_levels
 from refine_cli.engine.outputs import OutputSpec, OutputWriter, bytes_per_pixel, mask_layout
 from refine_cli.errors import Interrupted, UsageError
+from refine_cli.hashing import config_hash
 from refine_cli.io.image import ImageSource, area_downscale
 from refine_cli.io.masks import MaskSource
 from refine_cli.io.paths import check_distinct

@@ -103,7 +103,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from refine_cli import __version__
+from refine_cli import __version__, hashing
 from refine_cli.config import RefineConfig
 from refine_cli.errors import (
     DependencyError,
@@ -113,6 +113,7 @@ from refine_cli.errors import (
     RefineError,
     UsageError,
 )
+from refine_cli.hashing import sha256_file
 
 if TYPE_CHECKING:
     from refine_cli.engine.budget import MemoryPlan
@@ -133,7 +134,6 @@ METHODS_WITH_SEGMENTER = frozenset({"magnet-fast"})
 OUTPUT_MARKERS = (".refined", ".uncertainty", ".report")
 """Stem endings of files a batch writes; never taken as inputs."""
 
-HASH_CHUNK = 4 * 1024 * 1024
 
 Record = dict[str, Any]
 
@@ -320,20 +320,7 @@ def config_hash(config: RefineConfig, outputs: OutputOptions) -> str:
 
     The thread count is left out (it changes speed, not results); ``overwrite`` too.
     """
-    cfg = config.to_dict()
-    cfg.pop("threads", None)
-    payload = {"v": RECORD_VERSION, "config": cfg, "outputs": outputs.hashed()}
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 (hex) of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return hashing.config_hash(config.to_dict(), v=RECORD_VERSION, outputs=outputs.hashed())
 
 
 def file_facts(path: str, *, content_hash: bool = False) -> dict[str, Any]:
@@ -345,7 +332,7 @@ def file_facts(path: str, *, content_hash: bool = False) -> dict[str, Any]:
     facts: dict[str, Any] = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     if content_hash:
         try:
-            facts["sha256"] = file_sha256(path)
+            facts["sha256"] = sha256_file(path)
         except OSError:
             facts["missing"] = True
     return facts
@@ -927,7 +914,7 @@ def _outputs_intact(outdir: Path, item: BatchItem, recorded: dict[str, Any]) -> 
         rec = recorded[kind]
         if path.is_symlink() or not path.is_file():
             return f"output {rel} is missing"
-        if path.stat().st_size != rec.get("bytes") or file_sha256(path) != rec.get("sha256"):
+        if path.stat().st_size != rec.get("bytes") or sha256_file(path) != rec.get("sha256"):
             return f"output {rel} was modified"
     return None
 
@@ -1093,7 +1080,7 @@ def run_item(item: BatchItem, job: BatchJob, chash: str, *, facts: dict[str, Any
             overwrite=job.outputs.overwrite or owned, fmt=job.outputs.fmt, cog=job.outputs.cog,
             bands=job.outputs.bands, progress=progress,
         )
-        outputs = {kind: {"path": item.outputs()[kind], "sha256": file_sha256(p), "bytes": p.stat().st_size}
+        outputs = {kind: {"path": item.outputs()[kind], "sha256": sha256_file(p), "bytes": p.stat().st_size}
                    for kind, p in targets.items()}
     except (KeyboardInterrupt, Interrupted) as exc:
         _remove_new(before)

@@ -11,20 +11,17 @@ No torch or OpenCV import at module top: ``refine --help`` stays fast.
 from __future__ import annotations
 
 import json
-import logging
 import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from refine_cli import __version__
-from refine_cli.commands.options import Debug, Quiet, RunOptions, Verbose, run_options
+from refine_cli.commands.console import Debug, ProgressBars, Quiet, Verbose, configure_logging, err_console
+from refine_cli.commands.options import RunOptions, run_options
 from refine_cli.errors import RefineError, UsageError
 
-err_console = Console(stderr=True)
-THIRD_PARTY_LOGGERS = ("tifffile", "zarr", "numcodecs", "imagecodecs", "rasterio")
-"""Libraries whose log records are shown only with ``-v`` (see :func:`configure_logging`)."""
 app = typer.Typer(
     name="refine",
     help="Refine segmentation masks on very large images, tile by tile, with bounded memory.",
@@ -47,81 +44,6 @@ def _root(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Refine segmentation masks on very large images."""
-
-
-def configure_logging(verbose: int, quiet: bool) -> None:
-    """Map ``-v/-q`` to a log level and send records to stderr: through Rich on a terminal, else
-    one plain line per record (``WARNING  text``), never wrapped, so logs and pipes can grep them.
-    """
-    from rich.logging import RichHandler
-
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else
-                                         logging.WARNING)
-    root = logging.getLogger("refine_cli")
-    root.handlers.clear()
-    handler: logging.Handler
-    if err_console.is_terminal:
-        handler = RichHandler(console=err_console, show_time=False, show_path=False, markup=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(level)
-    root.propagate = False
-    # Decoder libraries log what they repair or skip in a damaged file ("incorrect StripOffsets
-    # count"); without a handler Python prints that bare on stderr, beside refine's one-line error.
-    # Their records go through the same handler, shown with -v only.
-    for name in THIRD_PARTY_LOGGERS:
-        lib = logging.getLogger(name)
-        lib.handlers[:] = [handler]
-        lib.setLevel(logging.WARNING if verbose else logging.CRITICAL + 1)
-        lib.propagate = False
-    import warnings
-
-    warnings.filterwarnings("ignore", module="rasterio")
-
-
-class _Progress:
-    """Rich progress bars on stderr, one per stage, shown only on a terminal.
-
-    Called as ``progress(stage, done, total)``; ``total = 0`` shows a spinner (amount unknown).
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and err_console.is_terminal
-        self._bar: Any = None
-        self._tasks: dict[str, Any] = {}
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                SpinnerColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=err_console, transient=True)
-            self._bar.__enter__()
-        return self
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if self._bar is None:
-            return
-        task = self._tasks.get(stage)
-        if task is None:
-            task = self._tasks[stage] = self._bar.add_task(stage, total=total or None)
-        self._bar.update(task, completed=done, total=total or None)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
 
 
 @app.command("run")
@@ -155,7 +77,7 @@ def run_cmd(
     config = opts.config()
     from refine_cli.api import refine_file
 
-    with _Progress(enabled=not quiet) as progress:
+    with ProgressBars(enabled=not quiet) as progress:
         rep = refine_file(image, mask, target, config=config, uncertainty=uncertainty, report=report,
                           overwrite=opts.overwrite, fmt=opts.fmt, cog=opts.cog, bands=opts.band_indices(),
                           progress=progress, resume=resume, save_coarse=save_coarse, command=_command_line())

@@ -19,7 +19,6 @@ wrong or damaged checkpoint gives a :class:`~refine_cli.errors.WeightsError` nam
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import http.client
 import json
 import logging
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from refine_cli.errors import InputError, UsageError, WeightsError
+from refine_cli.hashing import Digests, file_digests
 
 if TYPE_CHECKING:  # torch is imported where it is needed, so `refine weights ...` starts fast
     import torch
@@ -50,7 +50,6 @@ ENV_HOME = "REFINE_HOME"
 DEFAULT_CASCADEPSP = "cascadepsp"
 """Registry name of the default CascadePSP checkpoint."""
 
-_CHUNK = 4 * 1024 * 1024
 
 ProgressFn = Callable[[int, int | None], None]
 """``progress(bytes_done, bytes_total_or_None)``."""
@@ -276,33 +275,6 @@ def read_sidecar(name: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------
 # digests and verification
-
-
-@dataclass(frozen=True)
-class Digests:
-    """Size and hashes of a file.
-
-    Attributes:
-        size: bytes.
-        md5: hex digest.
-        sha256: hex digest.
-    """
-
-    size: int
-    md5: str
-    sha256: str
-
-
-def file_digests(path: str | Path) -> Digests:
-    """Size, md5 and sha256 of a file, in one pass."""
-    md5, sha = hashlib.md5(usedforsecurity=False), hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            md5.update(block)
-            sha.update(block)
-            size += len(block)
-    return Digests(size, md5.hexdigest(), sha.hexdigest())
 
 
 def _mismatch(record: WeightsRecord, digests: Digests, sha256: str | None) -> str | None:

@@ -647,7 +647,7 @@ def test_sigint_flushes_journal_and_resume_is_identical(tmp_path, bcli):
     ref, out = tmp_path / "ref", tmp_path / "out"
     args = [str(d), "--mask-suffix", "_mask", "--uncertainty", *FAST, "--no-skip", "--tile-size", "128",
             "--overlap", "16"]
-    cmd = [sys.executable, "-m", "refine_cli.commands.batch", *args, "-o", str(out), "-q"]
+    cmd = [sys.executable, "-m", "refine_cli", "batch", *args, "-o", str(out), "-q"]
     proc = popen_interruptible(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path))
     jpath = out / lib.JOURNAL_NAME
     deadline = time.time() + 60

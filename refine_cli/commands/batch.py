@@ -11,8 +11,7 @@ real run would end: 2 when it would stop at such a conflict, 3 when inputs would
 (planning errors, unreadable headers, earlier failures kept), else 0.
 
 Mount with :func:`register` (a plain command: ``app.add_typer`` would make it a group
-that expects a sub-command name); ``python -m refine_cli.commands.batch ARGS`` runs it
-through ``refine_cli.cli.main`` even before it is mounted.
+that expects a sub-command name).
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from refine_cli.commands.options import Debug, Quiet, RunOptions, Verbose, run_options
+from refine_cli.commands.console import Debug, ProgressBars, Quiet, Verbose, configure_logging, err_console
+from refine_cli.commands.options import RunOptions, run_options
 from refine_cli.errors import Interrupted, UsageError
 
 if TYPE_CHECKING:
@@ -44,59 +44,26 @@ EPILOG = (
 
 
 class _BatchProgress:
-    """One Rich bar for the files and one for the current file's tiles, on a terminal's stderr."""
+    """One bar for the files and one for the current file's stage, on a terminal's stderr."""
 
-    def __init__(self, console: Console, enabled: bool, total: int) -> None:
-        self.console = console
-        self.enabled = enabled and console.is_terminal
+    def __init__(self, bars: ProgressBars, total: int) -> None:
+        self.bars = bars
         self.total = total
-        self._bar: Any = None
-        self._files: Any = None
-        self._tiles: Any = None
         self._name = ""
-
-    def __enter__(self) -> _BatchProgress:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
-                                 transient=True)
-            self._bar.__enter__()
-            self._files = self._bar.add_task("files", total=self.total)
-        return self
+        bars("files", 0, total)
 
     def start(self, item: BatchItem, index: int, total: int) -> None:
-        """A new input begins: reset the tile bar."""
-        if self._bar is None:
-            return
+        """A new input begins: reset the stage bar."""
         self._name = Path(item.image).name
-        if self._tiles is None:
-            self._tiles = self._bar.add_task(f"  {self._name}", total=None)
-        else:
-            self._bar.reset(self._tiles, description=f"  {self._name}", total=None)
+        self.bars.reset("tiles", f"  {self._name}")
 
     def tiles(self, stage: str, done: int, total: int) -> None:
         """Progress of the current input's stage (tiles, patches, segmenter; ``total = 0``: unknown)."""
-        if self._bar is not None and self._tiles is not None:
-            self._bar.update(self._tiles, description=f"  {self._name} {stage}", completed=done,
-                             total=total or None)
+        self.bars("tiles", done, total, description=f"  {self._name} {stage}")
 
     def record(self) -> None:
         """One input finished (or was kept)."""
-        if self._bar is not None:
-            self._bar.advance(self._files)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(None, None, None)
+        self.bars.advance("files", self.total)
 
 
 def _size(n: int) -> str:
@@ -148,7 +115,6 @@ def batch_cmd(
 ) -> None:
     """Refine every image of DIR_OR_GLOB (or --pairs) into OUTDIR; reruns resume from the journal."""
     from refine_cli import batch as lib
-    from refine_cli.cli import configure_logging, err_console
 
     configure_logging(verbose, quiet)
     with _exit_on_interrupt(err_console):
@@ -253,7 +219,8 @@ def _run(items: Sequence[BatchItem], job: BatchJob, scheduler: str | None, json_
     """Run the batch with progress bars; records on stdout with ``--json``; exit 3 when any input failed."""
     from refine_cli import batch as lib
 
-    with _BatchProgress(console, enabled=not quiet, total=len(items)) as bar:
+    with ProgressBars(enabled=not quiet) as bars:
+        bar = _BatchProgress(bars, len(items))
 
         def on_record(rec: dict[str, Any], resumed: bool) -> None:
             bar.record()
@@ -277,15 +244,3 @@ def register(parent: typer.Typer, name: str = "batch") -> None:
     if any(c.name == name for c in parent.registered_commands):
         return
     parent.command(name, epilog=EPILOG)(batch_cmd)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run ``refine batch ARGS`` through ``refine_cli.cli.main`` (same error handling and exit codes)."""
-    from refine_cli import cli
-
-    register(cli.app)
-    cli.main(["batch", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

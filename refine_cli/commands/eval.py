@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from refine_cli.commands.options import Debug, Quiet, Verbose
+from refine_cli.commands.console import Debug, Quiet, Verbose, configure_logging, err_console
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -53,7 +53,6 @@ def eval_cmd(
     debug: Debug = False,
 ) -> None:
     """Score PRED against GT (or every pair of --pred-dir/--gt-dir): IoU, mBA, boundary F, per-class IoU."""
-    from refine_cli.cli import configure_logging, err_console
     from refine_cli.errors import UsageError
     from refine_cli.evaluate import EvalOptions
     from refine_cli.evaluation_io import EvalSummary as Summary

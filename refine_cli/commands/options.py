@@ -26,10 +26,6 @@ from refine_cli.config import CascadeOptions, GuidedOptions, MagnetOptions, Refi
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q",
-                                      help="Only errors on stderr; no progress bar or table.")]
-Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")]
 
 TAIL = ("verbose", "quiet", "debug")
 """Parameters kept after the shared options in ``--help``."""

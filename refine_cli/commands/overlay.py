@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from refine_cli.commands.options import Debug, Quiet, Verbose
+from refine_cli.commands.console import Debug, Quiet, Verbose, configure_logging, err_console
 
 
 def overlay_cmd(
@@ -38,7 +38,6 @@ def overlay_cmd(
     debug: Debug = False,
 ) -> None:
     """Draw MASK (and --compare) as contours over a downscaled IMAGE, with a 1:1 crop and uncertainty."""
-    from refine_cli.cli import configure_logging, err_console
     from refine_cli.io.readers import parse_bands
     from refine_cli.io.writers import check_output
     from refine_cli.overlay import render_overlay, write_overlay

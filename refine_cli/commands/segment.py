@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from refine_cli.commands.console import Debug, Quiet, Verbose, configure_logging, err_console
 from refine_cli.errors import UsageError
 from refine_cli.segment import output_shape, segment_file
 
@@ -41,13 +42,13 @@ def segment_cmd(
     download: Annotated[bool, typer.Option("--download", help="Fetch the segmenter's weights if not cached.")]
     = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the facts as JSON on stdout.")] = False,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output.")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr.")] = False,
+    verbose: Verbose = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
 ) -> None:
     """Segment IMAGE with a coarse segmenter and write the mask (low resolution, image aspect ratio)."""
     import json
 
-    from refine_cli.cli import configure_logging, err_console
     from refine_cli.io.readers import parse_bands
 
     configure_logging(verbose, quiet)

@@ -15,7 +15,6 @@ and that ``--resume`` continues while a run without it starts over
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -46,12 +45,6 @@ def file_identity(path: str) -> dict[str, Any]:
         return {"path": "-"}
     st = os.stat(path)
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    """sha256 of the configuration that decides the result (threads excluded)."""
-    keep = {k: v for k, v in config.items() if k not in ("threads",)}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def parts_dir_for(out: str) -> Path:

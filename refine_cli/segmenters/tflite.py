@@ -12,7 +12,6 @@ the CPU (XNNPACK).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from refine_cli.errors import DependencyError, InputError
+from refine_cli.hashing import sha256_file
 from refine_cli.segmenters.base import Segmenter, SegmenterSpec, read_sidecar
 
 logger = logging.getLogger(__name__)
@@ -71,11 +71,6 @@ def _import_interpreter() -> Any:
     return Interpreter
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a (small) file."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 class TFLiteSegmenter(Segmenter):
     """A TFLite segmentation model.
 
@@ -98,7 +93,7 @@ class TFLiteSegmenter(Segmenter):
         if not path.is_file():
             raise InputError(f"segmenter file {path} not found; check the path")
         if spec is None:
-            spec = SELFIE_SPEC if file_sha256(path) == SELFIE_SHA256 else read_sidecar(path)
+            spec = SELFIE_SPEC if sha256_file(path) == SELFIE_SHA256 else read_sidecar(path)
         self.spec = spec
         try:
             with _quiet_native_stderr():  # the runtime prints "INFO: Created ... delegate" on fd 2

@@ -281,8 +281,9 @@ def load_frozen_segmenter(name: str, threads: int | None = None) -> tuple[Any, d
         DependencyError: the runtime's optional package is missing.
     """
     from refine_cli import weights as registry
+    from refine_cli.hashing import sha256_file
     from refine_cli.segmenters import load_segmenter
-    from refine_cli.segmenters.tflite import SELFIE_NAME, SELFIE_SPEC, TFLiteSegmenter, file_sha256
+    from refine_cli.segmenters.tflite import SELFIE_NAME, SELFIE_SPEC, TFLiteSegmenter
 
     path: Path | None = None
     if name == SELFIE_NAME and not Path(name).is_file():
@@ -296,7 +297,7 @@ def load_frozen_segmenter(name: str, threads: int | None = None) -> tuple[Any, d
         path = Path(name) if Path(name).is_file() else None
     ident = {
         "name": seg.name if path is None or name == SELFIE_NAME else name,
-        "sha256": file_sha256(path) if path is not None else None,
+        "sha256": sha256_file(path) if path is not None else None,
         "input_size": list(seg.input_size), "classes": list(seg.classes),
     }
     return seg, ident

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -64,6 +63,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from refine_cli.errors import InputError, Interrupted, RefineError, UsageError, WeightsError
+from refine_cli.hashing import sha256_file
 from refine_cli.train.data import (
     COARSE_METHODS,
     KINDS,
@@ -676,15 +676,6 @@ def seed_everything(seed: int) -> None:
 
 # --------------------------------------------------------------------------------------------
 # files
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
