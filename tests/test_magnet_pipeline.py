@@ -30,7 +30,7 @@ from refine_cli.refiners.magnet import (
     run_magnet,
 )
 from refine_cli.tiling.grid import Window
-from refine_cli.weights_magnet import MAGNET_RECORDS
+from refine_cli.weights.magnet import MAGNET_RECORDS
 
 C = 3
 INPUT = (48, 32)  # (w, h)

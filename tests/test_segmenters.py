@@ -23,7 +23,7 @@ from refine_cli import weights as registry
 from refine_cli.errors import DependencyError, InputError, UsageError, WeightsError
 from refine_cli.segmenters import list_segmenters, load_segmenter
 from refine_cli.segmenters.base import sidecar_candidates
-from refine_cli.weights_magnet import MAGNET_RECORDS
+from refine_cli.weights.magnet import MAGNET_RECORDS
 
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
 HAS_LITERT = importlib.util.find_spec("ai_edge_litert") is not None

@@ -45,7 +45,7 @@ def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[
     """
     from refine_cli import weights
     from refine_cli.models.cascadepsp import cascadepsp_official
-    from refine_cli.train.trainer import load_exported
+    from refine_cli.weights.files import load_exported
 
     spec = options.weights
     notice = None

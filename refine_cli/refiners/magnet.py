@@ -1184,7 +1184,8 @@ def load_refinement_file(path: Any, num_classes: int, *, sha256: str | None = No
 
     path = Path(path)
     if path.with_suffix(".json").is_file() and path.suffix != ".json":
-        from refine_cli.train.trainer import load_exported, read_sidecar
+        from refine_cli.weights.files import load_exported
+        from refine_cli.weights.files import read_export_sidecar as read_sidecar
 
         try:
             side = read_sidecar(path)
@@ -1220,7 +1221,7 @@ def _known_sha256(spec: str) -> str | None:
         return resolved.sha256
     side = resolved.path.with_suffix(".json")
     if side.is_file() and resolved.path.suffix != ".json":
-        from refine_cli.train.trainer import read_sidecar
+        from refine_cli.weights.files import read_export_sidecar as read_sidecar
 
         try:
             return str(read_sidecar(resolved.path).get("sha256") or "") or None

@@ -2,7 +2,7 @@
 
 The built-in one is the MediaPipe (legacy) Selfie Segmentation *general* model
 (``selfie_segmentation.tflite``, Apache-2.0, 249 505 bytes, sha256 ``9ee168ec...``;
-see ``refine_cli.weights_magnet``): input ``[1, 256, 256, 3]`` float32 RGB in
+see ``refine_cli.weights.magnet``): input ``[1, 256, 256, 3]`` float32 RGB in
 ``[0, 1]``, output ``[1, 256, 256, 1]`` person probability. Its one channel p becomes
 two classes ``[background, person] = [1 - p, p]``. Other ``.tflite`` files need a
 sidecar JSON like ONNX models. The interpreter takes one image at a time and runs on

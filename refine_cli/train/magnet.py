@@ -441,7 +441,7 @@ def _shard_path(folder: Path, split: str, k: int) -> Path:
 
 
 def _write_shard(path: Path, examples: Sequence[Example]) -> None:
-    from refine_cli.train.trainer import _atomic_write
+    from refine_cli.weights.files import atomic_write
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -450,7 +450,7 @@ def _write_shard(path: Path, examples: Sequence[Example]) -> None:
                 g=np.stack([e.g for e in examples]), meta=np.array(json.dumps([e.meta for e in examples])),
             )
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 @dataclass
@@ -741,7 +741,7 @@ def _run(cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float
         start = load_refinement_file(cfg.init, n_classes)  # strict, checksum-checked
         model.load_state_dict(start.state_dict(), strict=True)
         init_meta = {"file": cfg.init.name, "sha256": T.sha256_file(cfg.init),
-                     "steps": T.read_sidecar(cfg.init).get("steps")}
+                     "steps": T.read_export_sidecar(cfg.init).get("steps")}
         logger.info("fine-tuning from %s (%s steps)", cfg.init, init_meta["steps"])
     model = model.to(device).train()
     arch_params = {"n_classes": n_classes}

@@ -48,9 +48,7 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -63,7 +61,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from refine_cli.errors import InputError, Interrupted, RefineError, UsageError, WeightsError
-from refine_cli.hashing import sha256_file
+from refine_cli.hashing import sha256_file as sha256_file
+from refine_cli.models.registry import ARCHITECTURES, arch_dict
+from refine_cli.models.registry import build_model as build_model
 from refine_cli.train.data import (
     COARSE_METHODS,
     KINDS,
@@ -74,11 +74,16 @@ from refine_cli.train.data import (
     random_crop,
 )
 from refine_cli.train.losses import cascadepsp_loss
+from refine_cli.weights.files import CHECKPOINT_FORMAT as CHECKPOINT_FORMAT
+from refine_cli.weights.files import EXPORT_FORMAT as EXPORT_FORMAT
+from refine_cli.weights.files import atomic_write as atomic_write
+from refine_cli.weights.files import export_weights as export_weights
+from refine_cli.weights.files import load_checkpoint as load_checkpoint
+from refine_cli.weights.files import load_exported as load_exported
+from refine_cli.weights.files import read_export_sidecar as read_export_sidecar
+from refine_cli.weights.files import save_checkpoint as save_checkpoint
 
 logger = logging.getLogger(__name__)
-
-ARCHITECTURES = ("cascadepsp-lite", "cascadepsp", "magnet-refinement")
-"""Values of ``--arch``."""
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """Values of ``TrainConfig.precision``."""
@@ -88,12 +93,6 @@ VAL_SEED = 1_000_003
 
 CHECKPOINT = "checkpoint.pt"
 """File name of the resumable checkpoint inside ``out``."""
-
-CHECKPOINT_FORMAT = "refine-train-checkpoint/1"
-"""``format`` entry of the resumable checkpoint."""
-
-EXPORT_FORMAT = "refine-weights/1"
-"""``format`` entry of an exported weights sidecar."""
 
 _STREAM = 0x7EA1
 """Extra seed word of the per-item crop / augmentation random stream."""
@@ -491,56 +490,6 @@ def parse_arch_params(text: str, base: Mapping[str, Any] | None = None) -> dict[
         raise UsageError(f"--arch-params: {exc}") from None
 
 
-def build_model(arch: str, params: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build a freshly initialised refinement module.
-
-    Args:
-        arch: ``cascadepsp-lite`` (params: ``LiteArch`` fields, none = ``LITE_V1``), ``cascadepsp``
-            (the official architecture; trained from scratch, because ImageNet weights for its
-            ResNet-50 are not available here), or ``magnet-refinement`` (MagNet's refinement module;
-            params: ``n_classes``, default 2; trained by :mod:`refine_cli.train.magnet`).
-        params: architecture hyper-parameters.
-
-    Returns:
-        A module with the CascadePSP forward contract, in training mode.
-
-    Raises:
-        UsageError: unknown or unavailable architecture.
-    """
-    if arch == "cascadepsp-lite":
-        from refine_cli.models.cascadepsp_lite import cascadepsp_lite
-
-        try:
-            return cascadepsp_lite(**dict(params or {}))
-        except WeightsError as exc:
-            raise UsageError(f"cascadepsp-lite architecture: {exc}") from exc
-    if arch == "cascadepsp":
-        from refine_cli.models.cascadepsp import cascadepsp_official
-
-        logger.warning("training the official CascadePSP architecture from scratch (no ImageNet weights)")
-        return cascadepsp_official()
-    if arch == "magnet-refinement":
-        from refine_cli.models.magnet import RefinementMagNet
-
-        n_classes = int(dict(params or {}).get("n_classes", 2))
-        unknown = sorted(set(params or {}) - {"n_classes"})
-        if unknown or n_classes < 2:
-            raise UsageError(
-                f"magnet-refinement architecture: takes only n_classes >= 2, got {dict(params or {})}"
-            )
-        return RefinementMagNet(n_classes).train()
-    raise UsageError(f"--arch {arch!r}: use one of {', '.join(ARCHITECTURES)}")
-
-
-def arch_dict(model: nn.Module, arch: str) -> dict[str, Any]:
-    """The architecture dict that rebuilds ``model`` with :func:`build_model` (stored with weights)."""
-    if arch == "cascadepsp-lite":
-        return dict(model.arch.to_dict())  # type: ignore[union-attr, operator]
-    if arch == "magnet-refinement":
-        return {"n_classes": int(model.n_classes)}  # type: ignore[arg-type]
-    return {}
-
-
 # --------------------------------------------------------------------------------------------
 # data
 
@@ -676,138 +625,6 @@ def seed_everything(seed: int) -> None:
 
 # --------------------------------------------------------------------------------------------
 # files
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, fsync it, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
-    """Write a resumable checkpoint atomically (``torch.save`` of tensors and plain values)."""
-    _atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a resumable checkpoint safely (``weights_only=True``, CPU).
-
-    Raises:
-        InputError: missing, unreadable, truncated or not a ``refine train`` checkpoint.
-    """
-    if not path.is_file():
-        raise InputError(f"no checkpoint at {path}; train without --resume to start a new run there")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types on damaged files
-        reason = " ".join(str(exc).split())[:120]
-        raise InputError(
-            f"checkpoint {path} is unreadable or damaged ({type(exc).__name__}: {reason}); "
-            "delete it to start again, or restore a copy"
-        ) from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path} is not a `refine train` checkpoint ({CHECKPOINT_FORMAT}); check --out")
-    return state
-
-
-def export_weights(
-    model: nn.Module, path: str | Path, meta: Mapping[str, Any], *, half: bool = False
-) -> dict[str, Any]:
-    """Save a plain state_dict and a JSON sidecar ``<path minus suffix>.json`` beside it.
-
-    Args:
-        model: the trained module.
-        path: the ``.pt`` file to write (atomically).
-        meta: facts for the sidecar (``arch``, ``arch_params``, steps, metrics, data ...).
-        half: store floating-point tensors as float16 (loading converts them back to float32).
-
-    Returns:
-        The sidecar dict (with ``sha256``, ``size``, ``dtype``, ``parameters``).
-    """
-    path = Path(path)
-    state = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().cpu()
-        state[k] = (v.to(torch.float16) if half and v.is_floating_point() else v).clone()
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
-    side = {
-        "format": EXPORT_FORMAT,
-        # CascadePSP's input contract unless ``meta`` gives the module's own (MagNet's takes no image)
-        "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                          "mask": "binarised (p >= 0.5) and mapped to {-1, +1}"},
-        **dict(meta),
-        "file": path.name,
-        "size": path.stat().st_size,
-        "sha256": sha256_file(path),
-        "dtype": "float16" if half else "float32",
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-    }
-    sidecar = path.with_suffix(".json")
-    _atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps(side, indent=2) + "\n", encoding="utf-8"))
-    return side
-
-
-def read_sidecar(path: str | Path) -> dict[str, Any]:
-    """The JSON sidecar of exported weights ``path`` (``<stem>.json``).
-
-    Raises:
-        WeightsError: missing or unreadable sidecar.
-    """
-    sidecar = Path(path).with_suffix(".json")
-    try:
-        side = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise WeightsError(
-            f"cannot read {sidecar} ({exc}); the sidecar that describes {Path(path).name} must sit beside it"
-        ) from exc
-    if not isinstance(side, dict) or side.get("format") != EXPORT_FORMAT or "arch" not in side:
-        raise WeightsError(f"{sidecar} is not a refine weights sidecar ({EXPORT_FORMAT})")
-    return side
-
-
-def load_exported(path: str | Path, *, sha256: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a module from exported weights and load them strictly, after checking the sha256.
-
-    Args:
-        path: the ``.pt`` written by :func:`export_weights` (its ``.json`` sidecar beside it).
-        sha256: expected digest; ``None`` uses the sidecar's.
-
-    Returns:
-        The module (float32, eval mode, CPU) and the sidecar.
-
-    Raises:
-        WeightsError: missing files, checksum mismatch, unknown architecture, or keys / shapes
-            that do not fit (all named).
-    """
-    from refine_cli import weights
-
-    path = Path(path)
-    side = read_sidecar(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} not found; check the path")
-    want = (sha256 or side.get("sha256") or "").lower()
-    got = sha256_file(path)
-    if want != got:
-        raise WeightsError(
-            f"checksum mismatch for {path} (sha256 {got}, expected {want}); "
-            "the file is damaged or not these weights"
-        )
-    try:
-        model = build_model(str(side["arch"]), side.get("arch_params") or {})
-    except UsageError as exc:
-        raise WeightsError(f"{path}: {exc}") from exc
-    state = weights.load_state_dict(path, model)
-    model.load_state_dict(state, strict=True)  # copies into the float32 parameters
-    return model.float().eval(), side
 
 
 # --------------------------------------------------------------------------------------------

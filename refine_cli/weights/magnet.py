@@ -5,7 +5,7 @@ includes :func:`magnet_records` (also importable as the list ``MAGNET_RECORDS``)
 names double as segmenter names (``refine_cli.segmenters``) and as the checkpoint names of
 the MagNet presets (``refine_cli.refiners.magnet``).
 
-**Official MagNet files** (``shared/reference/magnet/NOTES.md`` §3). The original host
+**Official MagNet files.** The original host
 ``https://public.vinai.io/magnet_cvpr2021/<file>`` no longer resolves (MagNet issue #30,
 Nov 2024); the README now links Google Drive file ids, used here through Drive's direct
 download endpoint (``confirm=t`` skips the "cannot scan for viruses" page that Drive shows
@@ -34,10 +34,9 @@ package ships byte-different builds, so the pinned GCS URL is the most stable of
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # imported lazily below, so that refine_cli.weights can import this module at its end
-    from refine_cli.weights import WeightsRecord
+from refine_cli.weights.records import Normalization, WeightsRecord
 
 MAGNET_LICENSE = (
     "AGPL-3.0 code (VinAIResearch/MagNet; HRNet parts MIT); weights: no stated license; trained on "
@@ -99,13 +98,7 @@ _OFFICIAL = (
 
 @functools.cache
 def magnet_records() -> list[WeightsRecord]:
-    """The records to add to ``refine_cli.weights._REGISTRY`` (built once, on first call).
-
-    ``refine_cli.weights`` is imported here, not at module top, so that it can import
-    this module at its own end in either import order.
-    """
-    from refine_cli.weights import Normalization, WeightsRecord
-
+    """The records to add to ``refine_cli.weights._REGISTRY`` (built once, on first call)."""
     imagenet, refinement, unit_rgb = (Normalization(*n) for n in (_IMAGENET, _REFINEMENT, _UNIT_RGB))
     records = [
         WeightsRecord(

@@ -11,36 +11,35 @@ A file enters the cache only after its size / md5 / sha256 match what the record
 and always by an atomic rename. The sidecar records the sha256 on first fetch or import,
 so :func:`verify` detects later corruption even where the record has no sha256.
 
-:func:`load_state_dict` reads with ``torch.load(weights_only=True, map_location="cpu")``,
-strips prefixes such as ``module.`` by name, and checks names and shapes strictly, so a
-wrong or damaged checkpoint gives a :class:`~refine_cli.errors.WeightsError` naming keys.
+Records are plain data (:mod:`refine_cli.weights.records`; MagNet's and the segmenters' in
+:mod:`refine_cli.weights.magnet`); every checkpoint read and write, ``torch.load`` included,
+is in :mod:`refine_cli.weights.files` (:func:`load_state_dict` is re-exported here).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import http.client
 import json
 import logging
 import os
-import pickle
 import shutil
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from refine_cli.errors import InputError, UsageError, WeightsError
 from refine_cli.hashing import Digests, file_digests
-
-if TYPE_CHECKING:  # torch is imported where it is needed, so `refine weights ...` starts fast
-    import torch
-    from torch import nn
+from refine_cli.weights.files import load_state_dict as load_state_dict
+from refine_cli.weights.files import one_line
+from refine_cli.weights.magnet import magnet_records
+from refine_cli.weights.records import IMAGENET as IMAGENET
+from refine_cli.weights.records import Normalization as Normalization
+from refine_cli.weights.records import WeightsRecord
 
 logger = logging.getLogger(__name__)
 
@@ -53,75 +52,6 @@ DEFAULT_CASCADEPSP = "cascadepsp"
 
 ProgressFn = Callable[[int, int | None], None]
 """``progress(bytes_done, bytes_total_or_None)``."""
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """The input contract of a checkpoint.
-
-    Attributes:
-        mean: per-channel RGB mean in [0, 1] units (image ``/ 255`` first).
-        std: per-channel RGB standard deviation.
-        mask: how the coarse mask enters the network.
-    """
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    mask: str
-
-
-IMAGENET = Normalization(
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-    mask="binarised (u8 > 127, i.e. p >= 0.5) and mapped to {-1, +1}",
-)
-
-
-@dataclass(frozen=True)
-class WeightsRecord:
-    """One checkpoint the project can fetch, verify and load.
-
-    Attributes:
-        name: registry key (CLI argument), e.g. ``cascadepsp``.
-        architecture: builder that makes the matching module (e.g. ``cascadepsp_official``
-            in ``refine_cli.models.cascadepsp``).
-        url: pinned download URL, or ``None`` for files that are only imported.
-        filename: file name in the cache.
-        size: exact size in bytes, ``None`` when unknown.
-        approx_size: approximate size in bytes (display, progress).
-        md5: full md5 hex digest, ``None`` when unknown.
-        sha256: full sha256 hex digest, ``None`` when unknown (then recorded in the sidecar).
-        license: licence of the code and of the weights, as known.
-        normalization: input contract.
-        notes: provenance and caveats.
-        strip_prefixes: key prefixes stripped by name when loading.
-        bundled: file name in the shipped weights folder (:func:`bundled_dir`: the repository's
-            ``weights/``, installed as package data) for checkpoints the project trains and ships
-            itself (used when the cache has no copy).
-        trust_on_first_use: no checksum was ever published for this file (md5 and sha256 are
-            ``None`` on purpose): the first fetch or import records its sha256 in the cache
-            sidecar, with a warning; later uses check the size against it and
-            ``refine weights verify`` the full hash.
-    """
-
-    name: str
-    architecture: str
-    url: str | None
-    filename: str
-    size: int | None
-    approx_size: int
-    md5: str | None
-    sha256: str | None
-    license: str
-    normalization: Normalization
-    notes: str = ""
-    strip_prefixes: tuple[str, ...] = ("module.",)
-    bundled: str | None = None
-    trust_on_first_use: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON view."""
-        return dataclasses.asdict(self)
 
 
 CASCADEPSP = WeightsRecord(
@@ -363,10 +293,6 @@ def verify(name: str) -> Digests:
 # fetch and import
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 def short_license(text: str) -> str:
     """A licence text's first clause (up to a ``;`` outside brackets): ``Apache-2.0 (MediaPipe)``."""
     depth = 0
@@ -390,7 +316,7 @@ def missing_message(record: WeightsRecord, dest: Path) -> str:
 
 def _offline_message(record: WeightsRecord, dest: Path, reason: object) -> str:
     return (
-        f"cannot download {record.name!r} from {record.url} ({_one_line(reason)}); download that URL "
+        f"cannot download {record.name!r} from {record.url} ({one_line(reason)}); download that URL "
         f"on a machine with network access and run `refine weights import {record.name} FILE` "
         f"(or copy the file to {dest})"
     )
@@ -576,104 +502,5 @@ def resolve_weights(spec: str | os.PathLike[str], *, download: bool = False) -> 
         f"unknown weights {text!r}: give a checkpoint file or one of {', '.join(sorted(_REGISTRY))}"
     )
 
-
-def _strip_prefixes(key: str, prefixes: Iterable[str]) -> str:
-    """Remove any of ``prefixes`` from the start of ``key``, repeatedly (``module._orig_mod.x`` -> ``x``)."""
-    prefixes = [p for p in prefixes if p]
-    changed = True
-    while changed:
-        changed = False
-        for p in prefixes:
-            if key.startswith(p):
-                key, changed = key[len(p) :], True
-    return key
-
-
-def _few(items: list[str], n: int = 3) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
-
-
-def load_state_dict(
-    path: str | Path,
-    expected: Mapping[str, tuple[int, ...]] | nn.Module,
-    strip_prefixes: tuple[str, ...] = ("module.",),
-    drop_prefixes: tuple[str, ...] = (),
-) -> OrderedDict[str, torch.Tensor]:
-    """Read a tensor-only checkpoint safely and check it against the expected names and shapes.
-
-    Args:
-        path: checkpoint file (a state_dict, or a dict with a ``state_dict`` entry).
-        expected: name -> shape, or a module whose ``state_dict`` gives them.
-        strip_prefixes: prefixes removed from key starts by name (``module.`` of DataParallel).
-        drop_prefixes: keys starting with these (after stripping) are ignored.
-
-    Returns:
-        Name -> CPU tensor, prefixes stripped, in file order; loads with ``strict=True``.
-
-    Raises:
-        WeightsError: unreadable file, pickled code (``weights_only=True`` refuses it),
-            non-tensor entries, or missing / unexpected / wrongly shaped keys (named).
-    """
-    import torch
-    from torch import nn
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} not found; check the path")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = _one_line(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise WeightsError(
-            f"{path} is not a plain tensor checkpoint ({first[:160]}); refusing to unpickle it - "
-            "re-download it or re-save it as a state_dict of tensors"
-        ) from exc
-    except Exception as exc:  # torch.load raises many types on foreign or truncated files
-        raise WeightsError(
-            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {_one_line(exc)[:160]}); "
-            "re-download it"
-        ) from exc
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a state_dict; save model.state_dict()")
-    want = (
-        {k: tuple(v.shape) for k, v in expected.state_dict().items()}
-        if isinstance(expected, nn.Module)
-        else {k: tuple(v) for k, v in expected.items()}
-    )
-    state: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for raw, value in obj.items():
-        key = _strip_prefixes(str(raw), strip_prefixes)
-        if any(key.startswith(p) for p in drop_prefixes if p):
-            continue
-        if not isinstance(value, torch.Tensor):
-            kind = type(value).__name__
-            raise WeightsError(f"{path}: entry {raw!r} is a {kind}, not a tensor; not a state_dict")
-        if key in state:
-            raise WeightsError(f"{path}: two entries become {key!r} after stripping {strip_prefixes}")
-        state[key] = value
-    missing = [k for k in want if k not in state]
-    unexpected = [k for k in state if k not in want]
-    wrong = [
-        f"{k} {tuple(state[k].shape)} vs {want[k]}"
-        for k in want
-        if k in state and tuple(state[k].shape) != want[k]
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({_few(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
-        if wrong:
-            parts.append(f"{len(wrong)} with the wrong shape ({_few(wrong)})")
-        raise WeightsError(f"{path} does not fit the model: {'; '.join(parts)}; is it the right checkpoint?")
-    return state
-
-
-# MagNet and segmenter records live in their own module (they import this one).
-from refine_cli.weights_magnet import magnet_records  # noqa: E402
 
 _REGISTRY.update({r.name: r for r in magnet_records()})
