@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from refine_cli.evaluate import EvalOptions, evaluate_arrays
-    from refine_cli.refiners.magnet import get_preset, load_refinement_modules, run_magnet
+    from refine_cli.refiners.magnet import get_preset, run_magnet
+    from refine_cli.refiners.magnet_method import load_refinement_modules
     from refine_cli.segmenters import load_segmenter
 
     torch.set_num_threads(args.threads)

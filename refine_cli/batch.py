@@ -116,8 +116,8 @@ from refine_cli.errors import (
 from refine_cli.hashing import sha256_file
 
 if TYPE_CHECKING:
-    from refine_cli.engine.budget import MemoryPlan
     from refine_cli.refiners.base import Refiner
+    from refine_cli.tiling.budget import MemoryPlan
 
 log = logging.getLogger(__name__)
 
@@ -1532,9 +1532,9 @@ def plan_file_memory(image: str, config: RefineConfig, outputs: OutputOptions, *
         InputError: unreadable header.
         ResourceError: nothing fits ``config.max_memory``.
     """
-    from refine_cli.engine.budget import plan_memory
     from refine_cli.engine.outputs import OutputSpec, bytes_per_pixel
     from refine_cli.refiners import build_refiner
+    from refine_cli.tiling.budget import plan_memory
 
     shape = image_shape(image, max_pixels=config.max_pixels)
     refiner = refiner or build_refiner(config)

@@ -36,7 +36,7 @@ GIB = 1024**3
 MIB = 1024**2
 
 MIN_MAX_MEMORY = 512 * MIB
-"""The smallest ``--max-memory``: the engine's fixed items alone (``engine.budget``: 350 MiB base +
+"""The smallest ``--max-memory``: the engine's fixed items alone (``tiling.budget``: 350 MiB base +
 2 x 64 MiB block caches) plan about 480 MiB for the smallest image; ``tests/test_memory.py``
 checks that a run at this budget fits."""
 

@@ -20,7 +20,8 @@ import torch
 
 from refine_cli import weights as registry
 from refine_cli.errors import WeightsError
-from refine_cli.refiners.magnet import PRESETS, load_refinement_file, load_refinement_modules
+from refine_cli.refiners.magnet import PRESETS
+from refine_cli.refiners.magnet_method import load_refinement_file, load_refinement_modules
 from refine_cli.weights.magnet import BINARY_REFINE
 
 SELFIE = "weights/mediapipe-selfie-segmentation/selfie_segmentation.tflite"

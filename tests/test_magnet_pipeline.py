@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from magnet_fixtures import ColourSegmenter, fill_module
 from torch import nn
 
-from magnet_fixtures import ColourSegmenter, fill_module
 from refine_cli import weights as registry
 from refine_cli.devtools.fill_magnet import fill_state_dict, module_entries
 from refine_cli.errors import InputError, UsageError, WeightsError
@@ -23,12 +23,11 @@ from refine_cli.refiners.magnet import (
     OFFICIAL_INSET,
     PRESETS,
     MagnetPreset,
-    MagnetRefiner,
     coarse_to_probs,
     generic_scales,
-    load_refinement_modules,
     run_magnet,
 )
+from refine_cli.refiners.magnet_method import MagnetRefiner, load_refinement_modules
 from refine_cli.tiling.grid import Window
 from refine_cli.weights.magnet import MAGNET_RECORDS
 
@@ -341,10 +340,9 @@ def test_refiner_from_options_picks_preset_segmenter_and_checkpoints(shared, tmp
 
 def test_custom_segmenter_needs_refinement_weights(tmp_path):
     import json
+    import warnings
 
     from refine_cli.config import MagnetOptions
-
-    import warnings
 
     model = tmp_path / "seg.pt"
     with warnings.catch_warnings():

@@ -22,7 +22,8 @@ from refine_cli.errors import ResourceError, UsageError
 from refine_cli.io.image import ImageSource
 from refine_cli.io.readers import ArrayReader
 from refine_cli.refiners.base import Scene
-from refine_cli.refiners.magnet import MagnetRefiner, run_magnet, upsample_window, upsample_y
+from refine_cli.refiners.magnet import run_magnet, upsample_window, upsample_y
+from refine_cli.refiners.magnet_method import MagnetRefiner
 from refine_cli.refiners.magnet_points import (
     certainty,
     median_filter,
@@ -463,7 +464,7 @@ def test_refiner_snap_is_the_same_tiled_and_whole_and_keeps_the_budget(tmp_path)
     the tiled path's level plan counts rendering Y per window and what the run holds."""
     from test_magnet_pipeline import HedgingModule, _binary_like, portrait_like, run_refiner
 
-    from refine_cli.refiners.magnet import SnapOverY
+    from refine_cli.refiners.magnet_method import SnapOverY
 
     image, _ = portrait_like()
     outs = {}

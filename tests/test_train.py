@@ -476,7 +476,7 @@ def test_magnet_tiny_training_loss_goes_down(tmp_path: Path, shared: Path, selfi
 
 def test_magnet_resume_and_export(tmp_path: Path, shared: Path, selfie: Path) -> None:
     """A resumed run continues identically; the export loads strictly and checks its sha256."""
-    from refine_cli.refiners.magnet import load_refinement_file
+    from refine_cli.refiners.magnet_method import load_refinement_file
     from refine_cli.train import magnet as M
 
     kw = {"steps": 6, "ckpt_every": 3}

@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from refine_cli.engine.budget import MemoryPlan, plan_memory
 from refine_cli.engine.runner import GridRunner, GridStats
 from refine_cli.io.image import ImageSource, image_level
 from refine_cli.io.masks import ProbSource, StackedSource
@@ -33,6 +32,7 @@ from refine_cli.io.writers import TiffSink
 from refine_cli.refiners.base import Refiner
 from refine_cli.refiners.guard import GuardParams, GuardRefiner
 from refine_cli.report.timing import StageTimer
+from refine_cli.tiling.budget import MemoryPlan, plan_memory
 from refine_cli.tiling.grid import GridPlan, plan_grid
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ def _cascade(config: RefineConfig, device: str) -> Refiner:
 
 
 def _magnet(config: RefineConfig, device: str) -> Refiner:
-    from refine_cli.refiners.magnet import MagnetRefiner
+    from refine_cli.refiners.magnet_method import MagnetRefiner
 
     return MagnetRefiner.from_options(config.magnet, segmenter=config.segmenter, device=device)
 

@@ -23,9 +23,9 @@ import logging
 from typing import Any
 
 from refine_cli.config import CascadeOptions, RefineConfig
-from refine_cli.engine.budget import smallest_need
 from refine_cli.errors import WeightsError
 from refine_cli.refiners.base import Refiner, Scene, TileInput, TileResult
+from refine_cli.tiling.budget import smallest_need
 
 log = logging.getLogger(__name__)
 

@@ -65,7 +65,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from refine_cli.engine.budget import BASE_BYTES
 from refine_cli.errors import ResourceError, UsageError
 from refine_cli.io.image import area_downscale_bands_u8, choose_level, write_level_tiff
 from refine_cli.refiners.classical import CoarseRefiner
@@ -98,6 +97,7 @@ from refine_cli.refiners.magnet_points import (
     uncertainty,
 )
 from refine_cli.segmenters.base import Segmenter
+from refine_cli.tiling.budget import BASE_BYTES
 from refine_cli.tiling.grid import Window
 
 if TYPE_CHECKING:
@@ -701,7 +701,7 @@ class TiledPlan:
     def from_budget(cls, budget: int, channels: int, fixed: int, *, input_hw: Size, batch_size: int = 1,
                     tile: int | None = None, store_dtype: str = "float32",
                     memory_pixels: int | None = None, read_limit: int | None = None) -> TiledPlan:
-        """Split the budget (see the module docstring of ``engine.budget`` for the base).
+        """Split the budget (see the module docstring of ``tiling.budget`` for the base).
 
         Args:
             budget: bytes.

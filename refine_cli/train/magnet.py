@@ -736,7 +736,7 @@ def _run(cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float
     model = RefinementMagNet(n_classes)
     init_meta = None
     if cfg.init is not None:
-        from refine_cli.refiners.magnet import load_refinement_file
+        from refine_cli.refiners.magnet_method import load_refinement_file
 
         start = load_refinement_file(cfg.init, n_classes)  # strict, checksum-checked
         model.load_state_dict(start.state_dict(), strict=True)

@@ -1,0 +1,80 @@
+"""The typed contracts between the engine and its inputs and outputs.
+
+The engine (``refine_cli.engine``) reads the image and the coarse input by window and hands
+finished rows to a writer; these protocols say exactly what it calls, so a new reader, coarse
+source or output only has to provide these methods. Windows are
+:class:`~refine_cli.tiling.grid.Window` in the pixel grid of the level being refined.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from refine_cli.io.masks import LabelWindow
+    from refine_cli.tiling.grid import Window
+
+
+class ImageWindows(Protocol):
+    """An RGB image read by window (``refine_cli.io.image.ImageSource``)."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(H, W)`` in pixels."""
+        ...
+
+    def read(self, window: Window, level: int = 0) -> np.ndarray:
+        """``(h, w, 3)`` uint8 RGB over ``window`` (of pyramid level ``level``, 0 = full size)."""
+        ...
+
+
+class PyramidImage(ImageWindows, Protocol):
+    """An image that also offers its pyramid levels and a streamed area overview."""
+
+    def level_shapes(self) -> list[tuple[int, int]]:
+        """``(h, w)`` of every stored level, the full size first."""
+        ...
+
+    def overview(self, out_shape: tuple[int, int], band_rows: int = 512) -> np.ndarray:
+        """The image area-downscaled to ``out_shape``: ``(h, w, 3)`` float32 in ``[0, 255]``."""
+        ...
+
+
+class CoarseSource(Protocol):
+    """The coarse input of a level, read by window: the user's mask or a previous level's output."""
+
+    @property
+    def is_labels(self) -> bool:
+        """A label map (read with :meth:`read_labels`), not probabilities."""
+        ...
+
+    @property
+    def channels(self) -> int:
+        """K, channels of :meth:`read_k`."""
+        ...
+
+    def constant(self, window: Window) -> np.ndarray | None:
+        """The ``(K,)`` float32 value when the input is constant over ``window``, else ``None``."""
+        ...
+
+    def binary_uniform(self, window: Window, threshold: float = 0.5) -> bool:
+        """Channel 0 lies on one side of ``threshold`` everywhere in ``window``."""
+        ...
+
+    def read_k(self, window: Window) -> np.ndarray:
+        """``(h, w, K)`` float32 probabilities in ``[0, 1]``."""
+        ...
+
+    def read_labels(self, window: Window) -> LabelWindow:
+        """The label map over ``window`` (label inputs only; others raise ``TypeError``)."""
+        ...
+
+
+class RowWriter(Protocol):
+    """Receives the finished rows of a level, top to bottom."""
+
+    def write(self, row0: int, block: np.ndarray) -> None:
+        """Rows ``[row0, row0 + len(block))``: ``(rows, W, C)`` float32 (outputs, then uncertainty)."""
+        ...

@@ -1,0 +1,502 @@
+"""MagNet-Fast behind the refiner protocol: loading the refinement modules and :class:`MagnetRefiner`.
+
+The stage functions are in :mod:`refine_cli.refiners.magnet` (whole image) and
+:mod:`refine_cli.refiners.magnet_tiled` (bounded memory); this module picks one, loads the
+checkpoints (sha256-checked, strict) and hands the engine the final prediction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from refine_cli.errors import ResourceError, UsageError, WeightsError
+from refine_cli.refiners.base import Refiner, Scene, TileInput, TileResult
+from refine_cli.refiners.classical import EdgeSnapRefiner
+from refine_cli.refiners.magnet import (
+    PRESETS,
+    SNAP_EPS,
+    SNAP_MODES,
+    SNAP_RADIUS,
+    STAGE_MODES,
+    MagnetPreset,
+    MagnetResult,
+    Schedule,
+    Size,
+    StageProgress,
+    coarse_to_probs,
+    custom_preset,
+    get_preset,
+    run_magnet,
+)
+from refine_cli.segmenters.base import Segmenter
+from refine_cli.tiling.budget import BASE_BYTES
+
+if TYPE_CHECKING:
+    from refine_cli.config import MagnetOptions
+    from refine_cli.models.magnet import RefinementMagNet
+    from refine_cli.refiners.magnet_tiled import TiledMagnetResult
+
+logger = logging.getLogger(__name__)
+
+
+
+
+def load_refinement_modules(
+    preset: MagnetPreset, device: str | torch.device = "cpu", *, weights: str | None = None,
+    download: bool = False,
+) -> list[RefinementMagNet]:
+    """Build the preset's refinement modules and load their checkpoints strictly.
+
+    Every file is checked against the sha256 known for it (the registry record, the cache
+    sidecar, or the sidecar of weights exported by ``refine train``) before loading, and
+    loading is strict (all keys and shapes). The ``binary`` preset's module is shipped in
+    the repository's ``weights/`` folder (registry ``bundled``), so it needs no flags.
+
+    Args:
+        preset: gives C and the checkpoint names.
+        device: where the modules go.
+        weights: one checkpoint (file or registry name) used for every stage instead.
+        download: fetch registry checkpoints that are not cached yet.
+
+    Raises:
+        WeightsError: a checkpoint is missing, damaged (checksum) or does not fit (for
+            ``--preset binary``: the message names the shipped file that is missing).
+    """
+    from refine_cli import weights as registry
+    from refine_cli.segmenters.base import resolve_device
+
+    dev = resolve_device(device)
+    modules = []
+    for name in (weights,) if weights else preset.refinement:
+        try:
+            resolved = registry.resolve_weights(name, download=download)
+        except WeightsError as exc:
+            if preset.name == "binary" and weights is None:
+                record = registry.get_record(name)
+                shipped, cached = registry.bundled_path(record), registry.cache_path(name)
+                raise WeightsError(
+                    f"--preset binary needs the 2-class MagNet refinement module {name!r}, shipped "
+                    f"with refine as {shipped}, but that file is missing and it is not in the cache "
+                    f"({cached}); reinstall refine (in a checkout: `git checkout -- weights/`) or run "
+                    f"`refine weights import {name} FILE`"
+                ) from exc
+            raise
+        module = load_refinement_file(resolved.path, preset.num_classes, sha256=resolved.sha256)
+        modules.append(module.to(dev))
+    return modules
+
+
+def load_refinement_file(path: Any, num_classes: int, *, sha256: str | None = None) -> RefinementMagNet:
+    """One refinement module from a checkpoint file, checksum-checked and loaded strictly.
+
+    Files exported by ``refine train --arch magnet-refinement`` (a ``.json`` sidecar with
+    ``format`` ``refine-weights/1`` beside them) are checked against ``sha256`` or else the
+    sidecar's digest, and must say ``arch`` ``magnet-refinement`` with C classes; plain
+    state_dicts (the official files) are checked against ``sha256`` when it is known.
+
+    Args:
+        path: the checkpoint.
+        num_classes: C the module must have.
+        sha256: expected digest (registry or cache sidecar), or ``None``.
+
+    Returns:
+        The module in eval mode on the CPU.
+
+    Raises:
+        WeightsError: checksum mismatch, other architecture or class count, or keys / shapes that
+            do not fit (named).
+    """
+    from pathlib import Path
+
+    from refine_cli import weights as registry
+    from refine_cli.models.magnet import RefinementMagNet, build_refinement_magnet
+
+    path = Path(path)
+    if path.with_suffix(".json").is_file() and path.suffix != ".json":
+        from refine_cli.weights.files import load_exported
+        from refine_cli.weights.files import read_export_sidecar as read_sidecar
+
+        try:
+            side = read_sidecar(path)
+        except WeightsError:
+            side = None
+        if side is not None:
+            classes = int((side.get("arch_params") or {}).get("n_classes", -1))
+            if side.get("arch") != "magnet-refinement" or classes != num_classes:
+                raise WeightsError(
+                    f"{path} holds {side.get('arch')} weights ({side.get('arch_params')}), not a "
+                    f"{num_classes}-class MagNet refinement module; pass the checkpoint trained for this "
+                    "segmenter"
+                )
+            model, _ = load_exported(path, sha256=sha256)
+            assert isinstance(model, RefinementMagNet)
+            return model
+    module = build_refinement_magnet(num_classes)
+    if sha256:
+        got = registry.file_digests(path).sha256
+        if got != sha256.lower():
+            raise WeightsError(f"checksum mismatch for {path} (sha256 {got}, expected {sha256}); the file is "
+                               "damaged or not these weights: fetch or import it again")
+    module.load_state_dict(registry.load_state_dict(path, module), strict=True)
+    return module.eval()
+
+
+def _known_sha256(spec: str) -> str | None:
+    """The sha256 the run's checkpoint ``spec`` was checked against (registry, cache or export sidecar)."""
+    from refine_cli import weights as registry
+
+    resolved = registry.resolve_weights(spec)
+    if resolved.sha256:
+        return resolved.sha256
+    side = resolved.path.with_suffix(".json")
+    if side.is_file() and resolved.path.suffix != ".json":
+        from refine_cli.weights.files import read_export_sidecar as read_sidecar
+
+        try:
+            return str(read_sidecar(resolved.path).get("sha256") or "") or None
+        except WeightsError:
+            return None
+    return None
+
+
+class MagnetRefiner(Refiner):
+    """MagNet-Fast (or full MagNet) behind the refiner protocol.
+
+    :meth:`prepare` runs the whole pipeline before any tile, in one of two ways:
+
+    * **whole image** (:func:`run_magnet`): the image at full resolution and a dense Y per
+      stage in memory, about ``16 C + 24`` bytes per image pixel;
+    * **tiled** (:func:`~refine_cli.refiners.magnet_tiled.run_magnet_tiled`): Y in tiled
+      stores on disk, image regions read by window, memory bounded by ``--max-memory``;
+      the result is the same (bit for bit where the stage images are integer factors of
+      the image, see that module). It needs the engine's image source in
+      ``scene.info["image_source"]`` (``refine_cli.io.image.ImageSource``).
+
+    ``tiled=None`` takes the whole-image path when its estimate fits the budget
+    (``scene.info["max_memory"]``), else the tiled one; ``True``/``False`` force one. The
+    engine then copies the final Y to the outputs (one pass-through level), or, with the
+    **edge snap** (2 classes; ``snap="auto"`` follows :attr:`MagnetPreset.snap`, on for
+    ``--preset binary``), runs :class:`~refine_cli.refiners.classical.EdgeSnapRefiner` on the
+    class-1 probability of the final Y as that level, tiled, in either path: the same values, and
+    the tiled path stays within its budget (windows of Y are rendered as the tiles ask).
+
+    Uncertainty (``--uncertainty``) describes the final result pixel by pixel, from its
+    probabilities alone: for 2 classes ``u = 1 - |2p - 1|`` of the final foreground probability
+    ``p`` (after the snap when it runs; without it this is ``1 - (top1 - top2)`` of the final Y),
+    for C > 2 ``1 - (top1 - top2)`` of the final class probabilities (the engine's defaults).
+    MagNet's own per-stage maps (Yu, E, Q) only steer which patches and points are refined and are
+    never written. ``u`` therefore depends on the patch grid only through ``p`` itself; two
+    pipeline rules keep ``p`` free of patch-shaped plateaus: zero scores are never replaced (the
+    canonical tie-break would fill the top rows of the refined patches), and ``--preset binary``
+    replaces only where R is more certain than Y (its module hedges at ~0.22 on certain background).
+    ``prob`` of :meth:`refine` is the class-1 probability for 2 classes and the top-1 probability for
+    more (the label map is in :attr:`result`), before any snap.
+
+    Args:
+        segmenter: the coarse segmenter.
+        modules: refinement modules (see :func:`run_magnet`).
+        preset: the preset.
+        fast: MagNet-Fast instead of full MagNet.
+        n_patches: patches per stage override.
+        n_points: points per stage override.
+        batch_size: patches per forward pass.
+        info: facts for :meth:`describe` (weights names ...).
+        tiled: force the tiled (``True``) or whole-image (``False``) path; ``None`` decides by budget.
+        snap: the edge snap: ``auto`` (the preset's :attr:`MagnetPreset.snap`), ``on`` or ``off``;
+            2 classes only.
+        stages: ``all`` (the schedule) or ``none`` (stage 1 only: no refinement module runs).
+
+    Raises:
+        UsageError: unknown ``snap`` or ``stages``.
+    """
+
+    name = "magnet-fast"
+    halo = 0
+    uses_torch = True
+
+    def __init__(
+        self, segmenter: Segmenter, modules: Sequence[RefinementMagNet], preset: MagnetPreset, *,
+        fast: bool = True, n_patches: int | None = None, n_points: float | None = None, batch_size: int = 1,
+        info: dict[str, Any] | None = None, tiled: bool | None = None, snap: str = "auto",
+        stages: str = "all",
+    ) -> None:
+        if snap not in SNAP_MODES:
+            raise UsageError(f"magnet-fast edge snap {snap!r}: use one of {', '.join(SNAP_MODES)}")
+        if stages not in STAGE_MODES:
+            raise UsageError(f"magnet-fast stages {stages!r}: use one of {', '.join(STAGE_MODES)}")
+        self.stages = stages
+        self.segmenter = segmenter
+        self.modules = list(modules)
+        self.preset = preset
+        self.fast, self.n_patches, self.n_points, self.batch_size = fast, n_patches, n_points, batch_size
+        self.info = dict(info or {})
+        self.tiled = tiled
+        self.snap_mode = snap
+        self.snap: EdgeSnapRefiner | None = None
+        self.result: MagnetResult | None = None
+        self.tiled_result: TiledMagnetResult | None = None
+
+    @classmethod
+    def from_options(
+        cls, options: MagnetOptions, *, segmenter: str | None = None, device: str = "auto",
+        download: bool = False, batch_size: int = 1,
+    ) -> MagnetRefiner:
+        """Build from ``RefineConfig.magnet`` (and ``RefineConfig.segmenter``).
+
+        The preset comes from ``--preset``, else from the segmenter's name, else ``cityscapes``.
+        A segmenter file without a preset runs the generic schedule and needs ``--weights``.
+        The edge snap and the stages follow ``options.snap`` / ``options.stages``.
+        """
+        from refine_cli.segmenters import load_segmenter
+
+        preset: MagnetPreset | None
+        if segmenter is None:
+            preset = get_preset(options.preset or "cityscapes")
+            segmenter = preset.segmenter
+        elif options.preset:
+            preset = get_preset(options.preset)
+        else:
+            preset = next((p for p in PRESETS.values() if p.segmenter == segmenter), None)
+        seg = load_segmenter(segmenter, device, download=download)
+        if preset is None:
+            if not options.weights:
+                raise UsageError(
+                    f"--segmenter {segmenter} has no preset: give --weights, a refinement checkpoint for its "
+                    f"{seg.num_classes} classes ({', '.join(seg.classes)})"
+                )
+            preset = custom_preset(seg, options.weights)
+        if seg.num_classes != preset.num_classes or tuple(seg.input_size) != tuple(preset.input_size):
+            raise UsageError(
+                f"--segmenter {seg.name} ({seg.num_classes} classes, input {seg.input_size}) does not fit "
+                f"--preset {preset.name} ({preset.num_classes} classes, input {preset.input_size})"
+            )
+        modules = load_refinement_modules(preset, seg.device, weights=options.weights, download=download)
+        refinement = [options.weights] if options.weights else list(preset.refinement)
+        info = {"preset": preset.name, "segmenter": seg.name, "refinement": refinement,
+                "refinement_sha256": [_known_sha256(name) for name in refinement]}
+        return cls(seg, modules, preset, fast=not options.full, n_patches=options.n_patches,
+                   n_points=options.n_points, batch_size=batch_size, info=info,
+                   tiled=options.tiled, snap=options.snap, stages=options.stages)
+
+    def refine_image(self, image_u8: np.ndarray, coarse: np.ndarray | None = None,
+                     progress: StageProgress | None = None) -> MagnetResult:
+        """Run on a whole image; ``coarse`` is a user mask in any form :func:`coarse_to_probs` accepts;
+        ``progress`` as :func:`run_magnet`.
+        """
+        seg = self.segmenter
+        probs = None if coarse is None else coarse_to_probs(coarse, seg.num_classes, seg.classes)
+        self.result = run_magnet(image_u8, seg, self.modules, self.schedule(image_u8.shape[:2]), probs,
+                                 batch_size=self.batch_size, progress=progress)
+        return self.result
+
+    def schedule(self, image_hw: Size) -> Schedule:
+        """The stages to run on an image of ``image_hw`` ``(H, W)`` (only stage 1 with ``stages="none"``)."""
+        schedule = self.preset.schedule(image_hw, fast=self.fast, n_patches=self.n_patches,
+                                        n_points=self.n_points)
+        if self.stages == "none":
+            schedule = dataclasses.replace(schedule, stages=schedule.stages[:1])
+        return schedule
+
+    def whole_image_bytes(self, shape: Size) -> int:
+        """Estimated peak bytes of the whole-image path on an image of ``shape`` ``(H, W)``."""
+        return BASE_BYTES + self.fixed_memory() + shape[0] * shape[1] * (16 * self.segmenter.num_classes + 24)
+
+    def prepare(self, scene: Scene) -> None:
+        """Run the pipeline (whole image or tiled, see the class docstring) before any tile.
+
+        ``scene.info["coarse"] == "none"`` (no ``--mask``) makes the segmenter produce stage-1 Y;
+        otherwise the overview's coarse map becomes it.
+
+        Raises:
+            ResourceError: the whole-image path is forced (or the tiled one unavailable) and does
+                not fit ``--max-memory``.
+        """
+        self.close()
+        held = int(scene.info.get("resident_bytes", 0))  # decoded inputs, held all run long
+        need = self.whole_image_bytes(scene.shape) + held
+        budget = int(scene.info.get("max_memory", need))
+        tiled = self.tiled if self.tiled is not None else need > budget
+        source = scene.info.get("image_source")
+        if tiled and source is None:
+            raise ResourceError(
+                "the tiled MagNet reads the image by window, but this caller gives no image source "
+                "(scene.info['image_source']); run it through refine_cli.api.refine_file or use the "
+                f"whole-image path with --max-memory {(need >> 20) + 64}M or more")
+        if not tiled and need > budget:
+            raise ResourceError(
+                f"MagNet-Fast holds the whole {scene.shape[1]}x{scene.shape[0]} image in memory (about "
+                f"{need >> 20} MiB with {self.segmenter.num_classes} classes) but --max-memory is "
+                f"{budget >> 20} MiB; raise --max-memory to {(need >> 20) + 64}M or more, or let it run "
+                "tiled")
+        if scene.timer is not None:
+            with scene.timer.stage("refine"):
+                self._prepare_tiled(scene, source, budget - held) if tiled else self._prepare_whole(scene)
+        else:
+            self._prepare_tiled(scene, source, budget - held) if tiled else self._prepare_whole(scene)
+        scene.info["magnet"] = self.report()
+        self.snap = self._make_snap()
+        if self.snap is not None:
+            scene.info.setdefault("notes", []).append(
+                f"magnet-fast: edge snap at full resolution (guided filter, radius {self.snap.radius}, "
+                f"eps {self.snap.eps:g})")
+
+    def _make_snap(self) -> EdgeSnapRefiner | None:
+        """The edge snap when it is on and the output is one probability (2 classes)."""
+        on = self.snap_mode == "on" or (self.snap_mode == "auto" and self.preset.snap)
+        if not on:
+            return None
+        if self.num_classes != 2:
+            logger.info("magnet-fast: no edge snap for %d classes (label maps)", self.num_classes)
+            return None
+        return EdgeSnapRefiner(SNAP_RADIUS, SNAP_EPS)
+
+    def _prepare_whole(self, scene: Scene) -> None:
+        image, coarse = scene.read_overview(scene.shape)
+        if tuple(image.shape[:2]) != tuple(scene.shape):
+            raise UsageError("MagNet's whole-image reference needs the image at full resolution")
+        img = np.clip(np.rint(image), 0, 255).astype(np.uint8) if image.dtype != np.uint8 else image
+        use_mask = scene.info.get("coarse") != "none" and coarse is not None
+        self.refine_image(img, coarse if use_mask else None, progress=scene.progress)
+
+    def _prepare_tiled(self, scene: Scene, source: Any, budget: int) -> None:
+        from refine_cli.io.writers import default_tmp_dir
+        from refine_cli.refiners.magnet_tiled import run_magnet_tiled
+
+        schedule = self.schedule(scene.shape)
+        probs = None
+        if scene.info.get("coarse") != "none":
+            first = schedule.stages[1].hw if len(schedule.stages) > 1 else schedule.stages[0].hw
+            shape = (min(first[0], scene.shape[0]), min(first[1], scene.shape[1]))
+            _, coarse = scene.read_overview(shape)
+            if coarse is not None:
+                seg = self.segmenter
+                probs = coarse_to_probs(coarse, seg.num_classes, seg.classes)
+                scene.info.setdefault("notes", []).append(
+                    f"magnet-fast (tiled): the mask became stage-1 Y at {shape[1]}x{shape[0]} (area average)")
+        self.tiled_result = run_magnet_tiled(
+            source, self.segmenter, self.modules, schedule, probs, batch_size=self.batch_size, budget=budget,
+            tmp_dir=default_tmp_dir(), progress=scene.progress)
+
+    def report(self) -> dict[str, Any]:
+        """The run's per-stage facts (``{}`` before :meth:`prepare`)."""
+        if self.tiled_result is not None:
+            return self.tiled_result.report()
+        return self.result.report() if self.result is not None else {}
+
+    makes_coarse = True
+    """Runs its own segmenter when no ``--mask`` is given."""
+
+    @property
+    def num_classes(self) -> int:
+        """C of the segmenter and refinement modules."""
+        return self.segmenter.num_classes
+
+    def initial_coarse(self) -> Any:
+        """The final Y as the single level's input: class-1 probability for 2 classes, all C class
+        probabilities otherwise (written as a label map). Whole image: an ``(H, W, K)`` array; tiled:
+        a K-band reader (:class:`~refine_cli.refiners.magnet_tiled.FinalReader`) that the engine
+        reads by window and closes at the end.
+        """
+        if self.tiled_result is not None:
+            from refine_cli.refiners.magnet_tiled import FinalReader
+
+            return FinalReader(self.tiled_result)
+        if self.result is None:
+            raise RuntimeError("MagnetRefiner.prepare must run first")
+        probs = self.result.probs
+        return probs[..., 1:2] if probs.shape[-1] == 2 else probs
+
+    def for_level(self, index: int, final: bool) -> Refiner:
+        """The single level: the edge snap of the final Y when it is on, else a pass-through."""
+        if self.tiled_result is not None:
+            from refine_cli.refiners.magnet_tiled import PassThrough
+
+            run = self.tiled_result
+            fixed = self.fixed_memory() + run.held_bytes()
+            if self.snap is not None:
+                return SnapOverY(self.snap.radius, self.snap.eps, run.plan.bytes_per_pixel + 8, fixed)
+            return PassThrough(run.plan.bytes_per_pixel, fixed)
+        if self.snap is not None:
+            return SnapOverY(self.snap.radius, self.snap.eps)
+        from refine_cli.refiners.classical import CoarseRefiner
+
+        return CoarseRefiner()
+
+    def refine(self, tile: TileInput) -> TileResult:
+        """The window of the result (``prepare`` must have run)."""
+        sl = tile.window.slices
+        if self.tiled_result is not None:
+            probs = self.tiled_result.probs(tile.window)
+            unc = self.tiled_result.uncertainty(tile.window)
+        elif self.result is not None:
+            probs, unc = self.result.probs[sl], self.result.uncertainty[sl].copy()
+        else:
+            raise RuntimeError("MagnetRefiner.prepare must run before refine")
+        prob = probs[..., 1] if probs.shape[-1] == 2 else probs.max(axis=-1)
+        return TileResult(np.ascontiguousarray(prob, dtype=np.float32), unc)
+
+    def tile_memory(self, pixels: int) -> int:
+        """Bytes per window: the whole-image result is held, so only the window copies."""
+        if self.tiled_result is not None:
+            return (self.tiled_result.plan.bytes_per_pixel + 8) * pixels
+        return 16 * pixels
+
+    def fixed_memory(self) -> int:
+        """Bytes held by the refinement weights (the whole-image result adds ~4 C + 5 B/px after prepare)."""
+        weights = sum(t.numel() * t.element_size() for m in self.modules for t in m.state_dict().values())
+        return int(weights)
+
+    def close(self) -> None:
+        """Drop the result; delete a tiled run's temporary files."""
+        if self.tiled_result is not None:
+            self.tiled_result.close()
+        self.tiled_result = None
+        self.result = None
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for the report (``snap``: its radius, eps and halo, or ``off``, as ``--method cascade``)."""
+        snap: Any = "off"
+        if self.snap is not None:
+            snap = {k: v for k, v in self.snap.describe().items() if k != "name"}
+        out = {**super().describe(), **self.info, "fast": self.fast, "snap": snap,
+               "replace": self.preset.replace, "stages": self.stages, **self.segmenter.describe()}
+        report = self.report()
+        if report:
+            out["magnet"] = report
+            out["tiled"] = "tiled" in report
+        return out
+
+
+class SnapOverY(EdgeSnapRefiner):
+    """The edge snap as the level refiner of MagNet's final Y (:meth:`MagnetRefiner.for_level`).
+
+    The same filter as :class:`~refine_cli.refiners.classical.EdgeSnapRefiner`; its memory
+    estimate adds what producing a window of the final Y costs (the tiled run renders it from
+    its stores as the engine reads) and what the run holds meanwhile, so the engine's tile plan
+    keeps ``--max-memory``.
+
+    Args:
+        radius: box radius in px.
+        eps: regularisation (guide in [0, 1] units).
+        y_bytes_per_pixel: working bytes per pixel of rendering a window of Y (0: it is in memory).
+        fixed: bytes held for the whole level (weights, the tiled run's in-memory maps).
+    """
+
+    def __init__(self, radius: int = SNAP_RADIUS, eps: float = SNAP_EPS, y_bytes_per_pixel: int = 0,
+                 fixed: int = 0) -> None:
+        super().__init__(radius, eps)
+        self._y_bpp, self._fixed = int(y_bytes_per_pixel), int(fixed)
+
+    def tile_memory(self, pixels: int) -> int:
+        """The guided filter's planes plus rendering Y over the window."""
+        return super().tile_memory(pixels) + self._y_bpp * pixels
+
+    def fixed_memory(self) -> int:
+        """What the MagNet run holds while the level runs."""
+        return self._fixed
