@@ -194,7 +194,7 @@ def refine_file(
     device = resolve_device(config.device, uses_torch(config.method))
     threads = set_threads(config.threads)
     refiner = build_refiner(config, device)
-    own_segmenter = bool(getattr(refiner, "makes_coarse", False))
+    own_segmenter = refiner.makes_coarse
     segment_first = mask is None and not own_segmenter
     if save_coarse and not segment_first:
         raise UsageError("--save-coarse keeps the mask that --segmenter makes: use it without --mask"
@@ -249,24 +249,23 @@ def refine_file(
             return img, coarse if msk.is_labels else coarse[..., 0]
 
         held = _decoded_bytes([*readers, *([msk.reader] if msk is not None else [])])
-        info: dict[str, Any] = {"max_memory": config.max_memory, "resident_bytes": held,
-                                "coarse": "none" if msk is None else "mask", "image_source": src}
         spec = OutputSpec(mask=out, uncertainty=uncertainty, soft=config.soft, threshold=config.threshold,
                           fmt=fmt, cog=cog, overwrite=overwrite)
+        scene = Scene(shape=(H, W), read_overview=read_overview, device=device, timer=timer, progress=progress,
+                      image_source=src, has_mask=msk is not None, max_memory=config.max_memory,
+                      resident_bytes=held)
         if msk is not None:
-            info.update(coarse_scale=H / msk.native_shape[0], labels=msk.is_labels, classes=msk.classes,
-                        bytes_out=bytes_per_pixel(spec, msk.channels, msk.is_labels))
-        scene = Scene(shape=(H, W), read_overview=read_overview, device=device, timer=timer, info=info,
-                      progress=progress)
+            scene.coarse_scale, scene.labels, scene.classes = H / msk.native_shape[0], msk.is_labels, msk.classes
+            scene.bytes_out = bytes_per_pixel(spec, msk.channels, msk.is_labels)
         refiner.prepare(scene)
 
         # A method with its own label space (MagNet's segmenter) decides the output layout;
         # otherwise the user's mask does.
-        n_out = int(getattr(refiner, "num_classes", 0) or 0)
+        n_out = refiner.num_classes
         assert n_out or msk is not None
         labels = n_out > 2 if n_out else bool(msk and msk.is_labels)
         channels = (n_out or (msk.classes if msk else 1)) if labels else 1
-        batch = config.cascade.batch_size if getattr(refiner, "uses_torch", False) else 1
+        batch = config.cascade.batch_size if refiner.uses_torch else 1
         bands_out, dtype_out = mask_layout(spec, channels, labels)
         georef = src.georef
         seg_rows = segment_rows_for(W, bands_out * dtype_out.itemsize)
@@ -290,7 +289,7 @@ def refine_file(
         guard = guard_params(config, refiner, msk, (H, W))
         writer = OutputWriter(spec, labels, mask_sink, unc_sink,
                               refiner_uncertainty=guard is not None
-                              or bool(getattr(refiner, "provides_uncertainty", False)))
+                              or refiner.provides_uncertainty)
         levels = run_levels(
             src, msk, refiner, writer, timer=timer, budget=config.max_memory, resident=held,
             bytes_out=bytes_per_pixel(spec, channels, labels), overlap=config.overlap, tile_size=config.tile_size,
@@ -357,7 +356,7 @@ def refine_file(
         levels=[lv.to_dict() for lv in levels],
         versions=library_versions(),
         config={**config.to_dict(), "threads_used": threads},
-        notes=list(scene.info.get("notes", [])) + guard_notes(guard_facts),
+        notes=list(scene.notes) + guard_notes(guard_facts),
         guard=guard_facts,
         started=started,
         finished=_utc_now(),

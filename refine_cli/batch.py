@@ -632,52 +632,75 @@ def plan_batch(
     if pairs is None and mask_dir is None and mask_suffix is None and not has_segmenter:
         raise UsageError(f"method {config.method!r} needs coarse masks: give --mask-dir DIR, --mask-suffix "
                          "SUFFIX or --pairs pairs.csv")
-
-    rows: list[tuple[str, str | None, str | None, str | None, str]] = []  # image, mask, problem, out, base
     if pairs is not None:
-        for image, mask, out in read_pairs(pairs):
-            rows.append((image, mask, None, out, Path(image).stem))
+        rows = [_Row(image, mask, None, out, Path(image).stem) for image, mask, out in read_pairs(pairs)]
         no_mask_hint = f"no mask in {pairs}"
     else:
         assert source is not None
-        mdir = Path(os.path.abspath(mask_dir)) if mask_dir is not None else None
-        if mdir is not None and not mdir.is_dir():
-            raise UsageError(f"--mask-dir {mask_dir} is not a folder")
-        suffix = mask_suffix or ""
-        root, images = list_images(source, exclude=[outdir] + ([mdir] if mdir else []))
-        if mdir is not None and not suffix and mdir == root:
-            raise UsageError("--mask-dir is the image folder: masks there need a --mask-suffix such as _mask")
-        finder = _MaskFinder(mdir, suffix) if (mdir is not None or suffix) else None
-        for image in images:
-            if suffix and image.stem.endswith(suffix) and (mdir is None or mdir == image.parent):
-                continue  # a mask beside the images, not an image
-            rel = image.relative_to(root) if _inside(image, root) else Path(image.name)
-            base = str(PurePosixPath(*rel.parts).with_suffix(""))
-            mask, problem = finder.find(image) if finder else (None, None)
-            rows.append((str(image), str(mask) if mask else None, problem, None, base))
-        no_mask_hint = f"no mask matches {finder.where(Path('<stem>'))}" if finder else "no mask rule given"
+        rows, no_mask_hint = _discover(source, outdir, mask_dir, mask_suffix)
+    no_mask = None if has_segmenter else f"({no_mask_hint}) and method {config.method!r} has no segmenter"
+    items = _distinct_keys(_mark_clashes([_item(row, outdir, outputs, no_mask) for row in rows]))
+    return sorted(items, key=lambda it: it.key)
 
-    items: list[BatchItem] = []
-    for image, mask, problem, out, base in rows:
-        error = problem
-        if out is not None:
-            try:
-                mask_out = check_relative_output(out)
-                resolve_output(outdir, mask_out)
-            except UsageError as exc:
-                error = error or str(exc)
-                mask_out = f"{base}.refined{outputs.extension}"  # a key for the record only
-            suffix = PurePosixPath(mask_out).suffix
-            names = _names(str(PurePosixPath(mask_out).with_suffix("")), suffix, outputs)
-        else:
-            names = _names(base, f".refined{outputs.extension}", outputs)
-        skip = None
-        if mask is None and not has_segmenter and error is None:
-            skip = (f"no coarse mask for {Path(image).name} ({no_mask_hint}) and method {config.method!r} "
-                    "has no segmenter")
-        items.append(BatchItem(key=names[0], image=image, mask=mask, mask_out=names[0],
-                               uncertainty_out=names[1], report_out=names[2], skip=skip, error=error))
 
+@dataclass(frozen=True)
+class _Row:
+    """One input found: image, mask or ``None``, why the mask is unusable, an explicit output, a base name."""
+
+    image: str
+    mask: str | None
+    problem: str | None
+    out: str | None
+    base: str
+
+
+def _discover(source: str, outdir: Path, mask_dir: str | Path | None,
+              mask_suffix: str | None) -> tuple[list[_Row], str]:
+    """The images of a folder or glob with their masks, and the hint for an image without one."""
+    mdir = Path(os.path.abspath(mask_dir)) if mask_dir is not None else None
+    if mdir is not None and not mdir.is_dir():
+        raise UsageError(f"--mask-dir {mask_dir} is not a folder")
+    suffix = mask_suffix or ""
+    root, images = list_images(source, exclude=[outdir] + ([mdir] if mdir else []))
+    if mdir is not None and not suffix and mdir == root:
+        raise UsageError("--mask-dir is the image folder: masks there need a --mask-suffix such as _mask")
+    finder = _MaskFinder(mdir, suffix) if (mdir is not None or suffix) else None
+    rows = []
+    for image in images:
+        if suffix and image.stem.endswith(suffix) and (mdir is None or mdir == image.parent):
+            continue  # a mask beside the images, not an image
+        rel = image.relative_to(root) if _inside(image, root) else Path(image.name)
+        base = str(PurePosixPath(*rel.parts).with_suffix(""))
+        mask, problem = finder.find(image) if finder else (None, None)
+        rows.append(_Row(str(image), str(mask) if mask else None, problem, None, base))
+    return rows, f"no mask matches {finder.where(Path('<stem>'))}" if finder else "no mask rule given"
+
+
+def _item(row: _Row, outdir: Path, outputs: OutputOptions, no_mask: str | None) -> BatchItem:
+    """The item of one row: its output names, and why it cannot run (``no_mask``: the reason when the
+    row has no mask and the method cannot make one; ``None`` when it can).
+    """
+    error = row.problem
+    if row.out is not None:
+        try:
+            mask_out = check_relative_output(row.out)
+            resolve_output(outdir, mask_out)
+        except UsageError as exc:
+            error = error or str(exc)
+            mask_out = f"{row.base}.refined{outputs.extension}"  # a key for the record only
+        suffix = PurePosixPath(mask_out).suffix
+        names = _names(str(PurePosixPath(mask_out).with_suffix("")), suffix, outputs)
+    else:
+        names = _names(row.base, f".refined{outputs.extension}", outputs)
+    skip = None
+    if row.mask is None and no_mask is not None and error is None:
+        skip = f"no coarse mask for {Path(row.image).name} {no_mask}"
+    return BatchItem(key=names[0], image=row.image, mask=row.mask, mask_out=names[0],
+                     uncertainty_out=names[1], report_out=names[2], skip=skip, error=error)
+
+
+def _mark_clashes(items: list[BatchItem]) -> list[BatchItem]:
+    """Items whose outputs another item would also write get an error naming the others."""
     owners: dict[str, list[int]] = {}
     for idx, it in enumerate(items):
         for name in it.outputs().values():
@@ -689,13 +712,18 @@ def plan_batch(
         clash_msg = (f"output {it.mask_out} would also be written for {', '.join(others)}; rename one or "
                      "use --pairs with an out column")
         items[idx] = replace(it, error=it.error or clash_msg)
+    return items
+
+
+def _distinct_keys(items: list[BatchItem]) -> list[BatchItem]:
+    """Colliding keys get ``#1``, ``#2`` ... so that the journal keeps the items apart."""
     keys: dict[str, int] = {}
-    for idx, it in enumerate(items):  # colliding keys stay distinct for the journal
+    for idx, it in enumerate(items):
         n = keys.get(it.key, 0)
         keys[it.key] = n + 1
         if n:
             items[idx] = replace(it, key=f"{it.key}#{n}")
-    return sorted(items, key=lambda it: it.key)
+    return items
 
 
 # ------------------------------------------------------------------------------------------- journal
@@ -1240,36 +1268,11 @@ def run_batch(
                 with contextlib.suppress(OSError):
                     job.journal.unlink()
             raise conflict_error(conflicts, job.config.method, len(items), job.outdir)
-
-        def emit(rec: Record, resumed: bool, new: bool) -> None:
-            with _signals_deferred():  # the journal and the summary agree even when interrupted here
-                if new:
-                    journal.append(rec)
-                summary.records.append(rec)
-            if resumed:
-                summary.resumed.add(rec["key"])
-            if rec["status"] == "failed":
-                log.warning("%s: %s: %s", "failed earlier" if resumed else "failed",
-                            Path(rec["image"]["path"]).name, rec.get("error"))
-            elif rec["status"] == "skipped":
-                log.info("skipped: %s: %s", Path(rec["image"]["path"]).name, rec.get("error"))
-            if on_record is not None:
-                on_record(rec, resumed)
-
-        pending: list[tuple[BatchItem, Decision]] = []
+        emit = _Emitter(journal, summary, on_record)
         try:
-            for item, dec in decisions:
-                if dec.action == "keep":
-                    assert dec.previous is not None
-                    emit(dec.previous, True, False)
-                elif dec.action in ("fail", "skip"):
-                    rec = _plan_record(item, dec, job, chash)
-                    emit(rec or dict(dec.previous or {}), rec is None, rec is not None)
-                else:
-                    pending.append((item, dec))
-                if job.fail_fast and summary.count("failed") and dec.action == "fail":
-                    summary.stopped = True
-                    return summary
+            pending = _settle(decisions, job, chash, emit, summary)
+            if pending is None:
+                return summary
             if pending:
                 journal.claim([item.key for item, _ in pending], job.shard)
             if scheduler is None:
@@ -1284,6 +1287,53 @@ def run_batch(
                               "and temporary files were removed; run the same command again to resume"
                               ) from exc
     return summary
+
+
+class _Emitter:
+    """Records one input's outcome: in the journal (when new), the summary, the log and ``on_record``."""
+
+    def __init__(self, journal: Journal, summary: BatchSummary,
+                 on_record: Callable[[Record, bool], None] | None) -> None:
+        self.journal, self.summary, self.on_record = journal, summary, on_record
+
+    def __call__(self, rec: Record, resumed: bool, new: bool) -> None:
+        """``resumed``: a record kept from an earlier run; ``new``: append it to the journal."""
+        with _signals_deferred():  # the journal and the summary agree even when interrupted here
+            if new:
+                self.journal.append(rec)
+            self.summary.records.append(rec)
+        if resumed:
+            self.summary.resumed.add(rec["key"])
+        if rec["status"] == "failed":
+            log.warning("%s: %s: %s", "failed earlier" if resumed else "failed",
+                        Path(rec["image"]["path"]).name, rec.get("error"))
+        elif rec["status"] == "skipped":
+            log.info("skipped: %s: %s", Path(rec["image"]["path"]).name, rec.get("error"))
+        if self.on_record is not None:
+            self.on_record(rec, resumed)
+
+
+def _settle(decisions: Sequence[tuple[BatchItem, Decision]], job: BatchJob, chash: str,
+            emit: Callable[[Record, bool, bool], None],
+            summary: BatchSummary) -> list[tuple[BatchItem, Decision]] | None:
+    """Record the inputs that need no run (kept, skipped, failed in planning); the rest to run.
+
+    Returns ``None`` when ``--fail-fast`` stops at a planning failure.
+    """
+    pending: list[tuple[BatchItem, Decision]] = []
+    for item, dec in decisions:
+        if dec.action == "keep":
+            assert dec.previous is not None
+            emit(dec.previous, True, False)
+        elif dec.action in ("fail", "skip"):
+            rec = _plan_record(item, dec, job, chash)
+            emit(rec or dict(dec.previous or {}), rec is None, rec is not None)
+        else:
+            pending.append((item, dec))
+        if job.fail_fast and summary.count("failed") and dec.action == "fail":
+            summary.stopped = True
+            return None
+    return pending
 
 
 def _run_local(pending: Sequence[tuple[BatchItem, Decision]], job: BatchJob, chash: str,
@@ -1532,9 +1582,9 @@ def plan_file_memory(image: str, config: RefineConfig, outputs: OutputOptions, *
         InputError: unreadable header.
         ResourceError: nothing fits ``config.max_memory``.
     """
+    from refine_cli.engine.levels import plan_level
     from refine_cli.engine.outputs import OutputSpec, bytes_per_pixel
     from refine_cli.refiners import build_refiner
-    from refine_cli.tiling.budget import plan_memory
 
     shape = image_shape(image, max_pixels=config.max_pixels)
     refiner = refiner or build_refiner(config)
@@ -1542,12 +1592,9 @@ def plan_file_memory(image: str, config: RefineConfig, outputs: OutputOptions, *
     channels = config.classes or 1
     spec = OutputSpec(mask=f"out{outputs.extension}", uncertainty="u.tif" if outputs.uncertainty else None,
                       soft=config.soft, threshold=config.threshold, fmt=outputs.fmt)
-    batch = config.cascade.batch_size if getattr(refiner, "uses_torch", False) else 1
-    return plan_memory(shape, budget=config.max_memory, halo=refiner.halo, channels=channels, batch=batch,
-                       tile_memory=refiner.tile_memory, fixed_memory=refiner.fixed_memory(),
-                       bytes_out=bytes_per_pixel(spec, channels, labels),
-                       preferred_tile=int(getattr(refiner, "preferred_tile", 1024)),
-                       tile_size=config.tile_size)
+    batch = config.cascade.batch_size if refiner.uses_torch else 1
+    return plan_level(shape, refiner, channels=channels, bytes_out=bytes_per_pixel(spec, channels, labels),
+                      budget=config.max_memory, batch_size=batch, tile_size=config.tile_size)
 
 
 def dry_run(items: Sequence[BatchItem], job: BatchJob) -> tuple[list[Record], list[str]]:

@@ -95,11 +95,11 @@ def test_prepare_scales_range_with_resolution():
     from refine_cli.refiners.crf import DenseCRFRefiner
 
     small, big = DenseCRFRefiner(), DenseCRFRefiner()
-    small.prepare(Scene(shape=(1000, 1000), read_overview=lambda s: (None, None), info={"coarse_scale": 1.0}))
-    big.prepare(Scene(shape=(1000, 1000), read_overview=lambda s: (None, None), info={"coarse_scale": 8.0}))
+    small.prepare(Scene(shape=(1000, 1000), read_overview=lambda s: (None, None), coarse_scale=1.0))
+    big.prepare(Scene(shape=(1000, 1000), read_overview=lambda s: (None, None), coarse_scale=8.0))
     assert big.sxy > small.sxy and big.halo >= 2 * big.sxy
     fixed = DenseCRFRefiner(CRFOptions(sxy=33.0))
-    fixed.prepare(Scene(shape=(1000, 1000), read_overview=lambda s: (None, None), info={"coarse_scale": 8.0}))
+    fixed.prepare(Scene(shape=(1000, 1000), read_overview=lambda s: (None, None), coarse_scale=8.0))
     assert fixed.sxy == 33.0
 
 

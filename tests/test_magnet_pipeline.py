@@ -476,7 +476,7 @@ def run_refiner(refiner: MagnetRefiner, image: np.ndarray, tmp_dir: str, budget:
     src = ImageSource(ArrayReader("mem", image))
     scene = Scene(shape=image.shape[:2],
                   read_overview=lambda shape, binarize=False: (image.astype(np.float32), None),
-                  info={"max_memory": budget, "coarse": "none", "image_source": src})
+                  max_memory=budget, has_mask=False, image_source=src)
     refiner.prepare(scene)
     writer = _Rows(image.shape[:2])
     run_levels(src, None, refiner, writer, timer=StageTimer(), budget=budget, bytes_out=2, overlap=16,
@@ -562,7 +562,7 @@ def test_binary_preset_ends_with_the_edge_snap(tmp_path):
     assert moved.any() and not moved[far_from_edge(mask, 2 * 16)].any()
     plain = MagnetRefiner(seg, [HedgingModule()], dataclasses.replace(_binary_like(), snap=False))
     plain.prepare(Scene(shape=image.shape[:2], read_overview=lambda shape, binarize=False: (image, None),
-                        info={"coarse": "none"}))
+                        has_mask=False))
     assert plain.describe()["snap"] == "off" and plain.snap is None
     with pytest.raises(UsageError, match="use one of auto, on, off"):
         MagnetRefiner(seg, [HedgingModule()], _binary_like(), snap="yes")

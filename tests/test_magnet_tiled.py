@@ -340,11 +340,8 @@ class _Collect:
 
 def _scene(img, budget, with_source=True):
     src = ImageSource(ArrayReader("mem", img))
-    info = {"max_memory": budget, "coarse": "none"}
-    if with_source:
-        info["image_source"] = src
     return src, Scene(shape=img.shape[:2], read_overview=lambda shape, binarize=False: (
-        img.astype(np.float32), None), info=info)
+        img.astype(np.float32), None), max_memory=budget, has_mask=False, image_source=src if with_source else None)
 
 
 def test_refiner_goes_tiled_when_the_whole_image_does_not_fit(tmp_path):
@@ -360,7 +357,7 @@ def test_refiner_goes_tiled_when_the_whole_image_does_not_fit(tmp_path):
         src, scene = _scene(img, budget)
         refiner.prepare(scene)
         assert (refiner.tiled_result is not None) == tiled
-        assert scene.info["magnet"]["points"] > 0 and ("tiled" in scene.info["magnet"]) == tiled
+        assert refiner.report()["points"] > 0 and ("tiled" in refiner.report()) == tiled
         writer = _Collect(img.shape[:2], 1)
         levels = run_levels(src, None, refiner, writer, timer=StageTimer(), budget=budget, bytes_out=2,
                             overlap=16, tile_size=128, tmp_dir=str(tmp_path))

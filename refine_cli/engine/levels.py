@@ -24,9 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from refine_cli.engine.runner import GridRunner, GridStats
 from refine_cli.io.image import ImageSource, image_level
 from refine_cli.io.masks import ProbSource, StackedSource
+from refine_cli.io.protocols import CoarseSource, RowWriter
 from refine_cli.io.readers import TiffReader
 from refine_cli.io.writers import TiffSink
 from refine_cli.refiners.base import Refiner
@@ -69,7 +72,7 @@ class LevelWriter:
         self.path = os.path.join(folder, f"level{index}_{shape[0]}x{shape[1]}.tif")
         self.sink = TiffSink(self.path, shape, channels, "float32", overwrite=True)
 
-    def write(self, row0: int, block: Any) -> None:
+    def write(self, row0: int, block: np.ndarray) -> None:
         """Write blended rows ``(n, W, K)``."""
         self.sink.write_rows(row0, block)
 
@@ -83,11 +86,54 @@ class LevelWriter:
             self.sink.abort()
 
 
+@dataclass
+class LevelSettings:
+    """What every level of one run shares (the arguments of :func:`run_levels`)."""
+
+    timer: StageTimer
+    budget: int
+    bytes_out: int
+    overlap: int
+    tile_size: int | None = None
+    batch_size: int = 1
+    skip_uniform: bool = True
+    progress: Callable[[str, int, int], None] | None = None
+    start_row: int = 0
+    resident: int = 0
+
+
+def plan_level(shape: tuple[int, int], refiner: Refiner, *, channels: int, bytes_out: int, budget: int,
+               batch_size: int = 1, tile_size: int | None = None, resident: int = 0) -> MemoryPlan:
+    """The memory plan of one level: the tile size and queue depth that fit ``budget``.
+
+    The one planner of the project: :func:`run_levels` and ``refine batch --dry-run`` both call it.
+
+    Args:
+        shape: ``(h, w)`` of the level.
+        refiner: the level's refiner (its halo, memory per tile, fixed memory, tile preferences).
+        channels: K, channels of the level's blended output.
+        bytes_out: bytes per pixel of what the level writes.
+        budget: memory budget in bytes.
+        batch_size: tiles per refiner call.
+        tile_size: a tile side forced by the user (else the refiner's fixed tile, else planned).
+        resident: bytes held by decoded inputs all run long.
+
+    Raises:
+        ResourceError: nothing fits ``budget`` (the message names the option to change).
+    """
+    return plan_memory(
+        shape, budget=budget, halo=refiner.halo, channels=channels, batch=batch_size,
+        tile_memory=refiner.tile_memory, fixed_memory=refiner.fixed_memory(), bytes_out=bytes_out,
+        preferred_tile=refiner.preferred_tile, tile_size=tile_size or refiner.fixed_tile,
+        size_flag=None if tile_size else refiner.size_flag, resident=resident,
+    )
+
+
 def run_levels(
     src: ImageSource,
-    mask: Any,
+    mask: CoarseSource | None,
     refiner: Refiner,
-    final_writer: Any,
+    final_writer: RowWriter,
     *,
     timer: StageTimer,
     budget: int,
@@ -107,8 +153,7 @@ def run_levels(
 
     Args:
         src: the image (level 0).
-        mask: the user's coarse mask (``io.masks.MaskSource``), the first level's input
-            unless the refiner supplies one (:meth:`Refiner.initial_coarse`).
+        mask: the user's coarse mask; the first level's input unless the refiner gives one.
         refiner: the method (already ``prepare``-d).
         final_writer: receives the last level's rows (``write(row0, block)``).
         timer: stage timer.
@@ -118,104 +163,135 @@ def run_levels(
         tile_size: forced tile size, or ``None`` to derive it from the budget.
         batch_size: tiles per refiner call.
         skip_uniform: boundary-only processing.
-        tmp_dir: where intermediate levels are written (in a folder removed at the end).
+        tmp_dir: where intermediate levels go (in a folder removed at the end).
         progress: ``f(stage, done, total)``.
-        work_dir: a persistent folder for intermediate levels instead (resumable runs):
-            a level whose file is already there (written atomically) is not computed again.
+        work_dir: a persistent folder for intermediate levels instead (resumable runs): a level whose
+            file is already there (written atomically) is not computed again.
         start_row: rows of the final level already written by an interrupted run.
         resident: bytes of inputs held decoded in memory all run long (an item of every plan).
-        guard: run the guard level after the refiner's last (binary and soft masks only); its
-            counts go to the last result's ``stats.extra["guard"]``.
+        guard: add the guard level after the refiner's last (binary and soft masks; counts in stats.extra).
 
     Returns:
         One :class:`LevelResult` per level, coarse to fine.
     """
-    shapes = refiner.level_shapes(src.shape)
-    if shapes[-1] != src.shape:
-        raise ValueError(f"the last level must be the image size {src.shape}, got {shapes[-1]}")
+    settings = LevelSettings(timer, budget, bytes_out, overlap, tile_size, batch_size, skip_uniform, progress,
+                             start_row, resident)
+    shapes = _level_shapes(refiner, src.shape)
     n_inner = len(shapes)
     guarded = guard is not None and mask is not None and not mask.is_labels
-    if guarded:
-        shapes = [*shapes, src.shape]
-    init = refiner.initial_coarse()
-    coarse: Any = ProbSource(init, shapes[0], "global step") if init is not None else mask
+    shapes = [*shapes, src.shape] if guarded else shapes
+    coarse = _first_coarse(refiner, mask, shapes[0])
     own_folder = work_dir is None and len(shapes) > 1
     folder = tempfile.mkdtemp(prefix="refine-levels-", dir=tmp_dir) if own_folder else work_dir
     results: list[LevelResult] = []
     opened: list[Any] = []
-    inner_unc = False
+    inner_unc = False  # the guard level gets the refiner's own uncertainty as one more channel
     try:
         for i, shape in enumerate(shapes):
             final = i == len(shapes) - 1
             if guarded and final:
-                assert guard is not None
+                assert guard is not None and mask is not None and coarse is not None
                 level_refiner: Refiner = GuardRefiner(guard, src.shape, inner_uncertainty=inner_unc)
                 coarse = StackedSource(coarse, mask)
             else:
                 level_refiner = refiner.for_level(i, i == n_inner - 1)
-            channels = coarse.channels if coarse.is_labels else level_refiner.out_channels(coarse.channels)
             if guarded and i == n_inner - 1:
-                inner_unc = bool(getattr(level_refiner, "provides_uncertainty", False))
-            if inner_unc and not final:
-                channels += 1  # the guard passes the refiner's uncertainty on
-            level_bytes = bytes_out if final else 4 * channels
-            mplan = plan_memory(
-                shape, budget=budget, halo=level_refiner.halo, channels=channels, batch=batch_size,
-                tile_memory=level_refiner.tile_memory, fixed_memory=level_refiner.fixed_memory(),
-                bytes_out=level_bytes, preferred_tile=int(getattr(level_refiner, "preferred_tile", 1024)),
-                tile_size=tile_size or getattr(level_refiner, "fixed_tile", None),
-                size_flag=None if tile_size else getattr(level_refiner, "size_flag", None),
-                resident=resident,
-            )
-            ov = min(overlap, mplan.tile_size // 4)
-            grid = level_refiner.plan_grid(shape, mplan.tile_size, ov) or plan_grid(shape, mplan.tile_size, ov,
-                                                                                      level_refiner.halo)
-            with timer.stage("read"):
-                image = image_level(src, shape, tmp_dir=folder)
-            opened.append(image)
-            if image.reader is None:
-                src.reader.set_cache_bytes(mplan.cache_bytes)
-            writer: Any = final_writer if final else LevelWriter(folder or "", shape, channels, i)
-            what = level_refiner.name or "refine"
-            name = f"{what} tiles" if len(shapes) == 1 else f"level {i + 1}/{len(shapes)} {what} tiles"
-            if not final and work_dir is not None and _complete(writer.path, shape, channels):
-                log.info("level %d/%d: reusing %s", i + 1, len(shapes), writer.path)
-                stats = GridStats(tiles_total=len(grid), pixels=shape[0] * shape[1], extra={"reused": True})
-                writer.sink.abort()
-            else:
-                runner = GridRunner(
-                    image, coarse, level_refiner, grid, writer, timer, queue_depth=mplan.queue_depth,
-                    skip_uniform=skip_uniform, batch_size=batch_size,
-                    progress=(lambda d, t, n=name: progress(n, d, t)) if progress else None,
-                    start_row=start_row if final else 0,
-                )
-                try:
-                    stats = runner.run()
-                except BaseException:
-                    if not final:
-                        writer.abort()
-                    raise
-                if not final:
-                    with timer.stage("write"):
-                        writer.commit()
-            if isinstance(level_refiner, GuardRefiner):
-                stats.extra["guard"] = level_refiner.describe()
-            results.append(LevelResult(shape, stats, mplan, grid))
-            log.info("level %d/%d %dx%d: %d tiles, %d refined, %d skipped", i + 1, len(shapes), shape[1],
-                     shape[0], stats.tiles_total, stats.tiles_refined, stats.tiles_skipped)
-            if not final:
+                inner_unc = level_refiner.provides_uncertainty
+            assert coarse is not None, "no coarse input: give a mask, or a refiner that makes one"
+            result, level_file = _run_level(src, coarse, level_refiner, shape, (i, len(shapes)),
+                                            final_writer if final else None, inner_unc and not final, folder,
+                                            work_dir, settings, opened)
+            results.append(result)
+            if level_file is not None:
                 if isinstance(coarse, ProbSource):
                     coarse.close()
-                coarse = ProbSource(TiffReader(writer.path), shapes[i + 1], f"level {i + 1}")
+                coarse = ProbSource(TiffReader(level_file), shapes[i + 1], f"level {i + 1}")
     finally:
-        for image in opened:
-            image.close()
-        for part in getattr(coarse, "parts", (coarse,)):
-            if isinstance(part, ProbSource):
-                part.close()
-        if own_folder and folder:
-            shutil.rmtree(folder, ignore_errors=True)
+        _release(opened, coarse, folder if own_folder else None)
     return results
+
+
+def _first_coarse(refiner: Refiner, mask: CoarseSource | None, shape: tuple[int, int]) -> CoarseSource | None:
+    """The first level's coarse input: the refiner's own (a global step's output) or the user's mask."""
+    init = refiner.initial_coarse()
+    return ProbSource(init, shape, "global step") if init is not None else mask
+
+
+def _level_shapes(refiner: Refiner, shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """The refiner's level sizes, checked to end at the image size ``shape``."""
+    shapes = refiner.level_shapes(shape)
+    if shapes[-1] != shape:
+        raise ValueError(f"the last level must be the image size {shape}, got {shapes[-1]}")
+    return shapes
+
+
+def _run_level(src: ImageSource, coarse: CoarseSource, refiner: Refiner, shape: tuple[int, int],
+               position: tuple[int, int], final_writer: RowWriter | None, pass_uncertainty: bool,
+               folder: str | None, work_dir: str | None, s: LevelSettings,
+               opened: list[Any]) -> tuple[LevelResult, str | None]:
+    """Plan, read and refine one level; the result and, for an inner level, the file it wrote.
+
+    ``final_writer`` is ``None`` for an inner level, which goes to a temporary K-band float TIFF
+    in ``folder`` (reused when ``work_dir`` already holds it whole). ``pass_uncertainty``: one
+    more channel carries the refiner's uncertainty to the guard level.
+    """
+    i, n = position
+    final = final_writer is not None
+    channels = coarse.channels if coarse.is_labels else refiner.out_channels(coarse.channels)
+    channels += 1 if pass_uncertainty else 0
+    mplan = plan_level(shape, refiner, channels=channels, bytes_out=s.bytes_out if final else 4 * channels,
+                       budget=s.budget, batch_size=s.batch_size, tile_size=s.tile_size, resident=s.resident)
+    ov = min(s.overlap, mplan.tile_size // 4)
+    grid = refiner.plan_grid(shape, mplan.tile_size, ov) or plan_grid(shape, mplan.tile_size, ov,
+                                                                          refiner.halo)
+    with s.timer.stage("read"):
+        image = image_level(src, shape, tmp_dir=folder)
+    opened.append(image)
+    if image.reader is None:
+        src.reader.set_cache_bytes(mplan.cache_bytes)
+    level: LevelWriter | None = None
+    writer: RowWriter
+    if final_writer is None:
+        writer = level = LevelWriter(folder or "", shape, channels, i)
+    else:
+        writer = final_writer
+    what = refiner.name or "refine"
+    name = f"{what} tiles" if n == 1 else f"level {i + 1}/{n} {what} tiles"
+    if level is not None and work_dir is not None and _complete(level.path, shape, channels):
+        log.info("level %d/%d: reusing %s", i + 1, n, level.path)
+        stats = GridStats(tiles_total=len(grid), pixels=shape[0] * shape[1], extra={"reused": True})
+        level.sink.abort()
+    else:
+        progress = s.progress
+        runner = GridRunner(image, coarse, refiner, grid, writer, s.timer, queue_depth=mplan.queue_depth,
+                            skip_uniform=s.skip_uniform, batch_size=s.batch_size,
+                            progress=(lambda d, t: progress(name, d, t)) if progress else None,
+                            start_row=s.start_row if final else 0)
+        try:
+            stats = runner.run()
+        except BaseException:
+            if level is not None:
+                level.abort()
+            raise
+        if level is not None:
+            with s.timer.stage("write"):
+                level.commit()
+    if isinstance(refiner, GuardRefiner):
+        stats.extra["guard"] = refiner.describe()
+    log.info("level %d/%d %dx%d: %d tiles, %d refined, %d skipped", i + 1, n, shape[1], shape[0],
+             stats.tiles_total, stats.tiles_refined, stats.tiles_skipped)
+    return LevelResult(shape, stats, mplan, grid), None if level is None else level.path
+
+
+def _release(opened: list[Any], coarse: CoarseSource | None, folder: str | None) -> None:
+    """Close the level images and the level files read as coarse input; remove ``folder``."""
+    for image in opened:
+        image.close()
+    for part in coarse.parts if isinstance(coarse, StackedSource) else (coarse,):
+        if isinstance(part, ProbSource):
+            part.close()
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _complete(path: str, shape: tuple[int, int], channels: int) -> bool:

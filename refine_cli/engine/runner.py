@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from refine_cli.io.protocols import CoarseSource, ImageWindows, RowWriter
 from refine_cli.refiners.base import Refiner, TileInput, TileResult
 from refine_cli.report.timing import StageTimer
 from refine_cli.tiling.blend import BandAccumulator, tile_weights
@@ -103,8 +104,8 @@ class GridRunner:
             the first tile row that touches it and hand the writer only rows from it on.
     """
 
-    def __init__(self, image: Any, coarse: Any, refiner: Refiner, plan: GridPlan,
-                 writer: Any, timer: StageTimer, *, queue_depth: int = 2, skip_uniform: bool = True,
+    def __init__(self, image: ImageWindows, coarse: CoarseSource, refiner: Refiner, plan: GridPlan,
+                 writer: RowWriter, timer: StageTimer, *, queue_depth: int = 2, skip_uniform: bool = True,
                  batch_size: int = 1, progress: Callable[[int, int], None] | None = None,
                  start_row: int = 0) -> None:
         self.image, self.coarse, self.refiner, self.plan = image, coarse, refiner, plan
@@ -116,12 +117,11 @@ class GridRunner:
         self.labels = bool(coarse.is_labels)
         self.k_in = int(coarse.channels)
         self.k_out = self.k_in if self.labels else refiner.out_channels(self.k_in)
-        self.refiner_unc = bool(getattr(refiner, "provides_uncertainty", False))
+        self.refiner_unc = refiner.provides_uncertainty
         self.channels = self.k_out + (1 if self.refiner_unc else 0)
-        base = Refiner
-        self.custom_skip = type(refiner).skip_test is not base.skip_test and not self.labels
-        self.custom_weights = type(refiner).tile_weights is not base.tile_weights
-        self.weightless_skips = bool(refiner.skipped_tiles_weightless)
+        self.custom_skip = refiner.custom_skip and not self.labels
+        self.custom_weights = refiner.custom_weights
+        self.weightless_skips = refiner.skipped_tiles_weightless
         self.start_row = int(start_row)
         self.first_grid_row = next((i for i, r in enumerate(plan.row_starts) if r + plan.tile_height > start_row),
                                    len(plan.row_starts))

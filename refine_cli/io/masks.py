@@ -714,6 +714,10 @@ class ProbSource:
         """``(h, w)`` float32 channel 0 over ``window``."""
         return self.read_k(window)[..., 0]
 
+    def read_labels(self, window: Window) -> LabelWindow:
+        """Not a label map: raises ``TypeError`` (the engine reads probabilities with :meth:`read_k`)."""
+        raise TypeError(f"{type(self).__name__} holds probabilities, not a label map")
+
     def close(self) -> None:
         """Release the underlying raster."""
         self.reader.close()
@@ -758,6 +762,10 @@ class StackedSource:
                 return False
             sides.add(bool(p.read_k(Window(window.row, window.col, 1, 1))[0, 0, 0] >= threshold))
         return len(sides) == 1
+
+    def read_labels(self, window: Window) -> LabelWindow:
+        """Not a label map: raises ``TypeError`` (the engine reads probabilities with :meth:`read_k`)."""
+        raise TypeError(f"{type(self).__name__} holds probabilities, not a label map")
 
     def read_k(self, window: Window) -> np.ndarray:
         """``(h, w, K)`` float32: the parts' channels in order."""

@@ -28,6 +28,7 @@ import numpy as np
 from refine_cli.tiling.grid import GridPlan, Tile, Window
 
 if TYPE_CHECKING:
+    from refine_cli.io.protocols import PyramidImage
     from refine_cli.report.timing import StageTimer
 
 
@@ -97,39 +98,94 @@ class Scene:
         read_overview: ``f(shape, binarize=False) -> (image (h, w, 3) float32 in [0, 255], coarse)``:
             the image and the coarse probability downscaled ('area', not rounded) to ``shape``;
             ``coarse`` is ``(h, w)`` float32 (binary/soft; with ``binarize`` the mask is thresholded
-            at full resolution before averaging) or ``(h, w, C)`` class shares (label maps).
+            at full resolution before averaging) or ``(h, w, C)`` class shares (label maps);
+            ``None`` without a coarse mask.
         device: torch device string the refiner should use.
         timer: stage timer to attribute time to (``read``, ``segment``, ``refine`` ...).
-        info: free-form facts for the report (weights name and sha256 ...).
         progress: ``f(stage, done, total)`` for steps that take long inside a refiner (a global
             step, the patches of a whole-image pass, a segmenter); ``total = 0`` means the
             amount is unknown (a spinner). ``None``: nobody listens.
+        image_source: the image, readable by window and as pyramid levels (the engine's
+            :class:`~refine_cli.io.protocols.PyramidImage`); ``None`` when the refiner gets only
+            :attr:`read_overview` (tests, whole-image callers).
+        has_mask: a coarse mask was given (``False``: a refiner with its own segmenter makes it).
+        coarse_scale: image height over the coarse mask's height (1 for a full-size mask): the
+            coarse mask's error scale in image pixels.
+        labels: the coarse mask is a label map (classes refined one by one).
+        classes: classes of the coarse mask (1 for a binary or soft mask).
+        bytes_out: bytes per image pixel of the outputs (mask and uncertainty) held while writing.
+        max_memory: the run's memory budget in bytes (``--max-memory``).
+        resident_bytes: bytes held all run long by decoded inputs (part of every memory plan).
+        notes: lines for the run report that the refiner adds (paths taken, weights notices).
     """
 
     shape: tuple[int, int]
     read_overview: Callable[..., tuple[np.ndarray, Any]]
     device: str = "cpu"
     timer: StageTimer | None = None
-    info: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[str, int, int], None] | None = None
+    image_source: PyramidImage | None = None
+    has_mask: bool = True
+    coarse_scale: float = 1.0
+    labels: bool = False
+    classes: int = 1
+    bytes_out: int = 2
+    max_memory: int | None = None
+    resident_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 class Refiner(abc.ABC):
     """Refines a coarse probability inside one window of an image.
 
-    Subclasses set :attr:`name`, :attr:`halo` and implement :meth:`refine`.
+    Subclasses set :attr:`name`, :attr:`halo` and implement :meth:`refine`. Every capability
+    the engine and the API read is declared below with its default; a subclass overrides it as
+    a class attribute, or per instance in ``__init__``/``prepare`` where it depends on options.
     """
+
+    uses_torch: bool = False
+    """Runs a torch network (the engine then batches ``RefineConfig.cascade.batch_size`` tiles)."""
+
+    makes_coarse: bool = False
+    """Makes its own coarse prediction (a segmenter inside) when no mask is given."""
+
+    provides_uncertainty: bool = False
+    """``TileResult.uncertainty`` is the refiner's own map (else the engine derives it from ``prob``)."""
+
+    preferred_tile: int = 1024
+    """Largest tile side the memory planner should choose for this refiner."""
+
+    fixed_tile: int | None = None
+    """A tile side the refiner needs (one network pass); ``None``: the planner chooses."""
+
+    size_flag: str | None = None
+    """The option that fixed :attr:`fixed_tile`, named in the message when the budget is too small."""
+
+    custom_weights: bool = False
+    """``True``: :meth:`tile_weights` gives the blend weights (``None`` per tile: feathering), which
+    may leave pixels at weight 0 (filled by :attr:`skipped_tiles_weightless`' rule)."""
+
+    custom_skip: bool = False
+    """``True``: :meth:`skip_test` decides which tiles to skip (binary and soft inputs; label maps
+    still follow :attr:`skip_rule`); the engine then reads the coarse input of every tile."""
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a label space of the refiner's own (MagNet's segmenter), 0 when the user's mask
+        decides the output layout.
+        """
+        return 0
 
     name: ClassVar[str] = ""
     halo: int = 0
     """Context in px each side that the output needs to be independent of the tile cut."""
-    needs_image: ClassVar[bool] = True
+    needs_image: bool = True
     """``False`` for refiners that only transform the coarse input: the engine then does not
     read (decode) the image and ``TileInput.image`` is ``None``."""
     guarded: ClassVar[bool] = True
     """Whether the engine's do-no-harm guard (``refiners.guard``) checks this refiner's result against
     the user's mask (``False`` for refiners that cannot change a class, e.g. the null refiner)."""
-    skip_rule: ClassVar[str] = "uniform"
+    skip_rule: str = "uniform"
     """When the engine may skip a tile (with ``skip_uniform``): ``uniform`` = the coarse input is
     constant over the tile and its halo (the copy is then exact for refiners that keep constants);
     ``binary`` = its channel 0 lies on one side of 0.5 there (CascadePSP-style: no boundary to refine)."""
@@ -157,7 +213,7 @@ class Refiner(abc.ABC):
         return self
 
     # -- tiling hooks (defaults: the engine's even grid, feathered blending, skip_rule) ---------
-    skipped_tiles_weightless: ClassVar[bool] = False
+    skipped_tiles_weightless: bool = False
     """``True``: skipped tiles add nothing to the blend, and pixels no refined tile reached get
     :meth:`skip_output` of the coarse input (the official CascadePSP fallback)."""
 
@@ -171,7 +227,7 @@ class Refiner(abc.ABC):
 
     def skip_test(self, coarse: np.ndarray) -> bool | None:
         """Decide from the coarse input ``(h, w, K)`` over the read window whether to skip the
-        tile; ``None`` leaves it to :attr:`skip_rule`.
+        tile (called only with :attr:`custom_skip`); ``None`` leaves it to :attr:`skip_rule`.
         """
         return None
 

@@ -117,16 +117,16 @@ class CascadeMethod(Refiner):
 
         Args:
             impl: the exact refiner (``fixed_tile`` set).
-            scene: the image; ``scene.info`` may give ``bytes_out`` (bytes per pixel of the outputs),
+            scene: the image; its ``bytes_out`` (bytes per pixel of the outputs),
                 ``resident_bytes`` (decoded inputs held in memory) and ``classes`` / ``labels``.
             snap: the edge snap follows (the exact level then writes a float level file).
         """
-        channels = int(scene.info.get("classes", 1)) if scene.info.get("labels") else 1
-        bytes_out = 4 * channels if snap else int(scene.info.get("bytes_out", 2))
+        channels = scene.classes if scene.labels else 1
+        bytes_out = 4 * channels if snap else scene.bytes_out
         return smallest_need(scene.shape, halo=impl.halo, channels=channels, batch=self.options.batch_size,
                              tile_memory=impl.tile_memory, fixed_memory=impl.fixed_memory(),
                              bytes_out=bytes_out, tile_size=max(scene.shape),
-                             resident=int(scene.info.get("resident_bytes", 0)))
+                             resident=scene.resident_bytes)
 
     def prepare(self, scene: Scene) -> None:
         """Choose the path for this image and run its global step."""
@@ -134,18 +134,18 @@ class CascadeMethod(Refiner):
         from refine_cli.refiners.cascadepsp import CascadePSPRefiner
         from refine_cli.tiling.cascade_grid import global_resize
 
-        labels = bool(scene.info.get("labels"))
+        labels = scene.labels
         small = global_resize(scene.shape, self.options.size).mode != "down"
         snap = self.options.snap == "on" and not labels
         exact_impl = CascadePSPRefiner(self.model, size=self.options.size, fast=self.options.fast,
                                        batch_size=self.options.batch_size, precision=self.options.precision,
                                        device=self.device, weights_info=self.info,
                                        bytes_per_pixel=self.bytes_per_pixel, progress=scene.progress)
-        exact_impl.fixed_tile = max(scene.shape)  # type: ignore[attr-defined]
-        exact_impl.size_flag = (  # type: ignore[attr-defined]
+        exact_impl.fixed_tile = max(scene.shape)
+        exact_impl.size_flag = (
             f"--cascade-size {self.options.size} (exact path: whole image + one network pass; --streamed "
             "needs less)")
-        exact_impl.skip_rule = "uniform"  # type: ignore[misc]
+        exact_impl.skip_rule = "uniform"
         need = self.exact_need(exact_impl, scene, snap)
         budget = self.config.max_memory
         mib = 1024**2
@@ -167,7 +167,7 @@ class CascadeMethod(Refiner):
             self.mode = "exact"
         else:
             impl = CascadeStreamRefiner(self.model, size=self.options.size, precision=self.options.precision,
-                                        labels=labels, classes=int(scene.info.get("classes", 1)),
+                                        labels=labels, classes=scene.classes,
                                         bytes_per_pixel=self.bytes_per_pixel, weights_info=self.info,
                                         fast=self.options.fast, grid=self.options.grid, skip=self.options.skip)
             self.mode = "streamed"
@@ -184,8 +184,8 @@ class CascadeMethod(Refiner):
         elif self.options.snap == "on":
             log.info("cascade: no edge snap for label maps")
         if "notice" in self.info:
-            scene.info.setdefault("notes", []).append(self.info["notice"])
-        scene.info.setdefault("notes", []).append(
+            scene.notes.append(self.info["notice"])
+        scene.notes.append(
             f"cascade: {self.mode} path ({self.why}); weights {self.info.get('weights')}"
             + (f" (sha256 {str(self.info['weights_sha256'])[:12]}...)" if self.info.get("weights_sha256") else ""))
 

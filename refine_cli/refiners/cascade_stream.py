@@ -95,6 +95,8 @@ class CascadeLevelRefiner(Refiner):
     name = "cascade"
     skip_rule = "binary"
     uses_torch = True
+    custom_skip = True
+    custom_weights = True
 
     def __init__(self, model: CascadeRefinementModule, size: int, precision: str, labels: bool, final: bool,
                  bytes_per_pixel: int, grid: str = "official", skip: str = "official") -> None:
@@ -253,7 +255,6 @@ class CascadeStreamRefiner(Refiner):
         if scene.progress is not None:
             scene.progress(GLOBAL_STAGE, 1, 1)
         self._levels = [scene.shape] if self.fast else plan_levels(plan.out_shape, scene.shape, self.max_ratio)
-        scene.info.setdefault("notes", [])
         log.info("cascade: global step at %dx%d, then levels %s", plan.out_shape[1], plan.out_shape[0],
                  ", ".join(f"{w}x{h}" for h, w in self._levels))
 

@@ -104,7 +104,7 @@ class GuidedRefiner(Refiner):
     def prepare(self, scene: Scene) -> None:
         """Derive the radius from the image size and the coarse mask's resolution."""
         if self.options.radius is None:
-            self.radius = guided_radius(scene.shape, float(scene.info.get("coarse_scale", 1.0)))
+            self.radius = guided_radius(scene.shape, scene.coarse_scale)
             self._set_halo()
 
     def refine(self, tile: TileInput) -> TileResult:
@@ -144,7 +144,7 @@ class FGSRefiner(Refiner):
     def prepare(self, scene: Scene) -> None:
         """Derive the smoothing strength from the image size and the coarse mask's resolution."""
         if self.options.radius is None:
-            self.radius = guided_radius(scene.shape, float(scene.info.get("coarse_scale", 1.0)))
+            self.radius = guided_radius(scene.shape, scene.coarse_scale)
             self.halo = 4 * self.radius
 
     def refine(self, tile: TileInput) -> TileResult:

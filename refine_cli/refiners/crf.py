@@ -146,7 +146,7 @@ class DenseCRFRefiner(Refiner):
     def prepare(self, scene: Scene) -> None:
         """Derive the appearance range from the image size and the coarse mask's resolution."""
         if self.options.sxy is None:
-            r = guided_radius(scene.shape, float(scene.info.get("coarse_scale", 1.0)))
+            r = guided_radius(scene.shape, scene.coarse_scale)
             self.sxy = float(np.clip(self.options.spatial_scale * r, 8.0, 80.0))
             self._set_halo()
 

@@ -456,11 +456,12 @@ class GuardRefiner(Refiner):
 
     name = "guard"
     provides_uncertainty = True
+    custom_skip = True
 
     def __init__(self, params: GuardParams, shape: tuple[int, int], inner_uncertainty: bool = False) -> None:
         self.params = params
         self.shape = (int(shape[0]), int(shape[1]))
-        self.needs_image = params.evidence != "none"  # type: ignore[misc]
+        self.needs_image = params.evidence != "none"
         self.inner_uncertainty = inner_uncertainty
         self.halo = params.halo
         self.preferred_tile = 1024

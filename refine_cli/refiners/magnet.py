@@ -999,6 +999,52 @@ def finish(y: torch.Tensor, image_hw: Size) -> tuple[np.ndarray, np.ndarray, np.
     return probs, labels.cpu().numpy().astype(dtype), unc.cpu().numpy().astype(np.float32, copy=False)
 
 
+def check_pipeline(segmenter: Segmenter, modules: Sequence[RefinementMagNet], schedule: Schedule) -> None:
+    """Check that the segmenter, the refinement modules and the schedule fit together.
+
+    Raises:
+        UsageError: no module, a module with another class count than the segmenter, a segmenter
+            input size other than the schedule's, or fewer modules than the schedule's stages name.
+    """
+    if not modules:
+        raise UsageError("MagNet needs at least one refinement module")
+    c = segmenter.num_classes
+    for m in modules:
+        if _module_classes(m) != c:
+            raise UsageError(
+                f"refinement module has {_module_classes(m)} classes but segmenter {segmenter.name} has {c}; "
+                "use the checkpoint trained for this segmenter"
+            )
+    if tuple(segmenter.input_size) != tuple(schedule.input_size):
+        raise UsageError(f"segmenter {segmenter.name} takes {segmenter.input_size} but the schedule expects "
+                         f"{schedule.input_size}; pick the preset that matches the segmenter")
+    needed = max(p.refinement for p in schedule.stages)
+    if needed >= len(modules) and len(modules) != 1:
+        raise UsageError(f"schedule needs {needed + 1} refinement modules, got {len(modules)}")
+
+
+def _stage_one(image_u8: np.ndarray, coarse_probs: np.ndarray | None, segmenter: Segmenter, schedule: Schedule,
+               batch_size: int, device: torch.device,
+               progress: StageProgress | None) -> tuple[torch.Tensor, StageStats]:
+    """Stage-1 Y ``(1, C, h, w)``: the segmenter's prediction, or the given coarse probabilities ``(h, w, C)``."""
+    if coarse_probs is None:
+        if progress is not None:
+            progress(SEGMENTER_STAGE, 0, 0)
+        y, s1 = first_stage(image_u8, segmenter, schedule.stages[0], batch_size, device)
+        if progress is not None:
+            progress(SEGMENTER_STAGE, 1, 1)
+        return y, s1
+    t0 = time.perf_counter()
+    c = segmenter.num_classes
+    probs = np.asarray(coarse_probs, dtype=np.float32)
+    if probs.ndim != 3 or probs.shape[2] != c:
+        raise InputError(f"coarse probabilities must be (h, w, {c}) for segmenter {segmenter.name}, "
+                         f"got {probs.shape}; convert the mask with coarse_to_probs")
+    y = torch.from_numpy(np.ascontiguousarray(probs.transpose(2, 0, 1)))[None].to(device)
+    return y, StageStats(1, (probs.shape[1], probs.shape[0]), 0, (), (), 0, 0, 0,
+                         {"coarse": time.perf_counter() - t0})
+
+
 def run_magnet(
     image_u8: np.ndarray,
     segmenter: Segmenter,
@@ -1046,40 +1092,12 @@ def run_magnet(
     schedule = preset if isinstance(preset, Schedule) else preset.schedule(
         image_hw, fast=fast, n_patches=n_patches, n_points=n_points
     )
-    if not refinement_modules:
-        raise UsageError("MagNet needs at least one refinement module")
-    c = segmenter.num_classes
-    for m in refinement_modules:
-        if _module_classes(m) != c:
-            raise UsageError(
-                f"refinement module has {_module_classes(m)} classes but segmenter {segmenter.name} has {c}; "
-                "use the checkpoint trained for this segmenter"
-            )
-    if tuple(segmenter.input_size) != tuple(schedule.input_size):
-        raise UsageError(f"segmenter {segmenter.name} takes {segmenter.input_size} but the schedule expects "
-                         f"{schedule.input_size}; pick the preset that matches the segmenter")
-    needed = max(p.refinement for p in schedule.stages)
-    if needed >= len(refinement_modules) and len(refinement_modules) != 1:
-        raise UsageError(f"schedule needs {needed + 1} refinement modules, got {len(refinement_modules)}")
+    check_pipeline(segmenter, refinement_modules, schedule)
     device = next(refinement_modules[0].parameters()).device
     stats: list[StageStats] = []
     traces: list[StageTrace] = []
     with torch.inference_mode():
-        if coarse_probs is None:
-            if progress is not None:
-                progress(SEGMENTER_STAGE, 0, 0)
-            y, s1 = first_stage(image_u8, segmenter, schedule.stages[0], batch_size, device)
-            if progress is not None:
-                progress(SEGMENTER_STAGE, 1, 1)
-        else:
-            t0 = time.perf_counter()
-            probs = np.asarray(coarse_probs, dtype=np.float32)
-            if probs.ndim != 3 or probs.shape[2] != c:
-                raise InputError(f"coarse probabilities must be (h, w, {c}) for segmenter {segmenter.name}, "
-                                 f"got {probs.shape}; convert the mask with coarse_to_probs")
-            y = torch.from_numpy(np.ascontiguousarray(probs.transpose(2, 0, 1)))[None].to(device)
-            s1 = StageStats(1, (probs.shape[1], probs.shape[0]), 0, (), (), 0, 0, 0,
-                            {"coarse": time.perf_counter() - t0})
+        y, s1 = _stage_one(image_u8, coarse_probs, segmenter, schedule, batch_size, device, progress)
         stats.append(s1)
         n_scales = len(schedule.stages) - 1
         for i, plan in enumerate(schedule.stages[1:]):

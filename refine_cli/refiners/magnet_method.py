@@ -176,10 +176,10 @@ class MagnetRefiner(Refiner):
       stores on disk, image regions read by window, memory bounded by ``--max-memory``;
       the result is the same (bit for bit where the stage images are integer factors of
       the image, see that module). It needs the engine's image source in
-      ``scene.info["image_source"]`` (``refine_cli.io.image.ImageSource``).
+      :attr:`Scene.image_source <refine_cli.refiners.base.Scene.image_source>`.
 
     ``tiled=None`` takes the whole-image path when its estimate fits the budget
-    (``scene.info["max_memory"]``), else the tiled one; ``True``/``False`` force one. The
+    (``Scene.max_memory``), else the tiled one; ``True``/``False`` force one. The
     engine then copies the final Y to the outputs (one pass-through level), or, with the
     **edge snap** (2 classes; ``snap="auto"`` follows :attr:`MagnetPreset.snap`, on for
     ``--preset binary``), runs :class:`~refine_cli.refiners.classical.EdgeSnapRefiner` on the
@@ -310,23 +310,23 @@ class MagnetRefiner(Refiner):
     def prepare(self, scene: Scene) -> None:
         """Run the pipeline (whole image or tiled, see the class docstring) before any tile.
 
-        ``scene.info["coarse"] == "none"`` (no ``--mask``) makes the segmenter produce stage-1 Y;
-        otherwise the overview's coarse map becomes it.
+        Without a mask (``scene.has_mask`` false) the segmenter produces stage-1 Y; otherwise the
+        overview's coarse map becomes it.
 
         Raises:
             ResourceError: the whole-image path is forced (or the tiled one unavailable) and does
                 not fit ``--max-memory``.
         """
         self.close()
-        held = int(scene.info.get("resident_bytes", 0))  # decoded inputs, held all run long
+        held = scene.resident_bytes  # decoded inputs, held all run long
         need = self.whole_image_bytes(scene.shape) + held
-        budget = int(scene.info.get("max_memory", need))
+        budget = scene.max_memory if scene.max_memory is not None else need
         tiled = self.tiled if self.tiled is not None else need > budget
-        source = scene.info.get("image_source")
+        source = scene.image_source
         if tiled and source is None:
             raise ResourceError(
                 "the tiled MagNet reads the image by window, but this caller gives no image source "
-                "(scene.info['image_source']); run it through refine_cli.api.refine_file or use the "
+                "(Scene.image_source); run it through refine_cli.api.refine_file or use the "
                 f"whole-image path with --max-memory {(need >> 20) + 64}M or more")
         if not tiled and need > budget:
             raise ResourceError(
@@ -339,10 +339,9 @@ class MagnetRefiner(Refiner):
                 self._prepare_tiled(scene, source, budget - held) if tiled else self._prepare_whole(scene)
         else:
             self._prepare_tiled(scene, source, budget - held) if tiled else self._prepare_whole(scene)
-        scene.info["magnet"] = self.report()
         self.snap = self._make_snap()
         if self.snap is not None:
-            scene.info.setdefault("notes", []).append(
+            scene.notes.append(
                 f"magnet-fast: edge snap at full resolution (guided filter, radius {self.snap.radius}, "
                 f"eps {self.snap.eps:g})")
 
@@ -361,7 +360,7 @@ class MagnetRefiner(Refiner):
         if tuple(image.shape[:2]) != tuple(scene.shape):
             raise UsageError("MagNet's whole-image reference needs the image at full resolution")
         img = np.clip(np.rint(image), 0, 255).astype(np.uint8) if image.dtype != np.uint8 else image
-        use_mask = scene.info.get("coarse") != "none" and coarse is not None
+        use_mask = scene.has_mask and coarse is not None
         self.refine_image(img, coarse if use_mask else None, progress=scene.progress)
 
     def _prepare_tiled(self, scene: Scene, source: Any, budget: int) -> None:
@@ -370,14 +369,14 @@ class MagnetRefiner(Refiner):
 
         schedule = self.schedule(scene.shape)
         probs = None
-        if scene.info.get("coarse") != "none":
+        if scene.has_mask:
             first = schedule.stages[1].hw if len(schedule.stages) > 1 else schedule.stages[0].hw
             shape = (min(first[0], scene.shape[0]), min(first[1], scene.shape[1]))
             _, coarse = scene.read_overview(shape)
             if coarse is not None:
                 seg = self.segmenter
                 probs = coarse_to_probs(coarse, seg.num_classes, seg.classes)
-                scene.info.setdefault("notes", []).append(
+                scene.notes.append(
                     f"magnet-fast (tiled): the mask became stage-1 Y at {shape[1]}x{shape[0]} (area average)")
         self.tiled_result = run_magnet_tiled(
             source, self.segmenter, self.modules, schedule, probs, batch_size=self.batch_size, budget=budget,

@@ -76,7 +76,7 @@ from refine_cli.refiners.magnet import (
     StagePlan,
     StageProgress,
     StageStats,
-    _module_classes,
+    check_pipeline,
     first_stage,
     predict_crops,
     refine_crops,
@@ -878,6 +878,69 @@ def _sample_span(samples: torch.Tensor, start: int, stop: int) -> tuple[int, int
     return bisect.bisect_left(values, start), bisect.bisect_left(values, stop)
 
 
+@dataclass
+class _SmallMaps:
+    """The refined patches sampled at the segmenter's input size (nearest pixels), for the point scores.
+
+    Attributes:
+        acc: ``(1, C, h, w)`` sum of R over the patches that cover each sample.
+        count: ``(h, w)`` int32 number of those patches.
+        yu: ``(1, 1, h, w)`` uncertainty of the upsampled Y at the samples.
+        rows: stage rows of the samples; cols: stage columns.
+        own_means: mean uncertainty of each refined patch (when the patches are not ranked).
+    """
+
+    acc: torch.Tensor
+    count: torch.Tensor
+    yu: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    own_means: list[float]
+
+    @classmethod
+    def empty(cls, channels: int, input_hw: Size, stage_hw: Size) -> _SmallMaps:
+        """Zero maps of ``input_hw`` sampling a stage of ``stage_hw``."""
+        return cls(torch.zeros((1, channels, *input_hw)), torch.zeros(input_hw, dtype=torch.int32),
+                   torch.zeros((1, 1, *input_hw)), nearest_indices(stage_hw[0], input_hw[0]),
+                   nearest_indices(stage_hw[1], input_hw[1]), [])
+
+
+def _refine_chunk(ctx: _RunContext, module: RefinementMagNet, plan: StagePlan, yup: YMap, boxes: list[Window],
+                  index: list[int], bank: PatchBank, small: _SmallMaps, *, own_means: bool,
+                  clock: _Laps) -> None:
+    """Segment and refine one chunk of patches: R into ``bank`` (at ``index``) and into ``small``."""
+    input_hw = ctx.schedule.input_hw
+    t0 = time.perf_counter()
+    crops = [ctx.images.crop(plan.scale, box) for box in boxes]
+    clock.add("read", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    o = predict_crops(ctx.segmenter, crops, ctx.batch_size, ctx.device)
+    del crops
+    t1 = time.perf_counter()
+    y_boxes = [yup.read(box) for box in boxes]
+    y_crops = torch.cat([_resize_to(yb, input_hw) for yb in y_boxes]).to(ctx.device)
+    r = refine_crops(module, o, y_crops, ctx.batch_size).cpu()
+    del o, y_crops
+    for n, (j, box) in enumerate(zip(index, boxes, strict=True)):
+        r_box = _resize_to(r[n : n + 1], box.shape)
+        bank.put(j, r_box)
+        i0, i1 = _sample_span(small.rows, box.row, box.row_end)
+        k0, k1 = _sample_span(small.cols, box.col, box.col_end)
+        if i1 > i0 and k1 > k0:
+            rr = small.rows[i0:i1] - box.row
+            cc = small.cols[k0:k1] - box.col
+            small.acc[..., i0:i1, k0:k1] += r_box.index_select(-2, rr).index_select(-1, cc)
+            small.count[i0:i1, k0:k1] += 1
+            yb = y_boxes[n].index_select(-2, rr).index_select(-1, cc)
+            small.yu[..., i0:i1, k0:k1] = fast_uncertainty(yb)
+        if own_means:
+            yu_box = fast_uncertainty(y_boxes[n])
+            small.own_means.append(float(patch_mean(yu_box, [Window.full(box.shape)])[0]))
+    del r, y_boxes
+    clock.add("segment", t1 - t0)
+    clock.add("refine", time.perf_counter() - t1)
+
+
 def refinement_stage_tiled(
     ctx: _RunContext, y_prev: MemoryY | TileStore, module: RefinementMagNet, plan: StagePlan
 ) -> tuple[StageOutput, StageStats]:
@@ -912,49 +975,16 @@ def refinement_stage_tiled(
     input_hw = ctx.schedule.input_hw
     bank_bytes = sum(channels * b.area * 4 for b in sel_boxes)
     bank = PatchBank(sel_boxes, channels, ctx.folder if bank_bytes > ctx.plan.bank_bytes else None)
-    rows_s = nearest_indices(stage_hw[0], input_hw[0])
-    cols_s = nearest_indices(stage_hw[1], input_hw[1])
-    acc = torch.zeros((1, channels, *input_hw))
-    count = torch.zeros(input_hw, dtype=torch.int32)
-    yu_small = torch.zeros((1, 1, *input_hw))
-    own_means: list[float] = []
+    small = _SmallMaps.empty(channels, input_hw, stage_hw)
     clock.restart()
     try:
         for lo in range(0, len(sel_boxes), ctx.plan.patch_chunk):
             part = list(range(lo, min(len(sel_boxes), lo + ctx.plan.patch_chunk)))
-            t0 = time.perf_counter()
-            crops = [ctx.images.crop(plan.scale, sel_boxes[j]) for j in part]
-            clock.add("read", time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            o = predict_crops(ctx.segmenter, crops, ctx.batch_size, ctx.device)
-            del crops
-            t1 = time.perf_counter()
-            y_boxes = [yup.read(sel_boxes[j]) for j in part]
-            y_crops = torch.cat([_resize_to(yb, input_hw) for yb in y_boxes]).to(ctx.device)
-            r = refine_crops(module, o, y_crops, ctx.batch_size).cpu()
-            del o, y_crops
-            for n, j in enumerate(part):
-                box = sel_boxes[j]
-                r_box = _resize_to(r[n : n + 1], box.shape)
-                bank.put(j, r_box)
-                i0, i1 = _sample_span(rows_s, box.row, box.row_end)
-                k0, k1 = _sample_span(cols_s, box.col, box.col_end)
-                if i1 > i0 and k1 > k0:
-                    rr = rows_s[i0:i1] - box.row
-                    cc = cols_s[k0:k1] - box.col
-                    acc[..., i0:i1, k0:k1] += r_box.index_select(-2, rr).index_select(-1, cc)
-                    count[i0:i1, k0:k1] += 1
-                    yb = y_boxes[n].index_select(-2, rr).index_select(-1, cc)
-                    yu_small[..., i0:i1, k0:k1] = fast_uncertainty(yb)
-                if not ranked:
-                    yu_box = fast_uncertainty(y_boxes[n])
-                    own_means.append(float(patch_mean(yu_box, [Window.full(box.shape)])[0]))
-            del r, y_boxes
-            clock.add("segment", t1 - t0)
-            clock.add("refine", time.perf_counter() - t1)
+            _refine_chunk(ctx, module, plan, yup, [sel_boxes[j] for j in part], part, bank, small,
+                          own_means=not ranked, clock=clock)
         clock.restart()
-        r_small = acc / count.clamp(min=1).to(acc.dtype)
-        e_small = error_score(yu_small, certainty(r_small))
+        r_small = small.acc / small.count.clamp(min=1).to(small.acc.dtype)
+        e_small = error_score(small.yu, certainty(r_small))
         q_small = median_filter(e_small, ctx.schedule.kernel)
         clock.lap("score")
         # patch_grid covers the stage exactly, so refining every patch leaves no pixel out
@@ -972,7 +1002,7 @@ def refinement_stage_tiled(
     mean_values = means.tolist() if means is not None else None
     stats = StageStats(
         plan.index, plan.scale, len(boxes), tuple(chosen),
-        tuple(float(mean_values[i]) for i in chosen) if mean_values is not None else tuple(own_means),
+        tuple(float(mean_values[i]) for i in chosen) if mean_values is not None else tuple(small.own_means),
         scores.n_candidates, k, cut.k, clock.seconds,
     )
     return StageOutput(yup, scores, cut, bank, full, ctx.schedule.replace), stats
@@ -1157,82 +1187,25 @@ def run_magnet_tiled(
     image_hw = (int(src.shape[0]), int(src.shape[1]))
     schedule = preset if isinstance(preset, Schedule) else preset.schedule(
         image_hw, fast=fast, n_patches=n_patches, n_points=n_points)
+    check_pipeline(segmenter, refinement_modules, schedule)
     c = segmenter.num_classes
-    if not refinement_modules:
-        raise UsageError("MagNet needs at least one refinement module")
-    for m in refinement_modules:
-        if _module_classes(m) != c:
-            raise UsageError(f"refinement module has {_module_classes(m)} classes but segmenter "
-                             f"{segmenter.name} has {c}; use the checkpoint trained for this segmenter")
-    if tuple(segmenter.input_size) != tuple(schedule.input_size):
-        raise UsageError(f"segmenter {segmenter.name} takes {segmenter.input_size} but the schedule expects "
-                         f"{schedule.input_size}; pick the preset that matches the segmenter")
     device = next(refinement_modules[0].parameters()).device
     weights = sum(t.numel() * t.element_size() for m in refinement_modules for t in m.state_dict().values())
     plan = TiledPlan.from_budget(budget, c, weights, input_hw=schedule.input_hw, batch_size=batch_size,
                                  tile=tile, store_dtype=store_dtype, memory_pixels=memory_pixels,
                                  read_limit=read_limit)
     folder = tempfile.mkdtemp(prefix="refine-magnet-", dir=tmp_dir)
-    finalizer = _Finalizer(folder)
-    stage_list = []
-    for p in schedule.stages:
-        total = len(patch_grid(p.hw, (p.crop[1], p.crop[0])))
-        stage_list.append((p.scale, p.crop, min(p.n_patches or total, total)))
-    images = StageImages(src, segmenter, stage_list, plan.read_limit, folder)
-    closers: list[Callable[[], None]] = [finalizer, images.close]
+    images = StageImages(src, segmenter, _stage_list(schedule), plan.read_limit, folder)
+    closers: list[Callable[[], None]] = [_Finalizer(folder), images.close]
     ctx = _RunContext(images, segmenter, schedule, plan, folder, batch_size, device)
     stats: list[StageStats] = []
     cuts: list[dict[str, Any]] = []
     try:
         with torch.inference_mode():
-            t0 = time.perf_counter()
-            if coarse_probs is None:
-                if progress is not None:
-                    progress(SEGMENTER_STAGE, 0, 0)
-                first_image = images.whole(schedule.stages[0].scale)
-                t_read = time.perf_counter() - t0
-                y, s1 = first_stage(first_image, segmenter, schedule.stages[0], batch_size, device)
-                s1.seconds["read"] = t_read
-                if progress is not None:
-                    progress(SEGMENTER_STAGE, 1, 1)
-                y = y.cpu()
-            else:
-                probs = np.asarray(coarse_probs, dtype=np.float32)
-                if probs.ndim != 3 or probs.shape[2] != c:
-                    raise UsageError(f"coarse probabilities must be (h, w, {c}), got {probs.shape}")
-                y = torch.from_numpy(np.ascontiguousarray(probs.transpose(2, 0, 1)))[None]
-                s1 = StageStats(1, (probs.shape[1], probs.shape[0]), 0, (), (), 0, 0, 0,
-                                {"coarse": time.perf_counter() - t0})
+            y, s1 = _tiled_stage_one(ctx, coarse_probs, progress)
             stats.append(s1)
-            y_prev: MemoryY | TileStore = MemoryY(y)
-            last: StageOutput | None = None
-            n_scales = len(schedule.stages) - 1
-            for i, stage in enumerate(schedule.stages[1:]):
-                if progress is not None:
-                    progress(SCALES_STAGE, i, n_scales)
-                module = refinement_modules[stage.refinement if len(refinement_modules) > 1 else 0]
-                out, st = refinement_stage_tiled(ctx, y_prev, module, stage)
-                closers.append(out.close)
-                cuts.append(_cut_facts(st.stage, out.cut))
-                final_stage = i == len(schedule.stages) - 2
-                if final_stage and stage.hw == image_hw:
-                    last = out  # pass B happens when the final Y is read
-                else:
-                    t1 = time.perf_counter()
-                    nxt = write_stage(ctx, out)
-                    st.seconds["replace"] = time.perf_counter() - t1
-                    closers.append(nxt.close)
-                    out.close()
-                    if isinstance(y_prev, TileStore):
-                        y_prev.close()
-                    y_prev = nxt
-                stats.append(st)
-                if progress is not None:
-                    progress(SCALES_STAGE, i + 1, n_scales)
-                where = "memory" if stage.hw[0] * stage.hw[1] <= plan.memory_pixels else "tiled"
-                logger.info("MagNet stage %d %dx%d (%s): %d/%d patches, %d points in %.2fs", st.stage,
-                            *st.scale, where, len(st.patches), st.patches_total, st.points, st.total)
-            final = FinalY(last if last is not None else y_prev, image_hw)
+            final = _tiled_scales(ctx, MemoryY(y), refinement_modules, image_hw, closers, stats, cuts,
+                                  progress)
         images.close()  # the stage images are not needed any more
     except BaseException:
         for close in reversed(closers):
@@ -1242,6 +1215,78 @@ def run_magnet_tiled(
             "stages_in_memory": [f"{p.scale[0]}x{p.scale[1]}" for p in schedule.stages[1:]
                                  if p.hw[0] * p.hw[1] <= plan.memory_pixels]}
     return TiledMagnetResult(final, stats, schedule, tuple(segmenter.classes), plan, info, closers)
+
+
+def _stage_list(schedule: Schedule) -> list[tuple[Size, Size, int]]:
+    """``(scale, crop, patches refined)`` of every stage, for the stage images."""
+    stage_list = []
+    for p in schedule.stages:
+        total = len(patch_grid(p.hw, (p.crop[1], p.crop[0])))
+        stage_list.append((p.scale, p.crop, min(p.n_patches or total, total)))
+    return stage_list
+
+
+def _tiled_stage_one(ctx: _RunContext, coarse_probs: np.ndarray | None,
+                     progress: StageProgress | None) -> tuple[torch.Tensor, StageStats]:
+    """Stage-1 Y ``(1, C, h, w)`` on the CPU: the segmenter on the first stage image, or the coarse mask."""
+    schedule, segmenter = ctx.schedule, ctx.segmenter
+    t0 = time.perf_counter()
+    if coarse_probs is None:
+        if progress is not None:
+            progress(SEGMENTER_STAGE, 0, 0)
+        first_image = ctx.images.whole(schedule.stages[0].scale)
+        t_read = time.perf_counter() - t0
+        y, s1 = first_stage(first_image, segmenter, schedule.stages[0], ctx.batch_size, ctx.device)
+        s1.seconds["read"] = t_read
+        if progress is not None:
+            progress(SEGMENTER_STAGE, 1, 1)
+        return y.cpu(), s1
+    c = segmenter.num_classes
+    probs = np.asarray(coarse_probs, dtype=np.float32)
+    if probs.ndim != 3 or probs.shape[2] != c:
+        raise UsageError(f"coarse probabilities must be (h, w, {c}), got {probs.shape}")
+    y = torch.from_numpy(np.ascontiguousarray(probs.transpose(2, 0, 1)))[None]
+    return y, StageStats(1, (probs.shape[1], probs.shape[0]), 0, (), (), 0, 0, 0,
+                         {"coarse": time.perf_counter() - t0})
+
+
+def _tiled_scales(ctx: _RunContext, y_prev: MemoryY | TileStore, modules: Sequence[RefinementMagNet],
+                  image_hw: Size, closers: list[Callable[[], None]], stats: list[StageStats],
+                  cuts: list[dict[str, Any]], progress: StageProgress | None) -> FinalY:
+    """Run the refinement stages; the final Y, read back by window (its pass B runs then).
+
+    Appends each stage's stats and top-k cut to ``stats`` and ``cuts``, and the close functions of
+    the stores it opens to ``closers``.
+    """
+    schedule, plan = ctx.schedule, ctx.plan
+    last: StageOutput | None = None
+    n_scales = len(schedule.stages) - 1
+    for i, stage in enumerate(schedule.stages[1:]):
+        if progress is not None:
+            progress(SCALES_STAGE, i, n_scales)
+        module = modules[stage.refinement if len(modules) > 1 else 0]
+        out, st = refinement_stage_tiled(ctx, y_prev, module, stage)
+        closers.append(out.close)
+        cuts.append(_cut_facts(st.stage, out.cut))
+        final_stage = i == len(schedule.stages) - 2
+        if final_stage and stage.hw == image_hw:
+            last = out  # pass B happens when the final Y is read
+        else:
+            t1 = time.perf_counter()
+            nxt = write_stage(ctx, out)
+            st.seconds["replace"] = time.perf_counter() - t1
+            closers.append(nxt.close)
+            out.close()
+            if isinstance(y_prev, TileStore):
+                y_prev.close()
+            y_prev = nxt
+        stats.append(st)
+        if progress is not None:
+            progress(SCALES_STAGE, i + 1, n_scales)
+        where = "memory" if stage.hw[0] * stage.hw[1] <= plan.memory_pixels else "tiled"
+        logger.info("MagNet stage %d %dx%d (%s): %d/%d patches, %d points in %.2fs", st.stage,
+                    *st.scale, where, len(st.patches), st.patches_total, st.points, st.total)
+    return FinalY(last if last is not None else y_prev, image_hw)
 
 
 def _cut_facts(stage: int, cut: TopKCut) -> dict[str, Any]:
