@@ -40,7 +40,9 @@ class ImageSource:
         self.shape = reader.shape
         if bands is not None:
             if max(bands) >= reader.bands:
-                raise UsageError(f"--bands asks for band {max(bands) + 1} but {reader.path} has {reader.bands}")
+                raise UsageError(
+                    f"--bands asks for band {max(bands) + 1} but {reader.path} has {reader.bands}"
+                )
             self._bands = bands
         elif reader.bands >= 3:
             self._bands = (0, 1, 2)
@@ -80,7 +82,8 @@ class ImageSource:
     def _sample(self) -> np.ndarray:
         h, w = self.reader.level_shapes[-1]
         if h * w <= 4_000_000:
-            return self.reader.read(Window(0, 0, h, w), level=len(self.reader.level_shapes) - 1)[..., self._bands]
+            top = len(self.reader.level_shapes) - 1
+            return self.reader.read(Window(0, 0, h, w), level=top)[..., self._bands]
         h, w = self.shape
         side = 256
         parts = []
@@ -351,9 +354,10 @@ def write_level_tiff(bands: Iterator[tuple[int, np.ndarray]], shape: tuple[int, 
 
 
 def image_level(src: ImageSource, shape: tuple[int, int], tmp_dir: str | None = None) -> LevelImage:
-    """The image at ``shape``: level 0, a pyramid level of the file of exactly that size, or a
-    temporary tiled TIFF built once by streaming an 'area' downscale (rounded to uint8) of the
-    nearest larger level.
+    """The image at ``shape``.
+
+    Level 0, a pyramid level of the file of exactly that size, or a temporary tiled TIFF built once
+    by streaming an 'area' downscale (rounded to uint8) of the nearest larger level.
 
     Args:
         src: the image.
@@ -367,7 +371,9 @@ def image_level(src: ImageSource, shape: tuple[int, int], tmp_dir: str | None = 
         if tuple(lvl) == shape:
             return LevelImage(lambda w, i=i: src.read(w, i), shape)
     level = choose_level(src.level_shapes, shape)
-    bands = area_downscale_bands_u8(lambda win: src.read(win, level), src.level_shapes[level], shape, band_rows=1024)
+    bands = area_downscale_bands_u8(
+        lambda win: src.read(win, level), src.level_shapes[level], shape, band_rows=1024
+    )
     reader = write_level_tiff(bands, shape, tmp_dir)
     return LevelImage(lambda win: reader.read(win), shape, reader=reader)
 

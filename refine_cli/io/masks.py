@@ -145,6 +145,8 @@ def shape_rows(part: np.ndarray, row: int, col: int) -> tuple[np.ndarray, np.nda
 
     Args:
         part: ``(h, w)`` integer block whose top-left pixel is ``(row, col)`` of the mask.
+        row: the mask row of the block's top-left pixel.
+        col: the mask column of the block's top-left pixel.
 
     Returns:
         ``(values, sums)``: ``(k,)`` sorted values and ``(k, 7)`` float64 sums per value: interior
@@ -203,8 +205,10 @@ def check_mask_shape(mask_shape: tuple[int, int], image_shape: tuple[int, int], 
         raise InputError(f"mask {path} is {mw}x{mh} but the image is {w}x{h}: a mask must not be larger "
                          "than the image; resize it to the image size or below")
     if abs(mw - w * mh / h) > 1.0 or abs(mh - h * mw / w) > 1.0:
-        raise InputError(f"mask {path} is {mw}x{mh} but the image is {w}x{h}: the aspect ratios differ; "
-                         "give a mask covering the same area (any lower resolution with the same aspect ratio)")
+        raise InputError(
+            f"mask {path} is {mw}x{mh} but the image is {w}x{h}: the aspect ratios differ; "
+            "give a mask covering the same area (any lower resolution with the same aspect ratio)"
+        )
 
 
 class Resampler:
@@ -506,7 +510,7 @@ class MaskSource:
         flat, compact = shape_medians(uniq, np.add.reduceat(s, first, axis=0))
         return MaskStats(values, truncated, flat, compact)
 
-    def _iter_native(self, block: int = SCAN_BLOCK):
+    def _iter_native(self, block: int = SCAN_BLOCK) -> Iterator[np.ndarray]:
         for win in self._blocks(block):
             yield self.reader.read(win)[..., self._band]
 
@@ -593,8 +597,10 @@ class MaskSource:
         return bool(fg.all() or not fg.any())
 
     def read_k(self, window: Window) -> np.ndarray:
-        """``(h, w, 1)`` float32 probability (binary/soft/instance masks), ``(h, w, C)`` one-hot probabilities
-        (label maps; memory grows with C).
+        """The mask over ``window`` as probabilities.
+
+        ``(h, w, 1)`` float32 probability (binary/soft/instance masks), ``(h, w, C)`` one-hot
+        probabilities (label maps; memory grows with C).
         """
         if self.is_labels:
             lw = self.read_labels(window)
@@ -738,8 +744,9 @@ class StackedSource:
         self.channels = sum(int(p.channels) for p in parts)
 
     def constant(self, window: Window) -> np.ndarray | None:
-        """The ``(K,)`` values if every part is constant over ``window`` and channel 0 of every part
-        lies on the same side of 0.5, else ``None``.
+        """The ``(K,)`` values if every part is constant over ``window``, else ``None``.
+
+        Constant also requires channel 0 of every part to lie on the same side of 0.5.
         """
         values = []
         for p in self.parts:

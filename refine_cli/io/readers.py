@@ -67,7 +67,9 @@ class Georef:
     def scaled(self, factor_rows: float, factor_cols: float) -> Georef:
         """The georeferencing of the same area sampled ``factor`` times more densely (0.5 = half)."""
         a, b, c, d, e, f = self.transform
-        return Georef(self.crs_wkt, (a / factor_cols, b / factor_rows, c, d / factor_cols, e / factor_rows, f))
+        return Georef(
+            self.crs_wkt, (a / factor_cols, b / factor_rows, c, d / factor_cols, e / factor_rows, f)
+        )
 
 
 class Reader:
@@ -255,7 +257,8 @@ class TiffReader(Reader):
             self.shape = (int(lvl0.shape[yx[0]]), int(lvl0.shape[yx[1]]))
             self.level_shapes = []
             for lvl in series.levels:
-                self.level_shapes.append((int(lvl.shape[lvl.axes.index("Y")]), int(lvl.shape[lvl.axes.index("X")])))
+                ly, lx = lvl.axes.index("Y"), lvl.axes.index("X")
+                self.level_shapes.append((int(lvl.shape[ly]), int(lvl.shape[lx])))
             self.dtype = np.dtype(series.dtype)
             self.bands = _bands_of(series.axes, series.shape)
             chunks = self._arrays[0].chunks
@@ -357,8 +360,10 @@ def _axes_to_yxc(axes: str, shape: tuple[int, ...], path: str) -> tuple[tuple[in
 
 
 def _as_yxc(arr: np.ndarray, perm: tuple[int, ...], squeeze: list[int]) -> np.ndarray:
-    """A whole decoded TIFF series as ``(H, W)`` or ``(H, W, C)``: the first plane of each axis in
-    ``squeeze``, then the axes in the order ``perm`` (both from :func:`_axes_to_yxc`).
+    """A whole decoded TIFF series as ``(H, W)`` or ``(H, W, C)``.
+
+    Takes the first plane of each axis in ``squeeze``, then the axes in the order ``perm`` (both from
+    :func:`_axes_to_yxc`).
     """
     for ax in sorted(squeeze, reverse=True):
         arr = np.take(arr, 0, axis=ax)
@@ -847,7 +852,9 @@ def open_raster(source: str | Path | bytes, *, max_pixels: int, inline_limit: in
         return reader
     if kind.kind in ("png", "jpeg", "webp", "bmp"):
         if kind.size is None:
-            raise InputError(f"{name}: {kind.kind.upper()} header is damaged (no image size); export it again")
+            raise InputError(
+                f"{name}: {kind.kind.upper()} header is damaged (no image size); export it again"
+            )
         check_pixels(name, kind.size, max_pixels)
         arr, palette = _decode(name, kind.kind, path=name, head=head)
         return _inline_or_cache(name, arr, inline_limit=inline_limit, tmp_dir=tmp_dir, palette=palette,
@@ -856,7 +863,9 @@ def open_raster(source: str | Path | bytes, *, max_pixels: int, inline_limit: in
     try:
         reader = RasterioReader(name)
     except InputError:
-        raise InputError(f"{name}: not a recognised image format (TIFF, PNG, JPEG, WebP or a GDAL raster)") from None
+        raise InputError(
+            f"{name}: not a recognised image format (TIFF, PNG, JPEG, WebP or a GDAL raster)"
+        ) from None
     check_pixels(name, reader.shape, max_pixels)
     _note_extra_band(reader, what)
     return reader
@@ -940,7 +949,9 @@ def _open_tiff(path: str, *, max_pixels: int, inline_limit: int, tmp_dir: str | 
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"{path}: not a readable TIFF ({_short(exc)}); the file is corrupt or truncated") from exc
+        raise InputError(
+            f"{path}: not a readable TIFF ({_short(exc)}); the file is corrupt or truncated"
+        ) from exc
     if georef:
         return RasterioReader(path)
     if chunk_bytes <= MAX_STREAM_CHUNK_BYTES:
@@ -958,7 +969,9 @@ def _open_tiff(path: str, *, max_pixels: int, inline_limit: int, tmp_dir: str | 
     except Exception as exc:
         if _says_too_big(exc):  # numpy / the codec refusing the size, not damaged data
             raise _too_big_to_decode(path, size, n_chunks, need, limit) from exc
-        raise InputError(f"{path}: cannot decode TIFF ({_short(exc)}); the file is corrupt or truncated") from exc
+        raise InputError(
+            f"{path}: cannot decode TIFF ({_short(exc)}); the file is corrupt or truncated"
+        ) from exc
     reader = TiffReader(path)  # for the metadata only
     perm, squeeze = reader._axes_perm, reader._squeeze
     palette, alpha = reader.palette, reader.alpha_band
@@ -1200,7 +1213,10 @@ def _inline_or_cache(path: str, arr: np.ndarray, *, inline_limit: int, tmp_dir: 
     """Keep a decoded image in memory, or spill it once to a tiled temporary TIFF.
 
     Args:
+        path: the image's name (for the reader and the log).
         arr: ``(H, W)`` or ``(H, W, bands)`` decoded samples.
+        inline_limit: the most pixels kept in memory; a larger image is cached.
+        tmp_dir: folder for the cached TIFF (default: the system temp dir).
         palette: ``(N, 3)`` uint8 colour table of a palette image.
         alpha_band: index of the alpha band, or ``None`` (set on the reader either way).
     """

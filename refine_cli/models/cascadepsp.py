@@ -348,6 +348,10 @@ class CascadeRefinementModule(nn.Module):
         """The three cascade iterations (see :meth:`forward`).
 
         Args:
+            im: ``(N, 3, H, W)`` normalised image.
+            seg: ``(N, 1, H, W)`` mask in [-1, 1].
+            inter_s8: optional ``(N, 1, H, W)`` feedback in [-1, 1] (see :meth:`forward`).
+            inter_s4: optional ``(N, 1, H, W)`` feedback in [-1, 1] (see :meth:`forward`).
             guide: the full-resolution skip input of ``up_3`` and of the OS1 head (the official
                 module: ``im``; subclasses may add channels).
             prior: added to every output logit before it is emitted and fed back (``None``: nothing).

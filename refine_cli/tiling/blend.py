@@ -112,7 +112,9 @@ class BandAccumulator:
         self._sum[r0:r1, cs] += values * weights[:, :, None]
         self._weight[r0:r1, cs] += weights
 
-    def pop_final(self, until_row: int, allow_uncovered: bool = False) -> tuple[int, np.ndarray, np.ndarray | None]:
+    def pop_final(
+        self, until_row: int, allow_uncovered: bool = False
+    ) -> tuple[int, np.ndarray, np.ndarray | None]:
         """Hand out the finished rows ``[top, until_row)`` and drop them from the band.
 
         Args:
