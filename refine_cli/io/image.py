@@ -13,6 +13,7 @@ Conversion rules (applied identically to every window, so tiles agree):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -256,8 +257,8 @@ class LevelImage:
         shape: ``(h, w)`` of the level.
     """
 
-    def __init__(self, read: object, shape: tuple[int, int], georef: Georef | None = None,
-                 reader: Reader | None = None) -> None:
+    def __init__(self, read: Callable[[Window], np.ndarray], shape: tuple[int, int],
+                 georef: Georef | None = None, reader: Reader | None = None) -> None:
         self._read = read
         self.shape = (int(shape[0]), int(shape[1]))
         self.georef = georef
@@ -265,7 +266,7 @@ class LevelImage:
 
     def read(self, window: Window) -> np.ndarray:
         """``(h, w, 3)`` uint8 RGB over ``window`` of this level."""
-        return self._read(window)  # type: ignore[operator]
+        return self._read(window)
 
     def close(self) -> None:
         """Release a temporary level file."""
@@ -369,7 +370,7 @@ def image_level(src: ImageSource, shape: tuple[int, int], tmp_dir: str | None = 
         return LevelImage(src.read, shape, src.georef)
     for i, lvl in enumerate(src.level_shapes):
         if tuple(lvl) == shape:
-            return LevelImage(lambda w, i=i: src.read(w, i), shape)
+            return LevelImage(functools.partial(src.read, level=i), shape)
     level = choose_level(src.level_shapes, shape)
     bands = area_downscale_bands_u8(
         lambda win: src.read(win, level), src.level_shapes[level], shape, band_rows=1024

@@ -261,7 +261,8 @@ class Resampler:
         wy1 = fy[(slice(None), None, *extra)]
         wx1 = fx[(None, slice(None), *extra)]
         rows = raw[r0] * (1 - wy1) + raw[r1] * wy1
-        return rows[:, c0] * (1 - wx1) + rows[:, c1] * wx1
+        out: np.ndarray = rows[:, c0] * (1 - wx1) + rows[:, c1] * wx1
+        return out
 
 
 class MaskSource:
@@ -330,14 +331,14 @@ class MaskSource:
             return alpha, None
         if ncol == 1 or grey:
             return 0, None
-        if not in_memory:
+        if not isinstance(r, ArrayReader):
             raise InputError(f"mask {self.path} has {r.bands} bands; give a single-band mask (grey, "
                              "probability or label map)")
-        return 0, self._colour_labels(kind)
+        return 0, self._colour_labels(r, kind)
 
-    def _colour_labels(self, kind: str) -> np.ndarray:
+    def _colour_labels(self, reader: ArrayReader, kind: str) -> np.ndarray:
         """Number a colour-coded mask's colours (black first) and read their indices from now on."""
-        colour = self.reader.array[..., :3]
+        colour = reader.array[..., :3]
         colours, inverse = np.unique(colour.reshape(-1, 3), axis=0, return_inverse=True)
         as_foreground = kind in ("binary", "instances")
         if len(colours) > (65535 if as_foreground else 256):
@@ -353,7 +354,7 @@ class MaskSource:
     def _detect(self, classes: int | None, kind: str, threshold: float | None) -> MaskKind:
         dtype = self.reader.dtype
         if self._colours is not None:
-            return self._detect_colours(classes, kind)
+            return self._detect_colours(self._colours, classes, kind)
         if dtype == np.bool_:
             if kind == "soft":
                 return MaskKind("soft", 1.0)
@@ -439,8 +440,8 @@ class MaskSource:
                         self.path, scale, top, threshold)
         return MaskKind("soft", scale)
 
-    def _detect_colours(self, classes: int | None, kind: str) -> MaskKind:
-        n = len(self._colours)
+    def _detect_colours(self, colours: np.ndarray, classes: int | None, kind: str) -> MaskKind:
+        n = len(colours)
         if kind == "soft":
             raise InputError(f"mask {self.path} is a colour-coded mask ({n} colours); --mask-kind soft needs "
                              "a single-band mask")
@@ -632,7 +633,8 @@ class MaskSource:
             prob = np.clip(raw.astype(np.float32), 0.0, 1.0)
         else:
             prob = raw.astype(np.float32) * np.float32(1.0 / self.kind.scale)
-        return np.clip(self._resample(prob, window, nwin), 0.0, 1.0).astype(np.float32, copy=False)
+        out: np.ndarray = np.clip(self._resample(prob, window, nwin), 0.0, 1.0).astype(np.float32, copy=False)
+        return out
 
     def read_labels(self, window: Window) -> LabelWindow:
         """Class probabilities over ``window`` of a label map, computed per class on demand."""
@@ -714,7 +716,8 @@ class ProbSource:
     def read_k(self, window: Window) -> np.ndarray:
         """``(h, w, K)`` float32 over ``window`` of the target grid."""
         raw, nwin = self._native(window)
-        return np.clip(self.resampler.resample(raw, window, nwin), 0.0, 1.0).astype(np.float32, copy=False)
+        out: np.ndarray = np.clip(self.resampler.resample(raw, window, nwin), 0.0, 1.0)
+        return out.astype(np.float32, copy=False)
 
     def read(self, window: Window) -> np.ndarray:
         """``(h, w)`` float32 channel 0 over ``window``."""

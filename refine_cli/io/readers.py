@@ -30,11 +30,11 @@ import tempfile
 import threading
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import cv2
 import numpy as np
@@ -42,6 +42,9 @@ import numpy as np
 from refine_cli.errors import InputError, ReadError, ResourceError, UsageError, exception_chain
 from refine_cli.io.sniff import exif_orientation, sniff
 from refine_cli.tiling.grid import Window
+
+if TYPE_CHECKING:
+    import tifffile
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +173,7 @@ class Reader:
         self.close()
 
 
-def _short(exc: BaseException, limit: int = 160) -> str:
+def _short(exc: BaseException | str, limit: int = 160) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -251,7 +254,7 @@ class TiffReader(Reader):
             self._arrays = []
             for i, lvl in enumerate(series.levels):
                 store = lvl.aszarr() if len(series.levels) == 1 else series.aszarr(level=i)
-                self._arrays.append(zarr.open(store, mode="r"))
+                self._arrays.append(zarr.open_array(store, mode="r"))
             lvl0 = series.levels[0]
             yx = [lvl0.axes.index("Y"), lvl0.axes.index("X")]
             self.shape = (int(lvl0.shape[yx[0]]), int(lvl0.shape[yx[1]]))
@@ -281,7 +284,7 @@ class TiffReader(Reader):
     @property
     def tiled(self) -> bool:
         """Whether level 0 is stored in tiles (else strips)."""
-        return bool(self._tf.pages[0].is_tiled)
+        return bool(_first_page(self._tf).is_tiled)
 
     def set_cache_bytes(self, nbytes: int) -> None:
         """Bound the decoded-chunk cache."""
@@ -377,6 +380,11 @@ def _bands_of(axes: str, shape: tuple[int, ...]) -> int:
     return 1
 
 
+def _first_page(tf: tifffile.TiffFile) -> tifffile.TiffPage:
+    """The first page of ``tf``: tifffile always loads it as a full ``TiffPage``, never a ``TiffFrame``."""
+    return cast("tifffile.TiffPage", tf.pages[0])
+
+
 def _tiff_palette(page: Any) -> np.ndarray | None:
     if int(getattr(page, "photometric", 0)) != 3:
         return None
@@ -395,7 +403,7 @@ def _tiff_alpha_band(page: Any, bands: int) -> int | None:
     alpha; an unspecified extra sample (0), or none declared, is a data band (GDAL's colour
     interpretation agrees: ``undefined``, not ``alpha``).
     """
-    extra = getattr(page, "extrasamples", ()) or ()
+    extra: Sequence[int] = getattr(page, "extrasamples", ()) or ()
     if bands in (2, 4) and len(extra) > 0 and int(extra[-1]) in (1, 2):
         return bands - 1
     return None
@@ -539,7 +547,7 @@ def tiff_is_georeferenced(path: str) -> bool:
     import tifffile
 
     with tifffile.TiffFile(path) as tf:
-        tags = tf.pages[0].tags
+        tags = _first_page(tf).tags
         return any(t in tags for t in GEOTIFF_TAGS)
 
 
@@ -882,7 +890,7 @@ def _note_extra_band(reader: Reader, what: str) -> None:
 def _decoded_alpha(arr: np.ndarray, palette: np.ndarray | None) -> int | None:
     """OpenCV returns 2 or 4 channels only for grey+alpha / RGBA files: the last one is alpha."""
     if palette is None and arr.ndim == 3 and arr.shape[2] in (2, 4):
-        return arr.shape[2] - 1
+        return int(arr.shape[2]) - 1
     return None
 
 
@@ -938,7 +946,7 @@ def _open_tiff(path: str, *, max_pixels: int, inline_limit: int, tmp_dir: str | 
             if "Y" not in axes or "X" not in axes:
                 raise InputError(f"{path}: TIFF series has axes {axes!r}; not an image")
             size = (int(series.shape[axes.index("Y")]), int(series.shape[axes.index("X")]))
-            page = tf.pages[0]
+            page = _first_page(tf)
             check_pixels(path, size, max_pixels)
             # every path below (tifffile, GDAL, decode once) would read missing chunks as zeros
             _check_tiff_layout(tf, path)
@@ -986,7 +994,7 @@ def _largest_chunk_bytes(page: Any) -> int:
         rows, cols = page.tilelength, page.tilewidth
     else:
         rows, cols = min(page.rowsperstrip or page.imagelength, page.imagelength), page.imagewidth
-    return int(rows) * int(cols) * int(page.samplesperpixel) * np.dtype(page.dtype).itemsize
+    return int(rows) * int(cols) * int(page.samplesperpixel) * int(np.dtype(page.dtype).itemsize)
 
 
 _FD2_LOCK = threading.Lock()

@@ -83,7 +83,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + shortcut)
+        y: torch.Tensor = self.relu(out + shortcut)
+        return y
 
 
 def make_layer(
@@ -196,7 +197,8 @@ class RefinementMagNet(nn.Module):
         x = self.bn0(torch.cat([first, second], dim=1))
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
-        return self.seg_conv(self.residual(x))
+        logits: torch.Tensor = self.seg_conv(self.residual(x))
+        return logits
 
 
 def build_refinement_magnet(n_classes: int) -> RefinementMagNet:

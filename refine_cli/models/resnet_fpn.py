@@ -114,7 +114,10 @@ class ResNetFPN(ImageBackbone):
         p3 = self.smooth3_2(self.smooth3_1(p3))
         p2 = self.smooth4_2(self.smooth4_1(p2))
         size = p2.shape[-2:]
-        return self.classify(torch.cat([_resize(p5, size), _resize(p4, size), _resize(p3, size), p2], dim=1))
+        logits: torch.Tensor = self.classify(
+            torch.cat([_resize(p5, size), _resize(p4, size), _resize(p3, size), p2], dim=1)
+        )
+        return logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Segment a normalised image.

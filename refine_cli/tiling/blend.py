@@ -66,7 +66,8 @@ def tile_weights(tile: Tile, feather: int, floor: float = WEIGHT_FLOOR) -> np.nd
     """
     wy = ramp(tile.window.height, feather, tile.low_neighbours[0], tile.high_neighbours[0], floor)
     wx = ramp(tile.window.width, feather, tile.low_neighbours[1], tile.high_neighbours[1], floor)
-    return wy[:, None] * wx[None, :]
+    weights: np.ndarray = wy[:, None] * wx[None, :]
+    return weights
 
 
 class BandAccumulator:
