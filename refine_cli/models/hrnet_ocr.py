@@ -1,8 +1,8 @@
 """HRNetV2-W18-Small-v2 + OCR, full resolution: MagNet's Cityscapes backbone.
 
-Re-implemented from ``shared/reference/magnet/BACKBONES.md`` §1 (no official
+Re-implemented from a written description of the architecture (no official
 code). Parameter names and state_dict order equal the official
-``HRNetW18_OCR(19)`` (``hrnet18_ocr_c19_state_dict_manifest.tsv``: 924 entries,
+``HRNetW18_OCR(19)`` (its state_dict manifest: 924 entries,
 6 379 278 parameters), so released checkpoints load strictly once their
 ``model.`` prefix is removed (``models.magnet_ckpt.clean_backbone_state_dict``).
 
