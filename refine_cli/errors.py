@@ -12,8 +12,9 @@ from __future__ import annotations
 
 
 def exception_chain(exc: BaseException, limit: int = 10) -> list[BaseException]:
-    """``exc`` and the exceptions it was raised from or during (``__cause__``, else ``__context__``),
-    outermost first, at most ``limit``; cycles are cut.
+    """``exc`` and the exceptions it was raised from or during.
+
+    Follows ``__cause__``, else ``__context__``, outermost first, at most ``limit``; cycles are cut.
     """
     chain: list[BaseException] = []
     cur: BaseException | None = exc

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +20,6 @@ from refine_cli.tiling.cascade_grid import (
     plan_cascade_patches,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GOLDEN_INFERENCE = SHARED / "reference" / "cascadepsp" / "golden_inference.npz"
 
 sizes = st.integers(min_value=MIN_SIZE, max_value=1000)

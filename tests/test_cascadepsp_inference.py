@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -47,7 +48,6 @@ from refine_cli.refiners.cascadepsp import (
 from refine_cli.tiling.cascade_grid import global_resize
 from refine_cli.tiling.grid import Window
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GOLDEN = SHARED / "reference" / "cascadepsp" / "golden_inference.npz"
 FAILURES = Path(__file__).resolve().parent / "failures"
 needs_golden = pytest.mark.skipif(not GOLDEN.exists(), reason=f"golden file absent: {GOLDEN}")

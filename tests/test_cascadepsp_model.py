@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED
 from torch import nn
 
 from refine_cli.devtools.fill_cascadepsp import (
@@ -24,7 +25,6 @@ from refine_cli.devtools.fill_cascadepsp import (
 from refine_cli.devtools.manifest import read_manifest
 from refine_cli.models.cascadepsp import CascadeRefinementModule, CascadeWidths, cascadepsp_official
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REF = SHARED / "reference" / "cascadepsp"
 MANIFEST = REF / "state_dict_manifest.tsv"
 GOLDEN = REF / "golden_forward.npz"

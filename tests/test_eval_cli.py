@@ -19,8 +19,8 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
-
 from conftest import write_png
+
 from refine_cli.evaluate import EvalOptions, evaluate_arrays
 
 REPO = Path(__file__).resolve().parents[1]
@@ -473,12 +473,12 @@ def test_quality_interleave_covers_every_set_then_evens_pixels():
     assert names[3:] == ["small"] * 4 + ["large", "small", "large", "huge"]  # then the fewest MPx run so far
 
 
-def test_quality_large_composites_relative_coarse(tmp_path):
+def test_quality_large_composites_relative_coarse(tmp_path, shared):
     """make_composites.py with HxW sizes and --reference-side: the lowres mask is stored small, with
     the factor scaled to the long side, and refine accepts its aspect ratio."""
     from refine_cli.io.masks import check_mask_shape
 
-    if not (REPO.parent / "shared" / "data" / "photos").is_dir():
+    if not (shared / "data" / "photos").is_dir():
         pytest.skip("../shared/data/photos not found")
     out = tmp_path / "large"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "make_composites.py"), str(out),

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED, write_png
 
-from conftest import write_png
 from refine_cli import weights
 from refine_cli.api import refine_file
 from refine_cli.config import CascadeOptions, RefineConfig
@@ -18,7 +18,7 @@ from refine_cli.errors import WeightsError
 from refine_cli.evaluate import EvalOptions, evaluate_arrays
 from refine_cli.train.trainer import load_exported, sha256_file
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = SHARED / "data"
 RECORD = weights.get_record(weights.DEFAULT_CASCADEPSP_LITE)
 
 

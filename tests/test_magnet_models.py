@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED
 
 from refine_cli.devtools.fill_magnet import (
     fill_state_dict,
@@ -38,7 +39,6 @@ from refine_cli.models.magnet import ImageBackbone, RefinementMagNet, build_refi
 from refine_cli.models.magnet_ckpt import clean_backbone_state_dict, load_strict
 from refine_cli.models.resnet_fpn import ResNetFPN, build_resnet50_fpn
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REF = SHARED / "reference" / "magnet"
 FAILURES = Path(__file__).resolve().parent / "failures"
 

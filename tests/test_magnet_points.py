@@ -8,12 +8,12 @@ exact; the official ``grid_sample`` replacement within 1e-5 of the exact copy.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from conftest import SHARED
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
@@ -47,7 +47,6 @@ from refine_cli.refiners.magnet_points import (
 )
 from refine_cli.tiling.grid import Window
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REF = SHARED / "reference" / "magnet"
 
 needs_ref = pytest.mark.skipif(

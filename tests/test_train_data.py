@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED
 
 from refine_cli.errors import InputError, RefineError, UsageError
 from refine_cli.train import data as D
@@ -23,7 +24,6 @@ from refine_cli.train.losses import (
     sobel_magnitude,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_PHOTOS = SHARED / "data" / "photos"
 SHARED_PORTRAITS = SHARED / "data" / "p3m-portraits-pseudogt"
 needs_shared = pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""Deterministic "fill" weights for the CascadePSP module (``shared/reference/cascadepsp/GOLDEN.md`` §1).
+"""Deterministic "fill" weights for the CascadePSP module.
 
 The golden outputs of the official code were produced with these weights, so a model
 loaded with them must reproduce the golden arrays. Every value comes from integer

@@ -1,8 +1,8 @@
-"""Deterministic "fill" weights and inputs for the MagNet networks (``shared/reference/magnet/GOLDEN.md``).
+"""Deterministic "fill" weights and inputs for the MagNet networks.
 
 The golden outputs of the official code were produced with these weights, so a model
-loaded with them must reproduce the golden arrays. Rule (GOLDEN §1), per manifest
-entry ``N`` of shape ``S``, independent of every other entry::
+loaded with them must reproduce the golden arrays. Rule, per manifest entry ``N`` of
+shape ``S``, independent of every other entry::
 
     g = torch.Generator("cpu").manual_seed(CRC32(utf8(N)))      (zlib CRC-32, unsigned)
     z = torch.randn(S, generator=g, dtype=float32)               (one draw; none for counters)
@@ -19,8 +19,9 @@ entry ``N`` of shape ``S``, independent of every other entry::
 All arithmetic is float32: the constant is rounded to float32 first, then one
 float32 multiply, then (where written) one float32 add of 1.
 
-Inputs (GOLDEN §4.2): :func:`golden_image` regenerates the backbone test images
-from their tags. Run ``python -m refine_cli.devtools.fill_magnet MANIFEST OUT`` to
+Inputs: :func:`golden_image` regenerates the backbone test images from their tags
+(the same per-tag generator), and :func:`golden_probabilities` the probability maps
+given to the refinement module. Run ``python -m refine_cli.devtools.fill_magnet MANIFEST OUT`` to
 write a fill checkpoint (optionally with the ``model.`` prefix of released backbones).
 """
 
@@ -104,7 +105,7 @@ def fill_entry(entry: ManifestEntry, is_norm: bool) -> torch.Tensor:
 
 
 def fill_state_dict(entries: Sequence[ManifestEntry] | str | Path) -> OrderedDict[str, torch.Tensor]:
-    """The deterministic fill of a whole state_dict (GOLDEN §1).
+    """The deterministic fill of a whole state_dict (the rule in the module docstring).
 
     Args:
         entries: manifest entries, or the path of a manifest TSV.
@@ -141,7 +142,7 @@ def param_checksums(state_dict: Mapping[str, torch.Tensor]) -> tuple[float, floa
 
 
 def golden_image(tag: str, height: int, width: int) -> torch.Tensor:
-    """The RGB test image of a tag (GOLDEN §4.2 steps 1-3).
+    """The RGB test image of a tag.
 
     ``clamp(round(z * 64 + 128), 0, 255)`` with ``z = randn((H, W, 3))`` from the
     tag's generator, float32 arithmetic, round half to even.
@@ -154,7 +155,10 @@ def golden_image(tag: str, height: int, width: int) -> torch.Tensor:
 
 
 def golden_probabilities(tag: str, shape: Sequence[int], scale: float) -> torch.Tensor:
-    """``softmax_over_dim1(scale * randn(shape))`` from the tag's generator (GOLDEN §2, §3 inputs).
+    """``softmax_over_dim1(scale * randn(shape))`` from the tag's generator.
+
+    The golden refinement inputs (``scale`` 4) and point-selection inputs (``scale`` 3) are
+    made this way.
 
     Returns:
         float32 tensor of ``shape`` (``(N, C, H, W)``), probabilities over dim 1.

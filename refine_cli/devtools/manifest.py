@@ -18,7 +18,8 @@ def read_manifest(path: str | Path) -> list[ManifestEntry]:
     """Read a ``name<TAB>shape<TAB>dtype`` manifest (shape comma-separated, empty for 0-d; no header).
 
     Args:
-        path: the TSV file, e.g. ``shared/reference/cascadepsp/state_dict_manifest.tsv``.
+        path: the TSV file, e.g. the CascadePSP ``state_dict_manifest.tsv`` (one line per
+            state_dict entry of the official module).
 
     Returns:
         Entries in file (= state_dict) order.

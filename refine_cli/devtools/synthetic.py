@@ -60,7 +60,8 @@ class Shape:
         u, v = np.abs(c * dx + s * dy), np.abs(-s * dx + c * dy)
         qu, qv = u - self.a, v - self.b
         outside = np.hypot(np.maximum(qu, 0), np.maximum(qv, 0))
-        return outside + np.minimum(np.maximum(qu, qv), 0)
+        dist: np.ndarray = outside + np.minimum(np.maximum(qu, qv), 0)
+        return dist
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class Scene:
         if not a.any():
             return bg
         fg = texture(window, self.seed + 1, (200, 120, 90), (30, 35, 40))
-        out = bg.astype(np.float32) * (1 - a[..., None]) + fg.astype(np.float32) * a[..., None]
+        out: np.ndarray = bg.astype(np.float32) * (1 - a[..., None]) + fg.astype(np.float32) * a[..., None]
         return np.round(out).astype(np.uint8)
 
     def coarse(self, factor: int, soft: bool = True) -> np.ndarray:

@@ -13,6 +13,7 @@ Conversion rules (applied identically to every window, so tiles agree):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -40,7 +41,9 @@ class ImageSource:
         self.shape = reader.shape
         if bands is not None:
             if max(bands) >= reader.bands:
-                raise UsageError(f"--bands asks for band {max(bands) + 1} but {reader.path} has {reader.bands}")
+                raise UsageError(
+                    f"--bands asks for band {max(bands) + 1} but {reader.path} has {reader.bands}"
+                )
             self._bands = bands
         elif reader.bands >= 3:
             self._bands = (0, 1, 2)
@@ -80,7 +83,8 @@ class ImageSource:
     def _sample(self) -> np.ndarray:
         h, w = self.reader.level_shapes[-1]
         if h * w <= 4_000_000:
-            return self.reader.read(Window(0, 0, h, w), level=len(self.reader.level_shapes) - 1)[..., self._bands]
+            top = len(self.reader.level_shapes) - 1
+            return self.reader.read(Window(0, 0, h, w), level=top)[..., self._bands]
         h, w = self.shape
         side = 256
         parts = []
@@ -253,8 +257,8 @@ class LevelImage:
         shape: ``(h, w)`` of the level.
     """
 
-    def __init__(self, read: object, shape: tuple[int, int], georef: Georef | None = None,
-                 reader: Reader | None = None) -> None:
+    def __init__(self, read: Callable[[Window], np.ndarray], shape: tuple[int, int],
+                 georef: Georef | None = None, reader: Reader | None = None) -> None:
         self._read = read
         self.shape = (int(shape[0]), int(shape[1]))
         self.georef = georef
@@ -262,7 +266,7 @@ class LevelImage:
 
     def read(self, window: Window) -> np.ndarray:
         """``(h, w, 3)`` uint8 RGB over ``window`` of this level."""
-        return self._read(window)  # type: ignore[operator]
+        return self._read(window)
 
     def close(self) -> None:
         """Release a temporary level file."""
@@ -351,9 +355,10 @@ def write_level_tiff(bands: Iterator[tuple[int, np.ndarray]], shape: tuple[int, 
 
 
 def image_level(src: ImageSource, shape: tuple[int, int], tmp_dir: str | None = None) -> LevelImage:
-    """The image at ``shape``: level 0, a pyramid level of the file of exactly that size, or a
-    temporary tiled TIFF built once by streaming an 'area' downscale (rounded to uint8) of the
-    nearest larger level.
+    """The image at ``shape``.
+
+    Level 0, a pyramid level of the file of exactly that size, or a temporary tiled TIFF built once
+    by streaming an 'area' downscale (rounded to uint8) of the nearest larger level.
 
     Args:
         src: the image.
@@ -365,9 +370,11 @@ def image_level(src: ImageSource, shape: tuple[int, int], tmp_dir: str | None = 
         return LevelImage(src.read, shape, src.georef)
     for i, lvl in enumerate(src.level_shapes):
         if tuple(lvl) == shape:
-            return LevelImage(lambda w, i=i: src.read(w, i), shape)
+            return LevelImage(functools.partial(src.read, level=i), shape)
     level = choose_level(src.level_shapes, shape)
-    bands = area_downscale_bands_u8(lambda win: src.read(win, level), src.level_shapes[level], shape, band_rows=1024)
+    bands = area_downscale_bands_u8(
+        lambda win: src.read(win, level), src.level_shapes[level], shape, band_rows=1024
+    )
     reader = write_level_tiff(bands, shape, tmp_dir)
     return LevelImage(lambda win: reader.read(win), shape, reader=reader)
 

@@ -145,6 +145,8 @@ def shape_rows(part: np.ndarray, row: int, col: int) -> tuple[np.ndarray, np.nda
 
     Args:
         part: ``(h, w)`` integer block whose top-left pixel is ``(row, col)`` of the mask.
+        row: the mask row of the block's top-left pixel.
+        col: the mask column of the block's top-left pixel.
 
     Returns:
         ``(values, sums)``: ``(k,)`` sorted values and ``(k, 7)`` float64 sums per value: interior
@@ -203,8 +205,10 @@ def check_mask_shape(mask_shape: tuple[int, int], image_shape: tuple[int, int], 
         raise InputError(f"mask {path} is {mw}x{mh} but the image is {w}x{h}: a mask must not be larger "
                          "than the image; resize it to the image size or below")
     if abs(mw - w * mh / h) > 1.0 or abs(mh - h * mw / w) > 1.0:
-        raise InputError(f"mask {path} is {mw}x{mh} but the image is {w}x{h}: the aspect ratios differ; "
-                         "give a mask covering the same area (any lower resolution with the same aspect ratio)")
+        raise InputError(
+            f"mask {path} is {mw}x{mh} but the image is {w}x{h}: the aspect ratios differ; "
+            "give a mask covering the same area (any lower resolution with the same aspect ratio)"
+        )
 
 
 class Resampler:
@@ -257,7 +261,8 @@ class Resampler:
         wy1 = fy[(slice(None), None, *extra)]
         wx1 = fx[(None, slice(None), *extra)]
         rows = raw[r0] * (1 - wy1) + raw[r1] * wy1
-        return rows[:, c0] * (1 - wx1) + rows[:, c1] * wx1
+        out: np.ndarray = rows[:, c0] * (1 - wx1) + rows[:, c1] * wx1
+        return out
 
 
 class MaskSource:
@@ -326,14 +331,14 @@ class MaskSource:
             return alpha, None
         if ncol == 1 or grey:
             return 0, None
-        if not in_memory:
+        if not isinstance(r, ArrayReader):
             raise InputError(f"mask {self.path} has {r.bands} bands; give a single-band mask (grey, "
                              "probability or label map)")
-        return 0, self._colour_labels(kind)
+        return 0, self._colour_labels(r, kind)
 
-    def _colour_labels(self, kind: str) -> np.ndarray:
+    def _colour_labels(self, reader: ArrayReader, kind: str) -> np.ndarray:
         """Number a colour-coded mask's colours (black first) and read their indices from now on."""
-        colour = self.reader.array[..., :3]
+        colour = reader.array[..., :3]
         colours, inverse = np.unique(colour.reshape(-1, 3), axis=0, return_inverse=True)
         as_foreground = kind in ("binary", "instances")
         if len(colours) > (65535 if as_foreground else 256):
@@ -349,7 +354,7 @@ class MaskSource:
     def _detect(self, classes: int | None, kind: str, threshold: float | None) -> MaskKind:
         dtype = self.reader.dtype
         if self._colours is not None:
-            return self._detect_colours(classes, kind)
+            return self._detect_colours(self._colours, classes, kind)
         if dtype == np.bool_:
             if kind == "soft":
                 return MaskKind("soft", 1.0)
@@ -435,8 +440,8 @@ class MaskSource:
                         self.path, scale, top, threshold)
         return MaskKind("soft", scale)
 
-    def _detect_colours(self, classes: int | None, kind: str) -> MaskKind:
-        n = len(self._colours)
+    def _detect_colours(self, colours: np.ndarray, classes: int | None, kind: str) -> MaskKind:
+        n = len(colours)
         if kind == "soft":
             raise InputError(f"mask {self.path} is a colour-coded mask ({n} colours); --mask-kind soft needs "
                              "a single-band mask")
@@ -506,7 +511,7 @@ class MaskSource:
         flat, compact = shape_medians(uniq, np.add.reduceat(s, first, axis=0))
         return MaskStats(values, truncated, flat, compact)
 
-    def _iter_native(self, block: int = SCAN_BLOCK):
+    def _iter_native(self, block: int = SCAN_BLOCK) -> Iterator[np.ndarray]:
         for win in self._blocks(block):
             yield self.reader.read(win)[..., self._band]
 
@@ -593,8 +598,10 @@ class MaskSource:
         return bool(fg.all() or not fg.any())
 
     def read_k(self, window: Window) -> np.ndarray:
-        """``(h, w, 1)`` float32 probability (binary/soft/instance masks), ``(h, w, C)`` one-hot probabilities
-        (label maps; memory grows with C).
+        """The mask over ``window`` as probabilities.
+
+        ``(h, w, 1)`` float32 probability (binary/soft/instance masks), ``(h, w, C)`` one-hot
+        probabilities (label maps; memory grows with C).
         """
         if self.is_labels:
             lw = self.read_labels(window)
@@ -626,7 +633,8 @@ class MaskSource:
             prob = np.clip(raw.astype(np.float32), 0.0, 1.0)
         else:
             prob = raw.astype(np.float32) * np.float32(1.0 / self.kind.scale)
-        return np.clip(self._resample(prob, window, nwin), 0.0, 1.0).astype(np.float32, copy=False)
+        out: np.ndarray = np.clip(self._resample(prob, window, nwin), 0.0, 1.0).astype(np.float32, copy=False)
+        return out
 
     def read_labels(self, window: Window) -> LabelWindow:
         """Class probabilities over ``window`` of a label map, computed per class on demand."""
@@ -708,7 +716,8 @@ class ProbSource:
     def read_k(self, window: Window) -> np.ndarray:
         """``(h, w, K)`` float32 over ``window`` of the target grid."""
         raw, nwin = self._native(window)
-        return np.clip(self.resampler.resample(raw, window, nwin), 0.0, 1.0).astype(np.float32, copy=False)
+        out: np.ndarray = np.clip(self.resampler.resample(raw, window, nwin), 0.0, 1.0)
+        return out.astype(np.float32, copy=False)
 
     def read(self, window: Window) -> np.ndarray:
         """``(h, w)`` float32 channel 0 over ``window``."""
@@ -742,8 +751,9 @@ class StackedSource:
         self.channels = sum(int(p.channels) for p in parts)
 
     def constant(self, window: Window) -> np.ndarray | None:
-        """The ``(K,)`` values if every part is constant over ``window`` and channel 0 of every part
-        lies on the same side of 0.5, else ``None``.
+        """The ``(K,)`` values if every part is constant over ``window``, else ``None``.
+
+        Constant also requires channel 0 of every part to lie on the same side of 0.5.
         """
         values = []
         for p in self.parts:

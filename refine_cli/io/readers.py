@@ -30,11 +30,11 @@ import tempfile
 import threading
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import cv2
 import numpy as np
@@ -42,6 +42,9 @@ import numpy as np
 from refine_cli.errors import InputError, ReadError, ResourceError, UsageError, exception_chain
 from refine_cli.io.sniff import exif_orientation, sniff
 from refine_cli.tiling.grid import Window
+
+if TYPE_CHECKING:
+    import tifffile
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,9 @@ class Georef:
     def scaled(self, factor_rows: float, factor_cols: float) -> Georef:
         """The georeferencing of the same area sampled ``factor`` times more densely (0.5 = half)."""
         a, b, c, d, e, f = self.transform
-        return Georef(self.crs_wkt, (a / factor_cols, b / factor_rows, c, d / factor_cols, e / factor_rows, f))
+        return Georef(
+            self.crs_wkt, (a / factor_cols, b / factor_rows, c, d / factor_cols, e / factor_rows, f)
+        )
 
 
 class Reader:
@@ -168,7 +173,7 @@ class Reader:
         self.close()
 
 
-def _short(exc: BaseException, limit: int = 160) -> str:
+def _short(exc: BaseException | str, limit: int = 160) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -249,13 +254,14 @@ class TiffReader(Reader):
             self._arrays = []
             for i, lvl in enumerate(series.levels):
                 store = lvl.aszarr() if len(series.levels) == 1 else series.aszarr(level=i)
-                self._arrays.append(zarr.open(store, mode="r"))
+                self._arrays.append(zarr.open_array(store, mode="r"))
             lvl0 = series.levels[0]
             yx = [lvl0.axes.index("Y"), lvl0.axes.index("X")]
             self.shape = (int(lvl0.shape[yx[0]]), int(lvl0.shape[yx[1]]))
             self.level_shapes = []
             for lvl in series.levels:
-                self.level_shapes.append((int(lvl.shape[lvl.axes.index("Y")]), int(lvl.shape[lvl.axes.index("X")])))
+                ly, lx = lvl.axes.index("Y"), lvl.axes.index("X")
+                self.level_shapes.append((int(lvl.shape[ly]), int(lvl.shape[lx])))
             self.dtype = np.dtype(series.dtype)
             self.bands = _bands_of(series.axes, series.shape)
             chunks = self._arrays[0].chunks
@@ -278,7 +284,7 @@ class TiffReader(Reader):
     @property
     def tiled(self) -> bool:
         """Whether level 0 is stored in tiles (else strips)."""
-        return bool(self._tf.pages[0].is_tiled)
+        return bool(_first_page(self._tf).is_tiled)
 
     def set_cache_bytes(self, nbytes: int) -> None:
         """Bound the decoded-chunk cache."""
@@ -357,8 +363,10 @@ def _axes_to_yxc(axes: str, shape: tuple[int, ...], path: str) -> tuple[tuple[in
 
 
 def _as_yxc(arr: np.ndarray, perm: tuple[int, ...], squeeze: list[int]) -> np.ndarray:
-    """A whole decoded TIFF series as ``(H, W)`` or ``(H, W, C)``: the first plane of each axis in
-    ``squeeze``, then the axes in the order ``perm`` (both from :func:`_axes_to_yxc`).
+    """A whole decoded TIFF series as ``(H, W)`` or ``(H, W, C)``.
+
+    Takes the first plane of each axis in ``squeeze``, then the axes in the order ``perm`` (both from
+    :func:`_axes_to_yxc`).
     """
     for ax in sorted(squeeze, reverse=True):
         arr = np.take(arr, 0, axis=ax)
@@ -370,6 +378,11 @@ def _bands_of(axes: str, shape: tuple[int, ...]) -> int:
         if a in "SC" and n > 1:
             return int(n)
     return 1
+
+
+def _first_page(tf: tifffile.TiffFile) -> tifffile.TiffPage:
+    """The first page of ``tf``: tifffile always loads it as a full ``TiffPage``, never a ``TiffFrame``."""
+    return cast("tifffile.TiffPage", tf.pages[0])
 
 
 def _tiff_palette(page: Any) -> np.ndarray | None:
@@ -390,7 +403,7 @@ def _tiff_alpha_band(page: Any, bands: int) -> int | None:
     alpha; an unspecified extra sample (0), or none declared, is a data band (GDAL's colour
     interpretation agrees: ``undefined``, not ``alpha``).
     """
-    extra = getattr(page, "extrasamples", ()) or ()
+    extra: Sequence[int] = getattr(page, "extrasamples", ()) or ()
     if bands in (2, 4) and len(extra) > 0 and int(extra[-1]) in (1, 2):
         return bands - 1
     return None
@@ -534,7 +547,7 @@ def tiff_is_georeferenced(path: str) -> bool:
     import tifffile
 
     with tifffile.TiffFile(path) as tf:
-        tags = tf.pages[0].tags
+        tags = _first_page(tf).tags
         return any(t in tags for t in GEOTIFF_TAGS)
 
 
@@ -847,7 +860,9 @@ def open_raster(source: str | Path | bytes, *, max_pixels: int, inline_limit: in
         return reader
     if kind.kind in ("png", "jpeg", "webp", "bmp"):
         if kind.size is None:
-            raise InputError(f"{name}: {kind.kind.upper()} header is damaged (no image size); export it again")
+            raise InputError(
+                f"{name}: {kind.kind.upper()} header is damaged (no image size); export it again"
+            )
         check_pixels(name, kind.size, max_pixels)
         arr, palette = _decode(name, kind.kind, path=name, head=head)
         return _inline_or_cache(name, arr, inline_limit=inline_limit, tmp_dir=tmp_dir, palette=palette,
@@ -856,7 +871,9 @@ def open_raster(source: str | Path | bytes, *, max_pixels: int, inline_limit: in
     try:
         reader = RasterioReader(name)
     except InputError:
-        raise InputError(f"{name}: not a recognised image format (TIFF, PNG, JPEG, WebP or a GDAL raster)") from None
+        raise InputError(
+            f"{name}: not a recognised image format (TIFF, PNG, JPEG, WebP or a GDAL raster)"
+        ) from None
     check_pixels(name, reader.shape, max_pixels)
     _note_extra_band(reader, what)
     return reader
@@ -873,7 +890,7 @@ def _note_extra_band(reader: Reader, what: str) -> None:
 def _decoded_alpha(arr: np.ndarray, palette: np.ndarray | None) -> int | None:
     """OpenCV returns 2 or 4 channels only for grey+alpha / RGBA files: the last one is alpha."""
     if palette is None and arr.ndim == 3 and arr.shape[2] in (2, 4):
-        return arr.shape[2] - 1
+        return int(arr.shape[2]) - 1
     return None
 
 
@@ -929,7 +946,7 @@ def _open_tiff(path: str, *, max_pixels: int, inline_limit: int, tmp_dir: str | 
             if "Y" not in axes or "X" not in axes:
                 raise InputError(f"{path}: TIFF series has axes {axes!r}; not an image")
             size = (int(series.shape[axes.index("Y")]), int(series.shape[axes.index("X")]))
-            page = tf.pages[0]
+            page = _first_page(tf)
             check_pixels(path, size, max_pixels)
             # every path below (tifffile, GDAL, decode once) would read missing chunks as zeros
             _check_tiff_layout(tf, path)
@@ -940,7 +957,9 @@ def _open_tiff(path: str, *, max_pixels: int, inline_limit: int, tmp_dir: str | 
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"{path}: not a readable TIFF ({_short(exc)}); the file is corrupt or truncated") from exc
+        raise InputError(
+            f"{path}: not a readable TIFF ({_short(exc)}); the file is corrupt or truncated"
+        ) from exc
     if georef:
         return RasterioReader(path)
     if chunk_bytes <= MAX_STREAM_CHUNK_BYTES:
@@ -958,7 +977,9 @@ def _open_tiff(path: str, *, max_pixels: int, inline_limit: int, tmp_dir: str | 
     except Exception as exc:
         if _says_too_big(exc):  # numpy / the codec refusing the size, not damaged data
             raise _too_big_to_decode(path, size, n_chunks, need, limit) from exc
-        raise InputError(f"{path}: cannot decode TIFF ({_short(exc)}); the file is corrupt or truncated") from exc
+        raise InputError(
+            f"{path}: cannot decode TIFF ({_short(exc)}); the file is corrupt or truncated"
+        ) from exc
     reader = TiffReader(path)  # for the metadata only
     perm, squeeze = reader._axes_perm, reader._squeeze
     palette, alpha = reader.palette, reader.alpha_band
@@ -973,7 +994,7 @@ def _largest_chunk_bytes(page: Any) -> int:
         rows, cols = page.tilelength, page.tilewidth
     else:
         rows, cols = min(page.rowsperstrip or page.imagelength, page.imagelength), page.imagewidth
-    return int(rows) * int(cols) * int(page.samplesperpixel) * np.dtype(page.dtype).itemsize
+    return int(rows) * int(cols) * int(page.samplesperpixel) * int(np.dtype(page.dtype).itemsize)
 
 
 _FD2_LOCK = threading.Lock()
@@ -1200,7 +1221,10 @@ def _inline_or_cache(path: str, arr: np.ndarray, *, inline_limit: int, tmp_dir: 
     """Keep a decoded image in memory, or spill it once to a tiled temporary TIFF.
 
     Args:
+        path: the image's name (for the reader and the log).
         arr: ``(H, W)`` or ``(H, W, bands)`` decoded samples.
+        inline_limit: the most pixels kept in memory; a larger image is cached.
+        tmp_dir: folder for the cached TIFF (default: the system temp dir).
         palette: ``(N, 3)`` uint8 colour table of a palette image.
         alpha_band: index of the alpha band, or ``None`` (set on the reader either way).
     """

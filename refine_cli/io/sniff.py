@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import BinaryIO
 
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -107,7 +107,7 @@ def _oriented(kind: str, size: tuple[int, int] | None, head: bytes) -> Sniffed:
     return Sniffed(kind, size, orientation)
 
 
-def exif_orientation(kind: str, fh: Any) -> int:
+def exif_orientation(kind: str, fh: BinaryIO) -> int:
     """The EXIF Orientation (1-8) of a JPEG, PNG or WebP file open at ``fh`` (1 when absent or invalid).
 
     Only the container is walked (JPEG markers up to the image data, PNG chunks up to the first
@@ -121,7 +121,7 @@ def exif_orientation(kind: str, fh: Any) -> int:
     return _exif_tiff_orientation(block) if block else 1
 
 
-def _exif_block(kind: str, fh: Any) -> bytes | None:
+def _exif_block(kind: str, fh: BinaryIO) -> bytes | None:
     fh.seek(0)
     if kind == "jpeg":
         if fh.read(2) != b"\xff\xd8":

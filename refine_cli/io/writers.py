@@ -36,7 +36,7 @@ import tempfile
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from xml.sax.saxutils import escape as xml_escape
 
 import numpy as np
@@ -421,7 +421,8 @@ class TiffSink(RasterSink):
             resume_target = (str(root.parent / root.name[1 : -len(PARTS_SUFFIX)]), root)
         self.resume_target = resume_target
         profile: dict[str, Any] = dict(
-            driver="GTiff", width=self.shape[1], height=self.shape[0], count=self.bands, dtype=self.dtype.name,
+            driver="GTiff", width=self.shape[1], height=self.shape[0], count=self.bands,
+            dtype=self.dtype.name,
             tiled=True, blockxsize=TILE, blockysize=TILE, compress="deflate", zlevel=6,
             predictor=3 if self.dtype.kind == "f" else 2, bigtiff="YES", interleave="pixel",
         )
@@ -591,10 +592,10 @@ class PngSink(RasterSink):
         arr = self.array[..., 0] if self.bands == 1 else self.array
         if self.bands == 3:
             arr = arr[..., ::-1]
-        ok, buf = cv2.imencode(".png", np.ascontiguousarray(arr))
+        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(arr))
         if not ok:
             raise OutputError(f"PNG encoding of {self.path} failed")
-        return buf.tobytes()
+        return encoded.tobytes()
 
     def sidecars(self) -> dict[str, bytes]:
         """``{final path: bytes}`` of the georeferencing sidecars (empty without georeferencing)."""
@@ -709,8 +710,9 @@ class SegmentedSink(RasterSink):
             p = self._segment_path(index)
             try:
                 with tifffile.TiffFile(p) as tf:
-                    page = tf.pages[0]
-                    ok = (page.imagelength, page.imagewidth) == (self._segment_rows(index), self.shape[1]) and \
+                    page = cast(tifffile.TiffPage, tf.pages[0])  # the first page is always a full TiffPage
+                    size = (self._segment_rows(index), self.shape[1])
+                    ok = (page.imagelength, page.imagewidth) == size and \
                         page.samplesperpixel == self.bands and np.dtype(page.dtype) == self.dtype
             except Exception:  # noqa: BLE001 - missing or unreadable: stop here
                 ok = False

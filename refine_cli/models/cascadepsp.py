@@ -74,7 +74,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + shortcut)
+        y: Tensor = self.relu(out + shortcut)
+        return y
 
 
 class DilatedResNet(nn.Module):
@@ -152,7 +153,8 @@ class PSPModule(nn.Module):
         priors = [
             F.interpolate(stage(f), size=size, mode="bilinear", align_corners=False) for stage in self.stages
         ]
-        return self.relu(self.bottleneck(torch.cat([*priors, f], 1)))
+        y: Tensor = self.relu(self.bottleneck(torch.cat([*priors, f], 1)))
+        return y
 
 
 def _pre_act_convs(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -183,8 +185,9 @@ class UpBlock(nn.Module):
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         """``x`` ``(N, x_ch, h, w)`` and ``skip`` ``(N, in_ch - x_ch, 2h, 2w)`` -> ``(N, out_ch, 2h, 2w)``."""
         x = _up(x, 2)
-        p = self.conv(torch.cat([x, skip], 1)) + self.shortcut(x)
-        return p + self.conv2(p)
+        p: Tensor = self.conv(torch.cat([x, skip], 1)) + self.shortcut(x)
+        out: Tensor = p + self.conv2(p)
+        return out
 
 
 @dataclass(frozen=True)
@@ -348,6 +351,10 @@ class CascadeRefinementModule(nn.Module):
         """The three cascade iterations (see :meth:`forward`).
 
         Args:
+            im: ``(N, 3, H, W)`` normalised image.
+            seg: ``(N, 1, H, W)`` mask in [-1, 1].
+            inter_s8: optional ``(N, 1, H, W)`` feedback in [-1, 1] (see :meth:`forward`).
+            inter_s4: optional ``(N, 1, H, W)`` feedback in [-1, 1] (see :meth:`forward`).
             guide: the full-resolution skip input of ``up_3`` and of the OS1 head (the official
                 module: ``im``; subclasses may add channels).
             prior: added to every output logit before it is emitted and fed back (``None``: nothing).

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -254,8 +254,10 @@ class LiteCascadeModule(CascadeRefinementModule):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        for last in (self.final_28[2], self.final_56[2], self.final_21):
+        # the last layer of each head is a Conv2d (CascadeRefinementModule builds them so)
+        for last in (cast(nn.Conv2d, self.final_28[2]), cast(nn.Conv2d, self.final_56[2]), self.final_21):
             nn.init.zeros_(last.weight)
+            assert last.bias is not None  # built with the default bias=True
             nn.init.zeros_(last.bias)
 
     def forward(

@@ -1,8 +1,8 @@
 """HRNetV2-W18-Small-v2 + OCR, full resolution: MagNet's Cityscapes backbone.
 
-Re-implemented from ``shared/reference/magnet/BACKBONES.md`` §1 (no official
+Re-implemented from a written description of the architecture (no official
 code). Parameter names and state_dict order equal the official
-``HRNetW18_OCR(19)`` (``hrnet18_ocr_c19_state_dict_manifest.tsv``: 924 entries,
+``HRNetW18_OCR(19)`` (its state_dict manifest: 924 entries,
 6 379 278 parameters), so released checkpoints load strictly once their
 ``model.`` prefix is removed (``models.magnet_ckpt.clean_backbone_state_dict``).
 
@@ -24,7 +24,7 @@ test pipeline uses.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -86,7 +86,8 @@ class BasicBlock(nn.Module):
         """``(N, C, H, W)`` -> same shape."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + x)
+        y: torch.Tensor = self.relu(out + x)
+        return y
 
 
 class HighResolutionModule(nn.Module):
@@ -143,14 +144,15 @@ class HighResolutionModule(nn.Module):
         """Contribution of source branch j to output branch i, at branch i's size."""
         if j == i:
             return xs[j]
-        term = self.fuse_layers[i][j](xs[j])
+        row = cast(nn.ModuleList, self.fuse_layers[i])  # each row is built as a ModuleList
+        term = row[j](xs[j])
         return _upsample(term, xs[i].shape[-2:]) if j > i else term
 
 
 class Stage(nn.Sequential):
     """A sequence of :class:`HighResolutionModule` passing the list of branch tensors along."""
 
-    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:  # type: ignore[override]
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Branch tensors -> branch tensors (shapes unchanged)."""
         for module in self:
             xs = module(xs)
@@ -196,7 +198,8 @@ class ObjectContextBlock(nn.Module):
         sim = torch.matmul(query, key) * (self.key_ch**-0.5)
         sim = F.softmax(sim, dim=-1)
         out = torch.matmul(sim, value).permute(0, 2, 1).contiguous().view(n, self.key_ch, h, w)
-        return self.f_up(out)
+        y: torch.Tensor = self.f_up(out)
+        return y
 
 
 class SpatialOCR(nn.Module):
@@ -219,7 +222,8 @@ class SpatialOCR(nn.Module):
     def forward(self, feats: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """``(N, in_ch, H, W)``, ``(N, in_ch, K, 1)`` -> ``(N, out_ch, H, W)``."""
         g = self.object_context_block(feats, context)
-        return self.conv_bn_dropout(torch.cat([g, feats], dim=1))
+        y: torch.Tensor = self.conv_bn_dropout(torch.cat([g, feats], dim=1))
+        return y
 
 
 def ocr_gather(feats: torch.Tensor, region_logits: torch.Tensor) -> torch.Tensor:

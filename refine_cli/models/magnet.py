@@ -1,17 +1,17 @@
 """MagNet's refinement module, plus the pieces its backbones share.
 
-Re-implemented from the architecture description in
-``shared/reference/magnet/NOTES.md`` §1 and ``BACKBONES.md`` §0; no code from the
-official (AGPL-3.0) repository. Parameter names and state_dict order equal the
-official ones (``refinement_c{2,7,19}_state_dict_manifest.tsv``), so released
-checkpoints load with ``strict=True``.
+Re-implemented from a written description of the architecture (the layer layout is
+in :class:`RefinementMagNet`); no code from the official (AGPL-3.0) repository.
+Parameter names and state_dict order equal the official ones (60 entries for any C),
+so released checkpoints load with ``strict=True``.
 
 The refinement module never sees the image: it maps two C-class probability maps
 of the same size to C raw logits. In the official ``test.py`` the first argument
 is the backbone's softmax on the current-scale patch (O) and the second the
 accumulated prediction cropped to that patch (Y); ``train.py`` passes them the
-other way round (NOTES §0.2). :class:`RefinementMagNet` concatenates in call
-order, so the caller decides.
+other way round (the official test order dates from a 2021 fix, and the released
+weights' published scores were measured with it). :class:`RefinementMagNet`
+concatenates in call order, so the caller decides.
 
 Also here, because all three MagNet networks use them:
 
@@ -83,7 +83,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + shortcut)
+        y: torch.Tensor = self.relu(out + shortcut)
+        return y
 
 
 def make_layer(
@@ -178,8 +179,9 @@ class RefinementMagNet(nn.Module):
     def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
         """Refine: concatenate ``[first, second]`` on the channel axis and map to logits.
 
-        Use the official test order ``forward(O, Y_crop)`` for released weights
-        (NOTES §0.2). Call ``eval()`` first: train-mode BatchNorm changes the output.
+        Use the official test order ``forward(O, Y_crop)`` for released weights (their
+        published scores were measured with it; the official training script passes
+        ``(Y_crop, O)``). Call ``eval()`` first: train-mode BatchNorm changes the output.
 
         Args:
             first: ``(N, C, h, w)`` float class probabilities in ``[0, 1]`` (O in ``test.py``).
@@ -196,7 +198,8 @@ class RefinementMagNet(nn.Module):
         x = self.bn0(torch.cat([first, second], dim=1))
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
-        return self.seg_conv(self.residual(x))
+        logits: torch.Tensor = self.seg_conv(self.residual(x))
+        return logits
 
 
 def build_refinement_magnet(n_classes: int) -> RefinementMagNet:

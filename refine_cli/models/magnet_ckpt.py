@@ -5,7 +5,7 @@ the state_dict of the backbone trainer's ``FullModel(model, loss)`` wrapper: eve
 network key carries a ``model.`` prefix, and Cityscapes may add a ``loss.*`` entry
 (``loss.criterion.weight``, the class weights). The official loader deletes
 ``model.`` anywhere in a key and loads with ``strict=False``, silently ignoring
-misnamed keys. Here (BACKBONES.md §4):
+misnamed keys. Here, so that nothing is ignored silently:
 
 1. strip ONE leading ``model.`` by name (not a substring anywhere, not a blind slice);
 2. drop keys starting with ``loss.``;

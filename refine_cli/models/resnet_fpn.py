@@ -1,8 +1,8 @@
 """ResNet-50 + FPN: MagNet's DeepGlobe backbone.
 
-Re-implemented from ``shared/reference/magnet/BACKBONES.md`` §2 (no official
+Re-implemented from a written description of the architecture (no official
 code). Parameter names and state_dict order equal the official ``ResnetFPN(7)``
-(``resnet50_fpn_c7_state_dict_manifest.tsv``: 344 entries, 28 064 839
+(its state_dict manifest: 344 entries, 28 064 839
 parameters); the trunk's names equal torchvision's ``resnet50`` under the
 ``resnet_backbone.`` prefix. Nothing is downloaded: the official constructor's
 ImageNet initialisation is replaced by the checkpoint anyway.
@@ -114,7 +114,10 @@ class ResNetFPN(ImageBackbone):
         p3 = self.smooth3_2(self.smooth3_1(p3))
         p2 = self.smooth4_2(self.smooth4_1(p2))
         size = p2.shape[-2:]
-        return self.classify(torch.cat([_resize(p5, size), _resize(p4, size), _resize(p3, size), p2], dim=1))
+        logits: torch.Tensor = self.classify(
+            torch.cat([_resize(p5, size), _resize(p4, size), _resize(p3, size), p2], dim=1)
+        )
+        return logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Segment a normalised image.

@@ -60,8 +60,8 @@ class RunReport:
         guard: what the do-no-harm guard did (``refine_cli.refiners.guard``): ``state`` (``on``,
             ``off`` or why it did not run), its parameters (the fields of ``GuardParams``), and the counts
             ``pixels_changed`` (by the refiner), ``pixels_held`` (of those, kept as in the coarse mask),
-            ``far`` / ``detached`` / ``unsupported`` / ``restored`` (held pixels per rule), ``components_restored`` and
-            ``regions_detached``.
+            ``far`` / ``detached`` / ``unsupported`` / ``restored`` (held pixels per rule),
+            ``components_restored`` and ``regions_detached``.
     """
 
     image: dict[str, Any] = field(default_factory=dict)
@@ -108,8 +108,8 @@ def render_table(report: RunReport) -> Any:
     t.add_column("what", style="bold")
     t.add_column("value")
     img = report.image
-    t.add_row("image", f"{img.get('path')}  {img.get('width')}x{img.get('height')}  {img.get('bands')} band(s) "
-              f"{img.get('dtype')}")
+    t.add_row("image", f"{img.get('path')}  {img.get('width')}x{img.get('height')}  "
+              f"{img.get('bands')} band(s) {img.get('dtype')}")
     made_by = report.mask.get("made_by")
     if made_by:
         m = report.mask
@@ -117,7 +117,8 @@ def render_table(report: RunReport) -> Any:
         t.add_row("coarse mask", f"made by --segmenter {made_by.get('segmenter')}  {m.get('kind')}  "
                   f"{m.get('width')}x{m.get('height')}{saved}")
     elif report.mask.get("kind") == "segmenter":
-        t.add_row("coarse mask", f"made by the segmenter ({report.refiner.get('segmenter', report.mask.get('segmenter'))})")
+        segmenter = report.refiner.get("segmenter", report.mask.get("segmenter"))
+        t.add_row("coarse mask", f"made by the segmenter ({segmenter})")
     elif report.mask:
         m = report.mask
         t.add_row("coarse mask", f"{m.get('path')}  {m.get('kind')}"
@@ -133,7 +134,8 @@ def render_table(report: RunReport) -> Any:
     if report.peak_gpu_bytes:
         mem += f", peak GPU {_mib(report.peak_gpu_bytes)}"
     if report.memory_plan:
-        mem += f"  (tile {report.memory_plan.get('tile_size')} px, budget {_mib(report.memory_plan.get('budget', 0))})"
+        plan = report.memory_plan
+        mem += f"  (tile {plan.get('tile_size')} px, budget {_mib(plan.get('budget', 0))})"
     t.add_row("memory", mem)
     for k, v in report.outputs.items():
         if v:

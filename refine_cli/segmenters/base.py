@@ -208,7 +208,7 @@ class Segmenter(abc.ABC):
         Returns:
             ``(N, 3, h, w)`` (NCHW) or ``(N, h, w, 3)`` (NHWC) float32.
         """
-        x = images.astype(np.float32) / np.float32(255.0)
+        x: np.ndarray = images.astype(np.float32) / np.float32(255.0)
         x = (x - np.asarray(self.spec.mean, np.float32)) / np.asarray(self.spec.std, np.float32)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if self.spec.layout == "NCHW" else x
 

@@ -1,10 +1,10 @@
 """The official MagNet backbones as segmenters (HRNetV2-W18-Small-v2+OCR, ResNet-50 FPN).
 
-Pre- and post-processing follow the official test pipeline (``shared/reference/magnet/
-BACKBONES.md`` §3): images reach the input size by OpenCV bilinear resizing of uint8
-RGB (done by the caller or :meth:`Segmenter.segment_window`), are scaled to ``[0, 1]``
-and normalised with the ImageNet mean/std (the model's own buffers), and the logits
-go through a softmax over the classes. No official code.
+Pre- and post-processing follow the official test pipeline: images reach the input
+size by OpenCV bilinear resizing of uint8 RGB (done by the caller or
+:meth:`Segmenter.segment_window`), are scaled to ``[0, 1]`` and normalised with the
+ImageNet mean/std (the model's own buffers), and the logits go through a softmax over
+the classes. No official code.
 
 | name | network (``refine_cli.models``) | input (w x h) | classes |
 | --- | --- | --- | --- |
@@ -149,8 +149,11 @@ def load_backbone_segmenter(
 ) -> TorchBackboneSegmenter:
     """Build an official backbone and load its checkpoint strictly.
 
-    The released files carry the backbone trainer's ``model.`` prefix and may hold
-    ``loss.*`` buffers; both are handled by name (``BACKBONES.md`` §4).
+    The released files carry the backbone trainer's ``model.`` prefix (its
+    ``FullModel(model, loss)`` wrapper) and may hold ``loss.*`` buffers (Cityscapes'
+    class weights); both are handled by name: the prefixes of
+    :data:`BACKBONE_STRIP_PREFIXES` are removed and ``loss.*`` keys dropped, then the
+    load is strict.
 
     Args:
         name: a key of :data:`BACKBONES`.

@@ -3,4 +3,6 @@
 from refine_cli.tiling.blend import BandAccumulator, ramp, tile_weights
 from refine_cli.tiling.grid import GridPlan, Tile, Window, axis_starts, plan_grid
 
-__all__ = ["BandAccumulator", "GridPlan", "Tile", "Window", "axis_starts", "plan_grid", "ramp", "tile_weights"]
+__all__ = [
+    "BandAccumulator", "GridPlan", "Tile", "Window", "axis_starts", "plan_grid", "ramp", "tile_weights",
+]

@@ -66,7 +66,8 @@ def tile_weights(tile: Tile, feather: int, floor: float = WEIGHT_FLOOR) -> np.nd
     """
     wy = ramp(tile.window.height, feather, tile.low_neighbours[0], tile.high_neighbours[0], floor)
     wx = ramp(tile.window.width, feather, tile.low_neighbours[1], tile.high_neighbours[1], floor)
-    return wy[:, None] * wx[None, :]
+    weights: np.ndarray = wy[:, None] * wx[None, :]
+    return weights
 
 
 class BandAccumulator:
@@ -112,7 +113,9 @@ class BandAccumulator:
         self._sum[r0:r1, cs] += values * weights[:, :, None]
         self._weight[r0:r1, cs] += weights
 
-    def pop_final(self, until_row: int, allow_uncovered: bool = False) -> tuple[int, np.ndarray, np.ndarray | None]:
+    def pop_final(
+        self, until_row: int, allow_uncovered: bool = False
+    ) -> tuple[int, np.ndarray, np.ndarray | None]:
         """Hand out the finished rows ``[top, until_row)`` and drop them from the band.
 
         Args:

@@ -219,9 +219,11 @@ class GridPlan:
         return [self.tile(grid_row, j) for j in range(self.grid_shape[1])]
 
     def owned(self, tile: Tile) -> Window:
-        """The part of ``tile.window`` that this tile alone accounts for: from its start to the next
-        tile's start on each axis (to the image's end for the last tile). The owned windows of a grid
-        partition the image: counting per tile over them counts every pixel once.
+        """The part of ``tile.window`` that this tile alone accounts for.
+
+        It runs from the tile's start to the next tile's start on each axis (to the image's end for the
+        last tile). The owned windows of a grid partition the image: counting per tile over them counts
+        every pixel once.
         """
         g, c = tile.grid_row, tile.grid_col
         r1 = self.row_starts[g + 1] if g + 1 < len(self.row_starts) else self.shape[0]
