@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from refine_cli.config import RefineConfig
 from refine_cli.engine.checkpoint import RunCheckpoint, file_identity, segment_rows_for
-from refine_cli.engine.levels import run_levels
+from refine_cli.engine.levels import LevelResult, run_levels
 from refine_cli.engine.outputs import OutputSpec, OutputWriter, bytes_per_pixel, mask_layout
 from refine_cli.errors import Interrupted, UsageError
 from refine_cli.hashing import config_hash
@@ -41,8 +42,8 @@ from refine_cli.io.writers import (
     write_bytes_atomic,
 )
 from refine_cli.refiners import build_refiner, uses_torch
-from refine_cli.refiners.base import Scene
-from refine_cli.refiners.guard import guard_notes, guard_params, guard_report
+from refine_cli.refiners.base import Refiner, Scene
+from refine_cli.refiners.guard import GuardParams, guard_notes, guard_params, guard_report
 from refine_cli.report.summary import RunReport, library_versions, peak_rss_bytes
 from refine_cli.report.timing import StageTimer
 from refine_cli.segment import segment_file
@@ -117,8 +118,10 @@ def _coarse_facts(mask: MaskSource | None, seg_facts: dict[str, Any] | None, sav
 
 
 def _decoded_bytes(readers: list[Reader]) -> int:
-    """Bytes that decoded inputs hold for the whole run (PNG/JPEG below ``--inline-limit`` are decoded
-    whole): an item of every memory plan, so ``--max-memory`` bounds the process, not only the work.
+    """Bytes that decoded inputs hold for the whole run.
+
+    PNG/JPEG below ``--inline-limit`` are decoded whole: an item of every memory plan, so
+    ``--max-memory`` bounds the process, not only the work.
     """
     unique = {id(r): r for r in readers}.values()
     return sum(int(r.array.nbytes) for r in unique if isinstance(r, ArrayReader))
@@ -129,6 +132,56 @@ def _utc_now() -> str:
     import datetime as dt
 
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class _Request:
+    """The arguments of one :func:`refine_file` call (``out`` resolved, ``mask`` set once made)."""
+
+    image: str
+    mask: str | None
+    out: str
+    config: RefineConfig
+    uncertainty: str | None
+    report: str | None
+    overwrite: bool
+    fmt: str | None
+    cog: bool
+    bands: tuple[int, ...] | None
+    progress: Progress | None
+    resume: bool
+    save_coarse: str | None
+    command: str | None
+
+
+@dataclass
+class _Inputs:
+    """The opened inputs of a run (readers closed by :meth:`close`)."""
+
+    readers: list[Reader] = field(default_factory=list)
+    src: ImageSource | None = None
+    mask: MaskSource | None = None
+    seg_facts: dict[str, Any] | None = None
+    seg_dir: str | None = None
+
+    def close(self) -> None:
+        """Close the readers and remove the folder of a coarse mask made by ``--segmenter``."""
+        for r in self.readers:
+            r.close()
+        if self.seg_dir is not None:
+            shutil.rmtree(self.seg_dir, ignore_errors=True)
+
+
+@dataclass
+class _Layout:
+    """What the outputs hold: label map or probability, bands per pixel and the bytes they cost."""
+
+    labels: bool
+    channels: int
+    bands: int
+    dtype: np.dtype
+    bytes_out: int
+    spec: OutputSpec
 
 
 def refine_file(
@@ -148,7 +201,7 @@ def refine_file(
     save_coarse: str | None = None,
     command: str | None = None,
 ) -> RunReport:
-    """Refine the coarse mask of one image and write the results.
+    """Refine the coarse mask of one image and write the results: open inputs, plan, run the engine, report.
 
     Args:
         image: image path, or ``-`` for bytes on stdin.
@@ -176,125 +229,94 @@ def refine_file(
     Raises:
         RefineError: any problem a user can fix (bad input, existing output, missing weights ...).
     """
-    config = config or RefineConfig()
-    t_start = time.perf_counter()
-    started = _utc_now()
-    timer = StageTimer()
-    out = out or default_output(image)
-    if image == "-" and mask == "-":
+    req = _Request(image, mask, out or default_output(image), config or RefineConfig(), uncertainty, report,
+                   overwrite, fmt, cog, bands, progress, resume, save_coarse, command)
+    t_start, started, timer = time.perf_counter(), _utc_now(), StageTimer()
+    _check_request(req)
+    device = resolve_device(req.config.device, uses_torch(req.config.method))
+    threads = set_threads(req.config.threads)
+    refiner = build_refiner(req.config, device)
+    segment_first = _segment_first(req, refiner)
+    inputs = _Inputs()
+    try:
+        scene, run = _execute(req, refiner, inputs, device, timer, segment_first)
+    finally:
+        inputs.close()
+    wall = time.perf_counter() - t_start
+    rep = _report(req, refiner, inputs, scene, run, device, timer, threads, started, wall)
+    if req.report:
+        _write_report(req, rep, run.writer)
+    return rep
+
+
+def _check_request(req: _Request) -> None:
+    """Refuse clashing or existing outputs before any work; remove temporaries a killed run left."""
+    if req.image == "-" and req.mask == "-":
         raise UsageError("only one of IMAGE and --mask can be read from stdin")
-    check_distinct({"image": image, "--mask": mask}, {"-o": out, "--uncertainty": uncertainty,
-                                                      "--report": report, "--save-coarse": save_coarse})
-    for path in (out, uncertainty, report, save_coarse):
+    check_distinct({"image": req.image, "--mask": req.mask},
+                   {"-o": req.out, "--uncertainty": req.uncertainty, "--report": req.report,
+                    "--save-coarse": req.save_coarse})
+    for path in (req.out, req.uncertainty, req.report, req.save_coarse):
         if path:
-            check_output(path, overwrite)
+            check_output(path, req.overwrite)
             if path != "-":
                 for stale in clean_stale_temps(Path(path).parent, Path(path).name):
                     log.info("removed %s, left by a killed run", stale)
-    device = resolve_device(config.device, uses_torch(config.method))
-    threads = set_threads(config.threads)
-    refiner = build_refiner(config, device)
+
+
+def _segment_first(req: _Request, refiner: Refiner) -> bool:
+    """Whether ``--segmenter`` must make the coarse mask before the run (no ``--mask``, a plain refiner)."""
     own_segmenter = refiner.makes_coarse
-    segment_first = mask is None and not own_segmenter
-    if save_coarse and not segment_first:
+    segment_first = req.mask is None and not own_segmenter
+    if req.save_coarse and not segment_first:
         raise UsageError("--save-coarse keeps the mask that --segmenter makes: use it without --mask"
                          + (" (magnet-fast uses its segmenter's output inside; `refine segment` saves it)"
                             if own_segmenter else ""))
-    if segment_first and not config.segmenter:
-        raise UsageError(f"no --mask given: method {config.method!r} needs a coarse mask; pass --mask MASK, "
-                         "or --segmenter NAME|FILE to make one in the same run (e.g. --segmenter "
+    if segment_first and not req.config.segmenter:
+        raise UsageError(f"no --mask given: method {req.config.method!r} needs a coarse mask; pass --mask "
+                         "MASK, or --segmenter NAME|FILE to make one in the same run (e.g. --segmenter "
                          "mediapipe-selfie for people)")
-    if segment_first and image == "-":
+    if segment_first and req.image == "-":
         raise UsageError("--segmenter reads the image twice: save it to a file instead of piping it on stdin")
+    return segment_first
+
+
+@dataclass
+class _Run:
+    """What the engine did, for the report: its levels and the writer that holds the outputs."""
+
+    levels: list[LevelResult]
+    writer: OutputWriter
+    guard: GuardParams | None
+
+
+def _execute(req: _Request, refiner: Refiner, inputs: _Inputs, device: str, timer: StageTimer,
+             segment_first: bool) -> tuple[Scene, _Run]:
+    """Open the inputs, let the refiner prepare, open the outputs and stream every level through them.
+
+    Outputs are removed when anything fails; an interrupted checkpointed run keeps its finished rows.
+    """
+    cfg = req.config
     tmp_dir = default_tmp_dir()
-    readers: list[Reader] = []
     writer: OutputWriter | None = None
     checkpoint: RunCheckpoint | None = None
-    seg_facts: dict[str, Any] | None = None
-    seg_dir: str | None = None
     try:
         if segment_first:
-            seg_dir = tempfile.mkdtemp(prefix="refine-coarse-", dir=tmp_dir)
-            mask = save_coarse or os.path.join(seg_dir, "coarse.tif")
-            with timer.stage("segment"):
-                seg_facts = segment_file(image, mask, segmenter=str(config.segmenter), device=device,
-                                         soft=None, overwrite=overwrite, bands=bands,
-                                         max_pixels=config.max_pixels, inline_limit=config.inline_limit,
-                                         progress=progress)
-        with timer.stage("read"):
-            img_reader = open_raster(image, max_pixels=config.max_pixels, inline_limit=config.inline_limit,
-                                     tmp_dir=tmp_dir, what="image")
-            readers.append(img_reader)
-            src = ImageSource(img_reader, bands)
-            msk: MaskSource | None = None
-            if mask is not None:
-                mask_reader = open_raster(mask, max_pixels=config.max_pixels, inline_limit=config.inline_limit,
-                                          tmp_dir=tmp_dir, what="mask")
-                readers.append(mask_reader)
-                msk = MaskSource(mask_reader, src.shape, classes=config.classes, kind=config.mask_kind,
-                                 threshold=config.threshold)
-        H, W = src.shape
-
-        def read_overview(shape: tuple[int, int], binarize: bool = False) -> tuple[Any, Any]:
-            def coarse_k(win: Any) -> Any:
-                assert msk is not None
-                k = msk.read_k(win)
-                return (k >= config.threshold).astype("float32") if binarize and not msk.is_labels else k
-
-            with timer.stage("read"):
-                img = src.overview(shape)
-                if msk is None:
-                    return img, None
-                coarse = area_downscale(coarse_k, (H, W), shape)
-            return img, coarse if msk.is_labels else coarse[..., 0]
-
-        held = _decoded_bytes([*readers, *([msk.reader] if msk is not None else [])])
-        spec = OutputSpec(mask=out, uncertainty=uncertainty, soft=config.soft, threshold=config.threshold,
-                          fmt=fmt, cog=cog, overwrite=overwrite)
-        scene = Scene(shape=(H, W), read_overview=read_overview, device=device, timer=timer, progress=progress,
-                      image_source=src, has_mask=msk is not None, max_memory=config.max_memory,
-                      resident_bytes=held)
-        if msk is not None:
-            scene.coarse_scale, scene.labels, scene.classes = H / msk.native_shape[0], msk.is_labels, msk.classes
-            scene.bytes_out = bytes_per_pixel(spec, msk.channels, msk.is_labels)
+            _segment(req, inputs, device, timer, tmp_dir)
+        src, msk = _open_inputs(req, inputs, timer, tmp_dir)
+        scene = _scene(req, src, msk, inputs, device, timer)
         refiner.prepare(scene)
-
-        # A method with its own label space (MagNet's segmenter) decides the output layout;
-        # otherwise the user's mask does.
-        n_out = refiner.num_classes
-        assert n_out or msk is not None
-        labels = n_out > 2 if n_out else bool(msk and msk.is_labels)
-        channels = (n_out or (msk.classes if msk else 1)) if labels else 1
-        batch = config.cascade.batch_size if refiner.uses_torch else 1
-        bands_out, dtype_out = mask_layout(spec, channels, labels)
-        georef = src.georef
-        seg_rows = segment_rows_for(W, bands_out * dtype_out.itemsize)
-        if out != "-" and output_format(out, fmt) == "tiff" and H > seg_rows and image != "-" and mask != "-":
-            checkpoint = RunCheckpoint(out, {
-                "config": config_hash(config.to_dict()), "image": file_identity(image),
-                "mask": (None if segment_first else file_identity(mask)) if mask else None,
-                "shape": [H, W], "outputs": {"uncertainty": bool(uncertainty), "cog": cog, "bands": bands},
-            }, resume)
-        resampling = "average" if config.soft else "nearest"
-        mask_sink = _sink(out, (H, W), bands_out, dtype_out, overwrite, georef, fmt, cog, config.inline_limit,
-                          resampling, checkpoint, "mask", seg_rows)
-        unc_sink = None
-        if uncertainty:
-            unc_sink = _sink(uncertainty, (H, W), 1, np.dtype(np.uint8), overwrite, georef, None, cog,
-                             config.inline_limit, "average", checkpoint, "uncertainty", seg_rows)
-        start_row = min(getattr(k, "next_row", 0) for k in (mask_sink, unc_sink) if k is not None)
-        for k in (mask_sink, unc_sink):
-            if isinstance(k, SegmentedSink) and k.next_row > start_row:
-                k.rewind(start_row)
-        guard = guard_params(config, refiner, msk, (H, W))
-        writer = OutputWriter(spec, labels, mask_sink, unc_sink,
-                              refiner_uncertainty=guard is not None
-                              or refiner.provides_uncertainty)
+        layout = _layout(req, refiner, msk)
+        checkpoint = _checkpoint(req, src, layout, segment_first)
+        guard = guard_params(cfg, refiner, msk, src.shape)
+        own_unc = guard is not None or refiner.provides_uncertainty
+        writer, start_row = _open_writer(req, src, layout, checkpoint, own_unc)
         levels = run_levels(
-            src, msk, refiner, writer, timer=timer, budget=config.max_memory, resident=held,
-            bytes_out=bytes_per_pixel(spec, channels, labels), overlap=config.overlap, tile_size=config.tile_size,
-            batch_size=batch, skip_uniform=config.skip_uniform, tmp_dir=tmp_dir, progress=progress,
-            work_dir=checkpoint.path("levels") if checkpoint else None, start_row=start_row, guard=guard,
+            src, msk, refiner, writer, timer=timer, budget=cfg.max_memory, resident=scene.resident_bytes,
+            bytes_out=layout.bytes_out, overlap=cfg.overlap, tile_size=cfg.tile_size,
+            batch_size=cfg.cascade.batch_size if refiner.uses_torch else 1, skip_uniform=cfg.skip_uniform,
+            tmp_dir=tmp_dir, progress=req.progress, start_row=start_row, guard=guard,
+            work_dir=checkpoint.path("levels") if checkpoint else None,
         )
         with timer.stage("write"):
             writer.commit()
@@ -304,81 +326,197 @@ def refine_file(
         if writer is not None:
             writer.abort()
         if checkpoint is not None:
-            raise Interrupted(f"interrupted; finished rows are kept in {checkpoint.dir}: rerun the same command "
-                              "with --resume to continue") from exc
+            raise Interrupted(f"interrupted; finished rows are kept in {checkpoint.dir}: rerun the same "
+                              "command with --resume to continue") from exc
         raise Interrupted("interrupted; no output was written (temporary files removed)") from exc
     except BaseException:
         if writer is not None:
             writer.abort()
-        if save_coarse and seg_facts is not None:  # the run's outputs are one unit: all or none
-            Path(save_coarse).unlink(missing_ok=True)
+        if req.save_coarse and inputs.seg_facts is not None:  # the run's outputs are one unit: all or none
+            Path(req.save_coarse).unlink(missing_ok=True)
         raise
-    finally:
-        for r in readers:
-            r.close()
-        if seg_dir is not None:
-            shutil.rmtree(seg_dir, ignore_errors=True)
+    return scene, _Run(levels, writer, guard)
 
+
+def _segment(req: _Request, inputs: _Inputs, device: str, timer: StageTimer, tmp_dir: str | None) -> None:
+    """Make the coarse mask with ``--segmenter`` (kept at ``--save-coarse``, else in a temporary folder)."""
+    inputs.seg_dir = tempfile.mkdtemp(prefix="refine-coarse-", dir=tmp_dir)
+    req.mask = req.save_coarse or os.path.join(inputs.seg_dir, "coarse.tif")
+    cfg = req.config
+    with timer.stage("segment"):
+        inputs.seg_facts = segment_file(req.image, req.mask, segmenter=str(cfg.segmenter), device=device,
+                                        soft=None, overwrite=req.overwrite, bands=req.bands,
+                                        max_pixels=cfg.max_pixels, inline_limit=cfg.inline_limit,
+                                        progress=req.progress)
+
+
+def _open_inputs(req: _Request, inputs: _Inputs, timer: StageTimer,
+                 tmp_dir: str | None) -> tuple[ImageSource, MaskSource | None]:
+    """Open the image and the coarse mask (its kind detected and checked against the image)."""
+    cfg = req.config
+    with timer.stage("read"):
+        img_reader = open_raster(req.image, max_pixels=cfg.max_pixels, inline_limit=cfg.inline_limit,
+                                 tmp_dir=tmp_dir, what="image")
+        inputs.readers.append(img_reader)
+        inputs.src = src = ImageSource(img_reader, req.bands)
+        if req.mask is not None:
+            mask_reader = open_raster(req.mask, max_pixels=cfg.max_pixels, inline_limit=cfg.inline_limit,
+                                      tmp_dir=tmp_dir, what="mask")
+            inputs.readers.append(mask_reader)
+            inputs.mask = MaskSource(mask_reader, src.shape, classes=cfg.classes, kind=cfg.mask_kind,
+                                     threshold=cfg.threshold)
+    return src, inputs.mask
+
+
+def _scene(req: _Request, src: ImageSource, msk: MaskSource | None, inputs: _Inputs, device: str,
+           timer: StageTimer) -> Scene:
+    """The whole-image context that the refiner's ``prepare`` sees: an overview, the budget, the mask."""
+    cfg = req.config
+    H, W = src.shape
+
+    def read_overview(shape: tuple[int, int], binarize: bool = False) -> tuple[Any, Any]:
+        def coarse_k(win: Any) -> Any:
+            assert msk is not None
+            k = msk.read_k(win)
+            return (k >= cfg.threshold).astype("float32") if binarize and not msk.is_labels else k
+
+        with timer.stage("read"):
+            img = src.overview(shape)
+            if msk is None:
+                return img, None
+            coarse = area_downscale(coarse_k, (H, W), shape)
+        return img, coarse if msk.is_labels else coarse[..., 0]
+
+    held = _decoded_bytes([*inputs.readers, *([msk.reader] if msk is not None else [])])
+    scene = Scene(shape=(H, W), read_overview=read_overview, device=device, timer=timer,
+                  progress=req.progress, image_source=src, has_mask=msk is not None,
+                  max_memory=cfg.max_memory, resident_bytes=held)
+    if msk is not None:
+        scene.coarse_scale, scene.labels, scene.classes = H / msk.native_shape[0], msk.is_labels, msk.classes
+        scene.bytes_out = bytes_per_pixel(_spec(req), msk.channels, msk.is_labels)
+    return scene
+
+
+def _spec(req: _Request) -> OutputSpec:
+    return OutputSpec(mask=req.out, uncertainty=req.uncertainty, soft=req.config.soft,
+                      threshold=req.config.threshold, fmt=req.fmt, cog=req.cog, overwrite=req.overwrite)
+
+
+def _layout(req: _Request, refiner: Refiner, msk: MaskSource | None) -> _Layout:
+    """The outputs' layout.
+
+    A method with its own label space (MagNet's segmenter) decides it; otherwise the user's mask does.
+    """
+    n_out = refiner.num_classes
+    assert n_out or msk is not None
+    labels = n_out > 2 if n_out else bool(msk and msk.is_labels)
+    channels = (n_out or (msk.classes if msk else 1)) if labels else 1
+    spec = _spec(req)
+    bands_out, dtype_out = mask_layout(spec, channels, labels)
+    return _Layout(labels, channels, bands_out, dtype_out, bytes_per_pixel(spec, channels, labels), spec)
+
+
+def _checkpoint(req: _Request, src: ImageSource, layout: _Layout,
+                segment_first: bool) -> RunCheckpoint | None:
+    """The resume checkpoint of a TIFF output taller than one segment (files only, not stdin/stdout)."""
+    H, W = src.shape
+    seg_rows = segment_rows_for(W, layout.bands * layout.dtype.itemsize)
+    if req.out == "-" or output_format(req.out, req.fmt) != "tiff" or H <= seg_rows:
+        return None
+    if "-" in (req.image, req.mask):
+        return None
+    mask_id = (None if segment_first else file_identity(req.mask)) if req.mask else None
+    return RunCheckpoint(req.out, {
+        "config": config_hash(req.config.to_dict()), "image": file_identity(req.image), "mask": mask_id,
+        "shape": [H, W],
+        "outputs": {"uncertainty": bool(req.uncertainty), "cog": req.cog, "bands": req.bands},
+    }, req.resume)
+
+
+def _open_writer(req: _Request, src: ImageSource, layout: _Layout, checkpoint: RunCheckpoint | None,
+                 refiner_uncertainty: bool) -> tuple[OutputWriter, int]:
+    """The output writer and the first row still to write (0, or where an interrupted run stopped)."""
+    H, W = src.shape
+    seg_rows = segment_rows_for(W, layout.bands * layout.dtype.itemsize)
+    resampling = "average" if req.config.soft else "nearest"
+    mask_sink = _sink(req.out, (H, W), layout.bands, layout.dtype, req.overwrite, src.georef, req.fmt,
+                      req.cog, req.config.inline_limit, resampling, checkpoint, "mask", seg_rows)
+    unc_sink = None
+    if req.uncertainty:
+        unc_sink = _sink(req.uncertainty, (H, W), 1, np.dtype(np.uint8), req.overwrite, src.georef, None,
+                         req.cog, req.config.inline_limit, "average", checkpoint, "uncertainty", seg_rows)
+    start_row = min(getattr(k, "next_row", 0) for k in (mask_sink, unc_sink) if k is not None)
+    for k in (mask_sink, unc_sink):
+        if isinstance(k, SegmentedSink) and k.next_row > start_row:
+            k.rewind(start_row)
+    return OutputWriter(layout.spec, layout.labels, mask_sink, unc_sink,
+                        refiner_uncertainty=refiner_uncertainty), start_row
+
+
+def _report(req: _Request, refiner: Refiner, inputs: _Inputs, scene: Scene, run: _Run, device: str,
+            timer: StageTimer, threads: int, started: str, wall: float) -> RunReport:
+    """The run report: inputs, method, tile counts, stage times, memory plan, guard counts, notes."""
+    levels = run.levels
+    assert inputs.src is not None
+    cfg, (H, W) = req.config, inputs.src.shape
     resumed = int(levels[-1].stats.extra.get("resumed_from_row", 0))
     guard_level = levels[-1] if "guard" in levels[-1].stats.extra else None
     ran = list(levels)
     if guard_level is not None:  # the report's tiles and levels are the refiner's; the guard's go to `guard`
         levels = levels[:-1]
-    guard_facts = guard_report(config, refiner, msk, guard, None if guard_level is None else {
-        **guard_level.stats.extra["guard"], "tiles": guard_level.stats.tiles_total,
-        "tiles_checked": guard_level.stats.tiles_refined, "tile_size": guard_level.grid.tile_size,
-        "halo": guard_level.grid.halo, "estimate_bytes": guard_level.memory.total})
-    wall = time.perf_counter() - t_start
-    rep = RunReport(
-        image={**{k: v for k, v in img_reader.describe().items() if k != "levels"},
-               "georeferenced": georef is not None},
-        mask=_coarse_facts(msk, seg_facts, save_coarse, config),
-        outputs={"mask": out, "uncertainty": uncertainty, "report": report, "coarse": save_coarse},
-        method=refiner.name,
-        refiner=refiner.describe(),
-        device=device,
+    guard_facts = guard_report(cfg, refiner, inputs.mask, run.guard,
+                               None if guard_level is None else _guard_level_facts(guard_level))
+    return RunReport(
+        image={**{k: v for k, v in inputs.readers[0].describe().items() if k != "levels"},  # image reader
+               "georeferenced": inputs.src.georef is not None},
+        mask=_coarse_facts(inputs.mask, inputs.seg_facts, req.save_coarse, cfg),
+        outputs={"mask": req.out, "uncertainty": req.uncertainty, "report": req.report,
+                 "coarse": req.save_coarse},
+        method=refiner.name, refiner=refiner.describe(), device=device,
         tiles={"total": sum(lv.stats.tiles_total for lv in levels),
                "refined": sum(lv.stats.tiles_refined for lv in levels),
                "skipped": sum(lv.stats.tiles_skipped for lv in levels),
                "refiner_calls": sum(lv.stats.refiner_calls for lv in levels),
                "resumed_from_row": resumed},
-        stages=timer.seconds(),
-        wall_seconds=wall,
-        megapixels=H * W / 1e6,
+        stages=timer.seconds(), wall_seconds=wall, megapixels=H * W / 1e6,
         megapixels_per_second=H * W / 1e6 / wall if wall > 0 else 0.0,
-        peak_rss_bytes=peak_rss_bytes(),
-        peak_gpu_bytes=_peak_gpu(device),
+        peak_rss_bytes=peak_rss_bytes(), peak_gpu_bytes=_peak_gpu(device),
         memory_plan={"tile_size": levels[-1].grid.tile_size, "overlap": levels[-1].grid.overlap,
                      "halo": levels[-1].grid.halo, "queue_depth": levels[-1].memory.queue_depth,
-                     "estimate_bytes": max(lv.memory.total for lv in ran),
-                     "budget": config.max_memory,
+                     "estimate_bytes": max(lv.memory.total for lv in ran), "budget": cfg.max_memory,
                      "items": levels[-1].memory.estimate},
-        levels=[lv.to_dict() for lv in levels],
-        versions=library_versions(),
-        config={**config.to_dict(), "threads_used": threads},
-        notes=list(scene.notes) + guard_notes(guard_facts),
-        guard=guard_facts,
-        started=started,
-        finished=_utc_now(),
-        command=command,
+        levels=[lv.to_dict() for lv in levels], versions=library_versions(),
+        config={**cfg.to_dict(), "threads_used": threads},
+        notes=list(scene.notes) + guard_notes(guard_facts), guard=guard_facts,
+        started=started, finished=_utc_now(), command=req.command,
     )
-    if report:
-        try:
-            write_bytes_atomic(report, rep.to_json().encode(), overwrite=overwrite)
-        except BaseException:  # the run's outputs are one unit: without its report, none of them
-            if writer is not None:
-                writer.take_back()
-            if save_coarse:
-                Path(save_coarse).unlink(missing_ok=True)
-            raise
-    return rep
+
+
+def _guard_level_facts(level: LevelResult) -> dict[str, Any]:
+    """The guard level's counts and plan, for the report's ``guard`` entry."""
+    return {**level.stats.extra["guard"], "tiles": level.stats.tiles_total,
+            "tiles_checked": level.stats.tiles_refined, "tile_size": level.grid.tile_size,
+            "halo": level.grid.halo, "estimate_bytes": level.memory.total}
+
+
+def _write_report(req: _Request, rep: RunReport, writer: OutputWriter) -> None:
+    """Write the JSON report atomically; without it, none of the run's outputs stay."""
+    assert req.report is not None
+    try:
+        write_bytes_atomic(req.report, rep.to_json().encode(), overwrite=req.overwrite)
+    except BaseException:  # the run's outputs are one unit: without its report, none of them
+        writer.take_back()
+        if req.save_coarse:
+            Path(req.save_coarse).unlink(missing_ok=True)
+        raise
 
 
 def _sink(path: str, shape: tuple[int, int], bands: int, dtype: np.dtype, overwrite: bool, georef: Any,
           fmt: str | None, cog: bool, inline_limit: int, resampling: str, checkpoint: RunCheckpoint | None,
           name: str, segment_rows: int) -> RasterSink:
-    """A resumable segmented sink when the run is checkpointed and ``path`` is a TIFF, else the plain
-    sink for ``path`` (a PNG beside a resumable TIFF is written whole; a resume then starts at row 0).
+    """A resumable segmented sink when the run is checkpointed and ``path`` is a TIFF, else the plain sink.
+
+    A PNG beside a resumable TIFF is written whole; a resume then starts at row 0.
     """
     if checkpoint is None or output_format(path, fmt) != "tiff":
         return open_sink(path, shape, bands, dtype, overwrite=overwrite, georef=georef, fmt=fmt, cog=cog,
