@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from refine_cli.errors import UsageError
 
@@ -41,10 +41,32 @@ MIN_MAX_MEMORY = 512 * MIB
 checks that a run at this budget fits."""
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
-PRECISIONS = ("fp32", "fp16", "bf16")
+MaskKind = Literal["auto", "binary", "soft", "labels", "instances"]
+"""How a coarse mask's values are read (``--mask-kind``; see ``refine_cli.io.masks``)."""
+Precision = Literal["fp32", "fp16", "bf16"]
+"""Network precision (``--precision``): fp32, or autocast to fp16 (CUDA) / bf16."""
+OnOff = Literal["on", "off"]
+AutoOnOff = Literal["auto", "on", "off"]
+"""``auto`` follows the weights' or preset's own choice."""
+CascadeGrid = Literal["official", "feather"]
+CascadeSkip = Literal["official", "boundary"]
+CascadePad = Literal["auto", "official", "replicate"]
+MagnetStages = Literal["all", "none"]
 
-MASK_KINDS = ("auto", "binary", "soft", "labels", "instances")
-"""Values of ``--mask-kind`` (how a coarse mask's values are read; see ``refine_cli.io.masks``)."""
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+MASK_KINDS: tuple[str, ...] = get_args(MaskKind)
+"""Values of ``--mask-kind``."""
+
+
+def check_choice(flag: str, value: object, kind: object) -> None:
+    """Reject ``value`` unless it is one of the values of the ``Literal`` type ``kind``.
+
+    Raises:
+        UsageError: ``--flag 'value': use a, b or c``.
+    """
+    options = [str(o) for o in get_args(kind)]
+    if value not in options:
+        raise UsageError(f"{flag} {value!r}: use {', '.join(options[:-1])} or {options[-1]}")
 
 
 def check_mask_kind(kind: str, classes: int | None) -> None:
@@ -121,13 +143,13 @@ class CascadeOptions:
     size: int | None = None
     fast: bool = False
     weights: str | None = None
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     batch_size: int = 1
     exact: bool | None = None
-    grid: str = "official"
-    skip: str = "official"
-    pad: str = "auto"
-    snap: str = "auto"
+    grid: CascadeGrid = "official"
+    skip: CascadeSkip = "official"
+    pad: CascadePad = "auto"
+    snap: AutoOnOff = "auto"
 
 
 @dataclass(frozen=True)
@@ -152,10 +174,10 @@ class MagnetOptions:
     full: bool = False
     weights: str | None = None
     n_patches: int | None = None
-    n_points: int | None = None
+    n_points: float | None = None
     tiled: bool | None = None
-    snap: str = "auto"
-    stages: str = "all"
+    snap: AutoOnOff = "auto"
+    stages: MagnetStages = "all"
 
 
 @dataclass(frozen=True)
@@ -199,14 +221,14 @@ class RefineConfig:
     overlap: int = 64
     skip_uniform: bool = True
     classes: int | None = None
-    mask_kind: str = "auto"
+    mask_kind: MaskKind = "auto"
     threshold: float = DEFAULT_THRESHOLD
     soft: bool = False
     segmenter: str | None = None
     inline_limit: int = 64_000_000
     max_pixels: int = 50_000_000_000
     threads: int | None = None
-    guard: str = "on"
+    guard: OnOff = "on"
     max_shift: float | None = None
     guided: GuidedOptions = field(default_factory=GuidedOptions)
     cascade: CascadeOptions = field(default_factory=CascadeOptions)
@@ -231,26 +253,19 @@ class RefineConfig:
         if self.classes is not None and not 2 <= self.classes <= 65535:
             raise UsageError(f"--classes {self.classes} must be between 2 and 65535")
         check_mask_kind(self.mask_kind, self.classes)
-        if self.guard not in ("on", "off"):
-            raise UsageError(f"--guard {self.guard!r}: use on or off")
         if self.max_shift is not None and not self.max_shift > 0:
             raise UsageError(f"--max-shift {self.max_shift} must be > 0 px")
-        if self.cascade.precision not in PRECISIONS:
-            raise UsageError(f"--precision {self.cascade.precision!r}: use one of {', '.join(PRECISIONS)}")
         if self.cascade.size is not None and (self.cascade.size < 66 or self.cascade.size % 2):
             raise UsageError(f"--cascade-size {self.cascade.size} must be an even number >= 66")
-        if self.cascade.grid not in ("official", "feather"):
-            raise UsageError(f"--cascade-grid {self.cascade.grid!r}: use official or feather")
-        if self.cascade.skip not in ("boundary", "official"):
-            raise UsageError(f"--cascade-skip {self.cascade.skip!r}: use boundary or official")
-        if self.cascade.pad not in ("auto", "official", "replicate"):
-            raise UsageError(f"--cascade-pad {self.cascade.pad!r}: use auto, official or replicate")
-        if self.cascade.snap not in ("auto", "on", "off"):
-            raise UsageError(f"--cascade-snap {self.cascade.snap!r}: use auto, on or off")
-        if self.magnet.snap not in ("auto", "on", "off"):
-            raise UsageError(f"--magnet-snap {self.magnet.snap!r}: use auto, on or off")
-        if self.magnet.stages not in ("all", "none"):
-            raise UsageError(f"--magnet-stages {self.magnet.stages!r}: use all or none")
+        for flag, value, kind in (("--guard", self.guard, OnOff),
+                                  ("--precision", self.cascade.precision, Precision),
+                                  ("--cascade-grid", self.cascade.grid, CascadeGrid),
+                                  ("--cascade-skip", self.cascade.skip, CascadeSkip),
+                                  ("--cascade-pad", self.cascade.pad, CascadePad),
+                                  ("--cascade-snap", self.cascade.snap, AutoOnOff),
+                                  ("--magnet-snap", self.magnet.snap, AutoOnOff),
+                                  ("--magnet-stages", self.magnet.stages, MagnetStages)):
+            check_choice(flag, value, kind)
         if self.cascade.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
         if self.guided.radius is not None and self.guided.radius < 1:

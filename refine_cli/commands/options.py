@@ -18,11 +18,26 @@ import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 
-from refine_cli.config import CascadeOptions, GuidedOptions, MagnetOptions, RefineConfig, parse_size
+from refine_cli.config import (
+    GIB,
+    AutoOnOff,
+    CascadeGrid,
+    CascadeOptions,
+    CascadePad,
+    CascadeSkip,
+    GuidedOptions,
+    MagnetOptions,
+    MagnetStages,
+    MaskKind,
+    OnOff,
+    Precision,
+    RefineConfig,
+    parse_size,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,49 +46,55 @@ TAIL = ("verbose", "quiet", "debug")
 """Parameters kept after the shared options in ``--help``."""
 
 
+_D = RefineConfig()
+"""The defaults: every option's default is read from here, so they live once, in ``RefineConfig``."""
+
+OutputFormat = Literal["png", "tiff"]
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """The parsed shared options, as typed on the command line (see ``refine run --help``)."""
 
-    method: str = "guided"
-    soft: bool = False
-    threshold: float = 0.5
-    classes: int | None = None
-    mask_kind: str = "auto"
-    device: str = "auto"
-    max_memory: str = "2G"
-    tile_size: int | None = None
-    overlap: int = 64
-    no_skip: bool = False
-    radius: int | None = None
-    eps: float = 1e-2
-    cascade_size: int | None = None
-    fast: bool = False
-    exact: bool | None = None
-    cascade_grid: str = "official"
-    cascade_skip: str = "official"
-    cascade_pad: str = "auto"
-    cascade_snap: str = "auto"
-    segmenter: str | None = None
-    preset: str | None = None
-    full: bool = False
-    tiled: bool | None = None
-    magnet_snap: str = "auto"
-    magnet_stages: str = "all"
-    patches: int | None = None
-    points: float | None = None
-    weights: str | None = None
-    precision: str = "fp32"
-    batch_size: int = 1
+    method: str = _D.method
+    soft: bool = _D.soft
+    threshold: float = _D.threshold
+    classes: int | None = _D.classes
+    mask_kind: MaskKind = _D.mask_kind
+    device: str = _D.device
+    max_memory: str = f"{_D.max_memory // GIB}G"
+    tile_size: int | None = _D.tile_size
+    overlap: int = _D.overlap
+    no_skip: bool = not _D.skip_uniform
+    radius: int | None = _D.guided.radius
+    eps: float = _D.guided.eps
+    cascade_size: int | None = _D.cascade.size
+    fast: bool = _D.cascade.fast
+    exact: bool | None = _D.cascade.exact
+    cascade_grid: CascadeGrid = _D.cascade.grid
+    cascade_skip: CascadeSkip = _D.cascade.skip
+    cascade_pad: CascadePad = _D.cascade.pad
+    cascade_snap: AutoOnOff = _D.cascade.snap
+    segmenter: str | None = _D.segmenter
+    preset: str | None = _D.magnet.preset
+    full: bool = _D.magnet.full
+    tiled: bool | None = _D.magnet.tiled
+    magnet_snap: AutoOnOff = _D.magnet.snap
+    magnet_stages: MagnetStages = _D.magnet.stages
+    patches: int | None = _D.magnet.n_patches
+    points: float | None = _D.magnet.n_points
+    weights: str | None = _D.cascade.weights
+    precision: Precision = _D.cascade.precision
+    batch_size: int = _D.cascade.batch_size
     overwrite: bool = False
-    fmt: str | None = None
+    fmt: OutputFormat | None = None
     cog: bool = False
     bands: str | None = None
-    threads: int | None = None
-    guard: str = "on"
-    max_shift: float | None = None
-    max_pixels: float = 5e10
-    inline_limit: float = 6.4e7
+    threads: int | None = _D.threads
+    guard: OnOff = _D.guard
+    max_shift: float | None = _D.max_shift
+    max_pixels: float = float(_D.max_pixels)
+    inline_limit: float = float(_D.inline_limit)
 
     def config(self) -> RefineConfig:
         """The run configuration (validated).
@@ -93,7 +114,8 @@ class RunOptions:
                                    grid=self.cascade_grid, skip=self.cascade_skip, pad=self.cascade_pad,
                                    snap=self.cascade_snap),
             segmenter=self.segmenter,
-            magnet=MagnetOptions(preset=self.preset, full=self.full, weights=self.weights, n_patches=self.patches,
+            magnet=MagnetOptions(preset=self.preset, full=self.full, weights=self.weights,
+                                 n_patches=self.patches,
                                  n_points=self.points, tiled=self.tiled, snap=self.magnet_snap,
                                  stages=self.magnet_stages),
         )
@@ -105,76 +127,148 @@ class RunOptions:
         return parse_bands(self.bands)
 
 
-def _opt(kind: Any, flag: str, text: str) -> Any:
-    """``Annotated[kind, typer.Option(flag, help=text)]``."""
-    return Annotated[kind, typer.Option(flag, help=text)]
+INPUT, OUTPUT, METHOD, MEMORY, ADVANCED = "Input", "Output", "Method", "Memory and speed", "Advanced"
+"""The help panels of ``refine run --help`` and ``refine batch --help``."""
+
+
+def _methods() -> list[str]:
+    from refine_cli.refiners import list_refiners
+
+    return list_refiners()
+
+
+def _weights_names() -> list[str]:
+    from refine_cli.weights import list_records
+
+    return [r.name for r in list_records()]
+
+
+def _segmenter_names() -> list[str]:
+    from refine_cli.segmenters import list_segmenters
+
+    return list_segmenters()
+
+
+def _preset_names() -> list[str]:
+    from refine_cli.refiners.magnet import PRESETS
+
+    return list(PRESETS)
+
+
+def _opt(kind: Any, flag: str, text: str, panel: str, complete: Callable[[], list[str]] | None = None) -> Any:
+    """``Annotated[kind, typer.Option(flag, help=text, rich_help_panel=panel)]``; complete lists values."""
+    extra: dict[str, Any] = {}
+    if complete is not None:
+        extra["autocompletion"] = lambda incomplete: [n for n in complete() if n.startswith(incomplete)]
+    return Annotated[kind, typer.Option(flag, help=text, rich_help_panel=panel, **extra)]
+
+
+def _method_help() -> str:
+    from refine_cli.refiners import list_refiners
+
+    return f"Refiner: {', '.join(list_refiners())} (see README, 'Which method?')."
 
 
 OPTIONS: dict[str, Any] = {
-    "method": _opt(str, "--method", "Refiner: guided, fgs, coarse, densecrf, cascade, magnet-fast (see README, 'Which method?')."),
-    "soft": _opt(bool, "--soft", "Write probabilities (float32 TIFF / uint8 PNG) instead of a 0/255 mask."),
-    "threshold": _opt(float, "--threshold", "Foreground probability threshold of the hard mask."),
-    "classes": _opt(int | None, "--classes", "Treat the mask as a label map with this many classes."),
-    "mask_kind": _opt(str, "--mask-kind", "How to read the mask's values: auto (detect; see README), "
-                      "binary (non-zero is foreground), soft (probabilities: uint8 v/255, uint16 v/65535, "
-                      "float as is), labels (class indices 0..C-1 refined per class, C from --classes or "
-                      "max+1) or instances (object ids, refined as one foreground)."),
-    "guard": _opt(str, "--guard", "on: keep the coarse mask wherever the refiner's change is implausible "
-                  "(beyond --max-shift of the coarse boundary, detached from it, or deleting a small object "
-                  "whole; counts in the report); off: the refiner's output as is."),
-    "max_shift": _opt(float | None, "--max-shift", "guard: how far (px) the true boundary may lie from the "
-                      "coarse mask's (default: from the mask's resolution, see README)."),
-    "device": _opt(str, "--device", "auto, cpu, cuda or cuda:N."),
-    "max_memory": _opt(str, "--max-memory", "RAM budget, e.g. 2G or 1500M; tile size follows."),
-    "tile_size": _opt(int | None, "--tile-size", "Tile side in px (default: from the budget)."),
-    "overlap": _opt(int, "--overlap", "Blend overlap between tiles, px."),
-    "no_skip": _opt(bool, "--no-skip", "Refine every tile, also where the coarse mask is uniform."),
-    "radius": _opt(int | None, "--radius", "guided/fgs: filter radius in px (default: from the resolution)."),
-    "eps": _opt(float, "--eps", "guided: regularisation (smaller follows edges more)."),
-    "cascade_size": _opt(int | None, "--cascade-size", "cascade: working size L of global step and patches "
-                         "(default: the weights' own, 900 official, 640 lite)."),
-    "fast": _opt(bool, "--fast", "cascade: global step only."),
+    "method": _opt(str, "--method", METHOD, _methods, text=_method_help()),
+    "soft": _opt(bool, "--soft", OUTPUT,
+        text="Write probabilities (float32 TIFF / uint8 PNG) instead of a 0/255 mask."),
+    "threshold": _opt(float, "--threshold", OUTPUT,
+        text="Foreground probability threshold of the hard mask."),
+    "classes": _opt(int | None, "--classes", INPUT,
+        text="Treat the mask as a label map with this many classes."),
+    "mask_kind": _opt(MaskKind, "--mask-kind", INPUT,
+        text="How to read the mask's values: auto (detect; see README), binary (non-zero is foreground), "
+        "soft (probabilities: uint8 v/255, uint16 v/65535, float as is), labels (class indices 0..C-1 "
+        "refined per class, C from --classes or max+1) or instances (object ids, refined as one "
+        "foreground)."),
+    "guard": _opt(OnOff, "--guard", METHOD,
+        text="on: keep the coarse mask wherever the refiner's change is implausible (beyond --max-shift "
+        "of the coarse boundary, detached from it, or deleting a small object whole; counts in the "
+        "report); off: the refiner's output as is."),
+    "max_shift": _opt(float | None, "--max-shift", METHOD,
+        text="guard: how far (px) the true boundary may lie from the coarse mask's (default: from the "
+        "mask's resolution, see README)."),
+    "device": _opt(str, "--device", MEMORY,
+        text="auto, cpu, cuda or cuda:N."),
+    "max_memory": _opt(str, "--max-memory", MEMORY,
+        text="RAM budget, e.g. 2G or 1500M; tile size follows."),
+    "tile_size": _opt(int | None, "--tile-size", MEMORY,
+        text="Tile side in px (default: from the budget)."),
+    "overlap": _opt(int, "--overlap", ADVANCED,
+        text="Blend overlap between tiles, px."),
+    "no_skip": _opt(bool, "--no-skip", ADVANCED,
+        text="Refine every tile, also where the coarse mask is uniform."),
+    "radius": _opt(int | None, "--radius", METHOD,
+        text="guided/fgs: filter radius in px (default: from the resolution)."),
+    "eps": _opt(float, "--eps", METHOD,
+        text="guided: regularisation (smaller follows edges more)."),
+    "cascade_size": _opt(int | None, "--cascade-size", METHOD,
+        text="cascade: working size L of global step and patches (default: the weights' own, 900 "
+        "official, 640 lite)."),
+    "fast": _opt(bool, "--fast", METHOD,
+        text="cascade: global step only."),
     "exact": Annotated[bool | None, typer.Option("--exact/--streamed", show_default=False,
+                                                 rich_help_panel=METHOD,
                                                  help="cascade: force the official whole-image procedure or "
                                                  "the streamed pyramid (default: exact when it fits "
                                                  "--max-memory).")],
-    "cascade_grid": _opt(str, "--cascade-grid", "cascade, streamed: official patch grid (overlaps averaged, "
-                         "as the official local step) or feather (fewer tiles, faster)."),
-    "cascade_skip": _opt(str, "--cascade-skip", "cascade, streamed: official (skip windows under 10 % or over 90 % "
-                         "foreground, as the official code; default) or boundary (skip windows without a boundary)."),
-    "cascade_pad": _opt(str, "--cascade-pad", "cascade: padding of network inputs to a multiple of 8: auto (the "
-                        "weights' own: official for the official weights, replicate for the bundled lite ones), "
-                        "official (mean colour / background) or replicate (edge pixels)."),
-    "cascade_snap": _opt(str, "--cascade-snap", "cascade: finish by moving the boundary onto the image's "
-                         "colour edges (guided filter, radius 8): auto (on for the bundled lite weights, off "
-                         "for the official ones), on or off."),
-    "segmenter": _opt(str | None, "--segmenter", "Without --mask: make the coarse mask with this segmenter "
-                      "first (a name, e.g. mediapipe-selfie, see `refine weights list`, or a .onnx/.tflite/"
-                      "TorchScript file + sidecar JSON); for magnet-fast, its segmenter."),
-    "preset": _opt(str | None, "--preset", "magnet-fast: cityscapes, deepglobe or binary (default: from the "
-                   "segmenter)."),
-    "full": _opt(bool, "--full", "magnet-fast: full MagNet (every patch at every scale) instead of MagNet-Fast."),
+    "cascade_grid": _opt(CascadeGrid, "--cascade-grid", ADVANCED,
+        text="cascade, streamed: official patch grid (overlaps averaged, as the official local step) or "
+        "feather (fewer tiles, faster)."),
+    "cascade_skip": _opt(CascadeSkip, "--cascade-skip", ADVANCED,
+        text="cascade, streamed: official (skip windows under 10 % or over 90 % foreground, as the "
+        "official code; default) or boundary (skip windows without a boundary)."),
+    "cascade_pad": _opt(CascadePad, "--cascade-pad", ADVANCED,
+        text="cascade: padding of network inputs to a multiple of 8: auto (the weights' own: official "
+        "for the official weights, replicate for the bundled lite ones), official (mean colour / "
+        "background) or replicate (edge pixels)."),
+    "cascade_snap": _opt(AutoOnOff, "--cascade-snap", METHOD,
+        text="cascade: finish by moving the boundary onto the image's colour edges (guided filter, "
+        "radius 8): auto (on for the bundled lite weights, off for the official ones), on or off."),
+    "segmenter": _opt(str | None, "--segmenter", INPUT, _segmenter_names,
+        text="Without --mask: make the coarse mask with this segmenter first (a name, e.g. "
+        "mediapipe-selfie, see `refine weights list`, or a .onnx/.tflite/TorchScript file + sidecar "
+        "JSON); for magnet-fast, its segmenter."),
+    "preset": _opt(str | None, "--preset", METHOD, _preset_names,
+        text="magnet-fast: cityscapes, deepglobe or binary (default: from the segmenter)."),
+    "full": _opt(bool, "--full", METHOD,
+        text="magnet-fast: full MagNet (every patch at every scale) instead of MagNet-Fast."),
     "tiled": Annotated[bool | None, typer.Option("--tiled/--whole", show_default=False,
-                                                 help="magnet-fast: force the tiled pipeline (bounded memory) or "
-                                                 "the whole-image one (default: whole when it fits --max-memory).")],
-    "magnet_snap": _opt(str, "--magnet-snap", "magnet-fast: finish a binary result by moving its boundary "
-                        "onto the image's colour edges: auto (on for --preset binary), on or off."),
-    "magnet_stages": _opt(str, "--magnet-stages", "magnet-fast: all (the refinement scales) or none (the "
-                          "segmenter's pass, then the snap: several times faster)."),
-    "patches": _opt(int | None, "--patches", "magnet-fast: patches refined per scale (default: the preset's)."),
-    "points": _opt(float | None, "--points", "magnet-fast: points replaced per scale (count, or a fraction <= 1)."),
-    "weights": _opt(str | None, "--weights", "Checkpoint file or registry name (see `refine weights list`)."),
-    "precision": _opt(str, "--precision", "fp32, fp16 or bf16 (autocast)."),
-    "batch_size": _opt(int, "--batch-size", "Patches per forward pass."),
-    "overwrite": _opt(bool, "--overwrite", "Replace existing outputs."),
-    "fmt": _opt(str | None, "--format",
-                "Output format png or tiff (default: from the extension; png for -)."),
-    "cog": _opt(bool, "--cog", "Write Cloud-Optimised GeoTIFFs (with overviews)."),
-    "bands": _opt(str | None, "--bands", "Image bands to use as RGB, 1-based, e.g. 3,2,1."),
-    "threads": _opt(int | None, "--threads", "CPU threads (default: all cores)."),
-    "max_pixels": _opt(float, "--max-pixels", "Refuse images declaring more pixels than this."),
-    "inline_limit": _opt(float, "--inline-limit",
-                         "PNG/JPEG images above this many pixels are cached as tiled TIFF first."),
+                                                 rich_help_panel=MEMORY,
+                                                 help="magnet-fast: force the tiled pipeline (bounded "
+                                                 "memory) or the whole-image one (default: whole when it "
+                                                 "fits --max-memory).")],
+    "magnet_snap": _opt(AutoOnOff, "--magnet-snap", METHOD,
+        text="magnet-fast: finish a binary result by moving its boundary onto the image's colour edges: "
+        "auto (on for --preset binary), on or off."),
+    "magnet_stages": _opt(MagnetStages, "--magnet-stages", METHOD,
+        text="magnet-fast: all (the refinement scales) or none (the segmenter's pass, then the snap: "
+        "several times faster)."),
+    "patches": _opt(int | None, "--patches", ADVANCED,
+        text="magnet-fast: patches refined per scale (default: the preset's)."),
+    "points": _opt(float | None, "--points", ADVANCED,
+        text="magnet-fast: points replaced per scale (count, or a fraction <= 1)."),
+    "weights": _opt(str | None, "--weights", METHOD, _weights_names,
+        text="Checkpoint file or registry name (see `refine weights list`)."),
+    "precision": _opt(Precision, "--precision", MEMORY,
+        text="fp32, fp16 or bf16 (autocast)."),
+    "batch_size": _opt(int, "--batch-size", MEMORY,
+        text="Patches per forward pass."),
+    "overwrite": _opt(bool, "--overwrite", OUTPUT,
+        text="Replace existing outputs."),
+    "fmt": _opt(OutputFormat | None, "--format", OUTPUT,
+        text="Output format (default: from the extension; png for -)."),
+    "cog": _opt(bool, "--cog", OUTPUT,
+        text="Write Cloud-Optimised GeoTIFFs (with overviews)."),
+    "bands": _opt(str | None, "--bands", INPUT,
+        text="Image bands to use as RGB, 1-based, e.g. 3,2,1."),
+    "threads": _opt(int | None, "--threads", MEMORY,
+        text="CPU threads (default: all cores)."),
+    "max_pixels": _opt(float, "--max-pixels", ADVANCED,
+        text="Refuse images declaring more pixels than this."),
+    "inline_limit": _opt(float, "--inline-limit", ADVANCED,
+        text="PNG/JPEG images above this many pixels are cached as tiled TIFF first."),
 }
 """Parameter name → annotated type with its Typer option; defaults come from :class:`RunOptions`."""
 
