@@ -55,7 +55,7 @@ What a run writes to ``out``::
                       o, y, g uint8 (n, h, w) and a JSON list of where each crop came from)
     cache/key.json    what the cache depends on (a run refuses a cache built differently)
     checkpoint.pt     resumable state (same format as the CascadePSP trainer's)
-    best.pt/.json, final.pt/.json   exported weights + sidecar (``trainer.export_weights``)
+    best.pt/.json, final.pt/.json   exported weights + sidecar (``runtime.export_weights``)
     log.jsonl, config.json
 
 Conventions: probabilities in ``[0, 1]``; maps ``(N, C, h, w)`` float32, C = 2
@@ -80,6 +80,23 @@ import torch
 from torch import Tensor, nn
 
 from refine_cli.errors import InputError, UsageError
+from refine_cli.train.runtime import (
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    ProgressFn,
+    RunLog,
+    TrainResult,
+    atomic_write,
+    check_settings,
+    export_weights,
+    load_checkpoint,
+    lr_factor,
+    read_sidecar,
+    resolve_device,
+    run_steps,
+    seed_everything,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +203,6 @@ class MagnetTrainConfig:
         object.__setattr__(self, "holdout", tuple(str(v) for v in self.holdout))
         if self.arch != ARCH:
             raise UsageError(f"MagnetTrainConfig trains --arch {ARCH}, not {self.arch!r}")
-        from refine_cli.train.trainer import check_settings
-
         lo, hi = self.canvas
         check_settings(self, (
             (self.optimizer in OPTIMIZERS,
@@ -440,8 +455,6 @@ def _shard_path(folder: Path, split: str, k: int) -> Path:
 
 
 def _write_shard(path: Path, examples: Sequence[Example]) -> None:
-    from refine_cli.train.trainer import _atomic_write
-
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez_compressed(
@@ -449,7 +462,7 @@ def _write_shard(path: Path, examples: Sequence[Example]) -> None:
                 g=np.stack([e.g for e in examples]), meta=np.array(json.dumps([e.meta for e in examples])),
             )
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 @dataclass
@@ -665,8 +678,8 @@ def train_magnet(
     *,
     resume: bool = False,
     overrides: Mapping[str, Any] | None = None,
-    progress: Any = None,
-) -> Any:
+    progress: ProgressFn | None = None,
+) -> TrainResult:
     """Train (or continue training) MagNet's refinement module for a frozen segmenter.
 
     Args:
@@ -677,27 +690,25 @@ def train_magnet(
         progress: ``progress(step_done, steps_total, last_loss)`` after every step.
 
     Returns:
-        A :class:`refine_cli.train.trainer.TrainResult`.
+        A :class:`refine_cli.train.runtime.TrainResult`.
 
     Raises:
         UsageError: bad settings, or ``out`` already holds a run and ``resume`` is off.
         InputError: unreadable checkpoint or missing data folders.
         WeightsError / DependencyError: the segmenter cannot be loaded.
     """
-    from refine_cli.train import trainer as T
-
     t_start = time.perf_counter()
-    ckpt_path = cfg.out / T.CHECKPOINT
+    ckpt_path = cfg.out / CHECKPOINT
     state: dict[str, Any] | None = None
     if resume:
-        state = T.load_checkpoint(ckpt_path)
+        state = load_checkpoint(ckpt_path)
         if state["config"].get("arch") != ARCH:
             raise UsageError(f"{ckpt_path} is a {state['config'].get('arch')} run, not {ARCH}; drop --arch")
         stored = MagnetTrainConfig.from_dict({**state["config"], "out": str(cfg.out)})
         cfg = resume_config(stored, dict(overrides or {}))
     elif ckpt_path.exists():
         raise UsageError(
-            f"{cfg.out} already holds a training run ({T.CHECKPOINT}); pass --resume or another --out"
+            f"{cfg.out} already holds a training run ({CHECKPOINT}); pass --resume or another --out"
         )
     cfg.out.mkdir(parents=True, exist_ok=True)
     threads_before, cv_threads_before = torch.get_num_threads(), cv2.getNumThreads()
@@ -711,13 +722,14 @@ def train_magnet(
         cv2.setNumThreads(cv_threads_before)
 
 
-def _run(cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float, progress: Any) -> Any:
+def _run(
+    cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float, progress: ProgressFn | None
+) -> TrainResult:
     """The body of :func:`train_magnet` once the config is settled."""
     from refine_cli.models.magnet import RefinementMagNet
-    from refine_cli.train import trainer as T
 
-    ckpt_path = cfg.out / T.CHECKPOINT
-    device = T.resolve_device(cfg.device)
+    ckpt_path = cfg.out / CHECKPOINT
+    device = resolve_device(cfg.device)
     (cfg.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
     segmenter, seg_id = load_frozen_segmenter(cfg.segmenter, cfg.threads)
     t_cache = time.perf_counter()
@@ -731,7 +743,7 @@ def _run(cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float
     if cfg.crop > min(train_set.o.shape[1:]):
         raise UsageError(f"--crop {cfg.crop} is larger than the segmenter's input {seg_id['input_size']}")
 
-    T.seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
     model = RefinementMagNet(n_classes)
     init_meta = None
     if cfg.init is not None:
@@ -739,13 +751,13 @@ def _run(cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float
 
         start = load_refinement_file(cfg.init, n_classes)  # strict, checksum-checked
         model.load_state_dict(start.state_dict(), strict=True)
-        init_meta = {"file": cfg.init.name, "sha256": T.sha256_file(cfg.init),
-                     "steps": T.read_sidecar(cfg.init).get("steps")}
+        init_meta = {"file": cfg.init.name, "sha256": sha256_file(cfg.init),
+                     "steps": read_sidecar(cfg.init).get("steps")}
         logger.info("fine-tuning from %s (%s steps)", cfg.init, init_meta["steps"])
     model = model.to(device).train()
     arch_params = {"n_classes": n_classes}
     optimizer = _optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: T.lr_factor(s, cfg))  # type: ignore[arg-type]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     step, best, wall = 0, None, 0.0
     if state is not None:
         model.load_state_dict(state["model"], strict=True)
@@ -757,7 +769,7 @@ def _run(cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float
     logger.info("training %s (%d parameters) on %s: %d steps of %d x %d px crops from %d cached examples",
                 ARCH, sum(p.numel() for p in model.parameters()), device, cfg.steps, cfg.batch_size, cfg.crop,
                 len(train_set))
-    log = T._Log(cfg.out / "log.jsonl")
+    log = RunLog(cfg.out / "log.jsonl")
     meta_base = {
         "arch": ARCH, "arch_params": arch_params, "segmenter": seg_id, "normalization": normalization_meta(),
         "recipe": {k: getattr(cfg, k) for k in ("crop", "batch_size", "lr", "optimizer", "weight_decay",
@@ -773,7 +785,7 @@ def _run(cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float
 
     def snapshot(step: int) -> dict[str, Any]:
         return {
-            "format": T.CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "arch_params": arch_params,
+            "format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "arch_params": arch_params,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": {}, "rng": {"torch": torch.get_rng_state()},
             "best": best, "wall_seconds": wall + time.perf_counter() - t_start,
@@ -789,7 +801,7 @@ def _run(cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float
         log.write({"type": "val", **res})
         if best is None or res["score"] > best["score"]:
             best = dict(res)
-            T.export_weights(model, cfg.out / "best.pt", {**meta_base, "steps": step, "metrics": res})
+            export_weights(model, cfg.out / "best.pt", {**meta_base, "steps": step, "metrics": res})
         return res
 
     fixed = batch_at(train_set, 0, cfg) if cfg.fixed_batch else None
@@ -798,24 +810,22 @@ def _run(cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float
         batch = fixed if fixed is not None else batch_at(train_set, step, cfg)
         return _train_step(model, batch, cfg, device, optimizer)
 
-    step, losses, validations = T.run_steps(
+    step, losses, validations = run_steps(
         cfg, step, one_step, scheduler=scheduler, log=log, progress=progress, run_validation=run_validation,
         snapshot=snapshot, ckpt_path=ckpt_path,
     )
     seconds = time.perf_counter() - t_start
     final = cfg.out / "final.pt"
     last_val = validations[-1] if validations else None
-    T.export_weights(model, final, {**meta_base, "steps": step, "metrics": last_val,
+    export_weights(model, final, {**meta_base, "steps": step, "metrics": last_val,
                                     "wall_seconds": wall + seconds, "cache_seconds": cache_seconds})
-    return T.TrainResult(cfg.out, step, losses, validations, best, seconds, final)
+    return TrainResult(cfg.out, step, losses, validations, best, seconds, final)
 
 
 def checkpoint_arch(out: Path) -> str | None:
     """The ``arch`` of the run in ``out`` (``None`` when it has no readable checkpoint)."""
-    from refine_cli.train import trainer as T
-
     try:
-        return str(T.load_checkpoint(Path(out) / T.CHECKPOINT)["config"].get("arch"))
+        return str(load_checkpoint(Path(out) / CHECKPOINT)["config"].get("arch"))
     except InputError:
         return None
 

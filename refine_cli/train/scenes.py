@@ -35,7 +35,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -43,8 +43,25 @@ import numpy as np
 from refine_cli.errors import UsageError
 from refine_cli.tiling.grid import Window
 
-if TYPE_CHECKING:
-    from refine_cli.train.data import PhotoBank
+
+class PhotoLevels(Protocol):
+    """A photo and its successive 2x reductions."""
+
+    def level(self, k: int) -> np.ndarray:
+        """Level ``k`` (0 = the photo), ``(h, w, 3)`` uint8 RGB."""
+        ...
+
+
+class PhotoSource(Protocol):
+    """The photos a scene draws its textures from (:class:`refine_cli.train.data.PhotoBank` is one)."""
+
+    def __len__(self) -> int:
+        """Number of photos."""
+        ...
+
+    def pyramid(self, i: int) -> PhotoLevels:
+        """The pyramid of photo ``i``."""
+        ...
 
 FAMILIES = ("aerial", "cells", "thin")
 """Scene families :class:`SceneGenerator` can render."""
@@ -276,7 +293,7 @@ def _noise_image(
 
 
 def _texture(
-    photos: PhotoBank | None,
+    photos: PhotoSource | None,
     rng: np.random.Generator,
     levels: Sequence[int],
     fallback: tuple[Sequence[float], Sequence[float], float],
@@ -1546,8 +1563,8 @@ class SceneGenerator:
         family: one of :data:`FAMILIES`.
         shape: ``(height, width)`` of the whole scene, px (>= 1 each).
         seed: scene seed (any int; taken modulo 2**64).
-        photos: a :class:`~refine_cli.train.data.PhotoBank` for textures; ``None``
-            uses procedural noise textures.
+        photos: a :class:`PhotoSource` for textures (such as
+            :class:`~refine_cli.train.data.PhotoBank`); ``None`` uses procedural noise textures.
         density: object density factor in ``(0, 10]`` (1 = the family's default).
 
     Attributes:
@@ -1563,7 +1580,7 @@ class SceneGenerator:
         family: str,
         shape: tuple[int, int],
         seed: int,
-        photos: PhotoBank | None = None,
+        photos: PhotoSource | None = None,
         density: float = 1.0,
     ) -> None:
         if family not in FAMILIES:

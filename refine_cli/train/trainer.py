@@ -45,15 +45,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import os
-import random
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -63,7 +59,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from refine_cli.errors import InputError, Interrupted, RefineError, UsageError, WeightsError
+from refine_cli.errors import InputError, UsageError, WeightsError
 from refine_cli.train.data import (
     COARSE_METHODS,
     KINDS,
@@ -74,10 +70,32 @@ from refine_cli.train.data import (
     random_crop,
 )
 from refine_cli.train.losses import cascadepsp_loss
+from refine_cli.train.runtime import (
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    ProgressFn,
+    RunLog,
+    TrainResult,
+    check_settings,
+    export_weights,
+    load_checkpoint,
+    lr_factor,
+    mean_or_nan,
+    read_sidecar,
+    resolve_device,
+    rng_state,
+    run_steps,
+    seed_everything,
+    sha256_file,
+)
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("cascadepsp-lite", "cascadepsp", "magnet-refinement")
+MAGNET_ARCH = "magnet-refinement"
+"""``--arch`` of MagNet's refinement module: :mod:`refine_cli.train.magnet` trains it, this module builds
+and loads it."""
+
+ARCHITECTURES = ("cascadepsp-lite", "cascadepsp", MAGNET_ARCH)
 """Values of ``--arch``."""
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -86,14 +104,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 VAL_SEED = 1_000_003
 """Seed of the validation set (training streams use ``TrainConfig.seed``; keep them apart)."""
 
-CHECKPOINT = "checkpoint.pt"
-"""File name of the resumable checkpoint inside ``out``."""
 
-CHECKPOINT_FORMAT = "refine-train-checkpoint/1"
-"""``format`` entry of the resumable checkpoint."""
 
-EXPORT_FORMAT = "refine-weights/1"
-"""``format`` entry of an exported weights sidecar."""
 
 _STREAM = 0x7EA1
 """Extra seed word of the per-item crop / augmentation random stream."""
@@ -254,29 +266,6 @@ class DataConfig:
         )
 
 
-def check_settings(cfg: Any, checks: Sequence[tuple[bool, str]]) -> None:
-    """Validate the step-loop settings every ``refine train`` config has, then ``checks``.
-
-    Args:
-        cfg: a config with ``steps``, ``batch_size``, ``crop``, ``lr``, ``log_every``,
-            ``threads`` and ``min_lr_ratio`` (:class:`TrainConfig`, MagNet's config).
-        checks: ``(ok, message)`` pairs of the config's own fields.
-
-    Raises:
-        UsageError: the message of the first failed check.
-    """
-    common = (
-        (cfg.steps >= 1, f"--steps {cfg.steps} must be >= 1"),
-        (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be >= 1"),
-        (cfg.crop >= 32 and cfg.crop % 8 == 0, f"--crop {cfg.crop} must be a multiple of 8, >= 32"),
-        (cfg.lr > 0, f"--lr {cfg.lr} must be > 0"),
-        (cfg.log_every >= 1, "log_every must be >= 1"),
-        (cfg.threads is None or cfg.threads >= 1, f"--threads {cfg.threads} must be >= 1"),
-        (0.0 < cfg.min_lr_ratio <= 1.0, "min_lr_ratio must be in (0, 1]"),
-    )
-    for ok, message in (*common, *checks):
-        if not ok:
-            raise UsageError(message)
 
 
 @dataclass(frozen=True)
@@ -625,21 +614,6 @@ def _batches(stream: TrainStream, cfg: TrainConfig, start_step: int) -> Iterator
 # devices and precision
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``.
-
-    Raises:
-        UsageError: a CUDA device was asked for but none is available.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -667,120 +641,22 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy's global generator and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed & 0xFFFFFFFF)
-    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------------------------
 # files
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, fsync it, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
-    """Write a resumable checkpoint atomically (``torch.save`` of tensors and plain values)."""
-    _atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a resumable checkpoint safely (``weights_only=True``, CPU).
-
-    Raises:
-        InputError: missing, unreadable, truncated or not a ``refine train`` checkpoint.
-    """
-    if not path.is_file():
-        raise InputError(f"no checkpoint at {path}; train without --resume to start a new run there")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch.load raises many types on damaged files
-        reason = " ".join(str(exc).split())[:120]
-        raise InputError(
-            f"checkpoint {path} is unreadable or damaged ({type(exc).__name__}: {reason}); "
-            "delete it to start again, or restore a copy"
-        ) from exc
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(f"{path} is not a `refine train` checkpoint ({CHECKPOINT_FORMAT}); check --out")
-    return state
 
 
-def export_weights(
-    model: nn.Module, path: str | Path, meta: Mapping[str, Any], *, half: bool = False
-) -> dict[str, Any]:
-    """Save a plain state_dict and a JSON sidecar ``<path minus suffix>.json`` beside it.
-
-    Args:
-        model: the trained module.
-        path: the ``.pt`` file to write (atomically).
-        meta: facts for the sidecar (``arch``, ``arch_params``, steps, metrics, data ...).
-        half: store floating-point tensors as float16 (loading converts them back to float32).
-
-    Returns:
-        The sidecar dict (with ``sha256``, ``size``, ``dtype``, ``parameters``).
-    """
-    path = Path(path)
-    state = {}
-    for k, v in model.state_dict().items():
-        v = v.detach().cpu()
-        state[k] = (v.to(torch.float16) if half and v.is_floating_point() else v).clone()
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
-    side = {
-        "format": EXPORT_FORMAT,
-        # CascadePSP's input contract unless ``meta`` gives the module's own (MagNet's takes no image)
-        "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-                          "mask": "binarised (p >= 0.5) and mapped to {-1, +1}"},
-        **dict(meta),
-        "file": path.name,
-        "size": path.stat().st_size,
-        "sha256": sha256_file(path),
-        "dtype": "float16" if half else "float32",
-        "parameters": int(sum(p.numel() for p in model.parameters())),
-    }
-    sidecar = path.with_suffix(".json")
-    _atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps(side, indent=2) + "\n", encoding="utf-8"))
-    return side
 
 
-def read_sidecar(path: str | Path) -> dict[str, Any]:
-    """The JSON sidecar of exported weights ``path`` (``<stem>.json``).
-
-    Raises:
-        WeightsError: missing or unreadable sidecar.
-    """
-    sidecar = Path(path).with_suffix(".json")
-    try:
-        side = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise WeightsError(
-            f"cannot read {sidecar} ({exc}); the sidecar that describes {Path(path).name} must sit beside it"
-        ) from exc
-    if not isinstance(side, dict) or side.get("format") != EXPORT_FORMAT or "arch" not in side:
-        raise WeightsError(f"{sidecar} is not a refine weights sidecar ({EXPORT_FORMAT})")
-    return side
 
 
 def load_exported(path: str | Path, *, sha256: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -895,8 +771,6 @@ def selection_score(res: Mapping[str, Any]) -> float:
     return float(np.mean(gains))
 
 
-def _mean(xs: Sequence[float]) -> float:
-    return float(np.mean(xs)) if len(xs) else float("nan")
 
 
 def validate(model: nn.Module, vset: ValidationSet, precision: str = "fp32") -> dict[str, Any]:
@@ -937,8 +811,8 @@ def validate(model: nn.Module, vset: ValidationSet, precision: str = "fp32") -> 
         model.train(was_training)
 
     def summary(sel: Sequence[Row]) -> dict[str, float]:
-        iou, mba = _mean([r[2] for r in sel]), _mean([r[3] for r in sel])
-        ciou, cmba = _mean([r[4] for r in sel]), _mean([r[5] for r in sel])
+        iou, mba = mean_or_nan([r[2] for r in sel]), mean_or_nan([r[3] for r in sel])
+        ciou, cmba = mean_or_nan([r[4] for r in sel]), mean_or_nan([r[5] for r in sel])
         return {"iou": iou, "mba": mba, "coarse_iou": ciou, "coarse_mba": cmba,
                 "gain_iou": iou - ciou, "gain_mba": mba - cmba, "n": len(sel)}
 
@@ -952,10 +826,10 @@ def validate(model: nn.Module, vset: ValidationSet, precision: str = "fp32") -> 
     worst = min(out["by_kind"].items(), key=lambda kv: kv[1]["gain_iou"])
     out["worst_kind"] = {"kind": worst[0], "gain_iou": worst[1]["gain_iou"]}
     if full_rows:
-        out["full_iou"] = _mean([r[2] for r in full_rows])
-        out["full_mba"] = _mean([r[3] for r in full_rows])
-        out["full_coarse_iou"] = _mean([r[4] for r in full_rows])
-        out["full_coarse_mba"] = _mean([r[5] for r in full_rows])
+        out["full_iou"] = mean_or_nan([r[2] for r in full_rows])
+        out["full_mba"] = mean_or_nan([r[3] for r in full_rows])
+        out["full_coarse_iou"] = mean_or_nan([r[4] for r in full_rows])
+        out["full_coarse_mba"] = mean_or_nan([r[5] for r in full_rows])
         out["full_by_kind"] = grouped(full_rows, 0)
     return out
 
@@ -964,58 +838,14 @@ def validate(model: nn.Module, vset: ValidationSet, precision: str = "fp32") -> 
 # the loop
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then cosine to ``min_lr_ratio``."""
-    if cfg.warmup and step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    span = max(1, cfg.steps - cfg.warmup)
-    t = min(1.0, (step - cfg.warmup) / span)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-@dataclass
-class TrainResult:
-    """What :func:`train` did.
-
-    Attributes:
-        out: the output folder.
-        steps: steps completed in total (including those before a resume).
-        losses: total loss of every step run by this call, in order.
-        validations: the validation results of this call (with ``step``).
-        best: the best validation so far (``None`` if none ran).
-        seconds: wall time of this call.
-        final_weights: the exported final weights (``final.pt``).
-    """
-
-    out: Path
-    steps: int
-    losses: list[float]
-    validations: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    seconds: float
-    final_weights: Path
 
 
-ProgressFn = Callable[[int, int, float], None]
-"""``progress(step_done, steps_total, last_loss)``."""
 
 
-class _Log:
-    """Appends JSON records to ``out/log.jsonl``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=float) + "\n")
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
 
 
 def train(
@@ -1025,7 +855,11 @@ def train(
     overrides: Mapping[str, Any] | None = None,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
-    """Train (or continue training) a refinement module.
+    """Train (or continue training) a CascadePSP refinement module.
+
+    MagNet's module (``--arch magnet-refinement``) trains with
+    :func:`refine_cli.train.magnet.train_magnet`; :func:`refine_cli.train.dispatch.train`
+    takes this function's arguments and picks the trainer by architecture.
 
     Args:
         cfg: the run's config (with ``resume``, only ``cfg.out`` matters plus ``overrides``).
@@ -1038,14 +872,18 @@ def train(
         A :class:`TrainResult`.
 
     Raises:
-        UsageError: bad settings, or ``out`` already holds a run and ``resume`` is off.
+        UsageError: bad settings, ``out`` already holds a run and ``resume`` is off, or the run
+            is MagNet's.
         InputError: unreadable checkpoint or missing data folders.
     """
     t_start = time.perf_counter()
     ckpt_path = cfg.out / CHECKPOINT
     state: dict[str, Any] | None = None
-    if cfg.arch == "magnet-refinement" or (resume and _stored_arch(ckpt_path) == "magnet-refinement"):
-        return _train_magnet(cfg, resume, overrides, progress)
+    if cfg.arch == MAGNET_ARCH or (resume and _stored_arch(ckpt_path) == MAGNET_ARCH):
+        raise UsageError(
+            f"--arch {MAGNET_ARCH} trains with refine_cli.train.magnet.train_magnet; "
+            "refine_cli.train.dispatch.train takes a TrainConfig of any --arch"
+        )
     if resume:
         state = load_checkpoint(ckpt_path)
         cfg = resume_config(TrainConfig.from_dict(state["config"]), {**dict(overrides or {}), "out": cfg.out})
@@ -1095,29 +933,6 @@ def _stored_arch(ckpt_path: Path) -> str | None:
         return None
 
 
-def _train_magnet(
-    cfg: TrainConfig, resume: bool, overrides: Mapping[str, Any] | None, progress: ProgressFn | None
-) -> TrainResult:
-    """``--arch magnet-refinement``: :func:`refine_cli.train.magnet.train_magnet` with ``cfg``'s fields.
-
-    Only the fields both recipes have are carried over, and only where they differ from
-    ``TrainConfig``'s defaults (steps, batch, crop, learning rate, schedule, device, threads,
-    seed, validation/checkpoint/log intervals, data folders): the rest keeps MagNet's
-    defaults. Build a :class:`~refine_cli.train.magnet.MagnetTrainConfig` for full control.
-    """
-    from refine_cli.train.magnet import MagnetTrainConfig, train_magnet
-
-    shared = ("steps", "batch_size", "crop", "lr", "warmup", "min_lr_ratio", "grad_clip", "device", "threads",
-              "seed", "val_every", "ckpt_every", "log_every", "fixed_batch")
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    given = {k: getattr(cfg, k) for k in shared if getattr(cfg, k) != defaults.get(k)}
-    given.update({k: v for k, v in (overrides or {}).items() if k in shared})
-    if resume:
-        return train_magnet(MagnetTrainConfig(out=cfg.out), resume=True, overrides=given, progress=progress)
-    mcfg = MagnetTrainConfig(out=cfg.out, photos=cfg.data.photos, portraits=cfg.data.portraits, **given)
-    return train_magnet(mcfg, progress=progress)
-
-
 def _run(
     cfg: TrainConfig, state: dict[str, Any] | None, *, t_start: float, progress: ProgressFn | None
 ) -> TrainResult:
@@ -1160,7 +975,7 @@ def _run(
         cfg.arch, n_params / 1e6, device, precision, cfg.steps, cfg.batch_size, cfg.crop,
     )
     (cfg.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
-    log = _Log(cfg.out / "log.jsonl")
+    log = RunLog(cfg.out / "log.jsonl")
     stream = TrainStream(cfg.data, cfg.crop, cfg.seed, cfg.steps * cfg.batch_size)
     vset = make_validation_set(cfg)
     meta_base = {"arch": cfg.arch, "arch_params": arch_params, "crop": cfg.crop, "batch_size": cfg.batch_size,
@@ -1175,7 +990,7 @@ def _run(
             "format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "arch_params": arch_params,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "rng": _rng_state(device),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "rng": rng_state(device),
             "best": best, "wall_seconds": wall + time.perf_counter() - t_start, "init": meta_base.get("init"),
         }
 
@@ -1221,78 +1036,6 @@ def _run(
     return TrainResult(cfg.out, step, losses, validations, best, seconds, final)
 
 
-def run_steps(
-    cfg: Any,
-    start: int,
-    train_step: Callable[[int], float | None],
-    *,
-    scheduler: Any,
-    log: _Log,
-    progress: ProgressFn | None,
-    run_validation: Callable[[int], dict[str, Any]],
-    snapshot: Callable[[int], dict[str, Any]],
-    ckpt_path: Path,
-) -> tuple[int, list[float], list[dict[str, Any]]]:
-    """The step loop every ``refine train`` architecture shares: steps ``start .. cfg.steps``.
-
-    Per step: ``train_step(step)`` (the loss, or ``None`` when it was not finite and no update
-    was made; more than 20 such steps stop the run), the scheduler, the progress callback, a
-    ``train`` log record every ``cfg.log_every`` steps, ``run_validation(step)`` every
-    ``cfg.val_every`` steps and at the end, and ``snapshot(step)`` saved to ``ckpt_path`` every
-    ``cfg.ckpt_every`` steps and after each validation. Ctrl-C saves the last consistent state
-    and raises :class:`Interrupted` with the resume command.
-
-    Returns:
-        ``(steps done, losses of this run, validation records of this run)``.
-    """
-    step = start
-    losses: list[float] = []
-    validations: list[dict[str, Any]] = []
-    window: list[float] = []
-    t_log = time.perf_counter()
-    skipped = 0
-    mid_step = False  # an interrupt between the update and ``step += 1`` leaves no consistent state
-    try:
-        while step < cfg.steps:
-            mid_step = True
-            value = train_step(step)
-            if value is None:
-                skipped += 1
-                logger.warning("step %d: non-finite loss, batch skipped (%d so far)", step, skipped)
-                if skipped > 20:
-                    raise RefineError(
-                        f"training diverged at step {step} (non-finite loss); lower --lr and start again"
-                    )
-                value = float("nan")
-            scheduler.step()
-            step += 1
-            mid_step = False
-            losses.append(value)
-            window.append(value)
-            if progress is not None:
-                progress(step, cfg.steps, value)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                dt = time.perf_counter() - t_log
-                rec = {"type": "train", "step": step, "loss": _mean(window), "lr": scheduler.get_last_lr()[0],
-                       "sec_per_step": dt / len(window)}
-                log.write(rec)
-                logger.info("step %d/%d: loss %.4f, lr %.2e, %.2f s/step", step, cfg.steps, rec["loss"],
-                            rec["lr"], rec["sec_per_step"])
-                window, t_log = [], time.perf_counter()
-            validated = bool(cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps
-            if validated:
-                validations.append(run_validation(step))
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or validated:
-                save_checkpoint(ckpt_path, snapshot(step))
-    except KeyboardInterrupt:
-        if not mid_step:
-            save_checkpoint(ckpt_path, snapshot(step))
-        when = "during" if mid_step else "after"
-        raise Interrupted(
-            f"training interrupted {when} step {step}; {ckpt_path} holds the last saved state: "
-            f"continue with `refine train --out {cfg.out} --resume`"
-        ) from None
-    return step, losses, validations
 
 
 def _train_step(

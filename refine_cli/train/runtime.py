@@ -1,0 +1,395 @@
+"""What every ``refine train`` architecture shares: settings checks, the step loop, files.
+
+CascadePSP's trainer (:mod:`refine_cli.train.trainer`) and MagNet's
+(:mod:`refine_cli.train.magnet`) both build on this module: the checks of the step-loop
+settings, the learning-rate schedule (linear warm-up, then cosine decay), device choice and
+seeding, atomic writes of the resumable checkpoint and of exported weights with their JSON
+sidecar, the ``log.jsonl`` writer and the step loop itself (:func:`run_steps`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from refine_cli.errors import InputError, Interrupted, RefineError, UsageError, WeightsError
+
+logger = logging.getLogger(__name__)
+
+
+CHECKPOINT = "checkpoint.pt"
+"""File name of the resumable checkpoint inside ``out``."""
+
+CHECKPOINT_FORMAT = "refine-train-checkpoint/1"
+"""``format`` entry of the resumable checkpoint."""
+
+EXPORT_FORMAT = "refine-weights/1"
+"""``format`` entry of an exported weights sidecar."""
+
+
+class RunSettings(Protocol):
+    """The step-loop settings every ``refine train`` config has (CascadePSP's and MagNet's)."""
+
+    @property
+    def out(self) -> Path:
+        """Output folder of the run."""
+
+    @property
+    def steps(self) -> int:
+        """Optimiser steps in total."""
+
+    @property
+    def batch_size(self) -> int:
+        """Crops per step."""
+
+    @property
+    def crop(self) -> int:
+        """Crop side, px."""
+
+    @property
+    def lr(self) -> float:
+        """Peak learning rate."""
+
+    @property
+    def warmup(self) -> int:
+        """Linear warm-up steps."""
+
+    @property
+    def min_lr_ratio(self) -> float:
+        """Final learning rate as a fraction of ``lr``."""
+
+    @property
+    def threads(self) -> int | None:
+        """The number of torch CPU threads (``None``: torch's default)."""
+
+    @property
+    def val_every(self) -> int:
+        """Validate every this many steps (0: only at the end)."""
+
+    @property
+    def ckpt_every(self) -> int:
+        """Write the checkpoint every this many steps (0: at validations)."""
+
+    @property
+    def log_every(self) -> int:
+        """Log the mean loss every this many steps."""
+
+
+# --------------------------------------------------------------------------------------------
+# settings and schedule
+
+
+def check_settings(cfg: RunSettings, checks: Sequence[tuple[bool, str]]) -> None:
+    """Validate the step-loop settings every ``refine train`` config has, then ``checks``.
+
+    Args:
+        cfg: the config (CascadePSP's ``TrainConfig`` or MagNet's ``MagnetTrainConfig``); its
+            ``steps``, ``batch_size``, ``crop``, ``lr``, ``log_every``, ``threads`` and
+            ``min_lr_ratio`` are checked.
+        checks: ``(ok, message)`` pairs of the config's own fields.
+
+    Raises:
+        UsageError: the message of the first failed check.
+    """
+    common = (
+        (cfg.steps >= 1, f"--steps {cfg.steps} must be >= 1"),
+        (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be >= 1"),
+        (cfg.crop >= 32 and cfg.crop % 8 == 0, f"--crop {cfg.crop} must be a multiple of 8, >= 32"),
+        (cfg.lr > 0, f"--lr {cfg.lr} must be > 0"),
+        (cfg.log_every >= 1, "log_every must be >= 1"),
+        (cfg.threads is None or cfg.threads >= 1, f"--threads {cfg.threads} must be >= 1"),
+        (0.0 < cfg.min_lr_ratio <= 1.0, "min_lr_ratio must be in (0, 1]"),
+    )
+    for ok, message in (*common, *checks):
+        if not ok:
+            raise UsageError(message)
+
+
+def lr_factor(step: int, cfg: RunSettings) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then cosine to ``min_lr_ratio``."""
+    if cfg.warmup and step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    t = min(1.0, (step - cfg.warmup) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# --------------------------------------------------------------------------------------------
+# devices and seeding
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``.
+
+    Raises:
+        UsageError: a CUDA device was asked for but none is available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy's global generator and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The random-number state of torch (and the CUDA device's, on CUDA) for a checkpoint."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temporary file in the same folder, fsync it, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
+    """Write a resumable checkpoint atomically (``torch.save`` of tensors and plain values)."""
+    atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a resumable checkpoint safely (``weights_only=True``, CPU).
+
+    Raises:
+        InputError: missing, unreadable, truncated or not a ``refine train`` checkpoint.
+    """
+    if not path.is_file():
+        raise InputError(f"no checkpoint at {path}; train without --resume to start a new run there")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types on damaged files
+        reason = " ".join(str(exc).split())[:120]
+        raise InputError(
+            f"checkpoint {path} is unreadable or damaged ({type(exc).__name__}: {reason}); "
+            "delete it to start again, or restore a copy"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(f"{path} is not a `refine train` checkpoint ({CHECKPOINT_FORMAT}); check --out")
+    return state
+
+
+def export_weights(
+    model: nn.Module, path: str | Path, meta: Mapping[str, Any], *, half: bool = False
+) -> dict[str, Any]:
+    """Save a plain state_dict and a JSON sidecar ``<path minus suffix>.json`` beside it.
+
+    Args:
+        model: the trained module.
+        path: the ``.pt`` file to write (atomically).
+        meta: facts for the sidecar (``arch``, ``arch_params``, steps, metrics, data ...).
+        half: store floating-point tensors as float16 (loading converts them back to float32).
+
+    Returns:
+        The sidecar dict (with ``sha256``, ``size``, ``dtype``, ``parameters``).
+    """
+    path = Path(path)
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        state[k] = (v.to(torch.float16) if half and v.is_floating_point() else v).clone()
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    side = {
+        "format": EXPORT_FORMAT,
+        # CascadePSP's input contract unless ``meta`` gives the module's own (MagNet's takes no image)
+        "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                          "mask": "binarised (p >= 0.5) and mapped to {-1, +1}"},
+        **dict(meta),
+        "file": path.name,
+        "size": path.stat().st_size,
+        "sha256": sha256_file(path),
+        "dtype": "float16" if half else "float32",
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+    }
+    sidecar = path.with_suffix(".json")
+    atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps(side, indent=2) + "\n", encoding="utf-8"))
+    return side
+
+
+def read_sidecar(path: str | Path) -> dict[str, Any]:
+    """The JSON sidecar of exported weights ``path`` (``<stem>.json``).
+
+    Raises:
+        WeightsError: missing or unreadable sidecar.
+    """
+    sidecar = Path(path).with_suffix(".json")
+    try:
+        side = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WeightsError(
+            f"cannot read {sidecar} ({exc}); the sidecar that describes {Path(path).name} must sit beside it"
+        ) from exc
+    if not isinstance(side, dict) or side.get("format") != EXPORT_FORMAT or "arch" not in side:
+        raise WeightsError(f"{sidecar} is not a refine weights sidecar ({EXPORT_FORMAT})")
+    return side
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class TrainResult:
+    """What a training run did (``trainer.train``, ``magnet.train_magnet``).
+
+    Attributes:
+        out: the output folder.
+        steps: steps completed in total (including those before a resume).
+        losses: total loss of every step run by this call, in order.
+        validations: the validation results of this call (with ``step``).
+        best: the best validation so far (``None`` if none ran).
+        seconds: wall time of this call.
+        final_weights: the exported final weights (``final.pt``).
+    """
+
+    out: Path
+    steps: int
+    losses: list[float]
+    validations: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    seconds: float
+    final_weights: Path
+
+
+ProgressFn = Callable[[int, int, float], None]
+"""``progress(step_done, steps_total, last_loss)``."""
+
+
+class RunLog:
+    """Appends JSON records to ``out/log.jsonl``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append one record as a JSON line."""
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+
+def mean_or_nan(xs: Sequence[float]) -> float:
+    """The mean of ``xs``, NaN when empty."""
+    return float(np.mean(xs)) if len(xs) else float("nan")
+
+
+def run_steps(
+    cfg: RunSettings,
+    start: int,
+    train_step: Callable[[int], float | None],
+    *,
+    scheduler: Any,
+    log: RunLog,
+    progress: ProgressFn | None,
+    run_validation: Callable[[int], dict[str, Any]],
+    snapshot: Callable[[int], dict[str, Any]],
+    ckpt_path: Path,
+) -> tuple[int, list[float], list[dict[str, Any]]]:
+    """The step loop every ``refine train`` architecture shares: steps ``start .. cfg.steps``.
+
+    Per step: ``train_step(step)`` (the loss, or ``None`` when it was not finite and no update
+    was made; more than 20 such steps stop the run), the scheduler, the progress callback, a
+    ``train`` log record every ``cfg.log_every`` steps, ``run_validation(step)`` every
+    ``cfg.val_every`` steps and at the end, and ``snapshot(step)`` saved to ``ckpt_path`` every
+    ``cfg.ckpt_every`` steps and after each validation. Ctrl-C saves the last consistent state
+    and raises :class:`Interrupted` with the resume command.
+
+    Returns:
+        ``(steps done, losses of this run, validation records of this run)``.
+    """
+    step = start
+    losses: list[float] = []
+    validations: list[dict[str, Any]] = []
+    window: list[float] = []
+    t_log = time.perf_counter()
+    skipped = 0
+    mid_step = False  # an interrupt between the update and ``step += 1`` leaves no consistent state
+    try:
+        while step < cfg.steps:
+            mid_step = True
+            value = train_step(step)
+            if value is None:
+                skipped += 1
+                logger.warning("step %d: non-finite loss, batch skipped (%d so far)", step, skipped)
+                if skipped > 20:
+                    raise RefineError(
+                        f"training diverged at step {step} (non-finite loss); lower --lr and start again"
+                    )
+                value = float("nan")
+            scheduler.step()
+            step += 1
+            mid_step = False
+            losses.append(value)
+            window.append(value)
+            if progress is not None:
+                progress(step, cfg.steps, value)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                dt = time.perf_counter() - t_log
+                rec = {"type": "train", "step": step, "loss": mean_or_nan(window),
+                       "lr": scheduler.get_last_lr()[0], "sec_per_step": dt / len(window)}
+                log.write(rec)
+                logger.info("step %d/%d: loss %.4f, lr %.2e, %.2f s/step", step, cfg.steps, rec["loss"],
+                            rec["lr"], rec["sec_per_step"])
+                window, t_log = [], time.perf_counter()
+            validated = bool(cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps
+            if validated:
+                validations.append(run_validation(step))
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or validated:
+                save_checkpoint(ckpt_path, snapshot(step))
+    except KeyboardInterrupt:
+        if not mid_step:
+            save_checkpoint(ckpt_path, snapshot(step))
+        when = "during" if mid_step else "after"
+        raise Interrupted(
+            f"training interrupted {when} step {step}; {ckpt_path} holds the last saved state: "
+            f"continue with `refine train --out {cfg.out} --resume`"
+        ) from None
+    return step, losses, validations
