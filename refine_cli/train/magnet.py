@@ -726,9 +726,6 @@ def _run(
     cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float, progress: ProgressFn | None
 ) -> TrainResult:
     """The body of :func:`train_magnet` once the config is settled."""
-    from refine_cli.models.magnet import RefinementMagNet
-
-    ckpt_path = cfg.out / CHECKPOINT
     device = resolve_device(cfg.device)
     (cfg.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
     segmenter, seg_id = load_frozen_segmenter(cfg.segmenter, cfg.threads)
@@ -744,18 +741,7 @@ def _run(
         raise UsageError(f"--crop {cfg.crop} is larger than the segmenter's input {seg_id['input_size']}")
 
     seed_everything(cfg.seed)
-    model = RefinementMagNet(n_classes)
-    init_meta = None
-    if cfg.init is not None:
-        from refine_cli.refiners.magnet import load_refinement_file
-
-        start = load_refinement_file(cfg.init, n_classes)  # strict, checksum-checked
-        model.load_state_dict(start.state_dict(), strict=True)
-        init_meta = {"file": cfg.init.name, "sha256": sha256_file(cfg.init),
-                     "steps": read_sidecar(cfg.init).get("steps")}
-        logger.info("fine-tuning from %s (%s steps)", cfg.init, init_meta["steps"])
-    model = model.to(device).train()
-    arch_params = {"n_classes": n_classes}
+    model, init_meta = _start_model(cfg, n_classes, device)
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     step, best, wall = 0, None, 0.0
@@ -770,40 +756,8 @@ def _run(
                 ARCH, sum(p.numel() for p in model.parameters()), device, cfg.steps, cfg.batch_size, cfg.crop,
                 len(train_set))
     log = RunLog(cfg.out / "log.jsonl")
-    meta_base = {
-        "arch": ARCH, "arch_params": arch_params, "segmenter": seg_id, "normalization": normalization_meta(),
-        "recipe": {k: getattr(cfg, k) for k in ("crop", "batch_size", "lr", "optimizer", "weight_decay",
-                                                "warmup", "min_lr_ratio", "grad_clip", "ohem_threshold",
-                                                "ohem_keep", "ce_weight", "boundary_bias", "seed",
-                                                "threads")},
-        "init": init_meta,
-        "data": {"samples": cfg.samples, "examples": len(train_set), "val_samples": cfg.val_samples,
-                 "val_seed": VAL_SEED, "crops_per_stage": cfg.crops_per_stage, "canvas": list(cfg.canvas),
-                 "holdout": list(cfg.holdout), "photos": None if cfg.photos is None else str(cfg.photos),
-                 "portraits": None if cfg.portraits is None else str(cfg.portraits)},
-    }
-
-    def snapshot(step: int) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "arch_params": arch_params,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": {}, "rng": {"torch": torch.get_rng_state()},
-            "best": best, "wall_seconds": wall + time.perf_counter() - t_start,
-        }
-
-    def run_validation(step: int) -> dict[str, Any]:
-        nonlocal best
-        t0 = time.perf_counter()
-        res = {"step": step, **validate(model, val_set, device)}
-        res["seconds"] = round(time.perf_counter() - t0, 1)
-        logger.info("step %d: val IoU %.4f (Y %.4f, O %.4f), mBA %.4f (Y %.4f, O %.4f)", step, res["iou"],
-                    res["coarse_iou"], res["fine_iou"], res["mba"], res["coarse_mba"], res["fine_mba"])
-        log.write({"type": "val", **res})
-        if best is None or res["score"] > best["score"]:
-            best = dict(res)
-            export_weights(model, cfg.out / "best.pt", {**meta_base, "steps": step, "metrics": res})
-        return res
-
+    meta_base = _meta_base(cfg, n_classes, seg_id, init_meta, len(train_set))
+    run = _MagnetRun(cfg, model, optimizer, scheduler, device, val_set, log, meta_base, t_start, best, wall)
     fixed = batch_at(train_set, 0, cfg) if cfg.fixed_batch else None
 
     def one_step(step: int) -> float | None:
@@ -811,15 +765,111 @@ def _run(
         return _train_step(model, batch, cfg, device, optimizer)
 
     step, losses, validations = run_steps(
-        cfg, step, one_step, scheduler=scheduler, log=log, progress=progress, run_validation=run_validation,
-        snapshot=snapshot, ckpt_path=ckpt_path,
+        cfg, step, one_step, scheduler=scheduler, log=log, progress=progress,
+        run_validation=run.run_validation, snapshot=run.snapshot, ckpt_path=cfg.out / CHECKPOINT,
     )
     seconds = time.perf_counter() - t_start
     final = cfg.out / "final.pt"
     last_val = validations[-1] if validations else None
     export_weights(model, final, {**meta_base, "steps": step, "metrics": last_val,
-                                    "wall_seconds": wall + seconds, "cache_seconds": cache_seconds})
-    return TrainResult(cfg.out, step, losses, validations, best, seconds, final)
+                                  "wall_seconds": wall + seconds, "cache_seconds": cache_seconds})
+    return TrainResult(cfg.out, step, losses, validations, run.best, seconds, final)
+
+
+def _start_model(
+    cfg: MagnetTrainConfig, n_classes: int, device: torch.device
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """A fresh module, or ``cfg.init``'s weights (strict, checksum-checked), in training mode on ``device``.
+
+    Returns:
+        The module and the facts of the ``--init`` weights (``None`` without them).
+    """
+    from refine_cli.models.magnet import RefinementMagNet
+
+    model = RefinementMagNet(n_classes)
+    init_meta = None
+    if cfg.init is not None:
+        from refine_cli.refiners.magnet import load_refinement_file
+
+        start = load_refinement_file(cfg.init, n_classes)  # strict, checksum-checked
+        model.load_state_dict(start.state_dict(), strict=True)
+        init_meta = {"file": cfg.init.name, "sha256": sha256_file(cfg.init),
+                     "steps": read_sidecar(cfg.init).get("steps")}
+        logger.info("fine-tuning from %s (%s steps)", cfg.init, init_meta["steps"])
+    return model.to(device).train(), init_meta
+
+
+def _meta_base(
+    cfg: MagnetTrainConfig, n_classes: int, seg_id: Mapping[str, Any], init_meta: dict[str, Any] | None,
+    n_examples: int,
+) -> dict[str, Any]:
+    """The facts every exported sidecar of the run carries (architecture, segmenter, recipe, data)."""
+    return {
+        "arch": ARCH, "arch_params": {"n_classes": n_classes}, "segmenter": seg_id,
+        "normalization": normalization_meta(),
+        "recipe": {k: getattr(cfg, k) for k in ("crop", "batch_size", "lr", "optimizer", "weight_decay",
+                                                "warmup", "min_lr_ratio", "grad_clip", "ohem_threshold",
+                                                "ohem_keep", "ce_weight", "boundary_bias", "seed",
+                                                "threads")},
+        "init": init_meta,
+        "data": {"samples": cfg.samples, "examples": n_examples, "val_samples": cfg.val_samples,
+                 "val_seed": VAL_SEED, "crops_per_stage": cfg.crops_per_stage, "canvas": list(cfg.canvas),
+                 "holdout": list(cfg.holdout), "photos": None if cfg.photos is None else str(cfg.photos),
+                 "portraits": None if cfg.portraits is None else str(cfg.portraits)},
+    }
+
+
+@dataclass
+class _MagnetRun:
+    """A MagNet refinement-module run in progress: what its checkpoints store and validations update.
+
+    Attributes:
+        cfg: the run's config.
+        model, optimizer, scheduler: the training state.
+        device: where the module is.
+        val_set: the cached validation examples.
+        log: the run's ``log.jsonl``.
+        meta_base: the facts of every exported sidecar (:func:`_meta_base`).
+        t_start: ``time.perf_counter()`` when this call began.
+        best: the best validation so far (``None``: none yet).
+        wall: wall seconds of the run before this call.
+    """
+
+    cfg: MagnetTrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    val_set: CacheArrays
+    log: RunLog
+    meta_base: dict[str, Any]
+    t_start: float
+    best: dict[str, Any] | None
+    wall: float
+
+    def snapshot(self, step: int) -> dict[str, Any]:
+        """The resumable checkpoint after ``step`` steps."""
+        return {
+            "format": CHECKPOINT_FORMAT, "step": step, "config": self.cfg.to_dict(),
+            "arch_params": self.meta_base["arch_params"], "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": {},
+            "rng": {"torch": torch.get_rng_state()}, "best": self.best,
+            "wall_seconds": self.wall + time.perf_counter() - self.t_start,
+        }
+
+    def run_validation(self, step: int) -> dict[str, Any]:
+        """Validate after ``step`` steps, log it, and export ``best.pt`` when ``iou + mba`` improved."""
+        t0 = time.perf_counter()
+        res = {"step": step, **validate(self.model, self.val_set, self.device)}
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        logger.info("step %d: val IoU %.4f (Y %.4f, O %.4f), mBA %.4f (Y %.4f, O %.4f)", step, res["iou"],
+                    res["coarse_iou"], res["fine_iou"], res["mba"], res["coarse_mba"], res["fine_mba"])
+        self.log.write({"type": "val", **res})
+        if self.best is None or res["score"] > self.best["score"]:
+            self.best = dict(res)
+            meta = {**self.meta_base, "steps": step, "metrics": res}
+            export_weights(self.model, self.cfg.out / "best.pt", meta)
+        return res
 
 
 def checkpoint_arch(out: Path) -> str | None:

@@ -937,37 +937,17 @@ def _run(
     cfg: TrainConfig, state: dict[str, Any] | None, *, t_start: float, progress: ProgressFn | None
 ) -> TrainResult:
     """The body of :func:`train` once the config is settled (``state``: the checkpoint to resume)."""
-    ckpt_path = cfg.out / CHECKPOINT
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)
-
-    # a resumed run rebuilds the exact architecture it stored, whatever the defaults are now
-    init_meta = None
-    if state is not None:
-        model = build_model(cfg.arch, state["arch_params"])
-    elif cfg.init is not None:
-        model, init_meta = load_init(cfg)
-    else:
-        model = build_model(cfg.arch, cfg.arch_params)
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model, init_meta = _start_model(cfg, state, device)
     arch_params = arch_dict(model, cfg.arch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step, best, wall = 0, None, 0.0
     if state is not None:
-        model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        step, best, wall = int(state["step"]), state.get("best"), float(state.get("wall_seconds", 0.0))
+        step, best, wall = _restore(state, model, optimizer, scheduler, scaler, device)
         logger.info("resuming %s at step %d of %d", cfg.out, step, cfg.steps)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
@@ -978,64 +958,154 @@ def _run(
     log = RunLog(cfg.out / "log.jsonl")
     stream = TrainStream(cfg.data, cfg.crop, cfg.seed, cfg.steps * cfg.batch_size)
     vset = make_validation_set(cfg)
+    run = _CascadeRun(cfg, model, optimizer, scheduler, scaler, device, precision, vset, log,
+                      _meta_base(cfg, arch_params, vset, init_meta, state), t_start, best, wall)
+    model.train()
+    batches = _batches(stream, cfg, step)
+    step, losses, validations = run_steps(
+        cfg, step, lambda _: _train_step(model, next(batches), cfg, device, precision, optimizer, scaler),
+        scheduler=scheduler, log=log, progress=progress, run_validation=run.run_validation,
+        snapshot=run.snapshot, ckpt_path=cfg.out / CHECKPOINT,
+    )
+    seconds = time.perf_counter() - t_start
+    final = cfg.out / "final.pt"
+    last_val = validations[-1] if validations else None
+    export_weights(model, final, {**run.meta_base, "steps": step, "metrics": last_val,
+                                  "wall_seconds": wall + seconds})
+    return TrainResult(cfg.out, step, losses, validations, run.best, seconds, final)
+
+
+def _start_model(
+    cfg: TrainConfig, state: dict[str, Any] | None, device: torch.device
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The module a run starts from, on ``device``, and the facts of ``--init`` weights (else ``None``).
+
+    A resumed run rebuilds the exact architecture it stored, whatever the defaults are now.
+    """
+    init_meta = None
+    if state is not None:
+        model = build_model(cfg.arch, state["arch_params"])
+    elif cfg.init is not None:
+        model, init_meta = load_init(cfg)
+    else:
+        model = build_model(cfg.arch, cfg.arch_params)
+    model = model.to(device)
+    if cfg.channels_last:
+        # nn.Module.to takes memory_format (torch's docs); the stub's overloads leave it out
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model, init_meta
+
+
+def _restore(
+    state: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+) -> tuple[int, dict[str, Any] | None, float]:
+    """Load a checkpoint's states and random-number state; its ``(step, best, wall seconds)``."""
+    model.load_state_dict(state["model"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    return int(state["step"]), state.get("best"), float(state.get("wall_seconds", 0.0))
+
+
+def _meta_base(
+    cfg: TrainConfig, arch_params: dict[str, Any], vset: ValidationSet, init_meta: dict[str, Any] | None,
+    state: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The facts every exported sidecar of the run carries (architecture, data, validation, init)."""
     meta_base = {"arch": cfg.arch, "arch_params": arch_params, "crop": cfg.crop, "batch_size": cfg.batch_size,
                  "data": cfg.data.to_dict(), "seed": cfg.seed, "val_seed": VAL_SEED, "val_size": cfg.val_size,
                  "validation": {"n": len(vset.samples), "full_n": len(vset.full), **validation_counts(vset),
                                 "selection": SELECTION_RULE}}
     if cfg.init is not None:
         meta_base["init"] = init_meta if init_meta is not None else (state or {}).get("init")
+    return meta_base
 
-    def snapshot(step: int) -> dict[str, Any]:
+
+@dataclass
+class _CascadeRun:
+    """A CascadePSP run in progress: what its checkpoints store and its validations update.
+
+    Attributes:
+        cfg: the run's config.
+        model, optimizer, scheduler, scaler: the training state.
+        device, precision: where and how validation runs.
+        vset: the fixed validation samples.
+        log: the run's ``log.jsonl``.
+        meta_base: the facts of every exported sidecar (:func:`_meta_base`).
+        t_start: ``time.perf_counter()`` when this call began.
+        best: the best validation so far (``None``: none yet).
+        wall: wall seconds of the run before this call.
+    """
+
+    cfg: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    precision: str
+    vset: ValidationSet
+    log: RunLog
+    meta_base: dict[str, Any]
+    t_start: float
+    best: dict[str, Any] | None
+    wall: float
+
+    def snapshot(self, step: int) -> dict[str, Any]:
+        """The resumable checkpoint after ``step`` steps."""
         return {
-            "format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "arch_params": arch_params,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "rng": rng_state(device),
-            "best": best, "wall_seconds": wall + time.perf_counter() - t_start, "init": meta_base.get("init"),
+            "format": CHECKPOINT_FORMAT, "step": step, "config": self.cfg.to_dict(),
+            "arch_params": self.meta_base["arch_params"], "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "rng": rng_state(self.device), "best": self.best,
+            "wall_seconds": self.wall + time.perf_counter() - self.t_start,
+            "init": self.meta_base.get("init"),
         }
 
-    def run_validation(step: int) -> dict[str, Any]:
-        nonlocal best
+    def run_validation(self, step: int) -> dict[str, Any]:
+        """Validate after ``step`` steps, log it, and export ``best.pt`` when the score improved."""
         t0 = time.perf_counter()
-        res = {"step": step, **validate(model, vset, "fp32" if device.type == "cpu" else precision)}
+        precision = "fp32" if self.device.type == "cpu" else self.precision
+        res = {"step": step, **validate(self.model, self.vset, precision)}
         res["seconds"] = round(time.perf_counter() - t0, 1)
-        full = ""
-        if "full_iou" in res:
-            full = f"; global+local IoU {res['full_iou']:.4f} mBA {res['full_mba']:.4f}"
-        logger.info(
-            "step %d: val IoU %.4f (coarse %.4f, %+.4f), mBA %.4f (coarse %.4f, %+.4f)%s", step, res["iou"],
-            res["coarse_iou"], res["gain_iou"], res["mba"], res["coarse_mba"], res["gain_mba"], full,
-        )
-        for kind, k in res["by_kind"].items():
-            logger.info("  %-10s IoU %.4f (coarse %.4f, %+.4f), mBA %.4f (coarse %.4f, %+.4f), n %d",
-                        kind, k["iou"], k["coarse_iou"], k["gain_iou"], k["mba"], k["coarse_mba"],
-                        k["gain_mba"], k["n"])
+        _log_validation(res)
+        best = self.best
         improved = best is None or res["score"] > selection_score(best)
         kept = "new best" if best is None or improved else \
             f"best stays step {best['step']} ({selection_score(best):+.4f})"
         logger.info("  selection score (mean IoU gain over kinds) %+.4f; worst kind %s %+.4f; %s",
                     res["score"], res["worst_kind"]["kind"], res["worst_kind"]["gain_iou"], kept)
-        log.write({"type": "val", **res, "best": improved})
+        self.log.write({"type": "val", **res, "best": improved})
         if improved:
-            best = dict(res)
-            export_weights(model, cfg.out / "best.pt", {**meta_base, "steps": step, "metrics": res})
+            self.best = dict(res)
+            meta = {**self.meta_base, "steps": step, "metrics": res}
+            export_weights(self.model, self.cfg.out / "best.pt", meta)
         return res
 
-    model.train()
-    batches = _batches(stream, cfg, step)
-    step, losses, validations = run_steps(
-        cfg, step, lambda _: _train_step(model, next(batches), cfg, device, precision, optimizer, scaler),
-        scheduler=scheduler, log=log, progress=progress, run_validation=run_validation, snapshot=snapshot,
-        ckpt_path=ckpt_path,
+
+def _log_validation(res: Mapping[str, Any]) -> None:
+    """Log a validation result: overall, global + local when run, and per kind."""
+    full = ""
+    if "full_iou" in res:
+        full = f"; global+local IoU {res['full_iou']:.4f} mBA {res['full_mba']:.4f}"
+    logger.info(
+        "step %d: val IoU %.4f (coarse %.4f, %+.4f), mBA %.4f (coarse %.4f, %+.4f)%s", res["step"],
+        res["iou"], res["coarse_iou"], res["gain_iou"], res["mba"], res["coarse_mba"], res["gain_mba"], full,
     )
-    seconds = time.perf_counter() - t_start
-    final = cfg.out / "final.pt"
-    last_val = validations[-1] if validations else None
-    export_weights(model, final, {**meta_base, "steps": step, "metrics": last_val,
-                                  "wall_seconds": wall + seconds})
-    return TrainResult(cfg.out, step, losses, validations, best, seconds, final)
-
-
+    for kind, k in res["by_kind"].items():
+        logger.info("  %-10s IoU %.4f (coarse %.4f, %+.4f), mBA %.4f (coarse %.4f, %+.4f), n %d",
+                    kind, k["iou"], k["coarse_iou"], k["gain_iou"], k["mba"], k["coarse_mba"],
+                    k["gain_mba"], k["n"])
 
 
 def _train_step(
@@ -1053,6 +1123,11 @@ def _train_step(
         model: the module in training mode.
         batch: ``image`` ``(B, 3, c, c)`` float32 RGB in [0, 1]; ``gt`` and ``coarse``
             ``(B, 1, c, c)`` float32 in [0, 1].
+        cfg: the run's config (``channels_last``, ``grad_clip``).
+        device: where the module is.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast of the forward pass).
+        optimizer: the optimiser to step.
+        scaler: the gradient scaler (enabled for ``fp16`` only).
 
     Returns:
         The total loss, or ``None`` when it was not finite (no update made).
