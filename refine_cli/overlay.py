@@ -138,7 +138,8 @@ def mask_overview(src: MaskSource, out_shape: tuple[int, int]) -> np.ndarray:
             prob = np.clip(np.nan_to_num(raw.astype(np.float32)), 0.0, 1.0)
         else:
             prob = raw.astype(np.float32) * np.float32(1.0 / src.kind.scale)
-        return np.clip(_resize(prob, out_shape), 0.0, 1.0)
+        result: np.ndarray = np.clip(_resize(prob, out_shape), 0.0, 1.0)
+        return result
     out = area_downscale(lambda w: src.read(w)[..., None], src.shape, out_shape)
     return out[..., 0]
 
@@ -182,11 +183,13 @@ def uncertainty_overview(
 
     def read(win: Window) -> np.ndarray:
         v = reader.read(win)[..., :1].astype(np.float32)
-        return np.clip(np.nan_to_num(v) * np.float32(1.0 / scale), 0.0, 1.0)
+        result: np.ndarray = np.clip(np.nan_to_num(v) * np.float32(1.0 / scale), 0.0, 1.0)
+        return result
 
     nh, nw = reader.shape
     if nh * nw <= _SMALL_NATIVE * out_shape[0] * out_shape[1]:
-        return np.clip(_resize(read(Window.full(reader.shape))[..., 0], out_shape), 0.0, 1.0)
+        result: np.ndarray = np.clip(_resize(read(Window.full(reader.shape))[..., 0], out_shape), 0.0, 1.0)
+        return result
     return area_downscale(read, reader.shape, out_shape)[..., 0]
 
 

@@ -177,8 +177,10 @@ def _mask_data(probs: np.ndarray, soft: bool, fmt: str) -> np.ndarray:
         return data
     labels = probs.argmax(axis=-1)
     if c == 2:
-        return (labels == 1).astype(np.uint8) * np.uint8(MASK_FG)
-    return labels.astype(np.uint8 if c <= 256 else np.uint16)
+        mask: np.ndarray = (labels == 1).astype(np.uint8) * np.uint8(MASK_FG)
+        return mask
+    label_map: np.ndarray = labels.astype(np.uint8 if c <= 256 else np.uint16)
+    return label_map
 
 
 def _write_mask(

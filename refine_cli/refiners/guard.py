@@ -204,7 +204,10 @@ def _first_in_core(labels: np.ndarray, n: int, core: tuple[slice, slice] | None)
         first[order[0]] = idx[order[1]]
     rows, cols = np.divmod(np.maximum(first, 0), labels.shape[1])
     r, c = core
-    return (first >= 0) & (rows >= r.start) & (rows < r.stop) & (cols >= c.start) & (cols < c.stop)
+    in_core: np.ndarray = (
+        (first >= 0) & (rows >= r.start) & (rows < r.stop) & (cols >= c.start) & (cols < c.stop)
+    )
+    return in_core
 
 
 def _restore_deleted(coarse_fg: np.ndarray, out_fg: np.ndarray, params: GuardParams, value: bool,
@@ -251,7 +254,8 @@ def band_map(c_fg: np.ndarray, params: GuardParams, cut: Cut = ALL_CUT,
     if not large.any():
         return params.band
     bands = np.where(large, params.wide, params.band).astype(np.float32)
-    return bands[comp]
+    result: np.ndarray | float = bands[comp]
+    return result
 
 
 def nearest_components(c_fg: np.ndarray, size: int, cut: Cut) -> tuple[np.ndarray, np.ndarray]:

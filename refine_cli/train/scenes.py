@@ -111,7 +111,8 @@ def _mix(h: np.ndarray) -> np.ndarray:
     h = h * np.uint32(0x7FEB352D)
     h = h ^ (h >> np.uint32(15))
     h = h * np.uint32(0x846CA68B)
-    return h ^ (h >> np.uint32(16))
+    result: np.ndarray = h ^ (h >> np.uint32(16))
+    return result
 
 
 def _hash2(rows: np.ndarray, cols: np.ndarray, key: int) -> np.ndarray:
@@ -126,7 +127,8 @@ def _gauss_noise(r0: int, c0: int, h: int, w: int, key: int) -> np.ndarray:
     x = _hash2(np.arange(r0, r0 + h), np.arange(c0, c0 + w), key)
     m = np.uint32(255)
     s = (x & m) + ((x >> np.uint32(8)) & m) + ((x >> np.uint32(16)) & m) + (x >> np.uint32(24))
-    return (s.astype(np.float32) - np.float32(510.0)) * np.float32(1.0 / 147.8)
+    result: np.ndarray = (s.astype(np.float32) - np.float32(510.0)) * np.float32(1.0 / 147.8)
+    return result
 
 
 def _axis(start: int, n: int, period: float) -> tuple[np.ndarray, np.ndarray]:
@@ -160,7 +162,8 @@ def value_noise(r0: int, c0: int, h: int, w: int, period: float, key: int) -> np
     along = left + (lat[:, jx + 1] - left) * tx[None, :]  # (lattice rows, w)
     jy = iy - ly[0]
     top = along[jy]
-    return top + (along[jy + 1] - top) * ty[:, None]
+    result: np.ndarray = top + (along[jy + 1] - top) * ty[:, None]
+    return result
 
 
 def _hash_int(a: int, b: int, key: int) -> int:
@@ -289,7 +292,8 @@ def _noise_image(
     grain = (_hash2(np.arange(side), np.arange(side), key + 4) >> np.uint32(24)).astype(np.float32)
     lo, hi = np.asarray(c1, np.float32), np.asarray(c2, np.float32)
     shade = np.float32(0.5) + np.float32(0.9) * lum + grain * np.float32(0.1 / 255)
-    return np.clip(np.rint((lo + (hi - lo) * hue) * shade[..., None]), 0, 255).astype(np.uint8)
+    result: np.ndarray = np.clip(np.rint((lo + (hi - lo) * hue) * shade[..., None]), 0, 255).astype(np.uint8)
+    return result
 
 
 def _texture(
@@ -425,7 +429,8 @@ def _seg_dist(px: np.ndarray, py: np.ndarray, segs: np.ndarray) -> np.ndarray:
     dx, dy = bx - ax, by - ay
     qx, qy = px[:, None] - ax, py[:, None] - ay
     t = np.clip((qx * dx + qy * dy) / np.maximum(dx * dx + dy * dy, 1e-9), 0.0, 1.0)
-    return np.hypot(qx - t * dx, qy - t * dy)
+    result: np.ndarray = np.hypot(qx - t * dx, qy - t * dy)
+    return result
 
 
 # ---------------------------------------------------------------- detector errors
@@ -494,7 +499,8 @@ def _rough_shape(
     else:
         a, b = math.sqrt(3 * l1) * s1, math.sqrt(3 * l2) * s2
         local = np.array([[-a, -b], [a, -b], [a, b], [-a, b]], np.float64)
-    return _rot(local, theta + rng.normal(0, 0.08)) + (cx, cy)
+    result: np.ndarray = _rot(local, theta + rng.normal(0, 0.08)) + (cx, cy)
+    return result
 
 
 def _rough_det(rng: np.random.Generator, xy: np.ndarray, p_box: float = 0.5) -> _Det:
@@ -580,7 +586,8 @@ def _tiles(mask: np.ndarray, tile: int = 64) -> list[tuple[slice, slice]]:
 
 
 def _to_u8(canvas: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    result: np.ndarray = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    return result
 
 
 class _Cover:
@@ -1030,7 +1037,7 @@ class _Aerial(_Family):
         mix = value_noise(*args, 230.0, self.keys[2])
         mix = np.clip((mix - np.float32(0.5)) * np.float32(4.0) + np.float32(0.5), 0, 1)[..., None]
         tint = self.tint1 + (self.tint2 - self.tint1) * mix
-        g = tint * lum
+        g: np.ndarray = tint * lum
         g += (p - g) * self.photo_mix
         g *= (np.float32(0.85) + np.float32(0.3) * value_noise(*args, 90.0, self.keys[3]))[..., None]
         return g
@@ -1107,7 +1114,8 @@ class _Aerial(_Family):
             s, c = np.float32(math.sin(p["ang"])), np.float32(math.cos(p["ang"]))
             v = yy * c - xx * s  # across the ridge
             f = f * (np.float32(1.0) + np.float32(p["facet"]) * np.clip(v, -1, 1))
-        return p["tone"] * f[..., None]
+        result: np.ndarray = p["tone"] * f[..., None]
+        return result
 
     def _tree_rgb(self, o: _Obj, dst: tuple[slice, slice], win: Window) -> np.ndarray:
         p = o.p
@@ -1123,7 +1131,8 @@ class _Aerial(_Family):
         edge = np.float32(1.0) - np.float32(0.25) * np.minimum(
             (xx * xx + yy * yy) * inv * inv, np.float32(1.0)
         )
-        return p["tone"] * (f * lit * edge)[..., None]
+        result: np.ndarray = p["tone"] * (f * lit * edge)[..., None]
+        return result
 
 
 # ------------------------------------------------------------------------- cells
@@ -1331,7 +1340,7 @@ class _Cells(_Family):
         cv = _Canvas(o.box)
         cv.poly(p["xy"])
         a = cv.alpha()
-        sig = a * np.float32(p["amp"])
+        sig: np.ndarray = a * np.float32(p["amp"])
         if o.kind == "blob":
             s, c = np.float32(math.sin(p["ang"])), np.float32(math.cos(p["ang"]))
             u = (xx * c + yy * s) * np.float32(1.0 / p["r"])
