@@ -89,6 +89,7 @@ from refine_cli.train.runtime import (
     atomic_write,
     check_settings,
     export_weights,
+    iou_mba,
     load_checkpoint,
     lr_factor,
     read_sidecar,
@@ -297,9 +298,11 @@ def load_frozen_segmenter(name: str, threads: int | None = None) -> tuple[Any, d
     """
     from refine_cli import weights as registry
     from refine_cli.segmenters import load_segmenter
+    from refine_cli.segmenters.base import Segmenter
     from refine_cli.segmenters.tflite import SELFIE_NAME, SELFIE_SPEC, TFLiteSegmenter, file_sha256
 
     path: Path | None = None
+    seg: Segmenter
     if name == SELFIE_NAME and not Path(name).is_file():
         path = registry.resolve_weights(SELFIE_NAME).path
         seg = TFLiteSegmenter(path, spec=SELFIE_SPEC, threads=threads)
@@ -340,7 +343,8 @@ def composite_indices(n: int, n_portraits: int, excluded: Sequence[int], start: 
     """
     if len(set(excluded)) >= n_portraits:
         raise UsageError("every portrait is held out: shorten --holdout")
-    out, i = [], start
+    out: list[int] = []
+    i = start
     while len(out) < n:
         if i % n_portraits not in excluded:
             out.append(i)
@@ -516,7 +520,7 @@ def build_cache(
                              f"({', '.join(diff)}); delete it or train into another --out")
     else:
         key_path.write_text(json.dumps(key, indent=2) + "\n", encoding="utf-8")
-    spec = SampleSpec(size=64, seed=0, kinds=(("portraits", 1.0),), photos=cfg.photos,
+    spec = SampleSpec(size=(64, 64), seed=0, kinds=(("portraits", 1.0),), photos=cfg.photos,
                       portraits=cfg.portraits)
     bank = sources(spec, check=True).portraits
     stems = [p.stem for p, _ in bank.items]
@@ -619,7 +623,7 @@ def validate(model: nn.Module, cache: CacheArrays, device: torch.device, batch: 
                     gt = cache.g[s + k].astype(np.float32) / 255.0
                     preds = (r[k], cache.y[s + k] / 255.0, cache.o[s + k] / 255.0)
                     m = [evaluate_arrays(p, gt) for p in preds]
-                    rows.append(tuple(v for x in m for v in (float(x.iou), float(x.mba))))
+                    rows.append(tuple(v for x in m for v in iou_mba(x)))
     finally:
         model.train(was_training)
     mean = np.mean(np.array(rows), axis=0)

@@ -20,13 +20,16 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from refine_cli.errors import InputError, Interrupted, RefineError, UsageError, WeightsError
+
+if TYPE_CHECKING:
+    from refine_cli.evaluate import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +317,12 @@ class RunLog:
         """Append one record as a JSON line."""
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, default=float) + "\n")
+
+
+def iou_mba(metrics: Metrics) -> tuple[float, float]:
+    """IoU and mBA of a mask evaluated by ``evaluate_arrays`` (``None`` only for label maps)."""
+    assert metrics.iou is not None and metrics.mba is not None, "a mask's evaluation has IoU and mBA"
+    return float(metrics.iou), float(metrics.mba)
 
 
 def mean_or_nan(xs: Sequence[float]) -> float:

@@ -52,7 +52,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -78,6 +78,7 @@ from refine_cli.train.runtime import (
     TrainResult,
     check_settings,
     export_weights,
+    iou_mba,
     load_checkpoint,
     lr_factor,
     mean_or_nan,
@@ -238,7 +239,7 @@ class DataConfig:
     def spec(self, side: int, seed: int) -> SampleSpec:
         """The :class:`SampleSpec` of square samples of ``side`` px."""
         return SampleSpec(
-            size=side, seed=seed, kinds=self.kinds, perturbations=self.perturbations,
+            size=(side, side), seed=seed, kinds=self.kinds, perturbations=self.perturbations,
             strength=self.strength[1], photos=self.photos, portraits=self.portraits, pairs=self.pairs,
         )
 
@@ -259,9 +260,9 @@ class DataConfig:
         """Inverse of :meth:`to_dict`."""
         return cls(
             photos=d.get("photos"), portraits=d.get("portraits"), pairs=d.get("pairs"),
-            kinds=tuple(tuple(kv) for kv in d["kinds"]),  # type: ignore[arg-type]
-            perturbations=tuple(tuple(kv) for kv in d["perturbations"]),  # type: ignore[arg-type]
-            strength=tuple(d["strength"]),  # type: ignore[arg-type]
+            kinds=tuple(tuple(kv) for kv in d["kinds"]),
+            perturbations=tuple(tuple(kv) for kv in d["perturbations"]),
+            strength=tuple(d["strength"]),
             scales=tuple(d["scales"]),
         )
 
@@ -790,8 +791,11 @@ def validate(model: nn.Module, vset: ValidationSet, precision: str = "fp32") -> 
         samples when any (overall, and ``full_by_kind``).
     """
     from refine_cli.evaluate import evaluate_arrays
+    from refine_cli.models.cascadepsp import CascadeRefinementModule
     from refine_cli.refiners.cascadepsp import fast_output, global_step, refine_exact
 
+    if not isinstance(model, CascadeRefinementModule):
+        raise TypeError(f"validate takes a CascadePSP module, not {type(model).__name__}")
     was_training = model.training
     model.eval()
     Row = tuple[str, str, float, float, float, float]  # kind, perturbation, IoU, mBA, coarse IoU, mBA
@@ -802,11 +806,11 @@ def validate(model: nn.Module, vset: ValidationSet, precision: str = "fp32") -> 
             glob = global_step(model, image, coarse, vset.size, precision=precision)
             pred = fast_output(glob)[0, 0].numpy()
             r, c = evaluate_arrays(pred, gt), evaluate_arrays(coarse, gt)
-            rows.append((kind, pert, float(r.iou), float(r.mba), float(c.iou), float(c.mba)))
+            rows.append((kind, pert, *iou_mba(r), *iou_mba(c)))
         for kind, pert, image, gt, coarse in vset.full:
             pred, _ = refine_exact(model, image, coarse, size=vset.size, precision=precision)
             r, c = evaluate_arrays(pred, gt), evaluate_arrays(coarse, gt)
-            full_rows.append((kind, pert, float(r.iou), float(r.mba), float(c.iou), float(c.mba)))
+            full_rows.append((kind, pert, *iou_mba(r), *iou_mba(c)))
     finally:
         model.train(was_training)
 
@@ -816,7 +820,7 @@ def validate(model: nn.Module, vset: ValidationSet, precision: str = "fp32") -> 
         return {"iou": iou, "mba": mba, "coarse_iou": ciou, "coarse_mba": cmba,
                 "gain_iou": iou - ciou, "gain_mba": mba - cmba, "n": len(sel)}
 
-    def grouped(sel: Sequence[Row], col: int) -> dict[str, dict[str, float]]:
+    def grouped(sel: Sequence[Row], col: Literal[0, 1]) -> dict[str, dict[str, float]]:
         return {k: summary([r for r in sel if r[col] == k]) for k in sorted({r[col] for r in sel})}
 
     out: dict[str, Any] = summary(rows)
