@@ -1,8 +1,13 @@
 """Training of MagNet's refinement module for a frozen segmenter (``refine train --arch magnet-refinement``).
 
-Re-implemented from the description of the official recipe in
-``shared/reference/magnet/NOTES.md`` §1 ("Training"); no official code. What one training
-example is, for a composite image with exact ground truth (GT)::
+Re-implemented from a description of the official recipe (MagNet's ``train.py``); no
+official code. The official recipe: the backbone is frozen and only the refinement module
+trains; each example pairs the backbone's softmax on the whole image resized to the input size
+(cropped with ``roi_align`` to the box: the Y crop) with its softmax on a random crop of the
+image resized to a random stage scale (O); the loss is OHEM cross-entropy (threshold 0.7,
+``min_kept`` 100 000) against the crop's label; SGD (lr 1e-3, momentum 0.9, weight decay
+5e-4) with step decays, 50 epochs of batch 8, on Cityscapes or DeepGlobe. What one training
+example is here, for a composite image with exact ground truth (GT)::
 
     Y      = segmenter(whole image resized to the input size)        the coarse pass (stage 1)
     scale  = one of the image's refinement stage sizes                 generic_scales (random)
@@ -16,8 +21,8 @@ Everything upstream of the module uses the inference pipeline's own functions
 (:mod:`refine_cli.refiners.magnet`: the segmenter's resize, ``upsample_y``,
 ``crop_resize``, ``generic_scales``), and the module is called in the pipeline's argument
 order, **O first** (``refine_patches``). The official ``train.py`` calls it as (Y crop, O)
-and its test script as (O, Y crop) (NOTES §0.2); training and inference must agree, and
-ours do.
+but its ``test.py`` and ``demo.py`` as (O, Y crop) (the order the released weights were
+measured with); training and inference must agree, and ours do.
 
 Deviations from the official recipe, and why:
 

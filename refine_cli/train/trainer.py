@@ -1,6 +1,8 @@
 """Training loop of the CascadePSP refinement module (``refine train``), on CPU or CUDA.
 
-The recipe is CascadePSP's (reference NOTES §4): random ``crop x crop`` crops of generated
+The recipe is CascadePSP's training recipe (its ``train.py``: 224 px random crops, flips and
+colour jitter, a coarse mask made by perturbing the GT down to a target IoU in [0.8, 1), Adam
+with step decays, the six-output loss): random ``crop x crop`` crops of generated
 composites with a perturbed coarse mask, the three-iteration cascade on every step, the
 multi-output loss of :func:`~refine_cli.train.losses.cascadepsp_loss` (CE at OS8, CE + L1 +
 L2 at OS4, L1 + L2 + gradient at OS1). Differences, all configurable: AdamW with linear
