@@ -323,49 +323,76 @@ def evaluate_pair(
     t0 = time.perf_counter()
     labels = options.labels
     opened: list[MaskFile] = []
+    label = name or Path(str(pred)).stem
     try:
-        g = MaskFile(gt, what="ground truth", labels=labels, classes=classes, limits=limits, flag="GT")
-        opened.append(g)
-        p = MaskFile(pred, what="prediction", labels=labels, classes=classes, limits=limits, flag="PRED")
-        opened.append(p)
-        if p.native_shape != g.native_shape:
-            (ph, pw), (gh, gw) = p.native_shape, g.native_shape
-            raise InputError(
-                f"prediction {p.path} is {pw}x{ph} px but the ground truth {g.path} is {gw}x{gh}: "
-                "evaluate at the GT's resolution (refine the full-resolution image, or resize the "
-                "prediction with nearest-neighbour)"
-            )
-        c = None
-        if coarse is not None:
-            c = MaskFile(coarse, what="coarse mask", grid=g.shape, labels=labels, classes=classes,
-                         limits=limits, flag="--coarse")
-            opened.append(c)
-        p_opts = dataclasses.replace(options, pred_scale=p.scale, gt_scale=g.scale)
-        acc = MetricAccumulator(g.shape, p_opts)
-        acc_c = None
-        if c is not None:
-            acc_c = MetricAccumulator(g.shape, dataclasses.replace(p_opts, pred_scale=c.scale))
-        plan = list(acc.plan(window))
-        label = name or Path(str(pred)).stem
-        for i, (core, read) in enumerate(plan):
-            gt_win = g.read(read)
-            acc.add(core, read, p.read(read), gt_win)
-            if acc_c is not None and c is not None:
-                acc_c.add(core, read, c.read(read), gt_win)
-            if progress is not None:
-                progress(label, i + 1, len(plan))
-        metrics = acc.result()
-        coarse_metrics = acc_c.result() if acc_c is not None else None
+        p, g, c = _open_pair(pred, gt, coarse, labels=labels, classes=classes, limits=limits, opened=opened)
+        metrics, coarse_metrics, n_windows = _accumulate(p, g, c, options, window, label, progress)
         _warn_empty(g, metrics, options)
         files = {"pred": p.describe(), "gt": g.describe(), "coarse": c.describe() if c is not None else None}
     finally:
         for f in opened:
             f.close()
     seconds = time.perf_counter() - t0
-    log.debug("%s: evaluated %dx%d px in %d windows, %.2f s", label, g.shape[1], g.shape[0], len(plan),
+    log.debug("%s: evaluated %dx%d px in %d windows, %.2f s", label, g.shape[1], g.shape[0], n_windows,
               seconds)
     return PairResult(name=label, pred=str(pred), gt=str(gt), coarse=None if coarse is None else str(coarse),
                       metrics=metrics, coarse_metrics=coarse_metrics, seconds=seconds, files=files)
+
+
+def _open_pair(
+    pred: str | Path, gt: str | Path, coarse: str | Path | None, *, labels: bool, classes: int | None,
+    limits: Limits | None, opened: list[MaskFile],
+) -> tuple[MaskFile, MaskFile, MaskFile | None]:
+    """Open the GT, the prediction and the coarse mask (each appended to ``opened`` for closing).
+
+    Returns:
+        ``(pred, gt, coarse or None)``.
+
+    Raises:
+        InputError: unreadable file, or the prediction and GT sizes differ.
+    """
+    g = MaskFile(gt, what="ground truth", labels=labels, classes=classes, limits=limits, flag="GT")
+    opened.append(g)
+    p = MaskFile(pred, what="prediction", labels=labels, classes=classes, limits=limits, flag="PRED")
+    opened.append(p)
+    if p.native_shape != g.native_shape:
+        (ph, pw), (gh, gw) = p.native_shape, g.native_shape
+        raise InputError(
+            f"prediction {p.path} is {pw}x{ph} px but the ground truth {g.path} is {gw}x{gh}: "
+            "evaluate at the GT's resolution (refine the full-resolution image, or resize the "
+            "prediction with nearest-neighbour)"
+        )
+    c = None
+    if coarse is not None:
+        c = MaskFile(coarse, what="coarse mask", grid=g.shape, labels=labels, classes=classes,
+                     limits=limits, flag="--coarse")
+        opened.append(c)
+    return p, g, c
+
+
+def _accumulate(
+    p: MaskFile, g: MaskFile, c: MaskFile | None, options: EvalOptions, window: int, label: str,
+    progress: Progress | None,
+) -> tuple[Metrics, Metrics | None, int]:
+    """Stream the windows of the pair through the metric accumulators.
+
+    Returns:
+        The prediction's metrics, the coarse mask's (``None`` without one) and the number of windows.
+    """
+    p_opts = dataclasses.replace(options, pred_scale=p.scale, gt_scale=g.scale)
+    acc = MetricAccumulator(g.shape, p_opts)
+    acc_c = None
+    if c is not None:
+        acc_c = MetricAccumulator(g.shape, dataclasses.replace(p_opts, pred_scale=c.scale))
+    plan = list(acc.plan(window))
+    for i, (core, read) in enumerate(plan):
+        gt_win = g.read(read)
+        acc.add(core, read, p.read(read), gt_win)
+        if acc_c is not None and c is not None:
+            acc_c.add(core, read, c.read(read), gt_win)
+        if progress is not None:
+            progress(label, i + 1, len(plan))
+    return acc.result(), acc_c.result() if acc_c is not None else None, len(plan)
 
 
 def _warn_empty(gt: MaskFile, metrics: Metrics, options: EvalOptions) -> None:

@@ -138,14 +138,16 @@ def mask_overview(src: MaskSource, out_shape: tuple[int, int]) -> np.ndarray:
             prob = np.clip(np.nan_to_num(raw.astype(np.float32)), 0.0, 1.0)
         else:
             prob = raw.astype(np.float32) * np.float32(1.0 / src.kind.scale)
-        return np.clip(_resize(prob, out_shape), 0.0, 1.0)
+        result: np.ndarray = np.clip(_resize(prob, out_shape), 0.0, 1.0)
+        return result
     out = area_downscale(lambda w: src.read(w)[..., None], src.shape, out_shape)
     return out[..., 0]
 
 
 def label_overview(src: MaskSource, out_shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour downscale of a label map: output ``(i, j)`` is the label at image pixel
-    ``(floor((i + 1/2) H / oh), floor((j + 1/2) W / ow))``; one image row is read per output row.
+    """Nearest-neighbour downscale of a label map, reading one image row per output row.
+
+    Output ``(i, j)`` is the label at image pixel ``(floor((i + 1/2) H / oh), floor((j + 1/2) W / ow))``.
 
     Returns:
         ``out_shape`` int32 class indices.
@@ -181,11 +183,13 @@ def uncertainty_overview(
 
     def read(win: Window) -> np.ndarray:
         v = reader.read(win)[..., :1].astype(np.float32)
-        return np.clip(np.nan_to_num(v) * np.float32(1.0 / scale), 0.0, 1.0)
+        result: np.ndarray = np.clip(np.nan_to_num(v) * np.float32(1.0 / scale), 0.0, 1.0)
+        return result
 
     nh, nw = reader.shape
     if nh * nw <= _SMALL_NATIVE * out_shape[0] * out_shape[1]:
-        return np.clip(_resize(read(Window.full(reader.shape))[..., 0], out_shape), 0.0, 1.0)
+        result: np.ndarray = np.clip(_resize(read(Window.full(reader.shape))[..., 0], out_shape), 0.0, 1.0)
+        return result
     return area_downscale(read, reader.shape, out_shape)[..., 0]
 
 
@@ -333,73 +337,131 @@ def render_overlay(
     cfg = config or RefineConfig()
     readers: list[Reader] = []
     try:
-        img_reader = _open(image, "image", cfg, "IMAGE")
-        readers.append(img_reader)
-        src = ImageSource(img_reader, bands)
-        H, W = src.shape
-        oshape = fit_within((H, W), max_side)
-        layers: list[_Layer] = []
-        for path, flag in ((mask, "MASK"), (compare, "--compare")):
-            if path is None:
-                continue
-            r = _open(path, "mask", cfg, flag)
-            readers.append(r)
-            ms = MaskSource(r, (H, W), classes=classes)
-            layers.append(_Layer(Path(path).name, ms, label_overview(ms, oshape) if ms.is_labels
-                                 else mask_overview(ms, oshape)))
-        labels = any(layer.src.is_labels for layer in layers)
-        if labels and not all(layer.src.is_labels for layer in layers):
-            raise InputError(f"{mask} and {compare}: one is a label map and the other a mask; compare "
-                             "like with like (force label maps with --classes)")
-        unc = None
-        if uncertainty is not None:
-            ur = _open(uncertainty, "mask", cfg, "--uncertainty")
-            readers.append(ur)
-            unc = uncertainty_overview(ur, (H, W), oshape)
-        view = np.clip(np.rint(src.overview(oshape)), 0, 255).astype(np.uint8)
-
-        # -- where to crop --------------------------------------------------
-        changed = None
-        score = None
-        if len(layers) == 2:
-            a, b = layers[0].overview, layers[1].overview
-            score = (a != b).astype(np.float32) if labels else np.abs(a - b)
-            changed = float(score.mean())
-        elif unc is not None:
-            score = unc
-        crop_window = choose_crop(score, (H, W), oshape, crop) if crop and score is not None else None
-
-        # -- panels -----------------------------------------------------------
-        legend = [(f"{layers[0].name}", MASK_COLOUR)]
-        if len(layers) == 2:
-            legend.append((f"{layers[1].name}", COMPARE_COLOUR))
-        colours = (MASK_COLOUR, COMPARE_COLOUR)
-        over = view.copy()
-        for layer, colour in zip(reversed(layers), reversed(colours[: len(layers)]), strict=True):
-            _draw(over, layer.overview, labels, threshold, colour, 1)
-        if crop_window is not None:
-            sy, sx = oshape[0] / H, oshape[1] / W
-            p0 = (int(crop_window.col * sx), int(crop_window.row * sy))
-            p1 = (int(np.ceil(crop_window.col_end * sx)) - 1, int(np.ceil(crop_window.row_end * sy)) - 1)
-            cv2.rectangle(over, p0, p1, CROP_COLOUR, 1)
-        _text(over, legend)
-        panels: list[tuple[str, np.ndarray]] = [("overview", over)]
-        if unc is not None:
-            grey = cv2.cvtColor(view, cv2.COLOR_RGB2GRAY)
-            hm = heat_map(unc, grey)
+        inp = _load(image, mask, compare, uncertainty, max_side, classes, bands, cfg, readers)
+        H, W = inp.src.shape
+        score, changed = _crop_score(inp)
+        crop_window = choose_crop(score, (H, W), inp.oshape, crop) if crop and score is not None else None
+        panels = [("overview", _overview_panel(inp, threshold, crop_window))]
+        if inp.unc is not None:
+            grey = cv2.cvtColor(inp.view, cv2.COLOR_RGB2GRAY)
+            hm = heat_map(inp.unc, grey)
             _text(hm, [(f"uncertainty {Path(uncertainty or '').name}", (255, 255, 255))])
             panels.append(("uncertainty", hm))
         if crop_window is not None:
-            cimg = src.read(crop_window)
-            for layer, colour in zip(reversed(layers), reversed(colours[: len(layers)]), strict=True):
-                vals = layer.src.read_labels(crop_window).labels() if labels else layer.src.read(crop_window)
-                _draw(cimg, vals, labels, threshold, colour, 1)
-            _text(cimg, [(f"1:1 at x={crop_window.col}, y={crop_window.row}", (255, 255, 255))])
-            panels.append(("crop", cimg))
+            panels.append(("crop", _crop_panel(inp, threshold, crop_window)))
     finally:
         for r in readers:
             r.close()
+    canvas, where = _compose(panels)
+    return Overlay(canvas, (H, W), inp.oshape, crop_window, where, changed)
 
+
+@dataclass
+class _Inputs:
+    """The opened inputs of an overlay and their overviews.
+
+    Attributes:
+        src: the image.
+        oshape: ``(oh, ow)`` of the overview.
+        layers: MASK, then the compared mask when given.
+        labels: whether the layers are label maps.
+        unc: the uncertainty overview, or ``None``.
+        view: ``(oh, ow, 3)`` uint8 overview of the image.
+    """
+
+    src: ImageSource
+    oshape: tuple[int, int]
+    layers: list[_Layer]
+    labels: bool
+    unc: np.ndarray | None
+    view: np.ndarray
+
+
+def _load(
+    image: str, mask: str, compare: str | None, uncertainty: str | None, max_side: int, classes: int | None,
+    bands: tuple[int, ...] | None, cfg: RefineConfig, readers: list[Reader],
+) -> _Inputs:
+    """Open the image, the masks and the uncertainty map (appended to ``readers``) and downscale them.
+
+    Raises:
+        InputError: one mask is a label map and the other is not.
+    """
+    img_reader = _open(image, "image", cfg, "IMAGE")
+    readers.append(img_reader)
+    src = ImageSource(img_reader, bands)
+    H, W = src.shape
+    oshape = fit_within((H, W), max_side)
+    layers: list[_Layer] = []
+    for path, flag in ((mask, "MASK"), (compare, "--compare")):
+        if path is None:
+            continue
+        r = _open(path, "mask", cfg, flag)
+        readers.append(r)
+        ms = MaskSource(r, (H, W), classes=classes)
+        layers.append(_Layer(Path(path).name, ms, label_overview(ms, oshape) if ms.is_labels
+                             else mask_overview(ms, oshape)))
+    labels = any(layer.src.is_labels for layer in layers)
+    if labels and not all(layer.src.is_labels for layer in layers):
+        raise InputError(f"{mask} and {compare}: one is a label map and the other a mask; compare "
+                         "like with like (force label maps with --classes)")
+    unc = None
+    if uncertainty is not None:
+        ur = _open(uncertainty, "mask", cfg, "--uncertainty")
+        readers.append(ur)
+        unc = uncertainty_overview(ur, (H, W), oshape)
+    view = np.clip(np.rint(src.overview(oshape)), 0, 255).astype(np.uint8)
+    return _Inputs(src, oshape, layers, labels, unc, view)
+
+
+def _crop_score(inp: _Inputs) -> tuple[np.ndarray | None, float | None]:
+    """Where to crop: the two masks' difference on the overview grid, else the uncertainty.
+
+    Returns:
+        The score map (``None``: nothing to choose by) and the mean difference of the masks
+        (``None`` without a compared mask).
+    """
+    if len(inp.layers) == 2:
+        a, b = inp.layers[0].overview, inp.layers[1].overview
+        score = (a != b).astype(np.float32) if inp.labels else np.abs(a - b)
+        return score, float(score.mean())
+    return inp.unc, None
+
+
+_COLOURS = (MASK_COLOUR, COMPARE_COLOUR)
+
+
+def _overview_panel(inp: _Inputs, threshold: float, crop_window: Window | None) -> np.ndarray:
+    """The overview with the masks' contours, the crop's frame and the legend."""
+    layers = inp.layers
+    legend = [(f"{layers[0].name}", MASK_COLOUR)]
+    if len(layers) == 2:
+        legend.append((f"{layers[1].name}", COMPARE_COLOUR))
+    over = inp.view.copy()
+    for layer, colour in zip(reversed(layers), reversed(_COLOURS[: len(layers)]), strict=True):
+        _draw(over, layer.overview, inp.labels, threshold, colour, 1)
+    if crop_window is not None:
+        H, W = inp.src.shape
+        sy, sx = inp.oshape[0] / H, inp.oshape[1] / W
+        p0 = (int(crop_window.col * sx), int(crop_window.row * sy))
+        p1 = (int(np.ceil(crop_window.col_end * sx)) - 1, int(np.ceil(crop_window.row_end * sy)) - 1)
+        cv2.rectangle(over, p0, p1, CROP_COLOUR, 1)
+    _text(over, legend)
+    return over
+
+
+def _crop_panel(inp: _Inputs, threshold: float, crop_window: Window) -> np.ndarray:
+    """The full-resolution crop with the masks' contours (or label edges) and its place."""
+    cimg = inp.src.read(crop_window)
+    layers = inp.layers
+    for layer, colour in zip(reversed(layers), reversed(_COLOURS[: len(layers)]), strict=True):
+        vals = layer.src.read_labels(crop_window).labels() if inp.labels else layer.src.read(crop_window)
+        _draw(cimg, vals, inp.labels, threshold, colour, 1)
+    _text(cimg, [(f"1:1 at x={crop_window.col}, y={crop_window.row}", (255, 255, 255))])
+    return cimg
+
+
+def _compose(panels: list[tuple[str, np.ndarray]]) -> tuple[np.ndarray, dict[str, Window]]:
+    """The panels side by side, top-aligned, :data:`GAP` px apart; the picture and each panel's place."""
     height = max(p.shape[0] for _, p in panels)
     width = sum(p.shape[1] for _, p in panels) + GAP * (len(panels) - 1)
     canvas = np.empty((height, width, 3), np.uint8)
@@ -410,7 +472,7 @@ def render_overlay(
         canvas[: p.shape[0], x: x + p.shape[1]] = p
         where[name] = Window(0, x, p.shape[0], p.shape[1])
         x += p.shape[1] + GAP
-    return Overlay(canvas, (H, W), oshape, crop_window, where, changed)
+    return canvas, where
 
 
 def encode_overlay(overlay: Overlay, path: str) -> bytes:

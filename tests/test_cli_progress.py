@@ -58,7 +58,5 @@ def test_every_command_takes_the_same_verbosity_switches():
     for sub in ("weights",):
         commands.update({f"{sub} {k}": v for k, v in commands.pop(sub).commands.items()})
     for name, cmd in commands.items():
-        if name == "train":  # trainer's -v defaults to 1 (one line per validation)
-            continue
         opts = {o for p in cmd.params for o in p.opts}
         assert {"-v", "--verbose", "-q", "--quiet", "--debug"} <= opts, name

@@ -180,8 +180,9 @@ ALL_CUT: Cut = (True, True, True, True)
 
 
 def _touching_border(labels: np.ndarray, n: int, cut: Cut) -> np.ndarray:
-    """``(n,)`` bool: components (by label) that reach a side of the window that cuts the image (what
-    lies beyond is unknown; the image's own edges are not cuts).
+    """``(n,)`` bool: components (by label) that reach a side of the window that cuts the image.
+
+    What lies beyond such a side is unknown; the image's own edges are not cuts.
     """
     out = np.zeros(n, bool)
     for side, edge in zip(cut, (labels[0], labels[-1], labels[:, 0], labels[:, -1]), strict=True):
@@ -203,14 +204,19 @@ def _first_in_core(labels: np.ndarray, n: int, core: tuple[slice, slice] | None)
         first[order[0]] = idx[order[1]]
     rows, cols = np.divmod(np.maximum(first, 0), labels.shape[1])
     r, c = core
-    return (first >= 0) & (rows >= r.start) & (rows < r.stop) & (cols >= c.start) & (cols < c.stop)
+    in_core: np.ndarray = (
+        (first >= 0) & (rows >= r.start) & (rows < r.stop) & (cols >= c.start) & (cols < c.stop)
+    )
+    return in_core
 
 
 def _restore_deleted(coarse_fg: np.ndarray, out_fg: np.ndarray, params: GuardParams, value: bool,
                      core: tuple[slice, slice] | None, cut: Cut,
                      strong: np.ndarray | None) -> tuple[np.ndarray | None, int]:
-    """Mask of the small components of ``coarse_fg == value`` that ``out_fg`` mostly lost (unless the
-    image clearly shows the loss, see :attr:`GuardParams.release`), and their count in the core.
+    """Mask of the small components of ``coarse_fg == value`` that ``out_fg`` mostly lost, and their count.
+
+    Components whose loss the image clearly shows are left lost (see :attr:`GuardParams.release`);
+    the count is of the components that start in the core.
     """
     comp = coarse_fg if value else ~coarse_fg
     n, labels, st, _ = cv2.connectedComponentsWithStats(comp.astype(np.uint8), connectivity=8)
@@ -231,8 +237,10 @@ def _restore_deleted(coarse_fg: np.ndarray, out_fg: np.ndarray, params: GuardPar
 
 def band_map(c_fg: np.ndarray, params: GuardParams, cut: Cut = ALL_CUT,
              components: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray | float:
-    """The allowed distance from the coarse boundary per pixel, px: ``band_large`` for pixels of, or
-    nearest to, a large coarse component, ``band`` elsewhere (a float when it is the same everywhere).
+    """The allowed distance from the coarse boundary per pixel, px.
+
+    ``band_large`` for pixels of, or nearest to, a large coarse component, ``band`` elsewhere (a
+    float when it is the same everywhere).
 
     Args:
         c_fg: ``(h, w)`` bool coarse foreground.
@@ -246,7 +254,8 @@ def band_map(c_fg: np.ndarray, params: GuardParams, cut: Cut = ALL_CUT,
     if not large.any():
         return params.band
     bands = np.where(large, params.wide, params.band).astype(np.float32)
-    return bands[comp]
+    result: np.ndarray | float = bands[comp]
+    return result
 
 
 def nearest_components(c_fg: np.ndarray, size: int, cut: Cut) -> tuple[np.ndarray, np.ndarray]:
@@ -272,7 +281,8 @@ def nearest_components(c_fg: np.ndarray, size: int, cut: Cut) -> tuple[np.ndarra
 
 
 def colour_level(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, radius: int,
-                 objects: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 objects: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where each pixel's colour lies between the local background and foreground colours.
 
     The local colour of each class is the mean Lab colour of the unchanged pixels of that class in
@@ -357,32 +367,12 @@ def guard_window(refined: np.ndarray, coarse: np.ndarray, params: GuardParams,
     supported = strong = None
     settled = np.zeros_like(changed)
     if image is not None and params.evidence != "none":
-        radius = max(4, int(round(params.band)))
-        objects = None if components is None else (components[0], ~components[1])
-        level, known, spread = colour_level(image, c_fg, changed, radius, objects)
-        new_side = np.where(c_fg, 0.5 - level, level - 0.5)  # > 0: the colour leans to the new class
-        supported = ~known | (new_side > params.noise * spread - params.margin)
-        strong = known & (new_side > params.strong)
-        # Where the coarse boundary already sits on the image's edge, or the coarse mask has thin
-        # parts (strands, bars, gaps), only clear evidence may change it.
-        settled = changed & ~far & ((~strong & _on_edge(dist, known, -new_side, radius, params))
-                                    | _thin(c_fg, dist, params.thin))
+        supported, strong, settled = _evidence(image, c_fg, changed, far, dist, components, params)
     allowed = changed & ~far
     # Regions of change must reach the coarse boundary or the coarse mask's unsure pixels, unless
     # the image clearly shows the new class over most of them.
-    detached = np.zeros_like(changed)
-    n_detached = 0
-    if allowed.any():
-        n, labels = cv2.connectedComponents(allowed.astype(np.uint8), connectivity=8)
-        anchor = (dist <= ANCHOR_PX) | unsure
-        free = ~(np.bincount(labels[anchor], minlength=n) > 0) & ~_touching_border(labels, n, cut)
-        free[0] = False
-        if free.any() and strong is not None:
-            free &= ~_clear(labels, n, allowed, strong, params.release)
-        if free.any():
-            detached = free[labels]
-            n_detached = int((free & _first_in_core(labels, n, core)).sum())
-            allowed &= ~detached
+    detached, n_detached = _detached(allowed, dist, unsure, strong, params, core, cut)
+    allowed &= ~detached
     unsupported = np.zeros_like(changed)
     if supported is not None:
         unsupported = allowed & (~supported | settled)
@@ -409,11 +399,72 @@ def guard_window(refined: np.ndarray, coarse: np.ndarray, params: GuardParams,
     return GuardResult(prob, held, stats)
 
 
+def _evidence(
+    image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, far: np.ndarray, dist: np.ndarray,
+    components: tuple[np.ndarray, np.ndarray] | None, params: GuardParams,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the image says about each change (the evidence rules).
+
+    Args:
+        image: ``(h, w, 3)`` uint8 RGB of the window.
+        c_fg: ``(h, w)`` bool coarse foreground.
+        changed: ``(h, w)`` bool pixels whose class the refiner changed.
+        far: ``(h, w)`` bool changes beyond the allowed band.
+        dist: ``(h, w)`` distance to the coarse boundary, px.
+        components: :func:`nearest_components` of ``c_fg`` (``None`` when it is empty).
+        params: the rules' sizes.
+
+    Returns:
+        ``(supported, strong, settled)``, ``(h, w)`` bool each: the colour does not contradict the
+        new class (or cannot be judged); the colour clearly shows the new class; changes that only
+        clear evidence may make, because the coarse boundary already sits on the image's edge or
+        the coarse mask is thin there (strands, bars, gaps).
+    """
+    radius = max(4, int(round(params.band)))
+    objects = None if components is None else (components[0], ~components[1])
+    level, known, spread = colour_level(image, c_fg, changed, radius, objects)
+    new_side = np.where(c_fg, 0.5 - level, level - 0.5)  # > 0: the colour leans to the new class
+    supported = ~known | (new_side > params.noise * spread - params.margin)
+    strong = known & (new_side > params.strong)
+    settled = changed & ~far & ((~strong & _on_edge(dist, known, -new_side, radius, params))
+                                | _thin(c_fg, dist, params.thin))
+    return supported, strong, settled
+
+
+def _detached(
+    allowed: np.ndarray, dist: np.ndarray, unsure: np.ndarray, strong: np.ndarray | None, params: GuardParams,
+    core: tuple[slice, slice] | None, cut: Cut,
+) -> tuple[np.ndarray, int]:
+    """Regions of allowed change that are detached from the coarse boundary.
+
+    A region is detached when it reaches neither the coarse boundary nor the coarse mask's unsure
+    pixels (nor a side of the window that cuts the image), unless the image clearly shows the new
+    class over most of it (``strong``, :attr:`GuardParams.release`).
+
+    Returns:
+        ``(h, w)`` bool of those regions' pixels and how many regions start in the core.
+    """
+    detached = np.zeros_like(allowed)
+    if not allowed.any():
+        return detached, 0
+    n, labels = cv2.connectedComponents(allowed.astype(np.uint8), connectivity=8)
+    anchor = (dist <= ANCHOR_PX) | unsure
+    free = ~(np.bincount(labels[anchor], minlength=n) > 0) & ~_touching_border(labels, n, cut)
+    free[0] = False
+    if free.any() and strong is not None:
+        free &= ~_clear(labels, n, allowed, strong, params.release)
+    if not free.any():
+        return detached, 0
+    return free[labels], int((free & _first_in_core(labels, n, core)).sum())
+
+
 def _on_edge(dist: np.ndarray, known: np.ndarray, own_side: np.ndarray, radius: int,
              params: GuardParams) -> np.ndarray:
-    """``(h, w)`` bool: pixels farther than ``params.tight`` px from a coarse boundary that, in their
-    ``(2 radius + 1)`` box, sits on the image's edge: at least ``params.aligned`` of the pixels 2-3 px
-    from it look like their own coarse class (``own_side > 0.2``).
+    """``(h, w)`` bool: pixels farther than ``params.tight`` px from a coarse boundary on the image's edge.
+
+    The boundary sits on the image's edge in a pixel's ``(2 radius + 1)`` box when at least
+    ``params.aligned`` of the pixels 2-3 px from it look like their own coarse class
+    (``own_side > 0.2``).
     """
     near = known & (dist > 1.5) & (dist <= 3.5)
     ok = near & (own_side > 0.2)
@@ -495,8 +546,9 @@ class GuardRefiner(Refiner):
         return TileResult(res.prob[..., None], unc)
 
     def tile_memory(self, pixels: int) -> int:
-        """Inputs, Lab colours and their local means, distances, labels and masks of one window
-        (measured with tracemalloc: 173 bytes per pixel at the peak, plus 15 of inputs).
+        """Inputs, Lab colours and their local means, distances, labels and masks of one window.
+
+        Measured with tracemalloc: 173 bytes per pixel at the peak, plus 15 of inputs.
         """
         return 190 * pixels
 
@@ -510,9 +562,10 @@ MIN_BAND = 16.0
 
 
 def default_band(scale: float) -> float:
-    """The band for a coarse mask whose boundary is blurred or blocky over ``scale`` px (its size ratio
-    to the image, or the width of its soft ramps): ``1.5 * scale + 2`` px, and at least
-    :data:`MIN_BAND`.
+    """The band for a coarse mask whose boundary is blurred or blocky over ``scale`` px.
+
+    ``scale`` is the mask's size ratio to the image, or the width of its soft ramps; the band is
+    ``1.5 * scale + 2`` px, and at least :data:`MIN_BAND`.
     """
     return max(MIN_BAND, 1.5 * float(scale) + 2.0)
 

@@ -40,7 +40,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import cv2
 import numpy as np
@@ -52,6 +52,8 @@ from refine_cli.tiling.grid import Window
 from refine_cli.train.scenes import FAMILIES, SceneGenerator
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SCENE_KINDS: tuple[str, ...] = FAMILIES
 """Sample kinds cut from a :class:`~refine_cli.train.scenes.SceneGenerator` scene."""
@@ -89,8 +91,9 @@ PORTRAIT_CACHE_SIDE = 2048
 
 _STREAM_LAYERS, _STREAM_COARSE, _STREAM_CROP = 0, 1, 2
 
-Weights = tuple[tuple[str, float], ...] | Mapping[str, float]
-"""Relative weights by name, as ``{"shapes": 0.7, ...}`` or ``(("shapes", 0.7), ...)``."""
+Weights = tuple[tuple[str, float], ...]
+"""Relative weights by name as sorted ``(("shapes", 0.7), ...)`` pairs; :class:`SampleSpec` also
+accepts ``{"shapes": 0.7, ...}`` or bare names (weight 1) and stores the pairs."""
 
 
 def default_data_dir() -> Path | None:
@@ -424,15 +427,16 @@ def _make_layers(
 # ------------------------------------------------------------------------ sources
 
 
-class _LRU:
+class _LRU(Generic[T]):
     """A small least-recently-used cache of loaded items."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[int, Any] = OrderedDict()
+        self._items: OrderedDict[int, T] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: int, load: Callable[[], Any]) -> Any:
+    def get(self, key: int, load: Callable[[], T]) -> T:
+        """The item of ``key``, loaded with ``load()`` (outside the lock) when it is not cached."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -467,7 +471,8 @@ def _read_mask(path: Path, flag: str) -> np.ndarray:
     if top <= 1:
         return m.astype(np.float32)
     scale = 65535.0 if m.dtype == np.uint16 else 255.0
-    return np.clip(m.astype(np.float32) / scale, 0.0, 1.0)
+    result: np.ndarray = np.clip(m.astype(np.float32) / scale, 0.0, 1.0)
+    return result
 
 
 def _downscale(im: np.ndarray, max_side: int) -> np.ndarray:
@@ -556,7 +561,7 @@ class PhotoBank:
             raise InputError(f"no photos found in {folder} ({flag}); pass a folder of JPEG/PNG photos")
         self.cache_side = cache_side
         self.flag = flag
-        self._cache = _LRU(capacity=max(64, len(self.paths)))
+        self._cache: _LRU[_Pyramid] = _LRU(capacity=max(64, len(self.paths)))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -629,7 +634,7 @@ class PortraitBank:
         if not self.items:
             raise InputError(f"no image/alpha pairs with matching names in {folder} ({flag})")
         self.flag = flag
-        self._cache = _LRU(capacity=max(16, len(self.items)))
+        self._cache: _LRU[_Portrait] = _LRU(capacity=max(16, len(self.items)))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -768,7 +773,7 @@ class PairBank:
                 "images/ + masks/ folders, or NAME.jpg + NAME_mask.png"
             )
         self.cache_side = cache_side
-        self._cache = _LRU(capacity=capacity)
+        self._cache: _LRU[tuple[_Pyramid, _Pyramid, np.ndarray]] = _LRU(capacity=capacity)
 
     def _csv(self, path: Path) -> list[tuple[Path, Path]]:
         with path.open(newline="") as f:
@@ -962,7 +967,7 @@ def rasterize(mask_ss: np.ndarray, factor: int, edge_width: float = 1.0) -> np.n
     hs, ws = mask_ss.shape
     if hs % factor or ws % factor:
         raise ValueError(f"mask size {mask_ss.shape} is not a multiple of {factor}")
-    f = mask_ss.astype(np.float32)
+    f: np.ndarray = mask_ss.astype(np.float32)
     k = 1 + int(round((edge_width - 1.0) * factor))
     if k > 1:
         f = cv2.blur(f, (k, k), borderType=cv2.BORDER_REPLICATE)
@@ -991,7 +996,7 @@ def _random_polygon(
         radii = np.tile([1.0, inner], n) * rng.uniform(0.8, 1.0, 2 * n)
     else:
         radii = rng.uniform(0.5, 1.0, n)
-    pts = center + radius * radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    pts: np.ndarray = center + radius * radii[:, None] * np.stack([np.cos(angles), np.sin(angles)], axis=1)
     return pts
 
 
@@ -1002,7 +1007,7 @@ def _blob(
     g = int(rng.integers(3, 8))
     noise = rng.standard_normal((g, g)).astype(np.float32)
     side = max(8, int(2 * radius * s))
-    field_ = cv2.resize(noise, (side, side), interpolation=cv2.INTER_CUBIC)
+    field_: np.ndarray = cv2.resize(noise, (side, side), interpolation=cv2.INTER_CUBIC)
     yy, xx = np.ogrid[:side, :side]
     r2 = ((yy - side / 2) ** 2 + (xx - side / 2) ** 2) / (side / 2) ** 2
     field_ += np.float32(rng.uniform(0.6, 1.6)) * (1.0 - r2.astype(np.float32)) - np.float32(0.6)
@@ -1133,7 +1138,8 @@ def _boundary(hard: np.ndarray) -> np.ndarray:
     The image border does not count as background.
     """
     m = hard.astype(np.uint8)
-    return (m > 0) & (cv2.erode(m, np.ones((3, 3), np.uint8)) == 0)
+    result: np.ndarray = (m > 0) & (cv2.erode(m, np.ones((3, 3), np.uint8)) == 0)
+    return result
 
 
 def perturb(
@@ -1269,7 +1275,8 @@ def block_mean(x: np.ndarray, f: int) -> np.ndarray:
     cnt = np.zeros((hb * f, wb * f), np.float32)
     cnt[:h, :w] = 1
     sums = pad.reshape(hb, f, wb, f).sum(axis=(1, 3))
-    return (sums / cnt.reshape(hb, f, wb, f).sum(axis=(1, 3))).astype(np.float32)
+    result: np.ndarray = (sums / cnt.reshape(hb, f, wb, f).sum(axis=(1, 3))).astype(np.float32)
+    return result
 
 
 def _perturb_lowres(gt: np.ndarray, rng: np.random.Generator, strength: float) -> tuple[np.ndarray, dict]:
@@ -1414,6 +1421,7 @@ def color_jitter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
     Args:
         img: ``(h, w, 3)`` float32 RGB in ``[0, 1]``.
+        rng: the generator of the three factors and of the grey choice.
 
     Returns:
         ``(h, w, 3)`` float32 in ``[0, 1]``.
@@ -1493,7 +1501,7 @@ def make_eval_set(
     if n < 1:
         raise UsageError(f"eval set size must be >= 1, got {n}")
     base = spec or SampleSpec()
-    spec = replace(base, size=size, seed=seed)
+    spec = replace(base, size=(size, size) if isinstance(size, int) else size, seed=seed)
     kinds = [k for k, w in spec.kinds if w > 0]
     perts = [p for p, w in spec.perturbations if w > 0]
     items = []

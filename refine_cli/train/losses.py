@@ -1,6 +1,6 @@
 """Training losses: CascadePSP's multi-output loss and MagNet's OHEM cross-entropy.
 
-CascadePSP (NOTES §4). The model's forward returns a dict of logits ``out_*``
+CascadePSP's training loss (its ``train.py``). The model's forward returns a dict of logits ``out_*``
 and probabilities ``pred_* = sigmoid(out_*)``, all ``(N, 1, H, W)`` at input
 resolution, for the outputs ``224`` (OS1, final), ``28``, ``28_2``, ``28_3``
 (OS8) and ``56``, ``56_2`` (OS4). With ``g`` the soft ground truth in
@@ -15,7 +15,8 @@ with, in the order ``[224, 28, 56, 28_2, 28_3, 56_2]``, ``ce = [0, 1, .5, 1, 1, 
 gradient magnitude ``sqrt(gx^2 + gy^2 + 1e-4)`` of a 3x3 average-pooled ``x``
 with Sobel kernels divided by 4.
 
-MagNet (magnet NOTES §1): :func:`ohem_cross_entropy` keeps the pixels whose
+MagNet's training loss (its ``OhemCrossEntropy``, threshold 0.7, ``min_kept`` 100 000 in the
+official recipe): :func:`ohem_cross_entropy` keeps the pixels whose
 probability of the true class is below ``max(threshold, p_(min_kept))`` and
 averages their cross-entropy.
 """

@@ -1,8 +1,13 @@
 """Training of MagNet's refinement module for a frozen segmenter (``refine train --arch magnet-refinement``).
 
-Re-implemented from the description of the official recipe in
-``shared/reference/magnet/NOTES.md`` §1 ("Training"); no official code. What one training
-example is, for a composite image with exact ground truth (GT)::
+Re-implemented from a description of the official recipe (MagNet's ``train.py``); no
+official code. The official recipe: the backbone is frozen and only the refinement module
+trains; each example pairs the backbone's softmax on the whole image resized to the input size
+(cropped with ``roi_align`` to the box: the Y crop) with its softmax on a random crop of the
+image resized to a random stage scale (O); the loss is OHEM cross-entropy (threshold 0.7,
+``min_kept`` 100 000) against the crop's label; SGD (lr 1e-3, momentum 0.9, weight decay
+5e-4) with step decays, 50 epochs of batch 8, on Cityscapes or DeepGlobe. What one training
+example is here, for a composite image with exact ground truth (GT)::
 
     Y      = segmenter(whole image resized to the input size)        the coarse pass (stage 1)
     scale  = one of the image's refinement stage sizes                 generic_scales (random)
@@ -16,8 +21,8 @@ Everything upstream of the module uses the inference pipeline's own functions
 (:mod:`refine_cli.refiners.magnet`: the segmenter's resize, ``upsample_y``,
 ``crop_resize``, ``generic_scales``), and the module is called in the pipeline's argument
 order, **O first** (``refine_patches``). The official ``train.py`` calls it as (Y crop, O)
-and its test script as (O, Y crop) (NOTES §0.2); training and inference must agree, and
-ours do.
+but its ``test.py`` and ``demo.py`` as (O, Y crop) (the order the released weights were
+measured with); training and inference must agree, and ours do.
 
 Deviations from the official recipe, and why:
 
@@ -55,7 +60,7 @@ What a run writes to ``out``::
                       o, y, g uint8 (n, h, w) and a JSON list of where each crop came from)
     cache/key.json    what the cache depends on (a run refuses a cache built differently)
     checkpoint.pt     resumable state (same format as the CascadePSP trainer's)
-    best.pt/.json, final.pt/.json   exported weights + sidecar (``trainer.export_weights``)
+    best.pt/.json, final.pt/.json   exported weights + sidecar (``runtime.export_weights``)
     log.jsonl, config.json
 
 Conventions: probabilities in ``[0, 1]``; maps ``(N, C, h, w)`` float32, C = 2
@@ -80,6 +85,24 @@ import torch
 from torch import Tensor, nn
 
 from refine_cli.errors import InputError, UsageError
+from refine_cli.train.runtime import (
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    ProgressFn,
+    RunLog,
+    TrainResult,
+    atomic_write,
+    check_settings,
+    export_weights,
+    iou_mba,
+    load_checkpoint,
+    lr_factor,
+    resolve_device,
+    run_steps,
+    seed_everything,
+    sha256_file,
+)
+from refine_cli.weights.files import read_export_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -186,8 +209,6 @@ class MagnetTrainConfig:
         object.__setattr__(self, "holdout", tuple(str(v) for v in self.holdout))
         if self.arch != ARCH:
             raise UsageError(f"MagnetTrainConfig trains --arch {ARCH}, not {self.arch!r}")
-        from refine_cli.train.trainer import check_settings
-
         lo, hi = self.canvas
         check_settings(self, (
             (self.optimizer in OPTIMIZERS,
@@ -283,9 +304,11 @@ def load_frozen_segmenter(name: str, threads: int | None = None) -> tuple[Any, d
     from refine_cli import weights as registry
     from refine_cli.hashing import sha256_file
     from refine_cli.segmenters import load_segmenter
+    from refine_cli.segmenters.base import Segmenter
     from refine_cli.segmenters.tflite import SELFIE_NAME, SELFIE_SPEC, TFLiteSegmenter
 
     path: Path | None = None
+    seg: Segmenter
     if name == SELFIE_NAME and not Path(name).is_file():
         path = registry.resolve_weights(SELFIE_NAME).path
         seg = TFLiteSegmenter(path, spec=SELFIE_SPEC, threads=threads)
@@ -326,7 +349,8 @@ def composite_indices(n: int, n_portraits: int, excluded: Sequence[int], start: 
     """
     if len(set(excluded)) >= n_portraits:
         raise UsageError("every portrait is held out: shorten --holdout")
-    out, i = [], start
+    out: list[int] = []
+    i = start
     while len(out) < n:
         if i % n_portraits not in excluded:
             out.append(i)
@@ -441,8 +465,6 @@ def _shard_path(folder: Path, split: str, k: int) -> Path:
 
 
 def _write_shard(path: Path, examples: Sequence[Example]) -> None:
-    from refine_cli.weights.files import atomic_write
-
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez_compressed(
@@ -504,7 +526,7 @@ def build_cache(
                              f"({', '.join(diff)}); delete it or train into another --out")
     else:
         key_path.write_text(json.dumps(key, indent=2) + "\n", encoding="utf-8")
-    spec = SampleSpec(size=64, seed=0, kinds=(("portraits", 1.0),), photos=cfg.photos,
+    spec = SampleSpec(size=(64, 64), seed=0, kinds=(("portraits", 1.0),), photos=cfg.photos,
                       portraits=cfg.portraits)
     bank = sources(spec, check=True).portraits
     stems = [p.stem for p, _ in bank.items]
@@ -607,7 +629,7 @@ def validate(model: nn.Module, cache: CacheArrays, device: torch.device, batch: 
                     gt = cache.g[s + k].astype(np.float32) / 255.0
                     preds = (r[k], cache.y[s + k] / 255.0, cache.o[s + k] / 255.0)
                     m = [evaluate_arrays(p, gt) for p in preds]
-                    rows.append(tuple(v for x in m for v in (float(x.iou), float(x.mba))))
+                    rows.append(tuple(v for x in m for v in iou_mba(x)))
     finally:
         model.train(was_training)
     mean = np.mean(np.array(rows), axis=0)
@@ -666,8 +688,8 @@ def train_magnet(
     *,
     resume: bool = False,
     overrides: Mapping[str, Any] | None = None,
-    progress: Any = None,
-) -> Any:
+    progress: ProgressFn | None = None,
+) -> TrainResult:
     """Train (or continue training) MagNet's refinement module for a frozen segmenter.
 
     Args:
@@ -678,27 +700,25 @@ def train_magnet(
         progress: ``progress(step_done, steps_total, last_loss)`` after every step.
 
     Returns:
-        A :class:`refine_cli.train.trainer.TrainResult`.
+        A :class:`refine_cli.train.runtime.TrainResult`.
 
     Raises:
         UsageError: bad settings, or ``out`` already holds a run and ``resume`` is off.
         InputError: unreadable checkpoint or missing data folders.
         WeightsError / DependencyError: the segmenter cannot be loaded.
     """
-    from refine_cli.train import trainer as T
-
     t_start = time.perf_counter()
-    ckpt_path = cfg.out / T.CHECKPOINT
+    ckpt_path = cfg.out / CHECKPOINT
     state: dict[str, Any] | None = None
     if resume:
-        state = T.load_checkpoint(ckpt_path)
+        state = load_checkpoint(ckpt_path)
         if state["config"].get("arch") != ARCH:
             raise UsageError(f"{ckpt_path} is a {state['config'].get('arch')} run, not {ARCH}; drop --arch")
         stored = MagnetTrainConfig.from_dict({**state["config"], "out": str(cfg.out)})
         cfg = resume_config(stored, dict(overrides or {}))
     elif ckpt_path.exists():
         raise UsageError(
-            f"{cfg.out} already holds a training run ({T.CHECKPOINT}); pass --resume or another --out"
+            f"{cfg.out} already holds a training run ({CHECKPOINT}); pass --resume or another --out"
         )
     cfg.out.mkdir(parents=True, exist_ok=True)
     threads_before, cv_threads_before = torch.get_num_threads(), cv2.getNumThreads()
@@ -712,13 +732,11 @@ def train_magnet(
         cv2.setNumThreads(cv_threads_before)
 
 
-def _run(cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float, progress: Any) -> Any:
+def _run(
+    cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float, progress: ProgressFn | None
+) -> TrainResult:
     """The body of :func:`train_magnet` once the config is settled."""
-    from refine_cli.models.magnet import RefinementMagNet
-    from refine_cli.train import trainer as T
-
-    ckpt_path = cfg.out / T.CHECKPOINT
-    device = T.resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     (cfg.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
     segmenter, seg_id = load_frozen_segmenter(cfg.segmenter, cfg.threads)
     t_cache = time.perf_counter()
@@ -732,21 +750,10 @@ def _run(cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float
     if cfg.crop > min(train_set.o.shape[1:]):
         raise UsageError(f"--crop {cfg.crop} is larger than the segmenter's input {seg_id['input_size']}")
 
-    T.seed_everything(cfg.seed)
-    model = RefinementMagNet(n_classes)
-    init_meta = None
-    if cfg.init is not None:
-        from refine_cli.refiners.magnet_method import load_refinement_file
-
-        start = load_refinement_file(cfg.init, n_classes)  # strict, checksum-checked
-        model.load_state_dict(start.state_dict(), strict=True)
-        init_meta = {"file": cfg.init.name, "sha256": T.sha256_file(cfg.init),
-                     "steps": T.read_export_sidecar(cfg.init).get("steps")}
-        logger.info("fine-tuning from %s (%s steps)", cfg.init, init_meta["steps"])
-    model = model.to(device).train()
-    arch_params = {"n_classes": n_classes}
+    seed_everything(cfg.seed)
+    model, init_meta = _start_model(cfg, n_classes, device)
     optimizer = _optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: T.lr_factor(s, cfg))  # type: ignore[arg-type]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     step, best, wall = 0, None, 0.0
     if state is not None:
         model.load_state_dict(state["model"], strict=True)
@@ -758,65 +765,127 @@ def _run(cfg: MagnetTrainConfig, state: dict[str, Any] | None, *, t_start: float
     logger.info("training %s (%d parameters) on %s: %d steps of %d x %d px crops from %d cached examples",
                 ARCH, sum(p.numel() for p in model.parameters()), device, cfg.steps, cfg.batch_size, cfg.crop,
                 len(train_set))
-    log = T._Log(cfg.out / "log.jsonl")
-    meta_base = {
-        "arch": ARCH, "arch_params": arch_params, "segmenter": seg_id, "normalization": normalization_meta(),
-        "recipe": {k: getattr(cfg, k) for k in ("crop", "batch_size", "lr", "optimizer", "weight_decay",
-                                                "warmup", "min_lr_ratio", "grad_clip", "ohem_threshold",
-                                                "ohem_keep", "ce_weight", "boundary_bias", "seed",
-                                                "threads")},
-        "init": init_meta,
-        "data": {"samples": cfg.samples, "examples": len(train_set), "val_samples": cfg.val_samples,
-                 "val_seed": VAL_SEED, "crops_per_stage": cfg.crops_per_stage, "canvas": list(cfg.canvas),
-                 "holdout": list(cfg.holdout), "photos": None if cfg.photos is None else str(cfg.photos),
-                 "portraits": None if cfg.portraits is None else str(cfg.portraits)},
-    }
-
-    def snapshot(step: int) -> dict[str, Any]:
-        return {
-            "format": T.CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "arch_params": arch_params,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": {}, "rng": {"torch": torch.get_rng_state()},
-            "best": best, "wall_seconds": wall + time.perf_counter() - t_start,
-        }
-
-    def run_validation(step: int) -> dict[str, Any]:
-        nonlocal best
-        t0 = time.perf_counter()
-        res = {"step": step, **validate(model, val_set, device)}
-        res["seconds"] = round(time.perf_counter() - t0, 1)
-        logger.info("step %d: val IoU %.4f (Y %.4f, O %.4f), mBA %.4f (Y %.4f, O %.4f)", step, res["iou"],
-                    res["coarse_iou"], res["fine_iou"], res["mba"], res["coarse_mba"], res["fine_mba"])
-        log.write({"type": "val", **res})
-        if best is None or res["score"] > best["score"]:
-            best = dict(res)
-            T.export_weights(model, cfg.out / "best.pt", {**meta_base, "steps": step, "metrics": res})
-        return res
-
+    log = RunLog(cfg.out / "log.jsonl")
+    meta_base = _meta_base(cfg, n_classes, seg_id, init_meta, len(train_set))
+    run = _MagnetRun(cfg, model, optimizer, scheduler, device, val_set, log, meta_base, t_start, best, wall)
     fixed = batch_at(train_set, 0, cfg) if cfg.fixed_batch else None
 
     def one_step(step: int) -> float | None:
         batch = fixed if fixed is not None else batch_at(train_set, step, cfg)
         return _train_step(model, batch, cfg, device, optimizer)
 
-    step, losses, validations = T.run_steps(
-        cfg, step, one_step, scheduler=scheduler, log=log, progress=progress, run_validation=run_validation,
-        snapshot=snapshot, ckpt_path=ckpt_path,
+    step, losses, validations = run_steps(
+        cfg, step, one_step, scheduler=scheduler, log=log, progress=progress,
+        run_validation=run.run_validation, snapshot=run.snapshot, ckpt_path=cfg.out / CHECKPOINT,
     )
     seconds = time.perf_counter() - t_start
     final = cfg.out / "final.pt"
     last_val = validations[-1] if validations else None
-    T.export_weights(model, final, {**meta_base, "steps": step, "metrics": last_val,
-                                    "wall_seconds": wall + seconds, "cache_seconds": cache_seconds})
-    return T.TrainResult(cfg.out, step, losses, validations, best, seconds, final)
+    export_weights(model, final, {**meta_base, "steps": step, "metrics": last_val,
+                                  "wall_seconds": wall + seconds, "cache_seconds": cache_seconds})
+    return TrainResult(cfg.out, step, losses, validations, run.best, seconds, final)
+
+
+def _start_model(
+    cfg: MagnetTrainConfig, n_classes: int, device: torch.device
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """A fresh module, or ``cfg.init``'s weights (strict, checksum-checked), in training mode on ``device``.
+
+    Returns:
+        The module and the facts of the ``--init`` weights (``None`` without them).
+    """
+    from refine_cli.models.magnet import RefinementMagNet
+
+    model = RefinementMagNet(n_classes)
+    init_meta = None
+    if cfg.init is not None:
+        from refine_cli.refiners.magnet_method import load_refinement_file
+
+        start = load_refinement_file(cfg.init, n_classes)  # strict, checksum-checked
+        model.load_state_dict(start.state_dict(), strict=True)
+        init_meta = {"file": cfg.init.name, "sha256": sha256_file(cfg.init),
+                     "steps": read_export_sidecar(cfg.init).get("steps")}
+        logger.info("fine-tuning from %s (%s steps)", cfg.init, init_meta["steps"])
+    return model.to(device).train(), init_meta
+
+
+def _meta_base(
+    cfg: MagnetTrainConfig, n_classes: int, seg_id: Mapping[str, Any], init_meta: dict[str, Any] | None,
+    n_examples: int,
+) -> dict[str, Any]:
+    """The facts every exported sidecar of the run carries (architecture, segmenter, recipe, data)."""
+    return {
+        "arch": ARCH, "arch_params": {"n_classes": n_classes}, "segmenter": seg_id,
+        "normalization": normalization_meta(),
+        "recipe": {k: getattr(cfg, k) for k in ("crop", "batch_size", "lr", "optimizer", "weight_decay",
+                                                "warmup", "min_lr_ratio", "grad_clip", "ohem_threshold",
+                                                "ohem_keep", "ce_weight", "boundary_bias", "seed",
+                                                "threads")},
+        "init": init_meta,
+        "data": {"samples": cfg.samples, "examples": n_examples, "val_samples": cfg.val_samples,
+                 "val_seed": VAL_SEED, "crops_per_stage": cfg.crops_per_stage, "canvas": list(cfg.canvas),
+                 "holdout": list(cfg.holdout), "photos": None if cfg.photos is None else str(cfg.photos),
+                 "portraits": None if cfg.portraits is None else str(cfg.portraits)},
+    }
+
+
+@dataclass
+class _MagnetRun:
+    """A MagNet refinement-module run in progress: what its checkpoints store and validations update.
+
+    Attributes:
+        cfg: the run's config.
+        model, optimizer, scheduler: the training state.
+        device: where the module is.
+        val_set: the cached validation examples.
+        log: the run's ``log.jsonl``.
+        meta_base: the facts of every exported sidecar (:func:`_meta_base`).
+        t_start: ``time.perf_counter()`` when this call began.
+        best: the best validation so far (``None``: none yet).
+        wall: wall seconds of the run before this call.
+    """
+
+    cfg: MagnetTrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    val_set: CacheArrays
+    log: RunLog
+    meta_base: dict[str, Any]
+    t_start: float
+    best: dict[str, Any] | None
+    wall: float
+
+    def snapshot(self, step: int) -> dict[str, Any]:
+        """The resumable checkpoint after ``step`` steps."""
+        return {
+            "format": CHECKPOINT_FORMAT, "step": step, "config": self.cfg.to_dict(),
+            "arch_params": self.meta_base["arch_params"], "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": {},
+            "rng": {"torch": torch.get_rng_state()}, "best": self.best,
+            "wall_seconds": self.wall + time.perf_counter() - self.t_start,
+        }
+
+    def run_validation(self, step: int) -> dict[str, Any]:
+        """Validate after ``step`` steps, log it, and export ``best.pt`` when ``iou + mba`` improved."""
+        t0 = time.perf_counter()
+        res = {"step": step, **validate(self.model, self.val_set, self.device)}
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        logger.info("step %d: val IoU %.4f (Y %.4f, O %.4f), mBA %.4f (Y %.4f, O %.4f)", step, res["iou"],
+                    res["coarse_iou"], res["fine_iou"], res["mba"], res["coarse_mba"], res["fine_mba"])
+        self.log.write({"type": "val", **res})
+        if self.best is None or res["score"] > self.best["score"]:
+            self.best = dict(res)
+            meta = {**self.meta_base, "steps": step, "metrics": res}
+            export_weights(self.model, self.cfg.out / "best.pt", meta)
+        return res
 
 
 def checkpoint_arch(out: Path) -> str | None:
     """The ``arch`` of the run in ``out`` (``None`` when it has no readable checkpoint)."""
-    from refine_cli.train import trainer as T
-
     try:
-        return str(T.load_checkpoint(Path(out) / T.CHECKPOINT)["config"].get("arch"))
+        return str(load_checkpoint(Path(out) / CHECKPOINT)["config"].get("arch"))
     except InputError:
         return None
 

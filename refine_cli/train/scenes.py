@@ -35,7 +35,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -43,8 +43,25 @@ import numpy as np
 from refine_cli.errors import UsageError
 from refine_cli.tiling.grid import Window
 
-if TYPE_CHECKING:
-    from refine_cli.train.data import PhotoBank
+
+class PhotoLevels(Protocol):
+    """A photo and its successive 2x reductions."""
+
+    def level(self, k: int) -> np.ndarray:
+        """Level ``k`` (0 = the photo), ``(h, w, 3)`` uint8 RGB."""
+        ...
+
+
+class PhotoSource(Protocol):
+    """The photos a scene draws its textures from (:class:`refine_cli.train.data.PhotoBank` is one)."""
+
+    def __len__(self) -> int:
+        """Number of photos."""
+        ...
+
+    def pyramid(self, i: int) -> PhotoLevels:
+        """The pyramid of photo ``i``."""
+        ...
 
 FAMILIES = ("aerial", "cells", "thin")
 """Scene families :class:`SceneGenerator` can render."""
@@ -94,7 +111,8 @@ def _mix(h: np.ndarray) -> np.ndarray:
     h = h * np.uint32(0x7FEB352D)
     h = h ^ (h >> np.uint32(15))
     h = h * np.uint32(0x846CA68B)
-    return h ^ (h >> np.uint32(16))
+    result: np.ndarray = h ^ (h >> np.uint32(16))
+    return result
 
 
 def _hash2(rows: np.ndarray, cols: np.ndarray, key: int) -> np.ndarray:
@@ -109,7 +127,8 @@ def _gauss_noise(r0: int, c0: int, h: int, w: int, key: int) -> np.ndarray:
     x = _hash2(np.arange(r0, r0 + h), np.arange(c0, c0 + w), key)
     m = np.uint32(255)
     s = (x & m) + ((x >> np.uint32(8)) & m) + ((x >> np.uint32(16)) & m) + (x >> np.uint32(24))
-    return (s.astype(np.float32) - np.float32(510.0)) * np.float32(1.0 / 147.8)
+    result: np.ndarray = (s.astype(np.float32) - np.float32(510.0)) * np.float32(1.0 / 147.8)
+    return result
 
 
 def _axis(start: int, n: int, period: float) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +162,8 @@ def value_noise(r0: int, c0: int, h: int, w: int, period: float, key: int) -> np
     along = left + (lat[:, jx + 1] - left) * tx[None, :]  # (lattice rows, w)
     jy = iy - ly[0]
     top = along[jy]
-    return top + (along[jy + 1] - top) * ty[:, None]
+    result: np.ndarray = top + (along[jy + 1] - top) * ty[:, None]
+    return result
 
 
 def _hash_int(a: int, b: int, key: int) -> int:
@@ -272,11 +292,12 @@ def _noise_image(
     grain = (_hash2(np.arange(side), np.arange(side), key + 4) >> np.uint32(24)).astype(np.float32)
     lo, hi = np.asarray(c1, np.float32), np.asarray(c2, np.float32)
     shade = np.float32(0.5) + np.float32(0.9) * lum + grain * np.float32(0.1 / 255)
-    return np.clip(np.rint((lo + (hi - lo) * hue) * shade[..., None]), 0, 255).astype(np.uint8)
+    result: np.ndarray = np.clip(np.rint((lo + (hi - lo) * hue) * shade[..., None]), 0, 255).astype(np.uint8)
+    return result
 
 
 def _texture(
-    photos: PhotoBank | None,
+    photos: PhotoSource | None,
     rng: np.random.Generator,
     levels: Sequence[int],
     fallback: tuple[Sequence[float], Sequence[float], float],
@@ -408,7 +429,8 @@ def _seg_dist(px: np.ndarray, py: np.ndarray, segs: np.ndarray) -> np.ndarray:
     dx, dy = bx - ax, by - ay
     qx, qy = px[:, None] - ax, py[:, None] - ay
     t = np.clip((qx * dx + qy * dy) / np.maximum(dx * dx + dy * dy, 1e-9), 0.0, 1.0)
-    return np.hypot(qx - t * dx, qy - t * dy)
+    result: np.ndarray = np.hypot(qx - t * dx, qy - t * dy)
+    return result
 
 
 # ---------------------------------------------------------------- detector errors
@@ -477,7 +499,8 @@ def _rough_shape(
     else:
         a, b = math.sqrt(3 * l1) * s1, math.sqrt(3 * l2) * s2
         local = np.array([[-a, -b], [a, -b], [a, b], [-a, b]], np.float64)
-    return _rot(local, theta + rng.normal(0, 0.08)) + (cx, cy)
+    result: np.ndarray = _rot(local, theta + rng.normal(0, 0.08)) + (cx, cy)
+    return result
 
 
 def _rough_det(rng: np.random.Generator, xy: np.ndarray, p_box: float = 0.5) -> _Det:
@@ -563,7 +586,8 @@ def _tiles(mask: np.ndarray, tile: int = 64) -> list[tuple[slice, slice]]:
 
 
 def _to_u8(canvas: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    result: np.ndarray = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+    return result
 
 
 class _Cover:
@@ -603,6 +627,27 @@ _TREE_TONES = np.array([(40, 70, 36), (54, 84, 40), (30, 54, 34), (68, 90, 46), 
 _GROUND_TINTS = np.array(
     [(104, 116, 76), (132, 122, 92), (90, 102, 70), (150, 136, 106), (118, 112, 96)], np.float32
 )
+
+
+@dataclass
+class _AerialCell:
+    """What the planning of one aerial grid cell shares.
+
+    Attributes:
+        cy, cx: the cell's grid row and column.
+        y0, x0: its top-left pixel.
+        segs: road segments near it (``_Aerial.roads_near``).
+        u: urbanity in ``[0, 1]``.
+        wet: whether water may reach it.
+    """
+
+    cy: int
+    cx: int
+    y0: int
+    x0: int
+    segs: np.ndarray
+    u: float
+    wet: bool
 
 
 class _Aerial(_Family):
@@ -775,37 +820,60 @@ class _Aerial(_Family):
     # -- planning
 
     def plan(self, cy: int, cx: int, rng: np.random.Generator) -> _Plan:
-        c, dens = self.cell, self.density
+        """The roofs, trees, their shadows and the detector's primitives of cell ``(cy, cx)``.
+
+        Draws, in this order: roofs, tree crowns (over roof edges, then clusters, then scattered
+        trees), the roofs' detector shapes, then false detections on distractors.
+        """
+        c = self.cell
         y0, x0 = cy * c, cx * c
         segs = self.roads_near(y0 - 64, x0 - 64, y0 + c + 64, x0 + c + 64)
         u = self.urban(cy, cx)
-
         wet = self.water_t < 2 and self.water_max(y0, x0) > self.water_t - 0.05
+        cell = _AerialCell(cy, cx, y0, x0, segs, u, wet)
+        roofs = self._plan_roofs(cell, rng)
+        trees = self._plan_trees(cell, rng, roofs)
+        objs: list[_Obj] = []
+        dets: list[_Det] = []
+        n_fg = self._place_roofs(cell, rng, roofs, objs, dets)
+        kept_trees = self._place_trees(cell, trees, objs)
+        self._false_detections(cell, rng, len(roofs), kept_trees, dets)
+        return _Plan(objs, dets, n_fg)
 
-        def clear(x: float, y: float, rad: float) -> bool:
-            if wet and self.water_at(x, y) > self.water_t - 0.03:
-                return False
-            if len(segs) and np.any(
-                _seg_dist(np.array([x]), np.array([y]), segs)[0] < segs[:, 4] + rad + 1.5
-            ):
-                return False
-            return True
+    def _clear(self, cell: _AerialCell, x: float, y: float, rad: float) -> bool:
+        """Whether a disc of radius ``rad`` at ``(x, y)`` keeps off water and roads."""
+        if cell.wet and self.water_at(x, y) > self.water_t - 0.03:
+            return False
+        segs = cell.segs
+        if len(segs) and np.any(_seg_dist(np.array([x]), np.array([y]), segs)[0] < segs[:, 4] + rad + 1.5):
+            return False
+        return True
 
+    def _plan_roofs(self, cell: _AerialCell, rng: np.random.Generator) -> list[dict[str, Any]]:
+        """The cell's roofs: a Poisson count growing with urbanity, three placement tries each."""
+        c = self.cell
         roofs: list[dict[str, Any]] = []
-        for _ in range(int(rng.poisson(dens * (1.0 + 14.0 * u * u)))):
+        for _ in range(int(rng.poisson(self.density * (1.0 + 14.0 * cell.u * cell.u)))):
             for _attempt in range(3):
-                x, y = x0 + rng.uniform(0, c), y0 + rng.uniform(0, c)
+                x, y = cell.x0 + rng.uniform(0, c), cell.y0 + rng.uniform(0, c)
                 ln = math.exp(rng.uniform(math.log(8), math.log(60)))  # long side, px
                 wd = max(6.0, ln * rng.uniform(0.45, 1.0))
                 rad = 0.5 * math.hypot(ln, wd)
-                if not clear(x, y, 0.9 * rad):
+                if not self._clear(cell, x, y, 0.9 * rad):
                     continue
                 if any(math.hypot(x - o["cx"], y - o["cy"]) < 0.75 * (rad + o["rad"]) for o in roofs):
                     continue
                 roofs.append(self._roof(rng, x, y, ln, wd))
                 break
+        return roofs
+
+    def _plan_trees(
+        self, cell: _AerialCell, rng: np.random.Generator, roofs: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Tree crowns: over roof edges (the hidden roof part is background), in clusters, scattered."""
+        c, dens, u = self.cell, self.density, cell.u
         trees: list[dict[str, Any]] = []
-        for roof in roofs:  # crowns over roof edges: the hidden roof part is background
+        for roof in roofs:
             if rng.random() < 0.18:
                 v = roof["xy"][int(rng.integers(len(roof["xy"])))]
                 t = rng.uniform(0.7, 1.1)
@@ -819,12 +887,12 @@ class _Aerial(_Family):
                 )
 
         def tree_ok(x: float, y: float, r: float) -> bool:
-            if not clear(x, y, -r * 0.3):
+            if not self._clear(cell, x, y, -r * 0.3):
                 return False
             return not any(math.hypot(x - o["cx"], y - o["cy"]) < 0.8 * o["rad"] + 0.5 * r for o in roofs)
 
         for _ in range(int(rng.poisson(dens * (0.5 + 1.0 * (1 - u))))):  # clusters
-            gx, gy = x0 + rng.uniform(0, c), y0 + rng.uniform(0, c)
+            gx, gy = cell.x0 + rng.uniform(0, c), cell.y0 + rng.uniform(0, c)
             spread = rng.uniform(8, 32)
             for _ in range(int(rng.integers(3, 11))):
                 off = rng.normal(0, spread / 2, 2)
@@ -835,12 +903,16 @@ class _Aerial(_Family):
                 if tree_ok(x, y, r):
                     trees.append(self._tree(rng, x, y, r))
         for _ in range(int(rng.poisson(dens * (1.0 + 2.0 * (1 - u))))):  # scattered
-            x, y, r = x0 + rng.uniform(0, c), y0 + rng.uniform(0, c), rng.uniform(3, 12)
+            x, y, r = cell.x0 + rng.uniform(0, c), cell.y0 + rng.uniform(0, c), rng.uniform(3, 12)
             if tree_ok(x, y, r):
                 trees.append(self._tree(rng, x, y, r))
+        return trees
 
-        objs: list[_Obj] = []
-        dets: list[_Det] = []
+    def _place_roofs(
+        self, cell: _AerialCell, rng: np.random.Generator, roofs: list[dict[str, Any]], objs: list[_Obj],
+        dets: list[_Det],
+    ) -> int:
+        """Append the roofs that fit the cell's margin (with shadow and detector shape); foreground count."""
         n_fg = 0
         for roof in roofs:
             xy, off = roof["xy"], roof["shadow"]
@@ -848,28 +920,41 @@ class _Aerial(_Family):
             roof_box = _box(xy, 1.5)
             det = None if rng.random() < 0.05 else _rough_det(rng, xy)
             boxes = [shadow_box, roof_box] + ([det.box] if det else [])
-            if not all(self.keep(cy, cx, b) for b in boxes):
+            if not all(self.keep(cell.cy, cell.cx, b) for b in boxes):
                 continue
             objs.append(_Obj("shadow", 0, shadow_box, {"polys": [xy, xy + off], "off": off}))
             objs.append(_Obj("roof", 1, roof_box, roof))
             if det:
                 dets.append(det)
             n_fg += self.inside(roof["cx"], roof["cy"])
+        return n_fg
+
+    def _place_trees(
+        self, cell: _AerialCell, trees: list[dict[str, Any]], objs: list[_Obj]
+    ) -> list[dict[str, Any]]:
+        """Append the trees (and their shadows) that fit the cell's margin; the trees kept."""
         kept_trees = []
         for tree in trees:
             xy, off = tree["xy"], tree["shadow"]
             tbox, sbox = _box(xy, 1.5), _box(xy + off, 1.5)
-            if self.keep(cy, cx, tbox) and self.keep(cy, cx, sbox):
+            if self.keep(cell.cy, cell.cx, tbox) and self.keep(cell.cy, cell.cx, sbox):
                 objs.append(_Obj("shadow", 0, sbox, {"polys": [xy + off]}))
                 objs.append(_Obj("tree", 2, tbox, tree))
                 kept_trees.append(tree)
-        # false positives on distractors: tree crowns or patches of road inside this cell
+        return kept_trees
+
+    def _false_detections(
+        self, cell: _AerialCell, rng: np.random.Generator, n_roofs: int, kept_trees: list[dict[str, Any]],
+        dets: list[_Det],
+    ) -> None:
+        """Append false positives on distractors: tree crowns or patches of road inside the cell."""
+        c, x0, y0, segs = self.cell, cell.x0, cell.y0, cell.segs
         in_cell = (
             segs[(_seg_dist(np.array([x0 + c / 2]), np.array([y0 + c / 2]), segs)[0] < c / 2)]
             if len(segs)
             else segs
         )
-        for _ in range(int(rng.binomial(len(roofs), 0.03))):
+        for _ in range(int(rng.binomial(n_roofs, 0.03))):
             if len(in_cell) and (not kept_trees or rng.random() < 0.4):
                 ax, ay, bx, by, hw, _ = in_cell[int(rng.integers(len(in_cell)))]
                 t = rng.uniform(0, 1)
@@ -885,9 +970,8 @@ class _Aerial(_Family):
                 det = _rough_det(rng, kept_trees[int(rng.integers(len(kept_trees)))]["xy"])
             else:
                 continue
-            if self.keep(cy, cx, det.box):
+            if self.keep(cell.cy, cell.cx, det.box):
                 dets.append(det)
-        return _Plan(objs, dets, n_fg)
 
     def _roof(self, rng: np.random.Generator, cx: float, cy: float, ln: float, wd: float) -> dict[str, Any]:
         """A roof of ``ln x wd`` px centred at ``(cx, cy)``: rectangle, L-shape or convex polygon."""
@@ -953,7 +1037,7 @@ class _Aerial(_Family):
         mix = value_noise(*args, 230.0, self.keys[2])
         mix = np.clip((mix - np.float32(0.5)) * np.float32(4.0) + np.float32(0.5), 0, 1)[..., None]
         tint = self.tint1 + (self.tint2 - self.tint1) * mix
-        g = tint * lum
+        g: np.ndarray = tint * lum
         g += (p - g) * self.photo_mix
         g *= (np.float32(0.85) + np.float32(0.3) * value_noise(*args, 90.0, self.keys[3]))[..., None]
         return g
@@ -1030,7 +1114,8 @@ class _Aerial(_Family):
             s, c = np.float32(math.sin(p["ang"])), np.float32(math.cos(p["ang"]))
             v = yy * c - xx * s  # across the ridge
             f = f * (np.float32(1.0) + np.float32(p["facet"]) * np.clip(v, -1, 1))
-        return p["tone"] * f[..., None]
+        result: np.ndarray = p["tone"] * f[..., None]
+        return result
 
     def _tree_rgb(self, o: _Obj, dst: tuple[slice, slice], win: Window) -> np.ndarray:
         p = o.p
@@ -1046,7 +1131,8 @@ class _Aerial(_Family):
         edge = np.float32(1.0) - np.float32(0.25) * np.minimum(
             (xx * xx + yy * yy) * inv * inv, np.float32(1.0)
         )
-        return p["tone"] * (f * lit * edge)[..., None]
+        result: np.ndarray = p["tone"] * (f * lit * edge)[..., None]
+        return result
 
 
 # ------------------------------------------------------------------------- cells
@@ -1096,6 +1182,41 @@ class _Cells(_Family):
         return min(max((v - 0.15) / 0.7, 0.0), 1.0)
 
     def plan(self, cy: int, cx: int, rng: np.random.Generator) -> _Plan:
+        """The nuclei, specks, haze and the detector's primitives of cell ``(cy, cx)``.
+
+        Draws, in this order: nuclei (touching clusters, then single ones), specks, haze, the
+        nuclei's detector shapes, then false detections on haze or dim specks.
+        """
+        blobs = self._plan_blobs(cy, cx, rng)
+        c = self.cell
+        y0, x0 = cy * c, cx * c
+        specks = [
+            self._speck(rng, x0 + rng.uniform(0, c), y0 + rng.uniform(0, c))
+            for _ in range(int(rng.poisson(1.5)))
+        ]
+        hazes = self._plan_hazes(y0, x0, rng)
+        objs: list[_Obj] = []
+        dets: list[_Det] = []
+        for hz in hazes:
+            if self.keep(cy, cx, hz["box"]):
+                objs.append(_Obj("haze", 0, hz["box"], hz))
+        for sp in specks:
+            if self.keep(cy, cx, sp["box"]):
+                objs.append(_Obj("speck", 1, sp["box"], sp))
+        n_fg = 0
+        for b in blobs:
+            det = None if rng.random() < 0.05 else _rough_det(rng, b["xy"], p_box=0.1)
+            if not self.keep(cy, cx, b["box"]) or (det and not self.keep(cy, cx, det.box)):
+                continue
+            objs.append(_Obj("blob", 2, b["box"], b))
+            if det:
+                dets.append(det)
+            n_fg += self.inside(b["cx"], b["cy"])
+        self._false_detections(cy, cx, rng, len(blobs), hazes, objs, dets)
+        return _Plan(objs, dets, n_fg)
+
+    def _plan_blobs(self, cy: int, cx: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+        """The cell's nuclei: touching clusters, then single ones, none overlapping another much."""
         c = self.cell
         y0, x0 = cy * c, cx * c
         lam = self.density * (3.0 + 30.0 * self.crowd(cy, cx) ** 2) * (8.0 / self.mean_r) ** 2
@@ -1131,11 +1252,12 @@ class _Cells(_Family):
                 if free(x, y, r):
                     blobs.append(self._blob(rng, x, y, r))
                     break
-        specks = [
-            self._speck(rng, x0 + rng.uniform(0, c), y0 + rng.uniform(0, c))
-            for _ in range(int(rng.poisson(1.5)))
-        ]
-        hazes = []
+        return blobs
+
+    def _plan_hazes(self, y0: int, x0: int, rng: np.random.Generator) -> list[dict[str, Any]]:
+        """Out-of-focus haze patches of the cell whose top-left pixel is ``(y0, x0)`` (none without haze)."""
+        c = self.cell
+        hazes: list[dict[str, Any]] = []
         if self.haze > 0:
             for _ in range(int(rng.poisson(0.5 * self.haze))):
                 s = rng.uniform(6, 16)
@@ -1149,24 +1271,16 @@ class _Cells(_Family):
                         "box": _box(np.array([[x, y]]), 3.5 * s),
                     }
                 )
-        objs: list[_Obj] = []
-        dets: list[_Det] = []
-        n_fg = 0
-        for hz in hazes:
-            if self.keep(cy, cx, hz["box"]):
-                objs.append(_Obj("haze", 0, hz["box"], hz))
-        for sp in specks:
-            if self.keep(cy, cx, sp["box"]):
-                objs.append(_Obj("speck", 1, sp["box"], sp))
-        for b in blobs:
-            det = None if rng.random() < 0.05 else _rough_det(rng, b["xy"], p_box=0.1)
-            if not self.keep(cy, cx, b["box"]) or (det and not self.keep(cy, cx, det.box)):
-                continue
-            objs.append(_Obj("blob", 2, b["box"], b))
-            if det:
-                dets.append(det)
-            n_fg += self.inside(b["cx"], b["cy"])
-        for _ in range(int(rng.binomial(len(blobs), 0.03))):  # false positives: haze or a dim speck
+        return hazes
+
+    def _false_detections(
+        self, cy: int, cx: int, rng: np.random.Generator, n_blobs: int, hazes: list[dict[str, Any]],
+        objs: list[_Obj], dets: list[_Det],
+    ) -> None:
+        """Append false positives: on a haze patch, or on a new dim speck (appended to ``objs`` too)."""
+        c = self.cell
+        y0, x0 = cy * c, cx * c
+        for _ in range(int(rng.binomial(n_blobs, 0.03))):
             if hazes and rng.random() < 0.5:
                 hz = hazes[int(rng.integers(len(hazes)))]
                 r = hz["s"] * rng.uniform(0.6, 1.2)
@@ -1185,7 +1299,6 @@ class _Cells(_Family):
                 )
             if self.keep(cy, cx, det.box):
                 dets.append(det)
-        return _Plan(objs, dets, n_fg)
 
     def _blob(self, rng: np.random.Generator, x: float, y: float, r: float) -> dict[str, Any]:
         b = r * rng.uniform(0.55, 1.0)
@@ -1227,7 +1340,7 @@ class _Cells(_Family):
         cv = _Canvas(o.box)
         cv.poly(p["xy"])
         a = cv.alpha()
-        sig = a * np.float32(p["amp"])
+        sig: np.ndarray = a * np.float32(p["amp"])
         if o.kind == "blob":
             s, c = np.float32(math.sin(p["ang"])), np.float32(math.cos(p["ang"]))
             u = (xx * c + yy * s) * np.float32(1.0 / p["r"])
@@ -1546,8 +1659,8 @@ class SceneGenerator:
         family: one of :data:`FAMILIES`.
         shape: ``(height, width)`` of the whole scene, px (>= 1 each).
         seed: scene seed (any int; taken modulo 2**64).
-        photos: a :class:`~refine_cli.train.data.PhotoBank` for textures; ``None``
-            uses procedural noise textures.
+        photos: a :class:`PhotoSource` for textures (such as
+            :class:`~refine_cli.train.data.PhotoBank`); ``None`` uses procedural noise textures.
         density: object density factor in ``(0, 10]`` (1 = the family's default).
 
     Attributes:
@@ -1563,7 +1676,7 @@ class SceneGenerator:
         family: str,
         shape: tuple[int, int],
         seed: int,
-        photos: PhotoBank | None = None,
+        photos: PhotoSource | None = None,
         density: float = 1.0,
     ) -> None:
         if family not in FAMILIES:

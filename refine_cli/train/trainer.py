@@ -1,6 +1,8 @@
 """Training loop of the CascadePSP refinement module (``refine train``), on CPU or CUDA.
 
-The recipe is CascadePSP's (reference NOTES §4): random ``crop x crop`` crops of generated
+The recipe is CascadePSP's training recipe (its ``train.py``: 224 px random crops, flips and
+colour jitter, a coarse mask made by perturbing the GT down to a target IoU in [0.8, 1), Adam
+with step decays, the six-output loss): random ``crop x crop`` crops of generated
 composites with a perturbed coarse mask, the three-iteration cascade on every step, the
 multi-output loss of :func:`~refine_cli.train.losses.cascadepsp_loss` (CE at OS8, CE + L1 +
 L2 at OS4, L1 + L2 + gradient at OS1). Differences, all configurable: AdamW with linear
@@ -48,19 +50,18 @@ import dataclasses
 import json
 import logging
 import math
-import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from refine_cli.errors import InputError, Interrupted, RefineError, UsageError, WeightsError
+from refine_cli.errors import InputError, UsageError, WeightsError
 from refine_cli.hashing import sha256_file as sha256_file
 from refine_cli.models.registry import ARCHITECTURES, arch_dict
 from refine_cli.models.registry import build_model as build_model
@@ -74,16 +75,29 @@ from refine_cli.train.data import (
     random_crop,
 )
 from refine_cli.train.losses import cascadepsp_loss
-from refine_cli.weights.files import CHECKPOINT_FORMAT as CHECKPOINT_FORMAT
-from refine_cli.weights.files import EXPORT_FORMAT as EXPORT_FORMAT
-from refine_cli.weights.files import atomic_write as atomic_write
-from refine_cli.weights.files import export_weights as export_weights
-from refine_cli.weights.files import load_checkpoint as load_checkpoint
+from refine_cli.train.runtime import (
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    ProgressFn,
+    RunLog,
+    TrainResult,
+    check_settings,
+    export_weights,
+    iou_mba,
+    load_checkpoint,
+    lr_factor,
+    mean_or_nan,
+    resolve_device,
+    rng_state,
+    run_steps,
+    seed_everything,
+)
 from refine_cli.weights.files import load_exported as load_exported
-from refine_cli.weights.files import read_export_sidecar as read_export_sidecar
-from refine_cli.weights.files import save_checkpoint as save_checkpoint
 
 logger = logging.getLogger(__name__)
+
+MAGNET_ARCH = "magnet-refinement"
+"""``--arch`` of MagNet's refinement module (one of ``ARCHITECTURES``): :mod:`refine_cli.train.magnet` trains it."""
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """Values of ``TrainConfig.precision``."""
@@ -91,8 +105,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 VAL_SEED = 1_000_003
 """Seed of the validation set (training streams use ``TrainConfig.seed``; keep them apart)."""
 
-CHECKPOINT = "checkpoint.pt"
-"""File name of the resumable checkpoint inside ``out``."""
 
 _STREAM = 0x7EA1
 """Extra seed word of the per-item crop / augmentation random stream."""
@@ -225,7 +237,7 @@ class DataConfig:
     def spec(self, side: int, seed: int) -> SampleSpec:
         """The :class:`SampleSpec` of square samples of ``side`` px."""
         return SampleSpec(
-            size=side, seed=seed, kinds=self.kinds, perturbations=self.perturbations,
+            size=(side, side), seed=seed, kinds=self.kinds, perturbations=self.perturbations,
             strength=self.strength[1], photos=self.photos, portraits=self.portraits, pairs=self.pairs,
         )
 
@@ -246,36 +258,13 @@ class DataConfig:
         """Inverse of :meth:`to_dict`."""
         return cls(
             photos=d.get("photos"), portraits=d.get("portraits"), pairs=d.get("pairs"),
-            kinds=tuple(tuple(kv) for kv in d["kinds"]),  # type: ignore[arg-type]
-            perturbations=tuple(tuple(kv) for kv in d["perturbations"]),  # type: ignore[arg-type]
-            strength=tuple(d["strength"]),  # type: ignore[arg-type]
+            kinds=tuple(tuple(kv) for kv in d["kinds"]),
+            perturbations=tuple(tuple(kv) for kv in d["perturbations"]),
+            strength=tuple(d["strength"]),
             scales=tuple(d["scales"]),
         )
 
 
-def check_settings(cfg: Any, checks: Sequence[tuple[bool, str]]) -> None:
-    """Validate the step-loop settings every ``refine train`` config has, then ``checks``.
-
-    Args:
-        cfg: a config with ``steps``, ``batch_size``, ``crop``, ``lr``, ``log_every``,
-            ``threads`` and ``min_lr_ratio`` (:class:`TrainConfig`, MagNet's config).
-        checks: ``(ok, message)`` pairs of the config's own fields.
-
-    Raises:
-        UsageError: the message of the first failed check.
-    """
-    common = (
-        (cfg.steps >= 1, f"--steps {cfg.steps} must be >= 1"),
-        (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size} must be >= 1"),
-        (cfg.crop >= 32 and cfg.crop % 8 == 0, f"--crop {cfg.crop} must be a multiple of 8, >= 32"),
-        (cfg.lr > 0, f"--lr {cfg.lr} must be > 0"),
-        (cfg.log_every >= 1, "log_every must be >= 1"),
-        (cfg.threads is None or cfg.threads >= 1, f"--threads {cfg.threads} must be >= 1"),
-        (0.0 < cfg.min_lr_ratio <= 1.0, "min_lr_ratio must be in (0, 1]"),
-    )
-    for ok, message in (*common, *checks):
-        if not ok:
-            raise UsageError(message)
 
 
 @dataclass(frozen=True)
@@ -574,21 +563,6 @@ def _batches(stream: TrainStream, cfg: TrainConfig, start_step: int) -> Iterator
 # devices and precision
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``.
-
-    Raises:
-        UsageError: a CUDA device was asked for but none is available.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -616,11 +590,6 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy's global generator and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed & 0xFFFFFFFF)
-    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,8 +672,6 @@ def selection_score(res: Mapping[str, Any]) -> float:
     return float(np.mean(gains))
 
 
-def _mean(xs: Sequence[float]) -> float:
-    return float(np.mean(xs)) if len(xs) else float("nan")
 
 
 def validate(model: nn.Module, vset: ValidationSet, precision: str = "fp32") -> dict[str, Any]:
@@ -724,8 +691,11 @@ def validate(model: nn.Module, vset: ValidationSet, precision: str = "fp32") -> 
         samples when any (overall, and ``full_by_kind``).
     """
     from refine_cli.evaluate import evaluate_arrays
+    from refine_cli.models.cascadepsp import CascadeRefinementModule
     from refine_cli.refiners.cascadepsp import fast_output, global_step, refine_exact
 
+    if not isinstance(model, CascadeRefinementModule):
+        raise TypeError(f"validate takes a CascadePSP module, not {type(model).__name__}")
     was_training = model.training
     model.eval()
     Row = tuple[str, str, float, float, float, float]  # kind, perturbation, IoU, mBA, coarse IoU, mBA
@@ -736,21 +706,21 @@ def validate(model: nn.Module, vset: ValidationSet, precision: str = "fp32") -> 
             glob = global_step(model, image, coarse, vset.size, precision=precision)
             pred = fast_output(glob)[0, 0].numpy()
             r, c = evaluate_arrays(pred, gt), evaluate_arrays(coarse, gt)
-            rows.append((kind, pert, float(r.iou), float(r.mba), float(c.iou), float(c.mba)))
+            rows.append((kind, pert, *iou_mba(r), *iou_mba(c)))
         for kind, pert, image, gt, coarse in vset.full:
             pred, _ = refine_exact(model, image, coarse, size=vset.size, precision=precision)
             r, c = evaluate_arrays(pred, gt), evaluate_arrays(coarse, gt)
-            full_rows.append((kind, pert, float(r.iou), float(r.mba), float(c.iou), float(c.mba)))
+            full_rows.append((kind, pert, *iou_mba(r), *iou_mba(c)))
     finally:
         model.train(was_training)
 
     def summary(sel: Sequence[Row]) -> dict[str, float]:
-        iou, mba = _mean([r[2] for r in sel]), _mean([r[3] for r in sel])
-        ciou, cmba = _mean([r[4] for r in sel]), _mean([r[5] for r in sel])
+        iou, mba = mean_or_nan([r[2] for r in sel]), mean_or_nan([r[3] for r in sel])
+        ciou, cmba = mean_or_nan([r[4] for r in sel]), mean_or_nan([r[5] for r in sel])
         return {"iou": iou, "mba": mba, "coarse_iou": ciou, "coarse_mba": cmba,
                 "gain_iou": iou - ciou, "gain_mba": mba - cmba, "n": len(sel)}
 
-    def grouped(sel: Sequence[Row], col: int) -> dict[str, dict[str, float]]:
+    def grouped(sel: Sequence[Row], col: Literal[0, 1]) -> dict[str, dict[str, float]]:
         return {k: summary([r for r in sel if r[col] == k]) for k in sorted({r[col] for r in sel})}
 
     out: dict[str, Any] = summary(rows)
@@ -760,10 +730,10 @@ def validate(model: nn.Module, vset: ValidationSet, precision: str = "fp32") -> 
     worst = min(out["by_kind"].items(), key=lambda kv: kv[1]["gain_iou"])
     out["worst_kind"] = {"kind": worst[0], "gain_iou": worst[1]["gain_iou"]}
     if full_rows:
-        out["full_iou"] = _mean([r[2] for r in full_rows])
-        out["full_mba"] = _mean([r[3] for r in full_rows])
-        out["full_coarse_iou"] = _mean([r[4] for r in full_rows])
-        out["full_coarse_mba"] = _mean([r[5] for r in full_rows])
+        out["full_iou"] = mean_or_nan([r[2] for r in full_rows])
+        out["full_mba"] = mean_or_nan([r[3] for r in full_rows])
+        out["full_coarse_iou"] = mean_or_nan([r[4] for r in full_rows])
+        out["full_coarse_mba"] = mean_or_nan([r[5] for r in full_rows])
         out["full_by_kind"] = grouped(full_rows, 0)
     return out
 
@@ -772,58 +742,14 @@ def validate(model: nn.Module, vset: ValidationSet, precision: str = "fp32") -> 
 # the loop
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then cosine to ``min_lr_ratio``."""
-    if cfg.warmup and step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    span = max(1, cfg.steps - cfg.warmup)
-    t = min(1.0, (step - cfg.warmup) / span)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-@dataclass
-class TrainResult:
-    """What :func:`train` did.
-
-    Attributes:
-        out: the output folder.
-        steps: steps completed in total (including those before a resume).
-        losses: total loss of every step run by this call, in order.
-        validations: the validation results of this call (with ``step``).
-        best: the best validation so far (``None`` if none ran).
-        seconds: wall time of this call.
-        final_weights: the exported final weights (``final.pt``).
-    """
-
-    out: Path
-    steps: int
-    losses: list[float]
-    validations: list[dict[str, Any]]
-    best: dict[str, Any] | None
-    seconds: float
-    final_weights: Path
 
 
-ProgressFn = Callable[[int, int, float], None]
-"""``progress(step_done, steps_total, last_loss)``."""
 
 
-class _Log:
-    """Appends JSON records to ``out/log.jsonl``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, default=float) + "\n")
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
 
 
 def train(
@@ -833,7 +759,11 @@ def train(
     overrides: Mapping[str, Any] | None = None,
     progress: ProgressFn | None = None,
 ) -> TrainResult:
-    """Train (or continue training) a refinement module.
+    """Train (or continue training) a CascadePSP refinement module.
+
+    MagNet's module (``--arch magnet-refinement``) trains with
+    :func:`refine_cli.train.magnet.train_magnet`; :func:`refine_cli.train.dispatch.train`
+    takes this function's arguments and picks the trainer by architecture.
 
     Args:
         cfg: the run's config (with ``resume``, only ``cfg.out`` matters plus ``overrides``).
@@ -846,14 +776,18 @@ def train(
         A :class:`TrainResult`.
 
     Raises:
-        UsageError: bad settings, or ``out`` already holds a run and ``resume`` is off.
+        UsageError: bad settings, ``out`` already holds a run and ``resume`` is off, or the run
+            is MagNet's.
         InputError: unreadable checkpoint or missing data folders.
     """
     t_start = time.perf_counter()
     ckpt_path = cfg.out / CHECKPOINT
     state: dict[str, Any] | None = None
-    if cfg.arch == "magnet-refinement" or (resume and _stored_arch(ckpt_path) == "magnet-refinement"):
-        return _train_magnet(cfg, resume, overrides, progress)
+    if cfg.arch == MAGNET_ARCH or (resume and _stored_arch(ckpt_path) == MAGNET_ARCH):
+        raise UsageError(
+            f"--arch {MAGNET_ARCH} trains with refine_cli.train.magnet.train_magnet; "
+            "refine_cli.train.dispatch.train takes a TrainConfig of any --arch"
+        )
     if resume:
         state = load_checkpoint(ckpt_path)
         cfg = resume_config(TrainConfig.from_dict(state["config"]), {**dict(overrides or {}), "out": cfg.out})
@@ -903,39 +837,55 @@ def _stored_arch(ckpt_path: Path) -> str | None:
         return None
 
 
-def _train_magnet(
-    cfg: TrainConfig, resume: bool, overrides: Mapping[str, Any] | None, progress: ProgressFn | None
-) -> TrainResult:
-    """``--arch magnet-refinement``: :func:`refine_cli.train.magnet.train_magnet` with ``cfg``'s fields.
-
-    Only the fields both recipes have are carried over, and only where they differ from
-    ``TrainConfig``'s defaults (steps, batch, crop, learning rate, schedule, device, threads,
-    seed, validation/checkpoint/log intervals, data folders): the rest keeps MagNet's
-    defaults. Build a :class:`~refine_cli.train.magnet.MagnetTrainConfig` for full control.
-    """
-    from refine_cli.train.magnet import MagnetTrainConfig, train_magnet
-
-    shared = ("steps", "batch_size", "crop", "lr", "warmup", "min_lr_ratio", "grad_clip", "device", "threads",
-              "seed", "val_every", "ckpt_every", "log_every", "fixed_batch")
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    given = {k: getattr(cfg, k) for k in shared if getattr(cfg, k) != defaults.get(k)}
-    given.update({k: v for k, v in (overrides or {}).items() if k in shared})
-    if resume:
-        return train_magnet(MagnetTrainConfig(out=cfg.out), resume=True, overrides=given, progress=progress)
-    mcfg = MagnetTrainConfig(out=cfg.out, photos=cfg.data.photos, portraits=cfg.data.portraits, **given)
-    return train_magnet(mcfg, progress=progress)
-
-
 def _run(
     cfg: TrainConfig, state: dict[str, Any] | None, *, t_start: float, progress: ProgressFn | None
 ) -> TrainResult:
     """The body of :func:`train` once the config is settled (``state``: the checkpoint to resume)."""
-    ckpt_path = cfg.out / CHECKPOINT
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     seed_everything(cfg.seed)
+    model, init_meta = _start_model(cfg, state, device)
+    arch_params = arch_dict(model, cfg.arch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    step, best, wall = 0, None, 0.0
+    if state is not None:
+        step, best, wall = _restore(state, model, optimizer, scheduler, scaler, device)
+        logger.info("resuming %s at step %d of %d", cfg.out, step, cfg.steps)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "training %s (%.3f M parameters) on %s, %s, %d steps of %d x %d px crops",
+        cfg.arch, n_params / 1e6, device, precision, cfg.steps, cfg.batch_size, cfg.crop,
+    )
+    (cfg.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+    log = RunLog(cfg.out / "log.jsonl")
+    stream = TrainStream(cfg.data, cfg.crop, cfg.seed, cfg.steps * cfg.batch_size)
+    vset = make_validation_set(cfg)
+    run = _CascadeRun(cfg, model, optimizer, scheduler, scaler, device, precision, vset, log,
+                      _meta_base(cfg, arch_params, vset, init_meta, state), t_start, best, wall)
+    model.train()
+    batches = _batches(stream, cfg, step)
+    step, losses, validations = run_steps(
+        cfg, step, lambda _: _train_step(model, next(batches), cfg, device, precision, optimizer, scaler),
+        scheduler=scheduler, log=log, progress=progress, run_validation=run.run_validation,
+        snapshot=run.snapshot, ckpt_path=cfg.out / CHECKPOINT,
+    )
+    seconds = time.perf_counter() - t_start
+    final = cfg.out / "final.pt"
+    last_val = validations[-1] if validations else None
+    export_weights(model, final, {**run.meta_base, "steps": step, "metrics": last_val,
+                                  "wall_seconds": wall + seconds})
+    return TrainResult(cfg.out, step, losses, validations, run.best, seconds, final)
 
-    # a resumed run rebuilds the exact architecture it stored, whatever the defaults are now
+
+def _start_model(
+    cfg: TrainConfig, state: dict[str, Any] | None, device: torch.device
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The module a run starts from, on ``device``, and the facts of ``--init`` weights (else ``None``).
+
+    A resumed run rebuilds the exact architecture it stored, whatever the defaults are now.
+    """
     init_meta = None
     if state is not None:
         model = build_model(cfg.arch, state["arch_params"])
@@ -945,162 +895,121 @@ def _run(
         model = build_model(cfg.arch, cfg.arch_params)
     model = model.to(device)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    arch_params = arch_dict(model, cfg.arch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step, best, wall = 0, None, 0.0
-    if state is not None:
-        model.load_state_dict(state["model"], strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        step, best, wall = int(state["step"]), state.get("best"), float(state.get("wall_seconds", 0.0))
-        logger.info("resuming %s at step %d of %d", cfg.out, step, cfg.steps)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info(
-        "training %s (%.3f M parameters) on %s, %s, %d steps of %d x %d px crops",
-        cfg.arch, n_params / 1e6, device, precision, cfg.steps, cfg.batch_size, cfg.crop,
-    )
-    (cfg.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
-    log = _Log(cfg.out / "log.jsonl")
-    stream = TrainStream(cfg.data, cfg.crop, cfg.seed, cfg.steps * cfg.batch_size)
-    vset = make_validation_set(cfg)
+        # nn.Module.to takes memory_format (torch's docs); the stub's overloads leave it out
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return model, init_meta
+
+
+def _restore(
+    state: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+) -> tuple[int, dict[str, Any] | None, float]:
+    """Load a checkpoint's states and random-number state; its ``(step, best, wall seconds)``."""
+    model.load_state_dict(state["model"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    return int(state["step"]), state.get("best"), float(state.get("wall_seconds", 0.0))
+
+
+def _meta_base(
+    cfg: TrainConfig, arch_params: dict[str, Any], vset: ValidationSet, init_meta: dict[str, Any] | None,
+    state: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The facts every exported sidecar of the run carries (architecture, data, validation, init)."""
     meta_base = {"arch": cfg.arch, "arch_params": arch_params, "crop": cfg.crop, "batch_size": cfg.batch_size,
                  "data": cfg.data.to_dict(), "seed": cfg.seed, "val_seed": VAL_SEED, "val_size": cfg.val_size,
                  "validation": {"n": len(vset.samples), "full_n": len(vset.full), **validation_counts(vset),
                                 "selection": SELECTION_RULE}}
     if cfg.init is not None:
         meta_base["init"] = init_meta if init_meta is not None else (state or {}).get("init")
+    return meta_base
 
-    def snapshot(step: int) -> dict[str, Any]:
+
+@dataclass
+class _CascadeRun:
+    """A CascadePSP run in progress: what its checkpoints store and its validations update.
+
+    Attributes:
+        cfg: the run's config.
+        model, optimizer, scheduler, scaler: the training state.
+        device, precision: where and how validation runs.
+        vset: the fixed validation samples.
+        log: the run's ``log.jsonl``.
+        meta_base: the facts of every exported sidecar (:func:`_meta_base`).
+        t_start: ``time.perf_counter()`` when this call began.
+        best: the best validation so far (``None``: none yet).
+        wall: wall seconds of the run before this call.
+    """
+
+    cfg: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    precision: str
+    vset: ValidationSet
+    log: RunLog
+    meta_base: dict[str, Any]
+    t_start: float
+    best: dict[str, Any] | None
+    wall: float
+
+    def snapshot(self, step: int) -> dict[str, Any]:
+        """The resumable checkpoint after ``step`` steps."""
         return {
-            "format": CHECKPOINT_FORMAT, "step": step, "config": cfg.to_dict(), "arch_params": arch_params,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {}, "rng": _rng_state(device),
-            "best": best, "wall_seconds": wall + time.perf_counter() - t_start, "init": meta_base.get("init"),
+            "format": CHECKPOINT_FORMAT, "step": step, "config": self.cfg.to_dict(),
+            "arch_params": self.meta_base["arch_params"], "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "rng": rng_state(self.device), "best": self.best,
+            "wall_seconds": self.wall + time.perf_counter() - self.t_start,
+            "init": self.meta_base.get("init"),
         }
 
-    def run_validation(step: int) -> dict[str, Any]:
-        nonlocal best
+    def run_validation(self, step: int) -> dict[str, Any]:
+        """Validate after ``step`` steps, log it, and export ``best.pt`` when the score improved."""
         t0 = time.perf_counter()
-        res = {"step": step, **validate(model, vset, "fp32" if device.type == "cpu" else precision)}
+        precision = "fp32" if self.device.type == "cpu" else self.precision
+        res = {"step": step, **validate(self.model, self.vset, precision)}
         res["seconds"] = round(time.perf_counter() - t0, 1)
-        full = ""
-        if "full_iou" in res:
-            full = f"; global+local IoU {res['full_iou']:.4f} mBA {res['full_mba']:.4f}"
-        logger.info(
-            "step %d: val IoU %.4f (coarse %.4f, %+.4f), mBA %.4f (coarse %.4f, %+.4f)%s", step, res["iou"],
-            res["coarse_iou"], res["gain_iou"], res["mba"], res["coarse_mba"], res["gain_mba"], full,
-        )
-        for kind, k in res["by_kind"].items():
-            logger.info("  %-10s IoU %.4f (coarse %.4f, %+.4f), mBA %.4f (coarse %.4f, %+.4f), n %d",
-                        kind, k["iou"], k["coarse_iou"], k["gain_iou"], k["mba"], k["coarse_mba"],
-                        k["gain_mba"], k["n"])
+        _log_validation(res)
+        best = self.best
         improved = best is None or res["score"] > selection_score(best)
         kept = "new best" if best is None or improved else \
             f"best stays step {best['step']} ({selection_score(best):+.4f})"
         logger.info("  selection score (mean IoU gain over kinds) %+.4f; worst kind %s %+.4f; %s",
                     res["score"], res["worst_kind"]["kind"], res["worst_kind"]["gain_iou"], kept)
-        log.write({"type": "val", **res, "best": improved})
+        self.log.write({"type": "val", **res, "best": improved})
         if improved:
-            best = dict(res)
-            export_weights(model, cfg.out / "best.pt", {**meta_base, "steps": step, "metrics": res})
+            self.best = dict(res)
+            meta = {**self.meta_base, "steps": step, "metrics": res}
+            export_weights(self.model, self.cfg.out / "best.pt", meta)
         return res
 
-    model.train()
-    batches = _batches(stream, cfg, step)
-    step, losses, validations = run_steps(
-        cfg, step, lambda _: _train_step(model, next(batches), cfg, device, precision, optimizer, scaler),
-        scheduler=scheduler, log=log, progress=progress, run_validation=run_validation, snapshot=snapshot,
-        ckpt_path=ckpt_path,
+
+def _log_validation(res: Mapping[str, Any]) -> None:
+    """Log a validation result: overall, global + local when run, and per kind."""
+    full = ""
+    if "full_iou" in res:
+        full = f"; global+local IoU {res['full_iou']:.4f} mBA {res['full_mba']:.4f}"
+    logger.info(
+        "step %d: val IoU %.4f (coarse %.4f, %+.4f), mBA %.4f (coarse %.4f, %+.4f)%s", res["step"],
+        res["iou"], res["coarse_iou"], res["gain_iou"], res["mba"], res["coarse_mba"], res["gain_mba"], full,
     )
-    seconds = time.perf_counter() - t_start
-    final = cfg.out / "final.pt"
-    last_val = validations[-1] if validations else None
-    export_weights(model, final, {**meta_base, "steps": step, "metrics": last_val,
-                                  "wall_seconds": wall + seconds})
-    return TrainResult(cfg.out, step, losses, validations, best, seconds, final)
-
-
-def run_steps(
-    cfg: Any,
-    start: int,
-    train_step: Callable[[int], float | None],
-    *,
-    scheduler: Any,
-    log: _Log,
-    progress: ProgressFn | None,
-    run_validation: Callable[[int], dict[str, Any]],
-    snapshot: Callable[[int], dict[str, Any]],
-    ckpt_path: Path,
-) -> tuple[int, list[float], list[dict[str, Any]]]:
-    """The step loop every ``refine train`` architecture shares: steps ``start .. cfg.steps``.
-
-    Per step: ``train_step(step)`` (the loss, or ``None`` when it was not finite and no update
-    was made; more than 20 such steps stop the run), the scheduler, the progress callback, a
-    ``train`` log record every ``cfg.log_every`` steps, ``run_validation(step)`` every
-    ``cfg.val_every`` steps and at the end, and ``snapshot(step)`` saved to ``ckpt_path`` every
-    ``cfg.ckpt_every`` steps and after each validation. Ctrl-C saves the last consistent state
-    and raises :class:`Interrupted` with the resume command.
-
-    Returns:
-        ``(steps done, losses of this run, validation records of this run)``.
-    """
-    step = start
-    losses: list[float] = []
-    validations: list[dict[str, Any]] = []
-    window: list[float] = []
-    t_log = time.perf_counter()
-    skipped = 0
-    mid_step = False  # an interrupt between the update and ``step += 1`` leaves no consistent state
-    try:
-        while step < cfg.steps:
-            mid_step = True
-            value = train_step(step)
-            if value is None:
-                skipped += 1
-                logger.warning("step %d: non-finite loss, batch skipped (%d so far)", step, skipped)
-                if skipped > 20:
-                    raise RefineError(
-                        f"training diverged at step {step} (non-finite loss); lower --lr and start again"
-                    )
-                value = float("nan")
-            scheduler.step()
-            step += 1
-            mid_step = False
-            losses.append(value)
-            window.append(value)
-            if progress is not None:
-                progress(step, cfg.steps, value)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                dt = time.perf_counter() - t_log
-                rec = {"type": "train", "step": step, "loss": _mean(window), "lr": scheduler.get_last_lr()[0],
-                       "sec_per_step": dt / len(window)}
-                log.write(rec)
-                logger.info("step %d/%d: loss %.4f, lr %.2e, %.2f s/step", step, cfg.steps, rec["loss"],
-                            rec["lr"], rec["sec_per_step"])
-                window, t_log = [], time.perf_counter()
-            validated = bool(cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps
-            if validated:
-                validations.append(run_validation(step))
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or validated:
-                save_checkpoint(ckpt_path, snapshot(step))
-    except KeyboardInterrupt:
-        if not mid_step:
-            save_checkpoint(ckpt_path, snapshot(step))
-        when = "during" if mid_step else "after"
-        raise Interrupted(
-            f"training interrupted {when} step {step}; {ckpt_path} holds the last saved state: "
-            f"continue with `refine train --out {cfg.out} --resume`"
-        ) from None
-    return step, losses, validations
+    for kind, k in res["by_kind"].items():
+        logger.info("  %-10s IoU %.4f (coarse %.4f, %+.4f), mBA %.4f (coarse %.4f, %+.4f), n %d",
+                    kind, k["iou"], k["coarse_iou"], k["gain_iou"], k["mba"], k["coarse_mba"],
+                    k["gain_mba"], k["n"])
 
 
 def _train_step(
@@ -1118,6 +1027,11 @@ def _train_step(
         model: the module in training mode.
         batch: ``image`` ``(B, 3, c, c)`` float32 RGB in [0, 1]; ``gt`` and ``coarse``
             ``(B, 1, c, c)`` float32 in [0, 1].
+        cfg: the run's config (``channels_last``, ``grad_clip``).
+        device: where the module is.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast of the forward pass).
+        optimizer: the optimiser to step.
+        scaler: the gradient scaler (enabled for ``fp16`` only).
 
     Returns:
         The total loss, or ``None`` when it was not finite (no update made).
