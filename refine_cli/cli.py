@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130) from None
     except ClickException as exc:
         if exc.format_message().strip():  # empty when the help was shown instead
-            _error(exc.format_message())
+            # a typed option's refusal reads "Value error, 'x' is not one of 'a', 'b'": keep the facts
+            _error(exc.format_message().replace("Value error, ", ""))
         raise SystemExit(exc.exit_code or 2) from None
     except RefineError as exc:
         _error(str(exc), debug)

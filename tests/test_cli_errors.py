@@ -121,7 +121,7 @@ CASES = [
     (["run", "{d}/img.png", "--mask", "{d}/big_float_mask.tif", "-o", "{t}/o.tif"], 2, "[0, 1]"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "--method", "magic", "-o", "{t}/o.tif"], 2, "unknown --method"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "--method", "cascade", "--cascade-snap", "yes", "-o",
-      "{t}/o.tif"], 2, "--cascade-snap 'yes': use auto, on or off"),
+      "{t}/o.tif"], 2, "'--cascade-snap': 'yes' is not one of 'auto', 'on', 'off'"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{d}/exists.tif"], 2, "--overwrite"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/o.jpg"], 2, ".tif"),
     (["run", "{d}/img.png", "--mask", "{d}/mask.png", "-o", "{t}/nodir/o.tif"], 2, "does not exist"),

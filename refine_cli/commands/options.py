@@ -155,7 +155,8 @@ def _preset_names() -> list[str]:
     return list(PRESETS)
 
 
-def _opt(kind: Any, flag: str, text: str, panel: str, complete: Callable[[], list[str]] | None = None) -> Any:
+def _opt(kind: Any, flag: str, panel: str, complete: Callable[[], list[str]] | None = None, *,
+         text: str) -> Any:
     """``Annotated[kind, typer.Option(flag, help=text, rich_help_panel=panel)]``; complete lists values."""
     extra: dict[str, Any] = {}
     if complete is not None:
