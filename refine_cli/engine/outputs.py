@@ -99,16 +99,18 @@ class OutputWriter:
         """``(n, W, C)`` probabilities to the mask sink's samples."""
         assert self.mask_sink is not None
         dtype = self.mask_sink.dtype
+        out: np.ndarray
         if self.labels:
-            if self.spec.soft:
-                return probs.astype(np.float32)
-            return np.argmax(probs, axis=-1).astype(dtype)
+            out = probs.astype(np.float32) if self.spec.soft else np.argmax(probs, axis=-1).astype(dtype)
+            return out
         p = probs[..., 0]
-        if self.spec.soft:
-            if dtype == np.uint8:
-                return np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)
-            return np.clip(p, 0, 1).astype(np.float32)
-        return np.where(p >= self.spec.threshold, MASK_FG, 0).astype(np.uint8)
+        if self.spec.soft and dtype == np.uint8:
+            out = np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)
+        elif self.spec.soft:
+            out = np.clip(p, 0, 1).astype(np.float32)
+        else:
+            out = np.where(p >= self.spec.threshold, MASK_FG, 0).astype(np.uint8)
+        return out
 
     def uncertainty(self, probs: np.ndarray) -> np.ndarray:
         """Default uncertainty of blended probabilities, ``(n, W)`` float32 in [0, 1]."""

@@ -227,7 +227,7 @@ class GridRunner:
             lw = it.label_window
             th, tw = it.tile.window.shape
             values = np.zeros((th, tw, self.channels), np.float32)
-            inputs = [TileInput(it.image, lw.prob(c), it.tile.read) for c in lw.present]  # type: ignore[arg-type]
+            inputs = [TileInput(it.image, lw.prob(c), it.tile.read) for c in lw.present]
             with self.timer.stage("refine"):
                 outs = self.refiner.refine_batch(inputs)
             self.stats.refiner_calls += len(inputs)

@@ -18,27 +18,37 @@ if TYPE_CHECKING:
 
 
 class ImageWindows(Protocol):
-    """An RGB image read by window (``refine_cli.io.image.ImageSource``)."""
+    """An RGB image read by window: one level of the engine's pyramid (``refine_cli.io.image.LevelImage``)."""
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(H, W)`` in pixels."""
         ...
 
-    def read(self, window: Window, level: int = 0) -> np.ndarray:
-        """``(h, w, 3)`` uint8 RGB over ``window`` (of pyramid level ``level``, 0 = full size)."""
+    def read(self, window: Window) -> np.ndarray:
+        """``(h, w, 3)`` uint8 RGB over ``window``."""
         ...
 
 
-class PyramidImage(ImageWindows, Protocol):
-    """An image that also offers its pyramid levels and a streamed area overview."""
+class PyramidImage(Protocol):
+    """An image with its pyramid levels, read by window (``refine_cli.io.image.ImageSource``).
 
+    MagNet's tiled pipeline reads its stage images through this (the nearest larger level, area
+    downscaled); ``refine_cli.refiners.magnet_tiled.ArrayImage`` offers it for an array in memory.
+    """
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(H, W)`` of level 0."""
+        ...
+
+    @property
     def level_shapes(self) -> list[tuple[int, int]]:
-        """``(h, w)`` of every stored level, the full size first."""
+        """``(h, w)`` of every stored level, level 0 first."""
         ...
 
-    def overview(self, out_shape: tuple[int, int], band_rows: int = 512) -> np.ndarray:
-        """The image area-downscaled to ``out_shape``: ``(h, w, 3)`` float32 in ``[0, 255]``."""
+    def read(self, window: Window, level: int = 0) -> np.ndarray:
+        """``(h, w, 3)`` uint8 RGB over ``window`` of pyramid level ``level``."""
         ...
 
 

@@ -42,7 +42,8 @@ def binary_uncertainty(prob: np.ndarray) -> np.ndarray:
         float32, same shape, in ``[0, 1]``.
     """
     p = prob.astype(np.float32, copy=False)
-    return (1.0 - np.abs(2.0 * p - 1.0)).astype(np.float32)
+    u: np.ndarray = (1.0 - np.abs(2.0 * p - 1.0)).astype(np.float32)
+    return u
 
 
 def margin_uncertainty(probs: np.ndarray) -> np.ndarray:
@@ -74,6 +75,12 @@ class TileInput:
     coarse: np.ndarray
     window: Window
     core: Window | None = None
+
+    def rgb(self) -> np.ndarray:
+        """The ``(h, w, 3)`` uint8 image of a refiner that reads it (``needs_image``)."""
+        if self.image is None:
+            raise ValueError("this tile was read without its image: the refiner must keep needs_image = True")
+        return self.image
 
 
 @dataclass

@@ -135,9 +135,11 @@ class CascadeMethod(Refiner):
         from refine_cli.tiling.cascade_grid import global_resize
 
         labels = scene.labels
-        small = global_resize(scene.shape, self.options.size).mode != "down"
+        size = self.options.size
+        assert size is not None  # with_model_defaults gave the weights' own
+        small = global_resize(scene.shape, size).mode != "down"
         snap = self.options.snap == "on" and not labels
-        exact_impl = CascadePSPRefiner(self.model, size=self.options.size, fast=self.options.fast,
+        exact_impl = CascadePSPRefiner(self.model, size=size, fast=self.options.fast,
                                        batch_size=self.options.batch_size, precision=self.options.precision,
                                        device=self.device, weights_info=self.info,
                                        bytes_per_pixel=self.bytes_per_pixel, progress=scene.progress)
@@ -166,7 +168,7 @@ class CascadeMethod(Refiner):
             impl: Refiner = exact_impl
             self.mode = "exact"
         else:
-            impl = CascadeStreamRefiner(self.model, size=self.options.size, precision=self.options.precision,
+            impl = CascadeStreamRefiner(self.model, size=size, precision=self.options.precision,
                                         labels=labels, classes=scene.classes,
                                         bytes_per_pixel=self.bytes_per_pixel, weights_info=self.info,
                                         fast=self.options.fast, grid=self.options.grid, skip=self.options.skip)

@@ -172,12 +172,13 @@ class CascadeLevelRefiner(Refiner):
         results: list[TileResult | None] = [None] * len(tiles)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, t in enumerate(tiles):
-            groups[t.image.shape[:2]].append(i)
+            h, w = t.rgb().shape[:2]
+            groups[(h, w)].append(i)
         for idx in groups.values():
             coarse = np.stack([tiles[i].coarse for i in idx])
             seg = np.where(coarse[..., 0] > 0.5, 1.0, -1.0).astype(np.float32)
             inter = (2 * coarse[..., 1] - 1).astype(np.float32)
-            out = _forward(self.model, np.stack([tiles[i].image for i in idx]), seg, inter, self.precision)
+            out = _forward(self.model, np.stack([tiles[i].rgb() for i in idx]), seg, inter, self.precision)
             for j, i in enumerate(idx):
                 p224 = out["pred_224"][j]
                 prob = p224 if self.final else np.stack([p224, out["pred_56_2"][j]], axis=-1)
@@ -192,7 +193,7 @@ class CascadeLevelRefiner(Refiner):
         for c in todo:
             seg = np.where(binary[..., c], 1.0, -1.0).astype(np.float32)[None]
             inter = (2 * coarse[..., c] - 1).astype(np.float32)[None]
-            out[..., c] = _forward(self.model, tile.image[None], seg, inter, self.precision)["pred_224"][0]
+            out[..., c] = _forward(self.model, tile.rgb()[None], seg, inter, self.precision)["pred_224"][0]
         return TileResult(out)
 
     def tile_memory(self, pixels: int) -> int:

@@ -35,7 +35,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ from refine_cli.tiling.cascade_grid import (
 from refine_cli.tiling.grid import Window
 
 if TYPE_CHECKING:
-    from refine_cli.config import CascadeOptions
+    from refine_cli.config import CascadeOptions, CascadePad
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ def with_model_defaults(options: CascadeOptions, model: CascadeRefinementModule)
     if options.pad != "auto":
         model.pad_mode = options.pad
     snap = options.snap if options.snap != "auto" else ("on" if model.edge_snap else "off")
-    return replace(options, size=options.size or model.working_size, pad=model.pad_mode, snap=snap)
+    pad = cast("CascadePad", model.pad_mode)
+    return replace(options, size=options.size or model.working_size, pad=pad, snap=snap)
 
 
 def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -147,13 +148,12 @@ def safe_forward(
         pad = (0, pw - w, 0, ph - h)
         replicate = model.pad_mode == "replicate"
 
-        def padded(t: Tensor | None, value: float) -> Tensor | None:
-            if t is None:
-                return None
+        def padded(t: Tensor, value: float) -> Tensor:
             return F.pad(t, pad, mode="replicate") if replicate else F.pad(t, pad, value=value)
 
         im, seg = padded(im, 0.0), padded(seg, -1.0)
-        inter_s8, inter_s4 = padded(inter_s8, -1.0), padded(inter_s4, -1.0)
+        inter_s8 = None if inter_s8 is None else padded(inter_s8, -1.0)
+        inter_s4 = None if inter_s4 is None else padded(inter_s4, -1.0)
     with torch.inference_mode(), precision_context(im.device, precision):
         out = model(im, seg, inter_s8, inter_s4)
     return {k: out[k][..., :h, :w].float() for k in ("pred_224", "pred_28_3", "pred_56_2")}
@@ -292,7 +292,7 @@ def global_inputs(
         the CPU, and the resize plan.
     """
     img, mask = _as_inputs(image_u8, coarse)
-    plan = global_resize(tuple(img.shape[:2]), size)
+    plan = global_resize((int(img.shape[0]), int(img.shape[1])), size)
 
     def resize(x: Tensor, up_mode: str) -> Tensor:
         if plan.mode == "none":
@@ -448,9 +448,9 @@ class _PatchBatcher:
             try:
                 pred = safe_forward(
                     self.model,
-                    torch.cat(ims[i : i + n]),
-                    torch.cat(segs[i : i + n]),
-                    torch.cat(inters[i : i + n]),
+                    torch.cat(list(ims[i : i + n])),
+                    torch.cat(list(segs[i : i + n])),
+                    torch.cat(list(inters[i : i + n])),
                     precision=self.precision,
                 )["pred_224"]
             except torch.cuda.OutOfMemoryError as exc:
@@ -668,6 +668,7 @@ class CascadePSPRefiner(Refiner):
         if resolved.sha256:
             info["weights_sha256"] = resolved.sha256
         options = with_model_defaults(options, model)
+        assert options.size is not None  # with_model_defaults gives the weights' own
         if options.snap == "on":
             raise UsageError("the edge snap (--cascade-snap on) is a step of --method cascade "
                              "(refine_cli.api), not of the official procedure alone")
@@ -699,7 +700,7 @@ class CascadePSPRefiner(Refiner):
         Facts of each call (patches, processed, fallback pixels, seconds) add up in
         :attr:`stats` for the report.
         """
-        prob, info = self.refine_image(tile.image, tile.coarse)
+        prob, info = self.refine_image(tile.rgb(), tile.coarse)
         for key in ("patches", "patches_processed", "pixels_fallback"):
             if key in info:
                 self.stats[key] = self.stats.get(key, 0) + int(info[key])

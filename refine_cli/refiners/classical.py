@@ -54,7 +54,10 @@ def guided_filter(image: np.ndarray, p: np.ndarray, radius: int, eps: float) -> 
         ``(h, w)`` float32, not clipped (the filter can overshoot [0, 1] slightly).
     """
     guide = image.astype(np.float32, copy=False)
-    return cv2.ximgproc.guidedFilter(guide, p.astype(np.float32, copy=False), radius, eps * 255.0**2, -1)
+    # opencv-contrib's stubs type guidedFilter's radius and eps as the wrong overload
+    q: np.ndarray = cv2.ximgproc.guidedFilter(  # type: ignore[call-overload]
+        guide, p.astype(np.float32, copy=False), radius, eps * 255.0**2, -1)
+    return q
 
 
 def guided_radius(shape: tuple[int, int], coarse_scale: float) -> int:
@@ -109,7 +112,7 @@ class GuidedRefiner(Refiner):
 
     def refine(self, tile: TileInput) -> TileResult:
         """Filter the coarse probability of one window."""
-        guide = tile.image.astype(np.float32)  # converted once for both passes
+        guide = tile.rgb().astype(np.float32)  # converted once for both passes
         eps = float(self.options.eps)
         q = guided_filter(guide, tile.coarse, self.radius, eps)
         q = guided_filter(guide, (q >= 0.5).astype(np.float32), self.radius2, eps)
@@ -150,7 +153,7 @@ class FGSRefiner(Refiner):
     def refine(self, tile: TileInput) -> TileResult:
         """Smooth the coarse probability of one window."""
         lam = float(self.radius) ** 2
-        q = cv2.ximgproc.fastGlobalSmootherFilter(tile.image, tile.coarse.astype(np.float32), lam, 8.0)
+        q = cv2.ximgproc.fastGlobalSmootherFilter(tile.rgb(), tile.coarse.astype(np.float32), lam, 8.0)
         q = np.clip(q, 0.0, 1.0)
         # Sharpen the smoothed transition back to a probability around 0.5.
         q = 1.0 / (1.0 + np.exp(-8.0 * (q - 0.5)))
@@ -202,7 +205,7 @@ class EdgeSnapRefiner(Refiner):
     def refine(self, tile: TileInput) -> TileResult:
         """Filter one window of the refined probability."""
         p = tile.coarse[..., 0] if tile.coarse.ndim == 3 else tile.coarse
-        return TileResult(np.clip(guided_filter(tile.image, p, self.radius, self.eps), 0.0, 1.0))
+        return TileResult(np.clip(guided_filter(tile.rgb(), p, self.radius, self.eps), 0.0, 1.0))
 
     def tile_memory(self, pixels: int) -> int:
         """OpenCV's guided filter keeps about 25 float planes."""

@@ -580,11 +580,12 @@ def resize_y(y: torch.Tensor, size_hw: Size) -> torch.Tensor:
         size_hw: ``(H, W)``.
     """
     src_hw = (int(y.shape[-2]), int(y.shape[-1]))
-    if src_hw == tuple(size_hw):
+    dst_hw = (int(size_hw[0]), int(size_hw[1]))
+    if src_hw == dst_hw:
         return y
-    if size_hw[0] >= src_hw[0] and size_hw[1] >= src_hw[1] and y.device.type == "cpu":
-        return upsample_window(lambda w: y[..., w.row : w.row_end, w.col : w.col_end], src_hw, tuple(size_hw))
-    return resize_probs(y, tuple(size_hw))
+    if dst_hw[0] >= src_hw[0] and dst_hw[1] >= src_hw[1] and y.device.type == "cpu":
+        return upsample_window(lambda w: y[..., w.row : w.row_end, w.col : w.col_end], src_hw, dst_hw)
+    return resize_probs(y, dst_hw)
 
 
 def stage_image(image: np.ndarray, scale: Size, segmenter: Segmenter) -> np.ndarray:

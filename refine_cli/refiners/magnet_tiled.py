@@ -59,7 +59,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -67,6 +67,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from refine_cli.errors import ResourceError, UsageError
 from refine_cli.io.image import area_downscale_bands_u8, choose_level, write_level_tiff
+from refine_cli.io.protocols import PyramidImage
 from refine_cli.refiners.classical import CoarseRefiner
 from refine_cli.refiners.magnet import (
     SCALES_STAGE,
@@ -122,26 +123,8 @@ STORE_DTYPES = ("float32", "float16")
 # --------------------------------------------------------------------------- the image
 
 
-class ImageWindows(Protocol):
-    """Read access to an image by window (what :class:`~refine_cli.io.image.ImageSource` offers).
-
-    Attributes:
-        shape: ``(H, W)`` of level 0.
-        level_shapes: ``(h, w)`` of every pyramid level, level 0 first.
-        georef: georeferencing (``None`` is fine).
-    """
-
-    shape: tuple[int, int]
-    level_shapes: list[tuple[int, int]]
-    georef: Any
-
-    def read(self, window: Window, level: int = 0) -> np.ndarray:
-        """``(h, w, 3)`` uint8 RGB over ``window`` of ``level``."""
-        ...
-
-
 class ArrayImage:
-    """An in-memory ``(H, W, 3)`` uint8 image behind :class:`ImageWindows` (tests, small images)."""
+    """An in-memory ``(H, W, 3)`` uint8 image behind :class:`PyramidImage` (tests, small images)."""
 
     georef = None
 
@@ -164,7 +147,7 @@ class ArrayImage:
 
 
 class _LevelImage:
-    """A built stage level (in-memory array or temporary TIFF reader) behind :class:`ImageWindows`."""
+    """A built stage level (in-memory array or temporary TIFF reader) behind :class:`PyramidImage`."""
 
     georef = None
 
@@ -177,7 +160,8 @@ class _LevelImage:
         """``(h, w, 3)`` uint8 over ``window``."""
         if self.array is not None:
             return self.array[window.slices]
-        return self.level.read(window)
+        out: np.ndarray = self.level.read(window)
+        return out
 
     def close(self) -> None:
         """Delete a temporary level file."""
@@ -217,7 +201,7 @@ class StageImages:
         tmp_dir: folder for built levels.
     """
 
-    def __init__(self, image: ImageWindows, segmenter: Segmenter, stages: Sequence[tuple[Size, Size, int]],
+    def __init__(self, image: PyramidImage, segmenter: Segmenter, stages: Sequence[tuple[Size, Size, int]],
                  read_limit: int, tmp_dir: str) -> None:
         self.image, self.segmenter, self.read_limit, self.tmp_dir = image, segmenter, int(read_limit), tmp_dir
         self.modes: dict[Size, str] = {}
@@ -296,7 +280,7 @@ class StageImages:
         """One level, area-downscaled from the smallest built level that is larger (else the image)."""
         bigger = [lv for s, lv in self._levels.items() if s[0] >= target[0] and s[1] >= target[1]]
         if bigger:
-            src: ImageWindows = min(bigger, key=lambda lv: lv.shape[0] * lv.shape[1])
+            src: PyramidImage = min(bigger, key=lambda lv: lv.shape[0] * lv.shape[1])
             level_index, src_shape = 0, src.shape
         else:
             src = self.image
@@ -1111,7 +1095,7 @@ class TiledMagnetResult:
 
     def held_bytes(self) -> int:
         """RAM the result keeps while it is read (R of the last stage's patches, in-memory maps)."""
-        source = self.final.source
+        source: StageOutput | MemoryY | TileStore | UpsampledY = self.final.source
         held = 0 if self.final._whole is None else self.final._whole.numel() * 4
         if isinstance(source, StageOutput):
             held += source.bank.nbytes_memory
@@ -1141,7 +1125,7 @@ class TiledMagnetResult:
 
 
 def run_magnet_tiled(
-    image: ImageWindows | np.ndarray,
+    image: PyramidImage | np.ndarray,
     segmenter: Segmenter,
     refinement_modules: Sequence[RefinementMagNet],
     preset: MagnetPreset | Schedule,
@@ -1183,7 +1167,7 @@ def run_magnet_tiled(
     Returns:
         :class:`TiledMagnetResult`.
     """
-    src: ImageWindows = ArrayImage(image) if isinstance(image, np.ndarray) else image
+    src: PyramidImage = ArrayImage(image) if isinstance(image, np.ndarray) else image
     image_hw = (int(src.shape[0]), int(src.shape[1]))
     schedule = preset if isinstance(preset, Schedule) else preset.schedule(
         image_hw, fast=fast, n_patches=n_patches, n_points=n_points)
