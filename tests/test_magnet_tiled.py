@@ -144,7 +144,7 @@ def test_tile_store_round_trip(tmp_path):
             np.testing.assert_allclose(store.read(w), y[..., w.slices[0], w.slices[1]], rtol=0, atol=tol)
         path = store.path
         store.close()
-        assert not (tmp_path / path).exists()
+        assert path is not None and not (tmp_path / path).exists()
 
 
 def test_patch_bank_averages_like_the_reference_on_disk_and_in_memory(tmp_path):

@@ -93,6 +93,7 @@ from refine_cli.refiners.magnet_points import (
     stage_points,
     uncertainty,
 )
+from refine_cli.report.timing import StageTimer
 from refine_cli.segmenters.base import Segmenter, resize_probs
 from refine_cli.tiling.grid import Window
 
@@ -860,20 +861,9 @@ class MagnetResult:
         }
 
 
-class _Clock:
-    """Accumulates seconds per step name."""
-
-    def __init__(self, sync: torch.device) -> None:
-        self.seconds: dict[str, float] = {}
-        self._sync = sync.type == "cuda"
-        self._t = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        if self._sync:
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
-        self._t = now
+def _clock(device: torch.device) -> StageTimer:
+    """A lap timer of a stage's steps; on CUDA each lap waits for the device's queued work."""
+    return StageTimer((), sync=torch.cuda.synchronize if device.type == "cuda" else None)
 
 
 def _module_classes(module: torch.nn.Module) -> int:
@@ -892,14 +882,14 @@ def first_stage(
     Returns:
         ``(Y, stats)`` with Y ``(1, C, h, w)``.
     """
-    clock = _Clock(device or segmenter.device)
+    clock = _clock(device or segmenter.device)
     img = stage_image(image, plan.scale, segmenter)
     boxes = patch_grid(plan.hw, (plan.crop[1], plan.crop[0]))
     o = predict_patches(segmenter, img, boxes, batch_size, device)
     y = o if len(boxes) == 1 and boxes[0].shape == plan.hw else assemble(o, boxes, plan.hw)[0]
     clock.lap("segment")
     stats = StageStats(
-        plan.index, plan.scale, len(boxes), tuple(range(len(boxes))), (), 0, 0, 0, clock.seconds
+        plan.index, plan.scale, len(boxes), tuple(range(len(boxes))), (), 0, 0, 0, clock.seconds()
     )
     return y, stats
 
@@ -927,7 +917,7 @@ def refinement_stage(
     if selection not in SELECTIONS:
         raise UsageError(f"selection {selection!r}: use one of {SELECTIONS}")
     device = y.device
-    clock = _Clock(device)
+    clock = _clock(device)
     stage_hw = plan.hw
     y = upsample_y(y, plan.scale)
     clock.lap("upsample")
@@ -970,7 +960,7 @@ def refinement_stage(
     clock.lap("replace")
     stats = StageStats(
         plan.index, plan.scale, len(boxes), tuple(chosen), tuple(float(means[i]) for i in chosen),
-        candidates, k, int(idx.numel()), clock.seconds,
+        candidates, k, int(idx.numel()), clock.seconds(),
     )
     record = None
     if trace:
@@ -1024,10 +1014,10 @@ def check_pipeline(segmenter: Segmenter, modules: Sequence[RefinementMagNet], sc
         raise UsageError(f"schedule needs {needed + 1} refinement modules, got {len(modules)}")
 
 
-def _stage_one(image_u8: np.ndarray, coarse_probs: np.ndarray | None, segmenter: Segmenter, schedule: Schedule,
-               batch_size: int, device: torch.device,
+def _stage_one(image_u8: np.ndarray, coarse_probs: np.ndarray | None, segmenter: Segmenter,
+               schedule: Schedule, batch_size: int, device: torch.device,
                progress: StageProgress | None) -> tuple[torch.Tensor, StageStats]:
-    """Stage-1 Y ``(1, C, h, w)``: the segmenter's prediction, or the given coarse probabilities ``(h, w, C)``."""
+    """Stage-1 Y ``(1, C, h, w)``: the segmenter's prediction, or the coarse probabilities ``(h, w, C)``."""
     if coarse_probs is None:
         if progress is not None:
             progress(SEGMENTER_STAGE, 0, 0)

@@ -97,6 +97,7 @@ from refine_cli.refiners.magnet_points import (
     stage_points,
     uncertainty,
 )
+from refine_cli.report.timing import StageTimer
 from refine_cli.segmenters.base import Segmenter
 from refine_cli.tiling.budget import BASE_BYTES
 from refine_cli.tiling.grid import Window
@@ -329,14 +330,15 @@ class MemoryY:
 
 
 class TileStore:
-    """A C-channel map on disk in square raw tiles (written once, then read by window).
+    """A C-channel map on disk: a zarr array of square uncompressed tiles, written once, read by window.
 
-    Tile ``(i, j)`` is one ``(C, t, t)`` block (edge tiles padded) at offset
-    ``(i * n_cols + j) * block``; reads and writes use ``pread``/``pwrite``, so they
-    leave no pages in the process and are safe from several threads.
+    Tile ``(i, j)`` is one ``(C, t, t)`` chunk of a ``(C, H, W)`` array in a temporary folder; a
+    write covers whole tiles (edge tiles may be cut), a read decodes only the tiles it touches, and
+    the folder is removed by :meth:`close`. Chunks are separate files, so writes of different tiles
+    are safe from several threads.
 
     Args:
-        folder: where the file goes.
+        folder: where the store's folder goes.
         shape: ``(H, W)``.
         channels: C.
         tile: tile side t, px.
@@ -345,6 +347,8 @@ class TileStore:
 
     def __init__(self, folder: str, shape: Size, channels: int, *, tile: int = STORE_TILE,
                  dtype: str = "float32") -> None:
+        import zarr
+
         if dtype not in STORE_DTYPES:
             raise UsageError(f"store dtype {dtype!r}: use one of {STORE_DTYPES}")
         self.shape, self.channels, self.tile = (int(shape[0]), int(shape[1])), int(channels), int(tile)
@@ -352,66 +356,49 @@ class TileStore:
         self.grid = (-(-self.shape[0] // tile), -(-self.shape[1] // tile))
         self.block = self.channels * tile * tile * self.dtype.itemsize
         prefix = f"y_{self.shape[0]}x{self.shape[1]}_"
-        fd, self.path = tempfile.mkstemp(prefix=prefix, suffix=".bin", dir=folder)
-        self._fd: int | None = fd
-        os.ftruncate(fd, self.grid[0] * self.grid[1] * self.block)
+        self.path: str | None = tempfile.mkdtemp(prefix=prefix, suffix=".zarr", dir=folder)
+        self._array = zarr.create_array(store=self.path, shape=(self.channels, *self.shape),
+                                        chunks=(self.channels, tile, tile), dtype=self.dtype,
+                                        compressors=None, fill_value=0, overwrite=True)
         self.bytes_written = 0
 
     @property
     def nbytes(self) -> int:
-        """Size of the file."""
+        """Bytes of all tiles (edge tiles counted whole)."""
         return self.grid[0] * self.grid[1] * self.block
 
-    def _tiles(self, window: Window) -> Iterator[tuple[int, Window]]:
-        """``(file offset, tile window)`` of every tile ``window`` touches."""
+    def _tiles(self, window: Window) -> Iterator[Window]:
+        """The store tiles ``window`` touches."""
         t = self.tile
         for i in range(window.row // t, (window.row_end - 1) // t + 1):
             for j in range(window.col // t, (window.col_end - 1) // t + 1):
-                yield (i * self.grid[1] + j) * self.block, Window(
-                    i * t, j * t, min(t, self.shape[0] - i * t), min(t, self.shape[1] - j * t))
+                yield Window(i * t, j * t, min(t, self.shape[0] - i * t), min(t, self.shape[1] - j * t))
 
     def write(self, window: Window, values: torch.Tensor) -> None:
         """Write ``(1, C, h, w)`` values over a window made of whole tiles (edge tiles may be cut)."""
-        assert self._fd is not None
-        for offset, tw in self._tiles(window):
+        tiles = list(self._tiles(window))
+        for tw in tiles:
             if tw.intersection(window) != tw:
                 raise ValueError(f"{window} does not cover store tile {tw}; write whole tiles")
-            block = np.zeros((self.channels, self.tile, self.tile), self.dtype)
-            rel = tw.relative_to(window)
-            part = values[0, :, rel.row : rel.row_end, rel.col : rel.col_end]
-            block[:, : tw.height, : tw.width] = part.numpy()
-            os.pwrite(self._fd, block.tobytes(), offset)
-            self.bytes_written += self.block
+        rows, cols = window.slices
+        self._array[:, rows, cols] = values[0].numpy().astype(self.dtype, copy=False)
+        self.bytes_written += self.block * len(tiles)
 
     def read(self, window: Window) -> torch.Tensor:
         """``(1, C, h, w)`` float32 over ``window``."""
-        assert self._fd is not None
-        out = np.empty((self.channels, window.height, window.width), np.float32)
-        t = self.tile
-        for offset, tw in self._tiles(window):
-            data = os.pread(self._fd, self.block, offset)
-            block = np.frombuffer(data, self.dtype).reshape(self.channels, t, t)
-            inter = tw.intersection(window)
-            assert inter is not None
-            src = inter.relative_to(tw)
-            dst = inter.relative_to(window)
-            part = block[:, src.row : src.row_end, src.col : src.col_end]
-            out[:, dst.row : dst.row_end, dst.col : dst.col_end] = part
-        return torch.from_numpy(out)[None]
+        rows, cols = window.slices
+        out = np.asarray(self._array[:, rows, cols], dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(out))[None]
 
     def read_all(self) -> torch.Tensor:
         """The whole map, ``(1, C, H, W)`` float32 (small stores only)."""
         return self.read(Window.full(self.shape))
 
     def close(self) -> None:
-        """Delete the file."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+        """Delete the store's folder."""
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
 
 
 class UpsampledY:
@@ -805,28 +792,6 @@ class _RunContext:
     bytes_written: int = 0
 
 
-class _Laps:
-    """Seconds per step name (CPU work: no device synchronisation needed)."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def lap(self, name: str) -> None:
-        """Add the time since the last lap (or restart) to ``name``."""
-        now = time.perf_counter()
-        self.add(name, now - self._t)
-        self._t = now
-
-    def add(self, name: str, seconds: float) -> None:
-        """Add ``seconds`` to ``name``."""
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-
-    def restart(self) -> None:
-        """Start the next lap now."""
-        self._t = time.perf_counter()
-
-
 def _patch_means(yup: YMap, boxes: Sequence[Window], tiles: Sequence[Window]) -> torch.Tensor:
     """Mean Yu per patch, ``(P,)`` float32: exact ``patch_mean`` for one tile, else float64 sums per tile."""
     if len(tiles) == 1 and tiles[0].shape == yup.shape:
@@ -891,7 +856,7 @@ class _SmallMaps:
 
 def _refine_chunk(ctx: _RunContext, module: RefinementMagNet, plan: StagePlan, yup: YMap, boxes: list[Window],
                   index: list[int], bank: PatchBank, small: _SmallMaps, *, own_means: bool,
-                  clock: _Laps) -> None:
+                  clock: StageTimer) -> None:
     """Segment and refine one chunk of patches: R into ``bank`` (at ``index``) and into ``small``."""
     input_hw = ctx.schedule.input_hw
     t0 = time.perf_counter()
@@ -934,7 +899,7 @@ def refinement_stage_tiled(
         ``(output, stats)``: :class:`StageOutput` (read it by window, or :func:`write_stage`
         it), and the stage's :class:`~refine_cli.refiners.magnet.StageStats`.
     """
-    clock = _Laps()
+    clock = StageTimer(())
     stage_hw = plan.hw
     area = stage_hw[0] * stage_hw[1]
     in_memory = area <= ctx.plan.memory_pixels
@@ -987,7 +952,7 @@ def refinement_stage_tiled(
     stats = StageStats(
         plan.index, plan.scale, len(boxes), tuple(chosen),
         tuple(float(mean_values[i]) for i in chosen) if mean_values is not None else tuple(small.own_means),
-        scores.n_candidates, k, cut.k, clock.seconds,
+        scores.n_candidates, k, cut.k, clock.seconds(),
     )
     return StageOutput(yup, scores, cut, bank, full, ctx.schedule.replace), stats
 

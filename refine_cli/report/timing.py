@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 STAGES = ("read", "segment", "refine", "blend", "write")
@@ -12,16 +12,36 @@ STAGES = ("read", "segment", "refine", "blend", "write")
 
 
 class StageTimer:
-    """Accumulates seconds per stage.
+    """Accumulates seconds per stage, timed by ``with timer.stage(name)`` blocks or by laps.
 
     Stages run in different threads can overlap, so their sum may exceed the
     wall time of the run; the report gives both.
+
+    Args:
+        stages: stages listed from the start, at 0 s (default: the run's :data:`STAGES`; ``()`` for
+            a timer of a pipeline's own steps, listed in the order they first run).
+        sync: called before each reading of the clock, e.g. ``torch.cuda.synchronize`` so that a
+            lap includes the device work queued in it; ``None``: nothing to wait for.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stages: Iterable[str] = STAGES, sync: Callable[[], None] | None = None) -> None:
         self._lock = threading.Lock()
-        self._seconds: dict[str, float] = {s: 0.0 for s in STAGES}
-        self._counts: dict[str, int] = {s: 0 for s in STAGES}
+        self._seconds: dict[str, float] = dict.fromkeys(stages, 0.0)
+        self._counts: dict[str, int] = dict.fromkeys(self._seconds, 0)
+        self._sync = sync
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Add the time since the last lap (or :meth:`restart`, or the timer's start) to ``name``."""
+        if self._sync is not None:
+            self._sync()
+        now = time.perf_counter()
+        self.add(name, now - self._t)
+        self._t = now
+
+    def restart(self) -> None:
+        """Start the next lap now."""
+        self._t = time.perf_counter()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
