@@ -1024,10 +1024,13 @@ def check_pipeline(segmenter: Segmenter, modules: Sequence[RefinementMagNet], sc
         raise UsageError(f"schedule needs {needed + 1} refinement modules, got {len(modules)}")
 
 
-def _stage_one(image_u8: np.ndarray, coarse_probs: np.ndarray | None, segmenter: Segmenter, schedule: Schedule,
-               batch_size: int, device: torch.device,
+def _stage_one(image_u8: np.ndarray, coarse_probs: np.ndarray | None, segmenter: Segmenter,
+               schedule: Schedule, batch_size: int, device: torch.device,
                progress: StageProgress | None) -> tuple[torch.Tensor, StageStats]:
-    """Stage-1 Y ``(1, C, h, w)``: the segmenter's prediction, or the given coarse probabilities ``(h, w, C)``."""
+    """Stage-1 Y ``(1, C, h, w)``.
+
+    The segmenter's prediction, or the given coarse probabilities ``(h, w, C)``.
+    """
     if coarse_probs is None:
         if progress is not None:
             progress(SEGMENTER_STAGE, 0, 0)

@@ -71,6 +71,8 @@ def certainty(probs: torch.Tensor, dim: int = 1) -> torch.Tensor:
     Args:
         probs: ``(N, C, H, W)`` float class probabilities in ``[0, 1]``, C >= 2
             (any shape with the class axis at ``dim``).
+        dim: the class axis of ``probs`` (default 1, the ``C`` of ``(N, C, H, W)``); the result
+            keeps it with size 1.
 
     Returns:
         ``(N, 1, H, W)`` (the class axis kept with size 1), same dtype, in ``[0, 1]``.
@@ -84,6 +86,8 @@ def uncertainty(probs: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
     Args:
         probs: ``(N, C, H, W)`` float class probabilities in ``[0, 1]``.
+        dim: the class axis of ``probs`` (default 1, the ``C`` of ``(N, C, H, W)``); the result
+            keeps it with size 1.
 
     Returns:
         ``(N, 1, H, W)``, same dtype, in ``[0, 1]``.
