@@ -532,10 +532,10 @@ def read_pairs(csv_path: str | Path) -> list[tuple[str, str | None, str | None]]
 
 
 def check_relative_output(name: str) -> str:
-    """Validate an output name relative to OUTDIR; returns it in posix form.
+    r"""Validate an output name relative to OUTDIR; returns it in posix form.
 
     Raises:
-        UsageError: empty, absolute, with ``..``, ``\\``, NUL, or a hidden component
+        UsageError: empty, absolute, with ``..``, ``\``, NUL, or a hidden component
             (those are reserved for temporary files and the journal).
     """
     if not name or "\x00" in name or "\\" in name:
@@ -677,8 +677,10 @@ def _discover(source: str, outdir: Path, mask_dir: str | Path | None,
 
 
 def _item(row: _Row, outdir: Path, outputs: OutputOptions, no_mask: str | None) -> BatchItem:
-    """The item of one row: its output names, and why it cannot run (``no_mask``: the reason when the
-    row has no mask and the method cannot make one; ``None`` when it can).
+    """The item of one row: its output names, and why it cannot run.
+
+    ``no_mask`` is the reason when the row has no mask and the method cannot make one; ``None`` when
+    it can.
     """
     error = row.problem
     if row.out is not None:

@@ -49,17 +49,19 @@ def _root(
 @app.command("run")
 @run_options
 def run_cmd(
-    image: Annotated[str, typer.Argument(help="Image to refine (TIFF/GeoTIFF/PNG/JPEG/WebP), or - for stdin.")],
-    mask: Annotated[str | None, typer.Option("--mask", "-m", help="Coarse mask (any resolution with the image's "
-                                             "aspect ratio), or - for stdin.")] = None,
+    image: Annotated[str, typer.Argument(
+        help="Image to refine (TIFF/GeoTIFF/PNG/JPEG/WebP), or - for stdin.")],
+    mask: Annotated[str | None, typer.Option(
+        "--mask", "-m", help="Coarse mask (any resolution with the image's "
+        "aspect ratio), or - for stdin.")] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Refined mask (.tif/.png, or - for stdout); "
                                             "default <stem>.refined.tif beside the image.")] = None,
     uncertainty: Annotated[str | None, typer.Option("--uncertainty", help="Also write the uncertainty map "
                                                     "(uint8, 255 = most uncertain).")] = None,
     report: Annotated[str | None, typer.Option("--report", help="Write the timing report as JSON.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from the finished rows "
-                                         "it left beside the output.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from the finished "
+                                         "rows it left beside the output.")] = False,
     save_coarse: Annotated[str | None, typer.Option("--save-coarse", help="With --segmenter and no --mask: "
                                                     "also keep the coarse mask it made (.tif/.png).")] = None,
     opts: RunOptions = RunOptions(),
@@ -137,14 +139,16 @@ def _mount_optional() -> None:
         if hasattr(mod, "register"):
             mod.register(app, name)
             continue
-        app.add_typer(mod.app, name=name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None)
+        app.add_typer(mod.app, name=name,
+                      help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else None)
 
 
 _mount_optional()
 
 from refine_cli.commands.segment import segment_cmd  # noqa: E402
 
-app.command("segment", help="Make a coarse mask with a segmenter (the first step of MagNet-Fast).")(segment_cmd)
+app.command("segment",
+            help="Make a coarse mask with a segmenter (the first step of MagNet-Fast).")(segment_cmd)
 
 
 _ARGV: list[str] = []
@@ -209,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
             from rich.markup import escape
 
             err_console.print(f"[red]internal error:[/] {escape(f'{type(exc).__name__}: {exc}')} (rerun with "
-                              "--debug for the traceback and please report it)", highlight=False, soft_wrap=True)
+                              "--debug for the traceback and please report it)",
+                              highlight=False, soft_wrap=True)
         raise SystemExit(1) from None
     if isinstance(rc, int) and rc:
         if rc == 130:

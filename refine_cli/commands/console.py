@@ -18,7 +18,8 @@ err_console = Console(stderr=True)
 """The one stderr console of the command line."""
 
 Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr; no progress bar or table.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q",
+                                     help="Only errors on stderr; no progress bar or table.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of internal errors.")]
 
 THIRD_PARTY_LOGGERS = ("tifffile", "zarr", "numcodecs", "imagecodecs", "rasterio")
@@ -97,7 +98,8 @@ class ProgressBars:
             amount: list[ProgressColumn] = ([DownloadColumn(), TransferSpeedColumn()] if self.unit == "bytes"
                                             else [MofNCompleteColumn()])
             extra = [TextColumn(f"{f} {{task.fields[{f}]}}") for f in self.fields]
-            self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), *amount, *extra,
+            self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 *amount, *extra,
                                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
                                  transient=self.transient)
             self._bar.__enter__()

@@ -79,8 +79,8 @@ def fetch(
     record = weights.get_record(name)
     if record.url and not quiet:
         licence = weights.short_license(record.license)
-        err_console.print(f"fetching {name} from {record.url} (licence: {licence}; `refine weights list --json` "
-                        "has it in full)", highlight=False, soft_wrap=True)
+        err_console.print(f"fetching {name} from {record.url} (licence: {licence}; "
+                          "`refine weights list --json` has it in full)", highlight=False, soft_wrap=True)
     with ProgressBars(enabled=not quiet, unit="bytes") as bars:
 
         def progress(done: int, total: int | None) -> None:

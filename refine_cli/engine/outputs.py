@@ -150,8 +150,10 @@ class OutputWriter:
             sink.cleanup()
 
     def take_back(self) -> None:
-        """Remove the outputs :meth:`commit` published (when a later file of the run, such as the
-        report, could not be written: the run's outputs are one unit). Bytes sent to stdout stay sent.
+        """Remove the outputs :meth:`commit` published; bytes sent to stdout stay sent.
+
+        Used when a later file of the run, such as the report, could not be written: the run's
+        outputs are one unit.
         """
         for sink in (self.mask_sink, self.unc_sink):
             if sink is not None and sink.path != "-":

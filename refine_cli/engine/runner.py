@@ -123,8 +123,9 @@ class GridRunner:
         self.custom_weights = refiner.custom_weights
         self.weightless_skips = refiner.skipped_tiles_weightless
         self.start_row = int(start_row)
-        self.first_grid_row = next((i for i, r in enumerate(plan.row_starts) if r + plan.tile_height > start_row),
-                                   len(plan.row_starts))
+        self.first_grid_row = next(
+            (i for i, r in enumerate(plan.row_starts) if r + plan.tile_height > start_row),
+            len(plan.row_starts))
         self.stats = GridStats(tiles_total=len(plan), pixels=plan.shape[0] * plan.shape[1])
         self.stats.extra["resumed_from_row"] = self.start_row
         self._stop = threading.Event()
@@ -188,7 +189,8 @@ class GridRunner:
 
     def _todo(self) -> list[Tile]:
         """The tiles still to run (all of them unless resuming)."""
-        return [t for g in range(self.first_grid_row, self.plan.grid_shape[0]) for t in self.plan.row_tiles(g)]
+        return [t for g in range(self.first_grid_row, self.plan.grid_shape[0])
+                for t in self.plan.row_tiles(g)]
 
     def _prefetch(self, q_in: queue.Queue) -> None:
         for tile in self._todo():
@@ -242,7 +244,8 @@ class GridRunner:
             prob = prob[..., None]
         if not self.refiner_unc:
             return prob.astype(np.float32, copy=False)
-        unc = self._crop(tile, res.uncertainty) if res.uncertainty is not None else 1 - np.abs(2 * prob[..., 0] - 1)
+        unc = (self._crop(tile, res.uncertainty) if res.uncertainty is not None
+               else 1 - np.abs(2 * prob[..., 0] - 1))
         return np.concatenate([prob, unc[..., None]], axis=-1).astype(np.float32, copy=False)
 
     def _compute(self, q_in: queue.Queue, q_out: queue.Queue) -> None:
@@ -296,8 +299,9 @@ class GridRunner:
             done += 1
             if t.grid_col == ncols - 1:
                 with self.timer.stage("blend"):
-                    row0, block, uncovered = acc.pop_final(plan.rows_final_after(t.grid_row),
-                                                           allow_uncovered=self.weightless_skips or self.custom_weights)
+                    row0, block, uncovered = acc.pop_final(
+                        plan.rows_final_after(t.grid_row),
+                        allow_uncovered=self.weightless_skips or self.custom_weights)
                     if uncovered is not None:
                         self._fill_uncovered(row0, block, uncovered)
                 if row0 < self.start_row:  # written by the interrupted run
@@ -331,8 +335,8 @@ class GridRunner:
         q_out: queue.Queue = queue.Queue(maxsize=self.depth)
         reader = threading.Thread(target=self._guard(lambda: self._prefetch(q_in)), name="refine-prefetch",
                                   daemon=True)
-        writer = threading.Thread(target=self._guard(lambda: self._blend_and_write(q_out)), name="refine-writer",
-                                  daemon=True)
+        writer = threading.Thread(target=self._guard(lambda: self._blend_and_write(q_out)),
+                                  name="refine-writer", daemon=True)
         reader.start()
         writer.start()
         try:

@@ -178,8 +178,9 @@ class Refiner(abc.ABC):
 
     @property
     def num_classes(self) -> int:
-        """Classes of a label space of the refiner's own (MagNet's segmenter), 0 when the user's mask
-        decides the output layout.
+        """Classes of a label space of the refiner's own (MagNet's segmenter).
+
+        0 when the user's mask decides the output layout.
         """
         return 0
 
@@ -210,8 +211,10 @@ class Refiner(abc.ABC):
         return [shape]
 
     def initial_coarse(self) -> np.ndarray | None:
-        """The first level's coarse input as ``(h0, w0, K)`` float32 in [0, 1] (e.g. the output
-        of a global step run in :meth:`prepare`), or ``None`` to use the user's mask.
+        """The first level's coarse input as ``(h0, w0, K)`` float32 in [0, 1], or ``None``.
+
+        The input is e.g. the output of a global step run in :meth:`prepare`; ``None`` uses the
+        user's mask.
         """
         return None
 
@@ -233,8 +236,9 @@ class Refiner(abc.ABC):
         return None
 
     def skip_test(self, coarse: np.ndarray) -> bool | None:
-        """Decide from the coarse input ``(h, w, K)`` over the read window whether to skip the
-        tile (called only with :attr:`custom_skip`); ``None`` leaves it to :attr:`skip_rule`.
+        """Decide from the coarse input ``(h, w, K)`` over the read window whether to skip the tile.
+
+        Called only with :attr:`custom_skip`; ``None`` leaves it to :attr:`skip_rule`.
         """
         return None
 

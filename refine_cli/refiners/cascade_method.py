@@ -30,7 +30,7 @@ from refine_cli.tiling.budget import smallest_need
 log = logging.getLogger(__name__)
 
 OFFICIAL_BYTES_PER_PIXEL = 5 * 1024
-"""Activation memory of one official fp32 forward per input pixel (NOTES §5: ~5 KB/px)."""
+"""Activation memory of one official fp32 forward per input pixel (about 5 KB/px, measured)."""
 
 
 def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[str, Any], int]:
@@ -55,14 +55,16 @@ def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[
         elif weights.DEFAULT_CASCADEPSP_LITE not in {r.name for r in weights.list_records()}:
             raise WeightsError(
                 f"no CascadePSP weights: fetch the official ones with `refine weights fetch "
-                f"{weights.DEFAULT_CASCADEPSP}` (or `refine weights import {weights.DEFAULT_CASCADEPSP} FILE`), "
+                f"{weights.DEFAULT_CASCADEPSP}` (or `refine weights import "
+                f"{weights.DEFAULT_CASCADEPSP} FILE`), "
                 "or pass --weights FILE")
         else:
             spec = weights.DEFAULT_CASCADEPSP_LITE
             notice = (f"official CascadePSP weights are not in the cache, using the bundled {spec} "
                       f"(get the official ones with `refine weights fetch {weights.DEFAULT_CASCADEPSP}`)")
     resolved = weights.resolve_weights(spec)
-    info: dict[str, Any] = {"weights": resolved.name or str(resolved.path), "weights_path": str(resolved.path)}
+    info: dict[str, Any] = {"weights": resolved.name or str(resolved.path),
+                            "weights_path": str(resolved.path)}
     sidecar = resolved.path.with_suffix(".json")
     if sidecar.is_file() and resolved.name != weights.DEFAULT_CASCADEPSP:
         model, side = load_exported(resolved.path, sha256=resolved.sha256)
@@ -111,9 +113,10 @@ class CascadeMethod(Refiner):
         self._impl_levels = 0
 
     def exact_need(self, impl: Refiner, scene: Scene, snap: bool) -> int:
-        """Bytes the engine's memory plan needs for the exact path on ``scene`` (the whole image as
-        one tile), computed as ``engine.levels`` will plan it, so that the path chosen here always
-        runs within ``--max-memory``.
+        """Bytes the engine's memory plan needs for the exact path on ``scene`` (the whole image as one tile).
+
+        Computed as ``engine.levels`` will plan it, so that the path chosen here always runs within
+        ``--max-memory``.
 
         Args:
             impl: the exact refiner (``fixed_tile`` set).
@@ -171,7 +174,8 @@ class CascadeMethod(Refiner):
             impl = CascadeStreamRefiner(self.model, size=size, precision=self.options.precision,
                                         labels=labels, classes=scene.classes,
                                         bytes_per_pixel=self.bytes_per_pixel, weights_info=self.info,
-                                        fast=self.options.fast, grid=self.options.grid, skip=self.options.skip)
+                                        fast=self.options.fast, grid=self.options.grid,
+                                        skip=self.options.skip)
             self.mode = "streamed"
         self.why = why
         log.info("cascade: %s path: %s", self.mode, why)
@@ -189,7 +193,8 @@ class CascadeMethod(Refiner):
             scene.notes.append(self.info["notice"])
         scene.notes.append(
             f"cascade: {self.mode} path ({self.why}); weights {self.info.get('weights')}"
-            + (f" (sha256 {str(self.info['weights_sha256'])[:12]}...)" if self.info.get("weights_sha256") else ""))
+            + (f" (sha256 {str(self.info['weights_sha256'])[:12]}...)"
+               if self.info.get("weights_sha256") else ""))
 
     def _impl(self) -> Refiner:
         if self.impl is None:
@@ -225,7 +230,7 @@ class CascadeMethod(Refiner):
         snap: Any = "off"
         if self.snap is not None:
             snap = {k: v for k, v in self.snap.describe().items() if k != "name"}
-        return {**base, "name": self.name, "mode": self.mode, "size": self.options.size, "pad": self.options.pad,
-                "snap": snap, **self.info}
+        return {**base, "name": self.name, "mode": self.mode, "size": self.options.size,
+                "pad": self.options.pad, "snap": snap, **self.info}
 
 

@@ -113,8 +113,10 @@ class CascadeLevelRefiner(Refiner):
         self._bpp = bytes_per_pixel
 
     def plan_grid(self, shape: tuple[int, int], tile_size: int, overlap: int) -> GridPlan | None:
-        """The official local-step grid: ``L x L`` windows every ``L // 2 - 32`` px, the last one
-        clamped to the border (``tiling.cascade_grid``); ``None`` for the feathered grid.
+        """The official local-step grid, or ``None`` for the feathered grid.
+
+        ``L x L`` windows every ``L // 2 - 32`` px, the last one clamped to the border
+        (``tiling.cascade_grid``).
         """
         if self.grid != "official":
             return None
@@ -141,7 +143,9 @@ class CascadeLevelRefiner(Refiner):
         return w
 
     def skip_test(self, coarse: np.ndarray) -> bool | None:
-        """``boundary``: nothing to refine (channel 0 on one side of 0.5 everywhere); ``official``:
+        """Whether to skip the window, by the :attr:`skip` rule.
+
+        ``boundary``: nothing to refine (channel 0 on one side of 0.5 everywhere); ``official``:
         under 10 % or over 90 % of the window is foreground (the official local-step rule).
         """
         fg = coarse[..., 0] > 0.5
@@ -156,7 +160,8 @@ class CascadeLevelRefiner(Refiner):
 
     def skip_output(self, coarse: np.ndarray) -> np.ndarray:
         """The binarised input (the official fallback) and, between levels, the soft OS4 map."""
-        binary = (coarse[..., :1] > 0.5).astype(np.float32) if not self.labels else (coarse > 0.5).astype(np.float32)
+        binary = ((coarse[..., :1] > 0.5).astype(np.float32) if not self.labels
+                  else (coarse > 0.5).astype(np.float32))
         if self.labels or self.final:
             return binary
         return np.concatenate([binary, coarse[..., 1:2]], axis=-1)
@@ -241,7 +246,8 @@ class CascadeStreamRefiner(Refiner):
         """The global step on the streamed overview (binarised mask, area-averaged)."""
         plan = global_resize(scene.shape, self.size)
         if plan.mode != "down":
-            raise ValueError("the streamed cascade is for images larger than the working size; use the exact path")
+            raise ValueError("the streamed cascade is for images larger than the working size; "
+                             "use the exact path")
         from refine_cli.refiners.cascadepsp import GLOBAL_STAGE
 
         if scene.progress is not None:
@@ -255,12 +261,16 @@ class CascadeStreamRefiner(Refiner):
             self._top = self._global(image, coarse)
         if scene.progress is not None:
             scene.progress(GLOBAL_STAGE, 1, 1)
-        self._levels = [scene.shape] if self.fast else plan_levels(plan.out_shape, scene.shape, self.max_ratio)
+        self._levels = ([scene.shape] if self.fast
+                        else plan_levels(plan.out_shape, scene.shape, self.max_ratio))
         log.info("cascade: global step at %dx%d, then levels %s", plan.out_shape[1], plan.out_shape[0],
                  ", ".join(f"{w}x{h}" for h, w in self._levels))
 
     def _global(self, image: np.ndarray, coarse: np.ndarray) -> np.ndarray:
-        """``(h', w', K)`` global-step maps: binary ``[pred_224, pred_56_2]``, labels ``pred_224`` per class."""
+        """``(h', w', K)`` global-step maps.
+
+        Binary: ``[pred_224, pred_56_2]``; labels: ``pred_224`` per class.
+        """
         if not self.labels:
             out = _forward(self.model, image[None], (2 * coarse[None, ..., 0] - 1).astype(np.float32), None,
                            self.precision)
@@ -271,7 +281,8 @@ class CascadeStreamRefiner(Refiner):
             if share.max() <= 0.0 or share.min() >= 1.0:
                 result[..., c] = share
                 continue
-            out = _forward(self.model, image[None], (2 * share[None] - 1).astype(np.float32), None, self.precision)
+            out = _forward(self.model, image[None], (2 * share[None] - 1).astype(np.float32), None,
+                           self.precision)
             result[..., c] = out["pred_224"][0]
         return result
 
@@ -288,8 +299,8 @@ class CascadeStreamRefiner(Refiner):
         """The local step of one level (with ``fast``: the global ``pred_224`` resampled, no local step)."""
         if self.fast:
             return _GlobalOnly(self.labels)
-        return CascadeLevelRefiner(self.model, self.size, self.precision, self.labels, final, self.bytes_per_pixel,
-                                   self.grid, self.skip)
+        return CascadeLevelRefiner(self.model, self.size, self.precision, self.labels, final,
+                                   self.bytes_per_pixel, self.grid, self.skip)
 
     def refine(self, tile: TileInput) -> TileResult:
         """Not used: the work happens in the level refiners."""

@@ -87,9 +87,10 @@ LOCAL_STAGE = "cascade local patches"
 
 
 def with_model_defaults(options: CascadeOptions, model: CascadeRefinementModule) -> CascadeOptions:
-    """``options`` with the working size, padding and edge snap a run uses: the ones given, else the
-    model's own (``working_size``, ``pad_mode``, ``edge_snap``). Sets ``model.pad_mode`` to the
-    padding chosen.
+    """``options`` with the working size, padding and edge snap a run uses.
+
+    Each is the one given, else the model's own (``working_size``, ``pad_mode``, ``edge_snap``).
+    Sets ``model.pad_mode`` to the padding chosen.
     """
     if options.pad != "auto":
         model.pad_mode = options.pad
@@ -707,8 +708,9 @@ class CascadePSPRefiner(Refiner):
         return TileResult(prob, binary_uncertainty(prob))
 
     def tile_memory(self, pixels: int) -> int:
-        """Bytes to refine a ``pixels``-px image: ~20 B/px of state plus one forward pass
-        (``bytes_per_pixel`` of the working size: ~5 KB/px for the official model).
+        """Bytes to refine a ``pixels``-px image: ~20 B/px of state plus one forward pass.
+
+        The forward pass costs ``bytes_per_pixel`` of the working size: ~5 KB/px for the official model.
         """
         side = padded_shape((self.size, self.size))[0]
         return 20 * pixels + self.bytes_per_pixel * side * side * (1 if self.fast else self.batch_size)

@@ -1,5 +1,7 @@
-"""Refiners that need no weights: the null refiner, the guided filter, the fast global smoother,
-and the edge snap that ends ``--method cascade`` with the bundled weights.
+"""Refiners that need no weights.
+
+The null refiner, the guided filter, the fast global smoother, and the edge snap that ends
+``--method cascade`` with the bundled weights.
 
 Uncertainty for all: ``1 - |2p - 1|`` of the output probability (the engine's default).
 """

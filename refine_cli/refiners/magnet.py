@@ -1,7 +1,7 @@
 """MagNet and MagNet-Fast on a whole image, as separable stage functions (Huynh et al., CVPR 2021).
 
-Written from the paper (arXiv 2104.03778 §3.2-3.3, §4.2) and ``shared/reference/magnet/NOTES.md``;
-no official code. Y is the accumulated prediction, O the segmenter's prediction on a
+Written from the paper (arXiv 2104.03778 §3.2-3.3, §4.2) and from notes on how the official code
+behaves; no official code. Y is the accumulated prediction, O the segmenter's prediction on a
 patch, R the refinement module's output (paper notation). One run::
 
     stage 1       the image resized to the first scale, cut into crop-size patches (one for the presets),
@@ -28,7 +28,7 @@ Each step is a function on tensors (numpy only at the edges: image in, result ou
 a tiled version can reuse them (``magnet_points`` holds the tile-able score/top-k/replace
 primitives, e.g. :class:`~refine_cli.refiners.magnet_points.StreamingTopK`).
 
-**Differences from the official code** (NOTES §0, §2), all following the paper:
+**Differences from the official code**, all following the paper:
 
 1. Patches are ranked by mean Yu **descending** (the paper's "most uncertain"); the official
    code sorts ascending since commit ``47043fc`` and refines the *least* uncertain patches.

@@ -286,8 +286,10 @@ class MagnetRefiner(Refiner):
 
     def refine_image(self, image_u8: np.ndarray, coarse: np.ndarray | None = None,
                      progress: StageProgress | None = None) -> MagnetResult:
-        """Run on a whole image; ``coarse`` is a user mask in any form :func:`coarse_to_probs` accepts;
-        ``progress`` as :func:`run_magnet`.
+        """Run on a whole image.
+
+        ``coarse`` is a user mask in any form :func:`coarse_to_probs` accepts; ``progress`` as
+        :func:`run_magnet`.
         """
         seg = self.segmenter
         probs = None if coarse is None else coarse_to_probs(coarse, seg.num_classes, seg.classes)
@@ -397,10 +399,12 @@ class MagnetRefiner(Refiner):
         return self.segmenter.num_classes
 
     def initial_coarse(self) -> Any:
-        """The final Y as the single level's input: class-1 probability for 2 classes, all C class
-        probabilities otherwise (written as a label map). Whole image: an ``(H, W, K)`` array; tiled:
-        a K-band reader (:class:`~refine_cli.refiners.magnet_tiled.FinalReader`) that the engine
-        reads by window and closes at the end.
+        """The final Y as the single level's input.
+
+        Class-1 probability for 2 classes, all C class probabilities otherwise (written as a label
+        map). Whole image: an ``(H, W, K)`` array; tiled: a K-band reader
+        (:class:`~refine_cli.refiners.magnet_tiled.FinalReader`) that the engine reads by window and
+        closes at the end.
         """
         if self.tiled_result is not None:
             from refine_cli.refiners.magnet_tiled import FinalReader

@@ -1,7 +1,7 @@
 """MagNet's per-stage point step and patch geometry, as pure functions.
 
-Written from the paper (arXiv 2104.03778, §3.2-3.3) and ``shared/reference/magnet/NOTES.md``;
-no official code. Names follow the paper: Y is the accumulated prediction, R the
+Written from the paper (arXiv 2104.03778, §3.2-3.3) and from notes on how the official code
+behaves; no official code. Names follow the paper: Y is the accumulated prediction, R the
 refinement module's output assembled at the stage scale, O the backbone's.
 
 One stage of MagNet, at stage size ``H x W`` with backbone input size ``h x w``::
@@ -37,13 +37,13 @@ backend; its set is valid (same ``Q > t`` part) but not reproducible.
 **Patches.** The stage is cut into ``ceil(H / crop_h) x ceil(W / crop_w)`` patches
 that cover it exactly (:func:`patch_grid`); where they overlap, R is averaged
 (:func:`ensemble_patches`). This fixes two official defects for sizes that do not
-divide evenly (NOTES §0.6): truncated steps that leave the last columns
+divide evenly: truncated steps that leave the last columns
 uncovered, and overlaps divided by a coverage count taken on a 10-px inset.
 
 **MagNet-Fast** (:func:`rank_patches`): refine only the patches with the highest
 mean Yu, as the paper says. The official code sorts ascending (refining the
 *least* uncertain patches) and zeroes the score inside the refined patches, so
-its replaced points come from ``topk`` tie-breaking among zeros (NOTES §0.3);
+its replaced points come from ``topk`` tie-breaking among zeros (backend dependent);
 neither is reproduced here. Points are chosen among the pixels of the refined
 patches only (pass their union as ``valid``).
 """
@@ -71,6 +71,8 @@ def certainty(probs: torch.Tensor, dim: int = 1) -> torch.Tensor:
     Args:
         probs: ``(N, C, H, W)`` float class probabilities in ``[0, 1]``, C >= 2
             (any shape with the class axis at ``dim``).
+        dim: the class axis of ``probs`` (default 1, the ``C`` of ``(N, C, H, W)``); the result
+            keeps it with size 1.
 
     Returns:
         ``(N, 1, H, W)`` (the class axis kept with size 1), same dtype, in ``[0, 1]``.
@@ -84,6 +86,8 @@ def uncertainty(probs: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
     Args:
         probs: ``(N, C, H, W)`` float class probabilities in ``[0, 1]``.
+        dim: the class axis of ``probs`` (default 1, the ``C`` of ``(N, C, H, W)``); the result
+            keeps it with size 1.
 
     Returns:
         ``(N, 1, H, W)``, same dtype, in ``[0, 1]``.
@@ -639,7 +643,7 @@ POINT_PRESETS: dict[str, PointPreset] = {
     # Scripts: 75 % of the stage pixels (the paper says 2**16 points per scale).
     "deepglobe": PointPreset(full_points=0.75, fast_points=0.9, fast_patches=3, kernel=11),
 }
-"""Official settings by dataset (``scripts/*/test_magnet*.sh``; NOTES §2.1-2.3)."""
+"""Official settings by dataset, as the official test scripts (``scripts/*/test_magnet*.sh``) set them."""
 
 
 def stage_points(n_points: float, area: int) -> int:
@@ -732,7 +736,7 @@ def rank_patches(scores: torch.Tensor | Sequence[float], n_patches: int | None) 
 
     Descending score as in the paper, ties to the lower patch index. (The official code
     sorts ascending, so it refines the *least* uncertain patches, and then zeroes the
-    point score inside them; NOTES §0.3. Neither is reproduced.)
+    point score inside them. Neither is reproduced.)
 
     Args:
         scores: ``(P,)`` mean Yu per patch (:func:`patch_mean`).

@@ -171,8 +171,10 @@ class _LevelImage:
 
 
 def _lattice(n_src: int, n_dst: int) -> tuple[int, int]:
-    """``(q, p)``: destination positions ``x`` with ``x * n_src / n_dst`` integer are multiples of q,
-    and q of them span p source pixels.
+    """``(q, p)``: the lattice of destination positions that fall on a source pixel boundary.
+
+    Destination positions ``x`` with ``x * n_src / n_dst`` integer are multiples of q, and q of them
+    span p source pixels.
     """
     g = math.gcd(n_src, n_dst)
     return n_dst // g, n_src // g
@@ -266,8 +268,10 @@ class StageImages:
         return self.crop(scale, Window(0, 0, scale[1], scale[0]))
 
     def _level(self, hw: Size) -> _LevelImage:
-        """The area-downscaled level of size ``hw``; the first call builds every level, largest first,
-        each from the smallest larger one (the largest from the image or its pyramid).
+        """The area-downscaled level of size ``hw``.
+
+        The first call builds every level, largest first, each from the smallest larger one (the
+        largest from the image or its pyramid).
         """
         if hw not in self._levels:
             wanted = sorted({(s[1], s[0]) for s, m in self.modes.items() if m == "level"},
@@ -420,8 +424,9 @@ YMap = MemoryY | TileStore | UpsampledY
 
 
 def fast_uncertainty(y: torch.Tensor) -> torch.Tensor:
-    """:func:`~refine_cli.refiners.magnet_points.uncertainty` of ``(N, C, h, w)``, bit for bit;
-    for C = 2 ``1 - |y0 - y1|`` (``max - min`` equals ``|a - b|`` exactly) instead of ``topk``.
+    """:func:`~refine_cli.refiners.magnet_points.uncertainty` of ``(N, C, h, w)``, bit for bit.
+
+    For C = 2 ``1 - |y0 - y1|`` (``max - min`` equals ``|a - b|`` exactly) instead of ``topk``.
     """
     if y.shape[1] == 2:
         return 1 - (y[:, 0:1] - y[:, 1:2]).abs()
@@ -1239,8 +1244,10 @@ def _tiled_scales(ctx: _RunContext, y_prev: MemoryY | TileStore, modules: Sequen
 
 
 def _cut_facts(stage: int, cut: TopKCut) -> dict[str, Any]:
-    """The top-k cut of a stage for the report: threshold (``None`` when all or none are taken),
-    pixels above it, pixels at it and how many of those were taken (lowest flat indices).
+    """The top-k cut of a stage for the report.
+
+    Threshold (``None`` when all or none are taken), pixels above it, pixels at it and how many of
+    those were taken (lowest flat indices).
     """
     finite = math.isfinite(cut.threshold)
     return {"stage": stage, "threshold": round(cut.threshold, 8) if finite else None, "above": cut.n_greater,

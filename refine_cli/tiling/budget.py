@@ -126,8 +126,10 @@ def plan_memory(shape: tuple[int, int], *, budget: int, halo: int, channels: int
 
 def smallest_need(shape: tuple[int, int], *, halo: int, channels: int, batch: int, tile_memory: object,
                   fixed_memory: int, bytes_out: int, tile_size: int, resident: int = 0) -> int:
-    """The smallest estimate in bytes of a grid of ``tile_size`` tiles (what :func:`plan_memory`
-    would need as a budget to accept that tile size; arguments as there).
+    """The smallest estimate in bytes of a grid of ``tile_size`` tiles.
+
+    That is what :func:`plan_memory` would need as a budget to accept that tile size; arguments as
+    there.
     """
     return _search(shape, budget=0, halo=halo, channels=channels, batch=batch, tile_memory=tile_memory,
                    fixed_memory=fixed_memory, bytes_out=bytes_out, preferred_tile=tile_size,
@@ -139,7 +141,8 @@ def _search(shape: tuple[int, int], *, budget: int, halo: int, channels: int, ba
             tile_size: int | None, resident: int = 0) -> MemoryPlan:
     """The first plan (largest tile, deepest queue) within ``budget``, else the smallest one."""
     h, w = shape
-    candidates = [tile_size] if tile_size else [t for t in TILE_SIZES if t <= max(preferred_tile, TILE_SIZES[-1])]
+    candidates = ([tile_size] if tile_size
+                  else [t for t in TILE_SIZES if t <= max(preferred_tile, TILE_SIZES[-1])])
     best: MemoryPlan | None = None
     for t in candidates:
         t_eff = min(t, max(h, w))

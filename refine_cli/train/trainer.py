@@ -97,7 +97,10 @@ from refine_cli.weights.files import load_exported as load_exported
 logger = logging.getLogger(__name__)
 
 MAGNET_ARCH = "magnet-refinement"
-"""``--arch`` of MagNet's refinement module (one of ``ARCHITECTURES``): :mod:`refine_cli.train.magnet` trains it."""
+"""``--arch`` of MagNet's refinement module (one of ``ARCHITECTURES``).
+
+:mod:`refine_cli.train.magnet` trains it.
+"""
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """Values of ``TrainConfig.precision``."""

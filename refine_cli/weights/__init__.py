@@ -96,8 +96,8 @@ DEFAULT_CASCADEPSP_LITE = "cascadepsp-lite-v2"
 
 CASCADEPSP_LITE = _lite_record(
     "v2", 2_172_006, "90014e5764208a5d9fb5ecf5f69b21c7d3b937bc5cb8bf05cdbe60f0a864b86d",
-    "Self-trained CascadePSP-lite (20 400 steps on one GPU) shipped in weights/; the default --method cascade "
-    "weights when the official checkpoint is not in the cache.",
+    "Self-trained CascadePSP-lite (20 400 steps on one GPU) shipped in weights/; the default "
+    "--method cascade weights when the official checkpoint is not in the cache.",
 )
 
 CASCADEPSP_LITE_V1 = _lite_record(
@@ -108,8 +108,9 @@ CASCADEPSP_LITE_V1 = _lite_record(
 
 CASCADEPSP_LITE_V3 = _lite_record(
     "v3", 2_172_211, "248503d8e18ba474c4ffaee08f37deff0e1f662a5f78e892223f1eccc18f7f61",
-    "CascadePSP-lite fine-tuned from v2 (1 750 steps on 2 CPU cores) on photos and the aerial, cells and thin "
-    "scene families; same architecture; `--weights cascadepsp-lite-v3` (weights/README.md: where it beats v2).",
+    "CascadePSP-lite fine-tuned from v2 (1 750 steps on 2 CPU cores) on photos and the aerial, cells "
+    "and thin scene families; same architecture; `--weights cascadepsp-lite-v3` "
+    "(weights/README.md: where it beats v2).",
 )
 
 _REGISTRY: dict[str, WeightsRecord] = {
@@ -253,8 +254,9 @@ def local_file(name: str) -> tuple[Path, str] | None:
 
 
 def verify(name: str) -> Digests:
-    """Check the checkpoint (cached, else the bundled copy) against the record (size, md5, sha256)
-    and its sidecar sha256.
+    """Check the checkpoint (cached, else the bundled copy) against the record and its sidecar.
+
+    The record gives size, md5 and sha256; the sidecar its sha256.
 
     Records the sha256 in the cache sidecar when it was missing.
 
@@ -270,8 +272,9 @@ def verify(name: str) -> Digests:
         digests = file_digests(found[0])
         problem = _mismatch(record, digests, record.sha256)
         if problem:
-            raise WeightsError(f"checksum mismatch for the bundled {name} at {found[0]} ({problem}); restore it "
-                               f"with `git checkout -- {found[0].name}` in weights/ or reinstall refine")
+            raise WeightsError(f"checksum mismatch for the bundled {name} at {found[0]} ({problem}); "
+                               f"restore it with `git checkout -- {found[0].name}` in weights/ "
+                               "or reinstall refine")
         return digests
     path = cache_path(name)
     if not path.is_file():
@@ -405,8 +408,9 @@ def fetch(
 def _warn_first_use(record: WeightsRecord, digests: Digests) -> None:
     """Say so when a file could not be checked against a published checksum."""
     if record.trust_on_first_use and not (record.md5 or record.sha256):
-        logger.warning("%s has no published checksum: recorded sha256 %s on first use (`refine weights verify "
-                       "%s` checks the file against it later)", record.name, digests.sha256, record.name)
+        logger.warning("%s has no published checksum: recorded sha256 %s on first use "
+                       "(`refine weights verify %s` checks the file against it later)",
+                       record.name, digests.sha256, record.name)
 
 
 def import_file(name: str, file: str | Path) -> Path:

@@ -1,5 +1,6 @@
-"""Every checkpoint read and write of the project: safe ``torch.load``, exports with sidecars, and
-the resumable training checkpoints.
+"""Every checkpoint read and write of the project.
+
+Safe ``torch.load``, exports with sidecars, and the resumable training checkpoints.
 
 Reading always uses ``torch.load(weights_only=True, map_location="cpu")`` (no pickled code is
 run), strips prefixes such as ``module.`` by name and checks names and shapes strictly, so a
