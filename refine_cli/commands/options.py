@@ -16,8 +16,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import tomllib
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import typer
@@ -38,6 +41,7 @@ from refine_cli.config import (
     RefineConfig,
     parse_size,
 )
+from refine_cli.errors import UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -274,13 +278,72 @@ OPTIONS: dict[str, Any] = {
 """Parameter name → annotated type with its Typer option; defaults come from :class:`RunOptions`."""
 
 
+CONFIG_OPTION = Annotated[Path | None, typer.Option(
+    "--config", rich_help_panel=ADVANCED, show_default=False,
+    help="TOML file of option defaults (keys are option names: method = \"cascade\", max-memory = \"4G\"); "
+    "options on the command line win.")]
+
+
+def _flag_names() -> dict[str, str]:
+    """Option name as written in a config file (flag without dashes, or the parameter name) -> parameter."""
+    names = {}
+    for name, ann in OPTIONS.items():
+        info = ann.__metadata__[0]
+        first = [info.default] if isinstance(info.default, str) and info.default.startswith("-") else []
+        for decl in [*first, *(info.param_decls or ())]:
+            names[decl.split("/")[0].lstrip("-")] = name
+        names[name] = name
+    return names
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether a TOML value fits a :class:`RunOptions` field's type (Literal values are checked later)."""
+    args = typing.get_args(hint)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    if typing.get_origin(hint) is Literal:
+        return isinstance(value, str)
+    return any(_accepts(a, value) for a in args if a is not type(None))
+
+
+def read_run_config(path: str | Path) -> dict[str, Any]:
+    """The option values of a ``--config`` TOML file, by :class:`RunOptions` field name.
+
+    Raises:
+        UsageError: unreadable TOML, an unknown option name, or a value of the wrong type.
+    """
+    try:
+        with open(path, "rb") as fh:
+            table = tomllib.load(fh)
+    except OSError as exc:
+        raise UsageError(f"--config {path}: cannot read it ({exc.strerror or exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config {path} is not valid TOML ({exc}); fix the file") from None
+    names, hints = _flag_names(), typing.get_type_hints(RunOptions)
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = names.get(key)
+        if name is None:
+            raise UsageError(f"--config {path}: unknown option {key!r}; use the names of `refine run --help` "
+                             "without the dashes, e.g. max-memory = \"4G\"")
+        if not _accepts(hints[name], value):
+            raise UsageError(f"--config {path}: {key} = {value!r} has the wrong type for --{key}")
+        values[name] = value
+    return values
+
+
 def run_options(func: F) -> F:
     """Decorator: add the shared options to a Typer command and pass them as ``opts: RunOptions``.
 
     The command declares its own parameters plus ``opts``; the decorated function's
     signature (what Typer reads) has the command's parameters, then every entry of
-    :data:`OPTIONS`, then ``verbose``/``quiet``/``debug`` if the command has them. Apply it
-    below ``@app.command(...)``.
+    :data:`OPTIONS` and ``--config``, then ``verbose``/``quiet``/``debug`` if the command has
+    them. A ``--config`` file's values replace the defaults of the options not given on the
+    command line. Apply it below ``@app.command(...)``.
 
     Raises:
         TypeError: the command has no ``opts`` parameter or declares a shared option itself.
@@ -290,17 +353,26 @@ def run_options(func: F) -> F:
         raise TypeError(f"{func.__name__} needs an `opts: RunOptions` parameter to use @run_options")
     kw = inspect.Parameter.KEYWORD_ONLY
     own = [p.replace(kind=kw) for p in sig.parameters.values() if p.name != "opts"]
-    clash = sorted({p.name for p in own} & set(OPTIONS))
+    clash = sorted({p.name for p in own} & {*OPTIONS, "config_file", "run_context"})
     if clash:
         raise TypeError(f"{func.__name__} declares shared options itself: {', '.join(clash)}")
     defaults = {f.name: f.default for f in dataclasses.fields(RunOptions)}
     shared = [inspect.Parameter(name, kw, default=defaults[name], annotation=ann)
               for name, ann in OPTIONS.items()]
-    params = [p for p in own if p.name not in TAIL] + shared + [p for p in own if p.name in TAIL]
+    shared.append(inspect.Parameter("config_file", kw, default=None, annotation=CONFIG_OPTION))
+    context = inspect.Parameter("run_context", kw, annotation=typer.Context)
+    params = [context, *(p for p in own if p.name not in TAIL), *shared, *(p for p in own if p.name in TAIL)]
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx: typer.Context | None = kwargs.pop("run_context", None)
+        config_file: Path | None = kwargs.pop("config_file", None)
         values = {name: kwargs.pop(name, defaults[name]) for name in OPTIONS}
+        if config_file is not None:
+            for name, value in read_run_config(config_file).items():
+                source = ctx.get_parameter_source(name) if ctx is not None else None
+                if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+                    values[name] = value
         return func(*args, opts=RunOptions(**values), **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
