@@ -65,6 +65,7 @@ import numpy as np
 from refine_cli.config import DEFAULT_THRESHOLD
 from refine_cli.errors import InputError, UsageError
 from refine_cli.tiling.grid import Window
+from refine_cli.tiling.grid import blocks as core_windows
 
 log = logging.getLogger(__name__)
 
@@ -345,24 +346,6 @@ def gain(refined: Metrics, coarse: Metrics) -> dict[str, float]:
     return {k: a[k] - b[k] for k in a if k in b}
 
 
-def core_windows(shape: tuple[int, int], size: int) -> Iterator[Window]:
-    """Partition an image into disjoint windows, row-major.
-
-    Window ``(i, j)`` is ``[i*size, min((i+1)*size, H)) x [j*size, min((j+1)*size, W))``;
-    together they cover every pixel exactly once (unlike ``plan_grid`` tiles, which overlap).
-
-    Args:
-        shape: ``(H, W)``, px (>= 0).
-        size: window side, px (>= 1).
-    """
-    if size < 1:
-        raise UsageError(f"--window-size {size} must be >= 1")
-    h, w = int(shape[0]), int(shape[1])
-    for r in range(0, h, size):
-        for c in range(0, w, size):
-            yield Window(r, c, min(size, h - r), min(size, w - c))
-
-
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     """Dilate a bool mask by ``D(radius)`` (OpenCV border rule); ``(h, w)`` bool."""
     if radius == 0:
@@ -421,6 +404,8 @@ class MetricAccumulator:
         Yields:
             ``(core, read)`` with ``read = core.expand(halo, shape)``.
         """
+        if window_size < 1:
+            raise UsageError(f"--window-size {window_size} must be >= 1")
         for core in core_windows(self.shape, window_size):
             yield core, core.expand(self.halo, self.shape)
 

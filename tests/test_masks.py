@@ -486,7 +486,7 @@ def test_cli_ambiguous_mask_prints_one_warning_line(e2e, cli, wide_console):
 
 
 @pytest.mark.parametrize(("extra", "text"), [
-    (["--mask-kind", "probs"], "--mask-kind 'probs' is not valid"),
+    (["--mask-kind", "probs"], "'--mask-kind': 'probs' is not one of"),
     (["--mask-kind", "soft", "--classes", "3"], "--classes 3 declares a label map"),
 ])
 def test_cli_bad_mask_kind_is_one_line(e2e, cli, tmp_path, extra, text):

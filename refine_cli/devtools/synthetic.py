@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refine_cli.tiling.grid import Window
+from refine_cli.tiling.grid import Window, blocks
 
 PERIOD = 512
 
@@ -179,19 +179,18 @@ def iter_tiles(scene: Scene, tile: int = 512) -> Iterator[np.ndarray]:
     """Image tiles in row-major order, padded to ``tile x tile`` (for tifffile's tiled writer)."""
     h, w = scene.shape
     plain: dict[tuple[int, int], np.ndarray] = {}
-    for r in range(0, h, tile):
-        for c in range(0, w, tile):
-            win = Window(r, c, min(tile, h - r), min(tile, w - c))
-            out = np.zeros((tile, tile, 3), np.uint8)
-            touched = any(sh.bbox(4).intersection(win) is not None for sh in scene.shapes)
-            if touched:
-                out[: win.height, : win.width] = scene.image(win)
-            else:
-                key = (r % PERIOD, c % PERIOD)
-                if key not in plain:
-                    plain[key] = texture(Window(r, c, tile, tile), scene.seed, (70, 110, 60), (35, 30, 30))
-                out[: win.height, : win.width] = plain[key][: win.height, : win.width]
-            yield out
+    for win in blocks((h, w), tile):
+        out = np.zeros((tile, tile, 3), np.uint8)
+        touched = any(sh.bbox(4).intersection(win) is not None for sh in scene.shapes)
+        if touched:
+            out[: win.height, : win.width] = scene.image(win)
+        else:
+            key = (win.row % PERIOD, win.col % PERIOD)
+            if key not in plain:
+                plain[key] = texture(Window(win.row, win.col, tile, tile), scene.seed, (70, 110, 60),
+                                     (35, 30, 30))
+            out[: win.height, : win.width] = plain[key][: win.height, : win.width]
+        yield out
 
 
 def write_tiled(scene: Scene, path: str, tile: int = 512, compression: str = "zlib") -> None:

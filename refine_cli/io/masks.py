@@ -62,7 +62,7 @@ import numpy as np
 from refine_cli.config import DEFAULT_THRESHOLD, check_mask_kind
 from refine_cli.errors import InputError
 from refine_cli.io.readers import ArrayReader, Reader
-from refine_cli.tiling.grid import Window
+from refine_cli.tiling.grid import Window, blocks
 
 log = logging.getLogger(__name__)
 
@@ -296,10 +296,7 @@ class MaskSource:
 
     # -- setup --------------------------------------------------------------
     def _blocks(self, block: int = SCAN_BLOCK) -> Iterator[Window]:
-        h, w = self.native_shape
-        for r in range(0, h, block):
-            for c in range(0, w, block):
-                yield Window(r, c, min(block, h - r), min(block, w - c))
+        return blocks(self.native_shape, block)
 
     def _pick_band(self, kind: str) -> tuple[int | None, np.ndarray | None]:
         """Which band holds the mask; for colour-coded masks the colour table (read in blocks, one pass)."""

@@ -100,7 +100,7 @@ from refine_cli.refiners.magnet_points import (
 from refine_cli.report.timing import StageTimer
 from refine_cli.segmenters.base import Segmenter
 from refine_cli.tiling.budget import BASE_BYTES
-from refine_cli.tiling.grid import Window
+from refine_cli.tiling.grid import Window, blocks
 
 if TYPE_CHECKING:
     from refine_cli.models.magnet import RefinementMagNet
@@ -719,13 +719,6 @@ class TiledPlan:
         )
 
 
-def _tiles(shape: Size, tile: int) -> Iterator[Window]:
-    """Non-overlapping ``tile x tile`` windows covering ``shape``, row-major."""
-    for r in range(0, shape[0], tile):
-        for c in range(0, shape[1], tile):
-            yield Window(r, c, min(tile, shape[0] - r), min(tile, shape[1] - c))
-
-
 # --------------------------------------------------------------------------- one stage
 
 
@@ -913,7 +906,7 @@ def refinement_stage_tiled(
         tiles = [Window.full(stage_hw)]
     else:
         yup = UpsampledY(y_prev, stage_hw)
-        tiles = list(_tiles(stage_hw, ctx.plan.tile))
+        tiles = list(blocks(stage_hw, ctx.plan.tile))
     clock.lap("upsample")
     boxes = patch_grid(stage_hw, (plan.crop[1], plan.crop[0]))
     ranked = plan.n_patches is not None and plan.n_patches < len(boxes)
@@ -977,13 +970,13 @@ def write_stage(ctx: _RunContext, out: StageOutput) -> MemoryY | TileStore:
         if shape[0] * shape[1] <= ctx.plan.store_pixels:
             return MemoryY(y)
         store = TileStore(ctx.folder, shape, channels, dtype=ctx.plan.store_dtype)
-        for tile in _tiles(shape, ctx.plan.tile):
+        for tile in blocks(shape, ctx.plan.tile):
             store.write(tile, y[..., tile.row : tile.row_end, tile.col : tile.col_end])
         ctx.bytes_written += store.bytes_written
         return store
     store = TileStore(ctx.folder, shape, channels, dtype=ctx.plan.store_dtype)
     try:
-        for tile in _tiles(shape, ctx.plan.tile):
+        for tile in blocks(shape, ctx.plan.tile):
             store.write(tile, out.read(tile))
     except BaseException:
         store.close()

@@ -265,3 +265,21 @@ def plan_grid(shape: tuple[int, int], tile_size: int, overlap: int, halo: int = 
         row_starts=tuple(axis_starts(h, tile_size, overlap)),
         col_starts=tuple(axis_starts(w, tile_size, overlap)),
     )
+
+
+def blocks(shape: tuple[int, int], size: int) -> Iterator[Window]:
+    """Partition an image into disjoint ``size x size`` windows (cut at the edges), row-major.
+
+    Window ``(i, j)`` is ``[i*size, min((i+1)*size, H)) x [j*size, min((j+1)*size, W))``;
+    together they cover every pixel exactly once (unlike ``plan_grid`` tiles, which overlap).
+
+    Args:
+        shape: ``(H, W)``, px (>= 0).
+        size: window side, px (>= 1).
+    """
+    if size < 1:
+        raise UsageError(f"block size {size} must be >= 1 px")
+    h, w = int(shape[0]), int(shape[1])
+    for r in range(0, h, size):
+        for c in range(0, w, size):
+            yield Window(r, c, min(size, h - r), min(size, w - c))

@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 
 from refine_cli.errors import UsageError
-from refine_cli.tiling.grid import Window
+from refine_cli.tiling.grid import Window, blocks
 
 
 class PhotoLevels(Protocol):
@@ -575,14 +575,7 @@ def _detector(win: Window, dets: list[_Det]) -> np.ndarray:
 
 def _tiles(mask: np.ndarray, tile: int = 64) -> list[tuple[slice, slice]]:
     """Slices of the ``tile x tile`` blocks of a ``(h, w)`` array that hold a nonzero value."""
-    h, w = mask.shape
-    out = []
-    for r in range(0, h, tile):
-        for c in range(0, w, tile):
-            sl = (slice(r, min(r + tile, h)), slice(c, min(c + tile, w)))
-            if mask[sl].any():
-                out.append(sl)
-    return out
+    return [win.slices for win in blocks((mask.shape[0], mask.shape[1]), tile) if mask[win.slices].any()]
 
 
 def _to_u8(canvas: np.ndarray) -> np.ndarray:
