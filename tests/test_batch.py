@@ -186,6 +186,17 @@ def test_dry_run_prints_plan_and_memory_without_running(data, tmp_path, bcli):
     assert lib.image_shape(str(data / "im0_mask.png")) == (50, 75)
 
 
+def test_dry_run_memory_plan_is_the_runs(data, tmp_path, bcli, cli):
+    """The dry run plans with the run's planner and counts the decoded PNGs the run holds."""
+    code, stdout, err = bcli(data, "--mask-suffix", "_mask", "-o", tmp_path / "out", "--dry-run", "--json", *FAST)
+    assert code == 0, err
+    planned = {Path(r["image"]).name: r["memory"]["estimate_bytes"] for r in ndjson(stdout)}
+    code, stdout, err = cli("run", data / "im0.png", "--mask", data / "im0_mask.png", "-o", tmp_path / "r.tif",
+                            "--json", "-q", *FAST)
+    assert code == 0, err
+    assert planned["im0.png"] == json.loads(stdout)["memory_plan"]["estimate_bytes"]
+
+
 def test_dry_run_summary_counts_planned_failures_and_exits_like_the_run(data, tmp_path, bcli):
     out = tmp_path / "out"
     (data / "im1.png").write_bytes(b"not an image")

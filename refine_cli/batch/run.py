@@ -51,6 +51,7 @@ from refine_cli.errors import InputError, Interrupted, RefineError
 
 if TYPE_CHECKING:
     from refine_cli.refiners.base import Refiner
+    from refine_cli.refiners.guard import GuardParams
     from refine_cli.tiling.budget import MemoryPlan
 
 log = logging.getLogger(__name__)
@@ -296,17 +297,39 @@ def image_shape(path: str, *, max_pixels: int = 50_000_000_000) -> tuple[int, in
     return size
 
 
+def decoded_bytes_estimate(path: str, *, inline_limit: int, samples: int) -> int:
+    """Bytes a run holds decoded for all its length when it opens ``path``, from the header only.
+
+    PNG, JPEG, WebP and BMP files of at most ``inline_limit`` pixels are decoded whole (a run
+    keeps them in memory); TIFFs are read by window, and larger files are cached as tiled TIFFs.
+    ``samples`` is the bytes per pixel assumed (3 for an RGB image, 1 for a mask).
+
+    Raises:
+        InputError: unreadable header.
+    """
+    from refine_cli.io.sniff import sniff
+
+    with open(path, "rb") as fh:
+        kind = sniff(fh.read(1 << 16)).kind
+    if kind == "tiff":
+        return 0
+    h, w = image_shape(path)
+    return h * w * samples if h * w <= inline_limit else 0
+
+
 def plan_file_memory(image: str, config: RefineConfig, outputs: OutputOptions, *,
-                     refiner: Refiner | None = None) -> MemoryPlan:
+                     refiner: Refiner | None = None, mask: str | None = None) -> MemoryPlan:
     """The memory plan ``refine run`` would choose for ``image``, from its header only.
 
-    Assumes a binary mask unless ``config.classes`` is set (label maps need more).
+    Assumes a binary mask unless ``config.classes`` is set (label maps need more). Inputs that a
+    run keeps decoded (small PNG/JPEG images and masks) count as resident bytes, as in a run.
 
     Args:
         image: image path.
         config: run configuration.
         outputs: output options (the uncertainty map adds a byte per pixel).
         refiner: a refiner built from ``config`` to reuse (built when ``None``).
+        mask: the coarse mask's path, when there is one.
 
     Raises:
         InputError: unreadable header.
@@ -323,8 +346,40 @@ def plan_file_memory(image: str, config: RefineConfig, outputs: OutputOptions, *
     spec = OutputSpec(mask=f"out{outputs.extension}", uncertainty="u.tif" if outputs.uncertainty else None,
                       soft=config.soft, threshold=config.threshold, fmt=outputs.fmt)
     batch = config.cascade.batch_size if refiner.uses_torch else 1
-    return plan_level(shape, refiner, channels=channels, bytes_out=bytes_per_pixel(spec, channels, labels),
-                      budget=config.max_memory, batch_size=batch, tile_size=config.tile_size)
+    resident = decoded_bytes_estimate(image, inline_limit=config.inline_limit, samples=3)
+    if mask is not None:
+        resident += decoded_bytes_estimate(mask, inline_limit=config.inline_limit, samples=1)
+    final_bytes = bytes_per_pixel(spec, channels, labels)
+
+    def plan(level_refiner: Refiner, level_channels: int, bytes_out: int) -> MemoryPlan:
+        return plan_level(shape, level_refiner, channels=level_channels, bytes_out=bytes_out,
+                          budget=config.max_memory, batch_size=batch, tile_size=config.tile_size,
+                          resident=resident)
+
+    guard = _header_guard(config, refiner, mask, shape) if not labels else None
+    if guard is None:
+        return plan(refiner, channels, final_bytes)
+    # as run_levels: the refiner's level writes float32 channels (and its uncertainty) for the guard level
+    from refine_cli.refiners.guard import GuardRefiner
+
+    inner_unc = refiner.provides_uncertainty
+    inner = channels + (1 if inner_unc else 0)
+    plans = [plan(refiner, inner, 4 * inner),
+             plan(GuardRefiner(guard, shape, inner_uncertainty=inner_unc), 1, final_bytes)]
+    return max(plans, key=lambda p: p.total)
+
+
+def _header_guard(config: RefineConfig, refiner: Refiner, mask: str | None,
+                  shape: tuple[int, int]) -> GuardParams | None:
+    """The guard a run would add, from the mask's header (a full-size soft mask's ramps are not read)."""
+    from refine_cli.refiners.guard import GuardParams, default_band
+
+    if config.guard == "off" or mask is None or not refiner.guarded:
+        return None
+    if config.max_shift is not None:
+        return GuardParams(band=float(config.max_shift), band_large=float(config.max_shift))
+    mh, mw = image_shape(mask, max_pixels=config.max_pixels)
+    return GuardParams(band=default_band(max(shape[0] / mh, shape[1] / mw)))
 
 
 def dry_run(items: Sequence[BatchItem], job: BatchJob) -> tuple[list[Record], list[str]]:
@@ -351,7 +406,8 @@ def dry_run(items: Sequence[BatchItem], job: BatchJob) -> tuple[list[Record], li
         action = dec.action
         if action in ("run", "conflict"):
             try:
-                plan = plan_file_memory(item.image, job.config, job.outputs, refiner=refiner)
+                plan = plan_file_memory(item.image, job.config, job.outputs, refiner=refiner,
+                                        mask=item.mask)
                 memory = {"estimate_bytes": plan.total, "budget": plan.budget, "tile_size": plan.tile_size,
                           "queue_depth": plan.queue_depth,
                           "shape": list(image_shape(item.image, max_pixels=job.config.max_pixels))}
