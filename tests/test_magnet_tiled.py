@@ -237,6 +237,29 @@ def test_tiled_equals_whole_image_binary_geometry(binary_case, tmp_path):
     assert not list(tmp_path.iterdir())  # temporary stores removed
 
 
+def test_patch_bank_on_disk_gives_the_same_result(binary_case, tmp_path, monkeypatch):
+    """R of the selected patches in a zarr store on disk (a small budget's choice) reads back bit for bit."""
+    import refine_cli.refiners.magnet_tiled as mt
+
+    seg, img, preset, module, whole = binary_case
+    folders: list[str | None] = []
+    plain = mt.PatchBank.__init__
+
+    def on_disk(self, boxes, channels, folder=None):
+        folders.append(str(tmp_path / "bank"))
+        (tmp_path / "bank").mkdir(exist_ok=True)
+        plain(self, boxes, channels, folders[-1])
+
+    monkeypatch.setattr(mt.PatchBank, "__init__", on_disk)
+    run = run_magnet_tiled(img, seg, [module], preset, memory_pixels=0, tile=256, tmp_dir=str(tmp_path))
+    try:
+        assert folders, "no patch bank was made"
+        np.testing.assert_array_equal(run.probs(Window.full(img.shape[:2])), whole.probs)
+    finally:
+        run.close()
+    assert not list((tmp_path / "bank").iterdir())  # every bank's store removed
+
+
 def test_tiled_result_does_not_depend_on_the_tile_size(binary_case, tmp_path):
     seg, img, preset, module, whole = binary_case
     hw = img.shape[:2]

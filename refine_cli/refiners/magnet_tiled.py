@@ -52,7 +52,6 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -445,7 +444,7 @@ class PatchBank:
     Args:
         boxes: the selected patch windows, in selection order.
         channels: C.
-        folder: keep the patches in a raw file there instead of in memory.
+        folder: keep the patches in a zarr array there instead of in memory.
     """
 
     def __init__(self, boxes: Sequence[Window], channels: int, folder: str | None = None) -> None:
@@ -454,20 +453,23 @@ class PatchBank:
         rows = [[b.row, b.row_end, b.col, b.col_end] for b in self.boxes]
         self._bounds = np.array(rows, np.int64).reshape(-1, 4)
         self._memory: dict[int, torch.Tensor] = {}
-        self._fd: int | None = None
-        self._offsets: list[int] = []
-        self.path = None
-        if folder is not None:
-            sizes = [channels * b.area * 4 for b in self.boxes]
-            self._offsets = [0, *np.cumsum(sizes).tolist()]
-            fd, self.path = tempfile.mkstemp(prefix="r_patches_", suffix=".bin", dir=folder)
-            self._fd = fd
-            os.ftruncate(fd, int(self._offsets[-1]))
+        self._array: Any = None
+        self.path: str | None = None
+        if folder is not None and self.boxes:
+            import zarr
+
+            # one uncompressed chunk per patch, padded to the largest patch (a stage's are all alike)
+            h = max(b.height for b in self.boxes)
+            w = max(b.width for b in self.boxes)
+            self.path = tempfile.mkdtemp(prefix="r_patches_", suffix=".zarr", dir=folder)
+            self._array = zarr.create_array(store=self.path, shape=(len(self.boxes), channels, h, w),
+                                            chunks=(1, channels, h, w), dtype=np.float32, compressors=None,
+                                            fill_value=0, overwrite=True)
 
     @property
     def on_disk(self) -> bool:
-        """Whether the patches live in a file."""
-        return self._fd is not None
+        """Whether the patches live in a zarr array on disk."""
+        return self._array is not None
 
     @property
     def nbytes_memory(self) -> int:
@@ -476,19 +478,19 @@ class PatchBank:
 
     def put(self, j: int, r: torch.Tensor) -> None:
         """Keep patch ``j``'s R, ``(1, C, h, w)`` at its window's size."""
-        if self._fd is None:
+        if self._array is None:
             self._memory[j] = r.contiguous()
-        else:
-            os.pwrite(self._fd, r.contiguous().numpy().tobytes(), int(self._offsets[j]))
+            return
+        b = self.boxes[j]
+        self._array[j, :, : b.height, : b.width] = r[0].contiguous().numpy().astype(np.float32, copy=False)
 
     def get(self, j: int) -> torch.Tensor:
         """Patch ``j``'s R, ``(1, C, h, w)`` float32."""
-        if self._fd is None:
+        if self._array is None:
             return self._memory[j]
         b = self.boxes[j]
-        data = os.pread(self._fd, int(self._offsets[j + 1] - self._offsets[j]), int(self._offsets[j]))
-        values = np.frombuffer(data, np.float32).reshape(1, self.channels, b.height, b.width)
-        return torch.from_numpy(values.copy())
+        values = np.asarray(self._array[j, :, : b.height, : b.width], dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(values))[None]
 
     def overlapping(self, window: Window) -> list[int]:
         """Indices (selection order) of the patches that intersect ``window``."""
@@ -523,16 +525,12 @@ class PatchBank:
         return acc / count.clamp(min=1).to(acc.dtype)
 
     def close(self) -> None:
-        """Drop the patches (and delete their file)."""
+        """Drop the patches (and delete their store)."""
         self._memory.clear()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-            if self.path:
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
+        self._array = None
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
 
 
 # --------------------------------------------------------------------------- the score and its top-k
