@@ -7,8 +7,10 @@ its ``opts`` parameter; :meth:`RunOptions.config` turns it into a
 commands stay with each command: ``--mask``, ``--out``, ``--uncertainty`` and
 ``--report`` (paths for ``run``, a folder and switches for ``batch``) and ``--json``.
 
-Used by: ``refine run`` (cli.py), ``refine batch`` (commands/batch.py). The logging
-switches :data:`Verbose`, :data:`Quiet` and :data:`Debug` are shared the same way.
+Used by: ``refine run`` (cli.py), ``refine batch`` (commands/batch.py). Defaults come from
+``RefineConfig``, choices from the ``Literal`` types in ``refine_cli.config`` and the registries;
+``--config run.toml`` supplies defaults from a file. The logging switches live in
+``refine_cli.commands.console``.
 """
 
 from __future__ import annotations
