@@ -3,8 +3,9 @@
 CascadePSP's trainer (:mod:`refine_cli.train.trainer`) and MagNet's
 (:mod:`refine_cli.train.magnet`) both build on this module: the checks of the step-loop
 settings, the learning-rate schedule (linear warm-up, then cosine decay), device choice and
-seeding, atomic writes of the resumable checkpoint and of exported weights with their JSON
-sidecar, the ``log.jsonl`` writer and the step loop itself (:func:`run_steps`).
+seeding, the ``log.jsonl`` writer and the step loop itself (:func:`run_steps`). Checkpoints and
+exported weights are read and written by :mod:`refine_cli.weights.files` (re-exported here), the
+one place that calls ``torch.load`` and ``torch.save``.
 """
 
 from __future__ import annotations
