@@ -51,7 +51,6 @@ from refine_cli.errors import InputError, Interrupted, RefineError
 
 if TYPE_CHECKING:
     from refine_cli.refiners.base import Refiner
-    from refine_cli.refiners.guard import GuardParams
     from refine_cli.tiling.budget import MemoryPlan
 
 log = logging.getLogger(__name__)
@@ -335,7 +334,7 @@ def plan_file_memory(image: str, config: RefineConfig, outputs: OutputOptions, *
         InputError: unreadable header.
         ResourceError: nothing fits ``config.max_memory``.
     """
-    from refine_cli.engine.levels import plan_level
+    from refine_cli.engine.levels import level_channels, plan_level
     from refine_cli.engine.outputs import OutputSpec, bytes_per_pixel
     from refine_cli.refiners import build_refiner
 
@@ -356,30 +355,21 @@ def plan_file_memory(image: str, config: RefineConfig, outputs: OutputOptions, *
                           budget=config.max_memory, batch_size=batch, tile_size=config.tile_size,
                           resident=resident)
 
-    guard = _header_guard(config, refiner, mask, shape) if not labels else None
+    from refine_cli.refiners.guard import GuardRefiner, band_guard
+
+    guard = None
+    if mask is not None and not labels:  # band from the header (a full-size soft mask's ramps not read)
+        guard = band_guard(config, refiner, image_shape(mask, max_pixels=config.max_pixels), shape)
     if guard is None:
-        return plan(refiner, channels, final_bytes)
-    # as run_levels: the refiner's level writes float32 channels (and its uncertainty) for the guard level
-    from refine_cli.refiners.guard import GuardRefiner
-
+        return plan(refiner, level_channels(refiner, channels, labels), final_bytes)
+    # as run_levels: the refiner's level writes float32 channels (and its uncertainty) for the guard level,
+    # which reads them beside the mask's channel
     inner_unc = refiner.provides_uncertainty
-    inner = channels + (1 if inner_unc else 0)
+    inner = level_channels(refiner, channels, labels, pass_uncertainty=inner_unc)
+    guard_refiner = GuardRefiner(guard, shape, inner_uncertainty=inner_unc)
     plans = [plan(refiner, inner, 4 * inner),
-             plan(GuardRefiner(guard, shape, inner_uncertainty=inner_unc), 1, final_bytes)]
+             plan(guard_refiner, level_channels(guard_refiner, inner + channels, False), final_bytes)]
     return max(plans, key=lambda p: p.total)
-
-
-def _header_guard(config: RefineConfig, refiner: Refiner, mask: str | None,
-                  shape: tuple[int, int]) -> GuardParams | None:
-    """The guard a run would add, from the mask's header (a full-size soft mask's ramps are not read)."""
-    from refine_cli.refiners.guard import GuardParams, default_band
-
-    if config.guard == "off" or mask is None or not refiner.guarded:
-        return None
-    if config.max_shift is not None:
-        return GuardParams(band=float(config.max_shift), band_large=float(config.max_shift))
-    mh, mw = image_shape(mask, max_pixels=config.max_pixels)
-    return GuardParams(band=default_band(max(shape[0] / mh, shape[1] / mw)))
 
 
 def dry_run(items: Sequence[BatchItem], job: BatchJob) -> tuple[list[Record], list[str]]:

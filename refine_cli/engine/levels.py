@@ -129,6 +129,16 @@ def plan_level(shape: tuple[int, int], refiner: Refiner, *, channels: int, bytes
     )
 
 
+def level_channels(refiner: Refiner, in_channels: int, labels: bool, pass_uncertainty: bool = False) -> int:
+    """K, the channels a level writes.
+
+    A label map's class count, else the refiner's output channels; plus one when the refiner's
+    uncertainty travels on to the guard level.
+    """
+    channels = in_channels if labels else refiner.out_channels(in_channels)
+    return channels + (1 if pass_uncertainty else 0)
+
+
 def run_levels(
     src: ImageSource,
     mask: CoarseSource | None,
@@ -237,8 +247,7 @@ def _run_level(src: ImageSource, coarse: CoarseSource, refiner: Refiner, shape: 
     """
     i, n = position
     final = final_writer is not None
-    channels = coarse.channels if coarse.is_labels else refiner.out_channels(coarse.channels)
-    channels += 1 if pass_uncertainty else 0
+    channels = level_channels(refiner, coarse.channels, coarse.is_labels, pass_uncertainty)
     mplan = plan_level(shape, refiner, channels=channels, bytes_out=s.bytes_out if final else 4 * channels,
                        budget=s.budget, batch_size=s.batch_size, tile_size=s.tile_size, resident=s.resident)
     ov = min(s.overlap, mplan.tile_size // 4)

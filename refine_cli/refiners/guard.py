@@ -32,6 +32,7 @@ Arrays: ``refined`` and ``coarse`` are ``(h, w)`` float32 probabilities in ``[0,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -607,13 +608,32 @@ def guard_params(config: Any, refiner: Refiner, mask: Any, shape: tuple[int, int
         mask: the user's ``MaskSource``, or ``None`` (no mask: nothing to guard against).
         shape: ``(H, W)`` of the image.
     """
-    if config.guard == "off" or mask is None or mask.is_labels or not refiner.guarded:
+    if mask is None or mask.is_labels:
+        return None
+    soft_full = mask.same_resolution and mask.kind.kind == "soft"
+    return band_guard(config, refiner, mask.native_shape, shape,
+                      ramp=(lambda: ramp_width(mask)) if soft_full else None)
+
+
+def band_guard(config: Any, refiner: Refiner, mask_shape: tuple[int, int], shape: tuple[int, int],
+               ramp: Callable[[], float] | None = None) -> GuardParams | None:
+    """The guard for a binary or soft mask of ``mask_shape`` on an image of ``shape``, or ``None``.
+
+    Args:
+        config: the run's ``RefineConfig`` (``guard``, ``max_shift``).
+        refiner: the method (its ``guarded`` flag).
+        mask_shape: ``(h, w)`` of the mask as stored.
+        shape: ``(H, W)`` of the image.
+        ramp: the width of a full-size soft mask's ramps, px (read only when ``--max-shift`` is not
+            given); ``None`` for other masks.
+    """
+    if config.guard == "off" or not refiner.guarded:
         return None
     if config.max_shift is not None:
         return GuardParams(band=float(config.max_shift), band_large=float(config.max_shift))
-    scale = max(shape[0] / mask.native_shape[0], shape[1] / mask.native_shape[1])
-    if mask.same_resolution and mask.kind.kind == "soft":
-        scale = max(scale, ramp_width(mask))
+    scale = max(shape[0] / mask_shape[0], shape[1] / mask_shape[1])
+    if ramp is not None:
+        scale = max(scale, ramp())
     return GuardParams(band=default_band(scale))
 
 
