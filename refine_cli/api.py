@@ -174,7 +174,10 @@ class _Inputs:
 
 @dataclass
 class _Layout:
-    """What the outputs hold: label map or probability, bands per pixel and the bytes they cost."""
+    """What the outputs hold: label map or probability, bands per pixel and the bytes they cost.
+
+    ``segment_rows`` is the height of one segment of a resumable TIFF of that layout.
+    """
 
     labels: bool
     channels: int
@@ -182,6 +185,7 @@ class _Layout:
     dtype: np.dtype
     bytes_out: int
     spec: OutputSpec
+    segment_rows: int
 
 
 def refine_file(
@@ -306,7 +310,7 @@ def _execute(req: _Request, refiner: Refiner, inputs: _Inputs, device: str, time
         src, msk = _open_inputs(req, inputs, timer, tmp_dir)
         scene = _scene(req, src, msk, inputs, device, timer)
         refiner.prepare(scene)
-        layout = _layout(req, refiner, msk)
+        layout = _layout(req, refiner, msk, src.shape[1])
         checkpoint = _checkpoint(req, src, layout, segment_first)
         guard = guard_params(cfg, refiner, msk, src.shape)
         own_unc = guard is not None or refiner.provides_uncertainty
@@ -402,7 +406,7 @@ def _spec(req: _Request) -> OutputSpec:
                       threshold=req.config.threshold, fmt=req.fmt, cog=req.cog, overwrite=req.overwrite)
 
 
-def _layout(req: _Request, refiner: Refiner, msk: MaskSource | None) -> _Layout:
+def _layout(req: _Request, refiner: Refiner, msk: MaskSource | None, width: int) -> _Layout:
     """The outputs' layout.
 
     A method with its own label space (MagNet's segmenter) decides it; otherwise the user's mask does.
@@ -413,15 +417,15 @@ def _layout(req: _Request, refiner: Refiner, msk: MaskSource | None) -> _Layout:
     channels = (n_out or (msk.classes if msk else 1)) if labels else 1
     spec = _spec(req)
     bands_out, dtype_out = mask_layout(spec, channels, labels)
-    return _Layout(labels, channels, bands_out, dtype_out, bytes_per_pixel(spec, channels, labels), spec)
+    return _Layout(labels, channels, bands_out, dtype_out, bytes_per_pixel(spec, channels, labels), spec,
+                   segment_rows_for(width, bands_out * dtype_out.itemsize))
 
 
 def _checkpoint(req: _Request, src: ImageSource, layout: _Layout,
                 segment_first: bool) -> RunCheckpoint | None:
     """The resume checkpoint of a TIFF output taller than one segment (files only, not stdin/stdout)."""
     H, W = src.shape
-    seg_rows = segment_rows_for(W, layout.bands * layout.dtype.itemsize)
-    if req.out == "-" or output_format(req.out, req.fmt) != "tiff" or H <= seg_rows:
+    if req.out == "-" or output_format(req.out, req.fmt) != "tiff" or H <= layout.segment_rows:
         return None
     if "-" in (req.image, req.mask):
         return None
@@ -437,7 +441,7 @@ def _open_writer(req: _Request, src: ImageSource, layout: _Layout, checkpoint: R
                  refiner_uncertainty: bool) -> tuple[OutputWriter, int]:
     """The output writer and the first row still to write (0, or where an interrupted run stopped)."""
     H, W = src.shape
-    seg_rows = segment_rows_for(W, layout.bands * layout.dtype.itemsize)
+    seg_rows = layout.segment_rows
     resampling = "average" if req.config.soft else "nearest"
     mask_sink = _sink(req.out, (H, W), layout.bands, layout.dtype, req.overwrite, src.georef, req.fmt,
                       req.cog, req.config.inline_limit, resampling, checkpoint, "mask", seg_rows)
