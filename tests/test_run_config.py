@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
+import tifffile
 
 from conftest import one_line_error, write_png
 
@@ -28,9 +30,13 @@ def _report(cli, *args):
 def test_config_file_sets_defaults_and_the_command_line_wins(tmp_path, cli, pair):
     image, mask = pair
     cfg = tmp_path / "run.toml"
-    cfg.write_text('method = "coarse"\nmax-memory = "1G"\ncascade_grid = "feather"\neps = 0.05\n')
+    cfg.write_text('method = "coarse"\nmax-memory = "1G"\ncascade_grid = "feather"\neps = 0.05\nsoft = true\n')
     rep = _report(cli, image, "--mask", mask, "-o", tmp_path / "a.tif", "--config", cfg)
     assert rep["method"] == "coarse" and rep["config"]["max_memory"] == 1024**3
+    # the file's method and output kind: `coarse --soft` writes a full-size binary mask back as 0.0 / 1.0
+    written = tifffile.imread(tmp_path / "a.tif")
+    assert written.dtype == np.float32
+    np.testing.assert_array_equal(written, cv2.imread(str(mask), cv2.IMREAD_UNCHANGED) / np.float32(255))
     assert rep["config"]["cascade"]["grid"] == "feather" and rep["config"]["guided"]["eps"] == 0.05
     rep = _report(cli, image, "--mask", mask, "-o", tmp_path / "b.tif", "--config", cfg, "--method", "guided",
                   "--max-memory", "2G")
