@@ -45,6 +45,9 @@ MaskKind = Literal["auto", "binary", "soft", "labels", "instances"]
 """How a coarse mask's values are read (``--mask-kind``; see ``refine_cli.io.masks``)."""
 Precision = Literal["fp32", "fp16", "bf16"]
 """Network precision (``--precision``): fp32, or autocast to fp16 (CUDA) / bf16."""
+Backend = Literal["auto", "torch", "onnx", "openvino"]
+"""Inference engine of the cascade networks (``--backend``): ``auto`` picks the fastest installed on the
+CPU (OpenVINO, then ONNX Runtime, then torch) and torch on CUDA or with fp16/bf16."""
 OnOff = Literal["on", "off"]
 AutoOnOff = Literal["auto", "on", "off"]
 """``auto`` follows the weights' or preset's own choice."""
@@ -123,6 +126,7 @@ class CascadeOptions:
         fast: global step only (the pip package's ``fast=True``).
         weights: a checkpoint file or registry name; ``None`` picks the default.
         precision: ``fp32`` | ``fp16`` | ``bf16`` (autocast; fp16 only on CUDA).
+        backend: ``auto`` | ``torch`` | ``onnx`` | ``openvino`` (see :data:`Backend`).
         batch_size: local patches per forward pass.
         exact: ``True`` forces the official whole-image procedure, ``False`` the
             streamed cascade, ``None`` lets the memory budget decide.
@@ -144,6 +148,7 @@ class CascadeOptions:
     fast: bool = False
     weights: str | None = None
     precision: Precision = "fp32"
+    backend: Backend = "auto"
     batch_size: int = 1
     exact: bool | None = None
     grid: CascadeGrid = "official"
@@ -259,6 +264,7 @@ class RefineConfig:
             raise UsageError(f"--cascade-size {self.cascade.size} must be an even number >= 66")
         for flag, value, kind in (("--guard", self.guard, OnOff),
                                   ("--precision", self.cascade.precision, Precision),
+                                  ("--backend", self.cascade.backend, Backend),
                                   ("--cascade-grid", self.cascade.grid, CascadeGrid),
                                   ("--cascade-skip", self.cascade.skip, CascadeSkip),
                                   ("--cascade-pad", self.cascade.pad, CascadePad),

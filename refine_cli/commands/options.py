@@ -30,6 +30,7 @@ import typer
 from refine_cli.config import (
     GIB,
     AutoOnOff,
+    Backend,
     CascadeGrid,
     CascadeOptions,
     CascadePad,
@@ -91,6 +92,7 @@ class RunOptions:
     points: float | None = _D.magnet.n_points
     weights: str | None = _D.cascade.weights
     precision: Precision = _D.cascade.precision
+    backend: Backend = _D.cascade.backend
     batch_size: int = _D.cascade.batch_size
     overwrite: bool = False
     fmt: OutputFormat | None = None
@@ -116,7 +118,8 @@ class RunOptions:
             max_pixels=int(self.max_pixels), inline_limit=int(self.inline_limit),
             guided=GuidedOptions(radius=self.radius, eps=self.eps),
             cascade=CascadeOptions(size=self.cascade_size, fast=self.fast, weights=self.weights,
-                                   precision=self.precision, batch_size=self.batch_size, exact=self.exact,
+                                   precision=self.precision, backend=self.backend, batch_size=self.batch_size,
+                                   exact=self.exact,
                                    grid=self.cascade_grid, skip=self.cascade_skip, pad=self.cascade_pad,
                                    snap=self.cascade_snap),
             segmenter=self.segmenter,
@@ -260,6 +263,9 @@ OPTIONS: dict[str, Any] = {
         text="Checkpoint file or registry name (see `refine weights list`)."),
     "precision": _opt(Precision, "--precision", MEMORY,
         text="fp32, fp16 or bf16 (autocast)."),
+    "backend": _opt(Backend, "--backend", MEMORY,
+        text="Inference engine of the cascade network: auto (the fastest installed on the CPU: openvino, "
+        "then onnx, then torch; torch on CUDA or with fp16/bf16), torch, onnx (onnxruntime) or openvino."),
     "batch_size": _opt(int, "--batch-size", MEMORY,
         text="Patches per forward pass."),
     "overwrite": _opt(bool, "--overwrite", OUTPUT,

@@ -23,6 +23,7 @@ Conventions: tensors are NCHW float32 unless stated; images are RGB.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -235,6 +236,9 @@ class CascadeRefinementModule(nn.Module):
         working_size: the default working size L of inference (``--cascade-size``): 900, the paper's.
         edge_snap: whether ``--method cascade`` ends with the edge snap by default
             (``--cascade-snap auto``): off, the official procedure's output as it is.
+        runtime: ``None`` (torch), or a :class:`~refine_cli.models.runtime.CascadeRuntime` that runs
+            inference calls (no autograd, CPU float32, no ``inter_s4``) in ONNX Runtime or OpenVINO;
+            it then returns only the ``pred_224``, ``pred_28_3`` and ``pred_56_2`` entries.
     """
 
     pixel_mean: Tensor
@@ -242,6 +246,7 @@ class CascadeRefinementModule(nn.Module):
     pad_mode: str = "official"
     working_size: int = 900
     edge_snap: bool = False
+    runtime: Any = None
 
     def __init__(self, encoder: nn.Module, widths: CascadeWidths | None = None) -> None:
         super().__init__()
@@ -359,6 +364,8 @@ class CascadeRefinementModule(nn.Module):
                 module: ``im``; subclasses may add channels).
             prior: added to every output logit before it is emitted and fed back (``None``: nothing).
         """
+        if self.runtime is not None and _runtime_call(im, inter_s4):
+            return dict(self.runtime(im, seg, inter_s8))
         out: dict[str, Tensor] = {}
 
         def emit(key: str, logit: Tensor) -> Tensor:
@@ -383,6 +390,12 @@ class CascadeRefinementModule(nn.Module):
         p = self.up_3(self.up_2(p, f_1), guide)
         emit("224", self.final_21(F.relu(self.final_11(torch.cat([p, guide], 1)))))
         return out
+
+
+def _runtime_call(im: Tensor, inter_s4: Tensor | None) -> bool:
+    """Whether a forward may go to the module's runtime: inference on the CPU in float32, no ``inter_s4``."""
+    return (inter_s4 is None and not torch.is_grad_enabled() and im.device.type == "cpu"
+            and im.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
 
 
 def cascadepsp_official() -> CascadeRefinementModule:

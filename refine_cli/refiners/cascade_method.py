@@ -44,7 +44,8 @@ def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[
         WeightsError: no usable weights (the message says how to get them).
     """
     from refine_cli import weights
-    from refine_cli.models.cascadepsp import cascadepsp_official
+    from refine_cli.models.cascadepsp import CascadeRefinementModule, cascadepsp_official
+    from refine_cli.models.runtime import CascadeRuntime, resolve_backend
     from refine_cli.weights.files import load_exported
 
     spec = options.weights
@@ -83,7 +84,12 @@ def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[
         log.warning("%s", notice)
     from refine_cli.refiners.cascadepsp import resolve_device
 
-    model = model.to(resolve_device(device)).eval()
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    backend = resolve_backend(options.backend, dev, options.precision)
+    info["backend"] = backend
+    if backend != "torch" and isinstance(model, CascadeRefinementModule):
+        model.runtime = CascadeRuntime(model, backend, weights.refine_home() / "graphs")
     return model, info, bpp
 
 

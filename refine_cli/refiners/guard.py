@@ -306,33 +306,44 @@ def colour_level(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, radiu
         their class's level (0 or 1) in the box, pooled over both classes: how far noise and texture
         alone move a pixel's level.
     """
+    # one plane per Lab channel (strided channel reductions are slow); sums keep numpy's order, and
+    # the small objects' float64 means promote the arithmetic as before: the values are unchanged
     lab = cv2.cvtColor(image.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2Lab)
+    planes = cv2.split(lab)
     k = (2 * radius + 1, 2 * radius + 1)
+    unchanged = ~changed
     means = []
-    for side in (c_fg & ~changed, ~c_fg & ~changed):
+    for side in (c_fg & unchanged, ~c_fg & unchanged):
         w = side.astype(np.float32)
-        n = cv2.boxFilter(w, -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
-        s = cv2.boxFilter(lab * w[..., None], -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
-        means.append((s / np.maximum(n, 1e-6)[..., None], n > 0.5, n))
+        n = _box_sum(w, k)
+        den = np.maximum(n, 1e-6)
+        means.append(([_box_sum(p * w, k) / den for p in planes], n > 0.5, n))
     (m_fg, has_fg, n_fg), (m_bg, has_bg, n_bg) = means
     if objects is not None:  # small objects: their own colour, not the mix of their neighbours'
         comp, small = objects
-        stable = c_fg & ~changed
-        n = small.size
-        cnt = np.bincount(comp[stable], minlength=n).astype(np.float32)
-        own = np.stack([np.bincount(comp[stable], weights=lab[..., i][stable], minlength=n)
-                        for i in range(3)], -1) / np.maximum(cnt, 1)[:, None]
+        stable = c_fg & unchanged
+        idx = comp[stable]
+        cnt = np.bincount(idx, minlength=small.size).astype(np.float32)
         use = (small & (cnt > 0))[comp]
-        m_fg = np.where(use[..., None], own[comp], m_fg)
+        for i, p in enumerate(planes):
+            own = np.bincount(idx, weights=p[stable], minlength=small.size) / np.maximum(cnt, 1)
+            m_fg[i] = np.where(use, own[comp], m_fg[i])
         has_fg = has_fg | use
-    axis = m_fg - m_bg
-    norm2 = np.maximum((axis * axis).sum(-1), 1e-6)
-    level = ((lab - m_bg) * axis).sum(-1) / norm2
+    axis = [f - b for f, b in zip(m_fg, m_bg, strict=True)]
+    norm2 = np.maximum((axis[0] * axis[0] + axis[1] * axis[1]) + axis[2] * axis[2], 1e-6)
+    dots = [(p - b) * a for p, b, a in zip(planes, m_bg, axis, strict=True)]
+    level = ((dots[0] + dots[1]) + dots[2]) / norm2
     # spread: the box sum of (level - own class level)^2 over the unchanged pixels (class level: 1 or 0)
-    d = (level - c_fg.astype(np.float32)) * (~changed).astype(np.float32)
-    sq = cv2.boxFilter(d * d, -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
+    d = (level - c_fg.astype(np.float32)) * unchanged.astype(np.float32)
+    sq = _box_sum(d * d, k)
     spread = np.sqrt(np.maximum(sq, 0.0) / np.maximum(n_fg + n_bg, 1.0))  # box sums round below 0
     return level.astype(np.float32), has_fg & has_bg, spread
+
+
+def _box_sum(a: np.ndarray, k: tuple[int, int]) -> np.ndarray:
+    """Unnormalised box sum of a 2-D float array over a ``k`` window, zero outside."""
+    out: np.ndarray = cv2.boxFilter(a, -1, k, normalize=False, borderType=cv2.BORDER_CONSTANT)
+    return out
 
 
 def guard_window(refined: np.ndarray, coarse: np.ndarray, params: GuardParams,
