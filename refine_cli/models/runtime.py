@@ -52,8 +52,10 @@ _MODULES = {"onnx": "onnxruntime", "openvino": "openvino"}
 
 
 def installed(backend: str) -> bool:
-    """Whether the package of ``backend`` (``onnx``, ``openvino``) can be imported; ``torch``: always."""
-    return backend == "torch" or importlib.util.find_spec(_MODULES[backend]) is not None
+    """Whether ``backend`` can run: its package and ``onnx`` (the exporter needs it); ``torch``: always."""
+    if backend == "torch":
+        return True
+    return all(importlib.util.find_spec(name) is not None for name in (_MODULES[backend], "onnx"))
 
 
 def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
@@ -81,8 +83,8 @@ def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
     if precision != "fp32":
         raise UsageError(f"--backend {backend} runs fp32; use --precision fp32 or --backend torch")
     if not installed(backend):
-        raise UsageError(f"--backend {backend} needs the {_MODULES[backend]} package: "
-                         f"pip install {_MODULES[backend]} (or use --backend torch)")
+        raise UsageError(f"--backend {backend} needs the {_MODULES[backend]} and onnx packages: "
+                         f"pip install {_MODULES[backend]} onnx (or use --backend torch)")
     return backend
 
 
@@ -191,13 +193,17 @@ class CascadeRuntime:
         backend: ``onnx`` | ``openvino``.
         folder: cache folder of the exported graphs.
         threads: intra-op threads (``None``: torch's current setting).
+        held_bytes: memory the engine keeps between calls (ONNX Runtime's arena, OpenVINO's buffers: about
+            one forward's activations at the largest input), for the memory plan.
     """
 
-    def __init__(self, model: nn.Module, backend: str, folder: Path, threads: int | None = None) -> None:
+    def __init__(self, model: nn.Module, backend: str, folder: Path, threads: int | None = None,
+                 held_bytes: int = 0) -> None:
         if backend not in ("onnx", "openvino"):
             raise ValueError(f"CascadeRuntime runs onnx or openvino, not {backend!r}")
         self.backend, self.folder = backend, Path(folder)
         self.threads = int(threads or torch.get_num_threads())
+        self.held_bytes = int(held_bytes)
         self.key = weights_key(model)
         self._model = model
         self._sessions: dict[str, Any] = {}
@@ -223,6 +229,8 @@ class CascadeRuntime:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
+            opts.enable_cpu_mem_arena = False
+            opts.enable_mem_pattern = False
             return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         import openvino as ov
 
@@ -250,3 +258,9 @@ class CascadeRuntime:
         """Facts for the report."""
         return {"backend": self.backend, "threads": self.threads, "graphs": str(self.folder),
                 "graph_key": self.key}
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes a module's runtime keeps between calls (0 without one; see :class:`CascadeRuntime`)."""
+    rt = model.__dict__.get("runtime")
+    return int(rt.held_bytes) if isinstance(rt, CascadeRuntime) else 0

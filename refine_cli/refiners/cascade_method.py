@@ -83,13 +83,16 @@ def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[
         info["notice"] = notice
         log.warning("%s", notice)
     from refine_cli.refiners.cascadepsp import resolve_device
+    from refine_cli.tiling.cascade_grid import padded_shape
 
     dev = resolve_device(device)
     model = model.to(dev).eval()
     backend = resolve_backend(options.backend, dev, options.precision)
     info["backend"] = backend
     if backend != "torch" and isinstance(model, CascadeRefinementModule):
-        model.runtime = CascadeRuntime(model, backend, weights.refine_home() / "graphs")
+        pad = padded_shape((options.size or model.working_size,) * 2)[0]
+        model.runtime = CascadeRuntime(model, backend, weights.refine_home() / "graphs",
+                                       held_bytes=bpp * pad * pad * options.batch_size)
     return model, info, bpp
 
 
@@ -227,8 +230,11 @@ class CascadeMethod(Refiner):
         return self._impl().refine(tile)
 
     def fixed_memory(self) -> int:
-        """The weights."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """The weights, and what an ONNX Runtime / OpenVINO backend keeps between calls."""
+        from refine_cli.models.runtime import held_bytes
+
+        weights = sum(int(p.numel() * p.element_size()) for p in self.model.parameters())
+        return weights + held_bytes(self.model)
 
     def describe(self) -> dict[str, Any]:
         """Path, working size, weights."""

@@ -307,8 +307,10 @@ class CascadeStreamRefiner(Refiner):
         raise NotImplementedError("CascadeStreamRefiner runs through its levels (for_level)")
 
     def fixed_memory(self) -> int:
-        """The weights."""
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """The weights, and what an ONNX Runtime / OpenVINO backend keeps between calls."""
+        from refine_cli.models.runtime import held_bytes
+
+        return sum(p.numel() * p.element_size() for p in self.model.parameters()) + held_bytes(self.model)
 
     def describe(self) -> dict[str, Any]:
         """Mode, working size, levels, weights."""

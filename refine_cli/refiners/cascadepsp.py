@@ -209,12 +209,12 @@ def upsample_bilinear_window(src: Tensor, out_shape: tuple[int, int], window: Wi
         return full[(..., *window.slices)]
     y0, y1, wy0, wy1 = _linear_axis(src.shape[-2], out_h, window.row, window.row_end)
     x0, x1, wx0, wx1 = _linear_axis(src.shape[-1], out_w, window.col, window.col_end)
-
-    def along_x(rows: Tensor) -> Tensor:
-        r = src[..., rows, :]
-        return _fused_lerp(r[..., x0], wx0, r[..., x1], wx1)
-
-    return _fused_lerp(along_x(y0), wy0[:, None], along_x(y1), wy1[:, None])
+    # interpolate along x once per source row the window reads (an upsampling reads each several times)
+    rows = torch.unique(torch.cat([y0, y1]))
+    r = src[..., rows, :]
+    across = _fused_lerp(r[..., x0], wx0, r[..., x1], wx1)
+    at0, at1 = torch.searchsorted(rows, y0), torch.searchsorted(rows, y1)
+    return _fused_lerp(across[..., at0, :], wy0[:, None], across[..., at1, :], wy1[:, None])
 
 
 def _image_tensor(image_u8: np.ndarray) -> Tensor:
@@ -716,8 +716,11 @@ class CascadePSPRefiner(Refiner):
         return 20 * pixels + self.bytes_per_pixel * side * side * (1 if self.fast else self.batch_size)
 
     def fixed_memory(self) -> int:
-        """Bytes held by the weights."""
-        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        """Bytes held by the weights, and what an ONNX Runtime / OpenVINO backend keeps between calls."""
+        from refine_cli.models.runtime import held_bytes
+
+        weights = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        return int(weights) + held_bytes(self.model)
 
     def describe(self) -> dict[str, Any]:
         """Parameters and weights facts for the report."""
