@@ -115,17 +115,21 @@ def forward_part(backends: list[str], repeat: int, graphs: Path) -> list[dict[st
 # --------------------------------------------------------------------------- parts 2 and 3: whole runs
 
 
-def _child(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int, float, int, str]:
-    """Run ``cmd``; ``(status, wall seconds, peak RSS bytes, stderr tail)`` from ``wait4``."""
-    t0 = time.perf_counter()
+def _child(cmd: list[str], timeout: float = 3600.0) -> tuple[int, float, int, str]:
+    """Run ``cmd`` through ``speed.py``'s minimal launcher (a child of this big process would inherit its
+    peak RSS); ``(status, wall seconds, peak RSS bytes, stderr tail)``."""
+    from speed import LAUNCHER
+
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run([sys.executable, "-c", LAUNCHER, str(timeout), *cmd], stdout=subprocess.PIPE,
+                              stderr=err, check=False)
         err.seek(0)
         tail = err.read().decode(errors="replace")[-400:]
-    return proc.returncode, wall, usage.ru_maxrss * 1024, tail
+    try:
+        res = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return proc.returncode or 1, 0.0, 0, tail or "launcher failed"
+    return int(res["status"]), float(res["wall"]), int(res["maxrss"]) * 1024, tail
 
 
 def _mask(path: Path) -> np.ndarray:
@@ -313,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print("official architecture, fill weights, L = 900, full:")
             ours = save_fill_checkpoint(work / "fill.pth", module_prefix=False)
+            (work / "peer").mkdir()
             theirs = save_fill_checkpoint(work / "peer" / "model", module_prefix=True)
             peer = theirs if _peer(a.peer_path) else None
             if peer is None:

@@ -47,7 +47,7 @@ Precision = Literal["fp32", "fp16", "bf16"]
 """Network precision (``--precision``): fp32, or autocast to fp16 (CUDA) / bf16."""
 Backend = Literal["auto", "torch", "onnx", "openvino"]
 """Inference engine of the cascade networks (``--backend``): ``auto`` picks the fastest installed on the
-CPU (OpenVINO, then ONNX Runtime, then torch) and torch on CUDA or with fp16/bf16."""
+CPU (ONNX Runtime, then OpenVINO, then torch) and torch on CUDA or with fp16/bf16."""
 OnOff = Literal["on", "off"]
 AutoOnOff = Literal["auto", "on", "off"]
 """``auto`` follows the weights' or preset's own choice."""

@@ -21,10 +21,18 @@ def shared() -> Path:
     return SHARED
 
 
+@pytest.fixture(scope="session")
+def _graphs(tmp_path_factory) -> Path:
+    """One folder of exported ONNX graphs for the whole session (an export takes seconds; graphs are
+    named by a hash of the weights, so tests cannot see each other's by mistake)."""
+    return tmp_path_factory.mktemp("refine-graphs")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path_factory, monkeypatch):
-    """Point the weights cache and temp caches at a fresh folder for every test."""
+def _isolated_home(tmp_path_factory, monkeypatch, _graphs):
+    """Point the weights cache and temp caches at a fresh folder for every test (sharing the graphs)."""
     home = tmp_path_factory.mktemp("refine-home")
+    (home / "graphs").symlink_to(_graphs, target_is_directory=True)
     monkeypatch.setenv("REFINE_HOME", str(home))
     yield
 

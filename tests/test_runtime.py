@@ -40,7 +40,7 @@ def test_backend_choice():
     assert resolve_backend("auto", cuda, "fp32") == "torch"
     assert resolve_backend("auto", cpu, "bf16") == "torch"
     assert resolve_backend("auto", cpu, "fp32") == next(
-        (b for b in ("openvino", "onnx") if installed(b)), "torch")
+        (b for b in ("onnx", "openvino") if installed(b)), "torch")
     assert resolve_backend("torch", cuda, "fp16") == "torch"
     with pytest.raises(UsageError, match="--backend"):
         resolve_backend("tensorrt", cpu, "fp32")

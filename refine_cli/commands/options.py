@@ -264,8 +264,9 @@ OPTIONS: dict[str, Any] = {
     "precision": _opt(Precision, "--precision", MEMORY,
         text="fp32, fp16 or bf16 (autocast)."),
     "backend": _opt(Backend, "--backend", MEMORY,
-        text="Inference engine of the cascade network: auto (the fastest installed on the CPU: openvino, "
-        "then onnx, then torch; torch on CUDA or with fp16/bf16), torch, onnx (onnxruntime) or openvino."),
+        text="Inference engine of the cascade network: auto (the fastest installed on the CPU: onnx, "
+        "then openvino, then torch; torch on CUDA or with fp16/bf16), torch, onnx (onnxruntime) or "
+        "openvino."),
     "batch_size": _opt(int, "--batch-size", MEMORY,
         text="Patches per forward pass."),
     "overwrite": _opt(bool, "--overwrite", OUTPUT,

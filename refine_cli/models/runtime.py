@@ -59,11 +59,11 @@ def installed(backend: str) -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
-    """The backend that runs: ``auto`` -> ``openvino``, else ``onnx``, else ``torch``.
+    """The backend that runs: ``auto`` -> ``onnx``, else ``openvino``, else ``torch``.
 
-    ``auto`` keeps ``torch`` on CUDA and for ``bf16``/``fp16`` (autocast is torch's). OpenVINO is
-    preferred: on 2 AMD EPYC cores it ran the lite-v2 local step at 640 px in 0.13 s, ONNX Runtime
-    in 0.15 s, torch in 0.30 s (``benchmarks/speed.py`` measures them on the machine at hand).
+    ``auto`` keeps ``torch`` on CUDA and for ``bf16``/``fp16`` (autocast is torch's). On 2 shared AMD
+    EPYC cores the lite-v2 local step at 640 px took 0.27-0.30 s in ONNX Runtime, 0.29-0.31 s in
+    OpenVINO and 0.35-0.53 s in torch (``benchmarks/backends.py`` measures them on the machine at hand).
 
     Raises:
         UsageError: an unknown backend, a named one that is not installed (the message says what to
@@ -74,7 +74,7 @@ def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
     if backend == "auto":
         if device.type != "cpu" or precision != "fp32":
             return "torch"
-        return next((b for b in ("openvino", "onnx") if installed(b)), "torch")
+        return next((b for b in ("onnx", "openvino") if installed(b)), "torch")
     if backend == "torch":
         return backend
     if device.type != "cpu":
