@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -118,18 +117,9 @@ def forward_part(backends: list[str], repeat: int, graphs: Path) -> list[dict[st
 def _child(cmd: list[str], timeout: float = 3600.0) -> tuple[int, float, int, str]:
     """Run ``cmd`` through ``speed.py``'s minimal launcher (a child of this big process would inherit its
     peak RSS); ``(status, wall seconds, peak RSS bytes, stderr tail)``."""
-    from speed import LAUNCHER
+    from speed import launch
 
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.run([sys.executable, "-c", LAUNCHER, str(timeout), *cmd], stdout=subprocess.PIPE,
-                              stderr=err, check=False)
-        err.seek(0)
-        tail = err.read().decode(errors="replace")[-400:]
-    try:
-        res = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        return proc.returncode or 1, 0.0, 0, tail or "launcher failed"
-    return int(res["status"]), float(res["wall"]), int(res["maxrss"]) * 1024, tail
+    return launch(cmd, timeout)
 
 
 def _mask(path: Path) -> np.ndarray:

@@ -119,10 +119,14 @@ def child_run(args: list[str], timeout: float) -> tuple[int, float, int, str]:
     Returns:
         ``(exit status, wall seconds, peak RSS bytes, stderr tail)``; status -9 when killed on timeout.
     """
-    me = str(Path(__file__).resolve())
-    cmd = [sys.executable, "-c", LAUNCHER, str(timeout), sys.executable, me, "_run", *args]
+    return launch([sys.executable, str(Path(__file__).resolve()), "_run", *args], timeout)
+
+
+def launch(cmd: list[str], timeout: float) -> tuple[int, float, int, str]:
+    """Run any command through :data:`LAUNCHER`; the same result as :func:`child_run`."""
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, timeout=timeout + 120, check=False)
+        proc = subprocess.run([sys.executable, "-c", LAUNCHER, str(timeout), *cmd], stdout=subprocess.PIPE,
+                              stderr=err, timeout=timeout + 120, check=False)
         err.seek(0)
         tail = err.read().decode(errors="replace")[-600:]
     try:
