@@ -34,6 +34,7 @@ CASES: dict[str, list[str]] = {
     "fgs": ["--method", "fgs"],
     "densecrf": ["--method", "densecrf"],
     "cascade": ["--method", "cascade"],
+    "cascade-torch": ["--method", "cascade", "--backend", "torch"],
     "cascade-tiled": ["--method", "cascade", "--tile-size", "384"],
     "cascade-v3": ["--method", "cascade", "--weights", "cascadepsp-lite-v3"],
     "cascade-guard-off": ["--method", "cascade", "--guard", "off"],

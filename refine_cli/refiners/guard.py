@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 
 from refine_cli.refiners.base import Refiner, TileInput, TileResult, binary_uncertainty
+from refine_cli.tiling.grid import Window
 
 ANCHOR_PX = 1.5
 """A change touches the coarse boundary when it reaches a pixel this close to it, px."""
@@ -306,10 +307,38 @@ def colour_level(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, radiu
         their class's level (0 or 1) in the box, pooled over both classes: how far noise and texture
         alone move a pixel's level.
     """
-    # one plane per Lab channel (strided channel reductions are slow); sums keep numpy's order, and
-    # the small objects' float64 means promote the arithmetic as before: the values are unchanged
+    planes, own = _lab_and_objects(image, c_fg, changed, objects)
+    return _level_in_boxes(planes, c_fg, changed, radius, own)
+
+
+_Own = tuple[np.ndarray, np.ndarray, list[np.ndarray]]
+"""``(comp, use, means)``: each pixel's component, which components take their own colour, and their
+mean colour per Lab channel (float64)."""
+
+STRIP = 128
+"""Rows per strip of :func:`colour_level_near` (each strip is cropped to where it changed)."""
+
+
+def _lab_and_objects(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray,
+                     objects: tuple[np.ndarray, np.ndarray] | None) -> tuple[list[np.ndarray], _Own | None]:
+    """The image's Lab planes, ``(h, w)`` float32 each, and the small components' own colours."""
     lab = cv2.cvtColor(image.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2Lab)
-    planes = cv2.split(lab)
+    planes = list(cv2.split(lab))
+    if objects is None:
+        return planes, None
+    comp, small = objects
+    stable = c_fg & ~changed
+    idx = comp[stable]
+    cnt = np.bincount(idx, minlength=small.size).astype(np.float32)
+    means = [np.bincount(idx, weights=p[stable], minlength=small.size) / np.maximum(cnt, 1) for p in planes]
+    return planes, (comp, small & (cnt > 0), means)
+
+
+def _level_in_boxes(planes: list[np.ndarray], c_fg: np.ndarray, changed: np.ndarray, radius: int,
+                    own: _Own | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`colour_level` from the Lab planes and the small components' colours (any crop of them)."""
+    # one plane per channel (strided channel reductions are slow); sums keep numpy's order, and the
+    # small objects' float64 means promote the arithmetic as they always did: the values are unchanged
     k = (2 * radius + 1, 2 * radius + 1)
     unchanged = ~changed
     means = []
@@ -319,15 +348,10 @@ def colour_level(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, radiu
         den = np.maximum(n, 1e-6)
         means.append(([_box_sum(p * w, k) / den for p in planes], n > 0.5, n))
     (m_fg, has_fg, n_fg), (m_bg, has_bg, n_bg) = means
-    if objects is not None:  # small objects: their own colour, not the mix of their neighbours'
-        comp, small = objects
-        stable = c_fg & unchanged
-        idx = comp[stable]
-        cnt = np.bincount(idx, minlength=small.size).astype(np.float32)
-        use = (small & (cnt > 0))[comp]
-        for i, p in enumerate(planes):
-            own = np.bincount(idx, weights=p[stable], minlength=small.size) / np.maximum(cnt, 1)
-            m_fg[i] = np.where(use, own[comp], m_fg[i])
+    if own is not None:  # small objects: their own colour, not the mix of their neighbours'
+        comp, use_comp, own_means = own
+        use = use_comp[comp]
+        m_fg = [np.where(use, m[comp], f) for m, f in zip(own_means, m_fg, strict=True)]
         has_fg = has_fg | use
     axis = [f - b for f, b in zip(m_fg, m_bg, strict=True)]
     norm2 = np.maximum((axis[0] * axis[0] + axis[1] * axis[1]) + axis[2] * axis[2], 1e-6)
@@ -338,6 +362,55 @@ def colour_level(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, radiu
     sq = _box_sum(d * d, k)
     spread = np.sqrt(np.maximum(sq, 0.0) / np.maximum(n_fg + n_bg, 1.0))  # box sums round below 0
     return level.astype(np.float32), has_fg & has_bg, spread
+
+
+def colour_level_near(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, radius: int,
+                      objects: tuple[np.ndarray, np.ndarray] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`colour_level` where the evidence rules read it: within ``radius`` px of a changed pixel.
+
+    The window is cut into strips of :data:`STRIP` rows; each strip with changes is computed on a crop
+    around them (the changes' rows and columns grown by ``radius`` for the output, and by ``radius + 1``
+    more for the boxes the output reads), so a tile whose changes follow a boundary costs about the
+    boundary's band, not the tile. Every box these values come from reads only pixels of its crop, so
+    level and known equal :func:`colour_level`'s within ``radius`` px of a change and spread at the
+    changes; elsewhere level is 0.5, known False and spread 0 or a partial sum.
+
+    Args and returns: as :func:`colour_level`.
+    """
+    h, w = changed.shape
+    level = np.full((h, w), 0.5, np.float32)
+    known = np.zeros((h, w), bool)
+    spread: np.ndarray | None = None
+    rows = np.flatnonzero(changed.any(axis=1))
+    if rows.size:
+        planes, own = _lab_and_objects(image, c_fg, changed, objects)
+        for top in range(int(rows[0]) // STRIP * STRIP, int(rows[-1]) + 1, STRIP):
+            band = changed[top : top + STRIP]
+            r_in, c_in = np.flatnonzero(band.any(axis=1)), np.flatnonzero(band.any(axis=0))
+            if not r_in.size:
+                continue
+            out = _bounds(top + int(r_in[0]) - radius, int(c_in[0]) - radius,
+                          top + int(r_in[-1]) + 1 + radius, int(c_in[-1]) + 1 + radius, (h, w))
+            crop = _bounds(out.row - radius - 1, out.col - radius - 1, out.row_end + radius + 1,
+                           out.col_end + radius + 1, (h, w))
+            cs = crop.slices
+            own_crop = None if own is None else (own[0][cs], own[1], own[2])
+            lv, kn, sp = _level_in_boxes([p[cs] for p in planes], c_fg[cs], changed[cs], radius, own_crop)
+            inner = out.relative_to(crop).slices
+            level[out.slices], known[out.slices] = lv[inner], kn[inner]
+            # the spread is exact only at this strip's own changes (its boxes read levels up to radius away)
+            own_rows = _bounds(max(top, out.row), out.col, min(top + STRIP, out.row_end), out.col_end, (h, w))
+            if spread is None:
+                spread = np.zeros((h, w), sp.dtype)
+            spread[own_rows.slices] = sp[own_rows.relative_to(crop).slices]
+    return level, known, spread if spread is not None else np.zeros((h, w), np.float32)
+
+
+def _bounds(r0: int, c0: int, r1: int, c1: int, shape: tuple[int, int]) -> Window:
+    """The window of rows ``[r0, r1)`` and columns ``[c0, c1)``, clipped to ``shape``."""
+    r0, c0 = max(0, r0), max(0, c0)
+    return Window(r0, c0, min(shape[0], r1) - r0, min(shape[1], c1) - c0)
 
 
 def _box_sum(a: np.ndarray, k: tuple[int, int]) -> np.ndarray:
@@ -434,7 +507,7 @@ def _evidence(
     """
     radius = max(4, int(round(params.band)))
     objects = None if components is None else (components[0], ~components[1])
-    level, known, spread = colour_level(image, c_fg, changed, radius, objects)
+    level, known, spread = colour_level_near(image, c_fg, changed, radius, objects)
     new_side = np.where(c_fg, 0.5 - level, level - 0.5)  # > 0: the colour leans to the new class
     supported = ~known | (new_side > params.noise * spread - params.margin)
     strong = known & (new_side > params.strong)
@@ -593,8 +666,6 @@ def ramp_width(mask: Any, rows: int = 256) -> float:
         mask: a ``MaskSource`` (binary or soft) on the image grid.
         rows: rows read per block.
     """
-    from refine_cli.tiling.grid import Window
-
     h, w = mask.shape
     soft = edge = 0
     kernel = np.ones((3, 3), np.uint8)
