@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refine_cli.refiners.guard import GuardParams, boundary_distance, default_band, guard_window
+from refine_cli.refiners.guard import (
+    ALL_CUT,
+    GuardParams,
+    boundary_distance,
+    colour_level,
+    colour_level_near,
+    default_band,
+    guard_window,
+    nearest_components,
+)
 from refine_cli.tiling.grid import plan_grid
 
 
@@ -216,3 +225,36 @@ def test_the_engine_guard_equals_the_rules_on_the_whole_image(tmp_path):
     g = rep.guard
     assert g["state"] == "on" and g["tiles"] > 1
     assert g["pixels_held"] == want.stats.pixels_held and g["pixels_changed"] == want.stats.pixels_changed
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("with_objects", [False, True])
+def test_colour_evidence_near_the_changes_equals_the_whole_window(seed, with_objects):
+    """The cropped computation gives colour_level's level and known within the radius of every change and its
+    spread at the changes (exactly in float32; the float64 spread of the small-object path within 1e-12)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    h, w, radius = 300 + 37 * seed, 410 - 21 * seed, 6 + 5 * seed
+    image = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (0, 0), 2)
+    c_fg = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 12) > 0.5
+    ring = cv2.dilate(c_fg.astype(np.uint8), np.ones((7, 7), np.uint8)) != cv2.erode(
+        c_fg.astype(np.uint8), np.ones((7, 7), np.uint8))
+    changed = ring & (rng.random((h, w)) < 0.4)
+    changed[rng.integers(0, h, 20), rng.integers(0, w, 20)] = True  # a few far away, in other strips
+    objects = None
+    if with_objects:
+        comp, large = nearest_components(c_fg, 40, ALL_CUT)
+        objects = (comp, ~large)
+    full = colour_level(image, c_fg, changed, radius, objects)
+    near = colour_level_near(image, c_fg, changed, radius, objects)
+    reach = cv2.dilate(changed.astype(np.uint8), np.ones((2 * radius + 1,) * 2, np.uint8)).astype(bool)
+    assert np.array_equal(full[0][reach], near[0][reach])
+    assert np.array_equal(full[1][reach], near[1][reach])
+    assert near[2].dtype == full[2].dtype
+    if with_objects:
+        np.testing.assert_allclose(near[2][changed], full[2][changed], rtol=1e-12, atol=1e-15)
+    else:
+        assert np.array_equal(full[2][changed], near[2][changed])
+    nothing = colour_level_near(image, c_fg, np.zeros_like(changed), radius, objects)
+    assert not nothing[1].any() and (nothing[0] == 0.5).all()
