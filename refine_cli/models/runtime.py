@@ -61,9 +61,9 @@ def installed(backend: str) -> bool:
 def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
     """The backend that runs: ``auto`` -> ``onnx``, else ``openvino``, else ``torch``.
 
-    ``auto`` keeps ``torch`` on CUDA and for ``bf16``/``fp16`` (autocast is torch's). On 2 shared AMD
-    EPYC cores the lite-v2 local step at 640 px took 0.27-0.30 s in ONNX Runtime, 0.29-0.31 s in
-    OpenVINO and 0.35-0.53 s in torch (``benchmarks/backends.py`` measures them on the machine at hand).
+    ``auto`` keeps ``torch`` on CUDA and for ``bf16``/``fp16`` (autocast is torch's). On 2 idle AMD
+    EPYC cores the lite-v2 local step at 640 px took 0.21-0.26 s in ONNX Runtime, 0.26 s in OpenVINO
+    and 0.32-0.40 s in torch (``benchmarks/backends.py`` measures them on the machine at hand).
 
     Raises:
         UsageError: an unknown backend, a named one that is not installed (the message says what to
