@@ -91,8 +91,8 @@ def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[
     info["backend"] = backend
     if backend != "torch" and isinstance(model, CascadeRefinementModule):
         pad = padded_shape((options.size or model.working_size,) * 2)[0]
-        model.runtime = CascadeRuntime(model, backend, weights.refine_home() / "graphs",
-                                       held_bytes=bpp * pad * pad * options.batch_size)
+        held = bpp * pad * pad * options.batch_size if backend == "openvino" else 0
+        model.runtime = CascadeRuntime(model, backend, weights.refine_home() / "graphs", held_bytes=held)
     return model, info, bpp
 
 
