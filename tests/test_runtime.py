@@ -170,3 +170,30 @@ def test_unknown_backend_is_one_line(cli, tmp_path):
     code, _, err = cli("run", SAMPLES / "scene.jpg", "--mask", SAMPLES / "scene_coarse.png",
                        "-o", tmp_path / "o.png", "--method", "cascade", "--backend", "tensorrt")
     assert code == 2 and "--backend" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_damaged_graph_is_exported_again(backend, tmp_path):
+    model = _lite_model()
+    im, seg, _ = _inputs(1, 64, 64)
+    rt = CascadeRuntime(model, backend, tmp_path)
+    rt.graph_path("global").write_bytes(b"not an onnx file")
+    with torch.inference_mode():
+        out = rt(im, seg)
+        want = model(im, seg)
+    assert float((out["pred_224"] - want["pred_224"]).abs().max()) <= PROB_TOL
+    assert rt.graph_path("global").stat().st_size > 10_000  # replaced by a real graph
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_unwritable_cache_exports_to_a_temporary_folder(backend, tmp_path, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    model = _lite_model()
+    im, seg, _ = _inputs(1, 64, 64)
+    rt = CascadeRuntime(model, backend, blocker / "graphs")
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="refine_cli.models.runtime"):
+        out = rt(im, seg)
+        want = model(im, seg)
+    assert float((out["pred_224"] - want["pred_224"]).abs().max()) <= PROB_TOL
+    assert "temporary folder" in caplog.text

@@ -210,6 +210,7 @@ class CascadeRuntime:
         self._model = model
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
     def graph_path(self, mode: str) -> Path:
         """Where the ``mode`` graph of these weights lives in the cache."""
@@ -218,11 +219,26 @@ class CascadeRuntime:
     def _session(self, mode: str) -> Any:
         if mode not in self._sessions:
             path = self.graph_path(mode)
-            if not path.is_file():
-                logger.info("exporting the %s cascade graph to %s (once per weights)", mode, path)
-                export_onnx(self._model, mode, path)
-            self._sessions[mode] = self._open(path)
+            if path.is_file():
+                try:
+                    self._sessions[mode] = self._open(path)
+                    return self._sessions[mode]
+                except Exception as exc:  # noqa: BLE001 - a damaged file or another exporter's: export again
+                    logger.warning("cannot load %s (%s); exporting it again", path, str(exc).splitlines()[0])
+            self._sessions[mode] = self._open(self._export(mode, path))
         return self._sessions[mode]
+
+    def _export(self, mode: str, path: Path) -> Path:
+        """Export ``mode`` to ``path``, or to a temporary folder when the cache cannot be written."""
+        logger.info("exporting the %s cascade graph to %s (once per weights)", mode, path)
+        try:
+            return export_onnx(self._model, mode, path)
+        except OSError as exc:
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="refine-graphs-")
+            logger.warning("cannot write %s (%s): exporting to a temporary folder for this run; make "
+                           "$REFINE_HOME writable to keep the graphs", path.parent, exc.strerror or exc)
+            return export_onnx(self._model, mode, Path(self._tmp.name) / path.name)
 
     def _open(self, path: Path) -> Any:
         if self.backend == "onnx":
