@@ -161,6 +161,7 @@ def bench(methods: list[str], sizes: list[float], work: Path, timeout: float, ma
     runs: list[dict] = []
     gen: dict[str, float] = {}
     last: dict[tuple[str, bool], dict] = {}  # the last run of each method and mode
+    refs: dict[tuple[str, bool], Path] = {}  # torch's output of a method at this size, per skip mode
     done: dict[tuple[str, bool, int], dict] = {}  # every run by (method, skip, side)
     for mpx in sizes:
         side = side_for(mpx)
@@ -181,8 +182,11 @@ def bench(methods: list[str], sizes: list[float], work: Path, timeout: float, ma
                     continue
                 out = work / f"out_{method}_{side}_{int(skip)}.tif"
                 report = work / f"report_{method}_{side}_{int(skip)}.json"
-                args = ["run", str(image), "--mask", str(coarse), "-o", str(out), "--method", method,
+                name, _, backend = method.partition("@")  # cascade@onnx: the method on one backend
+                args = ["run", str(image), "--mask", str(coarse), "-o", str(out), "--method", name,
                         "--report", str(report), "--overwrite", "-q", "--max-memory", max_memory]
+                if backend:
+                    args += ["--backend", backend]
                 if not skip:
                     args.append("--no-skip")
                 status, wall, rss, tail = child_run(args, timeout)
@@ -204,9 +208,35 @@ def bench(methods: list[str], sizes: list[float], work: Path, timeout: float, ma
                          rec.get("status") if rec.get("status") != "ok" else
                          f"{rec['seconds']:.1f} s, {rec['mpx_per_s']:.2f} MPx/s, RSS {rss / 2**20:.0f} MiB")
                 runs.append(rec)
-                out.unlink(missing_ok=True)
                 report.unlink(missing_ok=True)
+                ref = refs.get((name, skip))
+                if backend == "torch" and rec.get("status") == "ok":
+                    refs[(name, skip)] = out  # the others' agreement is measured against it
+                    continue
+                if backend and ref is not None and rec.get("status") == "ok":
+                    rec["iou_vs_torch"] = tiff_iou(out, ref)
+                out.unlink(missing_ok=True)
+        for ref in refs.values():
+            ref.unlink(missing_ok=True)
+        refs.clear()
     return runs, gen
+
+
+def tiff_iou(a: Path, b: Path, rows: int = 1024) -> float:
+    """Foreground IoU (>= 128, or >= 0.5 for float masks) of two same-size rasters, read by row band."""
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    inter = union = 0
+    with rasterio.open(a) as fa, rasterio.open(b) as fb:
+        cut = 0.5 if np.dtype(fa.dtypes[0]).kind == "f" else 128
+        for r0 in range(0, fa.height, rows):
+            win = Window(0, r0, fa.width, min(rows, fa.height - r0))
+            x, y = fa.read(1, window=win) >= cut, fb.read(1, window=win) >= cut
+            inter += int((x & y).sum())
+            union += int((x | y).sum())
+    return inter / union if union else 1.0
 
 
 def ordered_runs(result: dict) -> list[dict]:
@@ -224,7 +254,8 @@ def print_table(result: dict) -> None:
     load = mach.get("load_average_at_start", [0.0])[0], mach.get("load_average", [0.0])[0]
     t = Table(title=f"refine speed ({result['mode']}, {mach['cores']} cores, {mach['cpu']}, load "
               f"{load[0]:.1f} -> {load[1]:.1f}; --max-memory {result['max_memory']})", title_justify="left")
-    for col in ("method", "size", "skip", "s", "MPx/s", "peak RSS", "peak GPU", "tiles refined/total"):
+    for col in ("method", "size", "skip", "s", "MPx/s", "peak RSS", "peak GPU", "tiles refined/total",
+                "IoU vs torch"):
         t.add_column(col, justify="left" if col in ("method", "skip") else "right")
     last = None
     for r in ordered_runs(result):
@@ -234,13 +265,14 @@ def print_table(result: dict) -> None:
         size = f"{r['side']}² ({r['megapixels']:.0f} MPx)"
         if r.get("status") != "ok":
             t.add_row(r["method"], size, "yes" if r["skip"] else "no", r.get("status", "")[:60], "", "", "",
-                      "")
+                      "", "")
             continue
         gpu = f"{r['peak_gpu_bytes'] / 2**20:.0f} MiB" if r.get("peak_gpu_bytes") else "-"
         tiles = r["tiles"]
         t.add_row(r["method"], size, "yes" if r["skip"] else "no", f"{r['seconds']:.1f}",
                   f"{r['mpx_per_s']:.2f}",
-                  f"{r['peak_rss_bytes'] / 2**20:.0f} MiB", gpu, f"{tiles['refined']}/{tiles['total']}")
+                  f"{r['peak_rss_bytes'] / 2**20:.0f} MiB", gpu, f"{tiles['refined']}/{tiles['total']}",
+                  _iou_text(r))
     con = Console(width=None if sys.stdout.isatty() else 150)
     con.print(t)
     for name, st in result["methods"].items():
@@ -248,18 +280,24 @@ def print_table(result: dict) -> None:
             con.print(f"{name}: {st}", highlight=False)
 
 
+def _iou_text(run: dict) -> str:
+    """The run's mask IoU against the torch backend's (``cascade@BACKEND`` runs), or blank."""
+    return f"{run['iou_vs_torch']:.5f}" if "iou_vs_torch" in run else ""
+
+
 def markdown(result: dict) -> str:
     """The table as Markdown."""
-    lines = ["| method | size | skip | s | MPx/s | peak RSS (MiB) | tiles refined/total |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| method | size | skip | s | MPx/s | peak RSS (MiB) | tiles refined/total | IoU vs torch |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in ordered_runs(result):
         size = f"{r['side']}² ({r['megapixels']:.0f} MPx)"
         skip = "yes" if r["skip"] else "no"
         if r.get("status") != "ok":
-            lines.append(f"| {r['method']} | {size} | {skip} | *{r.get('status', '')}* | | | |")
+            lines.append(f"| {r['method']} | {size} | {skip} | *{r.get('status', '')}* | | | | |")
             continue
         lines.append(f"| {r['method']} | {size} | {skip} | {r['seconds']:.1f} | {r['mpx_per_s']:.2f} | "
-                     f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['tiles']['refined']}/{r['tiles']['total']} |")
+                     f"{r['peak_rss_bytes'] / 2**20:.0f} | {r['tiles']['refined']}/{r['tiles']['total']} | "
+                     f"{_iou_text(r)} |")
     lines += [f"\n{name}: {st}" for name, st in result["methods"].items() if st != "ok"]
     return "\n".join(lines) + "\n"
 
@@ -317,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 MPx only (CI, seconds)")
     parser.add_argument("--sizes", default=None, help="comma-separated sizes in MPx (default 4,64,1024)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the registry's methods")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated --backend values: cascade runs once per backend, labelled "
+                        "cascade@BACKEND, with its mask's IoU against cascade@torch (list torch first)")
     parser.add_argument("--work", type=Path, default=None,
                         help="where the big files go (default <tmp>/refine-speed)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results",
@@ -355,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.warning("%s unavailable: %s", m, reason)
     try:
+        if args.backends:
+            wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+            runnable = [lab for m in runnable
+                        for lab in ([f"{m}@{b}" for b in wanted] if m == "cascade" else [m])]
         runs, gen = bench(runnable, sizes, work, timeout, args.max_memory, (True, False))
     finally:
         if not args.keep:
