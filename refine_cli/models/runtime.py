@@ -28,8 +28,9 @@ import logging
 import os
 import tempfile
 import threading
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -182,6 +183,14 @@ def export_onnx(model: nn.Module, mode: str, path: Path) -> Path:
     return path
 
 
+class _OpenVinoSession(NamedTuple):
+    """An OpenVINO infer request with the core and compiled model it came from, kept alive as long as it."""
+
+    core: Any
+    compiled: Any
+    request: Any
+
+
 class CascadeRuntime:
     """Runs a cascade module's inference forward in ONNX Runtime or OpenVINO on the CPU.
 
@@ -207,7 +216,7 @@ class CascadeRuntime:
         self.threads = int(threads or torch.get_num_threads())
         self.held_bytes = int(held_bytes)
         self.key = weights_key(model)
-        self._model = model
+        self._model = weakref.ref(model)  # the module holds its runtime: no reference cycle
         self._sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -232,13 +241,13 @@ class CascadeRuntime:
         """Export ``mode`` to ``path``, or to a temporary folder when the cache cannot be written."""
         logger.info("exporting the %s cascade graph to %s (once per weights)", mode, path)
         try:
-            return export_onnx(self._model, mode, path)
+            return export_onnx(self._module(), mode, path)
         except OSError as exc:
             if self._tmp is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="refine-graphs-")
             logger.warning("cannot write %s (%s): exporting to a temporary folder for this run; make "
                            "$REFINE_HOME writable to keep the graphs", path.parent, exc.strerror or exc)
-            return export_onnx(self._model, mode, Path(self._tmp.name) / path.name)
+            return export_onnx(self._module(), mode, Path(self._tmp.name) / path.name)
 
     def _open(self, path: Path) -> Any:
         if self.backend == "onnx":
@@ -252,9 +261,16 @@ class CascadeRuntime:
             return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         import openvino as ov
 
-        compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": self.threads,
-                                                              "INFERENCE_PRECISION_HINT": "f32"})
-        return compiled.create_infer_request()
+        core = ov.Core()
+        compiled = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": self.threads,
+                                                         "INFERENCE_PRECISION_HINT": "f32"})
+        return _OpenVinoSession(core, compiled, compiled.create_infer_request())
+
+    def _module(self) -> nn.Module:
+        module = self._model()
+        if module is None:
+            raise RuntimeError("the module of this runtime is gone")
+        return module
 
     def __call__(self, im: Tensor, seg: Tensor, inter_s8: Tensor | None = None) -> dict[str, Tensor]:
         """The module's ``pred_*`` outputs (:data:`OUTPUTS`) for CPU float32 inputs ``(N, *, H, W)``."""
@@ -267,8 +283,8 @@ class CascadeRuntime:
             if self.backend == "onnx":
                 outs = session.run(list(OUTPUTS), feed)
             else:
-                result = session.infer(feed)
-                outs = [result[session.model_outputs[i]] for i in range(len(OUTPUTS))]
+                result = session.request.infer(feed)
+                outs = [result[session.request.model_outputs[i]] for i in range(len(OUTPUTS))]
         return {k: torch.from_numpy(np.array(o, dtype=np.float32, copy=True)) for k, o in zip(OUTPUTS, outs,
                                                                                               strict=True)}
 
