@@ -73,9 +73,9 @@ def _inputs(n: int, h: int, w: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_lite_outputs_match_torch_at_any_size(backend, tmp_path):
+def test_lite_outputs_match_torch_at_any_size(backend, _graphs):
     model = _lite_model()
-    rt = CascadeRuntime(model, backend, tmp_path)
+    rt = CascadeRuntime(model, backend, _graphs)  # the session's graphs: exported once for both backends
     for n, h, w in ((1, 64, 96), (2, 200, 328), (1, 336, 248)):
         im, seg, inter = _inputs(n, h, w)
         with torch.inference_mode():
@@ -89,7 +89,7 @@ def test_lite_outputs_match_torch_at_any_size(backend, tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_official_architecture_meets_the_golden_tolerance(backend, shared, tmp_path):
+def test_official_architecture_meets_the_golden_tolerance(backend, shared, _graphs):
     from refine_cli.devtools.fill_cascadepsp import fill_state_dict
     from refine_cli.models.cascadepsp import cascadepsp_official
 
@@ -99,7 +99,7 @@ def test_official_architecture_meets_the_golden_tolerance(backend, shared, tmp_p
     golden = dict(np.load(golden_file))
     model = cascadepsp_official()
     model.load_state_dict(fill_state_dict(), strict=True)
-    model.eval().runtime = CascadeRuntime(model, backend, tmp_path)
+    model.eval().runtime = CascadeRuntime(model, backend, _graphs)
     im, seg = torch.from_numpy(golden["in_im"]), torch.from_numpy(golden["in_seg"])
     with torch.inference_mode():
         for mode, extra in (("a", ()), ("b", (torch.from_numpy(golden["in_inter_s8"]),))):
