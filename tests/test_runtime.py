@@ -8,11 +8,13 @@ CPU tolerance (5e-5 on probabilities); end to end on a sample, the binary mask's
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cascade_fixtures import TINY
 from torch import nn
 
 from refine_cli.config import CascadeOptions
@@ -130,6 +132,17 @@ def test_graphs_are_exported_once_per_weights_and_reused(backend, tmp_path, monk
     with torch.no_grad():
         next(other.parameters()).add_(1)
     assert CascadeRuntime(other, backend, tmp_path).key != again.key  # new weights, new graphs
+
+
+def test_the_graph_key_tells_architectures_with_the_same_weights_apart():
+    from refine_cli.models.cascadepsp_lite import cascadepsp_lite
+
+    arch = {**TINY, "depths": (1, 1, 2)}  # stage 3's second block takes the dilation
+    a = cascadepsp_lite(**arch).eval()
+    b = cascadepsp_lite(**{**arch, "dilation": 4}).eval()
+    b.load_state_dict(a.state_dict(), strict=True)  # a dilation changes no weight shape
+    assert runtime.weights_key(a) != runtime.weights_key(b)
+    assert runtime.weights_key(a) == runtime.weights_key(copy.deepcopy(a))
 
 
 def test_training_and_reduced_precision_stay_in_torch():

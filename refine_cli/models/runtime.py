@@ -150,8 +150,12 @@ def exportable(model: nn.Module) -> nn.Module:
 
 
 def weights_key(model: nn.Module) -> str:
-    """A 16-hex-digit hash of the module's class, state (names, shapes, bytes) and :data:`EXPORT_VERSION`."""
-    h = hashlib.sha256(f"{type(model).__qualname__}:{EXPORT_VERSION}:{OPSET}".encode())
+    """A 16-hex-digit hash of the module's architecture, state and :data:`EXPORT_VERSION`.
+
+    The architecture is ``repr(model)``: every layer with its kernel, stride, dilation and padding, which
+    the state alone does not fix (two dilations fit the same weights).
+    """
+    h = hashlib.sha256(f"{type(model).__qualname__}:{EXPORT_VERSION}:{OPSET}\n{model!r}".encode())
     for name, t in model.state_dict().items():
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -287,11 +291,6 @@ class CascadeRuntime:
                 outs = [result[session.request.model_outputs[i]] for i in range(len(OUTPUTS))]
         return {k: torch.from_numpy(np.array(o, dtype=np.float32, copy=True)) for k, o in zip(OUTPUTS, outs,
                                                                                               strict=True)}
-
-    def describe(self) -> dict[str, Any]:
-        """Facts for the report."""
-        return {"backend": self.backend, "threads": self.threads, "graphs": str(self.folder),
-                "graph_key": self.key}
 
 
 def held_bytes(model: nn.Module) -> int:
