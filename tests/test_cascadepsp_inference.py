@@ -394,3 +394,25 @@ def test_oom_halves_the_batch_then_raises(model):
     np.testing.assert_array_equal(got.prob, ref.prob)
     with pytest.raises(ResourceError, match="out of memory"):
         local_step(OOMModel(model, limit=0), image, glob, batch_size=4)
+
+
+def test_uniform_windows_are_decided_as_counting_decides():
+    """A window whose sources all lie on one side of 0.5 gets the fraction counting would give."""
+    from refine_cli.refiners.cascadepsp import _binarised_global, _foreground_fraction, _uniform_global
+
+    rng = np.random.default_rng(7)
+    low = np.zeros((1, 1, 60, 90), np.float32)
+    low[..., 20:40, 30:70] = 1.0  # an object; the rest background, with values close to 0.5 on both sides
+    low += rng.uniform(-0.4999, 0.4999, low.shape).astype(np.float32) * np.where(low > 0.5, -1, 1)
+    pred = torch.from_numpy(np.clip(low, 0, 1))
+    glob = GlobalStep(global_resize((600, 900), 90), pred, pred, pred, pred)
+    decided = 0
+    for _ in range(300):
+        r0, c0 = int(rng.integers(0, 560)), int(rng.integers(0, 860))
+        win = Window(r0, c0, int(rng.integers(1, 601 - r0)), int(rng.integers(1, 901 - c0)))
+        side = _uniform_global(glob, win)
+        counted = _foreground_fraction(_binarised_global(glob, win))
+        if side is not None:
+            decided += 1
+            assert side == counted, (win, side, counted)
+    assert decided > 30  # the shortcut is taken, not only the count

@@ -420,6 +420,33 @@ def _binarised_global(glob: GlobalStep, window: Window) -> Tensor:
     return (upsample_bilinear_window(glob.pred_224, glob.full_shape, window) > 0.5).to(torch.float32) * 2 - 1
 
 
+_SIDE_MARGIN = 1e-4
+"""How far from 0.5 every source value must be for :func:`_uniform_global` to decide (bilinear
+weights are rounded to float32, so a weighted mean may overshoot its inputs by a few 1e-7)."""
+
+
+def _uniform_global(glob: GlobalStep, window: Window) -> float | None:
+    """The foreground fraction of ``up(pred_224) > 0.5`` over ``window`` when it is provably 0 or 1.
+
+    Bilinear upsampling is a convex combination of the source pixels a window reads, so when all of
+    them lie below ``0.5 - margin`` (above ``0.5 + margin``) every upsampled pixel does too, and the
+    fraction is exactly 0.0 (1.0), as counting would find, without upsampling the window.
+
+    Returns:
+        ``0.0`` or ``1.0``, or ``None`` when the sources straddle 0.5 and the window must be counted.
+    """
+    src = glob.pred_224
+    out_h, out_w = glob.full_shape
+    ys = _linear_axis(int(src.shape[-2]), out_h, window.row, window.row_end)
+    xs = _linear_axis(int(src.shape[-1]), out_w, window.col, window.col_end)
+    foot = src[..., int(ys[0].min()) : int(ys[1].max()) + 1, int(xs[0].min()) : int(xs[1].max()) + 1]
+    if float(foot.max()) < 0.5 - _SIDE_MARGIN:
+        return 0.0
+    if float(foot.min()) > 0.5 + _SIDE_MARGIN:
+        return 1.0
+    return None
+
+
 def _count_dtype(size: int) -> torch.dtype:
     """uint8 when no pixel can be covered by more than 255 patches: ``(ceil(L / step) + 1) ** 2 <= 255``."""
     step = patch_step(size)
@@ -512,12 +539,18 @@ def local_step(
 
     patches = plan_cascade_patches((h, w), glob.resize.size)
     for patch in patches:
-        seg, inter = global_maps_window(glob, patch.window)
+        uniform = _uniform_global(glob, patch.window)
+        if uniform is not None and not SKIP_LOW <= uniform <= SKIP_HIGH:
+            outcomes.append(PatchOutcome(patch, uniform, False))  # skipped without upsampling
+            continue
+        seg = _binarised_global(glob, patch.window)
         frac = _foreground_fraction(seg)
         processed = SKIP_LOW <= frac <= SKIP_HIGH
         outcomes.append(PatchOutcome(patch, frac, processed))
         if not processed:
             continue
+        inter = CascadeRefinementModule.prob_to_feedback(
+            upsample_bilinear_window(glob.pred_56, glob.full_shape, patch.window))
         crop = img[patch.window.slices].permute(2, 0, 1)[None].to(dev)
         pending.append((patch, model.normalize_image(crop), seg.to(dev), inter.to(dev)))
         if len(pending) >= batcher.batch_size:
@@ -536,7 +569,9 @@ def local_step(
         if bool((c > 0).all()):
             a /= c
         else:
-            fallback = _binarised_global(glob, band)[0, 0] / 2 + 0.5
+            uniform = _uniform_global(glob, band)
+            fallback = (torch.full_like(a, uniform) if uniform is not None
+                        else _binarised_global(glob, band)[0, 0] / 2 + 0.5)
             a.copy_(torch.where(c > 0, a / c, fallback))
     logger.debug(
         "local step: %d patches, %d processed, %d px uncovered",
