@@ -54,7 +54,7 @@ def _models(repeat: int) -> dict[str, Any]:
     from refine_cli.models.cascadepsp import cascadepsp_official
     from refine_cli.refiners.cascade_method import load_cascade_model
 
-    lite, _, _ = load_cascade_model(CascadeOptions(backend="torch"), "cpu")
+    lite, _, _ = load_cascade_model(CascadeOptions(), "cpu", backend="torch")
     official = cascadepsp_official()
     official.load_state_dict(fill_state_dict(), strict=True)
     return {"lite-v2": (lite.eval(), 640, repeat), "official (fill)": (official.eval(), 900, 1)}

@@ -46,8 +46,8 @@ MaskKind = Literal["auto", "binary", "soft", "labels", "instances"]
 Precision = Literal["fp32", "fp16", "bf16"]
 """Network precision (``--precision``): fp32, or autocast to fp16 (CUDA) / bf16."""
 Backend = Literal["auto", "torch", "onnx", "openvino"]
-"""Inference engine of the cascade networks (``--backend``): ``auto`` picks the fastest installed on the
-CPU (ONNX Runtime, then OpenVINO, then torch) and torch on CUDA or with fp16/bf16."""
+"""Inference engine of the networks, CascadePSP's and MagNet's (``--backend``): ``auto`` picks the fastest
+installed on the CPU (ONNX Runtime, then OpenVINO, then torch) and torch on CUDA or with fp16/bf16."""
 OnOff = Literal["on", "off"]
 AutoOnOff = Literal["auto", "on", "off"]
 """``auto`` follows the weights' or preset's own choice."""
@@ -126,7 +126,6 @@ class CascadeOptions:
         fast: global step only (the pip package's ``fast=True``).
         weights: a checkpoint file or registry name; ``None`` picks the default.
         precision: ``fp32`` | ``fp16`` | ``bf16`` (autocast; fp16 only on CUDA).
-        backend: ``auto`` | ``torch`` | ``onnx`` | ``openvino`` (see :data:`Backend`).
         batch_size: local patches per forward pass.
         exact: ``True`` forces the official whole-image procedure, ``False`` the
             streamed cascade, ``None`` lets the memory budget decide.
@@ -148,7 +147,6 @@ class CascadeOptions:
     fast: bool = False
     weights: str | None = None
     precision: Precision = "fp32"
-    backend: Backend = "auto"
     batch_size: int = 1
     exact: bool | None = None
     grid: CascadeGrid = "official"
@@ -209,6 +207,8 @@ class RefineConfig:
             converted once to a tiled temporary file.
         max_pixels: refuse images declaring more pixels than this (decompression-bomb guard).
         threads: CPU threads for torch/OpenCV; ``None`` uses all cores.
+        backend: inference engine of the networks: ``auto`` | ``torch`` | ``onnx`` | ``openvino``
+            (see :data:`Backend`).
         guard: ``on``: the do-no-harm guard holds back the refiner's changes that lie beyond the
             coarse mask's error band, detach from its boundary, or delete a small component whole
             (``refine_cli.refiners.guard``); ``off``: the refiner's output as is.
@@ -233,6 +233,7 @@ class RefineConfig:
     inline_limit: int = 64_000_000
     max_pixels: int = 50_000_000_000
     threads: int | None = None
+    backend: Backend = "auto"
     guard: OnOff = "on"
     max_shift: float | None = None
     guided: GuidedOptions = field(default_factory=GuidedOptions)
@@ -264,7 +265,7 @@ class RefineConfig:
             raise UsageError(f"--cascade-size {self.cascade.size} must be an even number >= 66")
         for flag, value, kind in (("--guard", self.guard, OnOff),
                                   ("--precision", self.cascade.precision, Precision),
-                                  ("--backend", self.cascade.backend, Backend),
+                                  ("--backend", self.backend, Backend),
                                   ("--cascade-grid", self.cascade.grid, CascadeGrid),
                                   ("--cascade-skip", self.cascade.skip, CascadeSkip),
                                   ("--cascade-pad", self.cascade.pad, CascadePad),

@@ -62,7 +62,7 @@ def test_a_missing_backend_says_what_to_install(monkeypatch):
 def _lite_model() -> nn.Module:
     from refine_cli.refiners.cascade_method import load_cascade_model
 
-    model, _, _ = load_cascade_model(CascadeOptions(backend="torch"), "cpu")
+    model, _, _ = load_cascade_model(CascadeOptions(), "cpu", backend="torch")
     return model
 
 

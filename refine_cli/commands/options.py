@@ -92,7 +92,7 @@ class RunOptions:
     points: float | None = _D.magnet.n_points
     weights: str | None = _D.cascade.weights
     precision: Precision = _D.cascade.precision
-    backend: Backend = _D.cascade.backend
+    backend: Backend = _D.backend
     batch_size: int = _D.cascade.batch_size
     overwrite: bool = False
     fmt: OutputFormat | None = None
@@ -114,11 +114,11 @@ class RunOptions:
             method=self.method, device=self.device, max_memory=parse_size(self.max_memory),
             tile_size=self.tile_size, overlap=self.overlap, skip_uniform=not self.no_skip,
             classes=self.classes, threshold=self.threshold, soft=self.soft, threads=self.threads,
-            mask_kind=self.mask_kind, guard=self.guard, max_shift=self.max_shift,
+            mask_kind=self.mask_kind, backend=self.backend, guard=self.guard, max_shift=self.max_shift,
             max_pixels=int(self.max_pixels), inline_limit=int(self.inline_limit),
             guided=GuidedOptions(radius=self.radius, eps=self.eps),
             cascade=CascadeOptions(size=self.cascade_size, fast=self.fast, weights=self.weights,
-                                   precision=self.precision, backend=self.backend, batch_size=self.batch_size,
+                                   precision=self.precision, batch_size=self.batch_size,
                                    exact=self.exact,
                                    grid=self.cascade_grid, skip=self.cascade_skip, pad=self.cascade_pad,
                                    snap=self.cascade_snap),
@@ -264,9 +264,9 @@ OPTIONS: dict[str, Any] = {
     "precision": _opt(Precision, "--precision", MEMORY,
         text="fp32, fp16 or bf16 (autocast)."),
     "backend": _opt(Backend, "--backend", MEMORY,
-        text="Inference engine of the cascade network: auto (the fastest installed on the CPU: onnx, "
-        "then openvino, then torch; torch on CUDA or with fp16/bf16), torch, onnx (onnxruntime) or "
-        "openvino."),
+        text="Inference engine of the networks (cascade, magnet-fast): auto (the fastest installed on "
+        "the CPU: onnx, then openvino, then torch; torch on CUDA or with fp16/bf16), torch, onnx "
+        "(onnxruntime) or openvino."),
     "batch_size": _opt(int, "--batch-size", MEMORY,
         text="Patches per forward pass."),
     "overwrite": _opt(bool, "--overwrite", OUTPUT,

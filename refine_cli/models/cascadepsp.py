@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from refine_cli.models.runtime import runs_here
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 """Per-channel mean (RGB) of the image normalisation, in [0, 1] units."""
 
@@ -394,8 +396,7 @@ class CascadeRefinementModule(nn.Module):
 
 def _runtime_call(im: Tensor, inter_s4: Tensor | None) -> bool:
     """Whether a forward may go to the module's runtime: inference on the CPU in float32, no ``inter_s4``."""
-    return (inter_s4 is None and not torch.is_grad_enabled() and im.device.type == "cpu"
-            and im.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
+    return inter_s4 is None and runs_here(im)
 
 
 def cascadepsp_official() -> CascadeRefinementModule:

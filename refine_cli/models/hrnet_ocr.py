@@ -31,6 +31,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from refine_cli.models.magnet import ImageBackbone, conv1x1, conv3x3, make_layer
+from refine_cli.models.runtime import traceable_size
 
 HRNET_BN_MOMENTUM = 0.01
 """BatchNorm momentum of the official HRNet (training only)."""
@@ -50,7 +51,7 @@ W18_SMALL_V2_BLOCKS = 2
 
 def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize with ``align_corners=True`` (HRNet's internal convention)."""
-    return F.interpolate(x, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=True)
+    return F.interpolate(x, size=traceable_size(size), mode="bilinear", align_corners=True)
 
 
 def _conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, relu: bool = True) -> nn.Sequential:

@@ -22,8 +22,12 @@ Also here, because all three MagNet networks use them:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+from refine_cli.models.runtime import runs_here
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 """Per-channel RGB mean of the ImageNet normalisation (inputs in [0, 1])."""
@@ -105,6 +109,9 @@ class ImageBackbone(nn.Module):
 
     pixel_mean: torch.Tensor
     pixel_std: torch.Tensor
+    runtime: Any = None
+    """``None`` (torch), or a :class:`~refine_cli.models.runtime.ModuleRuntime` with the ``segment``
+    graph, which :meth:`logits` uses for inference on the CPU in float32."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -146,6 +153,18 @@ class ImageBackbone(nn.Module):
             raise ValueError(f"expected a uint8 or floating image, got {image.dtype}")
         return (x - self.pixel_mean) / self.pixel_std
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The inference forward: ``(N, 3, H, W)`` normalised image -> ``(N, C, H, W)`` logits.
+
+        Runs in the :attr:`runtime` when there is one and ``x`` is a CPU float32 tensor outside
+        autograd; otherwise ``self(x)``.
+        """
+        if self.runtime is not None and runs_here(x):
+            out: torch.Tensor = self.runtime.run("segment", x)[0]
+            return out
+        result: torch.Tensor = self(x)
+        return result
+
 
 class RefinementMagNet(nn.Module):
     """MagNet's refinement module (official ``RefinementMagNet(C, use_bn=True)``).
@@ -159,7 +178,13 @@ class RefinementMagNet(nn.Module):
 
     Args:
         n_classes: C, the number of classes of both inputs and of the output (>= 2).
+
+    Attributes:
+        runtime: ``None`` (torch), or a :class:`~refine_cli.models.runtime.ModuleRuntime` with the
+            ``refine`` graph that runs the inference forwards (CPU, float32, no autograd).
     """
+
+    runtime: Any = None
 
     def __init__(self, n_classes: int) -> None:
         super().__init__()
@@ -195,6 +220,9 @@ class RefinementMagNet(nn.Module):
                 f"expected two (N, {self.n_classes}, h, w) probability maps of equal shape, "
                 f"got {tuple(first.shape)} and {tuple(second.shape)}"
             )
+        if self.runtime is not None and runs_here(first):
+            out: torch.Tensor = self.runtime.run("refine", first, second.to(first.dtype))[0]
+            return out
         x = self.bn0(torch.cat([first, second], dim=1))
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))

@@ -24,6 +24,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from refine_cli.models.magnet import ImageBackbone, make_layer
+from refine_cli.models.runtime import traceable_size
 
 RESNET50_LAYERS = (3, 4, 6, 3)
 """Bottlenecks per layer of ResNet-50."""
@@ -31,7 +32,7 @@ RESNET50_LAYERS = (3, 4, 6, 3)
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resize with ``align_corners=False`` to an explicit ``(H, W)``."""
-    return F.interpolate(x, size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=traceable_size(size), mode="bilinear", align_corners=False)
 
 
 class ResNetTrunk(nn.Module):

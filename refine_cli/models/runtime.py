@@ -1,14 +1,19 @@
-"""CPU inference engines for the CascadePSP modules: ONNX Runtime and OpenVINO behind ``--backend``.
+"""CPU inference engines for the networks: ONNX Runtime and OpenVINO behind ``--backend``.
 
-A :class:`~refine_cli.models.cascadepsp.CascadeRefinementModule` (official or lite) is exported once
-per weights to ONNX with dynamic batch, height and width, in two graphs:
+A module is exported once per weights to ONNX with dynamic batch, height and width, one graph per
+*mode* (a :class:`GraphSpec`: its inputs, outputs and the forward that produces them):
 
-* ``global``: ``(im, seg)`` -> the three cascade iterations (the global step);
-* ``local``: ``(im, seg, inter_s8)`` -> iterations 2 and 3 (a local step).
+* a :class:`~refine_cli.models.cascadepsp.CascadeRefinementModule` (official or lite), two modes:
+  ``global``: ``(im, seg)`` -> the three cascade iterations (the global step); ``local``:
+  ``(im, seg, inter_s8)`` -> iterations 2 and 3 (a local step). Each returns ``pred_224``,
+  ``pred_28_3`` and ``pred_56_2``, ``(N, 1, H, W)`` float32 probabilities in [0, 1];
+* MagNet's :class:`~refine_cli.models.magnet.RefinementMagNet`, mode ``refine``: ``(first, second)``,
+  ``(N, C, H, W)`` probabilities each -> ``logits`` ``(N, C, H, W)``;
+* a segmentation backbone (:class:`~refine_cli.models.magnet.ImageBackbone`), mode ``segment``:
+  ``x`` ``(N, 3, H, W)`` normalised image -> ``logits`` ``(N, C, H, W)``.
 
-Each graph returns ``pred_224``, ``pred_28_3`` and ``pred_56_2``, ``(N, 1, H, W)`` float32
-probabilities in [0, 1] (the outputs inference reads). The files go to a cache folder named by
-a hash of the weights, written atomically, so later runs load them without exporting again.
+The files go to a cache folder named by a hash of the architecture and the weights, written
+atomically, so later runs load them without exporting again.
 
 Export-friendly pooling: ONNX has no adaptive average pooling for sizes that do not divide the
 input, so the pyramid-pooling stages are exported as ``P_h @ x @ P_w^T`` with the bin-averaging
@@ -29,6 +34,7 @@ import os
 import tempfile
 import threading
 import weakref
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -48,8 +54,32 @@ EXPORT_VERSION = 1
 
 OPSET = 17
 OUTPUTS = ("pred_224", "pred_28_3", "pred_56_2")
-_INPUTS = {"global": ("im", "seg"), "local": ("im", "seg", "inter_s8")}
+"""The cascade graphs' outputs."""
 _MODULES = {"onnx": "onnxruntime", "openvino": "openvino"}
+
+
+class GraphSpec(NamedTuple):
+    """One exported forward (mode) of a module.
+
+    Attributes:
+        inputs: ``(name, channels)`` of each input, ``(N, channels, H, W)`` float32.
+        outputs: names of the outputs, ``(N, *, H, W)`` float32.
+        wrap: builds the module to export from the (export-ready) network: its forward takes the
+            inputs in order and returns a tuple of the outputs in order.
+    """
+
+    inputs: tuple[tuple[str, int], ...]
+    outputs: tuple[str, ...]
+    wrap: Callable[[nn.Module], nn.Module]
+
+
+def traceable_size(size: Sequence[Any]) -> tuple[Any, Any]:
+    """``(H, W)`` for ``F.interpolate``: ints, or the traced sizes they are during an ONNX export.
+
+    ``int()`` of a traced size would freeze the exported graph to the sample input's size.
+    """
+    h, w = (s if isinstance(s, torch.Tensor) else int(s) for s in size[:2])
+    return h, w
 
 
 def installed(backend: str) -> bool:
@@ -117,7 +147,7 @@ class MatrixPool(nn.Module):
         return rows @ x @ cols.transpose(0, 1)
 
 
-class _Graph(nn.Module):
+class _CascadeGraph(nn.Module):
     """One exported mode of a cascade module: a tuple of :data:`OUTPUTS`."""
 
     def __init__(self, model: nn.Module, mode: str) -> None:
@@ -128,6 +158,35 @@ class _Graph(nn.Module):
         """The module's probabilities, in :data:`OUTPUTS` order."""
         out = self.model(im, seg, inter_s8 if self.mode == "local" else None)
         return tuple(out[k] for k in OUTPUTS)
+
+
+class _Single(nn.Module):
+    """A network whose forward returns one tensor, as a graph with one output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor]:
+        """``(model(*inputs),)``."""
+        return (self.model(*inputs),)
+
+
+CASCADE_GRAPHS: dict[str, GraphSpec] = {
+    "global": GraphSpec((("im", 3), ("seg", 1)), OUTPUTS, lambda m: _CascadeGraph(m, "global")),
+    "local": GraphSpec((("im", 3), ("seg", 1), ("inter_s8", 1)), OUTPUTS,
+                       lambda m: _CascadeGraph(m, "local")),
+}
+"""The two graphs of a cascade module."""
+
+
+def refinement_graphs(classes: int) -> dict[str, GraphSpec]:
+    """The graph of MagNet's refinement module for C classes: ``(first, second)`` -> ``logits``."""
+    return {"refine": GraphSpec((("first", classes), ("second", classes)), ("logits",), _Single)}
+
+
+BACKBONE_GRAPHS: dict[str, GraphSpec] = {"segment": GraphSpec((("x", 3),), ("logits",), _Single)}
+"""The graph of a segmentation backbone: a normalised image -> logits."""
 
 
 def exportable(model: nn.Module) -> nn.Module:
@@ -162,17 +221,14 @@ def weights_key(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def export_onnx(model: nn.Module, mode: str, path: Path) -> Path:
-    """Export one mode (``global`` | ``local``) of ``model`` to ``path`` (atomically: temp file + rename)."""
+def export_onnx(model: nn.Module, spec: GraphSpec, path: Path) -> Path:
+    """Export one graph of ``model`` to ``path`` (atomically: temp file + rename)."""
     import warnings
 
-    graph = _Graph(exportable(model), mode).eval()
-    n, h, w = 1, 64, 96
-    args: tuple[Tensor, ...] = (torch.zeros(n, 3, h, w), torch.zeros(n, 1, h, w))
-    if mode == "local":
-        args = (*args, torch.zeros(n, 1, h, w))
-    names = list(_INPUTS[mode])
-    dyn = {k: {0: "n", 2: "h", 3: "w"} for k in (*names, *OUTPUTS)}
+    graph = spec.wrap(exportable(model)).eval()
+    args = tuple(torch.zeros(1, channels, 64, 96) for _, channels in spec.inputs)
+    names = [name for name, _ in spec.inputs]
+    dyn = {k: {0: "n", 2: "h", 3: "w"} for k in (*names, *spec.outputs)}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem, suffix=".onnx.tmp", dir=path.parent)
     os.close(fd)
@@ -180,7 +236,7 @@ def export_onnx(model: nn.Module, mode: str, path: Path) -> Path:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(graph, args, tmp, dynamo=False, opset_version=OPSET, input_names=names,
-                              output_names=list(OUTPUTS), dynamic_axes=dyn)
+                              output_names=list(spec.outputs), dynamic_axes=dyn)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -195,8 +251,8 @@ class _OpenVinoSession(NamedTuple):
     request: Any
 
 
-class CascadeRuntime:
-    """Runs a cascade module's inference forward in ONNX Runtime or OpenVINO on the CPU.
+class ModuleRuntime:
+    """Runs a module's inference graphs in ONNX Runtime or OpenVINO on the CPU.
 
     Sessions are built on first use per mode (exporting the graph when the cache has none) and
     reused; calls are serialised by a lock (the engine calls from one compute thread).
@@ -205,6 +261,8 @@ class CascadeRuntime:
         model: the module (its weights are exported as they are now).
         backend: ``onnx`` | ``openvino``.
         folder: cache folder of the exported graphs.
+        graphs: the module's graphs by mode.
+        kind: the graph files' name prefix (``cascade``, ``magnet-refine``, ``backbone``).
         threads: intra-op threads (``None``: torch's current setting).
         held_bytes: memory the engine keeps between calls, for the memory plan: OpenVINO keeps its
             buffers (about one forward's activations at the largest input); ONNX Runtime runs without
@@ -212,11 +270,12 @@ class CascadeRuntime:
             0.28 s but kept ~280 MB, and peak RSS rose by ~400 MB on a 4K photo).
     """
 
-    def __init__(self, model: nn.Module, backend: str, folder: Path, threads: int | None = None,
-                 held_bytes: int = 0) -> None:
+    def __init__(self, model: nn.Module, backend: str, folder: Path, graphs: Mapping[str, GraphSpec],
+                 kind: str, threads: int | None = None, held_bytes: int = 0) -> None:
         if backend not in ("onnx", "openvino"):
-            raise ValueError(f"CascadeRuntime runs onnx or openvino, not {backend!r}")
+            raise ValueError(f"a module runtime runs onnx or openvino, not {backend!r}")
         self.backend, self.folder = backend, Path(folder)
+        self.graphs, self.kind = dict(graphs), kind
         self.threads = int(threads or torch.get_num_threads())
         self.held_bytes = int(held_bytes)
         self.key = weights_key(model)
@@ -227,7 +286,7 @@ class CascadeRuntime:
 
     def graph_path(self, mode: str) -> Path:
         """Where the ``mode`` graph of these weights lives in the cache."""
-        return self.folder / f"cascade-{self.key}-{mode}.onnx"
+        return self.folder / f"{self.kind}-{self.key}-{mode}.onnx"
 
     def _session(self, mode: str) -> Any:
         if mode not in self._sessions:
@@ -243,15 +302,15 @@ class CascadeRuntime:
 
     def _export(self, mode: str, path: Path) -> Path:
         """Export ``mode`` to ``path``, or to a temporary folder when the cache cannot be written."""
-        logger.info("exporting the %s cascade graph to %s (once per weights)", mode, path)
+        logger.info("exporting the %s %s graph to %s (once per weights)", mode, self.kind, path)
         try:
-            return export_onnx(self._module(), mode, path)
+            return export_onnx(self._module(), self.graphs[mode], path)
         except OSError as exc:
             if self._tmp is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="refine-graphs-")
             logger.warning("cannot write %s (%s): exporting to a temporary folder for this run; make "
                            "$REFINE_HOME writable to keep the graphs", path.parent, exc.strerror or exc)
-            return export_onnx(self._module(), mode, Path(self._tmp.name) / path.name)
+            return export_onnx(self._module(), self.graphs[mode], Path(self._tmp.name) / path.name)
 
     def _open(self, path: Path) -> Any:
         if self.backend == "onnx":
@@ -276,24 +335,45 @@ class CascadeRuntime:
             raise RuntimeError("the module of this runtime is gone")
         return module
 
-    def __call__(self, im: Tensor, seg: Tensor, inter_s8: Tensor | None = None) -> dict[str, Tensor]:
-        """The module's ``pred_*`` outputs (:data:`OUTPUTS`) for CPU float32 inputs ``(N, *, H, W)``."""
-        mode = "global" if inter_s8 is None else "local"
-        tensors = (im, seg) if inter_s8 is None else (im, seg, inter_s8)
-        feed = {k: np.ascontiguousarray(t.detach().float().numpy()) for k, t in zip(_INPUTS[mode], tensors,
-                                                                                       strict=True)}
+    def run(self, mode: str, *inputs: Tensor) -> list[Tensor]:
+        """The ``mode`` graph's outputs, in its spec's order, for CPU float32 inputs ``(N, *, H, W)``."""
+        spec = self.graphs[mode]
+        feed = {name: np.ascontiguousarray(t.detach().float().numpy())
+                for (name, _), t in zip(spec.inputs, inputs, strict=True)}
         with self._lock:
             session = self._session(mode)
             if self.backend == "onnx":
-                outs = session.run(list(OUTPUTS), feed)
+                outs = session.run(list(spec.outputs), feed)
             else:
                 result = session.request.infer(feed)
-                outs = [result[session.request.model_outputs[i]] for i in range(len(OUTPUTS))]
-        return {k: torch.from_numpy(np.array(o, dtype=np.float32, copy=True)) for k, o in zip(OUTPUTS, outs,
-                                                                                              strict=True)}
+                outs = [result[session.request.model_outputs[i]] for i in range(len(spec.outputs))]
+        return [torch.from_numpy(np.array(o, dtype=np.float32, copy=True)) for o in outs]
+
+
+class CascadeRuntime(ModuleRuntime):
+    """A cascade module's runtime: :data:`CASCADE_GRAPHS`, called like the module's inference forward.
+
+    Args:
+        model, backend, folder, threads, held_bytes: as :class:`ModuleRuntime`.
+    """
+
+    def __init__(self, model: nn.Module, backend: str, folder: Path, threads: int | None = None,
+                 held_bytes: int = 0) -> None:
+        super().__init__(model, backend, folder, CASCADE_GRAPHS, "cascade", threads, held_bytes)
+
+    def __call__(self, im: Tensor, seg: Tensor, inter_s8: Tensor | None = None) -> dict[str, Tensor]:
+        """The module's ``pred_*`` outputs (:data:`OUTPUTS`) for CPU float32 inputs ``(N, *, H, W)``."""
+        outs = self.run("global", im, seg) if inter_s8 is None else self.run("local", im, seg, inter_s8)
+        return dict(zip(OUTPUTS, outs, strict=True))
+
+
+def runs_here(x: Tensor) -> bool:
+    """Whether a forward on ``x`` may go to a runtime: inference (no autograd) on the CPU in float32."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not (
+        torch.is_grad_enabled() or torch.is_autocast_enabled("cpu"))
 
 
 def held_bytes(model: nn.Module) -> int:
     """Bytes a module's runtime keeps between calls (0 without one; see :class:`CascadeRuntime`)."""
     rt = model.__dict__.get("runtime")
-    return int(rt.held_bytes) if isinstance(rt, CascadeRuntime) else 0
+    return int(rt.held_bytes) if isinstance(rt, ModuleRuntime) else 0

@@ -46,7 +46,8 @@ def _cascade(config: RefineConfig, device: str) -> Refiner:
 def _magnet(config: RefineConfig, device: str) -> Refiner:
     from refine_cli.refiners.magnet_method import MagnetRefiner
 
-    return MagnetRefiner.from_options(config.magnet, segmenter=config.segmenter, device=device)
+    return MagnetRefiner.from_options(config.magnet, segmenter=config.segmenter, device=device,
+                                      backend=config.backend)
 
 
 BUILDERS: dict[str, tuple[Callable[[RefineConfig, str], Refiner], str, bool]] = {

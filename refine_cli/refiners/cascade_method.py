@@ -33,8 +33,12 @@ OFFICIAL_BYTES_PER_PIXEL = 5 * 1024
 """Activation memory of one official fp32 forward per input pixel (about 5 KB/px, measured)."""
 
 
-def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[str, Any], int]:
+def load_cascade_model(options: CascadeOptions, device: str, backend: str = "auto"
+                       ) -> tuple[Any, dict[str, Any], int]:
     """Resolve ``--weights`` and build the matching module, loaded strictly, in eval mode on ``device``.
+
+    With ``backend`` other than ``torch`` (see :func:`~refine_cli.models.runtime.resolve_backend`) the
+    module's inference forwards run in that engine.
 
     Returns:
         ``(model, info, bytes_per_pixel)``: the module, facts for the report (weights name,
@@ -87,7 +91,7 @@ def load_cascade_model(options: CascadeOptions, device: str) -> tuple[Any, dict[
 
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    backend = resolve_backend(options.backend, dev, options.precision)
+    backend = resolve_backend(backend, dev, options.precision)
     info["backend"] = backend
     if backend != "torch" and isinstance(model, CascadeRefinementModule):
         pad = padded_shape((options.size or model.working_size,) * 2)[0]
@@ -113,7 +117,7 @@ class CascadeMethod(Refiner):
         self.device = device
         from refine_cli.refiners.cascadepsp import with_model_defaults
 
-        self.model, self.info, self.bytes_per_pixel = load_cascade_model(self.options, device)
+        self.model, self.info, self.bytes_per_pixel = load_cascade_model(self.options, device, config.backend)
         self.options = with_model_defaults(self.options, self.model)  # the weights' own L, padding, snap
         self.impl: Refiner | None = None
         self.mode = ""

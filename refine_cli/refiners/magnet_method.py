@@ -165,6 +165,41 @@ def _known_sha256(spec: str) -> str | None:
     return None
 
 
+def attach_runtimes(modules: Sequence[RefinementMagNet], segmenter: Segmenter, backend: str,
+                    batch_size: int = 1) -> str:
+    """Run the refinement modules' (and a PyTorch backbone's) inference in ``backend``.
+
+    ``auto`` picks ONNX Runtime, then OpenVINO, on the CPU and keeps torch on CUDA
+    (:func:`~refine_cli.models.runtime.resolve_backend`). Segmenters that are not PyTorch backbones
+    (ONNX, TFLite, TorchScript files) keep their own engine. For the memory plan, OpenVINO's held
+    buffers are taken as 256 float32 channels at the segmenter's input size per batch item (an upper
+    bound of one forward's live activations for the refinement module).
+
+    Returns:
+        The backend that runs: ``torch``, ``onnx`` or ``openvino``.
+
+    Raises:
+        UsageError: a named backend that is not installed or cannot run on the segmenter's device.
+    """
+    from refine_cli import weights as registry
+    from refine_cli.models.runtime import BACKBONE_GRAPHS, ModuleRuntime, refinement_graphs, resolve_backend
+    from refine_cli.segmenters.torch_backbones import TorchBackboneSegmenter
+
+    engine = resolve_backend(backend, torch.device(segmenter.device), "fp32")
+    if engine == "torch":
+        return engine
+    folder = registry.refine_home() / "graphs"
+    w, h = segmenter.input_size
+    held = 4 * 256 * w * h * batch_size if engine == "openvino" else 0
+    for module in modules:
+        module.runtime = ModuleRuntime(module, engine, folder, refinement_graphs(module.n_classes),
+                                       "magnet-refine", held_bytes=held)
+    if isinstance(segmenter, TorchBackboneSegmenter):
+        segmenter.model.runtime = ModuleRuntime(segmenter.model, engine, folder, BACKBONE_GRAPHS, "backbone",
+                                                held_bytes=held)
+    return engine
+
+
 class MagnetRefiner(Refiner):
     """MagNet-Fast (or full MagNet) behind the refiner protocol.
 
@@ -245,13 +280,14 @@ class MagnetRefiner(Refiner):
     @classmethod
     def from_options(
         cls, options: MagnetOptions, *, segmenter: str | None = None, device: str = "auto",
-        download: bool = False, batch_size: int = 1,
+        download: bool = False, batch_size: int = 1, backend: str = "torch",
     ) -> MagnetRefiner:
-        """Build from ``RefineConfig.magnet`` (and ``RefineConfig.segmenter``).
+        """Build from ``RefineConfig.magnet`` (and ``RefineConfig.segmenter``, ``RefineConfig.backend``).
 
         The preset comes from ``--preset``, else from the segmenter's name, else ``cityscapes``.
         A segmenter file without a preset runs the generic schedule and needs ``--weights``.
-        The edge snap and the stages follow ``options.snap`` / ``options.stages``.
+        The edge snap and the stages follow ``options.snap`` / ``options.stages``; the refinement
+        modules and a PyTorch backbone segmenter run in ``backend`` (see :func:`attach_runtimes`).
         """
         from refine_cli.segmenters import load_segmenter
 
@@ -279,7 +315,8 @@ class MagnetRefiner(Refiner):
         modules = load_refinement_modules(preset, seg.device, weights=options.weights, download=download)
         refinement = [options.weights] if options.weights else list(preset.refinement)
         info = {"preset": preset.name, "segmenter": seg.name, "refinement": refinement,
-                "refinement_sha256": [_known_sha256(name) for name in refinement]}
+                "refinement_sha256": [_known_sha256(name) for name in refinement],
+                "backend": attach_runtimes(modules, seg, backend, batch_size)}
         return cls(seg, modules, preset, fast=not options.full, n_patches=options.n_patches,
                    n_points=options.n_points, batch_size=batch_size, info=info,
                    tiled=options.tiled, snap=options.snap, stages=options.stages)
@@ -452,8 +489,15 @@ class MagnetRefiner(Refiner):
 
     def fixed_memory(self) -> int:
         """Bytes held by the refinement weights (the whole-image result adds ~4 C + 5 B/px after prepare)."""
+        from refine_cli.models.runtime import held_bytes
+
         weights = sum(t.numel() * t.element_size() for m in self.modules for t in m.state_dict().values())
-        return int(weights)
+        from refine_cli.segmenters.torch_backbones import TorchBackboneSegmenter
+
+        held = sum(held_bytes(m) for m in self.modules)
+        if isinstance(self.segmenter, TorchBackboneSegmenter):
+            held += held_bytes(self.segmenter.model)
+        return int(weights) + held
 
     def close(self) -> None:
         """Drop the result; delete a tiled run's temporary files."""

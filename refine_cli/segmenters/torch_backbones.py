@@ -136,7 +136,7 @@ class TorchBackboneSegmenter(Segmenter):
                 f"{self.name} takes (N, {h}, {w}, 3) uint8, got {tuple(images.shape)} {images.dtype}"
             )
         x = self.model.normalize(images.to(self.device).permute(0, 3, 1, 2))
-        return torch.softmax(self.model(x).float(), dim=1)
+        return torch.softmax(self.model.logits(x).float(), dim=1)
 
     def predict(self, images: Any) -> Any:
         """See :meth:`Segmenter.predict` (numpy in, numpy out)."""
