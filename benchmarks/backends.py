@@ -1,22 +1,24 @@
 """Inference backends: torch, ONNX Runtime and OpenVINO on the same weights, and the official code.
 
-Three parts, in one run, on the machine at hand (nothing is asserted):
+Four parts, in one run, on the machine at hand (nothing is asserted):
 
 1. **forward**: one network call of the lite weights (``cascadepsp-lite-v2``) and of the official
    architecture (deterministic fill weights, the golden tests' own) per backend, on a crop of the photo, at
    the sizes ``refine run`` uses: a local step at L (640 lite, 900 official) and, for the lite weights, a
    global step of a 4:3 photo. Seconds per call (median of ``--repeat``; the official one once) and the
    largest probability difference from torch fp32.
-2. **photo**: ``refine run --method cascade`` (the defaults: lite-v2, edge snap, guard) on ``aeroplane.jpg``
+2. **magnet**: MagNet's bundled binary refinement module, one call of 3 patches at 256 and at 508 px, per
+   backend: seconds and the largest logit difference from torch.
+3. **photo**: ``refine run --method cascade`` (the defaults: lite-v2, edge snap, guard) on ``aeroplane.jpg``
    (8.1 MPx, a 4K-class photo) per backend, each in a child process: wall seconds (read to written mask
    and uncertainty), the report's stage seconds, peak RSS, and the mask's IoU with the torch run.
-3. **official**: the official architecture with the fill weights, ``--cascade-size 900``, the full cascade,
+4. **official**: the official architecture with the fill weights, ``--cascade-size 900``, the full cascade,
    ``--guard off``, per backend; and the official code (``segmentation-refinement``, when it is installed)
    on the same weights through a harness of our own: IoU of every output with the official one.
 
 Usage::
 
-    python benchmarks/backends.py [--parts forward,photo,official] [--backends torch,onnx,openvino]
+    python benchmarks/backends.py [--parts forward,magnet,photo,official] [--backends torch,onnx,openvino]
         [--repeat 5] [--out benchmarks/results]
 
 Writes ``backends.json`` and ``backends.md`` to ``--out`` and prints the tables. The official code is
@@ -108,6 +110,47 @@ def forward_part(backends: list[str], repeat: int, graphs: Path) -> list[dict[st
                              "seconds": float(np.median(times)), "max_prob_diff": diff})
                 print(f"  {name:16s} {label:10s} {backend:9s} {np.median(times):7.3f} s  diff {diff:.1e}",
                       flush=True)
+    return rows
+
+
+def magnet_part(backends: list[str], repeat: int, graphs: Path) -> list[dict[str, Any]]:
+    """MagNet's refinement module per backend: the bundled binary one (C = 2) on 3 patches of 256 px (the
+    ``binary`` preset's batch of a stage) and of 508 px (DeepGlobe's input size): seconds per call and
+    the largest logit difference from torch."""
+    import cv2
+    import torch
+
+    from refine_cli.models.runtime import ModuleRuntime, refinement_graphs
+    from refine_cli.refiners.magnet import get_preset
+    from refine_cli.refiners.magnet_method import load_refinement_modules
+
+    module = load_refinement_modules(get_preset("binary"), "cpu")[0].eval()
+    mask = (cv2.imread(str(PHOTO_MASK), cv2.IMREAD_GRAYSCALE) > 127).astype(np.float32)
+    rows = []
+    for side in (256, 508):
+        r0, c0 = (mask.shape[0] - side) // 2, (mask.shape[1] - side) // 2
+        crops = [mask[r0 + d : r0 + d + side, c0 + d : c0 + d + side] for d in (-side // 2, 0, side // 2)]
+        hard = torch.from_numpy(np.stack(crops))[:, None]
+        soft = torch.from_numpy(np.stack([cv2.GaussianBlur(c, (0, 0), 4) for c in crops]))[:, None]
+        first, second = torch.cat([1 - hard, hard], 1), torch.cat([1 - soft, soft], 1)
+        ref = None
+        for backend in backends:
+            module.runtime = None if backend == "torch" else ModuleRuntime(
+                module, backend, graphs, refinement_graphs(2), "magnet-refine")
+            times = []
+            with torch.inference_mode():
+                module(first, second)  # first call: export (once per weights) and compile, not timed
+                for _ in range(repeat):
+                    t0 = time.perf_counter()
+                    out = module(first, second)
+                    times.append(time.perf_counter() - t0)
+            ref = out if ref is None else ref
+            diff = float((out - ref).abs().max())
+            rows.append({"model": "magnet-binary-refine", "call": f"3 x {side}x{side}", "backend": backend,
+                         "seconds": float(np.median(times)), "max_logit_diff": diff})
+            print(f"  magnet refine    3x{side:<4d}    {backend:9s} {np.median(times):7.3f} s  diff {diff:.1e}",
+                  flush=True)
+    module.runtime = None
     return rows
 
 
@@ -251,6 +294,10 @@ def markdown(result: dict[str, Any]) -> str:
              "| model | call | backend | s/call | max prob diff vs torch |", "|---|---|---|---:|---:|"]
     lines += [f"| {r['model']} | {r['call']} | {r['backend']} | {r['seconds']:.3f} | "
               f"{r['max_prob_diff']:.1e} |" for r in result.get("forward", [])]
+    if result.get("magnet"):
+        lines += ["", "| model | call | backend | s/call | max logit diff vs torch |", "|---|---|---|---:|---:|"]
+        lines += [f"| {r['model']} | {r['call']} | {r['backend']} | {r['seconds']:.3f} | "
+                  f"{r['max_logit_diff']:.1e} |" for r in result["magnet"]]
     lines += ["", "| run | backend | wall s | refine's own s | peak RSS MiB | IoU vs first | stages (s) |",
               "|---|---|---:|---:|---:|---:|---|"]
     for r in result.get("runs", []):
@@ -272,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     from refine_cli.models.runtime import installed
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="forward,photo,official")
+    ap.add_argument("--parts", default="forward,magnet,photo,official")
     ap.add_argument("--backends", default=None, help="default: torch and every installed one")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--peer-path", type=Path, default=None, help="folder holding segmentation_refinement")
@@ -298,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         if "forward" in parts:
             print("forward (one network call):")
             result["forward"] = forward_part(backends, a.repeat, Path(os.environ["REFINE_HOME"]) / "graphs")
+        if "magnet" in parts:
+            print("magnet (the refinement module, one call):")
+            result["magnet"] = magnet_part(backends, a.repeat, Path(os.environ["REFINE_HOME"]) / "graphs")
         result["runs"] = []
         if "photo" in parts:
             print("photo (refine run --method cascade, defaults):")
