@@ -148,8 +148,8 @@ def magnet_part(backends: list[str], repeat: int, graphs: Path) -> list[dict[str
             diff = float((out - ref).abs().max())
             rows.append({"model": "magnet-binary-refine", "call": f"3 x {side}x{side}", "backend": backend,
                          "seconds": float(np.median(times)), "max_logit_diff": diff})
-            print(f"  magnet refine    3x{side:<4d}    {backend:9s} {np.median(times):7.3f} s  diff {diff:.1e}",
-                  flush=True)
+            print(f"  magnet refine    3x{side:<4d}    {backend:9s} {np.median(times):7.3f} s  "
+                  f"diff {diff:.1e}", flush=True)
     module.runtime = None
     return rows
 
@@ -295,7 +295,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [f"| {r['model']} | {r['call']} | {r['backend']} | {r['seconds']:.3f} | "
               f"{r['max_prob_diff']:.1e} |" for r in result.get("forward", [])]
     if result.get("magnet"):
-        lines += ["", "| model | call | backend | s/call | max logit diff vs torch |", "|---|---|---|---:|---:|"]
+        lines += ["", "| model | call | backend | s/call | max logit diff vs torch |",
+                  "|---|---|---|---:|---:|"]
         lines += [f"| {r['model']} | {r['call']} | {r['backend']} | {r['seconds']:.3f} | "
                   f"{r['max_logit_diff']:.1e} |" for r in result["magnet"]]
     lines += ["", "| run | backend | wall s | refine's own s | peak RSS MiB | IoU vs first | stages (s) |",
