@@ -216,6 +216,30 @@ def test_upsample_window_matches_interpolate(src, out, data):
         assert (got - want).abs().max() <= 2.5e-7
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    src=st.tuples(st.integers(2, 80), st.integers(2, 80)),
+    out=st.tuples(st.integers(129, 600), st.integers(129, 600)),
+    data=st.data(),
+)
+def test_binarised_global_thresholds_the_exact_upsampling(src, out, data):
+    """The plainly rounded upsampling stays within 5e-7 of the exact one, and thresholding it (with exact
+    recomputation near 0.5) gives the exact upsampling's sides, also for sources at and near 0.5."""
+    from refine_cli.refiners.cascadepsp import _binarised_global
+
+    g = torch.Generator().manual_seed(sum(src) * 7 + sum(out))
+    x = torch.rand(1, 1, *src, generator=g)
+    x = torch.where(torch.rand(x.shape, generator=g) < 0.3, 0.5 + (x - 0.5) * 1e-5, x)  # many near 0.5
+    r0 = data.draw(st.integers(0, out[0] - 1))
+    c0 = data.draw(st.integers(0, out[1] - 1))
+    win = Window(r0, c0, data.draw(st.integers(1, out[0] - r0)), data.draw(st.integers(1, out[1] - c0)))
+    exact = upsample_bilinear_window(x, out, win)
+    plain = upsample_bilinear_window(x, out, win, exact=False)
+    assert float((plain - exact).abs().max()) <= 5e-7
+    glob = GlobalStep(global_resize(out, max(out)), x, x, x, x)  # only its full shape is read
+    assert torch.equal(_binarised_global(glob, win), (exact > 0.5).float() * 2 - 1)
+
+
 # ---------------------------------------------------------------- API, padding, precision, OOM
 
 

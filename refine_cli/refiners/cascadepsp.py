@@ -186,7 +186,13 @@ def _fused_lerp(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor) -> Tensor:
     return (a.double() * wa.double() + (b * wb).double()).float()
 
 
-def upsample_bilinear_window(src: Tensor, out_shape: tuple[int, int], window: Window) -> Tensor:
+def _plain_lerp(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor) -> Tensor:
+    """``a * wa + b * wb`` in float32 (three roundings: within 2e-7 of :func:`_fused_lerp` for values in [0, 1])."""
+    return a * wa + b * wb
+
+
+def upsample_bilinear_window(src: Tensor, out_shape: tuple[int, int], window: Window, *,
+                             exact: bool = True) -> Tensor:
     """One window of ``F.interpolate(src, size=out_shape, mode='bilinear', align_corners=False)``.
 
     Computes only the requested output pixels, so a full-resolution upsampled plane is
@@ -199,6 +205,8 @@ def upsample_bilinear_window(src: Tensor, out_shape: tuple[int, int], window: Wi
         src: ``(N, C, h, w)`` float32 on the CPU.
         out_shape: ``(H, W)`` of the full upsampled map.
         window: the part of the ``H x W`` output wanted (inside it).
+        exact: ``False`` rounds each weighted sum in float32 instead of as the fused kernel does (about
+            twice as fast; within 5e-7 of the exact values for sources in [0, 1]).
 
     Returns:
         ``(N, C, window.height, window.width)`` float32 on the CPU.
@@ -210,11 +218,12 @@ def upsample_bilinear_window(src: Tensor, out_shape: tuple[int, int], window: Wi
     y0, y1, wy0, wy1 = _linear_axis(src.shape[-2], out_h, window.row, window.row_end)
     x0, x1, wx0, wx1 = _linear_axis(src.shape[-1], out_w, window.col, window.col_end)
     # interpolate along x once per source row the window reads (an upsampling reads each several times)
+    lerp = _fused_lerp if exact else _plain_lerp
     rows = torch.unique(torch.cat([y0, y1]))
     r = src[..., rows, :]
-    across = _fused_lerp(r[..., x0], wx0, r[..., x1], wx1)
+    across = lerp(r[..., x0], wx0, r[..., x1], wx1)
     at0, at1 = torch.searchsorted(rows, y0), torch.searchsorted(rows, y1)
-    return _fused_lerp(across[..., at0, :], wy0[:, None], across[..., at1, :], wy1[:, None])
+    return lerp(across[..., at0, :], wy0[:, None], across[..., at1, :], wy1[:, None])
 
 
 def _image_tensor(image_u8: np.ndarray) -> Tensor:
@@ -415,9 +424,21 @@ def global_maps_window(glob: GlobalStep, window: Window) -> tuple[Tensor, Tensor
     return _binarised_global(glob, window), CascadeRefinementModule.prob_to_feedback(soft)
 
 
+_SIDE_CHECK = 1e-6
+"""A plainly rounded upsampled value this close to 0.5 is recomputed exactly before it is thresholded."""
+
+
 def _binarised_global(glob: GlobalStep, window: Window) -> Tensor:
-    """``(up(pred_224) > 0.5) * 2 - 1`` over a window: ``(1, 1, h, w)`` float32 in {-1, +1}."""
-    return (upsample_bilinear_window(glob.pred_224, glob.full_shape, window) > 0.5).to(torch.float32) * 2 - 1
+    """``(up(pred_224) > 0.5) * 2 - 1`` over a window: ``(1, 1, h, w)`` float32 in {-1, +1}.
+
+    The values are upsampled with plain float32 rounding; only when one lies within
+    :data:`_SIDE_CHECK` of 0.5, where the rounding could decide the side, is the window upsampled
+    exactly. The result is the exact upsampling's, thresholded.
+    """
+    up = upsample_bilinear_window(glob.pred_224, glob.full_shape, window, exact=False)
+    if bool(((up - 0.5).abs() <= _SIDE_CHECK).any()):
+        up = upsample_bilinear_window(glob.pred_224, glob.full_shape, window)
+    return (up > 0.5).to(torch.float32) * 2 - 1
 
 
 _SIDE_MARGIN = 1e-4
