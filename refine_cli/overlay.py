@@ -283,15 +283,16 @@ def _label_edges(canvas: np.ndarray, labels: np.ndarray, colour: tuple[int, int,
     canvas[edge] = colour
 
 
-def _draw(canvas: np.ndarray, layer_values: np.ndarray, labels: bool, threshold: float,
-          colour: tuple[int, int, int], thickness: int) -> None:
+def draw_values(canvas: np.ndarray, layer_values: np.ndarray, labels: bool, threshold: float,
+                colour: tuple[int, int, int], thickness: int) -> None:
+    """Draw a mask's contours (``(h, w)`` float probabilities) or a label map's edges (int) on ``canvas``."""
     if labels:
         _label_edges(canvas, layer_values, colour)
     else:
         _contours(canvas, layer_values, threshold, colour, thickness)
 
 
-def _text(canvas: np.ndarray, lines: list[tuple[str, tuple[int, int, int]]]) -> None:
+def draw_text(canvas: np.ndarray, lines: list[tuple[str, tuple[int, int, int]]]) -> None:
     """Write a small legend in the top-left corner (in place), on a dark box."""
     font, fs, th = cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1
     y = 4
@@ -369,7 +370,7 @@ def render_overlay(
         if inp.unc is not None:
             grey = cv2.cvtColor(inp.view, cv2.COLOR_RGB2GRAY)
             hm = heat_map(inp.unc, grey)
-            _text(hm, [(f"uncertainty {Path(uncertainty or '').name}", (255, 255, 255))])
+            draw_text(hm, [(f"uncertainty {Path(uncertainty or '').name}", (255, 255, 255))])
             panels.append(("uncertainty", hm))
         if crop_window is not None:
             panels.append(("crop", _crop_panel(inp, threshold, crop_window)))
@@ -506,14 +507,14 @@ def _overview_panel(inp: _Inputs, threshold: float, crop_window: Window | None) 
         legend.append((f"{layers[1].name}", COMPARE_COLOUR))
     over = inp.view.copy()
     for layer, colour in zip(reversed(layers), reversed(_COLOURS[: len(layers)]), strict=True):
-        _draw(over, layer.overview, inp.labels, threshold, colour, 1)
+        draw_values(over, layer.overview, inp.labels, threshold, colour, 1)
     if crop_window is not None:
         H, W = inp.src.shape
         sy, sx = inp.oshape[0] / H, inp.oshape[1] / W
         p0 = (int(crop_window.col * sx), int(crop_window.row * sy))
         p1 = (int(np.ceil(crop_window.col_end * sx)) - 1, int(np.ceil(crop_window.row_end * sy)) - 1)
         cv2.rectangle(over, p0, p1, CROP_COLOUR, 1)
-    _text(over, legend)
+    draw_text(over, legend)
     return over
 
 
@@ -537,9 +538,9 @@ def crop_picture(src: ImageSource, masks: Sequence[tuple[MaskSource, tuple[int, 
     cimg = src.read(window)
     for mask, colour in reversed(masks):
         vals = mask.read_labels(window).labels() if labels else mask.read(window)
-        _draw(cimg, vals, labels, threshold, colour, 1)
+        draw_values(cimg, vals, labels, threshold, colour, 1)
     if caption:
-        _text(cimg, [(caption, (255, 255, 255))])
+        draw_text(cimg, [(caption, (255, 255, 255))])
     return cimg
 
 
