@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -28,8 +27,10 @@ from refine_cli.io.masks import MaskSource
 from refine_cli.io.readers import Reader, open_raster
 from refine_cli.io.writers import check_output, default_tmp_dir, write_bytes_atomic
 from refine_cli.overlay import unit_reader
+from refine_cli.review.model import ImageReview, Review
 from refine_cli.review.pictures import region_picture, tile_map_picture
-from refine_cli.review.scan import Maps, Scan, scan_regions
+from refine_cli.review.scan import Maps, scan_regions
+from refine_cli.review.sheet import render_html, render_png
 from refine_cli.review.sources import RunEntry, find_runs
 
 log = logging.getLogger(__name__)
@@ -45,39 +46,7 @@ DEFAULT_MAP_SIDE = 640
 
 FORMATS = (".html", ".htm", ".png")
 
-
-@dataclass
-class ImageReview:
-    """What the review shows for one image.
-
-    Attributes:
-        entry: the run's files, report and journal record.
-        anchor: the HTML id of its section (``img-1`` ...).
-        shape: ``(H, W)`` of the image, or ``None`` when it was not read.
-        scan: the regions and the image's changed share and mean uncertainty, or ``None``.
-        regions_png: one PNG per region (:func:`~refine_cli.review.pictures.region_picture`), best first.
-        tile_map_png: the tile map as PNG, or ``None``.
-        notes: one-line remarks (missing files, problems).
-    """
-
-    entry: RunEntry
-    anchor: str
-    shape: tuple[int, int] | None = None
-    scan: Scan | None = None
-    regions_png: list[bytes] = field(default_factory=list)
-    tile_map_png: bytes | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Review:
-    """A whole review: its sources, whether one is a batch, and one :class:`ImageReview` per image."""
-
-    sources: list[str]
-    batch: bool
-    images: list[ImageReview]
-    top: int
-    crop: int
+__all__ = ["ImageReview", "Review", "check_review_output", "review_image", "review_runs"]
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -196,8 +165,6 @@ def review_runs(sources: Sequence[str], out: str, *, top: int = DEFAULT_TOP, cro
         RefineError: a bad option, a missing or unreadable source; in a batch, an image that cannot be
             read becomes a note in its section instead.
     """
-    from refine_cli.review.sheet import render_html, render_png
-
     if top < 1:
         raise UsageError(f"--top {top} must be at least 1")
     if not 16 <= crop <= 4096:

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import numpy as np
 
 from refine_cli.overlay import COMPARE_COLOUR, MASK_COLOUR
 from refine_cli.report.tiles import state_counts
+from refine_cli.review.model import ImageReview, Review
 from refine_cli.review.pictures import HELD_TINT, REFINED_TINT, REGION_COLOUR, STATE_LEGEND, stack, text_strip
-
-if TYPE_CHECKING:
-    from refine_cli.review import ImageReview, Review
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:16px;background:#fafafa;color:#222}
