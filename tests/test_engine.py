@@ -167,25 +167,3 @@ def test_output_is_tiled_bigtiff_with_deflate(scene_files, tmp_path):
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
 
-
-def test_report_tile_map_matches_the_counts(scene_files):
-    """The report's tile map: one character per tile, agreeing with the tile and guard counts."""
-    from refine_cli.report.tiles import STATE_CHARS, decode_states, encode_states, state_counts
-
-    _, rep = run(scene_files, "tilemap", tile_size=256)
-    grid = rep.tile_map["refine"]
-    rows = grid["states"]
-    assert len(rows) == len(grid["row_starts"]) and {len(r) for r in rows} == {len(grid["col_starts"])}
-    counts = state_counts(grid)
-    assert counts["refined"] + counts["held back"] == rep.tiles["refined"] > 0
-    assert counts["skipped"] == rep.tiles["skipped"] > 0 and counts["not run"] == 0
-    guard = rep.tile_map["guard"]
-    g = state_counts(guard)
-    assert g["refined"] + g["held back"] == rep.guard["tiles_checked"]
-    assert (g["held back"] > 0) == (rep.guard["pixels_held"] > 0)
-    assert set("".join(rows + guard["states"])) <= set(STATE_CHARS)
-    codes = decode_states(rows)
-    assert encode_states(codes) == rows
-    # compact: the map costs about a byte per tile in the JSON report
-    n = codes.size
-    assert len(json.dumps(grid["states"])) < 2 * n + 4 * len(rows) + 8

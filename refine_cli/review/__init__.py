@@ -57,10 +57,26 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
+MAX_CACHE = 64 << 20
+"""Largest decoded-chunk cache of one reader, bytes."""
+
+
+def band_cache_bytes(reader: Reader) -> int:
+    """A chunk cache that holds one row of the file's chunks (the scan reads bands thinner than a chunk).
+
+    ``chunk height x W x bands x itemsize``, between 1 MiB and :data:`MAX_CACHE`: it grows with the
+    image's width, never with its height.
+    """
+    chunk = getattr(reader, "chunk_shape", None) or (256, 256)
+    row = int(chunk[0]) * reader.shape[1] * reader.bands * reader.dtype.itemsize
+    return max(1 << 20, min(MAX_CACHE, row))
+
+
 def _open(path: str, what: str, cfg: RefineConfig, readers: list[Reader]) -> Reader:
     r = open_raster(path, max_pixels=cfg.max_pixels, inline_limit=cfg.inline_limit, tmp_dir=default_tmp_dir(),
                     what=what)
     readers.append(r)
+    r.set_cache_bytes(band_cache_bytes(r))
     return r
 
 
