@@ -166,4 +166,3 @@ def test_output_is_tiled_bigtiff_with_deflate(scene_files, tmp_path):
         assert page.compression == 8 and page.predictor == 2
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []
-
