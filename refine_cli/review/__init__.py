@@ -80,6 +80,20 @@ def _open(path: str, what: str, cfg: RefineConfig, readers: list[Reader]) -> Rea
     return r
 
 
+def _kinds(entry: RunEntry) -> tuple[str, int | None]:
+    """How the run read its coarse mask, and the class count of a label map (else ``None``).
+
+    The kind is the report's (``binary``, ``soft``, ``labels``, ``instances``; ``auto`` when unknown):
+    the review reads the masks the way the run did, without detecting their kind again.
+    """
+    mask = (entry.report or {}).get("mask") or {}
+    kind = str(mask.get("kind") or "auto")
+    if kind not in ("binary", "soft", "labels", "instances"):
+        kind = str(entry.config.get("mask_kind") or "auto")
+    classes = mask.get("classes") if kind == "labels" else entry.config.get("classes")
+    return kind, (int(classes) if classes else None)
+
+
 def _open_maps(entry: RunEntry, cfg: RefineConfig, readers: list[Reader],
                notes: list[str]) -> tuple[ImageSource, Maps]:
     """Open the image, the refined and coarse masks and the uncertainty map of one run."""
@@ -88,12 +102,15 @@ def _open_maps(entry: RunEntry, cfg: RefineConfig, readers: list[Reader],
     bands = ((entry.report or {}).get("image") or {}).get("rgb_bands")
     image = ImageSource(_open(entry.image, "image", cfg, readers), tuple(bands) if bands else None)
     shape = image.shape
-    classes, threshold = run_cfg.get("classes"), float(run_cfg.get("threshold", 0.5))
-    refined = MaskSource(_open(entry.refined, "mask", cfg, readers), shape, classes=classes)
+    threshold = float(run_cfg.get("threshold", 0.5))
+    kind, classes = _kinds(entry)
+    refined_kind = "labels" if kind == "labels" else "soft" if run_cfg.get("soft") else "binary"
+    refined = MaskSource(_open(entry.refined, "mask", cfg, readers), shape, classes=classes,
+                         kind=refined_kind if entry.report is not None else "auto", threshold=threshold)
     coarse = None
     if entry.coarse is not None:
-        coarse = MaskSource(_open(entry.coarse, "mask", cfg, readers), shape, classes=classes,
-                            kind=run_cfg.get("mask_kind", "auto"), threshold=threshold)
+        coarse = MaskSource(_open(entry.coarse, "mask", cfg, readers), shape, classes=classes, kind=kind,
+                            threshold=threshold)
         if coarse.is_labels != refined.is_labels:
             notes.append(f"{entry.coarse} and {entry.refined}: one is a label map and the other is not; "
                          "the coarse mask is left out")
