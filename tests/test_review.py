@@ -82,17 +82,18 @@ def test_review_page_is_self_contained(scene_run, tmp_path):
     assert "<script" not in page.lower() and not re.search(r'(src|href)="(https?:)?//', page)
     assert "url(" not in page  # no external style resource either
     iv = review.images[0]
-    assert iv.notes == [] and len(iv.regions_png) == 5
+    assert iv.notes == [] and len(iv.scan.regions) == 5
+    assert iv.regions_png == [] and iv.tile_map_png is None  # written, then let go
     srcs = _imgs(page)
     assert len(srcs) == 1 + 5  # the tile map and the regions
+    pics = []
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         pic = cv2.imdecode(np.frombuffer(base64.b64decode(src.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
         assert pic is not None and pic.std() > 5
-    tile_map = cv2.imdecode(np.frombuffer(iv.tile_map_png, np.uint8), cv2.IMREAD_COLOR)
-    assert tile_map.shape == (480, 640, 3)
-    region = cv2.imdecode(np.frombuffer(iv.regions_png[0], np.uint8), cv2.IMREAD_COLOR)
-    assert region.shape == (256, 2 * 256 + 8, 3)  # 1:1 crop beside its heat map
+        pics.append(pic)
+    assert pics[0].shape == (480, 640, 3)  # the tile map
+    assert {p.shape for p in pics[1:]} == {(256, 2 * 256 + 8, 3)}  # 1:1 crops beside their heat maps
     wins = [r.window for r in iv.scan.regions]
     assert all(a.intersection(b) is None for k, a in enumerate(wins) for b in wins[k + 1:])
     scores = [r.score for r in iv.scan.regions]
@@ -205,6 +206,8 @@ def test_review_png_sheet_and_errors(scene_run, tmp_path, cli):
     assert pic.shape[1] == 640 and pic.shape[0] > 480 + 128 and pic.std() > 10  # the tile map is widest
     code, _, err = cli("review", scene_run / "run.json", "-o", out)
     assert code == 2 and "--overwrite" in err
+    code, _, err = cli("review", scene_run / "run.json", "-o", tmp_path / "big.png", "--top", 200)
+    assert code == 2 and "write .html" in err and not (tmp_path / "big.png").exists()
     code, _, err = cli("review", scene_run / "run.json", "-o", tmp_path / "r.pdf")
     assert code == 2 and ".html" in err
     code, _, err = cli("review", scene_run / "scene.jpg", "-o", tmp_path / "r.html")
@@ -247,7 +250,7 @@ def test_review_of_a_batch_folder(batch_dir, tmp_path):
     assert review.batch and [iv.entry.status for iv in review.images] == ["failed", "done"]
     done = review.images[1]
     assert done.entry.report is not None and done.entry.report["tile_map"]["refine"]["states"]
-    assert len(done.regions_png) == 3 and done.tile_map_png is not None
+    assert len(done.scan.regions) == 3
     for iv in review.images:  # the table links to every section
         assert f'href="#{iv.anchor}"' in page and f'id="{iv.anchor}"' in page
     assert 'class="l failed"' in page and review.images[0].entry.error

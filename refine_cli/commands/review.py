@@ -35,7 +35,7 @@ def review_cmd(
         result = review_runs(runs, out, top=top, crop=crop, map_side=map_side, overwrite=overwrite,
                              progress=progress)
     if not quiet:
-        regions = sum(len(iv.regions_png) for iv in result.images)
+        regions = sum(len(iv.scan.regions) for iv in result.images if iv.scan is not None)
         err_console.print(f"wrote {out} ({len(result.images)} image(s), {regions} region(s))",
                           highlight=False)
 

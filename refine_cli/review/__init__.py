@@ -14,7 +14,7 @@ thumbnail and the pictures (PNG-encoded) are held.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import cv2
@@ -26,11 +26,11 @@ from refine_cli.io.image import ImageSource, choose_level, fit_within
 from refine_cli.io.masks import MaskSource
 from refine_cli.io.readers import Reader, open_raster
 from refine_cli.io.writers import check_output, default_tmp_dir, write_bytes_atomic
-from refine_cli.overlay import unit_reader
+from refine_cli.overlay import GAP, unit_reader
 from refine_cli.review.model import ImageReview, Review
 from refine_cli.review.pictures import region_picture, tile_map_picture
 from refine_cli.review.scan import Maps, scan_regions
-from refine_cli.review.sheet import render_html, render_png
+from refine_cli.review.sheet import render_png, write_html
 from refine_cli.review.sources import RunEntry, find_runs
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ DEFAULT_MAP_SIDE = 640
 """Long side of the tile map, px."""
 
 FORMATS = (".html", ".htm", ".png")
+
+MAX_SHEET_HEIGHT = 30_000
+"""Tallest PNG contact sheet, px (about 140 MB of RGB at its width): larger reviews go to HTML."""
 
 __all__ = ["ImageReview", "Review", "check_review_output", "review_image", "review_runs"]
 
@@ -197,6 +200,10 @@ def review_runs(sources: Sequence[str], out: str, *, top: int = DEFAULT_TOP, cro
     Raises:
         RefineError: a bad option, a missing or unreadable source; in a batch, an image that cannot be
             read becomes a note in its section instead.
+
+    The HTML page is written while the images are reviewed, one image's pictures in memory at a
+    time, and the returned :class:`ImageReview` records no longer hold them; the PNG sheet holds
+    every picture (its size is capped by :data:`MAX_SHEET_HEIGHT`).
     """
     if top < 1:
         raise UsageError(f"--top {top} must be at least 1")
@@ -206,18 +213,26 @@ def review_runs(sources: Sequence[str], out: str, *, top: int = DEFAULT_TOP, cro
         raise UsageError(f"--map-side {map_side} is too small: use 64 px or more")
     fmt = check_review_output(out, overwrite)
     entries, batch = find_runs(list(sources))
-    images = []
-    for k, entry in enumerate(entries, 1):
-        try:
-            images.append(review_image(entry, f"img-{k}", top=top, crop=crop, map_side=map_side,
-                                       config=config))
-        except RefineError as exc:
-            if not batch:
-                raise
-            images.append(ImageReview(entry, f"img-{k}", notes=[*entry.notes, str(exc)]))
-        if progress is not None:
-            progress("review images", k, len(entries))
-    review = Review(list(sources), batch, images, top, crop)
-    data = render_html(review).encode("utf-8") if fmt == "html" else png_bytes(render_png(review))
-    write_bytes_atomic(out, data, overwrite=overwrite)
+    review = Review(list(sources), batch, [], top, crop)
+
+    def each() -> Iterator[ImageReview]:
+        for k, entry in enumerate(entries, 1):
+            try:
+                yield review_image(entry, f"img-{k}", top=top, crop=crop, map_side=map_side, config=config)
+            except RefineError as exc:
+                if not batch:
+                    raise
+                yield ImageReview(entry, f"img-{k}", notes=[*entry.notes, str(exc)])
+            if progress is not None:
+                progress("review images", k, len(entries))
+
+    if fmt == "html":
+        write_html(out, review, each(), overwrite)
+        return review
+    tall = sum(120 + map_side + -(-top // 2) * (crop + GAP) for _ in entries)
+    if tall > MAX_SHEET_HEIGHT:
+        raise UsageError(f"a contact sheet of {len(entries)} image(s) would be about {tall} px tall (at most "
+                         f"{MAX_SHEET_HEIGHT}): write .html, or lower --top, --crop or --map-side")
+    review.images.extend(each())
+    write_bytes_atomic(out, png_bytes(render_png(review)), overwrite=overwrite)
     return review

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import base64
 import html
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import cv2
 import numpy as np
 
+from refine_cli.io.writers import atomic_replace, temp_path_for
 from refine_cli.overlay import COMPARE_COLOUR, MASK_COLOUR
 from refine_cli.report.tiles import state_counts
 from refine_cli.review.model import ImageReview, Review
@@ -122,7 +127,8 @@ def _legend() -> str:
     return " ".join(parts)
 
 
-def _section(review: Review, iv: ImageReview) -> str:
+def section(iv: ImageReview) -> str:
+    """One image's section: facts, notes, tile map, stage times, guard counts and regions."""
     e, sc = iv.entry, iv.scan
     out = [f'<section id="{iv.anchor}"><h2>{html.escape(e.name)}</h2>']
     facts = [f"status <b>{html.escape(e.status)}</b>"]
@@ -152,7 +158,7 @@ def _section(review: Review, iv: ImageReview) -> str:
         if not iv.regions_png:
             out.append("<p>nothing uncertain and nothing changed</p>")
         out.append('<div class="row">')
-        for k, (data, r) in enumerate(zip(iv.regions_png, sc.regions, strict=True), 1):
+        for k, (data, r) in enumerate(zip(iv.regions_png, sc.regions, strict=False), 1):
             w = r.window
             out.append(f"<figure>{_img(data, f'region {k}')}<figcaption>#{k} x={w.col} y={w.row} "
                        f"{w.width}x{w.height} px, score {r.score:.3f}</figcaption></figure>")
@@ -162,7 +168,16 @@ def _section(review: Review, iv: ImageReview) -> str:
 
 
 def render_html(review: Review) -> str:
-    """The page (see the module docstring)."""
+    """The whole page (see the module docstring) of a review that holds its pictures."""
+    return page_head(review) + "\n".join(section(iv) for iv in review.images) + PAGE_TAIL
+
+
+PAGE_TAIL = "\n</body></html>\n"
+"""The end of the page."""
+
+
+def page_head(review: Review) -> str:
+    """The page up to the first image's section: style, title and, for several images, the table."""
     title = "refine review"
     head = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{CSS}</style></head><body>")
@@ -171,9 +186,40 @@ def render_html(review: Review) -> str:
     parts = [head, intro]
     if review.batch or len(review.images) > 1:
         parts.append(_batch_table(review))
-    parts += [_section(review, iv) for iv in review.images]
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+    return "\n".join(parts) + "\n"
+
+
+def write_html(path: str, review: Review, images: Iterator[ImageReview], overwrite: bool) -> None:
+    """Write the page atomically while the images are reviewed, holding one image's pictures at a time.
+
+    Each section goes to a temporary spool file beside ``path`` as its image is done, and its pictures
+    are dropped from ``review``; the head (with the batch table, which needs every image's numbers) is
+    written last, before the spooled sections, to a temporary file renamed to ``path``.
+
+    Args:
+        path: the ``.html`` to write.
+        review: the review's settings; ``review.images`` is filled from ``images``.
+        images: the images' reviews, made one at a time.
+        overwrite: replace an existing ``path``.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = temp_path_for(path)
+    try:
+        with tempfile.TemporaryFile(dir=folder) as spool:
+            for iv in images:
+                spool.write(section(iv).encode("utf-8") + b"\n")
+                iv.regions_png, iv.tile_map_png = [], None
+                review.images.append(iv)
+            spool.seek(0)
+            with open(tmp, "wb") as fh:
+                fh.write(page_head(review).encode("utf-8"))
+                shutil.copyfileobj(spool, fh, 1 << 20)
+                fh.write(PAGE_TAIL.encode("utf-8"))
+        atomic_replace(tmp, path, overwrite)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _decode(data: bytes) -> np.ndarray:
