@@ -261,9 +261,9 @@ def render_png(review: Review) -> np.ndarray:
         ``(h, w, 3)`` uint8 RGB.
     """
     width = 2 * (2 * review.crop + 8) + 8
-    legend = "tiles: dimmed skipped, blue refined, red guard held changes back; yellow: regions; " \
-             "green: refined, magenta: coarse"
-    blocks = [text_strip([f"refine review: {', '.join(review.sources)}"[:160], legend], width)]
+    legend = ["tiles: dimmed skipped, blue refined, red: the guard held changes back",
+              "yellow: regions; contours: green refined, magenta coarse"]
+    blocks = [text_strip([f"refine review: {', '.join(review.sources)}"[:160], *legend], width)]
     blocks += [_sheet_block(iv, width) for iv in review.images]
     return stack(blocks, gap=24)
 
