@@ -29,7 +29,8 @@ from refine_cli.review.pictures import HELD_TINT, REFINED_TINT, REGION_COLOUR, S
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:16px;background:#fafafa;color:#222}
 h1{font-size:20px}h2{font-size:17px;margin-top:28px;border-top:1px solid #ccc;padding-top:10px}
-table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:right;
+white-space:nowrap}td.l{white-space:normal}
 th{background:#eee}td.l,th.l{text-align:left}.failed{color:#b00}.done{color:#070}
 .row{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}
 figure{margin:0 0 12px 0}figcaption{font-size:12px;color:#555}img{display:block}

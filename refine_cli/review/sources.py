@@ -23,7 +23,8 @@ class RunEntry:
     """One image of a review and the files of its run.
 
     Attributes:
-        name: a short label (the input's key, or the image's file name).
+        name: a short label (a batch input's key without its ``.refined.*`` ending, or the image's file
+            name).
         status: ``done``, ``failed`` or ``skipped`` (a batch record's), ``done`` for a run report.
         image: the image's path, or ``None`` when unknown.
         coarse: the coarse mask's path, or ``None`` (made by a segmenter and not kept).
@@ -121,13 +122,14 @@ def _batch_entries(outdir: Path, journal: Path | None = None) -> list[RunEntry]:
     entries = []
     for key in sorted(records):
         rec = records[key]
+        name = key.rsplit(".refined", 1)[0] if ".refined" in key else key  # the image's stem, in its folder
         outs = {k: str(v.get("path")) for k, v in (rec.get("outputs") or {}).items() if isinstance(v, dict)}
         report_path = _resolve(outs.get("report"), outdir)
         if report_path is not None and rec.get("status") == "done":
-            entry = entry_from_report(_load_json(Path(report_path)), Path(report_path).parent, key, outdir)
+            entry = entry_from_report(_load_json(Path(report_path)), Path(report_path).parent, name, outdir)
         else:
             mask = rec.get("mask") or {}
-            entry = RunEntry(key, image=_resolve((rec.get("image") or {}).get("path")),
+            entry = RunEntry(name, image=_resolve((rec.get("image") or {}).get("path")),
                              coarse=_resolve(mask.get("path") if isinstance(mask, dict) else None),
                              refined=_resolve(outs.get("mask"), outdir),
                              uncertainty=_resolve(outs.get("uncertainty"), outdir))
