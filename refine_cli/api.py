@@ -45,6 +45,7 @@ from refine_cli.refiners import build_refiner, uses_torch
 from refine_cli.refiners.base import Refiner, Scene
 from refine_cli.refiners.guard import GuardParams, guard_notes, guard_params, guard_report
 from refine_cli.report.summary import RunReport, library_versions, peak_rss_bytes
+from refine_cli.report.tiles import tile_map_entry
 from refine_cli.report.timing import StageTimer
 from refine_cli.segment import segment_file
 
@@ -472,7 +473,8 @@ def _report(req: _Request, refiner: Refiner, inputs: _Inputs, scene: Scene, run:
                                None if guard_level is None else _guard_level_facts(guard_level))
     return RunReport(
         image={**{k: v for k, v in inputs.readers[0].describe().items() if k != "levels"},  # image reader
-               "georeferenced": inputs.src.georef is not None},
+               "georeferenced": inputs.src.georef is not None,
+               "rgb_bands": list(req.bands) if req.bands is not None else None},
         mask=_coarse_facts(inputs.mask, inputs.seg_facts, req.save_coarse, cfg),
         outputs={"mask": req.out, "uncertainty": req.uncertainty, "report": req.report,
                  "coarse": req.save_coarse},
@@ -492,8 +494,21 @@ def _report(req: _Request, refiner: Refiner, inputs: _Inputs, scene: Scene, run:
         levels=[lv.to_dict() for lv in levels], versions=library_versions(),
         config={**cfg.to_dict(), "threads_used": threads},
         notes=list(scene.notes) + guard_notes(guard_facts), guard=guard_facts,
-        started=started, finished=_utc_now(), command=req.command,
+        started=started, finished=_utc_now(), command=req.command, workdir=os.getcwd(),
+        tile_map=_tile_maps(levels[-1], guard_level),
     )
+
+
+def _tile_maps(last: LevelResult, guard_level: LevelResult | None) -> dict[str, Any]:
+    """The report's ``tile_map``: the refiner's full-resolution grid and the guard's, one byte per tile."""
+    out: dict[str, Any] = {}
+    for name, level in (("refine", last), ("guard", guard_level)):
+        if level is None or level.stats.states is None:
+            continue
+        g = level.grid
+        out[name] = tile_map_entry(g.shape, (g.tile_height, g.tile_width), g.row_starts, g.col_starts,
+                                   level.stats.states)
+    return out
 
 
 def _guard_level_facts(level: LevelResult) -> dict[str, Any]:

@@ -129,7 +129,7 @@ def _mount_optional() -> None:
 
     for name, module in (("weights", "refine_cli.commands.weights"), ("batch", "refine_cli.commands.batch"),
                          ("eval", "refine_cli.commands.eval"), ("overlay", "refine_cli.commands.overlay"),
-                         ("train", "refine_cli.commands.train")):
+                         ("review", "refine_cli.commands.review"), ("train", "refine_cli.commands.train")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

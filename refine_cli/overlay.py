@@ -12,7 +12,7 @@ separated by :data:`GAP` px, top-aligned::
     [ overview (oh x ow) ] [ uncertainty (oh x ow), with --uncertainty ] [ crop (ch x cw), when there is one ]
 
     (oh, ow) = fit_within((H, W), max_side)           the image downscaled, aspect kept
-    (ch, cw) = (min(crop, H), min(crop, W))           shown 1:1 (full resolution)
+    (ch, cw) = (min(max(crop, oh), H), min(crop, W))  shown 1:1 (full resolution), as tall as the overview
     height   = max(oh, ch)
     width    = ow + [GAP + ow] + [GAP + cw]
 
@@ -21,12 +21,14 @@ separated by :data:`GAP` px, top-aligned::
   probabilities thresholded at ``threshold``; label maps draw the boundaries
   between classes of a nearest-neighbour downscale. The crop's place is framed
   (:data:`CROP_COLOUR`).
-* **Crop**: centred on the most-changed boundary region: the ``crop x crop``
-  window (in overview px: ``round(crop * oh / H) x round(crop * ow / W)``, at
-  least 1) with the largest sum of ``|p_mask - p_compare|`` on the overview
-  grid (label maps: the fraction of differing labels); without a compared mask,
-  the most uncertain window of the uncertainty map. No crop when the overview
-  is already at full resolution, when the sum is 0 everywhere, or with ``crop=0``.
+* **Crop**: ``ch x cw`` px at full resolution, filling the picture's height, centred
+  on the window of that size (in overview px: ``round(ch * oh / H) x round(cw * ow / W)``,
+  at least 1) with the largest sum of a score on the overview grid, the first of
+  these that is not 0 everywhere: ``|p_mask - p_compare|`` (label maps: differing
+  labels), where the refinement changed the coarse mask; the uncertainty near
+  MASK's boundary (within a quarter of the window); MASK's boundary pixels; the
+  uncertainty anywhere (a mask without a boundary). No crop when the overview is already at full resolution,
+  when every score is 0 everywhere, or with ``crop=0``.
 * **Uncertainty**: the map (uint8 ``v/255``, uint16 ``v/65535`` or float in
   ``[0, 1]``; 1 = most uncertain), area-downscaled like the image, through the
   *inferno* colour map (OpenCV's table), blended ``0.35 * grey image + 0.65 * heat``.
@@ -35,6 +37,7 @@ separated by :data:`GAP` px, top-aligned::
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,6 +165,31 @@ def label_overview(src: MaskSource, out_shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def unit_reader(reader: Reader) -> Callable[[Window], np.ndarray]:
+    """Read band 1 of an uncertainty map as values in ``[0, 1]``, window by window.
+
+    Args:
+        reader: the opened map: uint8 (``v/255``), uint16 (``v/65535``), float in ``[0, 1]`` or bool.
+
+    Returns:
+        ``f(window) -> (h, w, 1)`` float32 in ``[0, 1]``, 1 = most uncertain.
+
+    Raises:
+        InputError: another dtype.
+    """
+    dt = reader.dtype
+    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(dt, 1.0)
+    if dt.kind not in "uifb":
+        raise InputError(f"uncertainty map {reader.path} has unsupported dtype {dt}")
+
+    def read(win: Window) -> np.ndarray:
+        v = reader.read(win)[..., :1].astype(np.float32)
+        result: np.ndarray = np.clip(np.nan_to_num(v) * np.float32(1.0 / scale), 0.0, 1.0)
+        return result
+
+    return read
+
+
 def uncertainty_overview(
     reader: Reader, image_shape: tuple[int, int], out_shape: tuple[int, int]
 ) -> np.ndarray:
@@ -176,16 +204,7 @@ def uncertainty_overview(
         ``out_shape`` float32 in ``[0, 1]``, 1 = most uncertain.
     """
     check_mask_shape(reader.shape, image_shape, reader.path)
-    dt = reader.dtype
-    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(dt, 1.0)
-    if dt.kind not in "uifb":
-        raise InputError(f"uncertainty map {reader.path} has unsupported dtype {dt}")
-
-    def read(win: Window) -> np.ndarray:
-        v = reader.read(win)[..., :1].astype(np.float32)
-        result: np.ndarray = np.clip(np.nan_to_num(v) * np.float32(1.0 / scale), 0.0, 1.0)
-        return result
-
+    read = unit_reader(reader)
     nh, nw = reader.shape
     if nh * nw <= _SMALL_NATIVE * out_shape[0] * out_shape[1]:
         result: np.ndarray = np.clip(_resize(read(Window.full(reader.shape))[..., 0], out_shape), 0.0, 1.0)
@@ -225,14 +244,15 @@ def choose_crop(score: np.ndarray, image_shape: tuple[int, int], overview_shape:
         crop: crop side at full resolution, px (>= 1).
 
     Returns:
-        A ``min(crop, H) x min(crop, W)`` window inside the image, or ``None`` when the
-        overview is at full resolution already or ``score`` is 0 everywhere.
+        A ``min(max(crop, oh), H) x min(crop, W)`` window inside the image (as tall as the
+        overview, so that the crop panel is full), or ``None`` when the overview is at full
+        resolution already or ``score`` is 0 everywhere.
     """
     (H, W), (oh, ow) = image_shape, overview_shape
     if (oh, ow) == (H, W):
         log.info("the image fits the overview at full resolution; no separate crop")
         return None
-    ch, cw = min(crop, H), min(crop, W)
+    ch, cw = min(max(crop, oh), H), min(crop, W)
     box = (max(1, round(ch * oh / H)), max(1, round(cw * ow / W)))
     corner = most_changed_window(score, box)
     if corner is None:
@@ -263,15 +283,16 @@ def _label_edges(canvas: np.ndarray, labels: np.ndarray, colour: tuple[int, int,
     canvas[edge] = colour
 
 
-def _draw(canvas: np.ndarray, layer_values: np.ndarray, labels: bool, threshold: float,
-          colour: tuple[int, int, int], thickness: int) -> None:
+def draw_values(canvas: np.ndarray, layer_values: np.ndarray, labels: bool, threshold: float,
+                colour: tuple[int, int, int], thickness: int) -> None:
+    """Draw a mask's contours (``(h, w)`` float probabilities) or a label map's edges (int) on ``canvas``."""
     if labels:
         _label_edges(canvas, layer_values, colour)
     else:
         _contours(canvas, layer_values, threshold, colour, thickness)
 
 
-def _text(canvas: np.ndarray, lines: list[tuple[str, tuple[int, int, int]]]) -> None:
+def draw_text(canvas: np.ndarray, lines: list[tuple[str, tuple[int, int, int]]]) -> None:
     """Write a small legend in the top-left corner (in place), on a dark box."""
     font, fs, th = cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1
     y = 4
@@ -339,13 +360,17 @@ def render_overlay(
     try:
         inp = _load(image, mask, compare, uncertainty, max_side, classes, bands, cfg, readers)
         H, W = inp.src.shape
-        score, changed = _crop_score(inp)
-        crop_window = choose_crop(score, (H, W), inp.oshape, crop) if crop and score is not None else None
+        changed = _changed_fraction(inp)
+        crop_window = None
+        for score in _crop_scores(inp, threshold, crop) if crop else []:
+            crop_window = choose_crop(score, (H, W), inp.oshape, crop)
+            if crop_window is not None:
+                break
         panels = [("overview", _overview_panel(inp, threshold, crop_window))]
         if inp.unc is not None:
             grey = cv2.cvtColor(inp.view, cv2.COLOR_RGB2GRAY)
             hm = heat_map(inp.unc, grey)
-            _text(hm, [(f"uncertainty {Path(uncertainty or '').name}", (255, 255, 255))])
+            draw_text(hm, [(f"uncertainty {Path(uncertainty or '').name}", (255, 255, 255))])
             panels.append(("uncertainty", hm))
         if crop_window is not None:
             panels.append(("crop", _crop_panel(inp, threshold, crop_window)))
@@ -413,18 +438,62 @@ def _load(
     return _Inputs(src, oshape, layers, labels, unc, view)
 
 
-def _crop_score(inp: _Inputs) -> tuple[np.ndarray | None, float | None]:
-    """Where to crop: the two masks' difference on the overview grid, else the uncertainty.
+def _difference(inp: _Inputs) -> np.ndarray | None:
+    """``(oh, ow)`` float32 ``|p_mask - p_compare|`` (label maps: 1 where they differ); ``None``: one mask."""
+    if len(inp.layers) < 2:
+        return None
+    a, b = inp.layers[0].overview, inp.layers[1].overview
+    diff: np.ndarray = (a != b).astype(np.float32) if inp.labels else np.abs(a - b).astype(np.float32)
+    return diff
+
+
+def _changed_fraction(inp: _Inputs) -> float | None:
+    """Mean difference of the two masks over the overview (``None`` with one mask)."""
+    diff = _difference(inp)
+    return None if diff is None else float(diff.mean())
+
+
+def boundary_pixels(values: np.ndarray, labels: bool, threshold: float) -> np.ndarray:
+    """Pixels on either side of a class boundary.
+
+    Args:
+        values: ``(h, w)`` float probabilities in ``[0, 1]``, or int class indices when ``labels``.
+        labels: ``values`` are class indices.
+        threshold: foreground at or above it (probabilities).
 
     Returns:
-        The score map (``None``: nothing to choose by) and the mean difference of the masks
-        (``None`` without a compared mask).
+        ``(h, w)`` bool.
     """
-    if len(inp.layers) == 2:
-        a, b = inp.layers[0].overview, inp.layers[1].overview
-        score = (a != b).astype(np.float32) if inp.labels else np.abs(a - b)
-        return score, float(score.mean())
-    return inp.unc, None
+    cls = values if labels else values >= threshold
+    edge = np.zeros(cls.shape, bool)
+    rows = cls[:-1] != cls[1:]
+    edge[:-1] |= rows
+    edge[1:] |= rows
+    cols = cls[:, :-1] != cls[:, 1:]
+    edge[:, :-1] |= cols
+    edge[:, 1:] |= cols
+    return edge
+
+
+def _crop_scores(inp: _Inputs, threshold: float, crop: int) -> list[np.ndarray]:
+    """Where to crop, in order of preference (see the module docstring), on the overview grid.
+
+    Each ``(oh, ow)`` float32 >= 0; the caller takes the first that is not 0 everywhere.
+    """
+    scores: list[np.ndarray] = []
+    diff = _difference(inp)
+    if diff is not None:
+        scores.append(diff)
+    edge = boundary_pixels(inp.layers[0].overview, inp.labels, threshold)
+    if inp.unc is not None:
+        H, W = inp.src.shape
+        r = max(1, round(min(crop * inp.oshape[0] / H, crop * inp.oshape[1] / W) / 4))
+        near = cv2.dilate(edge.astype(np.uint8), np.ones((2 * r + 1, 2 * r + 1), np.uint8)) > 0
+        scores.append(inp.unc * near)
+    scores.append(edge.astype(np.float32))
+    if inp.unc is not None:  # a mask without a boundary: the uncertainty anywhere
+        scores.append(inp.unc)
+    return scores
 
 
 _COLOURS = (MASK_COLOUR, COMPARE_COLOUR)
@@ -438,26 +507,48 @@ def _overview_panel(inp: _Inputs, threshold: float, crop_window: Window | None) 
         legend.append((f"{layers[1].name}", COMPARE_COLOUR))
     over = inp.view.copy()
     for layer, colour in zip(reversed(layers), reversed(_COLOURS[: len(layers)]), strict=True):
-        _draw(over, layer.overview, inp.labels, threshold, colour, 1)
+        draw_values(over, layer.overview, inp.labels, threshold, colour, 1)
     if crop_window is not None:
         H, W = inp.src.shape
         sy, sx = inp.oshape[0] / H, inp.oshape[1] / W
         p0 = (int(crop_window.col * sx), int(crop_window.row * sy))
         p1 = (int(np.ceil(crop_window.col_end * sx)) - 1, int(np.ceil(crop_window.row_end * sy)) - 1)
         cv2.rectangle(over, p0, p1, CROP_COLOUR, 1)
-    _text(over, legend)
+    draw_text(over, legend)
     return over
+
+
+def crop_picture(src: ImageSource, masks: Sequence[tuple[MaskSource, tuple[int, int, int]]], window: Window,
+                 *, labels: bool, threshold: float, caption: str | None = None) -> np.ndarray:
+    """One window of the image at full resolution with the masks' contours (label maps: their edges).
+
+    Reads only ``window`` (image and masks).
+
+    Args:
+        src: the image.
+        masks: ``(mask on the image grid, RGB colour)`` pairs; the first is drawn last (on top).
+        window: the window, in image px.
+        labels: the masks are label maps.
+        threshold: probability at or above which a pixel is foreground, in (0, 1).
+        caption: a line written in the top-left corner, or ``None``.
+
+    Returns:
+        ``(window.height, window.width, 3)`` uint8 RGB.
+    """
+    cimg = src.read(window)
+    for mask, colour in reversed(masks):
+        vals = mask.read_labels(window).labels() if labels else mask.read(window)
+        draw_values(cimg, vals, labels, threshold, colour, 1)
+    if caption:
+        draw_text(cimg, [(caption, (255, 255, 255))])
+    return cimg
 
 
 def _crop_panel(inp: _Inputs, threshold: float, crop_window: Window) -> np.ndarray:
     """The full-resolution crop with the masks' contours (or label edges) and its place."""
-    cimg = inp.src.read(crop_window)
-    layers = inp.layers
-    for layer, colour in zip(reversed(layers), reversed(_COLOURS[: len(layers)]), strict=True):
-        vals = layer.src.read_labels(crop_window).labels() if inp.labels else layer.src.read(crop_window)
-        _draw(cimg, vals, inp.labels, threshold, colour, 1)
-    _text(cimg, [(f"1:1 at x={crop_window.col}, y={crop_window.row}", (255, 255, 255))])
-    return cimg
+    masks = [(layer.src, colour) for layer, colour in zip(inp.layers, _COLOURS, strict=False)]
+    return crop_picture(inp.src, masks, crop_window, labels=inp.labels, threshold=threshold,
+                        caption=f"1:1 at x={crop_window.col}, y={crop_window.row}")
 
 
 def _compose(panels: list[tuple[str, np.ndarray]]) -> tuple[np.ndarray, dict[str, Window]]:

@@ -8,7 +8,7 @@ The layers (lowest first; a module may import its own layer and those below, nev
     refiners                                  the methods behind the refiner protocol
     engine                                    tiles, levels, outputs, resume
     api, segment, evaluate, evaluation_io,    the library calls
-    overlay, batch
+    overlay, batch, review
     train                                     may import inference modules, never the reverse
     commands, cli                             the command line
 """
@@ -32,7 +32,7 @@ LAYERS = {
     "refine_cli.refiners": 3,
     "refine_cli.engine": 4,
     "refine_cli.api": 5, "refine_cli.segment": 5, "refine_cli.evaluate": 5, "refine_cli.evaluation_io": 5,
-    "refine_cli.overlay": 5, "refine_cli.batch": 5,
+    "refine_cli.overlay": 5, "refine_cli.batch": 5, "refine_cli.review": 5,
     "refine_cli.train": 7,
     "refine_cli.commands": 9, "refine_cli.cli": 9,
 }

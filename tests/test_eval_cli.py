@@ -258,9 +258,11 @@ def test_overlay_size_and_crop(scene, tmp_path, cli):
                        scene / "coarse.png", "--max-side", 200, "--crop", 64, "-o", out)
     assert code == 0, err
     pic = cv2.imread(str(out))
-    # overview 150 x 200, gap 8, crop 64 x 64 shown 1:1
+    # overview 150 x 200, gap 8, crop 64 wide shown 1:1 and as tall as the overview (the panel is full)
     assert pic.shape == (150, 200 + 8 + 64, 3)
-    assert "crop 64x64" in err
+    assert "crop 64x150" in err
+    bottom = pic[-40:, 208:].reshape(-1, 3).astype(int)  # below where a 64 px square crop would end
+    assert (np.abs(bottom - [32, 32, 32]).sum(axis=1) > 0).all()  # image there, not bare background
     x, y = (int(v) for v in re.search(r"at x=(\d+), y=(\d+)", err).groups())
     # the crop covers the bump (rows 60-100, cols 250-330)
     assert 250 - 64 < x < 330 and 60 - 64 < y < 100
@@ -301,6 +303,46 @@ def test_choose_crop_edge_cases():
     assert choose_crop(score, (500, 800), (50, 80), 5000).shape == (500, 800)
 
 
+def test_overlay_crop_without_compare_lands_on_the_mask(tmp_path):
+    """Without --compare, the crop goes where MASK's boundary is (and fills the panel's height)."""
+    from refine_cli.overlay import render_overlay
+
+    yy, xx = np.mgrid[:600, :800]
+    disc = (yy - 450) ** 2 + (xx - 650) ** 2 < 60**2  # one object, bottom right
+    write_png(tmp_path / "image.png", np.where(disc[..., None], 200, 60).astype(np.uint8).repeat(3, axis=2))
+    write_png(tmp_path / "mask.png", disc.astype(np.uint8) * 255)
+    ov = render_overlay(str(tmp_path / "image.png"), str(tmp_path / "mask.png"), max_side=200, crop=128)
+    win = ov.crop_window
+    assert win is not None and win.shape == (150, 128)  # overview 150 x 200: the crop is 150 tall
+    assert disc[win.slices].any() and not disc[win.slices].all()  # the boundary is in the crop
+    assert ov.rgb.shape == (150, 200 + 8 + 128, 3)
+
+
+def test_overlay_crop_with_uncertainty_prefers_the_mask_boundary(tmp_path):
+    """Uncertainty far from MASK (noise in the background) does not pull the crop off the mask."""
+    from refine_cli.overlay import render_overlay
+
+    yy, xx = np.mgrid[:600, :800]
+    disc = (yy - 450) ** 2 + (xx - 650) ** 2 < 60**2
+    write_png(tmp_path / "image.png", np.where(disc[..., None], 200, 60).astype(np.uint8).repeat(3, axis=2))
+    write_png(tmp_path / "mask.png", disc.astype(np.uint8) * 255)
+    unc = np.zeros((600, 800), np.uint8)
+    unc[50:200, 50:200] = 255  # a hot patch with no mask near it
+    ring = (np.abs(np.sqrt((yy - 450.0) ** 2 + (xx - 650.0) ** 2) - 60) < 3)
+    unc[ring] = 120  # the boundary is less uncertain than the patch
+    write_png(tmp_path / "unc.png", unc)
+    ov = render_overlay(str(tmp_path / "image.png"), str(tmp_path / "mask.png"),
+                        uncertainty=str(tmp_path / "unc.png"), max_side=200, crop=128)
+    win = ov.crop_window
+    assert win is not None and disc[win.slices].any() and not disc[win.slices].all()
+    # nothing uncertain near the mask: the crop still goes to the mask's boundary, not the patch
+    unc[ring] = 0
+    write_png(tmp_path / "unc.png", unc)
+    ov = render_overlay(str(tmp_path / "image.png"), str(tmp_path / "mask.png"),
+                        uncertainty=str(tmp_path / "unc.png"), max_side=200, crop=128)
+    assert ov.crop_window is not None and disc[ov.crop_window.slices].any()
+
+
 def test_overlay_of_tiled_tiff_streams(tmp_path):
     from refine_cli.devtools.synthetic import random_scene, write_tiled
     from refine_cli.overlay import render_overlay
@@ -315,7 +357,7 @@ def test_overlay_of_tiled_tiff_streams(tmp_path):
                         max_side=300, crop=128)
     assert ov.overview_shape == (200, 300)
     assert ov.rgb.shape == (200, 300 + 8 + 128, 3)
-    assert ov.crop_window is not None and ov.crop_window.shape == (128, 128)
+    assert ov.crop_window is not None and ov.crop_window.shape == (200, 128)  # as tall as the overview
     assert 0 < ov.changed_fraction < 0.2
 
 

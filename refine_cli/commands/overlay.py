@@ -25,8 +25,9 @@ def overlay_cmd(
     uncertainty: Annotated[str | None, typer.Option("--uncertainty", help="Uncertainty map (`refine run "
                                                     "--uncertainty`), drawn as a heat map panel.")] = None,
     max_side: Annotated[int, typer.Option(help="Long side of the downscaled overview, px.")] = 1600,
-    crop: Annotated[int, typer.Option(help="Side of the full-resolution crop around the most-changed "
-                                      "region, px (0 = none).")] = 512,
+    crop: Annotated[int, typer.Option(help="Width of the 1:1 crop (as tall as the overview), px (0 = none); "
+                                      "it goes where the masks differ most, else where MASK's boundary is "
+                                      "most uncertain, else on MASK's boundary.")] = 512,
     threshold: Annotated[float, typer.Option(help="Probability at or above which a pixel is "
                                              "foreground.")] = 0.5,
     classes: Annotated[int | None, typer.Option(help="Read the masks as label maps with this many classes.")]

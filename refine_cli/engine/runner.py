@@ -37,6 +37,7 @@ import numpy as np
 
 from refine_cli.io.protocols import CoarseSource, ImageWindows, RowWriter
 from refine_cli.refiners.base import Refiner, TileInput, TileResult
+from refine_cli.report.tiles import TILE_HELD, TILE_NOT_RUN, TILE_REFINED, TILE_SKIPPED
 from refine_cli.report.timing import StageTimer
 from refine_cli.tiling.blend import BandAccumulator, tile_weights
 from refine_cli.tiling.grid import GridPlan, Tile, Window
@@ -44,6 +45,7 @@ from refine_cli.tiling.grid import GridPlan, Tile, Window
 log = logging.getLogger(__name__)
 
 _END = object()
+
 
 
 @dataclass
@@ -56,6 +58,8 @@ class GridStats:
         tiles_skipped: tiles copied from the uniform coarse mask.
         refiner_calls: refiner invocations (per class for label maps).
         pixels: pixels of the image.
+        states: ``grid_shape`` uint8, one ``report.tiles.TILE_*`` code per tile (row-major grid):
+            one byte per tile; ``None`` for a level that did not run.
     """
 
     tiles_total: int = 0
@@ -64,6 +68,7 @@ class GridStats:
     refiner_calls: int = 0
     pixels: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    states: np.ndarray | None = None
 
 
 @dataclass
@@ -80,6 +85,7 @@ class _Result:
     tile: Tile
     values: np.ndarray  # (th, tw, C) over tile.window
     refined: bool
+    held: bool = False
 
 
 class _Stop(Exception):
@@ -126,7 +132,8 @@ class GridRunner:
         self.first_grid_row = next(
             (i for i, r in enumerate(plan.row_starts) if r + plan.tile_height > start_row),
             len(plan.row_starts))
-        self.stats = GridStats(tiles_total=len(plan), pixels=plan.shape[0] * plan.shape[1])
+        self.stats = GridStats(tiles_total=len(plan), pixels=plan.shape[0] * plan.shape[1],
+                               states=np.full(plan.grid_shape, TILE_NOT_RUN, np.uint8))
         self.stats.extra["resumed_from_row"] = self.start_row
         self._stop = threading.Event()
         self._errors: list[BaseException] = []
@@ -223,7 +230,7 @@ class GridRunner:
                 outs = self.refiner.refine_batch(inputs)
             self.stats.refiner_calls += len(items)
             for it, res in zip(items, outs, strict=True):
-                results.append(_Result(it.tile, self._pack_binary(it.tile, res), True))
+                results.append(_Result(it.tile, self._pack_binary(it.tile, res), True, res.held))
             return results
         for it in items:
             lw = it.label_window
@@ -265,13 +272,19 @@ class GridRunner:
                 batch.pop()
             pending = [b for b in batch if b.skip is None]
             refined = iter(self._refine_items(pending)) if pending else iter(())
+            states = self.stats.states
+            assert states is not None
             for b in batch:
+                at = (b.tile.grid_row, b.tile.grid_col)
                 if b.skip is not None:
                     self.stats.tiles_skipped += 1
+                    states[at] = TILE_SKIPPED
                     self._put(q_out, _Result(b.tile, self._skip_values(b), False))
                 else:
                     self.stats.tiles_refined += 1
-                    self._put(q_out, next(refined))
+                    res = next(refined)
+                    states[at] = TILE_HELD if res.held else TILE_REFINED
+                    self._put(q_out, res)
         self._put(q_out, _END)
 
     def _blend_and_write(self, q_out: queue.Queue) -> None:

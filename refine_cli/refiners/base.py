@@ -90,10 +90,13 @@ class TileResult:
     Attributes:
         prob: ``(h, w)`` (or ``(h, w, K')``) float32 refined probability in [0, 1].
         uncertainty: ``(h, w)`` float32 in [0, 1], or ``None`` for the default.
+        held: the refiner kept some of the coarse mask's values in the tile's core on purpose (the
+            do-no-harm guard held changes back); recorded in the report's tile map.
     """
 
     prob: np.ndarray
     uncertainty: np.ndarray | None = None
+    held: bool = False
 
 
 @dataclass

@@ -628,7 +628,8 @@ class GuardRefiner(Refiner):
         else:
             unc = binary_uncertainty(res.prob)
             unc[res.held] = 1.0
-        return TileResult(res.prob[..., None], unc)
+        held = bool(res.held[core].any()) if core is not None else bool(res.held.any())
+        return TileResult(res.prob[..., None], unc, held=held)
 
     def tile_memory(self, pixels: int) -> int:
         """Inputs, Lab colours and their local means, distances, labels and masks of one window.

@@ -62,6 +62,10 @@ class RunReport:
             ``pixels_changed`` (by the refiner), ``pixels_held`` (of those, kept as in the coarse mask),
             ``far`` / ``detached`` / ``unsupported`` / ``restored`` (held pixels per rule),
             ``components_restored`` and ``regions_detached``.
+        workdir: the working directory of the run (relative paths above are relative to it).
+        tile_map: what happened to each tile of the full-resolution grids, one character per tile
+            (``refine_cli.report.tiles``): ``refine`` (the refiner's last level) and ``guard`` (the
+            guard's level, when it ran); ``{}`` when no grid ran (a reused level).
     """
 
     image: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +90,8 @@ class RunReport:
     finished: str = ""
     command: str | None = None
     guard: dict[str, Any] = field(default_factory=dict)
+    workdir: str = ""
+    tile_map: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
