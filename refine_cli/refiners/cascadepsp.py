@@ -187,7 +187,7 @@ def _fused_lerp(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor) -> Tensor:
 
 
 def _plain_lerp(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor) -> Tensor:
-    """``a * wa + b * wb`` in float32 (three roundings: within 2e-7 of :func:`_fused_lerp` for values in [0, 1])."""
+    """``a * wa + b * wb`` in float32 (three roundings: within 2e-7 of :func:`_fused_lerp` on [0, 1])."""
     return a * wa + b * wb
 
 
