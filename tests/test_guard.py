@@ -258,3 +258,32 @@ def test_colour_evidence_near_the_changes_equals_the_whole_window(seed, with_obj
         assert np.array_equal(full[2][changed], near[2][changed])
     nothing = colour_level_near(image, c_fg, np.zeros_like(changed), radius, objects)
     assert not nothing[1].any() and (nothing[0] == 0.5).all()
+
+
+def test_all_large_components_skip_the_nearest_labels_with_the_same_result():
+    """When every coarse component is large, the band map and the colour levels equal those computed from
+    the true nearest-component labels (the shortcut only skips the distance transform)."""
+    import cv2
+
+    from refine_cli.refiners.guard import band_map, nearest_labels
+
+    rng = np.random.default_rng(3)
+    h, w = 260, 330
+    image = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (0, 0), 2)
+    c_fg = np.zeros((h, w), bool)
+    c_fg[20:200, 30:140] = True  # two large objects
+    c_fg[60:240, 180:320] = True
+    c_fg[100:120, 60:100] = False  # with a hole
+    changed = (cv2.dilate(c_fg.astype(np.uint8), np.ones((7, 7), np.uint8)) != cv2.erode(
+        c_fg.astype(np.uint8), np.ones((7, 7), np.uint8))) & (rng.random((h, w)) < 0.4)
+    params = GuardParams(band=6.0, component=40)
+    comp, large = nearest_components(c_fg, 40, ALL_CUT)
+    assert (comp == 1).all() and large[1:].all()
+    _, labels = cv2.connectedComponents(c_fg.astype(np.uint8), connectivity=8)
+    true = nearest_labels(c_fg, labels.astype(np.int32))
+    assert np.array_equal(band_map(c_fg, params, ALL_CUT, (comp, large)),
+                          band_map(c_fg, params, ALL_CUT, (true, large)))
+    fast = colour_level_near(image, c_fg, changed, 6, (comp, ~large))
+    slow = colour_level_near(image, c_fg, changed, 6, (true, ~large))
+    for a, b in zip(fast, slow, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)

@@ -269,17 +269,31 @@ def nearest_components(c_fg: np.ndarray, size: int, cut: Cut) -> tuple[np.ndarra
         cut: which sides of the window cut through the image (a component reaching one is large).
 
     Returns:
-        ``(comp, large)``: ``(h, w)`` int32 labels ``1..n-1`` and ``(n,)`` bool (label 0 unused).
+        ``(comp, large)``: ``(h, w)`` int32 labels ``1..n-1`` and ``(n,)`` bool (label 0 unused). When
+        every component is large, which one a pixel is nearest to decides nothing (each gets the large
+        band and none has its own colour), and ``comp`` is 1 everywhere, without the distance transform.
     """
     n, labels, st, _ = cv2.connectedComponentsWithStats(c_fg.astype(np.uint8), connectivity=8)
     large = (st[:, cv2.CC_STAT_WIDTH] > size) | (st[:, cv2.CC_STAT_HEIGHT] > size)
     large |= _touching_border(labels, n, cut)
     large[0] = False
+    if n > 1 and bool(large[1:].all()):
+        return np.ones(c_fg.shape, np.int32), large
+    return nearest_labels(c_fg, labels), large
+
+
+def nearest_labels(c_fg: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``(h, w)`` int32: the component label of each foreground pixel, and of the nearest one elsewhere.
+
+    Args:
+        c_fg: ``(h, w)`` bool foreground (not empty).
+        labels: ``(h, w)`` int32 its 8-connected component labels (0: background).
+    """
     _, near = cv2.distanceTransformWithLabels((~c_fg).astype(np.uint8), cv2.DIST_L2, 5,
                                               labelType=cv2.DIST_LABEL_CCOMP)
     to_comp = np.zeros(int(near.max()) + 1, np.int32)
     to_comp[near[c_fg]] = labels[c_fg]
-    return np.where(c_fg, labels, to_comp[near]).astype(np.int32), large
+    return np.where(c_fg, labels, to_comp[near]).astype(np.int32)
 
 
 def colour_level(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, radius: int,
