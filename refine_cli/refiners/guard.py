@@ -334,15 +334,30 @@ STRIP = 128
 
 
 def _lab_and_objects(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray,
-                     objects: tuple[np.ndarray, np.ndarray] | None) -> tuple[list[np.ndarray], _Own | None]:
-    """The image's Lab planes, ``(h, w)`` float32 each, and the small components' own colours."""
-    lab = cv2.cvtColor(image.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2Lab)
+                     objects: tuple[np.ndarray, np.ndarray] | None, region: Window | None = None
+                     ) -> tuple[list[np.ndarray], _Own | None]:
+    """The image's Lab planes over ``region``, float32 each, and the small components' own colours.
+
+    Args:
+        image: ``(h, w, 3)`` uint8 RGB of the whole window.
+        c_fg: ``(h, w)`` bool coarse foreground.
+        changed: ``(h, w)`` bool changed pixels.
+        objects: ``(comp, small)`` as :func:`colour_level`, or ``None``.
+        region: the part of the window to convert (``None``: all of it). The colour conversion is per
+            pixel, so a region's planes equal the whole window's there. The small components' means read
+            the stable pixels in ``region``: it must hold all of those of every small component.
+
+    Returns:
+        The Lab planes, ``region``'s shape, and ``(comp, use, means)`` (``comp`` over the whole window).
+    """
+    cs = (slice(None), slice(None)) if region is None else region.slices
+    lab = cv2.cvtColor(image[cs].astype(np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2Lab)
     planes = list(cv2.split(lab))
     if objects is None:
         return planes, None
     comp, small = objects
-    stable = c_fg & ~changed
-    idx = comp[stable]
+    stable = (c_fg & ~changed)[cs]
+    idx = comp[cs][stable]
     cnt = np.bincount(idx, minlength=small.size).astype(np.float32)
     means = [np.bincount(idx, weights=p[stable], minlength=small.size) / np.maximum(cnt, 1) for p in planes]
     return planes, (comp, small & (cnt > 0), means)
@@ -396,21 +411,15 @@ def colour_level_near(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, 
     level = np.full((h, w), 0.5, np.float32)
     known = np.zeros((h, w), bool)
     spread: np.ndarray | None = None
-    rows = np.flatnonzero(changed.any(axis=1))
-    if rows.size:
-        planes, own = _lab_and_objects(image, c_fg, changed, objects)
-        for top in range(int(rows[0]) // STRIP * STRIP, int(rows[-1]) + 1, STRIP):
-            band = changed[top : top + STRIP]
-            r_in, c_in = np.flatnonzero(band.any(axis=1)), np.flatnonzero(band.any(axis=0))
-            if not r_in.size:
-                continue
-            out = _bounds(top + int(r_in[0]) - radius, int(c_in[0]) - radius,
-                          top + int(r_in[-1]) + 1 + radius, int(c_in[-1]) + 1 + radius, (h, w))
-            crop = _bounds(out.row - radius - 1, out.col - radius - 1, out.row_end + radius + 1,
-                           out.col_end + radius + 1, (h, w))
+    strips = _change_strips(changed, radius)
+    if strips:
+        region = _covering(c_fg, changed, objects, [crop for _, _, crop in strips])
+        planes, own = _lab_and_objects(image, c_fg, changed, objects, region)
+        for top, out, crop in strips:
             cs = crop.slices
             own_crop = None if own is None else (own[0][cs], own[1], own[2])
-            lv, kn, sp = _level_in_boxes([p[cs] for p in planes], c_fg[cs], changed[cs], radius, own_crop)
+            rel = crop.relative_to(region).slices
+            lv, kn, sp = _level_in_boxes([p[rel] for p in planes], c_fg[cs], changed[cs], radius, own_crop)
             inner = out.relative_to(crop).slices
             level[out.slices], known[out.slices] = lv[inner], kn[inner]
             # the spread is exact only at this strip's own changes (its boxes read levels up to radius away)
@@ -419,6 +428,38 @@ def colour_level_near(image: np.ndarray, c_fg: np.ndarray, changed: np.ndarray, 
                 spread = np.zeros((h, w), sp.dtype)
             spread[own_rows.slices] = sp[own_rows.relative_to(crop).slices]
     return level, known, spread if spread is not None else np.zeros((h, w), np.float32)
+
+
+def _change_strips(changed: np.ndarray, radius: int) -> list[tuple[int, Window, Window]]:
+    """``(top, out, crop)`` per strip of :data:`STRIP` rows with changes (see :func:`colour_level_near`)."""
+    h, w = changed.shape
+    rows = np.flatnonzero(changed.any(axis=1))
+    strips = []
+    for top in range(int(rows[0]) // STRIP * STRIP, int(rows[-1]) + 1, STRIP) if rows.size else ():
+        band = changed[top : top + STRIP]
+        r_in, c_in = np.flatnonzero(band.any(axis=1)), np.flatnonzero(band.any(axis=0))
+        if not r_in.size:
+            continue
+        out = _bounds(top + int(r_in[0]) - radius, int(c_in[0]) - radius,
+                      top + int(r_in[-1]) + 1 + radius, int(c_in[-1]) + 1 + radius, (h, w))
+        crop = _bounds(out.row - radius - 1, out.col - radius - 1, out.row_end + radius + 1,
+                       out.col_end + radius + 1, (h, w))
+        strips.append((top, out, crop))
+    return strips
+
+
+def _covering(c_fg: np.ndarray, changed: np.ndarray, objects: tuple[np.ndarray, np.ndarray] | None,
+              crops: list[Window]) -> Window:
+    """The smallest window holding ``crops`` and the stable pixels of every small component."""
+    r0, c0 = min(c.row for c in crops), min(c.col for c in crops)
+    r1, c1 = max(c.row_end for c in crops), max(c.col_end for c in crops)
+    if objects is not None:
+        comp, small = objects
+        rr, cc = np.nonzero(c_fg & ~changed & small[comp])
+        if rr.size:
+            r0, r1 = min(r0, int(rr.min())), max(r1, int(rr.max()) + 1)
+            c0, c1 = min(c0, int(cc.min())), max(c1, int(cc.max()) + 1)
+    return _bounds(r0, c0, r1, c1, changed.shape)
 
 
 def _bounds(r0: int, c0: int, r1: int, c1: int, shape: tuple[int, int]) -> Window:
