@@ -264,12 +264,12 @@ def _check_request(req: _Request) -> None:
     if req.image == "-" and req.mask == "-":
         raise UsageError("only one of IMAGE and --mask can be read from stdin")
     vector = req.vector.path if req.vector else None
-    if req.vector is not None:
-        req.vector.check()
-        require_vector()
     check_distinct({"image": req.image, "--mask": req.mask},
                    {"-o": req.out, "--uncertainty": req.uncertainty, "--vector": vector,
                     "--report": req.report, "--save-coarse": req.save_coarse})
+    if req.vector is not None:
+        req.vector.check()
+        require_vector()
     for path in (req.out, req.uncertainty, vector, req.report, req.save_coarse):
         if path:
             check_output(path, req.overwrite)

@@ -6,7 +6,10 @@ reading an Arrow stream that a background thread feeds from a small queue; GeoPa
 ``pyarrow.parquet.ParquetWriter`` (the GDAL in pyogrio's wheels has no Parquet driver) with the
 GeoParquet 1.1 ``geo`` metadata (WKB encoding, the CRS as PROJJSON, ``null`` without one).
 
-The file is written under a temporary name beside the target and renamed by :meth:`VectorSink.publish`;
+The file is written in a temporary folder beside the target (named like the raster sinks' temporaries,
+so :func:`~refine_cli.io.writers.clean_stale_temps` removes what a killed run left; inside it the file
+keeps its extension, which GDAL's GeoPackage and FlatGeobuf drivers need) and renamed by
+:meth:`VectorSink.publish`;
 it commits in two phases like the raster sinks of :mod:`refine_cli.io.writers`, so it joins the unit of a
 run's outputs. Needs the ``vector`` extra (``pip install 'refine-cli[vector]'``).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import threading
 import warnings
 from dataclasses import dataclass
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from refine_cli.errors import DependencyError, OutputError, OutputExistsError, UsageError
-from refine_cli.io.writers import _unlink, check_output, fsync_dir, temp_path_for, write_error
+from refine_cli.io.writers import check_output, fsync_dir, temp_path_for, write_error
 
 FORMATS = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeobuf", "parquet": "Parquet"}
 """``--vector-format`` → GDAL driver (``Parquet`` is written with pyarrow)."""
@@ -214,22 +218,26 @@ class VectorSink:
         self.closed = False
         self.count = 0
         check_output(path, overwrite)
-        self._tmp = temp_path_for(path)
         self._staged = False
         self._published = False
         self._pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
         self._pending_n = 0
-        warnings.filterwarnings("ignore", message=".*(filename extension should be|non conformant file "
-                                "extension|'crs' was not provided).*")
+        warnings.filterwarnings("ignore", message=".*'crs' was not provided.*")
+        self._tmp_dir = temp_path_for(path)
+        self._tmp = os.path.join(self._tmp_dir, f"polygons.{self.fmt}")
         try:
+            os.mkdir(self._tmp_dir)
             if self.fmt == "parquet":
                 self._stream: _OgrStream | _ParquetStream = _ParquetStream(
                     self._tmp, _schema(fields, geoparquet_metadata(crs_wkt)))
             else:
                 self._stream = _OgrStream(self._tmp, FORMATS[self.fmt], _schema(fields), crs_wkt)
         except OSError as exc:
-            _unlink(self._tmp)
+            self._remove_tmp()
             raise write_error(path, exc) from exc
+
+    def _remove_tmp(self) -> None:
+        shutil.rmtree(self._tmp_dir, ignore_errors=True)
 
     def write(self, geoms: np.ndarray, attrs: dict[str, np.ndarray]) -> None:
         """Write polygons: ``(n,)`` object array of shapely polygons and ``(n,)`` attribute columns."""
@@ -285,15 +293,16 @@ class VectorSink:
         self.check_publishable()
         os.replace(self._tmp, self.path)
         self._staged, self._published, self.closed = False, True, True
+        self._remove_tmp()
         fsync_dir(Path(self.path).parent)
 
     def rollback(self) -> None:
         """Remove the temporary file, or the published one."""
         if not self.closed:
             self.abort()
-        _unlink(self._tmp)
+        self._remove_tmp()
         if self._published:
-            _unlink(self.path)
+            Path(self.path).unlink(missing_ok=True)
             self._published = False
         self.closed = True
 
@@ -313,6 +322,6 @@ class VectorSink:
         """Stop writing and remove the temporary file."""
         if not self._staged:
             self._stream.abort()
-        _unlink(self._tmp)
+        self._remove_tmp()
         self._pending = []
         self.closed = True

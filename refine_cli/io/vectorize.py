@@ -83,6 +83,10 @@ class PolygonWriter:
         if stats:
             fields += [Field("prob_mean", "float32"), Field("unc_mean", "float32")]
         self.path = spec.path
+        if georef is None and vector_format(spec.path, spec.fmt) == "geojson":
+            log.warning("%s: no georeferencing, so the coordinates are pixels (x = column, y = row down); "
+                        "GeoJSON readers take them as WGS 84 longitude and latitude: prefer .gpkg or .fgb",
+                        spec.path)
         self.sink = VectorSink(spec.path, fields, georef.crs_wkt if georef else None, spec.fmt, overwrite)
         self.polygonizer = BandPolygonizer(shape, self.sink.write, spec.options(georef), stats=stats,
                                            band_rows=band_rows)
@@ -126,10 +130,10 @@ class PolygonWriter:
         """Prepare and publish; nothing stays on failure."""
         try:
             self.prepare()
+            self.publish()
         except BaseException:
             self.sink.rollback()
             raise
-        self.sink.commit()
 
     def abort(self) -> None:
         """Drop the file."""
