@@ -54,7 +54,8 @@ def _geotiff(path: Path, array: np.ndarray) -> None:
 
     with rasterio.open(path, "w", driver="GTiff", height=array.shape[-2], width=array.shape[-1],
                        count=1 if array.ndim == 2 else array.shape[0], dtype="uint8", crs="EPSG:32633",
-                       transform=from_origin(500000, 4000000, 0.5, 0.5), tiled=True, compress="deflate") as dst:
+                       transform=from_origin(500000, 4000000, 0.5, 0.5), tiled=True,
+                       compress="deflate") as dst:
         dst.write(array if array.ndim == 3 else array[None])
 
 
@@ -65,12 +66,17 @@ def _shapes_count(mask: np.ndarray) -> int:
 
 
 def _read_stats(path: Path) -> tuple[int, float]:
+    return _read_stats3(path)[:2]  # type: ignore[return-value]
+
+
+def _read_stats3(path: Path) -> tuple[int, float, int]:
+    """Polygons, total area and vertices of a vector file."""
     import pyogrio
     import shapely
 
     _, _, geoms, _ = pyogrio.raw.read(path)
     g = shapely.from_wkb(geoms)
-    return len(g), float(shapely.area(g).sum())
+    return len(g), float(shapely.area(g).sum()), int(shapely.get_num_coordinates(g).sum())
 
 
 def case_4k(side: int, work: Path) -> dict:
@@ -81,14 +87,16 @@ def case_4k(side: int, work: Path) -> dict:
     t0 = time.perf_counter()
     res = vectorize_file(str(work / "mask4k.tif"), VectorSpec(str(work / "p4k.gpkg")), overwrite=True)
     wall = time.perf_counter() - t0
-    n, area = _read_stats(work / "p4k.gpkg")
+    n, area, vertices = _read_stats3(work / "p4k.gpkg")
     fg_area = np.count_nonzero(mask) * 0.25
     ref = _shapes_count(mask)
-    vectorize_file(str(work / "mask4k.tif"), VectorSpec(str(work / "p4k_s.gpkg"), simplify="2px"), overwrite=True)
-    ns, area_s = _read_stats(work / "p4k_s.gpkg")
+    vectorize_file(str(work / "mask4k.tif"), VectorSpec(str(work / "p4k_s.gpkg"), simplify="2px"),
+                   overwrite=True)
+    ns, area_s, vertices_s = _read_stats3(work / "p4k_s.gpkg")
     return {"size": f"{side}x{side}", "polygons": n, "shapes_polygons": ref, "count_equal": n == ref,
             "reported": res["polygons"], "area_rel_diff": abs(area - fg_area) / fg_area, "wall_s": wall,
-            "simplified_polygons": ns, "simplified_area_rel_diff": abs(area_s - fg_area) / fg_area}
+            "vertices": vertices, "simplified_polygons": ns, "simplified_vertices": vertices_s,
+            "simplified_area_rel_diff": abs(area_s - fg_area) / fg_area}
 
 
 def case_4k_run(side: int, work: Path) -> dict:
@@ -113,11 +121,12 @@ def case_4k_run(side: int, work: Path) -> dict:
     fg = np.count_nonzero(refined) * 0.25
     ref = _shapes_count(refined)
     return {"size": f"{side}x{side}", "polygons": n, "shapes_polygons": ref, "count_equal": n == ref,
-            "area_rel_diff": abs(area - fg) / fg, "wall_s": wall, "run_peak_rss_mb": rep["peak_rss_bytes"] / 2**20}
+            "area_rel_diff": abs(area - fg) / fg, "wall_s": wall,
+            "run_peak_rss_mb": rep["peak_rss_bytes"] / 2**20}
 
 
 def _band(side: int) -> int:
-    """The polygonizer's default band height for this width (128 rows below 8000 px, so the scene has cells)."""
+    """The polygonizer's default band height for this width (128 rows below 8000 px: the scene has cells)."""
     from refine_cli.io.vector import BandPolygonizer
 
     return BandPolygonizer((side, side), lambda g, a: None).band_rows if side >= 8000 else 128
@@ -157,13 +166,14 @@ def case_20k_file(side: int, work: Path) -> dict:
     tif = work / f"mask{side}.tif"
     if not tif.exists():
         sink = TiffSink(str(tif), (side, side), 1, np.uint8, overwrite=True,
-                        georef=Georef(CRS.from_epsg(32633).to_wkt(), (0.5, 0.0, 500000.0, 0.0, -0.5, 4000000.0)))
+                        georef=Georef(CRS.from_epsg(32633).to_wkt(),
+                                      (0.5, 0.0, 500000.0, 0.0, -0.5, 4000000.0)))
         for r in range(0, side, 512):
             sink.write_rows(r, scene.rows(r, min(side, r + 512)))
         sink.commit()
     out = work / "p20k_file.fgb"
     t0 = time.perf_counter()
-    # the file is read in the polygonizer's default bands: seams fall elsewhere than the scene's (also fine)
+    # the file is read in the polygonizer's default bands, which are the scene's at this width (209 rows)
     proc = subprocess.run([sys.executable, "-m", "refine_cli", "vectorize", str(tif), "-o", str(out),
                            "--overwrite", "--json", "-q"], capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
@@ -178,7 +188,8 @@ def case_20k_file(side: int, work: Path) -> dict:
 def run_case(name: str, quick: bool, work: Path) -> dict:
     """Run one case in this process (called in a child); adds this process's peak RSS."""
     small, large = (1024, 4000) if quick else (4096, 20000)
-    fn = {"4k": case_4k, "4k-run": case_4k_run, "20k-stream": case_20k_stream, "20k-file": case_20k_file}[name]
+    fn = {"4k": case_4k, "4k-run": case_4k_run, "20k-stream": case_20k_stream,
+          "20k-file": case_20k_file}[name]
     res = fn(small if name.startswith("4k") else large, work)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res
@@ -199,7 +210,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in args.cases:
-        cmd = [sys.executable, __file__, "--child", name, "--work", str(work)] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, __file__, "--child", name, "--work", str(work)]
+        cmd += ["--quick"] if args.quick else []
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else \
@@ -207,8 +219,8 @@ def main() -> None:
         print(f"{name:11s} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in results[name].items()), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "quick": args.quick,
-                                    "results": results}, indent=2))
+    args.out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
+                                    "quick": args.quick, "results": results}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -271,28 +271,60 @@ def test_label_rows_give_classes_and_their_probability():
     assert cls.tolist() == [[1, 2]] and np.allclose(prob, [[0.6, 0.6]])
 
 
-def _peak(height: int, monkeypatch) -> int:
-    """Peak traced bytes of polygonizing a ``height x 512`` seam scene into a GeoPackage."""
+def _noise(r: int, width: int) -> np.ndarray:
+    """64 rows of blocky noise from seed ``r``: ``(64, width)`` uint8, about one object per 100 px."""
+    small = np.random.default_rng(r).random((16, width // 4)) > 0.75
+    return (np.kron(small, np.ones((4, 4), bool)) * 255).astype(np.uint8)
+
+
+def _peak(height: int, monkeypatch) -> tuple[int, int]:
+    """Peak traced bytes and polygon count of ``height x 256`` rows of noise polygonized into a GeoPackage."""
     import tempfile
 
     from refine_cli.io.vectorize import PolygonWriter
 
-    monkeypatch.setattr("refine_cli.io.vector_sink.BATCH", 64)
-    scene = SeamScene(height, 512, 16)
+    monkeypatch.setattr("refine_cli.io.vector_sink.BATCH", 256)
     with tempfile.TemporaryDirectory() as d:
         tracemalloc.start()
-        w = PolygonWriter(VectorSpec(str(Path(d) / "p.gpkg")), scene.shape, None, stats=False,
-                          overwrite=False, band_rows=16)
+        w = PolygonWriter(VectorSpec(str(Path(d) / "p.gpkg")), (height, 256), None, stats=False,
+                          overwrite=False, band_rows=32)
         for r in range(0, height, 64):
-            w.add(r, scene.rows(r, r + 64))
+            w.add(r, _noise(r, 256))
         w.commit()
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert w.count == scene.count
-    return peak
+    return peak, w.count
 
 
 def test_memory_does_not_grow_with_height(monkeypatch):
     """Traced (Python and numpy) peak of the band polygonizer and its writer at two heights, 4x apart."""
-    small, large = _peak(2048, monkeypatch), _peak(8192, monkeypatch)
-    assert large < 1.25 * small + 256 * 1024, (small, large)
+    (small, n_small), (large, n_large) = _peak(1024, monkeypatch), _peak(4096, monkeypatch)
+    assert n_large > 3 * n_small > 5000
+    assert large < 1.2 * small + 128 * 1024, (small, large)
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_batch_vector_dir_one_file_per_input_and_resume(tmp_path, cli, inside):
+    from tests.test_batch import journal, make_pair
+
+    data = tmp_path / "imgs"
+    data.mkdir()
+    for i in range(2):
+        make_pair(data, f"im{i}", i, shape=(64, 80), mask_name=f"im{i}_mask.png")
+    out = tmp_path / "out"
+    vdir = out / "polygons" if inside else tmp_path / "vec"
+    args = ("batch", data, "--mask-suffix", "_mask", "-o", out, "--method", "guided", "--threads", "1",
+            "--vector-dir", vdir, "--vector-format", "fgb", "-q")
+    code, _, err = cli(*args)
+    assert code == 0, err
+    files = sorted(p.name for p in vdir.iterdir())
+    assert files == ["im0.fgb", "im1.fgb"]
+    for rec in journal(out):
+        assert rec["status"] == "done" and "vector" in rec["outputs"]
+        assert pyogrio.read_info(vdir / Path(rec["outputs"]["vector"]["path"]).name)["features"] >= 1
+    mtimes = {p: p.stat().st_mtime_ns for p in vdir.iterdir()}
+    assert cli(*args)[0] == 0
+    assert {p: p.stat().st_mtime_ns for p in vdir.iterdir()} == mtimes  # resumed: nothing rewritten
+    (vdir / "im1.fgb").unlink()
+    assert cli(*args)[0] == 0
+    assert (vdir / "im1.fgb").exists()  # a missing polygon file is made again
