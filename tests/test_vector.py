@@ -73,6 +73,16 @@ def test_polygons_are_those_of_the_whole_image(band_rows):
     assert set(shapely.get_type_id(geoms).tolist()) == {3} and shapely.is_valid(geoms).all()
 
 
+@pytest.mark.parametrize("p", [0.4, 0.6])
+def test_pixel_noise_matches_the_whole_image(p):
+    """Salt-and-pepper: regions that touch themselves at corners around holes, cut by a seam every 5 rows."""
+    cls = ((np.random.default_rng(0).random((120, 120)) < p) * 255).astype(np.uint8)
+    geoms, attrs = polygonize(cls, 5, step=7)
+    ref = reference(cls)
+    assert len(geoms) == len(ref) and canonical(geoms) == canonical([g for g, _ in ref])
+    assert shapely.area(geoms).sum() == np.count_nonzero(cls)
+
+
 def test_objects_cut_by_seams_come_out_whole():
     band = 8
     scene = SeamScene(4 * band * 6 + 5, 48 * 9 + 3, band)
@@ -328,3 +338,38 @@ def test_batch_vector_dir_one_file_per_input_and_resume(tmp_path, cli, inside):
     (vdir / "im1.fgb").unlink()
     assert cli(*args)[0] == 0
     assert (vdir / "im1.fgb").exists()  # a missing polygon file is made again
+
+
+def test_resumed_run_with_vector_starts_again_at_row_0(tmp_path, monkeypatch):
+    """A run killed after some resumable segments: with --vector the resume redoes every row."""
+    from refine_cli.api import refine_file
+    from refine_cli.config import RefineConfig
+    from refine_cli.io import vector
+
+    h, w = 1536, 96
+    cls = blobs(h, w, seed=8)
+    rng = np.random.default_rng(9)
+    write_png(tmp_path / "img.png", np.clip(np.stack([cls, 255 - cls, cls], -1).astype(int)
+                                            + rng.integers(0, 30, (h, w, 3)), 0, 255).astype(np.uint8))
+    write_png(tmp_path / "mask.png", cls)
+    monkeypatch.setenv("REFINE_SEGMENT_BYTES", str(w * 512))  # 512-row segments: 3 of them
+    add = vector.BandPolygonizer.add
+
+    def dies_late(self, row0, *args):
+        if row0 >= 1200:  # after two segments of the mask are complete
+            raise KeyboardInterrupt
+        add(self, row0, *args)
+
+    out, vec = tmp_path / "o.tif", tmp_path / "v.gpkg"
+    run = dict(config=RefineConfig(method="guided", tile_size=256), vector=VectorSpec(str(vec)))
+    monkeypatch.setattr(vector.BandPolygonizer, "add", dies_late)
+    with pytest.raises(Exception, match="--resume"):
+        refine_file(str(tmp_path / "img.png"), str(tmp_path / "mask.png"), str(out), **run)
+    assert not out.exists() and not vec.exists()
+    monkeypatch.setattr(vector.BandPolygonizer, "add", add)
+    rep = refine_file(str(tmp_path / "img.png"), str(tmp_path / "mask.png"), str(out), resume=True, **run)
+    assert rep.tiles["resumed_from_row"] == 0
+    with rasterio.open(out) as src:
+        refined = src.read(1)
+    geoms, _, _ = _read(vec)
+    assert len(geoms) == len(reference(refined)) and shapely.area(geoms).sum() == np.count_nonzero(refined)
