@@ -117,14 +117,16 @@ def _components(cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     from scipy import ndimage
 
-    present = np.flatnonzero(np.bincount(cls.ravel().astype(np.intp, copy=False)))
-    present = present[present > 0]
     comp = np.zeros(cls.shape, np.int32)
     classes = [np.zeros(1, np.int64)]
     n = 0
-    for value in present:
-        lab, k = ndimage.label(cls == value, structure=FOUR, output=np.int32)
-        np.add(comp, np.where(lab > 0, lab + n, 0).astype(np.int32), out=comp)
+    # each class is labelled inside its bounding box only: cheap for instance-like maps of many ids
+    for value, box in enumerate(ndimage.find_objects(cls), start=1):
+        if box is None:
+            continue
+        lab, k = ndimage.label(cls[box] == value, structure=FOUR, output=np.int32)
+        inside = lab > 0
+        comp[box][inside] = lab[inside] + n
         classes.append(np.full(k, value, np.int64))
         n += k
     return comp, np.concatenate(classes)
