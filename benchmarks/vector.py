@@ -13,6 +13,8 @@ Each case runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own
   edges) generated band by band and streamed into ``PolygonWriter`` (GeoPackage); the object count is
   known.
 * ``20k-file``: the same scene written as a tiled GeoTIFF (streamed), then ``refine vectorize`` on it.
+* ``20k-run`` (not in the default set: ~10 min on 2 cores): ``refine run --method coarse --vector`` on a
+  20000 x 20000 RGB GeoTIFF of that scene with the mask as its coarse input.
 
 Prints a table and writes JSON (``--out``, default ``benchmarks/results/vector.json``).
 
@@ -37,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("4k", "4k-run", "20k-stream", "20k-file")
+CASES = ("4k", "4k-run", "20k-stream", "20k-file", "20k-run")
+DEFAULT = CASES[:4]
 
 
 def _blobs(side: int, seed: int = 0) -> np.ndarray:
@@ -155,22 +158,10 @@ def case_20k_stream(side: int, work: Path) -> dict:
 
 
 def case_20k_file(side: int, work: Path) -> dict:
-    from rasterio.crs import CRS
-
     from refine_cli.devtools.seam_scene import SeamScene
-    from refine_cli.io.readers import Georef
-    from refine_cli.io.writers import TiffSink
 
-    band = _band(side)
-    scene = SeamScene(side, side, band, cell_width=100)
-    tif = work / f"mask{side}.tif"
-    if not tif.exists():
-        sink = TiffSink(str(tif), (side, side), 1, np.uint8, overwrite=True,
-                        georef=Georef(CRS.from_epsg(32633).to_wkt(),
-                                      (0.5, 0.0, 500000.0, 0.0, -0.5, 4000000.0)))
-        for r in range(0, side, 512):
-            sink.write_rows(r, scene.rows(r, min(side, r + 512)))
-        sink.commit()
+    scene = SeamScene(side, side, _band(side), cell_width=100)
+    _, tif = _scene_tiffs(side, work, image=False)
     out = work / "p20k_file.fgb"
     t0 = time.perf_counter()
     # the file is read in the polygonizer's default bands, which are the scene's at this width (209 rows)
@@ -185,11 +176,53 @@ def case_20k_file(side: int, work: Path) -> dict:
             "wall_s": wall, "vectorize_peak_rss_mb": usage / 2**20}
 
 
+def _scene_tiffs(side: int, work: Path, image: bool = True) -> tuple[Path, Path]:
+    """The seam scene as a one-band mask GeoTIFF and a three-band image GeoTIFF, written by row blocks."""
+    from rasterio.crs import CRS
+
+    from refine_cli.devtools.seam_scene import SeamScene
+    from refine_cli.io.readers import Georef
+    from refine_cli.io.writers import TiffSink
+
+    scene = SeamScene(side, side, _band(side), cell_width=100)
+    georef = Georef(CRS.from_epsg(32633).to_wkt(), (0.5, 0.0, 500000.0, 0.0, -0.5, 4000000.0))
+    mask, img = work / f"mask{side}.tif", work / f"img{side}.tif"
+    for path, bands in ((mask, 1), (img, 3)):
+        if path.exists() or (bands == 3 and not image):
+            continue
+        sink = TiffSink(str(path), (side, side), bands, np.uint8, overwrite=True, georef=georef)
+        for r in range(0, side, 512):
+            rows = scene.rows(r, min(side, r + 512))
+            sink.write_rows(r, rows if bands == 1 else np.stack([rows, 255 - rows, rows // 2], -1))
+        sink.commit()
+    return img, mask
+
+
+def case_20k_run(side: int, work: Path) -> dict:
+    img, mask = _scene_tiffs(side, work)
+    out, vec = work / "run20k.tif", work / "run20k.gpkg"
+    t0 = time.perf_counter()
+    args = ["run", str(img), "-m", str(mask), "-o", str(out), "--method", "coarse", "--vector", str(vec),
+            "--overwrite", "-q", "--json"]
+    proc = subprocess.run([sys.executable, "-m", "refine_cli", *args], capture_output=True, text=True,
+                          cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        return {"error": proc.stderr.strip()[-300:]}
+    rep = json.loads(proc.stdout)
+    n, area = _read_stats(vec)
+    from refine_cli.devtools.seam_scene import SeamScene
+
+    scene = SeamScene(side, side, _band(side), cell_width=100)
+    return {"size": f"{side}x{side}", "objects": scene.count, "polygons": n, "count_equal": n == scene.count,
+            "wall_s": wall, "run_peak_rss_mb": rep["peak_rss_bytes"] / 2**20}
+
+
 def run_case(name: str, quick: bool, work: Path) -> dict:
     """Run one case in this process (called in a child); adds this process's peak RSS."""
     small, large = (1024, 4000) if quick else (4096, 20000)
     fn = {"4k": case_4k, "4k-run": case_4k_run, "20k-stream": case_20k_stream,
-          "20k-file": case_20k_file}[name]
+          "20k-file": case_20k_file, "20k-run": case_20k_run}[name]
     res = fn(small if name.startswith("4k") else large, work)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res
@@ -197,7 +230,7 @@ def run_case(name: str, quick: bool, work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    ap.add_argument("--cases", nargs="+", choices=CASES, default=list(DEFAULT))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "vector.json")
