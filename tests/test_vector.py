@@ -197,8 +197,12 @@ def test_vectorize_refuses_clashes_and_existing_outputs(tmp_path, cli):
     assert code == 2 and ".gpkg" in one_line_error(err)
     code, _, err = cli("vectorize", mask, "-o", out, "--simplify", "abc", "--overwrite")
     assert code == 2 and "--simplify" in one_line_error(err)
+    stale = tmp_path / ".p.gpkg.999999999.0badf00d.refine-tmp"  # a killed run's temporary folder
+    stale.mkdir()
+    (stale / "polygons.gpkg").write_bytes(b"partial")
     assert cli("vectorize", mask, "-o", out, "--overwrite", "-q")[0] == 0
     assert pyogrio.read_info(out)["features"] > 0
+    assert not stale.exists()
 
 
 def _scene(tmp_path: Path, h: int = 96, w: int = 128) -> tuple[Path, Path]:

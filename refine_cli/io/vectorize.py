@@ -184,9 +184,14 @@ def vectorize_file(mask: str, spec: VectorSpec, *, overwrite: bool = False, thre
         RefineError: unreadable mask, existing output, bad options.
     """
     spec.check()
+    from pathlib import Path
+
     from refine_cli.io.paths import check_distinct
+    from refine_cli.io.writers import clean_stale_temps
 
     check_distinct({"MASK": mask}, {"-o": spec.path})
+    for stale in clean_stale_temps(Path(spec.path).parent, Path(spec.path).name):
+        log.info("removed %s, left by a killed run", stale)
     with open_raster(mask, max_pixels=max_pixels, inline_limit=1 << 28, what="mask") as reader:
         if reader.bands != 1:
             raise UsageError(f"{mask} has {reader.bands} bands: vectorize takes a one-band mask")
