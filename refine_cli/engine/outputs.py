@@ -101,14 +101,28 @@ class OutputWriter:
         if self.mask_sink is not None:
             self.mask_sink.write_rows(row0, self.convert_mask(probs))
         unc = None
-        if self.unc_sink is not None or self.vector is not None:
-            unc = np.clip(block[..., -1] if self.refiner_uncertainty else self.uncertainty(probs), 0, 1)
         if self.unc_sink is not None:
-            assert unc is not None
+            unc = np.clip(block[..., -1] if self.refiner_uncertainty else self.uncertainty(probs), 0, 1)
             self.unc_sink.write_rows(row0, np.round(unc * 255).astype(np.uint8))
         if self.vector is not None:
+            self._polygons(row0, block, unc)
+
+    def _polygons(self, row0: int, block: np.ndarray, unc: np.ndarray | None) -> None:
+        """Hand the rows to the polygon writer in chunks of about 1 MPx (bounded temporaries).
+
+        ``unc``: the block's ``(n, W)`` uncertainty when already computed, else ``None``.
+        """
+        assert self.vector is not None
+        step = max(1, (1 << 20) // max(1, block.shape[1]))
+        for r in range(0, block.shape[0], step):
+            part = block[r:r + step]
+            probs = part[..., :-1] if self.refiner_uncertainty else part
+            if unc is not None:
+                u = unc[r:r + step]
+            else:
+                u = np.clip(part[..., -1] if self.refiner_uncertainty else self.uncertainty(probs), 0, 1)
             cls, prob = self.classes(probs)
-            self.vector.add(row0, cls, prob, unc)
+            self.vector.add(row0 + r, cls, prob, u)
 
     def classes(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The hard class map of ``(n, W, C)`` probabilities and each pixel's probability of its class.

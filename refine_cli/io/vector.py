@@ -196,8 +196,8 @@ class BandPolygonizer:
         while start < cls.shape[0]:
             take = min(cls.shape[0] - start, self.band_rows - self._buffered)
             sl = slice(start, start + take)
-            self._rows.append((cls[sl].copy(), None if prob is None else np.asarray(prob[sl], np.float32),
-                               None if unc is None else np.asarray(unc[sl], np.float32)))
+            self._rows.append((cls[sl].copy(), None if prob is None else np.array(prob[sl], np.float32),
+                               None if unc is None else np.array(unc[sl], np.float32)))
             self._buffered += take
             start += take
             if self._buffered == self.band_rows:
