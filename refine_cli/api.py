@@ -31,6 +31,7 @@ from refine_cli.io.image import ImageSource, area_downscale
 from refine_cli.io.masks import MaskSource
 from refine_cli.io.paths import check_distinct
 from refine_cli.io.readers import ArrayReader, Reader, open_raster
+from refine_cli.io.vector import band_memory
 from refine_cli.io.vector_sink import require_vector
 from refine_cli.io.vectorize import PolygonWriter, VectorSpec
 from refine_cli.io.writers import (
@@ -326,7 +327,8 @@ def _execute(req: _Request, refiner: Refiner, inputs: _Inputs, device: str, time
         own_unc = guard is not None or refiner.provides_uncertainty
         writer, start_row = _open_writer(req, src, layout, checkpoint, own_unc)
         levels = run_levels(
-            src, msk, refiner, writer, timer=timer, budget=cfg.max_memory, resident=scene.resident_bytes,
+            src, msk, refiner, writer, timer=timer, budget=cfg.max_memory,
+            resident=scene.resident_bytes + (band_memory(src.shape[1]) if req.vector else 0),
             bytes_out=layout.bytes_out, overlap=cfg.overlap, tile_size=cfg.tile_size,
             batch_size=cfg.cascade.batch_size if refiner.uses_torch else 1, skip_uniform=cfg.skip_uniform,
             tmp_dir=tmp_dir, progress=req.progress, start_row=start_row, guard=guard,

@@ -35,6 +35,19 @@ from refine_cli.errors import UsageError
 FOUR = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
 BAND_PIXELS = 1 << 22
 """Pixels per band (about 4 MPx: 36 MB of class, probability and uncertainty rows)."""
+BAND_BYTES_PER_PIXEL = 48
+"""Peak bytes per band pixel: the buffered rows (9), region ids (4), the sums (16), the polygonizer's mask
+and GDAL's work (about 19)."""
+
+
+def default_band_rows(width: int) -> int:
+    """Rows per band: about :data:`BAND_PIXELS` pixels, 16 to 4096 rows."""
+    return int(np.clip(BAND_PIXELS // max(width, 1), 16, 4096))
+
+
+def band_memory(width: int) -> int:
+    """Bytes a :class:`BandPolygonizer` of this width takes at its peak, besides the objects it holds."""
+    return default_band_rows(width) * width * BAND_BYTES_PER_PIXEL
 
 
 @dataclass(frozen=True)
@@ -165,7 +178,7 @@ class BandPolygonizer:
         self.emit = emit
         self.options = options or PolygonOptions()
         self.stats = stats
-        self.band_rows = band_rows or int(np.clip(BAND_PIXELS // max(self.shape[1], 1), 16, 4096))
+        self.band_rows = band_rows or default_band_rows(self.shape[1])
         self.next_row = 0
         self.count = 0
         self._rows: list[tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = []
