@@ -31,6 +31,9 @@ from refine_cli.io.image import ImageSource, area_downscale
 from refine_cli.io.masks import MaskSource
 from refine_cli.io.paths import check_distinct
 from refine_cli.io.readers import ArrayReader, Reader, open_raster
+from refine_cli.io.vector import band_memory
+from refine_cli.io.vector_sink import require_vector
+from refine_cli.io.vectorize import PolygonWriter, VectorSpec
 from refine_cli.io.writers import (
     RasterSink,
     SegmentedSink,
@@ -153,6 +156,7 @@ class _Request:
     resume: bool
     save_coarse: str | None
     command: str | None
+    vector: VectorSpec | None = None
 
 
 @dataclass
@@ -205,6 +209,7 @@ def refine_file(
     resume: bool = False,
     save_coarse: str | None = None,
     command: str | None = None,
+    vector: VectorSpec | None = None,
 ) -> RunReport:
     """Refine the coarse mask of one image and write the results: open inputs, plan, run the engine, report.
 
@@ -227,6 +232,8 @@ def refine_file(
         save_coarse: also keep the coarse mask that ``config.segmenter`` made at this path
             (low resolution, see ``refine_cli.segment``); only without ``mask``.
         command: the command line that started the run, recorded in the report.
+        vector: also write the polygons of the refined hard mask (streamed by row band, see
+            ``refine_cli.io.vectorize``; a resumed run starts again at row 0), or ``None``.
 
     Returns:
         The run report.
@@ -235,7 +242,7 @@ def refine_file(
         RefineError: any problem a user can fix (bad input, existing output, missing weights ...).
     """
     req = _Request(image, mask, out or default_output(image), config or RefineConfig(), uncertainty, report,
-                   overwrite, fmt, cog, bands, progress, resume, save_coarse, command)
+                   overwrite, fmt, cog, bands, progress, resume, save_coarse, command, vector)
     t_start, started, timer = time.perf_counter(), _utc_now(), StageTimer()
     _check_request(req)
     device = resolve_device(req.config.device, uses_torch(req.config.method))
@@ -258,10 +265,14 @@ def _check_request(req: _Request) -> None:
     """Refuse clashing or existing outputs before any work; remove temporaries a killed run left."""
     if req.image == "-" and req.mask == "-":
         raise UsageError("only one of IMAGE and --mask can be read from stdin")
+    vector = req.vector.path if req.vector else None
     check_distinct({"image": req.image, "--mask": req.mask},
-                   {"-o": req.out, "--uncertainty": req.uncertainty, "--report": req.report,
-                    "--save-coarse": req.save_coarse})
-    for path in (req.out, req.uncertainty, req.report, req.save_coarse):
+                   {"-o": req.out, "--uncertainty": req.uncertainty, "--vector": vector,
+                    "--report": req.report, "--save-coarse": req.save_coarse})
+    if req.vector is not None:
+        req.vector.check()
+        require_vector()
+    for path in (req.out, req.uncertainty, vector, req.report, req.save_coarse):
         if path:
             check_output(path, req.overwrite)
             if path != "-":
@@ -317,7 +328,8 @@ def _execute(req: _Request, refiner: Refiner, inputs: _Inputs, device: str, time
         own_unc = guard is not None or refiner.provides_uncertainty
         writer, start_row = _open_writer(req, src, layout, checkpoint, own_unc)
         levels = run_levels(
-            src, msk, refiner, writer, timer=timer, budget=cfg.max_memory, resident=scene.resident_bytes,
+            src, msk, refiner, writer, timer=timer, budget=cfg.max_memory,
+            resident=scene.resident_bytes + (band_memory(src.shape[1]) if req.vector else 0),
             bytes_out=layout.bytes_out, overlap=cfg.overlap, tile_size=cfg.tile_size,
             batch_size=cfg.cascade.batch_size if refiner.uses_torch else 1, skip_uniform=cfg.skip_uniform,
             tmp_dir=tmp_dir, progress=req.progress, start_row=start_row, guard=guard,
@@ -451,11 +463,23 @@ def _open_writer(req: _Request, src: ImageSource, layout: _Layout, checkpoint: R
         unc_sink = _sink(req.uncertainty, (H, W), 1, np.dtype(np.uint8), req.overwrite, src.georef, None,
                          req.cog, req.config.inline_limit, "average", checkpoint, "uncertainty", seg_rows)
     start_row = min(getattr(k, "next_row", 0) for k in (mask_sink, unc_sink) if k is not None)
+    if req.vector is not None and start_row:
+        log.info("--vector: the polygons are made from the rows as they are refined; starting again at row 0")
+        start_row = 0
     for k in (mask_sink, unc_sink):
         if isinstance(k, SegmentedSink) and k.next_row > start_row:
             k.rewind(start_row)
+    vector = None
+    if req.vector is not None:
+        try:
+            vector = PolygonWriter(req.vector, (H, W), src.georef, stats=True, overwrite=req.overwrite)
+        except BaseException:
+            for k in (mask_sink, unc_sink):
+                if k is not None:
+                    k.abort()
+            raise
     return OutputWriter(layout.spec, layout.labels, mask_sink, unc_sink,
-                        refiner_uncertainty=refiner_uncertainty), start_row
+                        refiner_uncertainty=refiner_uncertainty, vector=vector), start_row
 
 
 def _report(req: _Request, refiner: Refiner, inputs: _Inputs, scene: Scene, run: _Run, device: str,
@@ -477,7 +501,9 @@ def _report(req: _Request, refiner: Refiner, inputs: _Inputs, scene: Scene, run:
                "rgb_bands": list(req.bands) if req.bands is not None else None},
         mask=_coarse_facts(inputs.mask, inputs.seg_facts, req.save_coarse, cfg),
         outputs={"mask": req.out, "uncertainty": req.uncertainty, "report": req.report,
-                 "coarse": req.save_coarse},
+                 "coarse": req.save_coarse,
+                 **({"vector": req.vector.path, "polygons": run.writer.vector.count}
+                    if req.vector is not None and run.writer.vector is not None else {})},
         method=refiner.name, refiner=refiner.describe(), device=device,
         tiles={"total": sum(lv.stats.tiles_total for lv in levels),
                "refined": sum(lv.stats.tiles_refined for lv in levels),

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from refine_cli import __version__
 from refine_cli.commands.console import Debug, ProgressBars, Quiet, Verbose, configure_logging, err_console
-from refine_cli.commands.options import RunOptions, run_options
+from refine_cli.commands.options import MinAreaOpt, RunOptions, SimplifyOpt, VectorFormatOpt, run_options
 from refine_cli.errors import RefineError, UsageError
 
 app = typer.Typer(
@@ -64,6 +64,12 @@ def run_cmd(
                                          "rows it left beside the output.")] = False,
     save_coarse: Annotated[str | None, typer.Option("--save-coarse", help="With --segmenter and no --mask: "
                                                     "also keep the coarse mask it made (.tif/.png).")] = None,
+    vector: Annotated[str | None, typer.Option(
+        "--vector", help="Also write the refined mask's polygons (.gpkg/.geojson/.fgb/.parquet), streamed "
+        "by row band, with class, pixels, prob_mean and unc_mean.")] = None,
+    vector_format: VectorFormatOpt = None,
+    simplify: SimplifyOpt = None,
+    min_area: MinAreaOpt = None,
     opts: RunOptions = RunOptions(),
     verbose: Verbose = 0,
     quiet: Quiet = False,
@@ -78,11 +84,18 @@ def run_cmd(
         target = "-"
     config = opts.config()
     from refine_cli.api import refine_file
+    from refine_cli.io.vectorize import VectorSpec
+
+    if vector is None and (vector_format or simplify or min_area):
+        raise UsageError("--vector-format, --simplify and --min-area shape the polygons of --vector: add "
+                         "--vector FILE")
+    vspec = VectorSpec(vector, vector_format, simplify, min_area) if vector else None
 
     with ProgressBars(enabled=not quiet) as progress:
         rep = refine_file(image, mask, target, config=config, uncertainty=uncertainty, report=report,
                           overwrite=opts.overwrite, fmt=opts.fmt, cog=opts.cog, bands=opts.band_indices(),
-                          progress=progress, resume=resume, save_coarse=save_coarse, command=_command_line())
+                          progress=progress, resume=resume, save_coarse=save_coarse, command=_command_line(),
+                          vector=vspec)
     if json_out:
         typer.echo(rep.to_json())
     if not quiet:
@@ -129,7 +142,8 @@ def _mount_optional() -> None:
 
     for name, module in (("weights", "refine_cli.commands.weights"), ("batch", "refine_cli.commands.batch"),
                          ("eval", "refine_cli.commands.eval"), ("overlay", "refine_cli.commands.overlay"),
-                         ("review", "refine_cli.commands.review"), ("train", "refine_cli.commands.train")):
+                         ("review", "refine_cli.commands.review"), ("train", "refine_cli.commands.train"),
+                         ("vectorize", "refine_cli.commands.vectorize")):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -27,6 +27,28 @@ from refine_cli.hashing import sha256_file
 log = logging.getLogger(__name__)
 
 
+def _target(outdir: Path, rel: str) -> Path:
+    """The absolute path of an output (parents created).
+
+    ``rel`` is inside OUTDIR (checked through symbolic links), or absolute: a polygon file in a
+    ``--vector-dir`` outside OUTDIR.
+    """
+    if os.path.isabs(rel):
+        Path(rel).parent.mkdir(parents=True, exist_ok=True)
+        return Path(rel)
+    return resolve_output(outdir, rel, create=True)
+
+
+def _vector_spec(job: BatchJob, targets: dict[str, Path]) -> Any:
+    """The ``VectorSpec`` of the input's polygon file, or ``None``."""
+    if "vector" not in targets:
+        return None
+    from refine_cli.io.vectorize import VectorSpec
+
+    o = job.outputs
+    return VectorSpec(str(targets["vector"]), o.vector_format, o.simplify, o.min_area)
+
+
 def _record(item: BatchItem, job: BatchJob, chash: str, status: str, *, facts: dict[str, Any] | None = None,
             outputs: dict[str, Any] | None = None, error: str | None = None, error_type: str | None = None,
             timings: dict[str, Any] | None = None, result: dict[str, Any] | None = None) -> Record:
@@ -88,14 +110,14 @@ def run_item(item: BatchItem, job: BatchJob, chash: str, *, facts: dict[str, Any
     before: dict[Path, tuple[int, int, int] | None] = {}
     try:
         for kind, rel in item.outputs().items():
-            targets[kind] = resolve_output(job.outdir, rel, create=True)
+            targets[kind] = _target(job.outdir, rel)
         before = _snapshot(targets.values())
         rep = refine_file(
             item.image, item.mask, str(targets["mask"]), config=config or job.config,
             uncertainty=str(targets["uncertainty"]) if "uncertainty" in targets else None,
             report=str(targets["report"]) if "report" in targets else None,
             overwrite=job.outputs.overwrite or owned, fmt=job.outputs.fmt, cog=job.outputs.cog,
-            bands=job.outputs.bands, progress=progress,
+            bands=job.outputs.bands, progress=progress, vector=_vector_spec(job, targets),
         )
         outputs = {kind: {"path": item.outputs()[kind], "sha256": sha256_file(p), "bytes": p.stat().st_size}
                    for kind, p in targets.items()}

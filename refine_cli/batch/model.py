@@ -65,6 +65,10 @@ class OutputOptions:
         cog: Cloud-Optimised GeoTIFFs.
         bands: 0-based image bands used as RGB, or ``None``.
         overwrite: replace existing files that no journal record of the same input wrote.
+        vector_dir: also write each input's polygons as ``<vector_dir>/<name>.<ext>`` (absolute folder),
+            or ``None``.
+        vector_format: ``gpkg`` (default) | ``geojson`` | ``fgb`` | ``parquet``.
+        simplify, min_area: polygon options (see ``refine_cli.io.vectorize.VectorSpec``).
     """
 
     uncertainty: bool = False
@@ -73,6 +77,16 @@ class OutputOptions:
     cog: bool = False
     bands: tuple[int, ...] | None = None
     overwrite: bool = False
+    vector_dir: str | None = None
+    vector_format: str | None = None
+    simplify: str | None = None
+    min_area: str | None = None
+
+    @property
+    def vector_extension(self) -> str:
+        """Extension of the polygon files: ``.gpkg``, ``.geojson``, ``.fgb`` or ``.parquet``."""
+        fmt = (self.vector_format or "gpkg").lower().lstrip(".")
+        return "." + {"geoparquet": "parquet", "flatgeobuf": "fgb", "json": "geojson"}.get(fmt, fmt)
 
     @property
     def extension(self) -> str:
@@ -81,9 +95,11 @@ class OutputOptions:
 
     def hashed(self) -> dict[str, Any]:
         """The options that change what is written (part of the config hash)."""
+        vector = {"vector": {"format": self.vector_extension, "simplify": self.simplify,
+                             "min_area": self.min_area}} if self.vector_dir else {}
         return {"uncertainty": self.uncertainty, "report": self.report,
                 "fmt": (self.fmt or "").lower() or None, "cog": self.cog,
-                "bands": list(self.bands) if self.bands is not None else None}
+                "bands": list(self.bands) if self.bands is not None else None, **vector}
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,8 @@ class BatchItem:
         mask_out: refined-mask output, relative to OUTDIR (same as ``key``).
         uncertainty_out: uncertainty-map output relative to OUTDIR, or ``None``.
         report_out: report output relative to OUTDIR, or ``None``.
+        vector_out: polygon file relative to OUTDIR (absolute when ``--vector-dir`` is outside it), or
+            ``None``.
         skip: why the input cannot run (no mask, no segmenter); it is recorded as ``skipped``.
         error: a planning problem; the input is recorded as ``failed`` without running.
     """
@@ -107,6 +125,7 @@ class BatchItem:
     mask_out: str
     uncertainty_out: str | None = None
     report_out: str | None = None
+    vector_out: str | None = None
     skip: str | None = None
     error: str | None = None
 
@@ -117,6 +136,8 @@ class BatchItem:
             out["uncertainty"] = self.uncertainty_out
         if self.report_out:
             out["report"] = self.report_out
+        if self.vector_out:
+            out["vector"] = self.vector_out
         return out
 
 

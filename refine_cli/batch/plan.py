@@ -338,7 +338,23 @@ def _item(row: _Row, outdir: Path, outputs: OutputOptions, no_mask: str | None) 
     if row.mask is None and no_mask is not None and error is None:
         skip = f"no coarse mask for {Path(row.image).name} {no_mask}"
     return BatchItem(key=names[0], image=row.image, mask=row.mask, mask_out=names[0],
-                     uncertainty_out=names[1], report_out=names[2], skip=skip, error=error)
+                     uncertainty_out=names[1], report_out=names[2],
+                     vector_out=_vector_name(outdir, names[0], outputs), skip=skip, error=error)
+
+
+def _vector_name(outdir: Path, mask_out: str, outputs: OutputOptions) -> str | None:
+    """The polygon file of an input: ``<vector_dir>/<mask name without .refined and extension><ext>``.
+
+    Relative to OUTDIR when ``vector_dir`` lies inside it, else absolute.
+    """
+    if not outputs.vector_dir:
+        return None
+    stem = str(PurePosixPath(mask_out).with_suffix(""))
+    stem = stem[: -len(".refined")] if stem.endswith(".refined") else stem
+    if _within(outputs.vector_dir, outdir):
+        target = os.path.join(os.path.realpath(outputs.vector_dir), stem + outputs.vector_extension)
+        return PurePosixPath(os.path.relpath(target, os.path.realpath(outdir))).as_posix()
+    return os.path.join(outputs.vector_dir, stem + outputs.vector_extension)
 
 
 def _mark_clashes(items: list[BatchItem]) -> list[BatchItem]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -91,8 +92,11 @@ def clean_temps(outdir: Path, items: Sequence[BatchItem], *, whole: bool) -> lis
                 except ValueError:
                     continue
                 if not pid_alive(pid):
-                    with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
+                    if p.is_dir() and not p.is_symlink():  # a polygon file's temporary folder
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            p.unlink()
                     removed.append(str(p))
     return removed
 

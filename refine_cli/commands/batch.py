@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from refine_cli.commands.console import Debug, ProgressBars, Quiet, Verbose, configure_logging, err_console
-from refine_cli.commands.options import RunOptions, run_options
+from refine_cli.commands.options import MinAreaOpt, RunOptions, SimplifyOpt, VectorFormatOpt, run_options
 from refine_cli.errors import Interrupted, UsageError
 
 if TYPE_CHECKING:
@@ -66,6 +66,28 @@ class _BatchProgress:
         self.bars.advance("files", self.total)
 
 
+def _outputs(opts: RunOptions, uncertainty: bool, report: bool, vector_dir: Path | None,
+             vector_format: str | None, simplify: str | None, min_area: str | None) -> Any:
+    """The batch's ``OutputOptions`` (the polygon options checked before anything runs)."""
+    import os
+
+    from refine_cli import batch as lib
+
+    if vector_dir is None and (vector_format or simplify or min_area):
+        raise UsageError("--vector-format, --simplify and --min-area shape the polygons of --vector-dir: add "
+                         "--vector-dir DIR")
+    if vector_dir is not None:
+        from refine_cli.io.vectorize import VectorSpec
+
+        VectorSpec(f"x.{vector_format or 'gpkg'}", vector_format, simplify, min_area).check()
+        if vector_dir.exists() and not vector_dir.is_dir():
+            raise UsageError(f"--vector-dir {vector_dir} is not a folder")
+    return lib.OutputOptions(uncertainty=uncertainty, report=report, fmt=opts.fmt, cog=opts.cog,
+                             bands=opts.band_indices(), overwrite=opts.overwrite,
+                             vector_dir=os.path.abspath(vector_dir) if vector_dir else None,
+                             vector_format=vector_format, simplify=simplify, min_area=min_area)
+
+
 def _size(n: int) -> str:
     return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.0f} MiB"
 
@@ -88,6 +110,12 @@ def batch_cmd(
         "--uncertainty", help="Also write <name>.uncertainty.tif per input.")] = False,
     report: Annotated[bool, typer.Option("--report", help="Also write <name>.report.json per input.")]
     = False,
+    vector_dir: Annotated[Path | None, typer.Option(
+        "--vector-dir", help="Also write each input's polygons as DIR/<name>.gpkg (or --vector-format).")]
+    = None,
+    vector_format: VectorFormatOpt = None,
+    simplify: SimplifyOpt = None,
+    min_area: MinAreaOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON record per input on stdout (NDJSON).")]
     = False,
     list_only: Annotated[bool, typer.Option(
@@ -124,8 +152,7 @@ def batch_cmd(
             raise UsageError("--gpus-per-worker N (N >= 0) applies to Dask workers: add --scheduler, or use "
                              "--device cuda:N")
         config = opts.config()
-        outputs = lib.OutputOptions(uncertainty=uncertainty, report=report, fmt=opts.fmt, cog=opts.cog,
-                                    bands=opts.band_indices(), overwrite=opts.overwrite)
+        outputs = _outputs(opts, uncertainty, report, vector_dir, vector_format, simplify, min_area)
         shard_t = lib.parse_shard(shard) if shard else None
         job = lib.BatchJob(outdir=out, config=config, outputs=outputs, verify_inputs=verify_inputs,
                            retry_failed=retry_failed, force=force, fail_fast=fail_fast, shard=shard_t,

@@ -387,3 +387,15 @@ def run_options(func: F) -> F:
     wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in params}
     return wrapper  # type: ignore[return-value]
+
+
+VectorFormatOpt = Annotated[str | None, typer.Option(
+    "--vector-format", rich_help_panel=OUTPUT,
+    help="Polygon file format: gpkg, geojson, fgb or parquet (GeoParquet); default from the extension.")]
+SimplifyOpt = Annotated[str | None, typer.Option(
+    "--simplify", rich_help_panel=OUTPUT, metavar="TOL",
+    help="Simplify polygons (topology-preserving, per polygon) by TOL map units, or TOLpx pixels.")]
+MinAreaOpt = Annotated[str | None, typer.Option(
+    "--min-area", rich_help_panel=OUTPUT, metavar="A",
+    help="Drop polygons smaller than A map units², or Apx pixels.")]
+"""The polygon options of ``refine run --vector``, ``refine batch --vector-dir`` and ``refine vectorize``."""

@@ -17,6 +17,7 @@ import numpy as np
 
 from refine_cli.config import MASK_FG
 from refine_cli.errors import OutputError
+from refine_cli.io.vectorize import PolygonWriter
 from refine_cli.io.writers import RasterSink, SegmentedSink, output_format, resumable_error
 from refine_cli.refiners.base import binary_uncertainty, margin_uncertainty
 
@@ -71,15 +72,23 @@ class OutputWriter:
         mask_sink: sink of the mask, or ``None``.
         unc_sink: sink of the uncertainty map, or ``None``.
         refiner_uncertainty: the last blended channel is the refiner's own uncertainty.
+        vector: polygons of the hard mask (``--vector``), or ``None``; each polygon's ``prob_mean`` is
+            the mean probability of its class and ``unc_mean`` the mean of the uncertainty map's ``u``.
     """
 
     def __init__(self, spec: OutputSpec, labels: bool, mask_sink: RasterSink | None,
-                 unc_sink: RasterSink | None, refiner_uncertainty: bool = False) -> None:
+                 unc_sink: RasterSink | None, refiner_uncertainty: bool = False,
+                 vector: PolygonWriter | None = None) -> None:
         self.spec = spec
         self.labels = labels
         self.mask_sink = mask_sink
         self.unc_sink = unc_sink
         self.refiner_uncertainty = refiner_uncertainty
+        self.vector = vector
+
+    @property
+    def _sinks(self) -> list[RasterSink | PolygonWriter]:
+        return [s for s in (self.mask_sink, self.unc_sink, self.vector) if s is not None]
 
     def write(self, row0: int, block: np.ndarray) -> None:
         """Write blended rows.
@@ -91,9 +100,45 @@ class OutputWriter:
         probs = block[..., :-1] if self.refiner_uncertainty else block
         if self.mask_sink is not None:
             self.mask_sink.write_rows(row0, self.convert_mask(probs))
+        unc = None
         if self.unc_sink is not None:
-            unc = block[..., -1] if self.refiner_uncertainty else self.uncertainty(probs)
-            self.unc_sink.write_rows(row0, np.round(np.clip(unc, 0, 1) * 255).astype(np.uint8))
+            unc = np.clip(block[..., -1] if self.refiner_uncertainty else self.uncertainty(probs), 0, 1)
+            self.unc_sink.write_rows(row0, np.round(unc * 255).astype(np.uint8))
+        if self.vector is not None:
+            self._polygons(row0, block, unc)
+
+    def _polygons(self, row0: int, block: np.ndarray, unc: np.ndarray | None) -> None:
+        """Hand the rows to the polygon writer in chunks of about 1 MPx (bounded temporaries).
+
+        ``unc``: the block's ``(n, W)`` uncertainty when already computed, else ``None``.
+        """
+        assert self.vector is not None
+        step = max(1, (1 << 20) // max(1, block.shape[1]))
+        for r in range(0, block.shape[0], step):
+            part = block[r:r + step]
+            probs = part[..., :-1] if self.refiner_uncertainty else part
+            if unc is not None:
+                u = unc[r:r + step]
+            else:
+                u = np.clip(part[..., -1] if self.refiner_uncertainty else self.uncertainty(probs), 0, 1)
+            cls, prob = self.classes(probs)
+            self.vector.add(row0 + r, cls, prob, u)
+
+    def classes(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The hard class map of ``(n, W, C)`` probabilities and each pixel's probability of its class.
+
+        Returns:
+            ``(n, W)`` uint8/uint16 classes (binary: 255 = foreground, labels: the argmax) and ``(n, W)``
+            float32 in ``[0, 1]`` (binary: ``p``; labels: the class's share of the probabilities' sum).
+        """
+        if not self.labels:
+            p = np.clip(probs[..., 0], 0, 1).astype(np.float32)
+            return np.where(p >= self.spec.threshold, MASK_FG, 0).astype(np.uint8), p
+        top = np.argmax(probs, axis=-1)
+        total = probs.sum(axis=-1)
+        share = np.take_along_axis(probs, top[..., None], axis=-1)[..., 0]
+        prob = np.divide(share, total, out=np.zeros_like(share), where=total > 0).astype(np.float32)
+        return top.astype(np.uint8 if probs.shape[-1] <= 256 else np.uint16), prob
 
     def convert_mask(self, probs: np.ndarray) -> np.ndarray:
         """``(n, W, C)`` probabilities to the mask sink's samples."""
@@ -128,8 +173,8 @@ class OutputWriter:
         every temporary and every file of this unit already renamed is removed (the parts of a
         resumable run stay), and the error is raised.
         """
-        sinks = [s for s in (self.mask_sink, self.unc_sink) if s is not None]
-        current: RasterSink | None = None
+        sinks = self._sinks
+        current: RasterSink | PolygonWriter | None = None
         try:
             for current in sinks:
                 current.prepare()
@@ -155,12 +200,12 @@ class OutputWriter:
         Used when a later file of the run, such as the report, could not be written: the run's
         outputs are one unit.
         """
-        for sink in (self.mask_sink, self.unc_sink):
-            if sink is not None and sink.path != "-":
+        for sink in self._sinks:
+            if sink.path != "-":
                 sink.rollback()
 
     def abort(self) -> None:
         """Remove partial files."""
-        for sink in (self.mask_sink, self.unc_sink):
-            if sink is not None and not sink.closed:
+        for sink in self._sinks:
+            if not sink.closed:
                 sink.abort()

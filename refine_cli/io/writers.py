@@ -164,7 +164,10 @@ def clean_stale_temps(directory: str | Path, name: str | None = None) -> list[st
             continue
         if pid_alive(pid):
             continue
-        _unlink(str(p))
+        if p.is_dir() and not p.is_symlink():  # a polygon file's temporary folder (io.vector_sink)
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            _unlink(str(p))
         removed.append(str(p))
     return removed
 

@@ -35,7 +35,8 @@ class RunReport:
     Attributes:
         image: facts about the input image (path, size, bands, dtype, backend, georeferenced).
         mask: facts about the coarse mask (path, kind, classes, native size) or the segmenter used.
-        outputs: paths written (``mask``, ``uncertainty``, ``report``).
+        outputs: paths written (``mask``, ``uncertainty``, ``report``, ``vector``) and, with ``vector``,
+            the number of ``polygons``.
         method: refiner name.
         refiner: the refiner's own description (parameters, weights name and sha256).
         device: device the refiner ran on.
@@ -70,7 +71,7 @@ class RunReport:
 
     image: dict[str, Any] = field(default_factory=dict)
     mask: dict[str, Any] = field(default_factory=dict)
-    outputs: dict[str, str | None] = field(default_factory=dict)
+    outputs: dict[str, str | int | None] = field(default_factory=dict)
     method: str = ""
     refiner: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
