@@ -518,6 +518,23 @@ class _PatchBatcher:
             i += n
 
 
+def _patch_outcome(glob: GlobalStep, patch: CascadePatch) -> tuple[PatchOutcome, Tensor | None]:
+    """Whether a local patch runs (the official 10-90 % rule), and its binarised global map when it does.
+
+    A patch whose global sources lie on one side of 0.5 is decided without upsampling its window.
+
+    Returns:
+        The outcome, and ``seg`` ``(1, 1, L, L)`` float32 in {-1, +1} for a patch that runs (else ``None``).
+    """
+    uniform = _uniform_global(glob, patch.window)
+    if uniform is not None and not SKIP_LOW <= uniform <= SKIP_HIGH:
+        return PatchOutcome(patch, uniform, False), None
+    seg = _binarised_global(glob, patch.window)
+    frac = _foreground_fraction(seg)
+    processed = SKIP_LOW <= frac <= SKIP_HIGH
+    return PatchOutcome(patch, frac, processed), seg if processed else None
+
+
 def local_step(
     model: CascadeRefinementModule,
     image_u8: np.ndarray,
@@ -560,15 +577,9 @@ def local_step(
 
     patches = plan_cascade_patches((h, w), glob.resize.size)
     for patch in patches:
-        uniform = _uniform_global(glob, patch.window)
-        if uniform is not None and not SKIP_LOW <= uniform <= SKIP_HIGH:
-            outcomes.append(PatchOutcome(patch, uniform, False))  # skipped without upsampling
-            continue
-        seg = _binarised_global(glob, patch.window)
-        frac = _foreground_fraction(seg)
-        processed = SKIP_LOW <= frac <= SKIP_HIGH
-        outcomes.append(PatchOutcome(patch, frac, processed))
-        if not processed:
+        outcome, seg = _patch_outcome(glob, patch)
+        outcomes.append(outcome)
+        if seg is None:
             continue
         inter = CascadeRefinementModule.prob_to_feedback(
             upsample_bilinear_window(glob.pred_56, glob.full_shape, patch.window))
