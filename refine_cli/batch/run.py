@@ -343,7 +343,7 @@ def plan_file_memory(image: str, config: RefineConfig, outputs: OutputOptions, *
     labels = config.classes is not None
     channels = config.classes or 1
     spec = OutputSpec(mask=f"out{outputs.extension}", uncertainty="u.tif" if outputs.uncertainty else None,
-                      soft=config.soft, threshold=config.threshold, fmt=outputs.fmt)
+                      soft=config.soft, threshold=config.threshold, fmt=outputs.fmt, encoding=config.encoding)
     batch = config.cascade.batch_size if refiner.uses_torch else 1
     resident = decoded_bytes_estimate(image, inline_limit=config.inline_limit, samples=3)
     if mask is not None:
