@@ -221,11 +221,16 @@ def _gdal_warnings() -> Iterator[list[str]]:
 
     logger = logging.getLogger("rasterio._env")
     handler = _Catch()
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)  # whatever -q/-v set: these become the error
+    logger.propagate = False
     try:
         yield seen
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def probe(options: Mapping[str, str], dtype: np.dtype, bands: int, nodata: float | None, where: str,
