@@ -290,6 +290,9 @@ def _check_encoding(req: _Request) -> None:
     if req.uncertainty:
         check_creation(req.uncertainty, creation, uncertainty_dtype(spec), 1, cog=req.cog, nodata=nodata,
                        resampling="average")
+    if nodata is not None and not req.config.soft and nodata in (0, 255):
+        log.warning("--nodata %g is also a value of the hard mask (0 background, 255 foreground): GDAL-based "
+                    "readers will treat those pixels as empty; choose another value, e.g. --nodata 1", nodata)
 
 
 def _segment_first(req: _Request, refiner: Refiner) -> bool:
@@ -478,8 +481,9 @@ def _open_writer(req: _Request, src: ImageSource, layout: _Layout, checkpoint: R
     for k in (mask_sink, unc_sink):
         if isinstance(k, SegmentedSink) and k.next_row > start_row:
             k.rewind(start_row)
+    empty = src.empty_rows if src.has_alpha else None
     return OutputWriter(layout.spec, layout.labels, mask_sink, unc_sink,
-                        refiner_uncertainty=refiner_uncertainty), start_row
+                        refiner_uncertainty=refiner_uncertainty, empty=empty), start_row
 
 
 def _report(req: _Request, refiner: Refiner, inputs: _Inputs, scene: Scene, run: _Run, device: str,

@@ -238,3 +238,27 @@ def test_resume_with_co_is_byte_identical(tmp_path, monkeypatch):
         refine_file(*args, str(out2), config=cfg, cog=True, progress=stop)
     other = cfg.replace(encoding=EncodingOptions(creation=(("COMPRESS", "LZW"),), soft_dtype="uint16", nodata=0))
     assert refine_file(*args, str(out2), config=other, cog=True, resume=True).tiles["resumed_from_row"] == 0
+
+
+def test_nodata_marks_the_images_empty_pixels(pair, tmp_path):
+    """With --nodata, pixels of alpha 0 get the nodata value in every output; the rest is computed."""
+    import cv2
+
+    rgb = cv2.imread(str(pair / "img.png"))
+    rgba = np.dstack([rgb, np.full((H, W), 255, np.uint8)])
+    rgba[:, :40, 3] = 0  # a collar without data
+    cv2.imwrite(str(tmp_path / "rgba.png"), rgba)
+    cfg = RefineConfig(encoding=EncodingOptions(nodata=1))
+    refine_file(str(tmp_path / "rgba.png"), str(pair / "mask.png"), str(tmp_path / "o.tif"), config=cfg,
+                uncertainty=str(tmp_path / "u.tif"))
+    refine_file(str(pair / "img.png"), str(pair / "mask.png"), str(tmp_path / "ref.tif"),
+                uncertainty=str(tmp_path / "ref_u.tif"))
+    for name, ref in (("o.tif", "ref.tif"), ("u.tif", "ref_u.tif")):
+        data, profile, _ = _read(tmp_path / name)
+        assert profile["nodata"] == 1
+        assert (data[0, :, :40] == 1).all()
+        assert np.array_equal(data[0, :, 40:], _read(tmp_path / ref)[0][0, :, 40:])  # the same RGB
+    # without --nodata the collar is computed like any pixel
+    refine_file(str(tmp_path / "rgba.png"), str(pair / "mask.png"), str(tmp_path / "p.tif"))
+    assert _read(tmp_path / "p.tif")[1]["nodata"] is None
+    assert set(np.unique(_read(tmp_path / "p.tif")[0][0, :, :40])) <= {0, 255}

@@ -7,6 +7,8 @@
 * uncertainty: uint8 ``round(255 u)`` (255 = most uncertain) with
   ``u = 1 - |2p - 1|`` (binary) or ``u = 1 - (top1 - top2)`` of the class
   probabilities normalised to sum 1 (labels), unless the refiner supplies its own.
+* ``--nodata VAL`` tags every TIFF output with VAL, and writes VAL where the image holds no data
+  (its alpha band is 0); everywhere else, and in images without alpha, every pixel is computed.
 * ``--dtype uint8|uint16|float32`` sets the sample type of the soft outputs (soft mask and
   uncertainty map) instead: ``round(255 v)``, ``round(65535 v)`` or ``v`` itself
   (:data:`~refine_cli.config.SOFT_SCALE`); PNG takes uint8 and uint16 only.
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,15 +111,19 @@ class OutputWriter:
         mask_sink: sink of the mask, or ``None``.
         unc_sink: sink of the uncertainty map, or ``None``.
         refiner_uncertainty: the last blended channel is the refiner's own uncertainty.
+        empty: ``f(row0, n) -> (n, W) bool``, True where the image holds no data (alpha 0); those
+            pixels get ``spec.encoding.nodata`` in every output. ``None``: every pixel is computed.
     """
 
     def __init__(self, spec: OutputSpec, labels: bool, mask_sink: RasterSink | None,
-                 unc_sink: RasterSink | None, refiner_uncertainty: bool = False) -> None:
+                 unc_sink: RasterSink | None, refiner_uncertainty: bool = False,
+                 empty: Callable[[int, int], np.ndarray] | None = None) -> None:
         self.spec = spec
         self.labels = labels
         self.mask_sink = mask_sink
         self.unc_sink = unc_sink
         self.refiner_uncertainty = refiner_uncertainty
+        self.empty = empty if spec.encoding.nodata is not None else None
 
     def write(self, row0: int, block: np.ndarray) -> None:
         """Write blended rows.
@@ -126,11 +133,21 @@ class OutputWriter:
             block: ``(n, W, C[+1])`` float32 blended channels.
         """
         probs = block[..., :-1] if self.refiner_uncertainty else block
+        hole = self.empty(row0, block.shape[0]) if self.empty is not None else None
+        if hole is not None and not hole.any():
+            hole = None
+        nodata = self.spec.encoding.nodata
         if self.mask_sink is not None:
-            self.mask_sink.write_rows(row0, self.convert_mask(probs))
+            samples = self.convert_mask(probs)
+            if hole is not None:
+                samples[hole] = nodata
+            self.mask_sink.write_rows(row0, samples)
         if self.unc_sink is not None:
             unc = block[..., -1] if self.refiner_uncertainty else self.uncertainty(probs)
-            self.unc_sink.write_rows(row0, encode_soft(unc, self.unc_sink.dtype))
+            samples = encode_soft(unc, self.unc_sink.dtype)
+            if hole is not None:
+                samples[hole] = nodata
+            self.unc_sink.write_rows(row0, samples)
 
     def convert_mask(self, probs: np.ndarray) -> np.ndarray:
         """``(n, W, C)`` probabilities to the mask sink's samples."""

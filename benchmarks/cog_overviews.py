@@ -1,0 +1,128 @@
+"""COG output: overviews streamed while writing vs. GDAL's second pass at commit.
+
+Writes a synthetic ``H x W`` uint8 mask (blobs from a coarse random field, 0/255) through
+``refine_cli.io.writers.TiffSink(cog=True)`` in 512-row strips, once with the overviews reduced
+while the rows stream (``stream``, the default of ``refine run --cog``) and once the way it was
+done before (``gdal``: a plain tiled TIFF, then GDAL's COG driver computes the overviews by
+reading it again). Each run is a child process: wall seconds (first row to the renamed file),
+peak RSS, file size. Then both outputs are checked: ``LAYOUT=COG`` in GDAL's metadata, the
+same full-resolution pixels, and the share of equal overview pixels per level (the levels are
+``floor`` halvings; where a level is not an exact half GDAL's nearest moves some edge samples).
+
+Usage::
+
+    python benchmarks/cog_overviews.py [--size 20000] [--sizes 10000,20000] [--out benchmarks/results]
+
+Prints a table and writes ``cog_overviews.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+STRIP = 512
+
+
+def _strip(r0: int, n: int, width: int, field: np.ndarray, cell: int) -> np.ndarray:
+    """Rows ``r0 .. r0 + n`` of the synthetic mask: 0/255 blobs of a coarse random field (uint8)."""
+    rows = np.arange(r0, r0 + n) // cell
+    cols = np.arange(width) // cell
+    return np.where(field[rows][:, cols] > 0.5, 255, 0).astype(np.uint8)
+
+
+def child(mode: str, height: int, width: int, out: str) -> dict[str, Any]:
+    """Write the mask as a COG in this process; wall seconds and peak RSS."""
+    sys.path.insert(0, str(REPO))
+    from refine_cli.io.writers import TiffSink
+
+    cell = 97
+    field = np.random.default_rng(0).random((height // cell + 1, width // cell + 1))
+    t0 = time.perf_counter()
+    sink = TiffSink(out, (height, width), 1, np.uint8, True, cog=True, resampling="nearest",
+                    stream_overviews=mode == "stream")
+    for r in range(0, height, STRIP):
+        n = min(STRIP, height - r)
+        sink.write_rows(r, _strip(r, n, width, field, cell))
+    t_rows = time.perf_counter() - t0
+    sink.commit()
+    wall = time.perf_counter() - t0
+    return {"mode": mode, "height": height, "width": width, "wall_s": round(wall, 2),
+            "rows_s": round(t_rows, 2), "commit_s": round(wall - t_rows, 2),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "bytes": Path(out).stat().st_size}
+
+
+def compare(streamed: str, gdal: str) -> dict[str, Any]:
+    """``LAYOUT`` of both, equal full resolution, share of equal pixels per overview level."""
+    import rasterio
+
+    facts: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with rasterio.open(streamed) as a, rasterio.open(gdal) as b:
+            facts["layout"] = [a.tags(ns="IMAGE_STRUCTURE").get("LAYOUT"), b.tags(ns="IMAGE_STRUCTURE").get("LAYOUT")]
+            facts["overviews"] = [a.overviews(1), b.overviews(1)]
+            same = True
+            for _, win in a.block_windows(1):
+                if not np.array_equal(a.read(1, window=win), b.read(1, window=win)):
+                    same = False
+                    break
+            facts["full_resolution_equal"] = same
+        equal = []
+        for k in range(len(facts["overviews"][0])):
+            with rasterio.open(streamed, overview_level=k) as a, rasterio.open(gdal, overview_level=k) as b:
+                x, y = a.read(1), b.read(1)
+                equal.append(round(float((x == y).mean()), 6) if x.shape == y.shape else None)
+        facts["overview_equal_share"] = equal
+    return facts
+
+
+def main() -> None:
+    """Run both modes per size in child processes; print the table and write the JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="20000", help="square sizes, comma-separated")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--child", nargs=4, metavar=("MODE", "H", "W", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        mode, h, w, out = args.child
+        print(json.dumps(child(mode, int(h), int(w), out)))
+        return
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="cog-bench-", dir=str(REPO.parent)) as tmp:
+        for size in (int(s) for s in args.sizes.split(",")):
+            paths = {}
+            for mode in ("gdal", "stream"):
+                paths[mode] = str(Path(tmp) / f"{mode}_{size}.tif")
+                proc = subprocess.run([sys.executable, __file__, "--child", mode, str(size), str(size),
+                                       paths[mode]], capture_output=True, text=True, check=True)
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            rows[-1]["check"] = compare(paths["stream"], paths["gdal"])
+            for p in paths.values():
+                Path(p).unlink()
+    print(f"{'size':>7} {'mode':>7} {'wall s':>7} {'rows s':>7} {'commit s':>8} {'peak RSS MiB':>12} {'MB':>7}")
+    for r in rows:
+        print(f"{r['height']:>7} {r['mode']:>7} {r['wall_s']:>7} {r['rows_s']:>7} {r['commit_s']:>8} "
+              f"{r['peak_rss_mib']:>12} {r['bytes'] / 1e6:>7.1f}")
+    for r in rows:
+        if "check" in r:
+            print(f"{r['height']}: {json.dumps(r['check'])}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cog_overviews.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
