@@ -159,20 +159,25 @@ def test_streamed_overviews_equal_gdal(tmp_path, shape, block):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def test_streamed_overviews_hold_a_strip_per_level(tmp_path):
-    """Memory does not grow with the height: each level holds less than one strip of rows."""
-    shape, block = (4096, 64), 16
-    levels = level_shapes(shape, block)
-    ovr = StreamedOverviews([str(tmp_path / f"l{k}.tif") for k in range(len(levels))], shape, 1,
-                            np.dtype(np.uint8), block, "average", {"COMPRESS": "NONE"}, None)
-    most = 0
-    for r in range(0, shape[0], 24):
-        ovr.push(np.full((24, shape[1], 1), r % 256, np.uint8))
-        most = max(most, max(sum(p.shape[0] for p in lv.pending) for lv in ovr.levels))
-    ovr.close()
-    assert most < block
-    with rasterio.open(tmp_path / "l0.tif") as ds:
-        assert ds.shape == (2048, 32)
+def test_streamed_overviews_memory_does_not_grow_with_height(tmp_path):
+    """The arrays the levels hold (counting the whole array a view keeps alive) stay below one strip of
+    ``block`` rows per level, whatever the height."""
+    for height in (1024, 8192):
+        shape, block = (height, 256), 256
+        levels = level_shapes(shape, block)
+        ovr = StreamedOverviews([str(tmp_path / f"h{height}_{k}.tif") for k in range(len(levels))], shape, 1,
+                                np.dtype(np.uint8), block, "nearest", {"COMPRESS": "NONE"}, None)
+        bound = sum(block * w for _, w in levels)
+        most = 0
+        for r in range(0, height, 16):
+            ovr.push(np.full((16, shape[1], 1), r % 251, np.uint8))  # a new array per strip, as TiffSink's
+            held = {id(p if p.base is None else p.base): (p if p.base is None else p.base).nbytes
+                    for lv in ovr.levels for p in [*lv.pending, *([lv.carry] if lv.carry is not None else [])]}
+            most = max(most, sum(held.values()))
+        ovr.close()
+        assert most <= bound, (height, most, bound)
+    with rasterio.open(tmp_path / "h8192_0.tif") as ds:
+        assert ds.shape == (4096, 128)
 
 
 def test_cog_with_gdal_resampling_still_works(tmp_path):
@@ -262,3 +267,20 @@ def test_nodata_marks_the_images_empty_pixels(pair, tmp_path):
     refine_file(str(tmp_path / "rgba.png"), str(pair / "mask.png"), str(tmp_path / "p.tif"))
     assert _read(tmp_path / "p.tif")[1]["nodata"] is None
     assert set(np.unique(_read(tmp_path / "p.tif")[0][0, :, :40])) <= {0, 255}
+
+
+def test_batch_journal_sees_changed_creation_options(pair, tmp_path, cli):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes((pair / "img.png").read_bytes())
+    (src / "a_mask.png").write_bytes((pair / "mask.png").read_bytes())
+    base = ("batch", src / "a.png", "--mask-suffix", "_mask", "-o", tmp_path / "out", "-q")
+    code, _, err = cli(*base, "--co", "COMPRESS=LZW")
+    assert code == 0, err
+    assert json.loads(cli("info", tmp_path / "out" / "a.refined.tif", "--json")[1])["compression"] == "LZW"
+    code, _, err = cli(*base, "--co", "compress=LZW")  # the same options (keys in any case): already done
+    assert code == 0, err
+    code, _, err = cli(*base, "--co", "COMPRESS=ZSTD")  # other options: the finished output is not kept silently
+    assert code == 2 and "other settings" in one_line_error(err)
+    code, _, err = cli(*base, "--co", "COMPRESS=NOPE")
+    assert code == 2 and "use one of" in one_line_error(err)

@@ -126,6 +126,7 @@ def batch_cmd(
         config = opts.config()
         outputs = lib.OutputOptions(uncertainty=uncertainty, report=report, fmt=opts.fmt, cog=opts.cog,
                                     bands=opts.band_indices(), overwrite=opts.overwrite)
+        lib.check_encoding(config, outputs)
         shard_t = lib.parse_shard(shard) if shard else None
         job = lib.BatchJob(outdir=out, config=config, outputs=outputs, verify_inputs=verify_inputs,
                            retry_failed=retry_failed, force=force, fail_fast=fail_fast, shard=shard_t,

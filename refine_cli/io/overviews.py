@@ -63,11 +63,11 @@ def reduce_pair(rows: np.ndarray, width: int, resampling: str) -> np.ndarray:
         resampling: ``nearest`` or ``average``.
 
     Returns:
-        ``(m, width, bands)`` of the same dtype.
+        ``(m, width, bands)`` of the same dtype, a new array (no view of ``rows``).
     """
     m = rows.shape[0] // 2
-    if resampling == "nearest":
-        return rows[0 : 2 * m : 2, 0 : 2 * width : 2]
+    if resampling == "nearest":  # a copy: a view would keep the whole strip alive while the level waits
+        return np.ascontiguousarray(rows[0 : 2 * m : 2, 0 : 2 * width : 2])
     block = rows[: 2 * m, : 2 * width].reshape(m, 2, width, 2, rows.shape[2])
     mean = block.astype(np.float64).mean(axis=(1, 3))
     out: np.ndarray
