@@ -65,6 +65,11 @@ TMP_SUFFIX = ".refine-tmp"
 PARTS_SUFFIX = ".refine-parts"
 """Name ending of the hidden folder of a resumable run's finished parts (``engine.checkpoint``)."""
 
+RAW_LEVELS_BYTES = 2 * 1024**3
+"""A COG's streamed overview levels are kept uncompressed on disk up to this size (a third of the
+uncompressed output): compressing them costs more CPU than GDAL's whole overview pass saves;
+above it they are compressed like the temporary full-resolution file (ZSTD level 1)."""
+
 TIFF_EXTS = (".tif", ".tiff")
 PNG_EXTS = (".png",)
 
@@ -440,6 +445,8 @@ class TiffSink(RasterSink):
             block = int(self.options.get("BLOCKSIZE", TILE))
             paths = [temp_path_for(f"{path}.ovr{k + 1}") for k in range(len(level_shapes(self.shape, block)))]
             fast = intermediate_options(self.options, self.dtype)
+            if self.shape[0] * self.shape[1] * self.bands * self.dtype.itemsize // 3 <= RAW_LEVELS_BYTES:
+                fast = {"COMPRESS": "NONE", "BIGTIFF": "YES", "INTERLEAVE": "PIXEL"}
             try:
                 self._ovr = StreamedOverviews(paths, self.shape, self.bands, self.dtype, block,
                                               self.resampling, fast, nodata)
