@@ -11,10 +11,11 @@ finishes every file (and its sidecars) under temporary names, :meth:`RasterSink.
 renames them into place, :meth:`RasterSink.rollback` removes the temporaries and
 whatever this unit already renamed.
 
-* ``.tif`` / ``.tiff``: tiled BigTIFF (512 px tiles, deflate + predictor),
-  written through rasterio/GDAL with a small block cache, so memory does not
-  grow with the image. Georeferencing of the input is copied. ``cog=True``
-  rewrites the finished file as a Cloud-Optimised GeoTIFF with overviews.
+* ``.tif`` / ``.tiff``: tiled BigTIFF (512 px tiles, deflate + predictor, or the user's GDAL
+  creation options, ``io.creation``), written through rasterio/GDAL with a small block cache, so
+  memory does not grow with the image. Georeferencing of the input is copied. ``cog=True`` writes a
+  Cloud-Optimised GeoTIFF: overviews reduced while the rows stream (``io.overviews``), copied with
+  the full-resolution tiles into the COG layout by GDAL's COG driver at commit.
 * ``.png``: for outputs up to the inline limit; kept in memory and encoded at the end.
   Georeferencing goes into GDAL's sidecars: a world file ``<stem>.pgw`` and
   ``<name>.aux.xml`` with the CRS.
