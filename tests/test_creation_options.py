@@ -135,12 +135,15 @@ def test_streamed_overviews_equal_gdal(tmp_path, shape, block):
     soft = rng.random(shape).astype(np.float32)
     mask = (rng.random(shape) > 0.5).astype(np.uint8) * 255
     soft8 = (soft * 255).astype(np.uint8)
-    for name, data, rs in (("mask", mask, "nearest"), ("soft", soft, "average"), ("soft8", soft8, "average")):
+    holes = soft8.copy()
+    holes[rng.random(shape) < 0.3] = 7  # the nodata value: left out of averages
+    for name, data, rs, nodata in (("mask", mask, "nearest", None), ("soft", soft, "average", None),
+                                   ("soft8", soft8, "average", None), ("holes", holes, "average", 7)):
         paths = {}
         for stream in (True, False):
             paths[stream] = str(tmp_path / f"{name}{stream}.tif")
             sink = TiffSink(paths[stream], shape, 1, data.dtype, True, cog=True, resampling=rs,
-                            creation={"BLOCKSIZE": str(block)}, stream_overviews=stream)
+                            creation={"BLOCKSIZE": str(block)}, stream_overviews=stream, nodata=nodata)
             for r in range(0, shape[0], 37):
                 sink.write_rows(r, data[r : r + 37])
             sink.commit()

@@ -54,13 +54,15 @@ def level_shapes(shape: tuple[int, int], block: int) -> list[tuple[int, int]]:
     return out
 
 
-def reduce_pair(rows: np.ndarray, width: int, resampling: str) -> np.ndarray:
+def reduce_pair(rows: np.ndarray, width: int, resampling: str, nodata: float | None = None) -> np.ndarray:
     """Two rows of a level to one row of the next.
 
     Args:
         rows: ``(2 m, W, bands)`` samples of a level.
         width: width of the next level (``W // 2``).
         resampling: ``nearest`` or ``average``.
+        nodata: samples of this value are left out of an average and an average of data that
+            rounds to it moves one step up (as GDAL does); a block of nothing else stays ``nodata``.
 
     Returns:
         ``(m, width, bands)`` of the same dtype, a new array (no view of ``rows``).
@@ -68,14 +70,27 @@ def reduce_pair(rows: np.ndarray, width: int, resampling: str) -> np.ndarray:
     m = rows.shape[0] // 2
     if resampling == "nearest":  # a copy: a view would keep the whole strip alive while the level waits
         return np.ascontiguousarray(rows[0 : 2 * m : 2, 0 : 2 * width : 2])
-    block = rows[: 2 * m, : 2 * width].reshape(m, 2, width, 2, rows.shape[2])
-    mean = block.astype(np.float64).mean(axis=(1, 3))
+    block = rows[: 2 * m, : 2 * width].reshape(m, 2, width, 2, rows.shape[2]).astype(np.float64)
+    if nodata is None:
+        mean = block.mean(axis=(1, 3))
+    else:
+        valid = ~np.isnan(block) if np.isnan(nodata) else block != nodata
+        count = valid.sum(axis=(1, 3))
+        total = np.where(valid, block, 0.0).sum(axis=(1, 3))
+        mean = np.divide(total, count, out=np.full(total.shape, float(nodata)), where=count > 0)
     out: np.ndarray
     if rows.dtype.kind in "iu":
         info = np.iinfo(rows.dtype)
         out = np.clip(np.floor(mean + 0.5), info.min, info.max).astype(rows.dtype)
     else:
         out = mean.astype(rows.dtype)
+    if nodata is not None and not np.isnan(nodata):  # an average of data is never nodata (GDAL's rule)
+        clash = (count > 0) & (out == nodata)
+        if clash.any():
+            if rows.dtype.kind in "iu":
+                out[clash] = nodata + 1 if nodata < np.iinfo(rows.dtype).max else nodata - 1
+            else:
+                out[clash] = np.nextafter(np.array(nodata, rows.dtype), np.array(np.inf, rows.dtype))
     return out
 
 
@@ -147,7 +162,7 @@ class StreamedOverviews:
                  resampling: str, options: Mapping[str, str], nodata: float | None) -> None:
         if resampling not in STREAMED:
             raise ValueError(f"overviews by {resampling!r} are not streamed")
-        self.resampling = resampling
+        self.resampling, self.nodata = resampling, nodata
         shapes = level_shapes(shape, block)
         if len(paths) != len(shapes):
             raise ValueError(f"{len(shapes)} level paths needed, got {len(paths)}")
@@ -172,7 +187,7 @@ class StreamedOverviews:
                 level.carry = rows[2 * m : 2 * m + 1].copy()
             if m == 0:
                 return
-            rows = reduce_pair(rows[: 2 * m], level.shape[1], self.resampling)
+            rows = reduce_pair(rows[: 2 * m], level.shape[1], self.resampling, self.nodata)
             level.write(rows)
 
     def close(self) -> list[str]:
