@@ -1,18 +1,20 @@
 """Overviews of a COG built while its rows are written, in bounded memory.
 
 GDAL's COG driver, given a plain TIFF, reads the whole image once more at the end to compute the
-overviews. :class:`StreamedOverviews` reduces the rows as they arrive instead: every two rows of
-a level make one row of the next (``nearest``: the top-left sample of each 2 x 2 block;
-``average``: the mean of the 2 x 2 block, rounded half up for integers), each level written to its
-own tiled temporary TIFF. Level ``k`` (``k = 1 ..``) is ``floor(H / 2^k) x floor(W / 2^k)``, as the
-COG driver sizes them, down to the first level that fits one block. :func:`overview_vrt` then
-describes the full-resolution file with these levels as its overviews, so the COG driver copies
-them (``OVERVIEWS=FORCE_USE_EXISTING``) and computes nothing.
+overviews. :class:`StreamedOverviews` reduces the rows as they arrive instead, each level from the
+one above it, as GDAL does: ``nearest`` takes sample ``round(i * n_above / n)`` of the level above
+in each direction (``2 i`` where a level halves exactly, GDAL's own sampling elsewhere);
+``average`` takes the mean of each 2 x 2 block (rounded half up for integers, the nodata value
+left out). Each level goes to its own tiled temporary TIFF. Level ``k`` (``k = 1 ..``) is
+``floor(H / 2^k) x floor(W / 2^k)``, as the COG driver sizes them, down to the first level that
+fits one block. :func:`overview_vrt` then describes the full-resolution file with these levels as
+its overviews, so the COG driver copies them (``OVERVIEWS=FORCE_USE_EXISTING``) and computes
+nothing.
 
-Agreement with GDAL's own computation: where every level halves exactly (``H`` and ``W``
-multiples of ``2^levels``) ``nearest`` gives the same samples and ``average`` the same integers
-(float32 within 1e-4); at the right and bottom edges of other sizes GDAL stretches its sampling
-grid slightly (its factors are not exactly 2 there), so edge samples may differ.
+Agreement with GDAL's own computation (tests): ``nearest`` gives GDAL's samples at any size;
+``average`` gives GDAL's integers (float32 within 1e-4) and is streamed only where every level halves
+exactly (:func:`halves_exactly`): elsewhere GDAL's averaging windows are slightly wider than 2 x 2,
+and the writer leaves those overviews to GDAL's pass at commit.
 
 Memory: one strip of ``block`` rows per level and one pending row per level, below twice the
 bytes of one full-resolution strip, whatever the image height.
@@ -52,6 +54,32 @@ def level_shapes(shape: tuple[int, int], block: int) -> list[tuple[int, int]]:
         out.append((h, w))
         k += 1
     return out
+
+
+def halves_exactly(shape: tuple[int, int], block: int) -> bool:
+    """Whether every overview level is exactly half the one above (``H`` and ``W`` multiples of ``2^levels``).
+
+    Streamed ``average`` overviews need it: elsewhere GDAL averages over windows slightly wider than
+    2 x 2 that drift across the level, and its own pass at commit is used instead.
+    """
+    n = len(level_shapes(shape, block))
+    return shape[0] % (1 << n) == 0 and shape[1] % (1 << n) == 0
+
+
+def nearest_index(size: int, above: int) -> np.ndarray:
+    """Indices into a level of ``above`` samples that GDAL's nearest overview takes for ``size`` samples.
+
+    ``round(i * above / size)`` (halves up), clipped to the last sample: ``2 i`` where the level
+    halves exactly, and a slightly wider step where ``above`` is odd.
+    """
+    index: np.ndarray = np.floor(np.arange(size) * (above / size) + 0.5).astype(np.int64)
+    np.minimum(index, above - 1, out=index)
+    return index
+
+
+def nearest_source(i: int, size: int, above: int) -> int:
+    """Row ``i`` of a level of ``size`` rows takes row ``nearest_source(i)`` of the level above."""
+    return min(int(np.floor(i * (above / size) + 0.5)), above - 1)
 
 
 def reduce_pair(rows: np.ndarray, width: int, resampling: str, nodata: float | None = None) -> np.ndarray:
@@ -98,11 +126,16 @@ class _Level:
     """One overview level: a tiled temporary GeoTIFF written in strips of ``block`` rows."""
 
     def __init__(self, path: str, shape: tuple[int, int], bands: int, dtype: np.dtype,
-                 options: Mapping[str, str], nodata: float | None) -> None:
+                 options: Mapping[str, str], nodata: float | None, above: tuple[int, int]) -> None:
         import rasterio
         from rasterio.errors import NotGeoreferencedWarning
 
         self.path, self.shape, self.bands, self.dtype = path, shape, bands, dtype
+        self.above = above
+        """``(h, w)`` of the level this one is reduced from."""
+        self.cols = nearest_index(shape[1], above[1])
+        self.seen = 0
+        """Rows of the level above received so far."""
         self.block = int(options.get("BLOCKYSIZE", 512))
         with warnings.catch_warnings(), rasterio.Env():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -112,6 +145,33 @@ class _Level:
         self.pending: list[np.ndarray] = []
         self.carry: np.ndarray | None = None
         """A row of the level above waiting for its pair."""
+
+    def made(self) -> int:
+        """Rows of this level made so far (written or held)."""
+        return self.rows + sum(int(p.shape[0]) for p in self.pending)
+
+    def take_nearest(self, rows: np.ndarray) -> np.ndarray:
+        """The rows of this level that the next rows of the level above hold (GDAL's nearest sampling).
+
+        Args:
+            rows: ``(n, W_above, bands)``, the rows that follow those already received.
+
+        Returns:
+            ``(m, w, bands)``, a new array (possibly empty), also written to this level.
+        """
+        start = self.seen
+        self.seen += rows.shape[0]
+        made = self.made()
+        picks: list[int] = []
+        while made + len(picks) < self.shape[0]:
+            src = nearest_source(made + len(picks), self.shape[0], self.above[0])
+            if src >= self.seen:
+                break
+            picks.append(src - start)
+        out = rows[picks][:, self.cols]
+        if picks:
+            self.write(out)
+        return out
 
     def write(self, block: np.ndarray) -> None:
         """Append rows ``(n, w, bands)``; full strips go to the file."""
@@ -169,8 +229,8 @@ class StreamedOverviews:
         opts = {**options, "TILED": "YES", "BLOCKXSIZE": str(block), "BLOCKYSIZE": str(block)}
         self.levels: list[_Level] = []
         try:
-            for p, s in zip(paths, shapes, strict=True):
-                self.levels.append(_Level(p, s, bands, np.dtype(dtype), opts, nodata))
+            for p, s, above in zip(paths, shapes, [shape, *shapes], strict=False):
+                self.levels.append(_Level(p, s, bands, np.dtype(dtype), opts, nodata, above))
         except BaseException:
             self.abort()
             raise
@@ -178,6 +238,11 @@ class StreamedOverviews:
     def push(self, rows: np.ndarray) -> None:
         """Reduce the next full-resolution rows ``(n, W, bands)`` into every level."""
         for level in self.levels:
+            if self.resampling == "nearest":
+                rows = level.take_nearest(rows)
+                if rows.shape[0] == 0:
+                    return
+                continue
             if level.carry is not None:
                 rows = np.concatenate([level.carry, rows], axis=0)
                 level.carry = None

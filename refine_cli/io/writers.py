@@ -46,7 +46,7 @@ import numpy as np
 from refine_cli.errors import OutputError, OutputExistsError, UsageError, exception_chain
 from refine_cli.io.creation import block_rows, intermediate_options, streamable
 from refine_cli.io.creation import merged as creation_merged
-from refine_cli.io.overviews import StreamedOverviews, level_shapes, overview_vrt
+from refine_cli.io.overviews import StreamedOverviews, halves_exactly, level_shapes, overview_vrt
 from refine_cli.io.readers import (
     Georef,
     gdal_env,
@@ -409,9 +409,9 @@ class TiffSink(RasterSink):
     Args:
         georef: georeferencing to copy, or ``None``.
         cog: write a Cloud-Optimised GeoTIFF: the rows go to a temporary tiled TIFF while their
-            overviews are reduced as they arrive (``io.overviews``, for ``nearest``/``average``), and
-            GDAL's COG driver copies both into the final layout at commit (other
-            ``OVERVIEW_RESAMPLING`` values: GDAL computes the overviews then).
+            overviews are reduced as they arrive (``io.overviews``: ``nearest`` always, ``average``
+            where every level halves exactly), and GDAL's COG driver copies both into the final
+            layout at commit (otherwise GDAL computes the overviews then).
         resampling: overview resampling for COG (``nearest`` for masks, ``average`` for soft maps).
         resume_target: ``(output, parts folder)`` when this file is part of a resumable run, so a
             failure says which output failed and where its finished rows are kept; by default
@@ -442,8 +442,9 @@ class TiffSink(RasterSink):
         self.resume_target = resume_target
         self._ovr: StreamedOverviews | None = None
         self._ds = self._create(gtiff)
-        if cog and stream_overviews and streamable(self.options):
-            block = int(self.options.get("BLOCKSIZE", TILE))
+        block = int(self.options.get("BLOCKSIZE", TILE)) if cog else TILE
+        if cog and stream_overviews and streamable(self.options) and \
+                (self.resampling == "nearest" or halves_exactly(self.shape, block)):
             paths = [temp_path_for(f"{path}.ovr{k + 1}") for k in range(len(level_shapes(self.shape, block)))]
             fast = intermediate_options(self.options, self.dtype)
             if self.shape[0] * self.shape[1] * self.bands * self.dtype.itemsize // 3 <= RAW_LEVELS_BYTES:
