@@ -176,7 +176,8 @@ def test_streamed_overviews_memory_does_not_grow_with_height(tmp_path):
         most = 0
         for r in range(0, height, 16):
             ovr.push(np.full((16, shape[1], 1), r % 251, np.uint8))  # a new array per strip, as TiffSink's
-            arrays = [p for lv in ovr.levels for p in [*lv.pending, *([] if lv.carry is None else [lv.carry])]]
+            arrays = [p for lv in ovr.levels for p in lv.pending]
+            arrays += [lv.carry for lv in ovr.levels if lv.carry is not None]
             owners = [p if p.base is None else p.base for p in arrays]  # a view keeps its whole base alive
             held = {id(o): o.nbytes for o in owners}
             most = max(most, sum(held.values()))
