@@ -8,8 +8,7 @@ reading it again; ``before``: the writer of an older checkout given by ``--befor
 temporary TIFF was also deflate level 6). Each run is a child process: wall and CPU seconds
 (first row to the renamed file), peak RSS, file size. Then the ``stream`` and ``gdal`` outputs are
 checked: ``LAYOUT=COG`` in GDAL's metadata, the same full-resolution pixels, and the share of
-equal overview pixels per level (the levels are ``floor`` halvings; where a level is not an
-exact half, GDAL's nearest moves some edge samples).
+equal overview pixels per level (1.0: the streamed levels are GDAL's own samples).
 
 Usage::
 
