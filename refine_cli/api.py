@@ -24,7 +24,13 @@ import numpy as np
 from refine_cli.config import RefineConfig
 from refine_cli.engine.checkpoint import RunCheckpoint, file_identity, segment_rows_for
 from refine_cli.engine.levels import LevelResult, run_levels
-from refine_cli.engine.outputs import OutputSpec, OutputWriter, bytes_per_pixel, mask_layout
+from refine_cli.engine.outputs import (
+    OutputSpec,
+    OutputWriter,
+    bytes_per_pixel,
+    mask_layout,
+    uncertainty_dtype,
+)
 from refine_cli.errors import Interrupted, UsageError
 from refine_cli.hashing import config_hash
 from refine_cli.io.image import ImageSource, area_downscale
@@ -37,6 +43,7 @@ from refine_cli.io.vectorize import PolygonWriter, VectorSpec
 from refine_cli.io.writers import (
     RasterSink,
     SegmentedSink,
+    check_creation,
     check_output,
     clean_stale_temps,
     default_tmp_dir,
@@ -278,6 +285,26 @@ def _check_request(req: _Request) -> None:
             if path != "-":
                 for stale in clean_stale_temps(Path(path).parent, Path(path).name):
                     log.info("removed %s, left by a killed run", stale)
+    _check_encoding(req)
+
+
+def _check_encoding(req: _Request) -> None:
+    """Refuse ``--co`` / ``--nodata`` / ``--dtype`` values the outputs cannot take, before any work.
+
+    The mask's sample type is that of a binary mask here (the sinks check again with the exact one).
+    """
+    spec = _spec(req)
+    creation = dict(req.config.encoding.creation)
+    nodata = req.config.encoding.nodata
+    _, mask_dtype = mask_layout(spec, 2, False)
+    check_creation(req.out, creation, mask_dtype, 1, cog=req.cog, nodata=nodata, fmt=req.fmt,
+                   resampling="average" if req.config.soft else "nearest")
+    if req.uncertainty:
+        check_creation(req.uncertainty, creation, uncertainty_dtype(spec), 1, cog=req.cog, nodata=nodata,
+                       resampling="average")
+    if nodata is not None and not req.config.soft and nodata in (0, 255):
+        log.warning("--nodata %g is also a value of the hard mask (0 background, 255 foreground): GDAL-based "
+                    "readers will treat those pixels as empty; choose another value, e.g. --nodata 1", nodata)
 
 
 def _segment_first(req: _Request, refiner: Refiner) -> bool:
@@ -416,7 +443,8 @@ def _scene(req: _Request, src: ImageSource, msk: MaskSource | None, inputs: _Inp
 
 def _spec(req: _Request) -> OutputSpec:
     return OutputSpec(mask=req.out, uncertainty=req.uncertainty, soft=req.config.soft,
-                      threshold=req.config.threshold, fmt=req.fmt, cog=req.cog, overwrite=req.overwrite)
+                      threshold=req.config.threshold, fmt=req.fmt, cog=req.cog, overwrite=req.overwrite,
+                      encoding=req.config.encoding)
 
 
 def _layout(req: _Request, refiner: Refiner, msk: MaskSource | None, width: int) -> _Layout:
@@ -456,12 +484,12 @@ def _open_writer(req: _Request, src: ImageSource, layout: _Layout, checkpoint: R
     H, W = src.shape
     seg_rows = layout.segment_rows
     resampling = "average" if req.config.soft else "nearest"
-    mask_sink = _sink(req.out, (H, W), layout.bands, layout.dtype, req.overwrite, src.georef, req.fmt,
-                      req.cog, req.config.inline_limit, resampling, checkpoint, "mask", seg_rows)
+    mask_sink = _sink(req, req.out, (H, W), layout.bands, layout.dtype, src.georef, req.fmt, resampling,
+                      checkpoint, "mask", seg_rows)
     unc_sink = None
     if req.uncertainty:
-        unc_sink = _sink(req.uncertainty, (H, W), 1, np.dtype(np.uint8), req.overwrite, src.georef, None,
-                         req.cog, req.config.inline_limit, "average", checkpoint, "uncertainty", seg_rows)
+        unc_sink = _sink(req, req.uncertainty, (H, W), 1, uncertainty_dtype(layout.spec), src.georef, None,
+                         "average", checkpoint, "uncertainty", seg_rows)
     start_row = min(getattr(k, "next_row", 0) for k in (mask_sink, unc_sink) if k is not None)
     if req.vector is not None and start_row:
         log.info("--vector: the polygons are made from the rows as they are refined; starting again at row 0")
@@ -478,8 +506,9 @@ def _open_writer(req: _Request, src: ImageSource, layout: _Layout, checkpoint: R
                 if k is not None:
                     k.abort()
             raise
+    empty = src.empty_rows if src.has_alpha else None
     return OutputWriter(layout.spec, layout.labels, mask_sink, unc_sink,
-                        refiner_uncertainty=refiner_uncertainty, vector=vector), start_row
+                        refiner_uncertainty=refiner_uncertainty, empty=empty, vector=vector), start_row
 
 
 def _report(req: _Request, refiner: Refiner, inputs: _Inputs, scene: Scene, run: _Run, device: str,
@@ -556,19 +585,24 @@ def _write_report(req: _Request, rep: RunReport, writer: OutputWriter) -> None:
         raise
 
 
-def _sink(path: str, shape: tuple[int, int], bands: int, dtype: np.dtype, overwrite: bool, georef: Any,
-          fmt: str | None, cog: bool, inline_limit: int, resampling: str, checkpoint: RunCheckpoint | None,
-          name: str, segment_rows: int) -> RasterSink:
+def _sink(req: _Request, path: str, shape: tuple[int, int], bands: int, dtype: np.dtype, georef: Any,
+          fmt: str | None, resampling: str, checkpoint: RunCheckpoint | None, name: str,
+          segment_rows: int) -> RasterSink:
     """A resumable segmented sink when the run is checkpointed and ``path`` is a TIFF, else the plain sink.
 
-    A PNG beside a resumable TIFF is written whole; a resume then starts at row 0.
+    A PNG beside a resumable TIFF is written whole; a resume then starts at row 0. Every sink gets the
+    run's creation options and nodata tag (``config.encoding``).
     """
+    enc = req.config.encoding
+    creation, nodata = dict(enc.creation), enc.nodata
     if checkpoint is None or output_format(path, fmt) != "tiff":
-        return open_sink(path, shape, bands, dtype, overwrite=overwrite, georef=georef, fmt=fmt, cog=cog,
-                         inline_limit=inline_limit, resampling=resampling)
-    check_output(path, overwrite)
-    return SegmentedSink(path, shape, bands, dtype, overwrite, parts_dir=checkpoint.path(name),
-                         segment_rows=segment_rows, georef=georef, cog=cog, resampling=resampling)
+        return open_sink(path, shape, bands, dtype, overwrite=req.overwrite, georef=georef, fmt=fmt,
+                         cog=req.cog, inline_limit=req.config.inline_limit, resampling=resampling,
+                         creation=creation, nodata=nodata)
+    check_output(path, req.overwrite)
+    return SegmentedSink(path, shape, bands, dtype, req.overwrite, parts_dir=checkpoint.path(name),
+                         segment_rows=segment_rows, georef=georef, cog=req.cog, resampling=resampling,
+                         creation=creation, nodata=nodata)
 
 
 def _peak_gpu(device: str) -> int:
@@ -581,11 +615,19 @@ def _peak_gpu(device: str) -> int:
 
 
 def describe_image(path: str, max_pixels: int = 50_000_000_000) -> dict[str, Any]:
-    """Facts about an image for ``refine info``: size, bands, dtype, tiling, levels, georeferencing."""
+    """Facts about an image for ``refine info``: size, bands, dtype, tiling, levels, georeferencing.
+
+    A TIFF adds its encoding: compression, predictor, block ``[h, w]``, nodata, COG layout and
+    overview factors (``io.creation.tiff_encoding``).
+    """
     with open_raster(path, max_pixels=max_pixels, inline_limit=1 << 62, what="image") as r:
         facts = r.describe()
         tiled = getattr(r, "tiled", None)
         if tiled is not None:
             facts["tiled"] = tiled
-        return facts
+    if path != "-" and Path(path).suffix.lower() in (".tif", ".tiff"):
+        from refine_cli.io.creation import tiff_encoding
+
+        facts.update(tiff_encoding(path))
+    return facts
 

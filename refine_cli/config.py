@@ -55,6 +55,13 @@ CascadeGrid = Literal["official", "feather"]
 CascadeSkip = Literal["official", "boundary"]
 CascadePad = Literal["auto", "official", "replicate"]
 MagnetStages = Literal["all", "none"]
+SoftDtype = Literal["uint8", "uint16", "float32"]
+"""Sample type of the soft outputs (``--dtype``): probabilities and uncertainty, scaled as
+:data:`SOFT_SCALE` says."""
+
+SOFT_SCALE = {"uint8": 255, "uint16": 65535, "float32": 1}
+"""On-disk value of probability (or uncertainty) 1.0 per ``--dtype``: ``round(p * scale)`` for the
+integer types (uint8 0..255 = 0..1, uint16 0..65535 = 0..1), ``p`` itself for float32."""
 
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 MASK_KINDS: tuple[str, ...] = get_args(MaskKind)
@@ -183,6 +190,59 @@ class MagnetOptions:
     stages: MagnetStages = "all"
 
 
+def parse_creation_options(values: list[str] | tuple[str, ...] | str | None) -> tuple[tuple[str, str], ...]:
+    """``--co KEY=VAL`` values (each may hold a comma-separated list) to ``((KEY, VAL), ...)``.
+
+    Keys are upper-cased (GDAL's names are case-insensitive); a later value of a key wins and
+    the order of first appearance is kept. Values are kept as written.
+
+    Raises:
+        UsageError: an item without ``=`` or with an empty key.
+    """
+    if values is None:
+        return ()
+    items = [values] if isinstance(values, str) else list(values)
+    out: dict[str, str] = {}
+    for text in items:
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            key, sep, val = part.partition("=")
+            if not sep or not key.strip():
+                raise UsageError(f"--co {part!r}: give KEY=VALUE, e.g. --co COMPRESS=ZSTD (several: "
+                                 "--co COMPRESS=ZSTD,PREDICTOR=2)")
+            out[key.strip().upper()] = val.strip()
+    return tuple(out.items())
+
+
+@dataclass(frozen=True)
+class EncodingOptions:
+    """How the TIFF outputs are encoded (they change the files' bytes, and soft values' scale).
+
+    Attributes:
+        creation: GDAL creation options ``((KEY, VALUE), ...)``, keys upper-case, applied to every
+            TIFF/COG output over the defaults (``io.writers``); checked against the driver there.
+        nodata: value written as the outputs' nodata tag, or ``None`` for no tag. It is a tag
+            only: every pixel of the outputs holds a computed value (see README, "Output encoding").
+        soft_dtype: sample type of the soft mask and the uncertainty map (see :data:`SOFT_SCALE`);
+            ``None`` keeps the defaults (soft mask float32 in TIFF and uint8 in PNG, uncertainty uint8).
+    """
+
+    creation: tuple[tuple[str, str], ...] = ()
+    nodata: float | None = None
+    soft_dtype: SoftDtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.soft_dtype is not None:
+            check_choice("--dtype", self.soft_dtype, SoftDtype)
+
+    @property
+    def is_default(self) -> bool:
+        """No option given (the files are encoded as before these options existed)."""
+        return not self.creation and self.nodata is None and self.soft_dtype is None
+
+
 @dataclass(frozen=True)
 class RefineConfig:
     """Everything that decides what a run computes.
@@ -217,6 +277,7 @@ class RefineConfig:
         guided: options of the guided filter.
         cascade: options of CascadePSP.
         magnet: options of MagNet-Fast.
+        encoding: how the outputs are encoded (``--co``, ``--nodata``, ``--dtype``).
     """
 
     method: str = "guided"
@@ -239,6 +300,7 @@ class RefineConfig:
     guided: GuidedOptions = field(default_factory=GuidedOptions)
     cascade: CascadeOptions = field(default_factory=CascadeOptions)
     magnet: MagnetOptions = field(default_factory=MagnetOptions)
+    encoding: EncodingOptions = field(default_factory=EncodingOptions)
 
     def __post_init__(self) -> None:
         if not DEVICE_PATTERN.match(self.device):

@@ -57,11 +57,18 @@ def json_sha256(payload: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _no_encoding(value: Any) -> bool:
+    """Whether an ``encoding`` entry of a configuration gives no option (empty or ``None`` values)."""
+    return isinstance(value, Mapping) and all(v is None or v == () or v == [] for v in value.values())
+
+
 def config_hash(config: Mapping[str, Any], **extra: Any) -> str:
     """sha256 (hex) of a run configuration (``RefineConfig.to_dict()``) and ``extra`` facts.
 
-    The thread count is left out: it changes speed, not results. The hash is
-    :func:`json_sha256` of ``{"config": config, **extra}``.
+    The thread count is left out: it changes speed, not results. So is an ``encoding`` entry that
+    holds no option (``--co``, ``--nodata``, ``--dtype`` not given): the hashes of such runs stay
+    those of runs made before these options existed. The hash is :func:`json_sha256` of
+    ``{"config": config, **extra}``.
     """
-    cfg = {k: v for k, v in config.items() if k != "threads"}
+    cfg = {k: v for k, v in config.items() if k != "threads" and not (k == "encoding" and _no_encoding(v))}
     return json_sha256({"config": cfg, **extra})

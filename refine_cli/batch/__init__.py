@@ -58,7 +58,14 @@ from refine_cli.batch.model import (
 )
 from refine_cli.batch.plan import check_relative_output, list_images, plan_batch, read_pairs, resolve_output
 from refine_cli.batch.resume import conflict_error, decide, decide_all, recorded_method
-from refine_cli.batch.run import clean_temps, dry_run, image_shape, plan_file_memory, run_batch
+from refine_cli.batch.run import (
+    check_encoding,
+    clean_temps,
+    dry_run,
+    image_shape,
+    plan_file_memory,
+    run_batch,
+)
 
 __all__ = [
     # model
@@ -77,5 +84,5 @@ __all__ = [
     # dask
     "assign_gpus", "open_client",
     # run
-    "clean_temps", "dry_run", "image_shape", "plan_file_memory", "run_batch",
+    "check_encoding", "clean_temps", "dry_run", "image_shape", "plan_file_memory", "run_batch",
 ]

@@ -156,13 +156,15 @@ def run_batch(
     Raises:
         Interrupted: SIGINT or SIGTERM. Every finished input is in the journal, the
             unfinished one's files and temporary files are removed; rerunning resumes.
-        UsageError: the journal is held by another batch.
+        UsageError: the journal is held by another batch, or ``--co``/``--nodata``/``--dtype`` values
+            the outputs cannot take (:func:`check_encoding`).
         ConfigChangedError: the configuration changed and finished outputs would be replaced
             (neither ``overwrite`` nor ``force``); nothing was run or recorded.
         DependencyError: ``scheduler`` given but Dask distributed is not installed.
     """
     if scheduler is not None:
         _import_distributed()
+    check_encoding(job.config, job.outputs)
     outdir = Path(job.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     job = replace(job, outdir=Path(os.path.abspath(outdir)))
@@ -266,6 +268,30 @@ def _run_local(pending: Sequence[tuple[BatchItem, Decision]], job: BatchJob, cha
 # --------------------------------------------------------------------------------------- dry run
 
 
+def check_encoding(config: RefineConfig, outputs: OutputOptions) -> None:
+    """Refuse creation options, a nodata value or a soft sample type the batch's outputs cannot take.
+
+    Checked once, before any input runs, on the outputs' format (``.tif``, or ``.png`` with
+    ``--format png``) with the sample type of a binary mask (each input checks its own again).
+
+    Raises:
+        UsageError: one line (see ``io.writers.check_creation``).
+    """
+    from refine_cli.engine.outputs import OutputSpec, mask_layout, uncertainty_dtype
+    from refine_cli.io.writers import check_creation
+
+    unc = f"u{outputs.extension}" if outputs.uncertainty else None
+    spec = OutputSpec(mask=f"out{outputs.extension}", uncertainty=unc, soft=config.soft, fmt=outputs.fmt,
+                      cog=outputs.cog, encoding=config.encoding)
+    enc = config.encoding
+    _, dtype = mask_layout(spec, 2, False)
+    check_creation(f"out{outputs.extension}", dict(enc.creation), dtype, 1, cog=outputs.cog,
+                   nodata=enc.nodata, fmt=outputs.fmt, resampling="average" if config.soft else "nearest")
+    if spec.uncertainty:
+        check_creation(spec.uncertainty, dict(enc.creation), uncertainty_dtype(spec), 1, cog=outputs.cog,
+                       nodata=enc.nodata, fmt=outputs.fmt, resampling="average")
+
+
 def image_shape(path: str, *, max_pixels: int = 50_000_000_000) -> tuple[int, int]:
     """``(H, W)`` of an image from its header only (no pixel is decoded).
 
@@ -347,7 +373,7 @@ def plan_file_memory(image: str, config: RefineConfig, outputs: OutputOptions, *
     labels = config.classes is not None
     channels = config.classes or 1
     spec = OutputSpec(mask=f"out{outputs.extension}", uncertainty="u.tif" if outputs.uncertainty else None,
-                      soft=config.soft, threshold=config.threshold, fmt=outputs.fmt)
+                      soft=config.soft, threshold=config.threshold, fmt=outputs.fmt, encoding=config.encoding)
     batch = config.cascade.batch_size if refiner.uses_torch else 1
     resident = decoded_bytes_estimate(image, inline_limit=config.inline_limit, samples=3)
     if mask is not None:

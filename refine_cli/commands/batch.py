@@ -153,6 +153,7 @@ def batch_cmd(
                              "--device cuda:N")
         config = opts.config()
         outputs = _outputs(opts, uncertainty, report, vector_dir, vector_format, simplify, min_area)
+        lib.check_encoding(config, outputs)
         shard_t = lib.parse_shard(shard) if shard else None
         job = lib.BatchJob(outdir=out, config=config, outputs=outputs, verify_inputs=verify_inputs,
                            retry_failed=retry_failed, force=force, fail_fast=fail_fast, shard=shard_t,

@@ -35,6 +35,7 @@ from refine_cli.config import (
     CascadeOptions,
     CascadePad,
     CascadeSkip,
+    EncodingOptions,
     GuidedOptions,
     MagnetOptions,
     MagnetStages,
@@ -42,6 +43,8 @@ from refine_cli.config import (
     OnOff,
     Precision,
     RefineConfig,
+    SoftDtype,
+    parse_creation_options,
     parse_size,
 )
 from refine_cli.errors import UsageError
@@ -97,6 +100,9 @@ class RunOptions:
     overwrite: bool = False
     fmt: OutputFormat | None = None
     cog: bool = False
+    co: list[str] | str | None = None
+    nodata: float | None = _D.encoding.nodata
+    dtype: SoftDtype | None = _D.encoding.soft_dtype
     bands: str | None = None
     threads: int | None = _D.threads
     guard: OnOff = _D.guard
@@ -127,6 +133,8 @@ class RunOptions:
                                  n_patches=self.patches,
                                  n_points=self.points, tiled=self.tiled, snap=self.magnet_snap,
                                  stages=self.magnet_stages),
+            encoding=EncodingOptions(creation=parse_creation_options(self.co), nodata=self.nodata,
+                                     soft_dtype=self.dtype),
         )
 
     def band_indices(self) -> tuple[int, ...] | None:
@@ -275,6 +283,17 @@ OPTIONS: dict[str, Any] = {
         text="Output format (default: from the extension; png for -)."),
     "cog": _opt(bool, "--cog", OUTPUT,
         text="Write Cloud-Optimised GeoTIFFs (with overviews)."),
+    "co": Annotated[list[str] | None, typer.Option(
+        "--co", rich_help_panel=OUTPUT, metavar="KEY=VAL", show_default=False,
+        help="GDAL creation option KEY=VAL of every TIFF output (repeatable, or comma-separated: "
+        "COMPRESS=ZSTD,PREDICTOR=2,BLOCKXSIZE=256,BLOCKYSIZE=256); the GTiff driver's names, the COG "
+        "driver's with --cog (BLOCKSIZE, LEVEL, OVERVIEW_RESAMPLING ...). Not given: deflate, 512 px "
+        "tiles.")],
+    "nodata": _opt(float | None, "--nodata", OUTPUT,
+        text="Nodata tag of the TIFF outputs (a tag only: every pixel holds a computed value; see README)."),
+    "dtype": _opt(SoftDtype | None, "--dtype", OUTPUT,
+        text="Samples of the soft outputs (--soft mask, --uncertainty): uint8 (0-255 = 0-1), uint16 "
+        "(0-65535 = 0-1) or float32 (0-1). Default: float32 soft TIFF, uint8 PNG and uncertainty."),
     "bands": _opt(str | None, "--bands", INPUT,
         text="Image bands to use as RGB, 1-based, e.g. 3,2,1."),
     "threads": _opt(int | None, "--threads", MEMORY,
@@ -308,6 +327,8 @@ def _flag_names() -> dict[str, str]:
 def _accepts(hint: Any, value: Any) -> bool:
     """Whether a TOML value fits a :class:`RunOptions` field's type (Literal values are checked later)."""
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is list:
+        return isinstance(value, list) and all(_accepts(args[0], v) for v in value)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:

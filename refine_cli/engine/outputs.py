@@ -7,16 +7,22 @@
 * uncertainty: uint8 ``round(255 u)`` (255 = most uncertain) with
   ``u = 1 - |2p - 1|`` (binary) or ``u = 1 - (top1 - top2)`` of the class
   probabilities normalised to sum 1 (labels), unless the refiner supplies its own.
+* ``--nodata VAL`` tags every TIFF output with VAL, and writes VAL where the image holds no data
+  (its alpha band is 0); everywhere else, and in images without alpha, every pixel is computed.
+* ``--dtype uint8|uint16|float32`` sets the sample type of the soft outputs (soft mask and
+  uncertainty map) instead: ``round(255 v)``, ``round(65535 v)`` or ``v`` itself
+  (:data:`~refine_cli.config.SOFT_SCALE`); PNG takes uint8 and uint16 only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from refine_cli.config import MASK_FG
-from refine_cli.errors import OutputError
+from refine_cli.config import MASK_FG, SOFT_SCALE, EncodingOptions
+from refine_cli.errors import OutputError, UsageError
 from refine_cli.io.vectorize import PolygonWriter
 from refine_cli.io.writers import RasterSink, SegmentedSink, output_format, resumable_error
 from refine_cli.refiners.base import binary_uncertainty, margin_uncertainty
@@ -34,6 +40,7 @@ class OutputSpec:
         fmt: ``png`` | ``tiff`` | ``None`` (from the extension).
         cog: write Cloud-Optimised GeoTIFFs.
         overwrite: replace existing files.
+        encoding: creation options, nodata tag and soft sample type (``--co``, ``--nodata``, ``--dtype``).
     """
 
     mask: str | None
@@ -43,24 +50,57 @@ class OutputSpec:
     fmt: str | None = None
     cog: bool = False
     overwrite: bool = False
+    encoding: EncodingOptions = EncodingOptions()
+
+
+def _soft_dtype(spec: OutputSpec, path: str, fmt: str | None, default: str) -> np.dtype:
+    """Sample type of a soft output at ``path``: ``--dtype``, else ``default`` (float32: uint8 in PNG)."""
+    png = output_format(path, fmt) == "png"
+    chosen = spec.encoding.soft_dtype
+    if chosen is None:
+        return np.dtype(np.uint8 if png and default == "float32" else default)
+    if png and chosen == "float32":
+        raise UsageError(f"--dtype float32 cannot be stored in PNG {path}; use --dtype uint8 or uint16, "
+                         "or a .tif")
+    return np.dtype(chosen)
 
 
 def mask_layout(spec: OutputSpec, classes: int, labels: bool) -> tuple[int, np.dtype]:
     """Bands and dtype of the mask output."""
-    png = spec.mask is not None and output_format(spec.mask, spec.fmt) == "png"
+    path = spec.mask or "out.tif"
     if labels:
         if spec.soft:
-            return classes, np.dtype(np.float32)
+            return classes, _soft_dtype(spec, path, spec.fmt, "float32")
         return 1, np.dtype(np.uint8 if classes <= 256 else np.uint16)
     if spec.soft:
-        return 1, np.dtype(np.uint8 if png else np.float32)
+        return 1, _soft_dtype(spec, path, spec.fmt, "float32")
     return 1, np.dtype(np.uint8)
+
+
+def uncertainty_dtype(spec: OutputSpec) -> np.dtype:
+    """Sample type of the uncertainty map: ``--dtype``, else uint8."""
+    return _soft_dtype(spec, spec.uncertainty or "u.tif", None, "uint8")
+
+
+def encode_soft(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Probabilities or uncertainties in ``[0, 1]`` (float, any shape) as samples of ``dtype``.
+
+    Returns:
+        ``round(v * SOFT_SCALE)`` for uint8/uint16 (0..255 / 0..65535 = 0..1), ``v`` clipped as float32.
+    """
+    v = np.clip(values, 0, 1)
+    out: np.ndarray
+    if np.dtype(dtype).kind == "f":
+        out = v.astype(np.float32)
+    else:
+        out = np.round(v * SOFT_SCALE[np.dtype(dtype).name]).astype(dtype)
+    return out
 
 
 def bytes_per_pixel(spec: OutputSpec, classes: int, labels: bool) -> int:
     """Bytes per pixel of all outputs together (for the memory budget)."""
     bands, dtype = mask_layout(spec, classes, labels)
-    return bands * dtype.itemsize + (1 if spec.uncertainty else 0)
+    return bands * dtype.itemsize + (uncertainty_dtype(spec).itemsize if spec.uncertainty else 0)
 
 
 class OutputWriter:
@@ -72,18 +112,22 @@ class OutputWriter:
         mask_sink: sink of the mask, or ``None``.
         unc_sink: sink of the uncertainty map, or ``None``.
         refiner_uncertainty: the last blended channel is the refiner's own uncertainty.
+        empty: ``f(row0, n) -> (n, W) bool``, True where the image holds no data (alpha 0); those
+            pixels get ``spec.encoding.nodata`` in every output. ``None``: every pixel is computed.
         vector: polygons of the hard mask (``--vector``), or ``None``; each polygon's ``prob_mean`` is
             the mean probability of its class and ``unc_mean`` the mean of the uncertainty map's ``u``.
     """
 
     def __init__(self, spec: OutputSpec, labels: bool, mask_sink: RasterSink | None,
                  unc_sink: RasterSink | None, refiner_uncertainty: bool = False,
+                 empty: Callable[[int, int], np.ndarray] | None = None,
                  vector: PolygonWriter | None = None) -> None:
         self.spec = spec
         self.labels = labels
         self.mask_sink = mask_sink
         self.unc_sink = unc_sink
         self.refiner_uncertainty = refiner_uncertainty
+        self.empty = empty if spec.encoding.nodata is not None else None
         self.vector = vector
 
     @property
@@ -98,12 +142,22 @@ class OutputWriter:
             block: ``(n, W, C[+1])`` float32 blended channels.
         """
         probs = block[..., :-1] if self.refiner_uncertainty else block
+        hole = self.empty(row0, block.shape[0]) if self.empty is not None else None
+        if hole is not None and not hole.any():
+            hole = None
+        nodata = self.spec.encoding.nodata
         if self.mask_sink is not None:
-            self.mask_sink.write_rows(row0, self.convert_mask(probs))
+            samples = self.convert_mask(probs)
+            if hole is not None:
+                samples[hole] = nodata
+            self.mask_sink.write_rows(row0, samples)
         unc = None
         if self.unc_sink is not None:
             unc = np.clip(block[..., -1] if self.refiner_uncertainty else self.uncertainty(probs), 0, 1)
-            self.unc_sink.write_rows(row0, np.round(unc * 255).astype(np.uint8))
+            samples = encode_soft(unc, self.unc_sink.dtype)
+            if hole is not None:
+                samples[hole] = nodata
+            self.unc_sink.write_rows(row0, samples)
         if self.vector is not None:
             self._polygons(row0, block, unc)
 
@@ -146,13 +200,11 @@ class OutputWriter:
         dtype = self.mask_sink.dtype
         out: np.ndarray
         if self.labels:
-            out = probs.astype(np.float32) if self.spec.soft else np.argmax(probs, axis=-1).astype(dtype)
+            out = encode_soft(probs, dtype) if self.spec.soft else np.argmax(probs, axis=-1).astype(dtype)
             return out
         p = probs[..., 0]
-        if self.spec.soft and dtype == np.uint8:
-            out = np.round(np.clip(p, 0, 1) * 255).astype(np.uint8)
-        elif self.spec.soft:
-            out = np.clip(p, 0, 1).astype(np.float32)
+        if self.spec.soft:
+            out = encode_soft(p, dtype)
         else:
             out = np.where(p >= self.spec.threshold, MASK_FG, 0).astype(np.uint8)
         return out

@@ -62,6 +62,25 @@ class ImageSource:
         return self.reader.georef
 
     @property
+    def has_alpha(self) -> bool:
+        """The image has an alpha band (its pixels of alpha 0 hold no data)."""
+        return self.reader.alpha_band is not None
+
+    def empty_rows(self, row0: int, n: int, chunk: int = 256) -> np.ndarray:
+        """Where rows ``row0 .. row0 + n`` hold no data: ``(n, W)`` bool, True where alpha is 0.
+
+        Read ``chunk`` rows at a time (all False without an alpha band).
+        """
+        out = np.zeros((n, self.shape[1]), bool)
+        band = self.reader.alpha_band
+        if band is None:
+            return out
+        for r in range(0, n, chunk):
+            k = min(chunk, n - r)
+            out[r : r + k] = self.reader.read(Window(row0 + r, 0, k, self.shape[1]))[..., band] == 0
+        return out
+
+    @property
     def level_shapes(self) -> list[tuple[int, int]]:
         """Pyramid level sizes, level 0 first."""
         return self.reader.level_shapes

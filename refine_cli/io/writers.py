@@ -11,10 +11,11 @@ finishes every file (and its sidecars) under temporary names, :meth:`RasterSink.
 renames them into place, :meth:`RasterSink.rollback` removes the temporaries and
 whatever this unit already renamed.
 
-* ``.tif`` / ``.tiff``: tiled BigTIFF (512 px tiles, deflate + predictor),
-  written through rasterio/GDAL with a small block cache, so memory does not
-  grow with the image. Georeferencing of the input is copied. ``cog=True``
-  rewrites the finished file as a Cloud-Optimised GeoTIFF with overviews.
+* ``.tif`` / ``.tiff``: tiled BigTIFF (512 px tiles, deflate + predictor, or the user's GDAL
+  creation options, ``io.creation``), written through rasterio/GDAL with a small block cache, so
+  memory does not grow with the image. Georeferencing of the input is copied. ``cog=True`` writes a
+  Cloud-Optimised GeoTIFF: overviews reduced while the rows stream (``io.overviews``), copied with
+  the full-resolution tiles into the COG layout by GDAL's COG driver at commit.
 * ``.png``: for outputs up to the inline limit; kept in memory and encoded at the end.
   Georeferencing goes into GDAL's sidecars: a world file ``<stem>.pgw`` and
   ``<name>.aux.xml`` with the CRS.
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import uuid
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 from xml.sax.saxutils import escape as xml_escape
@@ -42,6 +44,9 @@ from xml.sax.saxutils import escape as xml_escape
 import numpy as np
 
 from refine_cli.errors import OutputError, OutputExistsError, UsageError, exception_chain
+from refine_cli.io.creation import block_rows, intermediate_options, streamable
+from refine_cli.io.creation import merged as creation_merged
+from refine_cli.io.overviews import StreamedOverviews, halves_exactly, level_shapes, overview_vrt
 from refine_cli.io.readers import (
     Georef,
     gdal_env,
@@ -60,6 +65,11 @@ TMP_SUFFIX = ".refine-tmp"
 
 PARTS_SUFFIX = ".refine-parts"
 """Name ending of the hidden folder of a resumable run's finished parts (``engine.checkpoint``)."""
+
+RAW_LEVELS_BYTES = 2 * 1024**3
+"""A COG's streamed overview levels are kept uncompressed on disk up to this size (a third of the
+uncompressed output): compressing them costs more CPU than GDAL's whole overview pass saves;
+above it they are compressed like the temporary full-resolution file (ZSTD level 1)."""
 
 TIFF_EXTS = (".tif", ".tiff")
 PNG_EXTS = (".png",)
@@ -401,52 +411,80 @@ class TiffSink(RasterSink):
 
     Args:
         georef: georeferencing to copy, or ``None``.
-        cog: rewrite as a Cloud-Optimised GeoTIFF with overviews at commit.
+        cog: write a Cloud-Optimised GeoTIFF: the rows go to a temporary tiled TIFF while their
+            overviews are reduced as they arrive (``io.overviews``: ``nearest`` always, ``average``
+            where every level halves exactly), and GDAL's COG driver copies both into the final
+            layout at commit (otherwise GDAL computes the overviews then).
         resampling: overview resampling for COG (``nearest`` for masks, ``average`` for soft maps).
         resume_target: ``(output, parts folder)`` when this file is part of a resumable run, so a
             failure says which output failed and where its finished rows are kept; by default
             found from the path (a file inside a ``.<name>.refine-parts`` folder: that output).
+        creation: the user's GDAL creation options (``{KEY: value}``, checked by
+            :func:`check_creation`), over the defaults of ``io.creation``.
+        nodata: the nodata tag of the file, or ``None``.
+        stream_overviews: build a COG's overviews while writing (``False``: GDAL at commit).
     """
 
     def __init__(self, path: str, shape: tuple[int, int], bands: int, dtype: Any, overwrite: bool,
                  georef: Georef | None = None, cog: bool = False, resampling: str = "nearest",
-                 resume_target: tuple[str, Path] | None = None) -> None:
-        import rasterio
-        from rasterio.transform import Affine
-
+                 resume_target: tuple[str, Path] | None = None, creation: Mapping[str, str] | None = None,
+                 nodata: float | None = None, stream_overviews: bool = True) -> None:
         super().__init__(path, shape, bands, dtype, overwrite)
         route_libtiff_messages()
         self.cog = cog
-        self.resampling = resampling
+        self.georef, self.nodata = georef, nodata
+        self.options = creation_merged(creation or {}, self.dtype, cog, resampling)
+        """The final file's creation options (the COG driver's with ``cog``)."""
+        self.resampling = self.options.get("OVERVIEW_RESAMPLING", resampling).lower() if cog else resampling
+        gtiff = intermediate_options(self.options, self.dtype) if cog else self.options
+        self.strip = block_rows(gtiff)
         self.tmp = temp_path_for(path)
         root = parts_root(path)
         if resume_target is None and root is not None:
             resume_target = (str(root.parent / root.name[1 : -len(PARTS_SUFFIX)]), root)
         self.resume_target = resume_target
-        profile: dict[str, Any] = dict(
-            driver="GTiff", width=self.shape[1], height=self.shape[0], count=self.bands,
-            dtype=self.dtype.name,
-            tiled=True, blockxsize=TILE, blockysize=TILE, compress="deflate", zlevel=6,
-            predictor=3 if self.dtype.kind == "f" else 2, bigtiff="YES", interleave="pixel",
-        )
-        if georef is not None:
-            profile["transform"] = Affine(*georef.transform)
-            if georef.crs_wkt:
-                profile["crs"] = rasterio.crs.CRS.from_wkt(georef.crs_wkt)
+        self._ovr: StreamedOverviews | None = None
+        self._ds = self._create(gtiff)
+        block = int(self.options.get("BLOCKSIZE", TILE)) if cog else TILE
+        if cog and stream_overviews and streamable(self.options) and \
+                (self.resampling == "nearest" or halves_exactly(self.shape, block)):
+            paths = [temp_path_for(f"{path}.ovr{k + 1}") for k in range(len(level_shapes(self.shape, block)))]
+            fast = intermediate_options(self.options, self.dtype)
+            if self.shape[0] * self.shape[1] * self.bands * self.dtype.itemsize // 3 <= RAW_LEVELS_BYTES:
+                fast = {"COMPRESS": "NONE", "BIGTIFF": "YES", "INTERLEAVE": "PIXEL"}
+            try:
+                self._ovr = StreamedOverviews(paths, self.shape, self.bands, self.dtype, block,
+                                              self.resampling, fast, nodata)
+            except Exception as exc:
+                raise self._error(exc) from exc
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
+        self._pending_start = 0
+
+    def _create(self, options: Mapping[str, str]) -> Any:
+        """Open the temporary file for writing with ``options`` (GTiff creation options)."""
+        import rasterio
+        from rasterio.transform import Affine
+
+        profile: dict[str, Any] = dict(driver="GTiff", width=self.shape[1], height=self.shape[0],
+                                       count=self.bands, dtype=self.dtype.name, **options)
+        if self.nodata is not None:
+            profile["nodata"] = self.nodata
+        if self.georef is not None:
+            profile["transform"] = Affine(*self.georef.transform)
+            if self.georef.crs_wkt:
+                profile["crs"] = rasterio.crs.CRS.from_wkt(self.georef.crs_wkt)
         seq = libtiff_seq()
         try:
             with warnings.catch_warnings(), gdal_env():
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-                self._ds = rasterio.open(self.tmp, "w", **profile)
+                return rasterio.open(self.tmp, "w", **profile)
         except Exception as exc:
             _unlink(self.tmp)
             native = libtiff_messages_since(seq)
-            if is_disk_full(exc, native, str(Path(path).parent)):
+            if is_disk_full(exc, native, str(Path(self.path).parent)):
                 raise self._error(exc, native) from exc
-            raise OutputError(f"cannot create {path} ({gdal_message(exc)})") from exc
-        self._pending: list[np.ndarray] = []
-        self._pending_rows = 0
-        self._pending_start = 0
+            raise OutputError(f"cannot create {self.path} ({gdal_message(exc)})") from exc
 
     def _error(self, exc: BaseException, native: list[str] | None = None) -> OutputError:
         """Abort, then the one-line error of ``exc`` (naming the kept parts of a resumable run)."""
@@ -466,7 +504,7 @@ class TiffSink(RasterSink):
         self._pending.append(block)
         self._pending_rows += block.shape[0]
         end = self._pending_start + self._pending_rows
-        aligned = (end // TILE) * TILE if end < self.shape[0] else end
+        aligned = (end // self.strip) * self.strip if end < self.shape[0] else end
         if aligned > self._pending_start:
             self._flush(aligned)
 
@@ -480,6 +518,8 @@ class TiffSink(RasterSink):
             with gdal_env():
                 self._ds.write(np.transpose(data[:n], (2, 0, 1)),
                                window=RWindow(0, self._pending_start, self.shape[1], n))
+                if self._ovr is not None:
+                    self._ovr.push(data[:n])
         except Exception as exc:
             raise self._error(exc, libtiff_messages_since(seq)) from exc
         rest = data[n:]
@@ -510,14 +550,32 @@ class TiffSink(RasterSink):
         self._staged = [(src, self.path, False)]
 
     def _to_cog(self) -> str:
+        """Copy the temporary TIFF (with its streamed overviews, if any) into a COG; its temporary name."""
         from rasterio.shutil import copy as rio_copy
 
         cog_tmp = temp_path_for(self.path)
         self._cog_tmp = cog_tmp
-        rio_copy(self.tmp, cog_tmp, driver="COG", COMPRESS="DEFLATE", PREDICTOR="YES", BLOCKSIZE=TILE,
-                 BIGTIFF="YES", OVERVIEW_RESAMPLING=self.resampling.upper(), NUM_THREADS=1)
-        _unlink(self.tmp)
+        options = dict(self.options)
+        src = self.tmp
+        if self._ovr is not None:
+            levels = self._ovr.close()
+            georef = None if self.georef is None else (tuple(self.georef.transform), self.georef.crs_wkt)
+            src = self._vrt = temp_path_for(f"{self.path}.vrt")
+            with open(src, "w", encoding="utf-8") as fh:
+                fh.write(overview_vrt(os.path.abspath(self.tmp), [os.path.abspath(p) for p in levels],
+                                      self.shape, self.bands, self.dtype, georef, self.nodata))
+            options["OVERVIEWS"] = "FORCE_USE_EXISTING"
+        rio_copy(src, cog_tmp, driver="COG", **options)
+        self._drop_intermediates()
         return cog_tmp
+
+    def _drop_intermediates(self) -> None:
+        """Remove the temporary full-resolution TIFF, the overview levels and their VRT."""
+        _unlink(self.tmp)
+        if self._ovr is not None:
+            self._ovr.abort()
+        if getattr(self, "_vrt", None):
+            _unlink(self._vrt)
 
     def abort(self) -> None:
         """Close and delete the temporary file(s)."""
@@ -527,7 +585,7 @@ class TiffSink(RasterSink):
                     self._ds.close()
         except Exception:  # noqa: BLE001 - best effort while failing
             pass
-        _unlink(self.tmp)
+        self._drop_intermediates()
         if getattr(self, "_cog_tmp", None):
             _unlink(self._cog_tmp)
         self.closed = True
@@ -679,13 +737,17 @@ class SegmentedSink(RasterSink):
     Args:
         parts_dir: folder of the segments (created; one folder per output).
         segment_rows: rows per segment.
-        georef, cog, resampling: passed to the final :class:`TiffSink`.
+        georef, cog, resampling, creation, nodata: passed to the final :class:`TiffSink` (the
+            segments are plain tiled TIFFs; ``creation`` is checked here, before any row is written).
     """
 
     def __init__(self, path: str, shape: tuple[int, int], bands: int, dtype: Any, overwrite: bool, *,
                  parts_dir: str, segment_rows: int = 4096, georef: Georef | None = None, cog: bool = False,
-                 resampling: str = "nearest") -> None:
+                 resampling: str = "nearest", creation: Mapping[str, str] | None = None,
+                 nodata: float | None = None) -> None:
         super().__init__(path, shape, bands, dtype, overwrite)
+        check_creation(path, creation, self.dtype, self.bands, cog=cog, resampling=resampling, nodata=nodata)
+        self.creation, self.nodata = dict(creation or {}), nodata
         if segment_rows % TILE:
             raise ValueError(f"segment_rows must be a multiple of {TILE}")
         self.parts_dir = Path(parts_dir)
@@ -773,7 +835,8 @@ class SegmentedSink(RasterSink):
         try:
             final = TiffSink(self.path, self.shape, self.bands, self.dtype, self.overwrite,
                              georef=self.georef, cog=self.cog, resampling=self.resampling,
-                             resume_target=(self.path, self.resume_dir))
+                             resume_target=(self.path, self.resume_dir), creation=self.creation,
+                             nodata=self.nodata)
         except OSError as exc:
             raise self._failed(exc) from exc
         self._final = final
@@ -825,28 +888,70 @@ class SegmentedSink(RasterSink):
         shutil.rmtree(self.parts_dir, ignore_errors=True)
 
 
+def check_creation(path: str, creation: Mapping[str, str] | None, dtype: Any, bands: int, *,
+                   cog: bool = False, resampling: str = "nearest", nodata: float | None = None,
+                   fmt: str | None = None) -> None:
+    """Refuse ``--co`` options and a ``--nodata`` value that ``path``'s output cannot take, before any work.
+
+    Args:
+        path: the output (``-`` for stdout).
+        creation: the user's creation options ``{KEY: value}`` (keys upper-case), or ``None``.
+        dtype: sample type of the output.
+        bands: samples per pixel.
+        cog: the output is a COG (the COG driver's options apply).
+        resampling: default overview resampling of a COG.
+        nodata: the nodata tag, or ``None``.
+        fmt: ``--format``.
+
+    Raises:
+        UsageError: options on a PNG or stdout output, an unknown key or value (naming the valid
+            ones), a combination GDAL refuses, or a nodata value outside the sample type.
+    """
+    dt = np.dtype(dtype)
+    if nodata is not None and dt.kind in "iu":
+        info = np.iinfo(dt)
+        if not (float(nodata).is_integer() and info.min <= nodata <= info.max):
+            raise UsageError(f"--nodata {nodata:g} does not fit {path}'s {dt.name} samples; give an integer "
+                             f"in {info.min}..{info.max}")
+    if not creation:
+        return
+    if path == "-" or output_format(path, fmt) == "png":
+        raise UsageError(f"--co applies to TIFF outputs; {path} is written as PNG: give it a .tif name or "
+                         "leave out --co")
+    from refine_cli.io.creation import check_options, probe
+
+    check_options(creation, "COG" if cog else "GTiff")
+    probe(creation_merged(creation, dt, cog, resampling), dt, bands, nodata, path, cog=cog, given=creation)
+
+
 def open_sink(path: str, shape: tuple[int, int], bands: int, dtype: Any, *, overwrite: bool,
               georef: Georef | None = None, fmt: str | None = None, cog: bool = False,
-              inline_limit: int = 64_000_000, resampling: str = "nearest") -> RasterSink:
+              inline_limit: int = 64_000_000, resampling: str = "nearest",
+              creation: Mapping[str, str] | None = None, nodata: float | None = None) -> RasterSink:
     """Open the sink that fits ``path`` (see the module docstring).
 
     Raises:
-        UsageError: PNG/stdout output over the inline limit, or an unknown extension.
+        UsageError: PNG/stdout output over the inline limit, an unknown extension, or creation
+            options / a nodata value the output cannot take (:func:`check_creation`).
         OutputExistsError: the file exists and ``overwrite`` is false.
     """
     kind = output_format(path, fmt)
     check_output(path, overwrite)
+    check_creation(path, creation, dtype, bands, cog=cog, resampling=resampling, nodata=nodata, fmt=fmt)
     if path == "-" or kind == "png":
         if shape[0] * shape[1] > inline_limit:
             raise UsageError(f"{path}: a {shape[1]}x{shape[0]} output is above the in-memory limit "
                              f"({inline_limit} px) for PNG/stdout; write a .tif instead")
         if path == "-" and georef is not None:
             log.warning("stdout output: the georeferencing is dropped; write a .tif to keep it")
+        if nodata is not None:
+            log.warning("%s: PNG has no nodata tag; --nodata is not written there", path)
         return PngSink(path, shape, bands, dtype, overwrite,
                        fmt="tiff" if (path == "-" and kind == "tiff") else "png", georef=georef)
     if georef is None and cog:
         log.info("--cog without georeferencing: writing a plain tiled TIFF with overviews")
-    return TiffSink(path, shape, bands, dtype, overwrite, georef=georef, cog=cog, resampling=resampling)
+    return TiffSink(path, shape, bands, dtype, overwrite, georef=georef, cog=cog, resampling=resampling,
+                    creation=creation, nodata=nodata)
 
 
 def default_tmp_dir() -> str:
