@@ -113,8 +113,12 @@ def band_rows(grid: GridPlan, segment_rows: int, requested: int | None = None) -
     """Rows per band of a level: a multiple of ``segment_rows``.
 
     At least :data:`BAND_TILES` tile heights unless ``requested`` (rounded up to a segment)
-    asks for fewer; the tiles of one grid row at each inner band edge run twice.
+    asks for fewer; the tiles of one grid row at each inner band edge run twice. A grid of one
+    tile row (e.g. CascadePSP's exact path: the whole image as one tile) is one band: cutting it
+    would only run that row again in every band.
     """
+    if len(grid.row_starts) == 1:
+        return -(-grid.shape[0] // segment_rows) * segment_rows
     want = requested if requested else BAND_TILES * grid.tile_height
     return max(1, -(-int(want) // segment_rows)) * segment_rows
 

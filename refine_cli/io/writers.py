@@ -732,7 +732,7 @@ class SegmentedSink(RasterSink):
             if int(stale.stem.split("_")[1]) >= index:
                 _unlink(str(stale))
         clean_stale_temps(self.parts_dir)
-        return index * self.segment_rows
+        return min(index * self.segment_rows, self.shape[0])
 
     def rewind(self, row: int) -> None:
         """Start again at ``row`` (a segment boundary), dropping later segments."""
