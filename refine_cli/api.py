@@ -428,7 +428,8 @@ def _checkpoint(req: _Request, src: ImageSource, layout: _Layout,
     ``always``: also for an output of one segment (a distributed run writes every output as parts).
     """
     H, W = src.shape
-    if req.out == "-" or output_format(req.out, req.fmt) != "tiff" or (H <= layout.segment_rows and not always):
+    one_segment = H <= layout.segment_rows and not always
+    if req.out == "-" or output_format(req.out, req.fmt) != "tiff" or one_segment:
         return None
     if "-" in (req.image, req.mask):
         return None

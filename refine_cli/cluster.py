@@ -71,7 +71,15 @@ from refine_cli.api import (
 )
 from refine_cli.batch.dask import _import_distributed, open_client
 from refine_cli.config import RefineConfig
-from refine_cli.engine.bands import LevelStep, band_rows, bands, level_steps, run_band, step_coarse, step_refiner
+from refine_cli.engine.bands import (
+    LevelStep,
+    band_rows,
+    bands,
+    level_steps,
+    run_band,
+    step_coarse,
+    step_refiner,
+)
 from refine_cli.engine.checkpoint import RunCheckpoint, segment_rows_for
 from refine_cli.engine.levels import LevelResult, LevelSettings, level_grid
 from refine_cli.engine.outputs import OutputSpec, OutputWriter
@@ -130,8 +138,8 @@ def pack_context(src: ImageSource, mask: MaskSource | None, refiner: Refiner) ->
     try:
         _Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump((src, mask, refiner))
     except (pickle.PicklingError, TypeError, AttributeError) as exc:
-        raise UsageError(f"--method {refiner.name}: its prepared state cannot be sent to Dask workers ({exc}); "
-                         "run without --scheduler") from None
+        raise UsageError(f"--method {refiner.name}: its prepared state cannot be sent to Dask workers "
+                         f"({exc}); run without --scheduler") from None
     return buf.getvalue()
 
 
@@ -298,9 +306,7 @@ def band_task(context: bytes, job: LevelJob, rows: tuple[int, int]) -> dict[str,
         if level_reader is not None:
             level_reader.close()
         if job.previous is not None:
-            for part in getattr(coarse, "parts", (coarse,)):
-                if part is not mask:
-                    part.reader.close()
+            _close_coarse(coarse, mask)
     guard = level_refiner.describe() if step.guard else None
     return {"rows": rows, "stats": stats, "guard": guard, "seconds": time.perf_counter() - t0,
             "stages": timer.seconds(), "pid": os.getpid()}
@@ -361,8 +367,19 @@ def refine_on_cluster(
         band_rows: rows per band (rounded up to a segment of the output); default: at least
             four tile heights (``engine.bands.band_rows``).
         retries: reruns of a band task that raised.
-        image, mask, out, config, uncertainty, report, overwrite, fmt, cog, bands, progress, resume,
-            command: as for ``refine_file``.
+        image: image path (a file every worker can read).
+        mask: coarse mask path (required here).
+        out: refined mask path (``.tif``); default ``<stem>.refined.tif`` beside the image.
+        config: what to compute, as for ``refine_file``.
+        uncertainty: uncertainty map path (``.tif``), or ``None``.
+        report: JSON report path, or ``None``.
+        overwrite: replace existing outputs.
+        fmt: output format (``tiff``).
+        cog: write Cloud-Optimised GeoTIFFs.
+        bands: 0-based image bands to use as RGB.
+        progress: progress callback (``f(stage, bands done, bands)`` per level).
+        resume: reuse the complete parts of an interrupted run of the same configuration and inputs.
+        command: the command line that started the run, recorded in the report.
 
     Raises:
         RefineError: any problem a user can fix; ``UsageError`` for what ``--scheduler`` refuses
@@ -377,8 +394,8 @@ def refine_on_cluster(
     threads = set_threads(req.config.threads)
     refiner = build_refiner(req.config, device)
     if refiner.makes_coarse:
-        raise UsageError(f"--method {req.config.method} runs its stages on the whole image inside one process "
-                         "(local zarr maps): run it without --scheduler")
+        raise UsageError(f"--method {req.config.method} runs its stages on the whole image inside one "
+                         "process (local zarr maps): run it without --scheduler")
     inputs = _Inputs()
     try:
         with open_client(scheduler) as client:
@@ -389,7 +406,8 @@ def refine_on_cluster(
     wall = time.perf_counter() - t_start
     rep = _report(req, refiner, inputs, scene, run, device, timer, threads, started, wall)
     rep.notes.append(f"dask: {cl.submitted} band tasks on {scheduler} ({len(cl.workers)} worker processes, "
-                     f"{cl.seconds:.1f} s of task time, {cl.context_bytes} bytes of prepared state scattered), "
+                     f"{cl.seconds:.1f} s of task time, {cl.context_bytes} bytes of prepared state "
+                     "scattered), "
                      f"{cl.reused} bands reused from an interrupted run")
     if req.report:
         _write_report(req, rep, run.writer)
@@ -399,7 +417,8 @@ def refine_on_cluster(
 def _check_cluster_request(req: _Request) -> None:
     """What ``--scheduler`` refuses, each in one line."""
     if "-" in (req.image, req.mask, req.out):
-        raise UsageError("--scheduler reads and writes files that every worker can reach: no - for stdin/stdout")
+        raise UsageError("--scheduler reads and writes files that every worker can reach: no - for "
+                         "stdin/stdout")
     if req.mask is None:
         raise UsageError("--scheduler needs --mask (make a coarse mask first with `refine segment`)")
     for path, fmt in ((req.out, req.fmt), (req.uncertainty, None)):
@@ -432,7 +451,8 @@ def _execute(req: _Request, refiner: Refiner, inputs: _Inputs, cl: _Cluster, dev
         for step in steps:
             job = LevelJob(cfg, guard, step, settings, previous, None, {}, {}, 0, layout.spec, layout.labels,
                            own_unc)
-            level, previous = _run_level(cl, job, refiner, msk, src, checkpoint, req.uncertainty, layout, timer)
+            level, previous = _run_level(cl, job, refiner, msk, src, checkpoint, req.uncertainty, layout,
+                                         timer)
             levels.append(level)
         writer, start_row = _open_writer(req, src, layout, checkpoint, own_unc)
         if start_row != src.shape[0]:
@@ -479,8 +499,8 @@ def _run_level(cl: _Cluster, job: LevelJob, refiner: Refiner, mask: MaskSource |
     coarse = step_coarse(step, refiner, mask, job.previous)
     built: LevelImage | None = None
     try:
-        channels, mplan, grid = level_grid(step.shape, level_refiner, coarse,
-                                           step.carries_uncertainty and not step.final, step.final, job.settings)
+        channels, mplan, grid = level_grid(step.shape, level_refiner, coarse, step.carries_uncertainty and
+                                           not step.final, step.final, job.settings)
         _outputs(job, checkpoint, uncertainty, layout, channels)
         h, w = step.shape
         level_file = None if step.final else os.path.join(checkpoint.path("levels"),
@@ -567,8 +587,9 @@ def _result(fut: Any, step: LevelStep, job: LevelJob) -> dict[str, Any]:
         raise
     except Exception as exc:  # noqa: BLE001 - a worker died too often, or a bug on a worker
         folder = next(iter(job.parts.values()))
-        raise RefineError(f"level {step.index + 1}: a band task failed on the Dask cluster ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''}); finished bands are kept in "
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise RefineError(f"level {step.index + 1}: a band task failed on the Dask cluster "
+                          f"({type(exc).__name__}: {first}); finished bands are kept in "
                           f"{os.path.dirname(folder)}: rerun with --resume") from exc
     return res
 
