@@ -100,10 +100,6 @@ log = logging.getLogger(__name__)
 RETRIES = 2
 """Times Dask reruns a band task that raised (a dead worker's tasks are rescheduled on their own)."""
 
-KILL_ONCE_ENV = "REFINE_TEST_KILL_WORKER_ONCE"
-"""Test hook: a file path; the first band task that finds no file there creates it and kills its
-own worker process (SIGKILL), to show that Dask reruns the band elsewhere."""
-
 
 # -- shipping the prepared state ---------------------------------------------------------------
 _LOCKS = (type(threading.Lock()), type(threading.RLock()))
@@ -260,15 +256,6 @@ def _band_sinks(job: LevelJob, rows: tuple[int, int]) -> dict[str, SegmentedSink
             for name, folder in job.parts.items()}
 
 
-def _maybe_kill_worker() -> None:
-    flag = os.environ.get(KILL_ONCE_ENV)
-    if flag and not os.path.exists(flag):
-        with open(flag, "w") as f:
-            f.write(str(os.getpid()))
-        log.warning("test hook %s: killing this worker (pid %d)", KILL_ONCE_ENV, os.getpid())
-        os.kill(os.getpid(), 9)
-
-
 def band_task(context: bytes, job: LevelJob, rows: tuple[int, int]) -> dict[str, Any]:
     """One band of one level on a Dask worker; returns its tile counts (and guard counts).
 
@@ -277,7 +264,6 @@ def band_task(context: bytes, job: LevelJob, rows: tuple[int, int]) -> dict[str,
     import warnings
 
     warnings.filterwarnings("ignore", module="rasterio")  # as the CLI does
-    _maybe_kill_worker()
     t0 = time.perf_counter()
     src, mask, refiner = _context(context, job.config)
     step = job.step
