@@ -25,7 +25,7 @@ distributed = pytest.importorskip("distributed")
 from refine_cli.cluster import refine_on_cluster  # noqa: E402
 from refine_cli.devtools.chaos import KillOnce  # noqa: E402
 
-H, W = 1536, 320
+H, W = 1536, 256
 
 
 @pytest.fixture(scope="module")
