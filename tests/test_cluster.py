@@ -152,14 +152,18 @@ def test_what_scheduler_refuses(scene, tmp_path, cli):
     assert not any(tmp_path.iterdir())
 
 
-def test_pixels_match_without_overlap_between_bands(scene, cluster, tmp_path):
-    """A band of one tile row less than the grid's still gets every tile that touches its rows."""
+def test_image_read_through_a_gdal_path(scene, cluster, tmp_path):
+    """Workers reopen a GDAL path (here inside a zip) themselves; one level, no guard."""
+    import zipfile
+
+    import tifffile
+
+    with zipfile.ZipFile(tmp_path / "img.zip", "w") as z:
+        z.write(scene / "img.tif", "img.tif")
     cfg = RefineConfig(method="guided", tile_size=512, guard="off")
     ref = tmp_path / "ref.tif"
     refine_file(str(scene / "img.tif"), str(scene / "coarse.png"), str(ref), config=cfg)
     out = tmp_path / "out.tif"
-    refine_on_cluster(str(scene / "img.tif"), str(scene / "coarse.png"), str(out),
+    refine_on_cluster(f"/vsizip/{tmp_path}/img.zip/img.tif", str(scene / "coarse.png"), str(out),
                       scheduler=cluster.scheduler_address, config=cfg, band_rows=512)
-    import tifffile
-
     assert np.array_equal(tifffile.imread(out), tifffile.imread(ref))
