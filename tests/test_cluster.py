@@ -167,3 +167,12 @@ def test_image_read_through_a_gdal_path(scene, cluster, tmp_path):
     refine_on_cluster(f"/vsizip/{tmp_path}/img.zip/img.tif", str(scene / "coarse.png"), str(out),
                       scheduler=cluster.scheduler_address, config=cfg, band_rows=512)
     assert np.array_equal(tifffile.imread(out), tifffile.imread(ref))
+
+
+def test_cli_scheduler_is_the_library_call(scene, cluster, tmp_path, guided_ref, cli):
+    out = tmp_path / "out.tif"
+    code, _, err = cli("run", scene / "img.tif", "--mask", scene / "coarse.png", "-o", out, "--uncertainty",
+                       out.with_suffix(".unc.tif"), "--method", "guided", "--tile-size", "256", "--scheduler",
+                       cluster.scheduler_address, "--band-rows", "512", "-q")
+    assert code == 0, err
+    same_bytes(out, guided_ref)
