@@ -322,6 +322,7 @@ class _Cluster:
     workers: set[int] = field(default_factory=set)
     seconds: float = 0.0
     context_bytes: int = 0
+    slots: int = 1
 
 
 def refine_on_cluster(
@@ -350,8 +351,8 @@ def refine_on_cluster(
 
     Args:
         scheduler: ``local:N`` (N worker processes here) or ``tcp://HOST:PORT``.
-        band_rows: rows per band (rounded up to a segment of the output); default: at least
-            four tile heights (``engine.bands.band_rows``).
+        band_rows: rows per band (rounded up to a segment of the output); default: about two
+            bands per worker thread (``engine.bands.band_rows``).
         retries: reruns of a band task that raised.
         image: image path (a file every worker can read).
         mask: coarse mask path (required here).
@@ -386,6 +387,8 @@ def refine_on_cluster(
     try:
         with open_client(scheduler) as client:
             cl = _Cluster(client, None, retries, progress, band_rows)
+            workers = client.scheduler_info().get("workers", {}).values()
+            cl.slots = max(1, sum(int(w.get("nthreads", 1)) for w in workers))
             scene, run = _execute(req, refiner, inputs, cl, device, timer)
     finally:
         inputs.close()
@@ -492,7 +495,7 @@ def _run_level(cl: _Cluster, job: LevelJob, refiner: Refiner, mask: MaskSource |
         level_file = None if step.final else os.path.join(checkpoint.path("levels"),
                                                           f"level{step.index}_{h}x{w}.tif")
         todo = [] if level_file is not None and _whole(level_file, step.shape, channels) else \
-            bands(h, band_rows(grid, job.segment_rows, cl.band_rows))
+            bands(h, band_rows(grid, job.segment_rows, cl.band_rows, cl.slots))
         missing = [b for b in todo if not _band_done(job, b)]
         cl.reused += len(todo) - len(missing)
         if missing and step.shape != src.shape and tuple(step.shape) not in map(tuple, src.level_shapes):

@@ -29,7 +29,7 @@ from refine_cli.refiners.guard import GuardParams, GuardRefiner
 from refine_cli.tiling.grid import GridPlan
 
 BAND_TILES = 4
-"""A band is at least this many tile heights tall (bounds the work done twice at its edges)."""
+"""A default band is at most this many tile heights tall (taller bands lose parallelism for little)."""
 
 
 @dataclass(frozen=True)
@@ -109,17 +109,19 @@ def step_coarse(step: LevelStep, refiner: Refiner, mask: CoarseSource | None,
     return coarse
 
 
-def band_rows(grid: GridPlan, segment_rows: int, requested: int | None = None) -> int:
+def band_rows(grid: GridPlan, segment_rows: int, requested: int | None = None, slots: int = 1) -> int:
     """Rows per band of a level: a multiple of ``segment_rows``.
 
-    At least :data:`BAND_TILES` tile heights unless ``requested`` (rounded up to a segment)
-    asks for fewer; the tiles of one grid row at each inner band edge run twice. A grid of one
-    tile row (e.g. CascadePSP's exact path: the whole image as one tile) is one band: cutting it
-    would only run that row again in every band.
+    ``requested`` rounded up to a segment; by default about two bands per task slot of the
+    cluster (``slots``), but at most :data:`BAND_TILES` and at least one tile height (the tiles of
+    the grid rows at each inner band edge run in both bands). A grid of one tile row (e.g.
+    CascadePSP's exact path: the whole image as one tile) is one band: cutting it would only run
+    that row again in every band.
     """
     if len(grid.row_starts) == 1:
         return -(-grid.shape[0] // segment_rows) * segment_rows
-    want = requested if requested else BAND_TILES * grid.tile_height
+    share = -(-grid.shape[0] // (2 * max(1, slots)))
+    want = requested or max(grid.tile_height, min(BAND_TILES * grid.tile_height, share))
     return max(1, -(-int(want) // segment_rows)) * segment_rows
 
 
