@@ -69,7 +69,7 @@ def run_cmd(
         "(paths must be reachable from every worker; needs the distributed extra).")] = None,
     band_rows: Annotated[int | None, typer.Option(
         "--band-rows", min=1, help="With --scheduler: rows per task (rounded up to a segment of the "
-        "output; default: two bands per worker thread, one to four tile heights).")] = None,
+        "output; default: two bands per worker thread, two to four tile heights).")] = None,
     opts: RunOptions = RunOptions(),
     verbose: Verbose = 0,
     quiet: Quiet = False,

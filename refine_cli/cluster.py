@@ -6,13 +6,14 @@ Steps:
    (CascadePSP's global step on the streamed overview, the guided filter's radius ...), the
    output layout, the resume checkpoint (``engine.checkpoint``, always on here) and the guard
    are decided exactly as :func:`refine_cli.api.refine_file` decides them.
-2. **Shipping.** The image and mask sources and the prepared refiner are pickled once
-   (:func:`pack_context`) and scattered to every worker: readers of files travel as their path
-   and are reopened on the worker, the refiner's network travels as a name and is rebuilt on the
-   worker from the run's configuration (its weights from the worker's own cache, as on the
-   client), so what moves is small (the guided filter: about 2 KB; the streamed CascadePSP: its
-   global step's maps at the working size, about 3 MB). Decoded in-memory inputs (PNG/JPEG under
-   ``--inline-limit``) travel whole.
+2. **Shipping, through shared storage.** The image and mask sources and the prepared refiner are
+   pickled once (:func:`pack_context`) into ``context/<hash>.pkl`` in the parts folder, and every
+   task names that file (a scattered copy would be lost with the worker that held it): readers of
+   files travel as their path and are reopened on the worker, the refiner's network travels as a
+   name and is rebuilt on the worker from the run's configuration (its weights from the worker's
+   own cache, as on the client). What is written is small: decoded in-memory inputs (a PNG mask
+   under ``--inline-limit``) and the refiner's prepared state (CascadePSP's global step maps at the
+   working size), 30 to 200 KB in the runs of ``tests/test_cluster.py`` and ``benchmarks/cluster.py``.
 3. **Levels, band by band.** Each level of the run (``engine.bands.level_steps``: the refiner's
    levels, then the guard's) is cut into row bands on segment boundaries of its output; one Dask
    task runs one band (``engine.bands.run_band``) and writes its rows as atomically renamed
@@ -88,7 +89,7 @@ from refine_cli.errors import Interrupted, RefineError, UsageError
 from refine_cli.io.image import ImageSource, LevelImage, image_level
 from refine_cli.io.masks import MaskSource
 from refine_cli.io.readers import ArrayReader, Reader, TiffReader, open_raster
-from refine_cli.io.writers import SegmentedSink, default_tmp_dir, output_format
+from refine_cli.io.writers import SegmentedSink, default_tmp_dir, output_format, write_bytes_atomic
 from refine_cli.refiners import build_refiner, uses_torch
 from refine_cli.refiners.base import Refiner
 from refine_cli.refiners.guard import GuardParams, guard_params
@@ -103,12 +104,21 @@ RETRIES = 2
 
 # -- shipping the prepared state ---------------------------------------------------------------
 _LOCKS = (type(threading.Lock()), type(threading.RLock()))
+
+
+def _progress_hook(obj: Any) -> bool:
+    """A progress callback of the client (a local function, a lambda, the command line's bars): dropped."""
+    if isinstance(obj, types.FunctionType | types.MethodType):
+        return "<lambda>" in obj.__qualname__ or "<locals>" in obj.__qualname__
+    return type(obj).__module__.startswith(("refine_cli.commands", "rich."))
+
+
 def pack_context(src: ImageSource, mask: MaskSource | None, refiner: Refiner) -> bytes:
     """Pickle the image and mask sources and the prepared refiner for the workers.
 
     File readers become their path (reopened by :func:`unpack_context`), the refiner's network
-    (``refiner.model``) a name (rebuilt from the configuration), Python modules their name;
-    in-memory readers travel whole.
+    (``refiner.model``) a name (rebuilt from the configuration), Python modules their name, locks
+    new locks, the client's progress callbacks nothing; in-memory readers travel whole.
 
     Raises:
         UsageError: the refiner's prepared state cannot be pickled.
@@ -125,8 +135,7 @@ def pack_context(src: ImageSource, mask: MaskSource | None, refiner: Refiner) ->
                 return ("reader", obj.path)
             if isinstance(obj, _LOCKS):
                 return ("lock", isinstance(obj, _LOCKS[1]))
-            if isinstance(obj, types.FunctionType) and obj.__name__ == "<lambda>" or \
-                    type(obj).__name__ == "ProgressBars":
+            if _progress_hook(obj):
                 return ("none",)
             return None
 
@@ -169,15 +178,21 @@ _CONTEXTS: dict[tuple[str, int], tuple[ImageSource, MaskSource | None, Refiner]]
 _CONTEXT_LOCK = threading.Lock()
 
 
-def _context(data: bytes, config: RefineConfig) -> tuple[ImageSource, MaskSource | None, Refiner]:
-    """The unpacked context of a run, once per worker thread (readers are not shared across threads)."""
-    key = (hashlib.sha256(data).hexdigest(), threading.get_ident())
+def _context(path: str, config: RefineConfig) -> tuple[ImageSource, MaskSource | None, Refiner]:
+    """The unpacked context of a run, once per worker thread (readers are not shared across threads).
+
+    Args:
+        path: the packed context in the run's parts folder (its name holds its hash).
+        config: the run's configuration.
+    """
+    key = (path, threading.get_ident())
     with _CONTEXT_LOCK:
         ctx = _CONTEXTS.get(key)
     if ctx is None:
         device = resolve_device(config.device, uses_torch(config.method))
         set_threads(config.threads)
-        ctx = unpack_context(data, config, device)
+        with open(path, "rb") as f:
+            ctx = unpack_context(f.read(), config, device)
         with _CONTEXT_LOCK:
             for old in [k for k in _CONTEXTS if k[1] == key[1]]:
                 _close_context(_CONTEXTS.pop(old))
@@ -256,8 +271,10 @@ def _band_sinks(job: LevelJob, rows: tuple[int, int]) -> dict[str, SegmentedSink
             for name, folder in job.parts.items()}
 
 
-def band_task(context: bytes, job: LevelJob, rows: tuple[int, int]) -> dict[str, Any]:
+def band_task(context: str, job: LevelJob, rows: tuple[int, int]) -> dict[str, Any]:
     """One band of one level on a Dask worker; returns its tile counts (and guard counts).
+
+    ``context`` is the path of the packed image, mask and refiner (:func:`pack_context`).
 
     Must stay importable as ``refine_cli.cluster.band_task`` (Dask pickles it by reference).
     """
@@ -313,7 +330,7 @@ class _Cluster:
     """The client's view of a run: what it sends and what came back."""
 
     client: Any
-    context: Any
+    context: str
     retries: int
     progress: Progress | None
     band_rows: int | None
@@ -386,7 +403,7 @@ def refine_on_cluster(
     inputs = _Inputs()
     try:
         with open_client(scheduler) as client:
-            cl = _Cluster(client, None, retries, progress, band_rows)
+            cl = _Cluster(client, "", retries, progress, band_rows)
             workers = client.scheduler_info().get("workers", {}).values()
             cl.slots = max(1, sum(int(w.get("nthreads", 1)) for w in workers))
             scene, run = _execute(req, refiner, inputs, cl, device, timer)
@@ -396,7 +413,7 @@ def refine_on_cluster(
     rep = _report(req, refiner, inputs, scene, run, device, timer, threads, started, wall)
     rep.notes.append(f"dask: {cl.submitted} band tasks on {scheduler} ({len(cl.workers)} worker processes, "
                      f"{cl.seconds:.1f} s of task time, {cl.context_bytes} bytes of prepared state "
-                     "scattered), "
+                     "on shared storage), "
                      f"{cl.reused} bands reused from an interrupted run")
     if req.report:
         _write_report(req, rep, run.writer)
@@ -433,7 +450,8 @@ def _execute(req: _Request, refiner: Refiner, inputs: _Inputs, cl: _Cluster, dev
     steps = level_steps(refiner, src.shape, None if msk is None else msk.is_labels, guard)
     packed = pack_context(src, msk, refiner)
     cl.context_bytes = len(packed)
-    cl.context = cl.client.scatter(packed, broadcast=True, hash=True)
+    cl.context = os.path.join(checkpoint.path("context"), f"{hashlib.sha256(packed).hexdigest()[:16]}.pkl")
+    write_bytes_atomic(cl.context, packed)
     writer: OutputWriter | None = None
     try:
         levels, previous = [], None

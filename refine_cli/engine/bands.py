@@ -113,15 +113,15 @@ def band_rows(grid: GridPlan, segment_rows: int, requested: int | None = None, s
     """Rows per band of a level: a multiple of ``segment_rows``.
 
     ``requested`` rounded up to a segment; by default about two bands per task slot of the
-    cluster (``slots``), but at most :data:`BAND_TILES` and at least one tile height (the tiles of
-    the grid rows at each inner band edge run in both bands). A grid of one tile row (e.g.
+    cluster (``slots``), but at most :data:`BAND_TILES` and at least two tile heights (the tiles of
+    the grid rows at each inner band edge run in both bands: about one tile row per edge). A grid of one tile row (e.g.
     CascadePSP's exact path: the whole image as one tile) is one band: cutting it would only run
     that row again in every band.
     """
     if len(grid.row_starts) == 1:
         return -(-grid.shape[0] // segment_rows) * segment_rows
     share = -(-grid.shape[0] // (2 * max(1, slots)))
-    want = requested or max(grid.tile_height, min(BAND_TILES * grid.tile_height, share))
+    want = requested or max(2 * grid.tile_height, min(BAND_TILES * grid.tile_height, share))
     return max(1, -(-int(want) // segment_rows)) * segment_rows
 
 
