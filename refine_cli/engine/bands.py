@@ -114,9 +114,9 @@ def band_rows(grid: GridPlan, segment_rows: int, requested: int | None = None, s
 
     ``requested`` rounded up to a segment; by default about two bands per task slot of the
     cluster (``slots``), but at most :data:`BAND_TILES` and at least two tile heights (the tiles of
-    the grid rows at each inner band edge run in both bands: about one tile row per edge). A grid of one tile row (e.g.
-    CascadePSP's exact path: the whole image as one tile) is one band: cutting it would only run
-    that row again in every band.
+    the grid rows at each inner band edge run in both bands: about one tile row per edge). A grid
+    of one tile row (e.g. CascadePSP's exact path: the whole image as one tile) is one band:
+    cutting it would only run that row again in every band.
     """
     if len(grid.row_starts) == 1:
         return -(-grid.shape[0] // segment_rows) * segment_rows
