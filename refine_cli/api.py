@@ -463,10 +463,14 @@ def _layout(req: _Request, refiner: Refiner, msk: MaskSource | None, width: int)
 
 
 def _checkpoint(req: _Request, src: ImageSource, layout: _Layout,
-                segment_first: bool) -> RunCheckpoint | None:
-    """The resume checkpoint of a TIFF output taller than one segment (files only, not stdin/stdout)."""
+                segment_first: bool, always: bool = False) -> RunCheckpoint | None:
+    """The resume checkpoint of a TIFF output taller than one segment (files only, not stdin/stdout).
+
+    ``always``: also for an output of one segment (a distributed run writes every output as parts).
+    """
     H, W = src.shape
-    if req.out == "-" or output_format(req.out, req.fmt) != "tiff" or H <= layout.segment_rows:
+    one_segment = H <= layout.segment_rows and not always
+    if req.out == "-" or output_format(req.out, req.fmt) != "tiff" or one_segment:
         return None
     if "-" in (req.image, req.mask):
         return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -70,6 +70,12 @@ def run_cmd(
     vector_format: VectorFormatOpt = None,
     simplify: SimplifyOpt = None,
     min_area: MinAreaOpt = None,
+    scheduler: Annotated[str | None, typer.Option(
+        "--scheduler", help="Spread the image's row bands over Dask workers: local:N or tcp://HOST:PORT "
+        "(paths must be reachable from every worker; needs the distributed extra).")] = None,
+    band_rows: Annotated[int | None, typer.Option(
+        "--band-rows", min=1, help="With --scheduler: rows per task (rounded up to a segment of the "
+        "output; default: two bands per worker thread, two to four tile heights).")] = None,
     opts: RunOptions = RunOptions(),
     verbose: Verbose = 0,
     quiet: Quiet = False,
@@ -83,6 +89,25 @@ def run_cmd(
     if image == "-" and target is None:
         target = "-"
     config = opts.config()
+    if band_rows is not None and scheduler is None:
+        raise UsageError("--band-rows sizes the tasks of --scheduler: add --scheduler local:N or "
+                         "tcp://HOST:PORT")
+    if scheduler is not None:
+        if vector is not None:
+            raise UsageError("--scheduler does not write --vector yet: polygonize its output afterwards with "
+                             "`refine vectorize OUT -o FILE`")
+        if save_coarse:
+            raise UsageError("--save-coarse needs --segmenter, which --scheduler does not run: make the "
+                             "coarse mask first with `refine segment`")
+        from refine_cli.cluster import refine_on_cluster
+
+        with ProgressBars(enabled=not quiet) as progress:
+            rep = refine_on_cluster(image, mask, target, scheduler=scheduler, config=config,
+                                    uncertainty=uncertainty, report=report, overwrite=opts.overwrite,
+                                    fmt=opts.fmt, cog=opts.cog, bands=opts.band_indices(), progress=progress,
+                                    resume=resume, command=_command_line(), band_rows=band_rows)
+        _show(rep, json_out, quiet)
+        return
     from refine_cli.api import refine_file
     from refine_cli.io.vectorize import VectorSpec
 
@@ -96,6 +121,11 @@ def run_cmd(
                           overwrite=opts.overwrite, fmt=opts.fmt, cog=opts.cog, bands=opts.band_indices(),
                           progress=progress, resume=resume, save_coarse=save_coarse, command=_command_line(),
                           vector=vspec)
+    _show(rep, json_out, quiet)
+
+
+def _show(rep: Any, json_out: bool, quiet: bool) -> None:
+    """Print the report as JSON on stdout (``--json``) and as a table on stderr (unless ``-q``)."""
     if json_out:
         typer.echo(rep.to_json())
     if not quiet:

@@ -223,8 +223,8 @@ class EncodingOptions:
     Attributes:
         creation: GDAL creation options ``((KEY, VALUE), ...)``, keys upper-case, applied to every
             TIFF/COG output over the defaults (``io.writers``); checked against the driver there.
-        nodata: value written as the outputs' nodata tag, or ``None`` for no tag. It is a tag
-            only: every pixel of the outputs holds a computed value (see README, "Output encoding").
+        nodata: value written as the outputs' nodata tag, and in every output where the image's alpha
+            is 0 (elsewhere every pixel holds a computed value), or ``None`` for neither.
         soft_dtype: sample type of the soft mask and the uncertainty map (see :data:`SOFT_SCALE`);
             ``None`` keeps the defaults (soft mask float32 in TIFF and uint8 in PNG, uncertainty uint8).
     """

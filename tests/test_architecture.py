@@ -32,7 +32,7 @@ LAYERS = {
     "refine_cli.refiners": 3,
     "refine_cli.engine": 4,
     "refine_cli.api": 5, "refine_cli.segment": 5, "refine_cli.evaluate": 5, "refine_cli.evaluation_io": 5,
-    "refine_cli.overlay": 5, "refine_cli.batch": 5, "refine_cli.review": 5,
+    "refine_cli.overlay": 5, "refine_cli.batch": 5, "refine_cli.review": 5, "refine_cli.cluster": 5,
     "refine_cli.train": 7,
     "refine_cli.commands": 9, "refine_cli.cli": 9,
 }

@@ -40,9 +40,11 @@ def segment_rows_for(width: int, bytes_per_pixel: int) -> int:
 
 
 def file_identity(path: str) -> dict[str, Any]:
-    """Absolute path, size and modification time of an input (``-`` for stdin)."""
+    """Absolute path, size and modification time of an input (``-`` for stdin; a URL or GDAL path: itself)."""
     if path == "-":
         return {"path": "-"}
+    if path.startswith("/vsi") or "://" in path:  # GDAL paths and URLs: no cheap size and mtime
+        return {"path": path}
     st = os.stat(path)
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 

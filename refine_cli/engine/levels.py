@@ -247,12 +247,7 @@ def _run_level(src: ImageSource, coarse: CoarseSource, refiner: Refiner, shape: 
     """
     i, n = position
     final = final_writer is not None
-    channels = level_channels(refiner, coarse.channels, coarse.is_labels, pass_uncertainty)
-    mplan = plan_level(shape, refiner, channels=channels, bytes_out=s.bytes_out if final else 4 * channels,
-                       budget=s.budget, batch_size=s.batch_size, tile_size=s.tile_size, resident=s.resident)
-    ov = min(s.overlap, mplan.tile_size // 4)
-    grid = refiner.plan_grid(shape, mplan.tile_size, ov) or plan_grid(shape, mplan.tile_size, ov,
-                                                                          refiner.halo)
+    channels, mplan, grid = level_grid(shape, refiner, coarse, pass_uncertainty, final, s)
     with s.timer.stage("read"):
         image = image_level(src, shape, tmp_dir=folder)
     opened.append(image)
@@ -290,6 +285,30 @@ def _run_level(src: ImageSource, coarse: CoarseSource, refiner: Refiner, shape: 
     log.info("level %d/%d %dx%d: %d tiles, %d refined, %d skipped", i + 1, n, shape[1], shape[0],
              stats.tiles_total, stats.tiles_refined, stats.tiles_skipped)
     return LevelResult(shape, stats, mplan, grid), None if level is None else level.path
+
+
+def level_grid(shape: tuple[int, int], refiner: Refiner, coarse: CoarseSource, pass_uncertainty: bool,
+               final: bool, s: LevelSettings) -> tuple[int, MemoryPlan, GridPlan]:
+    """The channels K a level writes, its memory plan and its tile grid.
+
+    One function for the whole-image run and for the row bands of a distributed run, so both cut
+    the level into the same tiles.
+
+    Args:
+        shape: ``(h, w)`` of the level.
+        refiner: the level's refiner.
+        coarse: the level's coarse input (its channels and whether it is a label map).
+        pass_uncertainty: one more channel carries the refiner's uncertainty to the guard level.
+        final: the level writes the user's outputs (else a float32 level file).
+        s: the run's shared settings (budget, overlap, tile size, batch).
+    """
+    channels = level_channels(refiner, coarse.channels, coarse.is_labels, pass_uncertainty)
+    mplan = plan_level(shape, refiner, channels=channels, bytes_out=s.bytes_out if final else 4 * channels,
+                       budget=s.budget, batch_size=s.batch_size, tile_size=s.tile_size, resident=s.resident)
+    ov = min(s.overlap, mplan.tile_size // 4)
+    grid = refiner.plan_grid(shape, mplan.tile_size, ov) or plan_grid(shape, mplan.tile_size, ov,
+                                                                          refiner.halo)
+    return channels, mplan, grid
 
 
 def _release(opened: list[Any], coarse: CoarseSource | None, folder: str | None) -> None:

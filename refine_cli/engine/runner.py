@@ -108,12 +108,16 @@ class GridRunner:
         progress: ``f(done_tiles, total_tiles)`` called after each blended tile.
         start_row: rows above this were written by an earlier, interrupted run: start at
             the first tile row that touches it and hand the writer only rows from it on.
+        end_row: hand the writer only rows above this and stop after the last tile row that
+            touches them (one row band of a distributed run); ``None``: the whole image. With
+            ``start_row`` and ``end_row`` a band's rows are blended from the same tiles, added in the
+            same order, as in a run over the whole grid, so they come out bit for bit the same.
     """
 
     def __init__(self, image: ImageWindows, coarse: CoarseSource, refiner: Refiner, plan: GridPlan,
                  writer: RowWriter, timer: StageTimer, *, queue_depth: int = 2, skip_uniform: bool = True,
                  batch_size: int = 1, progress: Callable[[int, int], None] | None = None,
-                 start_row: int = 0) -> None:
+                 start_row: int = 0, end_row: int | None = None) -> None:
         self.image, self.coarse, self.refiner, self.plan = image, coarse, refiner, plan
         self.writer, self.timer = writer, timer
         self.depth = max(1, queue_depth)
@@ -132,6 +136,10 @@ class GridRunner:
         self.first_grid_row = next(
             (i for i, r in enumerate(plan.row_starts) if r + plan.tile_height > start_row),
             len(plan.row_starts))
+        self.band = end_row is not None
+        self.end_row = plan.shape[0] if end_row is None else min(int(end_row), plan.shape[0])
+        self.end_grid_row = next((i for i, r in enumerate(plan.row_starts) if r >= self.end_row),
+                                 len(plan.row_starts))
         self.stats = GridStats(tiles_total=len(plan), pixels=plan.shape[0] * plan.shape[1],
                                states=np.full(plan.grid_shape, TILE_NOT_RUN, np.uint8))
         self.stats.extra["resumed_from_row"] = self.start_row
@@ -196,8 +204,7 @@ class GridRunner:
 
     def _todo(self) -> list[Tile]:
         """The tiles still to run (all of them unless resuming)."""
-        return [t for g in range(self.first_grid_row, self.plan.grid_shape[0])
-                for t in self.plan.row_tiles(g)]
+        return [t for g in range(self.first_grid_row, self.end_grid_row) for t in self.plan.row_tiles(g)]
 
     def _prefetch(self, q_in: queue.Queue) -> None:
         for tile in self._todo():
@@ -220,12 +227,21 @@ class GridRunner:
         rel = tile.window.relative_to(tile.read)
         return arr[rel.slices]
 
+    def _core(self, tile: Tile) -> Window:
+        """The pixels this tile accounts for (relative to its read window); in a band, only the band's."""
+        own = self.plan.owned(tile)
+        if self.band:
+            r0 = min(max(own.row, self.start_row), own.row_end)
+            r1 = max(min(own.row_end, self.end_row), r0)
+            own = Window(r0, own.col, r1 - r0, own.width)
+        return own.relative_to(tile.read)
+
     def _refine_items(self, items: list[_Item]) -> list[_Result]:
         """Refine a batch of non-skipped items (binary: batched; labels: per class)."""
         results: list[_Result] = []
         if not self.labels:
             inputs = [TileInput(it.image, it.coarse, it.tile.read,  # type: ignore[arg-type]
-                                core=self.plan.owned(it.tile).relative_to(it.tile.read)) for it in items]
+                                core=self._core(it.tile)) for it in items]
             with self.timer.stage("refine"):
                 outs = self.refiner.refine_batch(inputs)
             self.stats.refiner_calls += len(items)
@@ -317,9 +333,10 @@ class GridRunner:
                         allow_uncovered=self.weightless_skips or self.custom_weights)
                     if uncovered is not None:
                         self._fill_uncovered(row0, block, uncovered)
-                if row0 < self.start_row:  # written by the interrupted run
+                if row0 < self.start_row:  # written by the interrupted run (or another band's)
                     block = block[self.start_row - row0:]
                     row0 = self.start_row
+                block = block[:max(0, self.end_row - row0)]
                 if block.shape[0]:
                     with self.timer.stage("write"):
                         self.writer.write(row0, block)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io as _io
 import logging
 import os
+import re
 import shutil
 import stat
 import struct
@@ -848,6 +849,10 @@ def open_raster(source: str | Path | bytes, *, max_pixels: int, inline_limit: in
                              what=what, memory_limit=memory_limit)
         _note_extra_band(reader, what)
         return reader
+    if isinstance(source, str) and source.startswith("file://"):
+        source = source[len("file://"):]
+    if isinstance(source, str) and is_remote(source):
+        return _open_remote(source, max_pixels, what)
     path = check_readable(source, what, flag)
     with open(path, "rb") as fh:
         head = fh.read(1 << 16)
@@ -875,6 +880,27 @@ def open_raster(source: str | Path | bytes, *, max_pixels: int, inline_limit: in
             f"{name}: not a recognised image format (TIFF, PNG, JPEG, WebP or a GDAL raster)"
         ) from None
     check_pixels(name, reader.shape, max_pixels)
+    _note_extra_band(reader, what)
+    return reader
+
+
+def is_remote(path: str) -> bool:
+    """Whether GDAL opens ``path`` itself.
+
+    A ``/vsi...`` path, or a URL (``s3://``, ``https://``, ``zip+file://`` ...) other than ``file://``.
+    """
+    return path.startswith("/vsi") or bool(re.match(r"^[a-z][a-z0-9+.\-]*://", path)) and \
+        not path.startswith("file://")
+
+
+def _open_remote(path: str, max_pixels: int, what: str) -> Reader:
+    """A GDAL path or URL through rasterio (windowed reads; GDAL fetches only the blocks it needs)."""
+    try:
+        reader = RasterioReader(path)
+    except InputError as exc:
+        raise InputError(f"{what} {path}: GDAL cannot open it ({exc}); check the URL and its credentials "
+                         "(AWS_*, GDAL_HTTP_* environment variables)") from None
+    check_pixels(path, reader.shape, max_pixels)
     _note_extra_band(reader, what)
     return reader
 

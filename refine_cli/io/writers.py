@@ -734,22 +734,31 @@ class SegmentedSink(RasterSink):
     to start. A failure (a full disk ...) keeps the complete segments and says where
     they are and how much they hold (:func:`resumable_error`).
 
+    With ``rows=(r0, r1)`` the sink writes only that row band of the output (one task of a
+    distributed run, ``r0`` on a segment boundary): it starts at ``r0`` without looking at other
+    segments (other bands write them meanwhile), and committing it only checks that every row of
+    the band arrived; the band's segments stay in ``parts_dir`` for the sink that assembles them.
+
     Args:
         parts_dir: folder of the segments (created; one folder per output).
         segment_rows: rows per segment.
         georef, cog, resampling, creation, nodata: passed to the final :class:`TiffSink` (the
             segments are plain tiled TIFFs; ``creation`` is checked here, before any row is written).
+        rows: ``(r0, r1)``: write only this band (see above); ``None``: the whole output.
     """
 
     def __init__(self, path: str, shape: tuple[int, int], bands: int, dtype: Any, overwrite: bool, *,
                  parts_dir: str, segment_rows: int = 4096, georef: Georef | None = None, cog: bool = False,
                  resampling: str = "nearest", creation: Mapping[str, str] | None = None,
-                 nodata: float | None = None) -> None:
+                 nodata: float | None = None, rows: tuple[int, int] | None = None) -> None:
         super().__init__(path, shape, bands, dtype, overwrite)
         check_creation(path, creation, self.dtype, self.bands, cog=cog, resampling=resampling, nodata=nodata)
         self.creation, self.nodata = dict(creation or {}), nodata
         if segment_rows % TILE:
             raise ValueError(f"segment_rows must be a multiple of {TILE}")
+        if rows is not None and (rows[0] % segment_rows or not 0 <= rows[0] < rows[1] <= self.shape[0]):
+            raise ValueError(f"band {rows} does not start on a segment boundary of {segment_rows} rows")
+        self.rows = rows
         self.parts_dir = Path(parts_dir)
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         self.resume_dir = parts_root(self.parts_dir) or self.parts_dir
@@ -758,7 +767,7 @@ class SegmentedSink(RasterSink):
         self.georef, self.cog, self.resampling = georef, cog, resampling
         self._current: TiffSink | None = None
         self._final: TiffSink | None = None
-        self.next_row = self._resume_point()
+        self.next_row = self._resume_point() if rows is None else rows[0]
 
     def _segment_path(self, index: int) -> str:
         return str(self.parts_dir / f"segment_{index:06d}.tif")
@@ -766,29 +775,29 @@ class SegmentedSink(RasterSink):
     def _segment_rows(self, index: int) -> int:
         return min(self.segment_rows, self.shape[0] - index * self.segment_rows)
 
-    def _resume_point(self) -> int:
-        """First row not covered by complete, readable segments (later segments are removed)."""
+    def segment_complete(self, index: int) -> bool:
+        """Whether segment ``index`` is there, readable and of the right size, bands and dtype."""
         import tifffile
 
+        try:
+            with tifffile.TiffFile(self._segment_path(index)) as tf:
+                page = cast(tifffile.TiffPage, tf.pages[0])  # the first page is always a full TiffPage
+                size = (self._segment_rows(index), self.shape[1])
+                return bool((page.imagelength, page.imagewidth) == size and
+                            page.samplesperpixel == self.bands and np.dtype(page.dtype) == self.dtype)
+        except Exception:  # noqa: BLE001 - missing or unreadable
+            return False
+
+    def _resume_point(self) -> int:
+        """First row not covered by complete, readable segments (later segments are removed)."""
         index = 0
-        while index * self.segment_rows < self.shape[0]:
-            p = self._segment_path(index)
-            try:
-                with tifffile.TiffFile(p) as tf:
-                    page = cast(tifffile.TiffPage, tf.pages[0])  # the first page is always a full TiffPage
-                    size = (self._segment_rows(index), self.shape[1])
-                    ok = (page.imagelength, page.imagewidth) == size and \
-                        page.samplesperpixel == self.bands and np.dtype(page.dtype) == self.dtype
-            except Exception:  # noqa: BLE001 - missing or unreadable: stop here
-                ok = False
-            if not ok:
-                break
+        while index * self.segment_rows < self.shape[0] and self.segment_complete(index):
             index += 1
         for stale in self.parts_dir.glob("segment_*.tif"):
             if int(stale.stem.split("_")[1]) >= index:
                 _unlink(str(stale))
         clean_stale_temps(self.parts_dir)
-        return index * self.segment_rows
+        return min(index * self.segment_rows, self.shape[0])
 
     def rewind(self, row: int) -> None:
         """Start again at ``row`` (a segment boundary), dropping later segments."""
@@ -826,12 +835,23 @@ class SegmentedSink(RasterSink):
         except OSError as exc:
             raise self._failed(exc) from exc
 
+    def _check_complete(self) -> None:
+        if self.rows is None:
+            super()._check_complete()
+        elif self.next_row != self.rows[1]:
+            raise ValueError(f"{self.path}: band {self.rows} stopped at row {self.next_row}")
+
     def prepare(self) -> None:
-        """Assemble the segments into the final file, under a temporary name (the parts stay)."""
+        """Assemble the segments into the final file, under a temporary name (the parts stay).
+
+        A band sink (``rows``) has nothing to assemble: its segments are already committed.
+        """
         from refine_cli.io.readers import TiffReader
         from refine_cli.tiling.grid import Window
 
         self._check_complete()
+        if self.rows is not None:
+            return
         try:
             final = TiffSink(self.path, self.shape, self.bands, self.dtype, self.overwrite,
                              georef=self.georef, cog=self.cog, resampling=self.resampling,
@@ -860,7 +880,10 @@ class SegmentedSink(RasterSink):
             self._final.check_publishable()
 
     def publish(self) -> None:
-        """Rename the assembled file into place."""
+        """Rename the assembled file into place (a band sink: nothing to rename)."""
+        if self.rows is not None:
+            self.closed = True
+            return
         assert self._final is not None
         self._final.publish()
         self.closed = True
@@ -872,7 +895,9 @@ class SegmentedSink(RasterSink):
         self.abort()
 
     def cleanup(self) -> None:
-        """Remove the parts (the output is in place)."""
+        """Remove the parts (the output is in place); a band sink keeps them for the assembly."""
+        if self.rows is not None:
+            return
         shutil.rmtree(self.parts_dir, ignore_errors=True)
 
     def abort(self) -> None:
