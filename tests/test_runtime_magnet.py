@@ -101,3 +101,19 @@ def test_magnet_fast_runs_its_modules_in_the_backend(cli, tmp_path, shared):
     a, b = masks["torch"], masks["onnx"]
     iou = (a & b).sum() / max(1, (a | b).sum())
     assert iou >= 0.999, iou
+
+
+def test_auto_takes_the_faster_engine_for_magnet():
+    """``auto`` runs MagNet's networks in OpenVINO first (measured faster for them), then ONNX Runtime."""
+    from types import SimpleNamespace
+
+    from refine_cli.models.runtime import MAGNET_ORDER
+    from refine_cli.refiners.magnet_method import attach_runtimes
+
+    module = build_refinement_magnet(2)
+    segmenter = SimpleNamespace(device=torch.device("cpu"), input_size=(256, 256))
+    want = next((b for b in MAGNET_ORDER if installed(b)), "torch")
+    assert MAGNET_ORDER[0] == "openvino"
+    assert attach_runtimes([module], segmenter, "auto") == want
+    assert (module.runtime is None) == (want == "torch")
+    assert attach_runtimes([build_refinement_magnet(2)], segmenter, "torch") == "torch"

@@ -73,6 +73,12 @@ class GraphSpec(NamedTuple):
     wrap: Callable[[nn.Module], nn.Module]
 
 
+MAGNET_ORDER = ("openvino", "onnx")
+"""``auto``'s order for MagNet's networks: 3 patches of 256 px through the bundled refinement module took
+0.25 s in OpenVINO, 0.57 s in ONNX Runtime and 1.30 s in torch (508 px: 0.84 / 2.25 / 5.94 s), 2 idle AMD
+EPYC cores."""
+
+
 def traceable_size(size: Sequence[Any]) -> tuple[Any, Any]:
     """``(H, W)`` for ``F.interpolate``: ints, or the traced sizes they are during an ONNX export.
 
@@ -89,12 +95,15 @@ def installed(backend: str) -> bool:
     return all(importlib.util.find_spec(name) is not None for name in (_MODULES[backend], "onnx"))
 
 
-def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
-    """The backend that runs: ``auto`` -> ``onnx``, else ``openvino``, else ``torch``.
+def resolve_backend(backend: str, device: torch.device, precision: str,
+                    order: tuple[str, ...] = ("onnx", "openvino")) -> str:
+    """The backend that runs: ``auto`` -> the first installed of ``order``, else ``torch``.
 
-    ``auto`` keeps ``torch`` on CUDA and for ``bf16``/``fp16`` (autocast is torch's). On 2 idle AMD
-    EPYC cores the lite-v2 local step at 640 px took 0.21-0.26 s in ONNX Runtime, 0.26 s in OpenVINO
-    and 0.32-0.40 s in torch (``benchmarks/backends.py`` measures them on the machine at hand).
+    ``auto`` keeps ``torch`` on CUDA and for ``bf16``/``fp16`` (autocast is torch's). ``order`` is the
+    network's own, measured on 2 idle AMD EPYC cores (``benchmarks/backends.py`` measures them on the
+    machine at hand): the cascade's lite-v2 local step at 640 px took 0.21-0.26 s in ONNX Runtime,
+    0.26 s in OpenVINO and 0.32-0.40 s in torch, and OpenVINO keeps ~0.4 GB more, so ONNX Runtime comes
+    first; MagNet's refinement module (:data:`MAGNET_ORDER`) is faster in OpenVINO.
 
     Raises:
         UsageError: an unknown backend, a named one that is not installed (the message says what to
@@ -105,7 +114,7 @@ def resolve_backend(backend: str, device: torch.device, precision: str) -> str:
     if backend == "auto":
         if device.type != "cpu" or precision != "fp32":
             return "torch"
-        return next((b for b in ("onnx", "openvino") if installed(b)), "torch")
+        return next((b for b in order if installed(b)), "torch")
     if backend == "torch":
         return backend
     if device.type != "cpu":

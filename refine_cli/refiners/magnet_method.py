@@ -169,11 +169,11 @@ def attach_runtimes(modules: Sequence[RefinementMagNet], segmenter: Segmenter, b
                     batch_size: int = 1) -> str:
     """Run the refinement modules' (and a PyTorch backbone's) inference in ``backend``.
 
-    ``auto`` picks ONNX Runtime, then OpenVINO, on the CPU and keeps torch on CUDA
-    (:func:`~refine_cli.models.runtime.resolve_backend`). Segmenters that are not PyTorch backbones
-    (ONNX, TFLite, TorchScript files) keep their own engine. For the memory plan, OpenVINO's held
-    buffers are taken as 256 float32 channels at the segmenter's input size per batch item (an upper
-    bound of one forward's live activations for the refinement module).
+    ``auto`` picks OpenVINO, then ONNX Runtime, on the CPU (the faster for these networks:
+    :data:`~refine_cli.models.runtime.MAGNET_ORDER`) and keeps torch on CUDA. Segmenters that are not
+    PyTorch backbones (ONNX, TFLite, TorchScript files) keep their own engine. For the memory plan,
+    OpenVINO's held buffers are taken as 256 float32 channels at the segmenter's input size per batch
+    item (an upper bound of one forward's live activations for the refinement module).
 
     Returns:
         The backend that runs: ``torch``, ``onnx`` or ``openvino``.
@@ -182,10 +182,16 @@ def attach_runtimes(modules: Sequence[RefinementMagNet], segmenter: Segmenter, b
         UsageError: a named backend that is not installed or cannot run on the segmenter's device.
     """
     from refine_cli import weights as registry
-    from refine_cli.models.runtime import BACKBONE_GRAPHS, ModuleRuntime, refinement_graphs, resolve_backend
+    from refine_cli.models.runtime import (
+        BACKBONE_GRAPHS,
+        MAGNET_ORDER,
+        ModuleRuntime,
+        refinement_graphs,
+        resolve_backend,
+    )
     from refine_cli.segmenters.torch_backbones import TorchBackboneSegmenter
 
-    engine = resolve_backend(backend, torch.device(segmenter.device), "fp32")
+    engine = resolve_backend(backend, torch.device(segmenter.device), "fp32", MAGNET_ORDER)
     if engine == "torch":
         return engine
     folder = registry.refine_home() / "graphs"
