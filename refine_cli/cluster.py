@@ -30,8 +30,9 @@ worker that died; a band writes only whole segments, so a retry or a ``--resume`
 the unfinished band. Resume: ``--resume`` keeps every complete segment and level file of the
 same configuration and inputs and submits only the bands that miss one.
 
-``magnet-fast`` is refused: its stages run inside ``prepare`` and keep their maps in local
-temporary zarr arrays, which a worker on another machine cannot read.
+``magnet-fast`` is refused (``Refiner.cluster_ready``): each of its stages is a level whose pass B
+reads the refined patches (R, scores, the top-k cut) that the client keeps in memory and in local
+temporary files, which a worker on another machine cannot read.
 """
 
 from __future__ import annotations
@@ -397,9 +398,9 @@ def refine_on_cluster(
     device = resolve_device(req.config.device, uses_torch(req.config.method))
     threads = set_threads(req.config.threads)
     refiner = build_refiner(req.config, device)
-    if refiner.makes_coarse:
-        raise UsageError(f"--method {req.config.method} runs its stages on the whole image inside one "
-                         "process (local zarr maps): run it without --scheduler")
+    if not refiner.cluster_ready:
+        raise UsageError(f"--method {req.config.method} keeps each stage's refined patches in this process "
+                         "between its levels: run it without --scheduler")
     inputs = _Inputs()
     try:
         with open_client(scheduler) as client:

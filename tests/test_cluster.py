@@ -156,6 +156,22 @@ def test_what_scheduler_refuses(scene, tmp_path, cli):
     assert not any(tmp_path.iterdir())
 
 
+def test_scheduler_refuses_magnet(scene, tmp_path, monkeypatch):
+    """MagNet's stages keep their refined patches in this process between levels: refused in one line."""
+    import refine_cli.cluster as cluster_module
+    from magnet_fixtures import ColourSegmenter, fill_module, make_preset
+
+    from refine_cli.refiners.magnet_method import MagnetRefiner
+
+    seg = ColourSegmenter(2, (64, 64))
+    monkeypatch.setattr(cluster_module, "build_refiner", lambda config, device: MagnetRefiner(
+        seg, [fill_module(2)], make_preset(seg)))
+    with pytest.raises(UsageError, match="without --scheduler"):
+        refine_on_cluster(str(scene / "img.tif"), str(scene / "coarse.png"), str(tmp_path / "o.tif"),
+                          scheduler="local:1", config=RefineConfig(method="magnet-fast"))
+    assert not any(tmp_path.iterdir())
+
+
 def test_image_read_through_a_gdal_path(scene, cluster, tmp_path):
     """Workers reopen a GDAL path (here inside a zip) themselves; one level, no guard."""
     import zipfile

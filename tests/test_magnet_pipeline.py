@@ -598,7 +598,7 @@ def test_magnet_reports_its_segmenter_and_scales_as_progress(tiled):
     seen: list[tuple[str, int, int]] = []
     seg = ColourSegmenter()
     if tiled:
-        from refine_cli.refiners.magnet_tiled import run_magnet_tiled
+        from refine_cli.engine.magnet import run_magnet_tiled
 
         run_magnet_tiled(_image(), seg, [_module()], _preset(), progress=lambda *a: seen.append(a)).close()
     else:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from magnet_fixtures import ColourSegmenter, blocky_image, fill_module, make_preset
 
-from refine_cli.engine.levels import run_levels
+from refine_cli.engine.levels import LevelWriter, run_levels
+from refine_cli.engine.magnet import run_magnet_tiled
 from refine_cli.errors import ResourceError, UsageError
 from refine_cli.io.image import ImageSource
 from refine_cli.io.readers import ArrayReader
@@ -36,10 +37,9 @@ from refine_cli.refiners.magnet_tiled import (
     ArrayImage,
     BlockScores,
     PatchBank,
+    LevelY,
     StageImages,
-    TileStore,
     fast_uncertainty,
-    run_magnet_tiled,
 )
 from refine_cli.report.timing import StageTimer
 from refine_cli.tiling.grid import Window
@@ -128,23 +128,25 @@ def test_block_scores_give_the_canonical_cut(seed):
         assert int(mask.sum()) == min(k, n)
 
 
-def test_tile_store_round_trip(tmp_path):
+def test_stage_maps_round_trip_through_the_engines_level_files(tmp_path):
+    """A stage's Y goes through the engine's float32 level file unchanged (float16: rounded as read)."""
+    from refine_cli.io.readers import TiffReader
+
     y = torch.rand(1, 3, 300, 520)
-    for dtype, tol in (("float32", 0.0), ("float16", 5e-4)):
-        store = TileStore(str(tmp_path), (300, 520), 3, tile=128, dtype=dtype)
-        for r in range(0, 300, 256):
-            for c in range(0, 520, 256):
-                w = Window(r, c, min(256, 300 - r), min(256, 520 - c))
-                store.write(w, y[..., w.slices[0], w.slices[1]])
-        with pytest.raises(ValueError, match="whole tiles"):
-            store.write(Window(10, 0, 128, 128), y[..., :128, :128])
-        rng = np.random.default_rng(1)
+    y[0, :, :5, :5] = torch.tensor([0.0, 1.0, 1.0 + 2**-23])[:, None, None]  # ends of [0, 1], one ulp above
+    level = LevelWriter(str(tmp_path), (300, 520), 3)
+    for r in range(0, 300, 128):  # rows in bands, as the engine hands them
+        level.write(r, y[0, :, r : r + 128].permute(1, 2, 0).numpy())
+    level.commit()
+    rng = np.random.default_rng(1)
+    for dtype in ("float32", "float16"):
+        stored = LevelY(TiffReader(level.path), dtype)
+        want = y if dtype == "float32" else y.to(torch.float16).to(torch.float32)
+        assert torch.equal(stored.read_all(), want)
         for _ in range(10):
             w = _random_window(rng, (300, 520))
-            np.testing.assert_allclose(store.read(w), y[..., w.slices[0], w.slices[1]], rtol=0, atol=tol)
-        path = store.path
-        store.close()
-        assert path is not None and not (tmp_path / path).exists()
+            assert torch.equal(stored.read(w), want[..., w.slices[0], w.slices[1]])
+        stored.close()
 
 
 def test_patch_bank_averages_like_the_reference_on_disk_and_in_memory(tmp_path):
@@ -279,14 +281,15 @@ def test_tiled_result_does_not_depend_on_the_tile_size(binary_case, tmp_path):
 @pytest.mark.parametrize(("classes", "fast", "resize"), [(4, True, "area"), (3, False, "linear")])
 def test_tiled_equals_whole_image_multiclass(classes, fast, resize, tmp_path):
     """C = 4 MagNet-Fast with overlapping patches (stage sizes not multiples of the crop), and full
-    MagNet (every patch, a fraction of the points) with R kept on disk."""
+    MagNet (every patch, a fraction of the points), on a small budget (the smallest the engine's level
+    plan takes here; R stays in memory at this size, `test_patch_bank_on_disk...` puts it on disk)."""
     seg = ColourSegmenter(classes, (128, 96), resize=resize)
     img = blocky_image((600, 1000), block=13)
     preset = make_preset(seg, kernel=5, n_points=2**14 if fast else 0.5)
     module = fill_module(classes)
     whole = run_magnet(img, seg, [module], preset, fast=fast, batch_size=2)
     tiled = run_magnet_tiled(img, seg, [module], preset, fast=fast, batch_size=2, memory_pixels=0, tile=256,
-                             tmp_dir=str(tmp_path), budget=(350 << 20) + (140 << 20))
+                             tmp_dir=str(tmp_path), budget=(350 << 20) + (210 << 20))
     try:
         _compare(whole, tiled, img.shape[:2])
         assert whole.stages[-1].patches_total > 8
@@ -379,15 +382,17 @@ def test_refiner_goes_tiled_when_the_whole_image_does_not_fit(tmp_path):
             refiner.whole_image_bytes = lambda shape: budget + 1  # type: ignore[method-assign]
         src, scene = _scene(img, budget)
         refiner.prepare(scene)
-        assert (refiner.tiled_result is not None) == tiled
-        assert refiner.report()["points"] > 0 and ("tiled" in refiner.report()) == tiled
+        assert (refiner.staged is not None) == tiled
         writer = _Collect(img.shape[:2], 1)
         levels = run_levels(src, None, refiner, writer, timer=StageTimer(), budget=budget, bytes_out=2,
                             overlap=16, tile_size=128, tmp_dir=str(tmp_path))
         outs[tiled] = writer.out[..., 0]
+        # the tiled path's stages are the engine's levels: their points are counted once they ran
+        assert refiner.report()["points"] > 0 and ("tiled" in refiner.report()) == tiled
         assert refiner.describe()["tiled"] == tiled
+        assert len(levels) == (len(refiner.report()["stages"]) - 1 if tiled else 1)
         if tiled:  # tiles without a boundary are copied without reading the image
-            assert levels[0].stats.tiles_skipped > 0
+            assert levels[-1].stats.tiles_skipped > 0
     np.testing.assert_allclose(outs[True], outs[False], rtol=0, atol=1e-6)  # blending rounds both alike
     assert outs[True].std() > 0.01
     assert not list(tmp_path.iterdir())
@@ -400,10 +405,13 @@ def test_refiner_tiled_option_and_errors():
     forced = MagnetRefiner(seg, [fill_module(2)], preset, tiled=True)
     _, scene = _scene(img, 2 << 30)
     forced.prepare(scene)
-    assert forced.tiled_result is not None and forced.result is None
-    reader = forced.initial_coarse()
-    assert reader.shape == (256, 384) and reader.bands == 1
-    reader.close()
+    assert forced.staged is not None and forced.result is None and forced.initial_coarse() is None
+    shapes = forced.level_shapes((256, 384))  # one level per refinement stage, the last the image's
+    assert len(shapes) > 1 and shapes[-1] == (256, 384)
+    first = forced.level_input(0, None)  # the first stage's Y by window, every class
+    assert first is not None and first.shape == shapes[0] and first.channels == 2
+    first.close()
+    forced.close()
     whole = MagnetRefiner(seg, [fill_module(2)], preset, tiled=False)
     with pytest.raises(ResourceError, match="raise --max-memory"):
         whole.prepare(_scene(img, whole.whole_image_bytes((256, 384)) - 1)[1])
@@ -494,7 +502,7 @@ def test_refiner_snap_is_the_same_tiled_and_whole_and_keeps_the_budget(tmp_path)
         level = refiner.for_level(0, True)
         assert isinstance(level, SnapOverY) and level.halo == 33
         if tiled:
-            run = refiner.tiled_result
+            run = refiner.staged
             assert level.tile_memory(100) == 100 * (110 + run.plan.bytes_per_pixel + 8)
             assert level.fixed_memory() == refiner.fixed_memory() + run.held_bytes()
         assert refiner.describe()["snap"] == {"radius": 16, "eps": 1e-4, "halo": 33}

@@ -27,16 +27,16 @@ from typing import Any
 import numpy as np
 
 from refine_cli.engine.runner import GridRunner, GridStats
-from refine_cli.io.image import ImageSource, image_level
+from refine_cli.io.image import ImageSource, LevelImage, image_level
 from refine_cli.io.masks import ProbSource, StackedSource
-from refine_cli.io.protocols import CoarseSource, RowWriter
+from refine_cli.io.protocols import CoarseSource, LevelInput, RowWriter
 from refine_cli.io.readers import TiffReader
 from refine_cli.io.writers import TiffSink
 from refine_cli.refiners.base import Refiner
 from refine_cli.refiners.guard import GuardParams, GuardRefiner
 from refine_cli.report.timing import StageTimer
 from refine_cli.tiling.budget import MemoryPlan, plan_memory
-from refine_cli.tiling.grid import GridPlan, plan_grid
+from refine_cli.tiling.grid import GridPlan, Window, plan_grid
 
 log = logging.getLogger(__name__)
 
@@ -190,41 +190,75 @@ def run_levels(
     n_inner = len(shapes)
     guarded = guard is not None and mask is not None and not mask.is_labels
     shapes = [*shapes, src.shape] if guarded else shapes
-    coarse = _first_coarse(refiner, mask, shapes[0])
     own_folder = work_dir is None and len(shapes) > 1
     folder = tempfile.mkdtemp(prefix="refine-levels-", dir=tmp_dir) if own_folder else work_dir
     results: list[LevelResult] = []
     opened: list[Any] = []
+    made: LevelInput | None = None  # the level's coarse input when the engine or the refiner built it
+    previous: str | None = None  # the previous level's file
     inner_unc = False  # the guard level gets the refiner's own uncertainty as one more channel
     try:
         for i, shape in enumerate(shapes):
             final = i == len(shapes) - 1
+            coarse, made = _level_coarse(refiner, (i, n_inner), mask, previous, shape, timer)
             if guarded and final:
-                assert guard is not None and mask is not None and coarse is not None
+                assert guard is not None and mask is not None
                 level_refiner: Refiner = GuardRefiner(guard, src.shape, inner_uncertainty=inner_unc)
                 coarse = StackedSource(coarse, mask)
             else:
                 level_refiner = refiner.for_level(i, i == n_inner - 1)
             if guarded and i == n_inner - 1:
                 inner_unc = level_refiner.provides_uncertainty
-            assert coarse is not None, "no coarse input: give a mask, or a refiner that makes one"
-            result, level_file = _run_level(src, coarse, level_refiner, shape, (i, len(shapes)),
-                                            final_writer if final else None, inner_unc and not final, folder,
-                                            work_dir, settings, opened)
+            result, previous = _run_level(src, coarse, level_refiner, shape, (i, len(shapes)),
+                                          final_writer if final else None, inner_unc and not final, folder,
+                                          work_dir, settings, opened)
             results.append(result)
-            if level_file is not None:
-                if isinstance(coarse, ProbSource):
-                    coarse.close()
-                coarse = ProbSource(TiffReader(level_file), shapes[i + 1], f"level {i + 1}")
+            if made is not None:
+                made.close()
+                made = None
     finally:
-        _release(opened, coarse, folder if own_folder else None)
+        _release(opened, made, folder if own_folder else None)
     return results
 
 
-def _first_coarse(refiner: Refiner, mask: CoarseSource | None, shape: tuple[int, int]) -> CoarseSource | None:
-    """The first level's coarse input: the refiner's own (a global step's output) or the user's mask."""
+def _level_coarse(refiner: Refiner, position: tuple[int, int], mask: CoarseSource | None,
+                  previous: str | None, shape: tuple[int, int],
+                  timer: StageTimer) -> tuple[CoarseSource, LevelInput | None]:
+    """A level's coarse input, and the same again when it must be closed after the level.
+
+    The refiner's own (:meth:`Refiner.level_input`) for its levels; else the previous level's file
+    resampled to ``shape``; for the first level the refiner's global step or the user's mask.
+
+    Args:
+        refiner: the prepared method.
+        position: ``(i, n_inner)``: the level, and how many levels are the refiner's (the guard's follows).
+        mask: the user's mask.
+        previous: the previous level's float32 file (``None`` for the first level).
+        shape: ``(h, w)`` of the level.
+        timer: the refiner's own step counts as ``refine``.
+    """
+    i, n_inner = position
+    reader = TiffReader(previous) if previous is not None else None
+    if i < n_inner:
+        try:
+            with timer.stage("refine"):
+                own = refiner.level_input(i, reader)
+        except BaseException:
+            if reader is not None:
+                reader.close()
+            raise
+        if own is not None:
+            return own, own
+    if reader is not None:
+        level = ProbSource(reader, shape, f"level {i + 1}")
+        return level, level
     init = refiner.initial_coarse()
-    return ProbSource(init, shape, "global step") if init is not None else mask
+    if init is not None:
+        level = ProbSource(init, shape, "global step")
+        return level, level
+    if mask is None:
+        raise ValueError("no coarse input: give a mask, or a refiner that makes one")
+    return mask, None
 
 
 def _level_shapes(refiner: Refiner, shape: tuple[int, int]) -> list[tuple[int, int]]:
@@ -248,11 +282,14 @@ def _run_level(src: ImageSource, coarse: CoarseSource, refiner: Refiner, shape: 
     i, n = position
     final = final_writer is not None
     channels, mplan, grid = level_grid(shape, refiner, coarse, pass_uncertainty, final, s)
-    with s.timer.stage("read"):
-        image = image_level(src, shape, tmp_dir=folder)
-    opened.append(image)
-    if image.reader is None:
-        src.reader.set_cache_bytes(mplan.cache_bytes)
+    if refiner.needs_image:
+        with s.timer.stage("read"):
+            image = image_level(src, shape, tmp_dir=folder)
+        opened.append(image)
+        if image.reader is None:
+            src.reader.set_cache_bytes(mplan.cache_bytes)
+    else:  # the level only transforms its coarse input: no level image is built or read
+        image = LevelImage(_no_image, shape)
     level: LevelWriter | None = None
     writer: RowWriter
     if final_writer is None:
@@ -311,13 +348,12 @@ def level_grid(shape: tuple[int, int], refiner: Refiner, coarse: CoarseSource, p
     return channels, mplan, grid
 
 
-def _release(opened: list[Any], coarse: CoarseSource | None, folder: str | None) -> None:
-    """Close the level images and the level files read as coarse input; remove ``folder``."""
+def _release(opened: list[Any], made: LevelInput | None, folder: str | None) -> None:
+    """Close the level images and the coarse input the engine or the refiner built; remove ``folder``."""
     for image in opened:
         image.close()
-    for part in coarse.parts if isinstance(coarse, StackedSource) else (coarse,):
-        if isinstance(part, ProbSource):
-            part.close()
+    if made is not None:
+        made.close()
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -331,3 +367,8 @@ def _complete(path: str, shape: tuple[int, int], channels: int) -> bool:
             return r.shape == shape and r.bands == channels
     except Exception:  # noqa: BLE001 - unreadable: compute it again
         return False
+
+
+def _no_image(window: Window) -> np.ndarray:
+    """The image of a level whose refiner does not read it (``needs_image`` false)."""
+    raise RuntimeError(f"this level's refiner declared needs_image=False but read the image at {window}")

@@ -82,6 +82,19 @@ class CoarseSource(Protocol):
         ...
 
 
+class LevelInput(CoarseSource, Protocol):
+    """A coarse source that a refiner builds for one of its levels and the engine closes after it."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(h, w)`` of the level."""
+        ...
+
+    def close(self) -> None:
+        """Release what the source holds (stores, files, the previous level it reads)."""
+        ...
+
+
 class RowWriter(Protocol):
     """Receives the finished rows of a level, top to bottom."""
 

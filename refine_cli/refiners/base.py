@@ -28,7 +28,8 @@ import numpy as np
 from refine_cli.tiling.grid import GridPlan, Tile, Window
 
 if TYPE_CHECKING:
-    from refine_cli.io.protocols import PyramidImage
+    from refine_cli.io.protocols import LevelInput, PyramidImage
+    from refine_cli.io.readers import Reader
     from refine_cli.report.timing import StageTimer
 
 
@@ -175,6 +176,10 @@ class Refiner(abc.ABC):
     """``True``: :meth:`tile_weights` gives the blend weights (``None`` per tile: feathering), which
     may leave pixels at weight 0 (filled by :attr:`skipped_tiles_weightless`' rule)."""
 
+    cluster_ready: bool = True
+    """Its levels can run as row bands in other processes (``refine run --scheduler``); ``False`` for
+    a refiner whose levels need state it keeps in this process (MagNet's per-stage patches)."""
+
     custom_skip: bool = False
     """``True``: :meth:`skip_test` decides which tiles to skip (binary and soft inputs; label maps
     still follow :attr:`skip_rule`); the engine then reads the coarse input of every tile."""
@@ -218,6 +223,26 @@ class Refiner(abc.ABC):
 
         The input is e.g. the output of a global step run in :meth:`prepare`; ``None`` uses the
         user's mask.
+        """
+        return None
+
+    def level_input(self, index: int, previous: Reader | None) -> LevelInput | None:
+        """Level ``index``'s coarse input built by the refiner itself; ``None`` (default): the engine's.
+
+        For refiners whose levels read the previous level in their own way (MagNet's stages upsample
+        it with their own exact bilinear windows and pick patches on it first). The engine calls this
+        before each of the refiner's levels.
+
+        Args:
+            index: the level, 0-based, coarse to fine.
+            previous: the previous level's output as written, an ``(h, w, K)`` float32 raster at
+                that level's own size read by window; ``None`` for level 0. A refiner that returns a
+                source takes ``previous`` over and closes it when the source is closed.
+
+        Returns:
+            A source of the level's size, which the engine reads by window and closes after the
+            level; or ``None``: level 0 reads :meth:`initial_coarse` or the user's mask, a later
+            level ``previous`` resampled to its size.
         """
         return None
 

@@ -1,8 +1,8 @@
 """MagNet-Fast behind the refiner protocol: loading the refinement modules and :class:`MagnetRefiner`.
 
 The stage functions are in :mod:`refine_cli.refiners.magnet` (whole image) and
-:mod:`refine_cli.refiners.magnet_tiled` (bounded memory); this module picks one, loads the
-checkpoints (sha256-checked, strict) and hands the engine the final prediction.
+:mod:`refine_cli.refiners.magnet_tiled` (bounded memory: each refinement stage one of the engine's
+levels); this module picks one and loads the checkpoints (sha256-checked, strict).
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ from refine_cli.tiling.budget import BASE_BYTES
 
 if TYPE_CHECKING:
     from refine_cli.config import MagnetOptions
+    from refine_cli.io.protocols import LevelInput
+    from refine_cli.io.readers import Reader
     from refine_cli.models.magnet import RefinementMagNet
-    from refine_cli.refiners.magnet_tiled import TiledMagnetResult
+    from refine_cli.refiners.magnet_tiled import StageLevels
 
 logger = logging.getLogger(__name__)
 
@@ -209,15 +211,18 @@ def attach_runtimes(modules: Sequence[RefinementMagNet], segmenter: Segmenter, b
 class MagnetRefiner(Refiner):
     """MagNet-Fast (or full MagNet) behind the refiner protocol.
 
-    :meth:`prepare` runs the whole pipeline before any tile, in one of two ways:
+    Two ways to run the stages:
 
-    * **whole image** (:func:`run_magnet`): the image at full resolution and a dense Y per
-      stage in memory, about ``16 C + 24`` bytes per image pixel;
-    * **tiled** (:func:`~refine_cli.refiners.magnet_tiled.run_magnet_tiled`): Y in tiled
-      stores on disk, image regions read by window, memory bounded by ``--max-memory``;
-      the result is the same (bit for bit where the stage images are integer factors of
-      the image, see that module). It needs the engine's image source in
-      :attr:`Scene.image_source <refine_cli.refiners.base.Scene.image_source>`.
+    * **whole image** (:func:`run_magnet`, in :meth:`prepare`): the image at full resolution and a
+      dense Y per stage in memory, about ``16 C + 24`` bytes per image pixel; the engine then
+      streams one level over the final Y;
+    * **tiled** (:class:`~refine_cli.refiners.magnet_tiled.StageLevels`): :meth:`prepare` makes
+      stage-1 Y, and every refinement stage is one of the engine's levels (:meth:`level_shapes`,
+      :meth:`level_input`, :meth:`for_level`): its patches are picked and refined on the previous
+      level's file, and the engine writes its Y tile by tile into the next; image regions are read
+      by window and memory is bounded by ``--max-memory``. The result is the same (bit for bit
+      where the stage images are integer factors of the image, see that module). It needs the
+      engine's image source in :attr:`Scene.image_source <refine_cli.refiners.base.Scene.image_source>`.
 
     ``tiled=None`` takes the whole-image path when its estimate fits the budget
     (``Scene.max_memory``), else the tiled one; ``True``/``False`` force one. The
@@ -260,6 +265,7 @@ class MagnetRefiner(Refiner):
     name = "magnet-fast"
     halo = 0
     uses_torch = True
+    cluster_ready = False
 
     def __init__(
         self, segmenter: Segmenter, modules: Sequence[RefinementMagNet], preset: MagnetPreset, *,
@@ -281,7 +287,7 @@ class MagnetRefiner(Refiner):
         self.snap_mode = snap
         self.snap: EdgeSnapRefiner | None = None
         self.result: MagnetResult | None = None
-        self.tiled_result: TiledMagnetResult | None = None
+        self.staged: StageLevels | None = None
 
     @classmethod
     def from_options(
@@ -353,7 +359,7 @@ class MagnetRefiner(Refiner):
         return BASE_BYTES + self.fixed_memory() + shape[0] * shape[1] * (16 * self.segmenter.num_classes + 24)
 
     def prepare(self, scene: Scene) -> None:
-        """Run the pipeline (whole image or tiled, see the class docstring) before any tile.
+        """Run the whole-image pipeline, or the tiled one's stage 1 (see the class docstring).
 
         Without a mask (``scene.has_mask`` false) the segmenter produces stage-1 Y; otherwise the
         overview's coarse map becomes it.
@@ -410,7 +416,7 @@ class MagnetRefiner(Refiner):
 
     def _prepare_tiled(self, scene: Scene, source: Any, budget: int) -> None:
         from refine_cli.io.writers import default_tmp_dir
-        from refine_cli.refiners.magnet_tiled import run_magnet_tiled
+        from refine_cli.refiners.magnet_tiled import StageLevels
 
         schedule = self.schedule(scene.shape)
         probs = None
@@ -423,14 +429,15 @@ class MagnetRefiner(Refiner):
                 probs = coarse_to_probs(coarse, seg.num_classes, seg.classes)
                 scene.notes.append(
                     f"magnet-fast (tiled): the mask became stage-1 Y at {shape[1]}x{shape[0]} (area average)")
-        self.tiled_result = run_magnet_tiled(
-            source, self.segmenter, self.modules, schedule, probs, batch_size=self.batch_size, budget=budget,
-            tmp_dir=default_tmp_dir(), progress=scene.progress)
+        self.staged = StageLevels.create(source, self.segmenter, self.modules, schedule, budget=budget,
+                                         batch_size=self.batch_size, tmp_dir=default_tmp_dir(),
+                                         progress=scene.progress)
+        self.staged.stage_one(probs)
 
     def report(self) -> dict[str, Any]:
         """The run's per-stage facts (``{}`` before :meth:`prepare`)."""
-        if self.tiled_result is not None:
-            return self.tiled_result.report()
+        if self.staged is not None:
+            return self.staged.report()
         return self.result.report() if self.result is not None else {}
 
     makes_coarse = True
@@ -441,30 +448,39 @@ class MagnetRefiner(Refiner):
         """C of the segmenter and refinement modules."""
         return self.segmenter.num_classes
 
-    def initial_coarse(self) -> Any:
-        """The final Y as the single level's input.
+    def initial_coarse(self) -> np.ndarray | None:
+        """The whole-image path's final Y as its single level's input (the tiled path: ``None``).
 
-        Class-1 probability for 2 classes, all C class probabilities otherwise (written as a label
-        map). Whole image: an ``(H, W, K)`` array; tiled: a K-band reader
-        (:class:`~refine_cli.refiners.magnet_tiled.FinalReader`) that the engine reads by window and
-        closes at the end.
+        ``(H, W, K)`` float32: the class-1 probability for 2 classes, all C class probabilities
+        otherwise (written as a label map).
         """
-        if self.tiled_result is not None:
-            from refine_cli.refiners.magnet_tiled import FinalReader
-
-            return FinalReader(self.tiled_result)
+        if self.staged is not None:
+            return None
         if self.result is None:
             raise RuntimeError("MagnetRefiner.prepare must run first")
         probs = self.result.probs
         return probs[..., 1:2] if probs.shape[-1] == 2 else probs
 
-    def for_level(self, index: int, final: bool) -> Refiner:
-        """The single level: the edge snap of the final Y when it is on, else a pass-through."""
-        if self.tiled_result is not None:
-            from refine_cli.refiners.magnet_tiled import PassThrough
+    def level_shapes(self, shape: Size) -> list[Size]:
+        """The tiled path's levels (its refinement stages, ending at the image size), else ``[shape]``."""
+        return self.staged.shapes() if self.staged is not None else [shape]
 
-            run = self.tiled_result
+    def level_input(self, index: int, previous: Reader | None) -> LevelInput | None:
+        """The tiled path: stage ``index + 2``'s Y by window, after its patches are refined.
+
+        The image-size level gives the class-1 probability for 2 classes, all C otherwise.
+        """
+        return self.staged.level_input(index, previous) if self.staged is not None else None
+
+    def for_level(self, index: int, final: bool) -> Refiner:
+        """A stage's pass-through (tiled); the last level: the edge snap when it is on, else a copy."""
+        if self.staged is not None:
+            from refine_cli.refiners.magnet_tiled import PassThrough, StagePassThrough
+
+            run = self.staged
             fixed = self.fixed_memory() + run.held_bytes()
+            if not final:
+                return StagePassThrough(run.plan.bytes_per_pixel, fixed)
             if self.snap is not None:
                 return SnapOverY(self.snap.radius, self.snap.eps, run.plan.bytes_per_pixel + 8, fixed)
             return PassThrough(run.plan.bytes_per_pixel, fixed)
@@ -475,22 +491,19 @@ class MagnetRefiner(Refiner):
         return CoarseRefiner()
 
     def refine(self, tile: TileInput) -> TileResult:
-        """The window of the result (``prepare`` must have run)."""
+        """The window of the whole-image result (``prepare`` must have run; the tiled path has none)."""
+        if self.result is None:
+            raise RuntimeError("MagnetRefiner.refine reads the whole-image result: prepare must run first, "
+                               "and the tiled path runs as the engine's levels (engine.levels.run_levels)")
         sl = tile.window.slices
-        if self.tiled_result is not None:
-            probs = self.tiled_result.probs(tile.window)
-            unc = self.tiled_result.uncertainty(tile.window)
-        elif self.result is not None:
-            probs, unc = self.result.probs[sl], self.result.uncertainty[sl].copy()
-        else:
-            raise RuntimeError("MagnetRefiner.prepare must run before refine")
+        probs, unc = self.result.probs[sl], self.result.uncertainty[sl].copy()
         prob = probs[..., 1] if probs.shape[-1] == 2 else probs.max(axis=-1)
         return TileResult(np.ascontiguousarray(prob, dtype=np.float32), unc)
 
     def tile_memory(self, pixels: int) -> int:
         """Bytes per window: the whole-image result is held, so only the window copies."""
-        if self.tiled_result is not None:
-            return (self.tiled_result.plan.bytes_per_pixel + 8) * pixels
+        if self.staged is not None:
+            return (self.staged.plan.bytes_per_pixel + 8) * pixels
         return 16 * pixels
 
     def fixed_memory(self) -> int:
@@ -507,9 +520,9 @@ class MagnetRefiner(Refiner):
 
     def close(self) -> None:
         """Drop the result; delete a tiled run's temporary files."""
-        if self.tiled_result is not None:
-            self.tiled_result.close()
-        self.tiled_result = None
+        if self.staged is not None:
+            self.staged.close()
+        self.staged = None
         self.result = None
 
     def describe(self) -> dict[str, Any]:

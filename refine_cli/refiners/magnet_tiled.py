@@ -1,14 +1,16 @@
-"""MagNet / MagNet-Fast on images of any size in bounded memory (issue 6).
+"""MagNet / MagNet-Fast on images of any size in bounded memory: the stages as the engine's levels.
 
 The whole-image reference (:func:`~refine_cli.refiners.magnet.run_magnet`) keeps Y as one
-dense ``C x H_s x W_s`` float32 map per stage. Here every stage streams tiles instead, and
-nothing proportional to the image area stays in RAM::
+dense ``C x H_s x W_s`` float32 map per stage. Here each refinement stage is one level of
+``engine.levels.run_levels`` (:class:`StageLevels`), and nothing proportional to the image area
+stays in RAM::
 
-    Y_{s-1}      in memory when small, else a tiled store on disk (:class:`TileStore`, raw
-                 float32 tiles in a temporary folder)
-    pass A       tiles of the stage grid: Yu of the upsampled Y_{s-1} (:func:`upsample_window`,
-                 bit-identical to the whole-image ``upsample_y``), summed per patch -> the
-                 MagNet-Fast patch ranking (skipped when every patch is refined)
+    Y_{s-1}      stage 1 in memory; later stages the previous level's float32 file, which the
+                 engine wrote tile by tile and this stage reads by window (:class:`LevelY`)
+    pass A       (:meth:`StageLevels.level_input`, before the engine runs the level) tiles of the
+                 stage grid: Yu of the upsampled Y_{s-1} (:func:`upsample_window`, bit-identical to
+                 the whole-image ``upsample_y``), summed per patch -> the MagNet-Fast patch ranking
+                 (skipped when every patch is refined)
     patches      the selected patches in selection order, in chunks: the stage image over the
                  patch (:class:`StageImages`: only that region of the image is read), O, the Y
                  crop, R; R resized to the patch is kept (:class:`PatchBank`: in memory, on disk
@@ -18,10 +20,11 @@ nothing proportional to the image area stays in RAM::
                  does; Q is constant on blocks, so the canonical top-k cut (Q descending, flat
                  index ascending, only Q > 0) is found by counting block areas (:class:`BlockScores`),
                  no sort
-    pass B       tiles again: Y_s = upsampled Y_{s-1}, R at the selected points (``replace="confident"``:
-                 only where R is more certain than Y, a pointwise test) -> the next store;
-                 at the last stage nothing is written: the engine reads Y window by window
-                 (:class:`FinalReader`) and writes the outputs
+    pass B       the engine's tiles of the level (:class:`StageSource` read by window): Y_s =
+                 upsampled Y_{s-1}, R at the selected points (``replace="confident"``: only where
+                 R is more certain than Y, a pointwise test); :class:`StagePassThrough` copies it
+                 into the level's file without blending; the image-size level goes to the outputs
+                 (:class:`PassThrough`, or the edge snap)
 
 Every per-pixel step (upsampling, uncertainty, patch crops, R averaging, score samples, the
 cut) depends only on global coordinates, so the tiled run reproduces the whole-image run
@@ -37,11 +40,9 @@ stage size, all from one streaming pass (in memory, or a temporary tiled TIFF); 
 names the source of every stage. ``MagnetRefiner`` reads a user mask as an area-averaged
 overview at the first refinement scale; it becomes stage-1 Y.
 
-Stores are float32 by default: float16 (``store_dtype``) halves the disk traffic but rounds
-Y between stages, which moves the top-k cut and R slightly: on the 4K comparison of
-``tests/test_magnet_tiled.py`` 357 of 8.3 M labels (0.004 %) changed, against 0 with float32.
-Disk, not RAM, is what the stores cost (about ``4 C`` bytes per pixel of the second-largest
-stage), so float32 it is.
+Y between stages is float32 by default: ``store_dtype="float16"`` rounds it as it is read back,
+which moves the top-k cut and R slightly (on the 4K comparison of ``tests/test_magnet_tiled.py``
+a few hundred of 8.3 M labels change, against 0 with float32).
 
 Shapes: tensors ``(1, C, h, w)`` float32 (probabilities in [0, 1]); images ``(h, w, 3)`` uint8
 RGB; windows :class:`~refine_cli.tiling.grid.Window` in the pixels of the stage they refer to.
@@ -52,12 +53,13 @@ from __future__ import annotations
 import bisect
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -67,11 +69,11 @@ import torch.nn.functional as F  # noqa: N812
 from refine_cli.errors import ResourceError, UsageError
 from refine_cli.io.image import area_downscale_bands_u8, choose_level, write_level_tiff
 from refine_cli.io.protocols import PyramidImage
+from refine_cli.io.readers import Reader
 from refine_cli.refiners.classical import CoarseRefiner
 from refine_cli.refiners.magnet import (
     SCALES_STAGE,
     SEGMENTER_STAGE,
-    MagnetPreset,
     Schedule,
     StagePlan,
     StageProgress,
@@ -99,7 +101,7 @@ from refine_cli.refiners.magnet_points import (
 from refine_cli.report.timing import StageTimer
 from refine_cli.segmenters.base import Segmenter
 from refine_cli.tiling.budget import BASE_BYTES
-from refine_cli.tiling.grid import Window, blocks
+from refine_cli.tiling.grid import GridPlan, Window, blocks, plan_grid
 
 if TYPE_CHECKING:
     from refine_cli.models.magnet import RefinementMagNet
@@ -109,7 +111,7 @@ logger = logging.getLogger(__name__)
 Size = tuple[int, int]
 
 STORE_TILE = 256
-"""Side of a :class:`TileStore` tile, px (pass tiles are multiples of it)."""
+"""Pass tiles of pass A are multiples of this side, px."""
 
 PASS_TILES = (2048, 1024, 512, 256)
 """Candidate pass tile sides, largest first."""
@@ -332,82 +334,42 @@ class MemoryY:
         self.y = torch.empty(0)
 
 
-class TileStore:
-    """A C-channel map on disk: a zarr array of square uncompressed tiles, written once, read by window.
-
-    Tile ``(i, j)`` is one ``(C, t, t)`` chunk of a ``(C, H, W)`` array in a temporary folder; a
-    write covers whole tiles (edge tiles may be cut), a read decodes only the tiles it touches, and
-    the folder is removed by :meth:`close`. Chunks are separate files, so writes of different tiles
-    are safe from several threads.
+class LevelY:
+    """A previous stage's Y as the engine wrote it (its float32 level file), read by window.
 
     Args:
-        folder: where the store's folder goes.
-        shape: ``(H, W)``.
-        channels: C.
-        tile: tile side t, px.
-        dtype: ``float32`` (exact) or ``float16``.
+        reader: the ``(h, w, C)`` float32 raster of the stage.
+        store_dtype: ``float32`` (exact) or ``float16``: values are rounded to float16 as they are
+            read, as a half-precision store between stages would keep them.
     """
 
-    def __init__(self, folder: str, shape: Size, channels: int, *, tile: int = STORE_TILE,
-                 dtype: str = "float32") -> None:
-        import zarr
-
-        if dtype not in STORE_DTYPES:
-            raise UsageError(f"store dtype {dtype!r}: use one of {STORE_DTYPES}")
-        self.shape, self.channels, self.tile = (int(shape[0]), int(shape[1])), int(channels), int(tile)
-        self.dtype = np.dtype(dtype)
-        self.grid = (-(-self.shape[0] // tile), -(-self.shape[1] // tile))
-        self.block = self.channels * tile * tile * self.dtype.itemsize
-        prefix = f"y_{self.shape[0]}x{self.shape[1]}_"
-        self.path: str | None = tempfile.mkdtemp(prefix=prefix, suffix=".zarr", dir=folder)
-        self._array = zarr.create_array(store=self.path, shape=(self.channels, *self.shape),
-                                        chunks=(self.channels, tile, tile), dtype=self.dtype,
-                                        compressors=None, fill_value=0, overwrite=True)
-        self.bytes_written = 0
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of all tiles (edge tiles counted whole)."""
-        return self.grid[0] * self.grid[1] * self.block
-
-    def _tiles(self, window: Window) -> Iterator[Window]:
-        """The store tiles ``window`` touches."""
-        t = self.tile
-        for i in range(window.row // t, (window.row_end - 1) // t + 1):
-            for j in range(window.col // t, (window.col_end - 1) // t + 1):
-                yield Window(i * t, j * t, min(t, self.shape[0] - i * t), min(t, self.shape[1] - j * t))
-
-    def write(self, window: Window, values: torch.Tensor) -> None:
-        """Write ``(1, C, h, w)`` values over a window made of whole tiles (edge tiles may be cut)."""
-        tiles = list(self._tiles(window))
-        for tw in tiles:
-            if tw.intersection(window) != tw:
-                raise ValueError(f"{window} does not cover store tile {tw}; write whole tiles")
-        rows, cols = window.slices
-        self._array[:, rows, cols] = values[0].numpy().astype(self.dtype, copy=False)
-        self.bytes_written += self.block * len(tiles)
+    def __init__(self, reader: Reader, store_dtype: str = "float32") -> None:
+        if store_dtype not in STORE_DTYPES:
+            raise UsageError(f"store dtype {store_dtype!r}: use one of {STORE_DTYPES}")
+        self.reader = reader
+        self.shape = (int(reader.shape[0]), int(reader.shape[1]))
+        self.channels = int(reader.bands)
+        self.half = store_dtype == "float16"
 
     def read(self, window: Window) -> torch.Tensor:
         """``(1, C, h, w)`` float32 over ``window``."""
-        rows, cols = window.slices
-        out = np.asarray(self._array[:, rows, cols], dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(out))[None]
+        values = np.asarray(self.reader.read(window), dtype=np.float32)
+        y = torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))[None]
+        return y.to(torch.float16).to(torch.float32) if self.half else y
 
     def read_all(self) -> torch.Tensor:
-        """The whole map, ``(1, C, H, W)`` float32 (small stores only)."""
+        """The whole map, ``(1, C, H, W)`` float32 (small stages only)."""
         return self.read(Window.full(self.shape))
 
     def close(self) -> None:
-        """Delete the store's folder."""
-        if self.path is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            self.path = None
+        """Close the file (the engine removes it)."""
+        self.reader.close()
 
 
 class UpsampledY:
     """Y of the previous stage enlarged to this stage's size, per window (:func:`upsample_window`)."""
 
-    def __init__(self, source: MemoryY | TileStore, shape: Size) -> None:
+    def __init__(self, source: MemoryY | LevelY, shape: Size) -> None:
         if shape[0] < source.shape[0] or shape[1] < source.shape[1]:
             raise UsageError(
                 f"the tiled MagNet needs stages that grow; {source.shape[1]}x{source.shape[0]} -> "
@@ -419,7 +381,7 @@ class UpsampledY:
         return upsample_window(self.source.read, self.source.shape, self.shape, window)
 
 
-YMap = MemoryY | TileStore | UpsampledY
+YMap = MemoryY | LevelY | UpsampledY
 
 
 def fast_uncertainty(y: torch.Tensor) -> torch.Tensor:
@@ -653,7 +615,6 @@ class TiledPlan:
         budget: bytes (``--max-memory``).
         tile: side of the pass tiles, px (a multiple of :data:`STORE_TILE`).
         memory_pixels: stages of at most this area are processed whole, in memory.
-        store_pixels: stage maps of at most this area stay in memory between stages.
         read_limit: largest image region read at once, bytes.
         patch_chunk: patches segmented and refined together (a multiple of the batch size).
         bank_bytes: R of the selected patches beyond this goes to disk.
@@ -664,7 +625,6 @@ class TiledPlan:
     budget: int
     tile: int
     memory_pixels: int
-    store_pixels: int
     read_limit: int
     patch_chunk: int
     bank_bytes: int
@@ -710,7 +670,6 @@ class TiledPlan:
         mem_px = memory_pixels if memory_pixels is not None else avail // 4 // bpp
         return cls(
             budget=int(budget), tile=int(tile), memory_pixels=int(mem_px),
-            store_pixels=int(min(mem_px, avail // 8 // (4 * channels))),
             read_limit=int(read_limit if read_limit is not None else max(32 << 20, avail // 6)),
             patch_chunk=int(chunk), bank_bytes=int(avail // 8),
             store_dtype=store_dtype, bytes_per_pixel=int(bpp),
@@ -785,7 +744,6 @@ class _RunContext:
     folder: str
     batch_size: int
     device: torch.device
-    bytes_written: int = 0
 
 
 def _patch_means(yup: YMap, boxes: Sequence[Window], tiles: Sequence[Window]) -> torch.Tensor:
@@ -887,13 +845,13 @@ def _refine_chunk(ctx: _RunContext, module: RefinementMagNet, plan: StagePlan, y
 
 
 def refinement_stage_tiled(
-    ctx: _RunContext, y_prev: MemoryY | TileStore, module: RefinementMagNet, plan: StagePlan
+    ctx: _RunContext, y_prev: MemoryY | LevelY, module: RefinementMagNet, plan: StagePlan
 ) -> tuple[StageOutput, StageStats]:
     """One refinement stage up to (not including) pass B; see the module docstring.
 
     Returns:
-        ``(output, stats)``: :class:`StageOutput` (read it by window, or :func:`write_stage`
-        it), and the stage's :class:`~refine_cli.refiners.magnet.StageStats`.
+        ``(output, stats)``: :class:`StageOutput` (its windows are pass B; the engine reads them
+        through :class:`StageSource`), and the stage's :class:`~refine_cli.refiners.magnet.StageStats`.
     """
     clock = StageTimer(())
     stage_hw = plan.hw
@@ -960,41 +918,18 @@ def _resize_to(x: torch.Tensor, size: Size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-def write_stage(ctx: _RunContext, out: StageOutput) -> MemoryY | TileStore:
-    """Pass B: Y of the stage, tile by tile, into memory (small stages) or a :class:`TileStore`."""
-    shape, channels = out.shape, out.channels
-    if isinstance(out.yup, MemoryY):
-        y = out.read(Window.full(shape)).clone()
-        if shape[0] * shape[1] <= ctx.plan.store_pixels:
-            return MemoryY(y)
-        store = TileStore(ctx.folder, shape, channels, dtype=ctx.plan.store_dtype)
-        for tile in blocks(shape, ctx.plan.tile):
-            store.write(tile, y[..., tile.row : tile.row_end, tile.col : tile.col_end])
-        ctx.bytes_written += store.bytes_written
-        return store
-    store = TileStore(ctx.folder, shape, channels, dtype=ctx.plan.store_dtype)
-    try:
-        for tile in blocks(shape, ctx.plan.tile):
-            store.write(tile, out.read(tile))
-    except BaseException:
-        store.close()
-        raise
-    ctx.bytes_written += store.bytes_written
-    return store
-
-
-# --------------------------------------------------------------------------- the run
+# ------------------------------------------------------------------------ the stages as the engine's levels
 
 
 class FinalY:
-    """The final Y at the image size, by window: the last stage's output, or it enlarged.
+    """The final Y at the image size, by window: the last stage's output, or it resized.
 
     Args:
         source: the last stage's :class:`StageOutput`, or its stored Y.
         image_hw: ``(H, W)`` of the image.
     """
 
-    def __init__(self, source: StageOutput | MemoryY | TileStore, image_hw: Size) -> None:
+    def __init__(self, source: StageOutput | MemoryY | LevelY, image_hw: Size) -> None:
         self.source = source
         self.shape = (int(image_hw[0]), int(image_hw[1]))
         self.channels = source.channels
@@ -1013,153 +948,248 @@ class FinalY:
                 return self.source.read(window)
             return upsample_window(self.source.read, self.source.shape, self.shape, window)
 
+    def close(self) -> None:
+        """Drop the resized map and close the source."""
+        self._whole = None
+        self.source.close()
 
-@dataclass
-class TiledMagnetResult:
-    """The output of :func:`run_magnet_tiled`: the final Y by window, plus what every stage did.
 
-    Attributes:
-        final: the final Y (read by window).
-        stages: per-stage statistics, stage 1 first.
-        schedule: what was run.
-        classes: class names.
-        plan: the memory plan.
-        info: facts for the report (stage image sources, stores written ...).
+class StageSource:
+    """One stage's Y as the coarse input of its engine level (and as a K-band float32 raster).
+
+    Reading a window runs the stage's pass B there (:meth:`StageOutput.read`), or the final resize
+    (:class:`FinalY`). The last window is cached: the engine asks for it up to three times
+    (constant?, boundary?, values). Closing it closes the stage: R of its patches and the previous
+    stage's Y it reads.
+
+    Args:
+        source: the stage's output.
+        class1: give the class-1 probability only (K = 1; C must be 2), else all C channels.
+        clip: clip the values read with :meth:`read_k` to ``[0, 1]`` (the engine's outputs), else
+            hand them on bit for bit (a level file the next stage reads).
     """
 
-    final: FinalY
-    stages: list[StageStats]
-    schedule: Schedule
-    classes: tuple[str, ...]
-    plan: TiledPlan
-    info: dict[str, Any] = field(default_factory=dict)
-    _closers: list[Callable[[], None]] = field(default_factory=list)
+    is_labels = False
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, source: StageOutput | FinalY, class1: bool = False, clip: bool = False) -> None:
+        self.source = source
+        self.shape = source.shape
+        self.level_shapes = [self.shape]
+        self.class1 = class1
+        self.clip = clip
+        self.channels = self.bands = 1 if class1 else source.channels
+        self.path = f"magnet stage {self.shape[1]}x{self.shape[0]}"
+        self._cache: tuple[Window, np.ndarray] | None = None
+
+    def read(self, window: Window, level: int = 0) -> np.ndarray:
+        """``(h, w, K)`` float32 Y over ``window`` (``level`` must be 0)."""
+        if self._cache is not None and self._cache[0] == window:
+            return self._cache[1]
+        y = self.source.read(window)[0]
+        y = y[1:2] if self.class1 else y
+        out = y.permute(1, 2, 0).contiguous().numpy()
+        self._cache = (window, out)
+        return out
+
+    def read_k(self, window: Window) -> np.ndarray:
+        """``(h, w, K)`` float32 over ``window`` (clipped to ``[0, 1]`` with ``clip``)."""
+        values = self.read(window)
+        return np.clip(values, 0.0, 1.0).astype(np.float32, copy=False) if self.clip else values
+
+    def constant(self, window: Window) -> np.ndarray | None:
+        """The ``(K,)`` values when every channel is constant over ``window``, else ``None``."""
+        raw = self.read(window)
+        first = raw[:1, :1].reshape(-1)
+        return first.astype(np.float32) if bool((raw == first).all()) else None
+
+    def binary_uniform(self, window: Window, threshold: float = 0.5) -> bool:
+        """Whether channel 0 lies on one side of ``threshold`` everywhere in ``window``."""
+        fg = self.read(window)[..., 0] >= threshold
+        return bool(fg.all() or not fg.any())
+
+    def read_labels(self, window: Window) -> Any:
+        """Not a label map: raises ``TypeError``."""
+        raise TypeError("a MagNet stage holds probabilities, not a label map")
 
     @property
-    def shape(self) -> Size:
-        """``(H, W)`` of the image."""
-        return self.final.shape
-
-    def probs(self, window: Window) -> np.ndarray:
-        """``(h, w, C)`` float32 final probabilities over ``window``."""
-        return self.final.read(window)[0].permute(1, 2, 0).contiguous().numpy()
-
-    def labels(self, window: Window) -> np.ndarray:
-        """``(h, w)`` uint8 (uint16 above 256 classes) argmax (ties: lowest class)."""
-        y = self.final.read(window)
-        dtype = np.uint8 if y.shape[1] <= 256 else np.uint16
-        return y.argmax(dim=1)[0].numpy().astype(dtype)
-
-    def uncertainty(self, window: Window) -> np.ndarray:
-        """``(h, w)`` float32 ``1 - (top1 - top2)`` of the final Y."""
-        return fast_uncertainty(self.final.read(window))[0, 0].numpy()
-
     def held_bytes(self) -> int:
-        """RAM the result keeps while it is read (R of the last stage's patches, in-memory maps)."""
-        source: StageOutput | MemoryY | TileStore | UpsampledY = self.final.source
-        held = 0 if self.final._whole is None else self.final._whole.numel() * 4
+        """RAM the stage keeps while it is read (R of its patches in memory, in-memory maps)."""
+        source: Any = self.source
+        held = 0
+        if isinstance(source, FinalY):
+            held += 0 if source._whole is None else source._whole.numel() * 4
+            source = source.source
         if isinstance(source, StageOutput):
             held += source.bank.nbytes_memory
             source = source.yup
+        if isinstance(source, UpsampledY):
+            source = source.source
         if isinstance(source, MemoryY):
             held += source.y.numel() * 4
-        elif isinstance(source, UpsampledY) and isinstance(source.source, MemoryY):
-            held += source.source.y.numel() * 4
         return int(held)
+
+    def close(self) -> None:
+        """Close the stage and what it reads (idempotent)."""
+        self._cache = None
+        source: Any = self.source
+        if isinstance(source, StageOutput):
+            source.close()
+            source = source.yup
+            if isinstance(source, UpsampledY):
+                source = source.source
+        source.close()
+
+
+class StageLevels:
+    """MagNet's refinement stages as the engine's levels, and what they share between levels.
+
+    Stage 1 (the segmenter on the stage-1 image, or the user's mask) runs in :meth:`stage_one`.
+    Refinement stage ``s`` (2, 3 ...) is level ``s - 2`` of ``engine.levels.run_levels``:
+    :meth:`level_input` runs its pass A on the previous stage's Y (stage 1's in memory, later ones
+    read by window from the level file the engine wrote) and returns the :class:`StageSource` whose
+    windows are its pass B; the level's refiner (:class:`StagePassThrough`) copies them into the
+    next level file tile by tile, bit for bit. When the last stage is not the image size (absolute
+    scales, or stage 1 alone) one more level resizes it to the image (:class:`FinalY`).
+
+    Args:
+        image: the image, read by window (only the patch regions each stage needs).
+        segmenter: gives stage-1 Y and O.
+        modules: refinement modules, one per checkpoint of the schedule (or one shared).
+        schedule: the stages.
+        plan: the memory plan.
+        batch_size: patches per forward pass.
+        tmp_dir: parent folder of the run's temporary files (built stage images, R on disk).
+        progress: ``progress(stage, done, total)`` as :func:`refine_cli.refiners.magnet.run_magnet`.
+        class1: the image-size level gives the class-1 probability alone when C = 2 and clips to
+            ``[0, 1]`` (the engine's outputs); else all C channels as computed.
+    """
+
+    def __init__(self, image: PyramidImage, segmenter: Segmenter, modules: Sequence[RefinementMagNet],
+                 schedule: Schedule, plan: TiledPlan, *, batch_size: int = 1, tmp_dir: str | None = None,
+                 progress: StageProgress | None = None, class1: bool = True) -> None:
+        check_pipeline(segmenter, modules, schedule)
+        self.image_hw = (int(image.shape[0]), int(image.shape[1]))
+        self.schedule, self.plan, self.modules = schedule, plan, list(modules)
+        self.progress, self.class1 = progress, class1
+        self.folder = tempfile.mkdtemp(prefix="refine-magnet-", dir=tmp_dir)
+        self._finalizer = _Finalizer(self.folder)
+        self.images = StageImages(image, segmenter, _stage_list(schedule), plan.read_limit, self.folder)
+        device = next(self.modules[0].parameters()).device
+        self.ctx = _RunContext(self.images, segmenter, schedule, plan, self.folder, batch_size, device)
+        self.stats: list[StageStats] = []
+        self.cuts: list[dict[str, Any]] = []
+        self.y1: MemoryY | None = None
+        self.current: StageSource | None = None
+        self.level_bytes = 0
+
+    @classmethod
+    def create(cls, image: PyramidImage, segmenter: Segmenter, modules: Sequence[RefinementMagNet],
+               schedule: Schedule, *, budget: int, batch_size: int = 1, tile: int | None = None,
+               memory_pixels: int | None = None, read_limit: int | None = None, store_dtype: str = "float32",
+               tmp_dir: str | None = None, progress: StageProgress | None = None,
+               class1: bool = True) -> StageLevels:
+        """Plan the run for ``budget`` bytes (see :meth:`TiledPlan.from_budget`) and set it up."""
+        weights = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
+        plan = TiledPlan.from_budget(budget, segmenter.num_classes, weights, input_hw=schedule.input_hw,
+                                     batch_size=batch_size, tile=tile, store_dtype=store_dtype,
+                                     memory_pixels=memory_pixels, read_limit=read_limit)
+        return cls(image, segmenter, modules, schedule, plan, batch_size=batch_size, tmp_dir=tmp_dir,
+                   progress=progress, class1=class1)
+
+    def stage_one(self, coarse_probs: np.ndarray | None) -> None:
+        """Stage-1 Y: the segmenter on the stage-1 image, or ``coarse_probs`` ``(h, w, C)`` float32."""
+        try:
+            with torch.inference_mode():
+                y, s1 = _tiled_stage_one(self.ctx, coarse_probs, self.progress)
+        except BaseException:
+            self.close()
+            raise
+        self.y1 = MemoryY(y)
+        self.stats = [s1]
+
+    def shapes(self) -> list[Size]:
+        """``(h, w)`` of every level: the refinement stages, then the image when they end elsewhere."""
+        shapes = [p.hw for p in self.schedule.stages[1:]]
+        if not shapes or shapes[-1] != self.image_hw:
+            shapes.append(self.image_hw)
+        return shapes
+
+    def level_input(self, index: int, previous: Reader | None) -> StageSource:
+        """Run level ``index``'s pass A and return its Y by window (see the class docstring).
+
+        Args:
+            index: the level (0: the first refinement stage).
+            previous: the previous level's file (``None`` for level 0, which reads stage 1 in memory).
+        """
+        if previous is None:
+            if index != 0 or self.y1 is None:
+                raise RuntimeError("StageLevels.stage_one must run first; later levels need the previous one")
+            prev: MemoryY | LevelY = self.y1
+            self.y1 = None
+        else:
+            prev = LevelY(previous, self.plan.store_dtype)
+            self.level_bytes += os.path.getsize(previous.path)
+        stages = self.schedule.stages[1:]
+        try:
+            if index < len(stages):
+                source: StageOutput | FinalY = self._refine(index, prev)
+            else:
+                source = FinalY(prev, self.image_hw)
+        except BaseException:
+            prev.close()
+            raise
+        if index >= len(stages) - 1:
+            self.images.close()  # no stage reads the image any more
+        final = index == len(self.shapes()) - 1
+        class1 = final and self.class1 and source.channels == 2
+        self.current = StageSource(source, class1=class1, clip=final and self.class1)
+        return self.current
+
+    def _refine(self, index: int, prev: MemoryY | LevelY) -> StageOutput:
+        """Pass A of refinement stage ``index + 2``: its patches, R, scores and the top-k cut."""
+        stages = self.schedule.stages[1:]
+        if self.progress is not None:
+            self.progress(SCALES_STAGE, index, len(stages))
+        stage = stages[index]
+        module = self.modules[stage.refinement if len(self.modules) > 1 else 0]
+        with torch.inference_mode():
+            out, st = refinement_stage_tiled(self.ctx, prev, module, stage)
+        self.stats.append(st)
+        self.cuts.append(_cut_facts(st.stage, out.cut))
+        if self.progress is not None:
+            self.progress(SCALES_STAGE, index + 1, len(stages))
+        where = "memory" if stage.hw[0] * stage.hw[1] <= self.plan.memory_pixels else "tiled"
+        logger.info("MagNet stage %d %dx%d (%s): %d/%d patches, %d points in %.2fs", st.stage, *st.scale,
+                    where, len(st.patches), st.patches_total, st.points, st.total)
+        return out
+
+    def held_bytes(self) -> int:
+        """RAM the current level's stage keeps while the engine reads it."""
+        return self.current.held_bytes if self.current is not None else 0
 
     def report(self) -> dict[str, Any]:
         """Plain-JSON facts, the same keys as :meth:`MagnetResult.report` plus ``tiled``."""
+        schedule, plan = self.schedule, self.plan
+        in_memory = [f"{p.scale[0]}x{p.scale[1]}" for p in schedule.stages[1:]
+                     if p.hw[0] * p.hw[1] <= plan.memory_pixels]
         return {
-            "preset": self.schedule.preset, "mode": "magnet-fast" if self.schedule.fast else "magnet",
-            "input_size": list(self.schedule.input_size), "kernel": self.schedule.kernel,
-            "replace": self.schedule.replace, "stages": [s.to_dict() for s in self.stages],
-            "patches": sum(len(s.patches) for s in self.stages), "points": sum(s.points for s in self.stages),
-            "tiled": {"tile": self.plan.tile, "store_dtype": self.plan.store_dtype,
-                      "memory_pixels": self.plan.memory_pixels, "read_limit": self.plan.read_limit,
-                      **self.info},
+            "preset": schedule.preset, "mode": "magnet-fast" if schedule.fast else "magnet",
+            "input_size": list(schedule.input_size), "kernel": schedule.kernel, "replace": schedule.replace,
+            "stages": [s.to_dict() for s in self.stats],
+            "patches": sum(len(s.patches) for s in self.stats), "points": sum(s.points for s in self.stats),
+            "tiled": {"tile": plan.tile, "store_dtype": plan.store_dtype, "memory_pixels": plan.memory_pixels,
+                      "read_limit": plan.read_limit, "stage_images": self.images.describe(),
+                      "store_bytes_written": self.level_bytes, "cuts": self.cuts,
+                      "stages_in_memory": in_memory},
         }
 
     def close(self) -> None:
-        """Delete the temporary stores and built levels (idempotent)."""
-        while self._closers:
-            self._closers.pop()()
-
-
-def run_magnet_tiled(
-    image: PyramidImage | np.ndarray,
-    segmenter: Segmenter,
-    refinement_modules: Sequence[RefinementMagNet],
-    preset: MagnetPreset | Schedule,
-    coarse_probs: np.ndarray | None = None,
-    *,
-    fast: bool = True,
-    n_patches: int | None = None,
-    n_points: float | None = None,
-    batch_size: int = 1,
-    budget: int = 2 << 30,
-    tile: int | None = None,
-    memory_pixels: int | None = None,
-    read_limit: int | None = None,
-    store_dtype: str = "float32",
-    tmp_dir: str | None = None,
-    progress: StageProgress | None = None,
-) -> TiledMagnetResult:
-    """MagNet(-Fast) in bounded memory; the final Y is read back by window (then ``close()`` it).
-
-    Args:
-        image: the image (read by window), or an ``(H, W, 3)`` uint8 array.
-        segmenter: gives stage-1 Y and O.
-        refinement_modules: one per checkpoint of the preset (or one shared), eval mode, on the CPU
-            or the segmenter's device.
-        preset: a preset (resolved for this image) or a ready schedule.
-        coarse_probs: ``(h, w, C)`` float32 first-stage Y (a user mask); ``None`` runs the segmenter.
-        fast: MagNet-Fast (default) or full MagNet.
-        n_patches: patches per stage override (MagNet-Fast).
-        n_points: points per stage override.
-        batch_size: patches per forward pass (also the grouping of the whole-image reference).
-        budget: memory budget in bytes (tile sizes and in-memory limits follow).
-        tile: force the pass tile side.
-        memory_pixels: force the largest stage processed whole in memory (tests).
-        read_limit: force the largest full-resolution region read at once, bytes (tests).
-        store_dtype: ``float32`` (exact) or ``float16``.
-        tmp_dir: parent folder of the temporary stores.
-        progress: ``progress(stage, done, total)`` as :func:`refine_cli.refiners.magnet.run_magnet`.
-
-    Returns:
-        :class:`TiledMagnetResult`.
-    """
-    src: PyramidImage = ArrayImage(image) if isinstance(image, np.ndarray) else image
-    image_hw = (int(src.shape[0]), int(src.shape[1]))
-    schedule = preset if isinstance(preset, Schedule) else preset.schedule(
-        image_hw, fast=fast, n_patches=n_patches, n_points=n_points)
-    check_pipeline(segmenter, refinement_modules, schedule)
-    c = segmenter.num_classes
-    device = next(refinement_modules[0].parameters()).device
-    weights = sum(t.numel() * t.element_size() for m in refinement_modules for t in m.state_dict().values())
-    plan = TiledPlan.from_budget(budget, c, weights, input_hw=schedule.input_hw, batch_size=batch_size,
-                                 tile=tile, store_dtype=store_dtype, memory_pixels=memory_pixels,
-                                 read_limit=read_limit)
-    folder = tempfile.mkdtemp(prefix="refine-magnet-", dir=tmp_dir)
-    images = StageImages(src, segmenter, _stage_list(schedule), plan.read_limit, folder)
-    closers: list[Callable[[], None]] = [_Finalizer(folder), images.close]
-    ctx = _RunContext(images, segmenter, schedule, plan, folder, batch_size, device)
-    stats: list[StageStats] = []
-    cuts: list[dict[str, Any]] = []
-    try:
-        with torch.inference_mode():
-            y, s1 = _tiled_stage_one(ctx, coarse_probs, progress)
-            stats.append(s1)
-            final = _tiled_scales(ctx, MemoryY(y), refinement_modules, image_hw, closers, stats, cuts,
-                                  progress)
-        images.close()  # the stage images are not needed any more
-    except BaseException:
-        for close in reversed(closers):
-            close()
-        raise
-    info = {"stage_images": images.describe(), "store_bytes_written": ctx.bytes_written, "cuts": cuts,
-            "stages_in_memory": [f"{p.scale[0]}x{p.scale[1]}" for p in schedule.stages[1:]
-                                 if p.hw[0] * p.hw[1] <= plan.memory_pixels]}
-    return TiledMagnetResult(final, stats, schedule, tuple(segmenter.classes), plan, info, closers)
+        """Delete the temporary files (idempotent; the engine closes each level's source itself)."""
+        self.y1 = None
+        self.current = None
+        self.images.close()
+        self._finalizer()
 
 
 def _stage_list(schedule: Schedule) -> list[tuple[Size, Size, int]]:
@@ -1195,45 +1225,6 @@ def _tiled_stage_one(ctx: _RunContext, coarse_probs: np.ndarray | None,
                          {"coarse": time.perf_counter() - t0})
 
 
-def _tiled_scales(ctx: _RunContext, y_prev: MemoryY | TileStore, modules: Sequence[RefinementMagNet],
-                  image_hw: Size, closers: list[Callable[[], None]], stats: list[StageStats],
-                  cuts: list[dict[str, Any]], progress: StageProgress | None) -> FinalY:
-    """Run the refinement stages; the final Y, read back by window (its pass B runs then).
-
-    Appends each stage's stats and top-k cut to ``stats`` and ``cuts``, and the close functions of
-    the stores it opens to ``closers``.
-    """
-    schedule, plan = ctx.schedule, ctx.plan
-    last: StageOutput | None = None
-    n_scales = len(schedule.stages) - 1
-    for i, stage in enumerate(schedule.stages[1:]):
-        if progress is not None:
-            progress(SCALES_STAGE, i, n_scales)
-        module = modules[stage.refinement if len(modules) > 1 else 0]
-        out, st = refinement_stage_tiled(ctx, y_prev, module, stage)
-        closers.append(out.close)
-        cuts.append(_cut_facts(st.stage, out.cut))
-        final_stage = i == len(schedule.stages) - 2
-        if final_stage and stage.hw == image_hw:
-            last = out  # pass B happens when the final Y is read
-        else:
-            t1 = time.perf_counter()
-            nxt = write_stage(ctx, out)
-            st.seconds["replace"] = time.perf_counter() - t1
-            closers.append(nxt.close)
-            out.close()
-            if isinstance(y_prev, TileStore):
-                y_prev.close()
-            y_prev = nxt
-        stats.append(st)
-        if progress is not None:
-            progress(SCALES_STAGE, i + 1, n_scales)
-        where = "memory" if stage.hw[0] * stage.hw[1] <= plan.memory_pixels else "tiled"
-        logger.info("MagNet stage %d %dx%d (%s): %d/%d patches, %d points in %.2fs", st.stage,
-                    *st.scale, where, len(st.patches), st.patches_total, st.points, st.total)
-    return FinalY(last if last is not None else y_prev, image_hw)
-
-
 def _cut_facts(stage: int, cut: TopKCut) -> dict[str, Any]:
     """The top-k cut of a stage for the report.
 
@@ -1257,55 +1248,18 @@ class _Finalizer:
         self._finalize()
 
 
-# --------------------------------------------------------------------------- the engine's side
-
-
-class FinalReader:
-    """The final Y as a K-band raster for the engine (``io.masks.ProbSource`` reads it by window).
-
-    K = 1 (the class-1 probability) for 2 classes, as the whole-image refiner hands the
-    engine, else the C class probabilities. The last window is cached: the engine asks
-    for it twice (uniformity check, then values). Closing it closes the run.
-
-    Args:
-        result: the tiled run.
-    """
-
-    dtype = np.dtype(np.float32)
-
-    def __init__(self, result: TiledMagnetResult) -> None:
-        self.result = result
-        self.shape = result.shape
-        self.level_shapes = [self.shape]
-        self.bands = 1 if result.final.channels == 2 else result.final.channels
-        self.path = "magnet-tiled"
-        self._cache: tuple[Window, np.ndarray] | None = None
-
-    def read(self, window: Window, level: int = 0) -> np.ndarray:
-        """``(h, w, K)`` float32 over ``window`` (``level`` must be 0)."""
-        if self._cache is not None and self._cache[0] == window:
-            return self._cache[1]
-        y = self.result.final.read(window)[0]
-        y = y[1:2] if y.shape[0] == 2 else y
-        out = y.permute(1, 2, 0).contiguous().numpy()
-        self._cache = (window, out)
-        return out
-
-    def close(self) -> None:
-        """Close the tiled run (its temporary files go)."""
-        self._cache = None
-        self.result.close()
+# --------------------------------------------------------------------------- the levels' refiners
 
 
 class PassThrough(CoarseRefiner):
-    """The final level's refiner: copies the final Y (read through :class:`FinalReader`) to the outputs.
+    """The image-size level's refiner: copies the final Y (read through :class:`StageSource`) to the outputs.
 
     Its skip rule is ``binary``: a tile whose channel 0 lies on one side of 1/2 is copied by the
     engine without reading the image, which for a pass-through gives the same values.
 
     Args:
         bytes_per_pixel: working bytes per pixel of rendering a window of the final Y.
-        fixed: bytes the tiled run holds while the engine runs.
+        fixed: bytes the run holds while the engine runs (weights, R of the stage's patches, maps).
     """
 
     name = "magnet-fast"
@@ -1319,5 +1273,17 @@ class PassThrough(CoarseRefiner):
         return (self._bpp + 8) * pixels
 
     def fixed_memory(self) -> int:
-        """R of the last stage's patches, stage-1/2 maps and the weights."""
+        """R of the stage's patches, in-memory maps and the weights."""
         return self._fixed
+
+
+class StagePassThrough(PassThrough):
+    """A refinement stage's level: copies the stage's Y, all C channels, into the level file bit for bit.
+
+    Tiles lie side by side (no overlap, no halo), so nothing is blended: every pixel is written
+    exactly as pass B computed it, and the next stage reads it back unchanged.
+    """
+
+    def plan_grid(self, shape: tuple[int, int], tile_size: int, overlap: int) -> GridPlan:
+        """The engine's grid without overlap."""
+        return plan_grid(shape, tile_size, 0, 0)
