@@ -7,6 +7,10 @@ built once by streaming (``io.image.image_level``), each level's result is
 written to a temporary K-band float TIFF and becomes the next level's coarse
 input (``io.masks.ProbSource``, resampled per window), and only the last level
 goes to the user's outputs. Memory is bounded per level exactly as for one grid.
+A refiner may build a level's coarse input itself from the previous level's file
+(``Refiner.level_input``; MagNet's stages pick and refine their patches there, on
+the file read unresampled). A level whose refiner does not read the image
+(``needs_image`` false) builds no level image.
 
 With a guard (``refiners.guard``), one more full-resolution level follows the
 refiner's last: it reads the refiner's result and the user's mask side by side
