@@ -87,9 +87,9 @@ from torch import Tensor, nn
 from refine_cli.errors import InputError, UsageError
 from refine_cli.train.runtime import (
     CHECKPOINT,
-    CHECKPOINT_FORMAT,
     ProgressFn,
     RunLog,
+    RunState,
     TrainResult,
     atomic_write,
     check_settings,
@@ -767,7 +767,8 @@ def _run(
                 len(train_set))
     log = RunLog(cfg.out / "log.jsonl")
     meta_base = _meta_base(cfg, n_classes, seg_id, init_meta, len(train_set))
-    run = _MagnetRun(cfg, model, optimizer, scheduler, device, val_set, log, meta_base, t_start, best, wall)
+    run = _MagnetRun(cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, device=device, log=log,
+                     meta_base=meta_base, t_start=t_start, best=best, wall=wall, val_set=val_set)
     fixed = batch_at(train_set, 0, cfg) if cfg.fixed_batch else None
 
     def one_step(step: int) -> float | None:
@@ -830,42 +831,20 @@ def _meta_base(
 
 
 @dataclass
-class _MagnetRun:
-    """A MagNet refinement-module run in progress: what its checkpoints store and validations update.
+class _MagnetRun(RunState):
+    """A MagNet refinement-module run in progress (:class:`RunState`, plus its validation examples).
 
     Attributes:
         cfg: the run's config.
-        model, optimizer, scheduler: the training state.
-        device: where the module is.
         val_set: the cached validation examples.
-        log: the run's ``log.jsonl``.
-        meta_base: the facts of every exported sidecar (:func:`_meta_base`).
-        t_start: ``time.perf_counter()`` when this call began.
-        best: the best validation so far (``None``: none yet).
-        wall: wall seconds of the run before this call.
     """
 
     cfg: MagnetTrainConfig
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    device: torch.device
     val_set: CacheArrays
-    log: RunLog
-    meta_base: dict[str, Any]
-    t_start: float
-    best: dict[str, Any] | None
-    wall: float
 
     def snapshot(self, step: int) -> dict[str, Any]:
-        """The resumable checkpoint after ``step`` steps."""
-        return {
-            "format": CHECKPOINT_FORMAT, "step": step, "config": self.cfg.to_dict(),
-            "arch_params": self.meta_base["arch_params"], "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "scaler": {},
-            "rng": {"torch": torch.get_rng_state()}, "best": self.best,
-            "wall_seconds": self.wall + time.perf_counter() - self.t_start,
-        }
+        """The resumable checkpoint after ``step`` steps (no gradient scaler: MagNet trains in fp32)."""
+        return {**self.snapshot_state(step), "scaler": {}, "rng": {"torch": torch.get_rng_state()}}
 
     def run_validation(self, step: int) -> dict[str, Any]:
         """Validate after ``step`` steps, log it, and export ``best.pt`` when ``iou + mba`` improved."""

@@ -208,6 +208,50 @@ class RunLog:
             f.write(json.dumps(record, default=float) + "\n")
 
 
+class SavedConfig(Protocol):
+    """A training config as its checkpoint stores it."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values."""
+        ...
+
+
+@dataclass
+class RunState:
+    """A training run in progress, as both trainers' checkpoints store it and their validations update it.
+
+    Attributes:
+        cfg: the run's config.
+        model, optimizer, scheduler: the training state.
+        device: where the model trains.
+        log: the run's ``log.jsonl``.
+        meta_base: the facts of every exported sidecar (``arch_params`` among them).
+        t_start: ``time.perf_counter()`` when this call began.
+        best: the best validation so far (``None``: none yet).
+        wall: wall seconds of the run before this call.
+    """
+
+    cfg: SavedConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    log: RunLog
+    meta_base: dict[str, Any]
+    t_start: float
+    best: dict[str, Any] | None
+    wall: float
+
+    def snapshot_state(self, step: int) -> dict[str, Any]:
+        """The checkpoint keys of every architecture after ``step`` steps (all but ``scaler`` and ``rng``)."""
+        return {
+            "format": CHECKPOINT_FORMAT, "step": step, "config": self.cfg.to_dict(),
+            "arch_params": self.meta_base["arch_params"], "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "best": self.best, "wall_seconds": self.wall + time.perf_counter() - self.t_start,
+        }
+
+
 def iou_mba(metrics: Metrics) -> tuple[float, float]:
     """IoU and mBA of a mask evaluated by ``evaluate_arrays`` (``None`` only for label maps)."""
     assert metrics.iou is not None and metrics.mba is not None, "a mask's evaluation has IoU and mBA"

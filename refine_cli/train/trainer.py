@@ -77,9 +77,9 @@ from refine_cli.train.data import (
 from refine_cli.train.losses import cascadepsp_loss
 from refine_cli.train.runtime import (
     CHECKPOINT,
-    CHECKPOINT_FORMAT,
     ProgressFn,
     RunLog,
+    RunState,
     TrainResult,
     check_settings,
     export_weights,
@@ -865,8 +865,10 @@ def _run(
     log = RunLog(cfg.out / "log.jsonl")
     stream = TrainStream(cfg.data, cfg.crop, cfg.seed, cfg.steps * cfg.batch_size)
     vset = make_validation_set(cfg)
-    run = _CascadeRun(cfg, model, optimizer, scheduler, scaler, device, precision, vset, log,
-                      _meta_base(cfg, arch_params, vset, init_meta, state), t_start, best, wall)
+    meta_base = _meta_base(cfg, arch_params, vset, init_meta, state)
+    run = _CascadeRun(cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, device=device, log=log,
+                      meta_base=meta_base, t_start=t_start, best=best, wall=wall, scaler=scaler,
+                      precision=precision, vset=vset)
     model.train()
     batches = _batches(stream, cfg, step)
     step, losses, validations = run_steps(
@@ -938,46 +940,26 @@ def _meta_base(
 
 
 @dataclass
-class _CascadeRun:
-    """A CascadePSP run in progress: what its checkpoints store and its validations update.
+class _CascadeRun(RunState):
+    """A CascadePSP run in progress (:class:`RunState`, plus its mixed precision and validation set).
 
     Attributes:
         cfg: the run's config.
-        model, optimizer, scheduler, scaler: the training state.
-        device, precision: where and how validation runs.
+        scaler: the fp16 gradient scaler.
+        precision: how validation runs on CUDA.
         vset: the fixed validation samples.
-        log: the run's ``log.jsonl``.
-        meta_base: the facts of every exported sidecar (:func:`_meta_base`).
-        t_start: ``time.perf_counter()`` when this call began.
-        best: the best validation so far (``None``: none yet).
-        wall: wall seconds of the run before this call.
     """
 
     cfg: TrainConfig
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    device: torch.device
     precision: str
     vset: ValidationSet
-    log: RunLog
-    meta_base: dict[str, Any]
-    t_start: float
-    best: dict[str, Any] | None
-    wall: float
 
     def snapshot(self, step: int) -> dict[str, Any]:
         """The resumable checkpoint after ``step`` steps."""
-        return {
-            "format": CHECKPOINT_FORMAT, "step": step, "config": self.cfg.to_dict(),
-            "arch_params": self.meta_base["arch_params"], "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "rng": rng_state(self.device), "best": self.best,
-            "wall_seconds": self.wall + time.perf_counter() - self.t_start,
-            "init": self.meta_base.get("init"),
-        }
+        return {**self.snapshot_state(step),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                "rng": rng_state(self.device), "init": self.meta_base.get("init")}
 
     def run_validation(self, step: int) -> dict[str, Any]:
         """Validate after ``step`` steps, log it, and export ``best.pt`` when the score improved."""
