@@ -214,3 +214,18 @@ def test_every_long_step_reports_progress(small, scene, tmp_path, tiny, exact):
     assert stages[-2].endswith("snap tiles")
     done = [(d, t) for s, d, t in seen if s == last]
     assert done[-1][0] == done[-1][1] > 0
+
+
+@pytest.mark.parametrize(("budget", "snap"), [(512 << 20, "off"), (4 << 30, "off"), (512 << 20, "on")])
+def test_dry_run_plans_the_path_and_levels_the_run_takes(jpeg_scene, tmp_path, tiny, budget, snap):
+    """``refine batch --dry-run`` foresees the path (exact or streamed, chosen by the budget), every level
+    and the edge snap without running the network: its estimate is the run's own, byte for byte."""
+    from refine_cli.batch import OutputOptions, plan_file_memory
+
+    cfg = RefineConfig(method="cascade", max_memory=budget,
+                       cascade=CascadeOptions(weights=str(tiny), size=200, snap=snap, fast=False))
+    img, mask = str(jpeg_scene / "img.jpg"), str(jpeg_scene / "coarse.png")
+    planned = plan_file_memory(img, cfg, OutputOptions(), mask=mask)
+    rep = refine_file(img, mask, str(tmp_path / "o.tif"), config=cfg)
+    assert len(rep.levels) > (1 if budget < 1 << 30 else 0)
+    assert planned.total == rep.memory_plan["estimate_bytes"] <= budget

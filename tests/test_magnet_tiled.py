@@ -509,3 +509,26 @@ def test_refiner_snap_is_the_same_tiled_and_whole_and_keeps_the_budget(tmp_path)
         refiner.close()
     np.testing.assert_allclose(outs[True], outs[False], rtol=0, atol=1e-6)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_dry_run_plans_the_stages_the_run_takes(tmp_path, tiled):
+    """``refine batch --dry-run`` foresees MagNet's path and, tiled, one level per stage with what each
+    stage holds in memory: its estimate is the run's own, byte for byte."""
+    from conftest import write_png
+    from magnet_fixtures import write_fill_checkpoint, write_torchscript_segmenter
+
+    from refine_cli.api import refine_file
+    from refine_cli.batch import OutputOptions, plan_file_memory
+    from refine_cli.config import MagnetOptions, RefineConfig
+
+    seg = write_torchscript_segmenter(tmp_path, classes=2, size=(64, 64))
+    weights = write_fill_checkpoint(tmp_path / "w.pth", classes=2)
+    write_png(tmp_path / "img.png", blocky_image((384, 640), block=9))
+    cfg = RefineConfig(method="magnet-fast", segmenter=str(seg), threads=1,
+                       magnet=MagnetOptions(weights=str(weights), tiled=tiled))
+    planned = plan_file_memory(str(tmp_path / "img.png"), cfg, OutputOptions())
+    rep = refine_file(str(tmp_path / "img.png"), None, str(tmp_path / "o.tif"), config=cfg)
+    assert rep.refiner["tiled"] == tiled
+    assert len(rep.levels) == (len(rep.refiner["magnet"]["stages"]) - 1 if tiled else 1)
+    assert planned.total == rep.memory_plan["estimate_bytes"]

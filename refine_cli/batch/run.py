@@ -350,6 +350,8 @@ def plan_file_memory(image: str, config: RefineConfig, outputs: OutputOptions, *
                      refiner: Refiner | None = None, mask: str | None = None) -> MemoryPlan:
     """The memory plan ``refine run`` would choose for ``image``, from its header only.
 
+    The levels are the ones the run will have (``Refiner.plan_levels``: CascadePSP's exact or
+    streamed path, MagNet's stages), each planned as the run plans it; the largest plan is returned.
     Assumes a binary mask unless ``config.classes`` is set (label maps need more). Inputs that a
     run keeps decoded (small PNG/JPEG images and masks) count as resident bytes, as in a run.
 
@@ -367,6 +369,8 @@ def plan_file_memory(image: str, config: RefineConfig, outputs: OutputOptions, *
     from refine_cli.engine.levels import level_channels, plan_level
     from refine_cli.engine.outputs import OutputSpec, bytes_per_pixel
     from refine_cli.refiners import build_refiner
+    from refine_cli.refiners.base import Scene
+    from refine_cli.refiners.guard import GuardRefiner, band_guard
 
     shape = image_shape(image, max_pixels=config.max_pixels)
     refiner = refiner or build_refiner(config)
@@ -376,30 +380,42 @@ def plan_file_memory(image: str, config: RefineConfig, outputs: OutputOptions, *
                       soft=config.soft, threshold=config.threshold, fmt=outputs.fmt, encoding=config.encoding)
     batch = config.cascade.batch_size if refiner.uses_torch else 1
     resident = decoded_bytes_estimate(image, inline_limit=config.inline_limit, samples=3)
+    mask_shape = image_shape(mask, max_pixels=config.max_pixels) if mask is not None else None
     if mask is not None:
         resident += decoded_bytes_estimate(mask, inline_limit=config.inline_limit, samples=1)
     final_bytes = bytes_per_pixel(spec, channels, labels)
+    scene = Scene(shape=shape, read_overview=_no_overview, has_mask=mask is not None, labels=labels,
+                  classes=channels, bytes_out=final_bytes if mask is not None else Scene.bytes_out,
+                  max_memory=config.max_memory, resident_bytes=resident,
+                  coarse_scale=shape[0] / mask_shape[0] if mask_shape else 1.0)
 
-    def plan(level_refiner: Refiner, level_channels: int, bytes_out: int) -> MemoryPlan:
-        return plan_level(shape, level_refiner, channels=level_channels, bytes_out=bytes_out,
+    def plan(level_shape: tuple[int, int], level_refiner: Refiner, k: int, bytes_out: int) -> MemoryPlan:
+        return plan_level(level_shape, level_refiner, channels=k, bytes_out=bytes_out,
                           budget=config.max_memory, batch_size=batch, tile_size=config.tile_size,
                           resident=resident)
 
-    from refine_cli.refiners.guard import GuardRefiner, band_guard
-
-    guard = None
-    if mask is not None and not labels:  # band from the header (a full-size soft mask's ramps not read)
-        guard = band_guard(config, refiner, image_shape(mask, max_pixels=config.max_pixels), shape)
-    if guard is None:
-        return plan(refiner, level_channels(refiner, channels, labels), final_bytes)
-    # as run_levels: the refiner's level writes float32 channels (and its uncertainty) for the guard level,
-    # which reads them beside the mask's channel
-    inner_unc = refiner.provides_uncertainty
-    inner = level_channels(refiner, channels, labels, pass_uncertainty=inner_unc)
-    guard_refiner = GuardRefiner(guard, shape, inner_uncertainty=inner_unc)
-    plans = [plan(refiner, inner, 4 * inner),
-             plan(guard_refiner, level_channels(guard_refiner, inner + channels, False), final_bytes)]
+    # as run_levels: the refiner's levels, each reading the level before it (the first the mask), then the
+    # guard (binary and soft masks; its band from the header: a full-size soft mask's ramps are not read)
+    guard = band_guard(config, refiner, mask_shape, shape) if mask_shape is not None and not labels else None
+    plans, k = [], channels
+    levels = refiner.plan_levels(scene)
+    for i, level in enumerate(levels):
+        last = i == len(levels) - 1
+        pass_unc = guard is not None and last and level.refiner.provides_uncertainty
+        k_in, reads_labels = (k, labels and i == 0) if level.in_channels is None \
+            else (level.in_channels, False)
+        k = level_channels(level.refiner, k_in, reads_labels, pass_uncertainty=pass_unc)
+        plans.append(plan(level.shape, level.refiner, k, final_bytes if last and guard is None else 4 * k))
+    if guard is not None:
+        guard_refiner = GuardRefiner(guard, shape, inner_uncertainty=levels[-1].refiner.provides_uncertainty)
+        k_guard = level_channels(guard_refiner, k + channels, False)
+        plans.append(plan(shape, guard_refiner, k_guard, final_bytes))
     return max(plans, key=lambda p: p.total)
+
+
+def _no_overview(shape: tuple[int, int], binarize: bool = False) -> tuple[Any, Any]:
+    """A dry run reads no pixels: ``Refiner.plan_levels`` must not ask for an overview."""
+    raise RuntimeError("a dry run plans from headers; plan_levels must not read the overview")
 
 
 def dry_run(items: Sequence[BatchItem], job: BatchJob) -> tuple[list[Record], list[str]]:

@@ -146,6 +146,22 @@ class Scene:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class PlannedLevel:
+    """One level that a run would have, as :meth:`Refiner.plan_levels` foresees it.
+
+    Attributes:
+        shape: ``(h, w)`` of the level.
+        refiner: the level's refiner (its memory per tile, fixed memory and tile preferences).
+        in_channels: K of the level's coarse input; ``None``: what the level before it writes (the
+            user's mask for the first level).
+    """
+
+    shape: tuple[int, int]
+    refiner: Refiner
+    in_channels: int | None = None
+
+
 class Refiner(abc.ABC):
     """Refines a coarse probability inside one window of an image.
 
@@ -225,6 +241,16 @@ class Refiner(abc.ABC):
         user's mask.
         """
         return None
+
+    def plan_levels(self, scene: Scene) -> list[PlannedLevel]:
+        """The levels a run on ``scene`` would have, decided without running a network or reading pixels.
+
+        ``refine batch --dry-run`` plans each of them with the run's planner. ``scene`` carries what
+        an image header tells: the shape, the mask's kind and classes, the output bytes, the budget
+        and the resident bytes (its ``read_overview`` must not be called). The default: one level at
+        the image size, this refiner, on the user's mask.
+        """
+        return [PlannedLevel(scene.shape, self)]
 
     def level_input(self, index: int, previous: Reader | None) -> LevelInput | None:
         """Level ``index``'s coarse input built by the refiner itself; ``None`` (default): the engine's.

@@ -24,7 +24,7 @@ from typing import Any
 
 from refine_cli.config import CascadeOptions, RefineConfig
 from refine_cli.errors import WeightsError
-from refine_cli.refiners.base import Refiner, Scene, TileInput, TileResult
+from refine_cli.refiners.base import PlannedLevel, Refiner, Scene, TileInput, TileResult
 from refine_cli.tiling.budget import smallest_need
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,13 @@ class CascadeMethod(Refiner):
                              bytes_out=bytes_out, tile_size=max(scene.shape),
                              resident=scene.resident_bytes)
 
-    def prepare(self, scene: Scene) -> None:
-        """Choose the path for this image and run its global step."""
+    def _choose(self, scene: Scene) -> tuple[Refiner, str, str, bool]:
+        """The path for ``scene``, decided without running the network.
+
+        Returns:
+            ``(refiner, mode, why, snap)``: the path's refiner (not prepared), ``exact`` or
+            ``streamed``, the reason for the report, and whether the edge snap follows.
+        """
         from refine_cli.refiners.cascade_stream import CascadeStreamRefiner
         from refine_cli.refiners.cascadepsp import CascadePSPRefiner
         from refine_cli.tiling.cascade_grid import global_resize
@@ -181,15 +186,32 @@ class CascadeMethod(Refiner):
             exact, why = False, (f"the exact path would need about {-(-need // mib)} MiB, above --max-memory "
                                  f"{budget // mib} MiB")
         if exact:
-            impl: Refiner = exact_impl
-            self.mode = "exact"
-        else:
-            impl = CascadeStreamRefiner(self.model, size=size, precision=self.options.precision,
-                                        labels=labels, classes=scene.classes,
-                                        bytes_per_pixel=self.bytes_per_pixel, weights_info=self.info,
-                                        fast=self.options.fast, grid=self.options.grid,
-                                        skip=self.options.skip)
-            self.mode = "streamed"
+            return exact_impl, "exact", why, snap
+        stream = CascadeStreamRefiner(self.model, size=size, precision=self.options.precision, labels=labels,
+                                      classes=scene.classes, bytes_per_pixel=self.bytes_per_pixel,
+                                      weights_info=self.info, fast=self.options.fast, grid=self.options.grid,
+                                      skip=self.options.skip)
+        return stream, "streamed", why, snap
+
+    def plan_levels(self, scene: Scene) -> list[PlannedLevel]:
+        """The chosen path's levels (exact: the whole image as one tile), then the edge snap."""
+        from refine_cli.refiners.cascade_stream import CascadeStreamRefiner
+
+        impl, _, _, snap = self._choose(scene)
+        levels = [PlannedLevel(scene.shape, impl)]
+        if isinstance(impl, CascadeStreamRefiner):
+            shapes = impl.planned_shapes(scene.shape)
+            levels = [PlannedLevel(s, impl.for_level(i, i == len(shapes) - 1), impl.input_channels() if i == 0
+                                   else None) for i, s in enumerate(shapes)]
+        if snap:
+            from refine_cli.refiners.classical import EdgeSnapRefiner
+
+            levels.append(PlannedLevel(scene.shape, EdgeSnapRefiner()))
+        return levels
+
+    def prepare(self, scene: Scene) -> None:
+        """Choose the path for this image and run its global step."""
+        impl, self.mode, why, snap = self._choose(scene)
         self.why = why
         log.info("cascade: %s path: %s", self.mode, why)
         self.impl = impl

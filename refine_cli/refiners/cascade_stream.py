@@ -261,8 +261,7 @@ class CascadeStreamRefiner(Refiner):
             self._top = self._global(image, coarse)
         if scene.progress is not None:
             scene.progress(GLOBAL_STAGE, 1, 1)
-        self._levels = ([scene.shape] if self.fast
-                        else plan_levels(plan.out_shape, scene.shape, self.max_ratio))
+        self._levels = self.planned_shapes(scene.shape)
         log.info("cascade: global step at %dx%d, then levels %s", plan.out_shape[1], plan.out_shape[0],
                  ", ".join(f"{w}x{h}" for h, w in self._levels))
 
@@ -285,6 +284,16 @@ class CascadeStreamRefiner(Refiner):
                            self.precision)
             result[..., c] = out["pred_224"][0]
         return result
+
+    def planned_shapes(self, shape: tuple[int, int]) -> list[tuple[int, int]]:
+        """``(h, w)`` of the levels on an image of ``shape``: from above the overview up to the image size."""
+        if self.fast:
+            return [shape]
+        return plan_levels(global_resize(shape, self.size).out_shape, shape, self.max_ratio)
+
+    def input_channels(self) -> int:
+        """K of the global step's maps, the first level's input: 2 (binary), else one per class."""
+        return self.classes if self.labels else 2
 
     def level_shapes(self, shape: tuple[int, int]) -> list[tuple[int, int]]:
         """The planned levels from above the overview up to the image size."""

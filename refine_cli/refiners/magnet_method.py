@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from refine_cli.errors import ResourceError, UsageError, WeightsError
-from refine_cli.refiners.base import Refiner, Scene, TileInput, TileResult
+from refine_cli.refiners.base import PlannedLevel, Refiner, Scene, TileInput, TileResult
 from refine_cli.refiners.classical import EdgeSnapRefiner
 from refine_cli.refiners.magnet import (
     PRESETS,
@@ -370,9 +370,7 @@ class MagnetRefiner(Refiner):
         """
         self.close()
         held = scene.resident_bytes  # decoded inputs, held all run long
-        need = self.whole_image_bytes(scene.shape) + held
-        budget = scene.max_memory if scene.max_memory is not None else need
-        tiled = self.tiled if self.tiled is not None else need > budget
+        tiled, need, budget = self._path(scene)
         source = scene.image_source
         if tiled and source is None:
             raise ResourceError(
@@ -395,6 +393,47 @@ class MagnetRefiner(Refiner):
             scene.notes.append(
                 f"magnet-fast: edge snap at full resolution (guided filter, radius {self.snap.radius}, "
                 f"eps {self.snap.eps:g})")
+
+    def _path(self, scene: Scene) -> tuple[bool, int, int]:
+        """``(tiled, need, budget)``: the path for ``scene``, the whole-image path's bytes, the budget."""
+        need = self.whole_image_bytes(scene.shape) + scene.resident_bytes
+        budget = scene.max_memory if scene.max_memory is not None else need
+        return (self.tiled if self.tiled is not None else need > budget), need, budget
+
+    def plan_levels(self, scene: Scene) -> list[PlannedLevel]:
+        """The levels of the path ``prepare`` will take, with the memory their refiners will declare.
+
+        Whole image: one level over the final Y. Tiled: one level per refinement stage (all C
+        channels), the image-size level last (the class-1 probability for 2 classes).
+        """
+        from refine_cli.refiners.classical import CoarseRefiner
+        from refine_cli.refiners.magnet_tiled import PassThrough, StageLevels, StagePassThrough, TiledPlan
+
+        tiled, _, budget = self._path(scene)
+        c = self.num_classes
+        k_final = 1 if c == 2 else c
+        snap = self._make_snap()
+        if not tiled:
+            final: Refiner = SnapOverY(snap.radius, snap.eps) if snap is not None else CoarseRefiner()
+            return [PlannedLevel(scene.shape, final, k_final)]
+        schedule = self.schedule(scene.shape)
+        weights = sum(t.numel() * t.element_size() for m in self.modules for t in m.state_dict().values())
+        plan = TiledPlan.from_budget(budget - scene.resident_bytes, c, weights, input_hw=schedule.input_hw,
+                                     batch_size=self.batch_size)
+        shapes = [p.hw for p in schedule.stages[1:]]
+        shapes += [scene.shape] if not shapes or shapes[-1] != scene.shape else []
+        held = StageLevels.planned_held(schedule, plan, c, scene.shape)
+        bpp = plan.bytes_per_pixel
+        levels = []
+        for i, (shape, stage_held) in enumerate(zip(shapes, held, strict=True)):
+            fixed = self.fixed_memory() + stage_held
+            if i < len(shapes) - 1:
+                levels.append(PlannedLevel(shape, StagePassThrough(bpp, fixed), c))
+            elif snap is not None:
+                levels.append(PlannedLevel(shape, SnapOverY(snap.radius, snap.eps, bpp + 8, fixed), k_final))
+            else:
+                levels.append(PlannedLevel(shape, PassThrough(bpp, fixed), k_final))
+        return levels
 
     def _make_snap(self) -> EdgeSnapRefiner | None:
         """The edge snap when it is on and the output is one probability (2 classes)."""

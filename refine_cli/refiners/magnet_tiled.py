@@ -1097,6 +1097,30 @@ class StageLevels:
         return cls(image, segmenter, modules, schedule, plan, batch_size=batch_size, tmp_dir=tmp_dir,
                    progress=progress, class1=class1)
 
+    @staticmethod
+    def planned_held(schedule: Schedule, plan: TiledPlan, channels: int, image_hw: Size) -> list[int]:
+        """RAM each level's stage keeps while the engine reads it (:meth:`held_bytes`), foreseen.
+
+        Per refinement stage: R of its refined patches unless they go to disk (above
+        ``plan.bank_bytes``), and the upsampled previous Y when the stage is processed in memory
+        (else the first stage's reads stage 1 in memory); the image-size level after the stages
+        holds the resized Y when it shrinks, and stage 1 when it is the only stage.
+        """
+        stage1 = 4 * channels * schedule.stages[0].hw[0] * schedule.stages[0].hw[1]
+        held = []
+        for i, p in enumerate(schedule.stages[1:]):
+            boxes = patch_grid(p.hw, (p.crop[1], p.crop[0]))
+            bank = min(p.n_patches or len(boxes), len(boxes)) * channels * boxes[0].area * 4
+            area = p.hw[0] * p.hw[1]
+            y = 4 * channels * area if area <= plan.memory_pixels else (stage1 if i == 0 else 0)
+            held.append((bank if bank <= plan.bank_bytes else 0) + y)
+        last = schedule.stages[-1].hw
+        if len(schedule.stages) == 1 or last != image_hw:
+            shrinks = image_hw[0] < last[0] or image_hw[1] < last[1]
+            held.append((4 * channels * image_hw[0] * image_hw[1] if shrinks else 0)
+                        + (stage1 if len(schedule.stages) == 1 else 0))
+        return held
+
     def stage_one(self, coarse_probs: np.ndarray | None) -> None:
         """Stage-1 Y: the segmenter on the stage-1 image, or ``coarse_probs`` ``(h, w, C)`` float32."""
         try:
