@@ -210,3 +210,23 @@ def test_an_unwritable_cache_exports_to_a_temporary_folder(backend, tmp_path, ca
         want = model(im, seg)
     assert float((out["pred_224"] - want["pred_224"]).abs().max()) <= PROB_TOL
     assert "temporary folder" in caplog.text
+
+
+@pytest.mark.skipif(not installed("openvino"), reason="openvino is not installed")
+def test_openvino_is_imported_without_its_telemetry(tmp_path):
+    """Importing openvino sends usage events and writes a client id under ~/intel; refine's import turns
+    that off (the telemetry singleton declines, nothing is written to HOME) and leaves the environment as
+    it was."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, openvino_telemetry as tm; from refine_cli.models.runtime import import_openvino; "
+            "import_openvino().Core(); print(tm.Telemetry().consent, os.environ.get('CI'))")
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env["HOME"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "None"]
+    assert not any(tmp_path.iterdir())  # no ~/intel/openvino_ga_cid, no stats

@@ -31,6 +31,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import sys
 import tempfile
 import threading
 import weakref
@@ -93,6 +94,29 @@ def installed(backend: str) -> bool:
     if backend == "torch":
         return True
     return all(importlib.util.find_spec(name) is not None for name in (_MODULES[backend], "onnx"))
+
+
+def import_openvino() -> Any:
+    """The ``openvino`` module, imported with its usage telemetry off.
+
+    Importing ``openvino`` (2024 and later) sends usage events to Google Analytics and writes a client
+    id under ``~/intel`` unless a consent file there says no or it runs in a CI job. refine runs
+    offline and writes nothing outside its outputs and its cache, so the import runs with
+    ``CI=true``, which OpenVINO's telemetry reads as "collect nothing"; the variable is restored at
+    once. A process that imported ``openvino`` before keeps its own setting.
+    """
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    before = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        import openvino
+    finally:
+        if before is None:
+            os.environ.pop("CI", None)
+        else:
+            os.environ["CI"] = before
+    return openvino
 
 
 def resolve_backend(backend: str, device: torch.device, precision: str,
@@ -331,8 +355,7 @@ class ModuleRuntime:
             opts.enable_cpu_mem_arena = False  # peak RSS as torch's (see held_bytes)
             opts.enable_mem_pattern = False
             return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        import openvino as ov
-
+        ov = import_openvino()
         core = ov.Core()
         compiled = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": self.threads,
                                                          "INFERENCE_PRECISION_HINT": "f32"})
