@@ -74,8 +74,7 @@ class LevelWriter:
     def __init__(self, folder: str, shape: tuple[int, int], channels: int, index: int = 0) -> None:
         # the index keeps two levels of one size apart (a refiner's last level and its edge snap)
         self.path = os.path.join(folder, f"level{index}_{shape[0]}x{shape[1]}.tif")
-        self.sink = TiffSink(self.path, shape, channels, "float32", overwrite=True,
-                             creation={"COMPRESS": "ZSTD", "ZSTD_LEVEL": "1"})
+        self.sink = TiffSink(self.path, shape, channels, "float32", overwrite=True)
 
     def write(self, row0: int, block: np.ndarray) -> None:
         """Write blended rows ``(n, W, K)``."""
