@@ -312,7 +312,8 @@ def streamable(cog_options: Mapping[str, str]) -> bool:
 
 
 @functools.cache
-def _fast_codec() -> dict[str, str]:
+def fast_codec() -> dict[str, str]:
+    """Fast lossless compression for temporary files: ZSTD level 1 where GDAL has it, else DEFLATE level 1."""
     specs = driver_options("GTiff") or {}
     values = specs["COMPRESS"].values if "COMPRESS" in specs else ()
     if "ZSTD" in values:
@@ -327,7 +328,7 @@ def intermediate_options(cog_options: Mapping[str, str], dtype: np.dtype) -> dic
     and the predictor of the sample type.
     """
     block = cog_options.get("BLOCKSIZE", str(TILE))
-    return {"TILED": "YES", "BLOCKXSIZE": block, "BLOCKYSIZE": block, **_fast_codec(),
+    return {"TILED": "YES", "BLOCKXSIZE": block, "BLOCKYSIZE": block, **fast_codec(),
             "PREDICTOR": "3" if np.dtype(dtype).kind == "f" else "2", "BIGTIFF": "YES", "INTERLEAVE": "PIXEL"}
 
 
