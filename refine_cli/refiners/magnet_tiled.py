@@ -949,9 +949,8 @@ class FinalY:
             return upsample_window(self.source.read, self.source.shape, self.shape, window)
 
     def close(self) -> None:
-        """Drop the resized map and close the source."""
+        """Drop the resized map."""
         self._whole = None
-        self.source.close()
 
 
 class StageSource:
@@ -964,6 +963,7 @@ class StageSource:
 
     Args:
         source: the stage's output.
+        previous: the previous stage's Y that ``source`` reads (closed with this source).
         class1: give the class-1 probability only (K = 1; C must be 2), else all C channels.
         clip: clip the values read with :meth:`read_k` to ``[0, 1]`` (the engine's outputs), else
             hand them on bit for bit (a level file the next stage reads).
@@ -972,8 +972,9 @@ class StageSource:
     is_labels = False
     dtype = np.dtype(np.float32)
 
-    def __init__(self, source: StageOutput | FinalY, class1: bool = False, clip: bool = False) -> None:
-        self.source = source
+    def __init__(self, source: StageOutput | FinalY, previous: MemoryY | LevelY, class1: bool = False,
+                 clip: bool = False) -> None:
+        self.source, self.previous = source, previous
         self.shape = source.shape
         self.level_shapes = [self.shape]
         self.class1 = class1
@@ -1030,15 +1031,12 @@ class StageSource:
         return int(held)
 
     def close(self) -> None:
-        """Close the stage and what it reads (idempotent)."""
+        """Close the stage and the previous stage's Y it reads (idempotent)."""
         self._cache = None
-        source: Any = self.source
-        if isinstance(source, StageOutput):
-            source.close()
-            source = source.yup
-            if isinstance(source, UpsampledY):
-                source = source.source
-        source.close()
+        self.source.close()
+        if isinstance(self.source, StageOutput) and isinstance(self.source.yup, MemoryY):
+            self.source.yup.close()
+        self.previous.close()
 
 
 class StageLevels:
@@ -1167,7 +1165,7 @@ class StageLevels:
             self.images.close()  # no stage reads the image any more
         final = index == len(self.shapes()) - 1
         class1 = final and self.class1 and source.channels == 2
-        self.current = StageSource(source, class1=class1, clip=final and self.class1)
+        self.current = StageSource(source, prev, class1=class1, clip=final and self.class1)
         return self.current
 
     def _refine(self, index: int, prev: MemoryY | LevelY) -> StageOutput:
