@@ -34,6 +34,7 @@ from refine_cli.refiners.magnet import (
     get_preset,
     run_magnet,
 )
+from refine_cli.refiners.magnet_tiled import module_bytes
 from refine_cli.segmenters.base import Segmenter
 from refine_cli.tiling.budget import BASE_BYTES
 
@@ -406,34 +407,41 @@ class MagnetRefiner(Refiner):
         Whole image: one level over the final Y. Tiled: one level per refinement stage (all C
         channels), the image-size level last (the class-1 probability for 2 classes).
         """
-        from refine_cli.refiners.classical import CoarseRefiner
-        from refine_cli.refiners.magnet_tiled import PassThrough, StageLevels, StagePassThrough, TiledPlan
+        from refine_cli.refiners.magnet_tiled import StageLevels, TiledPlan
 
         tiled, _, budget = self._path(scene)
         c = self.num_classes
         k_final = 1 if c == 2 else c
         snap = self._make_snap()
         if not tiled:
-            final: Refiner = SnapOverY(snap.radius, snap.eps) if snap is not None else CoarseRefiner()
-            return [PlannedLevel(scene.shape, final, k_final)]
+            return [PlannedLevel(scene.shape, self._level_refiner(True, snap, None, 0), k_final)]
         schedule = self.schedule(scene.shape)
-        weights = sum(t.numel() * t.element_size() for m in self.modules for t in m.state_dict().values())
-        plan = TiledPlan.from_budget(budget - scene.resident_bytes, c, weights, input_hw=schedule.input_hw,
-                                     batch_size=self.batch_size)
-        shapes = [p.hw for p in schedule.stages[1:]]
-        shapes += [scene.shape] if not shapes or shapes[-1] != scene.shape else []
+        plan = TiledPlan.from_budget(budget - scene.resident_bytes, c, module_bytes(self.modules),
+                                     input_hw=schedule.input_hw, batch_size=self.batch_size)
+        shapes = StageLevels.level_shapes(schedule, scene.shape)
         held = StageLevels.planned_held(schedule, plan, c, scene.shape)
-        bpp = plan.bytes_per_pixel
-        levels = []
-        for i, (shape, stage_held) in enumerate(zip(shapes, held, strict=True)):
-            fixed = self.fixed_memory() + stage_held
-            if i < len(shapes) - 1:
-                levels.append(PlannedLevel(shape, StagePassThrough(bpp, fixed), c))
-            elif snap is not None:
-                levels.append(PlannedLevel(shape, SnapOverY(snap.radius, snap.eps, bpp + 8, fixed), k_final))
-            else:
-                levels.append(PlannedLevel(shape, PassThrough(bpp, fixed), k_final))
-        return levels
+        return [PlannedLevel(shape, self._level_refiner(i == len(shapes) - 1, snap, plan.bytes_per_pixel,
+                                                        self.fixed_memory() + stage_held),
+                             k_final if i == len(shapes) - 1 else c)
+                for i, (shape, stage_held) in enumerate(zip(shapes, held, strict=True))]
+
+    @staticmethod
+    def _level_refiner(final: bool, snap: EdgeSnapRefiner | None, y_bpp: int | None, fixed: int) -> Refiner:
+        """A level's refiner: a stage's exact copy, or the last level's edge snap (else a copy).
+
+        ``y_bpp``: working bytes per pixel of rendering a window of the tiled path's Y (``None``: the
+        whole-image path, whose result is in memory); ``fixed``: what the run holds meanwhile.
+        """
+        from refine_cli.refiners.classical import CoarseRefiner
+        from refine_cli.refiners.magnet_tiled import PassThrough, StagePassThrough
+
+        if y_bpp is None:
+            return SnapOverY(snap.radius, snap.eps) if snap is not None else CoarseRefiner()
+        if not final:
+            return StagePassThrough(y_bpp, fixed)
+        if snap is not None:
+            return SnapOverY(snap.radius, snap.eps, y_bpp + 8, fixed)
+        return PassThrough(y_bpp, fixed)
 
     def _make_snap(self) -> EdgeSnapRefiner | None:
         """The edge snap when it is on and the output is one probability (2 classes)."""
@@ -513,21 +521,11 @@ class MagnetRefiner(Refiner):
 
     def for_level(self, index: int, final: bool) -> Refiner:
         """A stage's pass-through (tiled); the last level: the edge snap when it is on, else a copy."""
-        if self.staged is not None:
-            from refine_cli.refiners.magnet_tiled import PassThrough, StagePassThrough
-
-            run = self.staged
-            fixed = self.fixed_memory() + run.held_bytes()
-            if not final:
-                return StagePassThrough(run.plan.bytes_per_pixel, fixed)
-            if self.snap is not None:
-                return SnapOverY(self.snap.radius, self.snap.eps, run.plan.bytes_per_pixel + 8, fixed)
-            return PassThrough(run.plan.bytes_per_pixel, fixed)
-        if self.snap is not None:
-            return SnapOverY(self.snap.radius, self.snap.eps)
-        from refine_cli.refiners.classical import CoarseRefiner
-
-        return CoarseRefiner()
+        run = self.staged
+        if run is None:
+            return self._level_refiner(True, self.snap, None, 0)
+        return self._level_refiner(final, self.snap, run.plan.bytes_per_pixel,
+                                   self.fixed_memory() + run.held_bytes())
 
     def refine(self, tile: TileInput) -> TileResult:
         """The window of the whole-image result (``prepare`` must have run; the tiled path has none)."""
@@ -549,7 +547,7 @@ class MagnetRefiner(Refiner):
         """Bytes held by the refinement weights (the whole-image result adds ~4 C + 5 B/px after prepare)."""
         from refine_cli.models.runtime import held_bytes
 
-        weights = sum(t.numel() * t.element_size() for m in self.modules for t in m.state_dict().values())
+        weights = module_bytes(self.modules)
         from refine_cli.segmenters.torch_backbones import TorchBackboneSegmenter
 
         held = sum(held_bytes(m) for m in self.modules)

@@ -1088,9 +1088,9 @@ class StageLevels:
                tmp_dir: str | None = None, progress: StageProgress | None = None,
                class1: bool = True) -> StageLevels:
         """Plan the run for ``budget`` bytes (see :meth:`TiledPlan.from_budget`) and set it up."""
-        weights = sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
-        plan = TiledPlan.from_budget(budget, segmenter.num_classes, weights, input_hw=schedule.input_hw,
-                                     batch_size=batch_size, tile=tile, store_dtype=store_dtype,
+        plan = TiledPlan.from_budget(budget, segmenter.num_classes, module_bytes(modules),
+                                     input_hw=schedule.input_hw, batch_size=batch_size, tile=tile,
+                                     store_dtype=store_dtype,
                                      memory_pixels=memory_pixels, read_limit=read_limit)
         return cls(image, segmenter, modules, schedule, plan, batch_size=batch_size, tmp_dir=tmp_dir,
                    progress=progress, class1=class1)
@@ -1131,10 +1131,15 @@ class StageLevels:
         self.stats = [s1]
 
     def shapes(self) -> list[Size]:
+        """``(h, w)`` of every level (:meth:`level_shapes` of this run)."""
+        return self.level_shapes(self.schedule, self.image_hw)
+
+    @staticmethod
+    def level_shapes(schedule: Schedule, image_hw: Size) -> list[Size]:
         """``(h, w)`` of every level: the refinement stages, then the image when they end elsewhere."""
-        shapes = [p.hw for p in self.schedule.stages[1:]]
-        if not shapes or shapes[-1] != self.image_hw:
-            shapes.append(self.image_hw)
+        shapes = [p.hw for p in schedule.stages[1:]]
+        if not shapes or shapes[-1] != image_hw:
+            shapes.append(image_hw)
         return shapes
 
     def level_input(self, index: int, previous: Reader | None) -> StageSource:
@@ -1212,6 +1217,11 @@ class StageLevels:
         self.current = None
         self.images.close()
         self._finalizer()
+
+
+def module_bytes(modules: Sequence[torch.nn.Module]) -> int:
+    """Bytes of the modules' weights (their state dicts)."""
+    return int(sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values()))
 
 
 def _stage_list(schedule: Schedule) -> list[tuple[Size, Size, int]]:
