@@ -36,7 +36,7 @@ from refine_cli.io.image import ImageSource, LevelImage, image_level
 from refine_cli.io.masks import ProbSource, StackedSource
 from refine_cli.io.protocols import CoarseSource, LevelInput, RowWriter
 from refine_cli.io.readers import TiffReader
-from refine_cli.io.writers import TiffSink
+from refine_cli.io.writers import RAW_LEVELS_BYTES, TiffSink
 from refine_cli.refiners.base import Refiner
 from refine_cli.refiners.guard import GuardParams, GuardRefiner
 from refine_cli.report.timing import StageTimer
@@ -75,9 +75,11 @@ class LevelWriter:
     def __init__(self, folder: str, shape: tuple[int, int], channels: int, index: int = 0) -> None:
         # the index keeps two levels of one size apart (a refiner's last level and its edge snap)
         self.path = os.path.join(folder, f"level{index}_{shape[0]}x{shape[1]}.tif")
-        # temporary: fast lossless compression (ZSTD level 1 writes and reads about twice as fast as the
-        # outputs' DEFLATE at the same size on probability maps)
-        self.sink = TiffSink(self.path, shape, channels, "float32", overwrite=True, creation=fast_codec())
+        # temporary: uncompressed up to RAW_LEVELS_BYTES (reading and writing it is several times faster
+        # than decompressing), above it ZSTD level 1 (about twice DEFLATE's speed at the same size)
+        raw = shape[0] * shape[1] * channels * 4 <= RAW_LEVELS_BYTES
+        self.sink = TiffSink(self.path, shape, channels, "float32", overwrite=True,
+                             creation={"COMPRESS": "NONE"} if raw else fast_codec())
 
     def write(self, row0: int, block: np.ndarray) -> None:
         """Write blended rows ``(n, W, K)``."""

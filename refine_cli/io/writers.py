@@ -69,7 +69,8 @@ PARTS_SUFFIX = ".refine-parts"
 RAW_LEVELS_BYTES = 2 * 1024**3
 """A COG's streamed overview levels are kept uncompressed on disk up to this size (a third of the
 uncompressed output): compressing them costs more CPU than GDAL's whole overview pass saves;
-above it they are compressed like the temporary full-resolution file (ZSTD level 1)."""
+above it they are compressed like the temporary full-resolution file (ZSTD level 1). The engine's
+temporary level files (``engine.levels.LevelWriter``) follow the same rule by their own size."""
 
 TIFF_EXTS = (".tif", ".tiff")
 PNG_EXTS = (".png",)
