@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,25 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist, give each worker its share of the cores for compute threads.
+
+    N workers whose torch, OpenCV, ONNX Runtime and OpenVINO pools each take every core oversubscribe
+    them: with 2 workers on 2 cores, an official CascadePSP forward pass took twice the CPU time and
+    2.4-3.5 times the wall time of one thread per worker (spinning OpenMP threads). Set before torch is
+    imported, and inherited by the ``refine`` subprocesses (``refine run`` takes ``$OMP_NUM_THREADS``
+    as its default ``--threads``). A value the caller set is kept.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        share = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        os.environ["OMP_NUM_THREADS"] = share
+        os.environ.setdefault("OPENCV_FOR_THREADS_NUM", share)
+
+
+_share_the_cores()
+
+
 @pytest.fixture
 def shared() -> Path:
     """The read-only ../shared folder beside the checkout (skips when absent)."""
@@ -21,11 +41,68 @@ def shared() -> Path:
     return SHARED
 
 
+# The longest tests of the CI run (``--durations``), longest first: :func:`pytest_collection_modifyitems`
+# starts their modules first and them first in their module, so that the pytest-xdist workers end on short
+# tests instead of one worker running a minutes-long test alone at the end.
+LONGEST = (
+    ("test_memory.py", "test_gigapixel_class_run_is_memory_bounded_and_better_than_coarse"),
+    ("test_cascadepsp_inference.py", "test_local_step_l130_batched"),
+    ("test_runtime.py", "test_refine_run_gives_the_torch_mask"),
+    ("test_memory.py", "test_gigapixel_magnet_fast_runs_tiled_in_bounded_memory"),
+    ("test_magnet_tiled.py", "test_4k_whole_versus_tiled"),
+    ("test_memory.py", "test_streamed_cascade_is_memory_bounded"),
+    ("test_guard.py", "test_aeroplane_keeps_its_interior_with_the_default_cascade"),
+    ("test_cascadepsp_inference.py", "test_refiner_whole_image"),
+    ("test_cascadepsp_inference.py", "test_refine_exact_l450_end_to_end"),
+    ("test_runtime.py", "test_official_architecture_meets_the_golden_tolerance"),
+    ("test_cascadepsp_inference.py", "test_global_step_and_fast"),
+    ("test_magnet_models.py", "test_hrnet_golden"),
+    ("test_cascadepsp_inference.py", "test_uniform_windows_are_decided_as_counting_decides"),
+    ("test_eval_cli.py", "test_speed_benchmark_quick"),
+    ("test_batch.py", "test_sigint_flushes_journal_and_resume_is_identical"),
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Longest first (see :data:`LONGEST`), keeping each module's tests together (its module fixtures are
+    built once per worker) and every other test in collection order."""
+    rank = {key: i for i, key in enumerate(LONGEST)}
+
+    def own(item) -> int:
+        return rank.get((item.path.name, getattr(item, "originalname", item.name)), len(LONGEST))
+
+    module = {}
+    for item in items:
+        module[item.path] = min(module.get(item.path, len(LONGEST)), own(item))
+    items.sort(key=lambda item: (module[item.path], own(item)))  # stable: ties keep collection order
+
+
+def session_folder(tmp_path_factory, name: str, make) -> Path:
+    """A folder made once per test session by ``make(folder)``, shared by the pytest-xdist workers.
+
+    The first worker to ask makes it while holding a lock; the others wait for it and reuse it (a 20k x
+    20k TIFF is written once, not once per worker).
+    """
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".made").exists():
+            folder.mkdir(exist_ok=True)
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def _graphs(tmp_path_factory) -> Path:
-    """One folder of exported ONNX graphs for the whole session (an export takes seconds; graphs are
-    named by a hash of the weights, so tests cannot see each other's by mistake)."""
-    return tmp_path_factory.mktemp("refine-graphs")
+    """One folder of exported ONNX graphs for the whole session, shared by the pytest-xdist workers (an
+    export takes seconds to a minute; graphs are named by a hash of the weights, so tests cannot see each
+    other's by mistake, and written atomically, so two workers exporting the same graph do not collide)."""
+    return session_folder(tmp_path_factory, "refine-graphs", lambda folder: None)
 
 
 @pytest.fixture(autouse=True)
