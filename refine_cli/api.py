@@ -99,10 +99,10 @@ def resolve_device(spec: str, needs_torch: bool) -> str:
 def default_threads() -> int:
     """CPU threads of a run without ``--threads``.
 
-    ``$OMP_NUM_THREADS`` when it is a positive integer, else the cores this process may run on (its CPU
+    ``$REFINE_THREADS`` when it is a positive integer, else the cores this process may run on (its CPU
     affinity: ``taskset``, a container's cpuset), else all cores.
     """
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    env = os.environ.get("REFINE_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
     if hasattr(os, "sched_getaffinity"):

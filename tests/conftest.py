@@ -20,14 +20,14 @@ def _share_the_cores() -> None:
     N workers whose torch, OpenCV, ONNX Runtime and OpenVINO pools each take every core oversubscribe
     them: with 2 workers on 2 cores, an official CascadePSP forward pass took twice the CPU time and
     2.4-3.5 times the wall time of one thread per worker (spinning OpenMP threads). Set before torch is
-    imported, and inherited by the ``refine`` subprocesses (``refine run`` takes ``$OMP_NUM_THREADS``
-    as its default ``--threads``). A value the caller set is kept.
+    imported, and inherited by the ``refine`` subprocesses (``$REFINE_THREADS`` is ``refine run``'s
+    default ``--threads``). Values the caller set are kept.
     """
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
-    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+    if workers > 1:
         share = str(max(1, len(os.sched_getaffinity(0)) // workers))
-        os.environ["OMP_NUM_THREADS"] = share
-        os.environ.setdefault("OPENCV_FOR_THREADS_NUM", share)
+        for name in ("REFINE_THREADS", "OMP_NUM_THREADS", "OPENCV_FOR_THREADS_NUM"):
+            os.environ.setdefault(name, share)
 
 
 _share_the_cores()
@@ -39,42 +39,6 @@ def shared() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} not found: the shared reference data sits beside the checkout in CI")
     return SHARED
-
-
-# The longest tests of the CI run (``--durations``), longest first: :func:`pytest_collection_modifyitems`
-# starts their modules first and them first in their module, so that the pytest-xdist workers end on short
-# tests instead of one worker running a minutes-long test alone at the end.
-LONGEST = (
-    ("test_memory.py", "test_gigapixel_class_run_is_memory_bounded_and_better_than_coarse"),
-    ("test_cascadepsp_inference.py", "test_local_step_l130_batched"),
-    ("test_runtime.py", "test_refine_run_gives_the_torch_mask"),
-    ("test_memory.py", "test_gigapixel_magnet_fast_runs_tiled_in_bounded_memory"),
-    ("test_magnet_tiled.py", "test_4k_whole_versus_tiled"),
-    ("test_memory.py", "test_streamed_cascade_is_memory_bounded"),
-    ("test_guard.py", "test_aeroplane_keeps_its_interior_with_the_default_cascade"),
-    ("test_cascadepsp_inference.py", "test_refiner_whole_image"),
-    ("test_cascadepsp_inference.py", "test_refine_exact_l450_end_to_end"),
-    ("test_runtime.py", "test_official_architecture_meets_the_golden_tolerance"),
-    ("test_cascadepsp_inference.py", "test_global_step_and_fast"),
-    ("test_magnet_models.py", "test_hrnet_golden"),
-    ("test_cascadepsp_inference.py", "test_uniform_windows_are_decided_as_counting_decides"),
-    ("test_eval_cli.py", "test_speed_benchmark_quick"),
-    ("test_batch.py", "test_sigint_flushes_journal_and_resume_is_identical"),
-)
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Longest first (see :data:`LONGEST`), keeping each module's tests together (its module fixtures are
-    built once per worker) and every other test in collection order."""
-    rank = {key: i for i, key in enumerate(LONGEST)}
-
-    def own(item) -> int:
-        return rank.get((item.path.name, getattr(item, "originalname", item.name)), len(LONGEST))
-
-    module = {}
-    for item in items:
-        module[item.path] = min(module.get(item.path, len(LONGEST)), own(item))
-    items.sort(key=lambda item: (module[item.path], own(item)))  # stable: ties keep collection order
 
 
 def session_folder(tmp_path_factory, name: str, make) -> Path:
