@@ -96,13 +96,27 @@ def resolve_device(spec: str, needs_torch: bool) -> str:
     return spec
 
 
+def default_threads() -> int:
+    """CPU threads of a run without ``--threads``.
+
+    ``$REFINE_THREADS`` when it is a positive integer, else the cores this process may run on (its CPU
+    affinity: ``taskset``, a container's cpuset), else all cores.
+    """
+    env = os.environ.get("REFINE_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def set_threads(threads: int | None) -> int:
-    """Give OpenCV (and torch, if loaded) ``threads`` CPU threads (default: all cores)."""
+    """Give OpenCV (and torch, if loaded) ``threads`` CPU threads (default: :func:`default_threads`)."""
     import sys
 
     import cv2
 
-    n = threads or os.cpu_count() or 1
+    n = threads or default_threads()
     cv2.setNumThreads(n)
     torch = sys.modules.get("torch")
     if torch is not None:

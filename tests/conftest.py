@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,6 +14,25 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist, give each worker its share of the cores for compute threads.
+
+    N workers whose torch, OpenCV, ONNX Runtime and OpenVINO pools each take every core oversubscribe
+    them: with 2 workers on 2 cores, an official CascadePSP forward pass took twice the CPU time and
+    2.4-3.5 times the wall time of one thread per worker (spinning OpenMP threads). Set before torch is
+    imported, and inherited by the ``refine`` subprocesses (``$REFINE_THREADS`` is ``refine run``'s
+    default ``--threads``). Values the caller set are kept.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        share = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        for name in ("REFINE_THREADS", "OMP_NUM_THREADS", "OPENCV_FOR_THREADS_NUM"):
+            os.environ.setdefault(name, share)
+
+
+_share_the_cores()
+
+
 @pytest.fixture
 def shared() -> Path:
     """The read-only ../shared folder beside the checkout (skips when absent)."""
@@ -21,11 +41,32 @@ def shared() -> Path:
     return SHARED
 
 
+def session_folder(tmp_path_factory, name: str, make) -> Path:
+    """A folder made once per test session by ``make(folder)``, shared by the pytest-xdist workers.
+
+    The first worker to ask makes it while holding a lock; the others wait for it and reuse it (a 20k x
+    20k TIFF is written once, not once per worker).
+    """
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".made").exists():
+            folder.mkdir(exist_ok=True)
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def _graphs(tmp_path_factory) -> Path:
-    """One folder of exported ONNX graphs for the whole session (an export takes seconds; graphs are
-    named by a hash of the weights, so tests cannot see each other's by mistake)."""
-    return tmp_path_factory.mktemp("refine-graphs")
+    """One folder of exported ONNX graphs for the whole session, shared by the pytest-xdist workers (an
+    export takes seconds to a minute; graphs are named by a hash of the weights, so tests cannot see each
+    other's by mistake, and written atomically, so two workers exporting the same graph do not collide)."""
+    return session_folder(tmp_path_factory, "refine-graphs", lambda folder: None)
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import tifffile
+from conftest import session_folder
 
 from refine_cli.devtools.synthetic import random_scene, write_tiled
 from refine_cli.evaluate import EvalOptions, evaluate_streamed
@@ -30,13 +31,19 @@ LAUNCH = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).r
           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(rc)")
 
 
+def _scene_folder(tmp_path_factory, name: str, scene):
+    """The scene's tiled TIFF and 1/16 coarse mask, written once per session (shared by the workers)."""
+
+    def make(d):
+        write_tiled(scene, str(d / "big.tif"))
+        cv2.imwrite(str(d / "coarse.png"), scene.coarse(16))
+
+    return session_folder(tmp_path_factory, name, make), scene
+
+
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    d = tmp_path_factory.mktemp("big")
-    scene = random_scene((SIDE, SIDE), 6, seed=3, size=1200)
-    write_tiled(scene, str(d / "big.tif"))
-    cv2.imwrite(str(d / "coarse.png"), scene.coarse(16))
-    return d, scene
+    return _scene_folder(tmp_path_factory, "big", random_scene((SIDE, SIDE), 6, seed=3, size=1200))
 
 
 def run_measured(args: list[str]) -> tuple[int, str]:
@@ -107,11 +114,7 @@ def test_gigapixel_magnet_fast_runs_tiled_in_bounded_memory(big, tmp_path):
 @pytest.fixture(scope="module")
 def mid(tmp_path_factory):
     """An 8,000 x 8,000 scene: the exact cascade would need ~2.5 GB (40 B/px), the streamed one must not."""
-    d = tmp_path_factory.mktemp("mid")
-    scene = random_scene((8000, 8000), 6, seed=3, size=480)
-    write_tiled(scene, str(d / "big.tif"))
-    cv2.imwrite(str(d / "coarse.png"), scene.coarse(16))
-    return d, scene
+    return _scene_folder(tmp_path_factory, "mid", random_scene((8000, 8000), 6, seed=3, size=480))
 
 
 @pytest.mark.parametrize("side", [8000, pytest.param(SIDE, marks=pytest.mark.slow)])

@@ -64,3 +64,25 @@ def test_missing_config_file(tmp_path, cli, pair):
     image, mask = pair
     code, _, err = cli("run", image, "--mask", mask, "-o", tmp_path / "o.tif", "--config", tmp_path / "no.toml")
     assert code == 2 and "cannot read it" in one_line_error(err)
+
+
+def test_default_threads_come_from_refine_threads_then_the_affinity(monkeypatch, cli, pair, tmp_path):
+    """``--threads`` left out: ``$REFINE_THREADS`` when a positive integer, else the cores this process may
+    use; the run reports what it used."""
+    import os
+
+    from refine_cli.api import default_threads
+
+    monkeypatch.setenv("REFINE_THREADS", "3")
+    assert default_threads() == 3
+    for bad in ("0", "two", ""):
+        monkeypatch.setenv("REFINE_THREADS", bad)
+        assert default_threads() == len(os.sched_getaffinity(0))
+    before = cv2.getNumThreads()
+    try:
+        monkeypatch.setenv("REFINE_THREADS", "1")
+        run = (pair[0], "--mask", pair[1], "--method", "guided")
+        assert _report(cli, *run, "-o", tmp_path / "a.png")["config"]["threads_used"] == 1
+        assert _report(cli, *run, "-o", tmp_path / "b.png", "--threads", "2")["config"]["threads_used"] == 2
+    finally:
+        cv2.setNumThreads(before)

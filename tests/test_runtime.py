@@ -160,21 +160,39 @@ def test_training_and_reduced_precision_stay_in_torch():
             assert len(model(im, seg)) == 12
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_refine_run_gives_the_torch_mask(backend, cli, tmp_path):
+def _cascade_scene_mask(cli, out: Path, backend: str) -> np.ndarray:
+    """``refine run --method cascade --backend BACKEND`` on the sample scene: the ``(H, W)`` bool mask."""
     import cv2
 
+    code, _, err = cli("run", SAMPLES / "scene.jpg", "--mask", SAMPLES / "scene_coarse.png", "-o", out,
+                       "--method", "cascade", "--backend", backend, "-q")
+    assert code == 0, err
+    return cv2.imread(str(out), cv2.IMREAD_GRAYSCALE) > 127
+
+
+@pytest.fixture(scope="module")
+def torch_scene_mask(tmp_path_factory) -> np.ndarray:
+    """The torch run's mask, once for every backend compared with it (in a weights cache of its own)."""
+    from refine_cli.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            return int(exc.code or 0), "", "see the captured stderr"
+        return 0, "", ""
+
+    folder = tmp_path_factory.mktemp("torch-scene")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REFINE_HOME", str(folder / "home"))
+        return _cascade_scene_mask(run, folder / "torch.png", "torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_refine_run_gives_the_torch_mask(backend, cli, tmp_path, torch_scene_mask):
     from refine_cli.weights import refine_home
 
-    root = SAMPLES
-    masks = {}
-    for b in ("torch", backend):
-        out = tmp_path / f"{b}.png"
-        code, _, err = cli("run", root / "scene.jpg", "--mask", root / "scene_coarse.png", "-o", out,
-                           "--method", "cascade", "--backend", b, "-q")
-        assert code == 0, err
-        masks[b] = cv2.imread(str(out), cv2.IMREAD_GRAYSCALE) > 127
-    a, b = masks["torch"], masks[backend]
+    a, b = torch_scene_mask, _cascade_scene_mask(cli, tmp_path / f"{backend}.png", backend)
     assert (a & b).sum() / (a | b).sum() >= 0.999
     assert list((refine_home() / "graphs").glob("*.onnx"))  # the graphs went to the cache
 

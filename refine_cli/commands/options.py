@@ -297,7 +297,7 @@ OPTIONS: dict[str, Any] = {
     "bands": _opt(str | None, "--bands", INPUT,
         text="Image bands to use as RGB, 1-based, e.g. 3,2,1."),
     "threads": _opt(int | None, "--threads", MEMORY,
-        text="CPU threads (default: all cores)."),
+        text="CPU threads (default: $REFINE_THREADS, else the cores this process may use)."),
     "max_pixels": _opt(float, "--max-pixels", ADVANCED,
         text="Refuse images declaring more pixels than this."),
     "inline_limit": _opt(float, "--inline-limit", ADVANCED,

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from refine_cli.errors import DependencyError, OutputError, OutputExistsError, UsageError
+from refine_cli.errors import DependencyError, OutputError, UsageError
+from refine_cli.io.commit import TwoPhaseOutput, refuse_appeared
 from refine_cli.io.writers import check_output, fsync_dir, temp_path_for, write_error
 
 FORMATS = {"gpkg": "GPKG", "geojson": "GeoJSON", "fgb": "FlatGeobuf", "parquet": "Parquet"}
@@ -197,7 +198,7 @@ class _ParquetStream:
             pass
 
 
-class VectorSink:
+class VectorSink(TwoPhaseOutput):
     """Streams polygons with attributes into one vector file, atomically.
 
     Args:
@@ -284,9 +285,7 @@ class VectorSink:
 
     def check_publishable(self) -> None:
         """Refuse before any rename when the target appeared meanwhile and ``overwrite`` is false."""
-        if not self.overwrite and os.path.exists(self.path):
-            raise OutputExistsError(f"output {self.path} appeared while running; pass --overwrite to "
-                                    "replace it")
+        refuse_appeared(self.path, self.overwrite)
 
     def publish(self) -> None:
         """Phase 2: rename the finished file into place."""
@@ -305,18 +304,6 @@ class VectorSink:
             Path(self.path).unlink(missing_ok=True)
             self._published = False
         self.closed = True
-
-    def cleanup(self) -> None:
-        """Nothing to drop after publishing."""
-
-    def commit(self) -> None:
-        """Prepare and publish (a sink on its own); nothing stays on failure."""
-        try:
-            self.prepare()
-            self.publish()
-        except BaseException:
-            self.rollback()
-            raise
 
     def abort(self) -> None:
         """Stop writing and remove the temporary file."""

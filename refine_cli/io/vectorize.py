@@ -16,6 +16,7 @@ import numpy as np
 
 from refine_cli.config import MASK_FG
 from refine_cli.errors import InputError, UsageError
+from refine_cli.io.commit import TwoPhaseOutput
 from refine_cli.io.readers import Georef, open_raster
 from refine_cli.io.vector import BandPolygonizer, PolygonOptions, parse_measure
 from refine_cli.io.vector_sink import Field, VectorSink, vector_format
@@ -62,11 +63,11 @@ class VectorSpec:
                               simplify=simplify, min_area=min_area)
 
 
-class PolygonWriter:
+class PolygonWriter(TwoPhaseOutput):
     """Rows of a class map in, polygons out to a vector file, atomically.
 
-    Has the two-phase commit of the raster sinks (``prepare``, ``check_publishable``, ``publish``,
-    ``rollback``, ``cleanup``, ``abort``), so it commits with the run's other outputs.
+    Has the two-phase commit of the raster sinks (:class:`~refine_cli.io.commit.TwoPhaseOutput`), so it
+    commits with the run's other outputs.
 
     Args:
         spec: the file and the polygon options.
@@ -122,18 +123,6 @@ class PolygonWriter:
     def rollback(self) -> None:
         """Remove the temporary or published file."""
         self.sink.rollback()
-
-    def cleanup(self) -> None:
-        """Nothing to drop."""
-
-    def commit(self) -> None:
-        """Prepare and publish; nothing stays on failure."""
-        try:
-            self.prepare()
-            self.publish()
-        except BaseException:
-            self.sink.rollback()
-            raise
 
     def abort(self) -> None:
         """Drop the file."""

@@ -44,6 +44,7 @@ from xml.sax.saxutils import escape as xml_escape
 import numpy as np
 
 from refine_cli.errors import OutputError, OutputExistsError, UsageError, exception_chain
+from refine_cli.io.commit import TwoPhaseOutput, refuse_appeared
 from refine_cli.io.creation import block_rows, intermediate_options, streamable
 from refine_cli.io.creation import merged as creation_merged
 from refine_cli.io.overviews import StreamedOverviews, halves_exactly, level_shapes, overview_vrt
@@ -306,7 +307,7 @@ def write_error(path: str, exc: BaseException, native: list[str] | None = None) 
     return err
 
 
-class RasterSink:
+class RasterSink(TwoPhaseOutput):
     """Receives an image as consecutive full-width row blocks.
 
     Finishing is two-phase (see the module docstring): :meth:`prepare` writes every file under a
@@ -352,16 +353,11 @@ class RasterSink:
         """Write rows ``row0 .. row0 + n`` (``(n, W)`` or ``(n, W, bands)``)."""
         raise NotImplementedError
 
-    def prepare(self) -> None:
-        """Phase 1: finish every file of this sink under a temporary name (fsynced)."""
-        raise NotImplementedError
-
     def check_publishable(self) -> None:
         """Refuse before any rename when a final name exists and ``overwrite`` is false."""
         for _, final, sidecar in self._staged:
-            if not sidecar and not self.overwrite and os.path.exists(final):
-                raise OutputExistsError(f"output {final} appeared while running; pass --overwrite to "
-                                        "replace it")
+            if not sidecar:
+                refuse_appeared(final, self.overwrite)
 
     def publish(self) -> None:
         """Phase 2: rename the prepared files to their final names (main file last)."""
@@ -388,23 +384,6 @@ class RasterSink:
             _unlink(final)
         self._published.clear()
         self.closed = True
-
-    def cleanup(self) -> None:  # noqa: B027 - optional
-        """After the whole unit is published: drop what is no longer needed."""
-
-    def commit(self) -> None:
-        """Finish the file and move it to its final name (prepare, publish, cleanup)."""
-        try:
-            self.prepare()
-            self.publish()
-        except BaseException:
-            self.rollback()
-            raise
-        self.cleanup()
-
-    def abort(self) -> None:
-        """Drop everything written; no file remains."""
-        raise NotImplementedError
 
 
 class TiffSink(RasterSink):

@@ -191,8 +191,27 @@ def _plain_lerp(a: Tensor, wa: Tensor, b: Tensor, wb: Tensor) -> Tensor:
     return a * wa + b * wb
 
 
+_Axes = tuple[tuple[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor, Tensor]]
+"""The :func:`_linear_axis` of a window's rows and of its columns."""
+
+
+def _window_axes(src_shape: tuple[int, int], out_shape: tuple[int, int], window: Window) -> _Axes:
+    """The :func:`_linear_axis` of ``window``'s rows and columns, upsampling ``src_shape`` to ``out_shape``.
+
+    Args:
+        src_shape: ``(h, w)`` of the source map.
+        out_shape: ``(H, W)`` of the full upsampled map.
+        window: the part of the ``H x W`` output wanted (inside it).
+
+    Returns:
+        ``(ys, xs)``: each ``(i0, i1, l0, l1)``, ``(window.height,)`` and ``(window.width,)``.
+    """
+    return (_linear_axis(int(src_shape[0]), int(out_shape[0]), window.row, window.row_end),
+            _linear_axis(int(src_shape[1]), int(out_shape[1]), window.col, window.col_end))
+
+
 def upsample_bilinear_window(src: Tensor, out_shape: tuple[int, int], window: Window, *,
-                             exact: bool = True) -> Tensor:
+                             exact: bool = True, axes: _Axes | None = None) -> Tensor:
     """One window of ``F.interpolate(src, size=out_shape, mode='bilinear', align_corners=False)``.
 
     Computes only the requested output pixels, so a full-resolution upsampled plane is
@@ -207,6 +226,8 @@ def upsample_bilinear_window(src: Tensor, out_shape: tuple[int, int], window: Wi
         window: the part of the ``H x W`` output wanted (inside it).
         exact: ``False`` rounds each weighted sum in float32 instead of as the fused kernel does (about
             twice as fast; within 5e-7 of the exact values for sources in [0, 1]).
+        axes: :func:`_window_axes` of ``src``'s ``(h, w)``, ``out_shape`` and ``window``, when the caller
+            has them already (computed here otherwise).
 
     Returns:
         ``(N, C, window.height, window.width)`` float32 on the CPU.
@@ -215,8 +236,9 @@ def upsample_bilinear_window(src: Tensor, out_shape: tuple[int, int], window: Wi
     if window == Window.full((out_h, out_w)) or out_h + out_w <= 128:
         full = F.interpolate(src, size=(out_h, out_w), mode="bilinear", align_corners=False)
         return full[(..., *window.slices)]
-    y0, y1, wy0, wy1 = _linear_axis(src.shape[-2], out_h, window.row, window.row_end)
-    x0, x1, wx0, wx1 = _linear_axis(src.shape[-1], out_w, window.col, window.col_end)
+    if axes is None:
+        axes = _window_axes((src.shape[-2], src.shape[-1]), (out_h, out_w), window)
+    (y0, y1, wy0, wy1), (x0, x1, wx0, wx1) = axes
     # interpolate along x once per source row the window reads (an upsampling reads each several times)
     lerp = _fused_lerp if exact else _plain_lerp
     rows = torch.unique(torch.cat([y0, y1]))
@@ -420,24 +442,38 @@ def global_maps_window(glob: GlobalStep, window: Window) -> tuple[Tensor, Tensor
         ``seg`` ``(1, 1, h, w)`` float32 in {-1, +1} (``up(pred_224) > 0.5``) and ``inter``
         ``(1, 1, h, w)`` float32 in [-1, 1] (``2 up(pred_56_2) - 1``), on the CPU.
     """
+    return _binarised_global(glob, window), _feedback_window(glob, window)
+
+
+def _feedback_window(glob: GlobalStep, window: Window) -> Tensor:
+    """The soft feedback over a window: ``2 up(pred_56_2) - 1``, ``(1, 1, h, w)`` float32 in [-1, 1]."""
     soft = upsample_bilinear_window(glob.pred_56, glob.full_shape, window)
-    return _binarised_global(glob, window), CascadeRefinementModule.prob_to_feedback(soft)
+    return CascadeRefinementModule.prob_to_feedback(soft)
+
+
+def _global_axes(glob: GlobalStep, window: Window) -> _Axes:
+    """:func:`_window_axes` of ``pred_224`` upsampled to the full image, over ``window``."""
+    src = glob.pred_224
+    return _window_axes((src.shape[-2], src.shape[-1]), glob.full_shape, window)
 
 
 _SIDE_CHECK = 1e-6
 """A plainly rounded upsampled value this close to 0.5 is recomputed exactly before it is thresholded."""
 
 
-def _binarised_global(glob: GlobalStep, window: Window) -> Tensor:
+def _binarised_global(glob: GlobalStep, window: Window, axes: _Axes | None = None) -> Tensor:
     """``(up(pred_224) > 0.5) * 2 - 1`` over a window: ``(1, 1, h, w)`` float32 in {-1, +1}.
 
     The values are upsampled with plain float32 rounding; only when one lies within
     :data:`_SIDE_CHECK` of 0.5, where the rounding could decide the side, is the window upsampled
-    exactly. The result is the exact upsampling's, thresholded.
+    exactly. The result is the exact upsampling's, thresholded. ``axes``: :func:`_global_axes` of the
+    window, when the caller has them.
     """
-    up = upsample_bilinear_window(glob.pred_224, glob.full_shape, window, exact=False)
+    if axes is None:
+        axes = _global_axes(glob, window)
+    up = upsample_bilinear_window(glob.pred_224, glob.full_shape, window, exact=False, axes=axes)
     if bool(((up - 0.5).abs() <= _SIDE_CHECK).any()):
-        up = upsample_bilinear_window(glob.pred_224, glob.full_shape, window)
+        up = upsample_bilinear_window(glob.pred_224, glob.full_shape, window, axes=axes)
     return (up > 0.5).to(torch.float32) * 2 - 1
 
 
@@ -446,20 +482,23 @@ _SIDE_MARGIN = 1e-4
 weights are rounded to float32, so a weighted mean may overshoot its inputs by a few 1e-7)."""
 
 
-def _uniform_global(glob: GlobalStep, window: Window) -> float | None:
+def _uniform_global(glob: GlobalStep, window: Window, axes: _Axes | None = None) -> float | None:
     """The foreground fraction of ``up(pred_224) > 0.5`` over ``window`` when it is provably 0 or 1.
 
     Bilinear upsampling is a convex combination of the source pixels a window reads, so when all of
     them lie below ``0.5 - margin`` (above ``0.5 + margin``) every upsampled pixel does too, and the
     fraction is exactly 0.0 (1.0), as counting would find, without upsampling the window.
 
+    Args:
+        glob: the global step.
+        window: part of the full-resolution image.
+        axes: :func:`_global_axes` of the window, when the caller has them.
+
     Returns:
         ``0.0`` or ``1.0``, or ``None`` when the sources straddle 0.5 and the window must be counted.
     """
     src = glob.pred_224
-    out_h, out_w = glob.full_shape
-    ys = _linear_axis(int(src.shape[-2]), out_h, window.row, window.row_end)
-    xs = _linear_axis(int(src.shape[-1]), out_w, window.col, window.col_end)
+    ys, xs = axes if axes is not None else _global_axes(glob, window)
     foot = src[..., int(ys[0].min()) : int(ys[1].max()) + 1, int(xs[0].min()) : int(xs[1].max()) + 1]
     if float(foot.max()) < 0.5 - _SIDE_MARGIN:
         return 0.0
@@ -526,10 +565,11 @@ def _patch_outcome(glob: GlobalStep, patch: CascadePatch) -> tuple[PatchOutcome,
     Returns:
         The outcome, and ``seg`` ``(1, 1, L, L)`` float32 in {-1, +1} for a patch that runs (else ``None``).
     """
-    uniform = _uniform_global(glob, patch.window)
+    axes = _global_axes(glob, patch.window)
+    uniform = _uniform_global(glob, patch.window, axes)
     if uniform is not None and not SKIP_LOW <= uniform <= SKIP_HIGH:
         return PatchOutcome(patch, uniform, False), None
-    seg = _binarised_global(glob, patch.window)
+    seg = _binarised_global(glob, patch.window, axes)
     frac = _foreground_fraction(seg)
     processed = SKIP_LOW <= frac <= SKIP_HIGH
     return PatchOutcome(patch, frac, processed), seg if processed else None
@@ -581,8 +621,7 @@ def local_step(
         outcomes.append(outcome)
         if seg is None:
             continue
-        inter = CascadeRefinementModule.prob_to_feedback(
-            upsample_bilinear_window(glob.pred_56, glob.full_shape, patch.window))
+        inter = _feedback_window(glob, patch.window)
         crop = img[patch.window.slices].permute(2, 0, 1)[None].to(dev)
         pending.append((patch, model.normalize_image(crop), seg.to(dev), inter.to(dev)))
         if len(pending) >= batcher.batch_size:
@@ -601,9 +640,10 @@ def local_step(
         if bool((c > 0).all()):
             a /= c
         else:
-            uniform = _uniform_global(glob, band)
+            axes = _global_axes(glob, band)
+            uniform = _uniform_global(glob, band, axes)
             fallback = (torch.full_like(a, uniform) if uniform is not None
-                        else _binarised_global(glob, band)[0, 0] / 2 + 0.5)
+                        else _binarised_global(glob, band, axes)[0, 0] / 2 + 0.5)
             a.copy_(torch.where(c > 0, a / c, fallback))
     logger.debug(
         "local step: %d patches, %d processed, %d px uncovered",
