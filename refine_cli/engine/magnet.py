@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from refine_cli.engine.levels import LevelWriter, run_levels
 from refine_cli.errors import UsageError
@@ -28,6 +27,7 @@ from refine_cli.refiners.base import Refiner, TileInput, TileResult
 from refine_cli.refiners.magnet import MagnetPreset, Schedule, StageProgress, StageStats
 from refine_cli.refiners.magnet_tiled import (
     ArrayImage,
+    LevelY,
     StageLevels,
     StagePassThrough,
     TiledPlan,
@@ -55,7 +55,8 @@ class TiledMagnetResult:
 
     def __init__(self, final: Reader, stages: StageLevels, classes: tuple[str, ...]) -> None:
         self.final, self.run, self.classes = final, stages, classes
-        self.shape: Size = (int(final.shape[0]), int(final.shape[1]))
+        self.y = LevelY(final)  # the final Y as stages read theirs, (1, C, h, w) by window
+        self.shape: Size = self.y.shape
 
     @property
     def stages(self) -> list[StageStats]:
@@ -72,24 +73,19 @@ class TiledMagnetResult:
         """The memory plan."""
         return self.run.plan
 
-    def _y(self, window: Window) -> torch.Tensor:
-        """``(1, C, h, w)`` float32 final Y over ``window``."""
-        values = np.asarray(self.final.read(window), dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(values.transpose(2, 0, 1)))[None]
-
     def probs(self, window: Window) -> np.ndarray:
         """``(h, w, C)`` float32 final probabilities over ``window``."""
         return np.ascontiguousarray(self.final.read(window), dtype=np.float32)
 
     def labels(self, window: Window) -> np.ndarray:
         """``(h, w)`` uint8 (uint16 above 256 classes) argmax (ties: lowest class)."""
-        y = self._y(window)
+        y = self.y.read(window)
         dtype = np.uint8 if y.shape[1] <= 256 else np.uint16
         return y.argmax(dim=1)[0].numpy().astype(dtype)
 
     def uncertainty(self, window: Window) -> np.ndarray:
         """``(h, w)`` float32 ``1 - (top1 - top2)`` of the final Y."""
-        return fast_uncertainty(self._y(window))[0, 0].numpy()
+        return fast_uncertainty(self.y.read(window))[0, 0].numpy()
 
     def report(self) -> dict[str, Any]:
         """Plain-JSON facts, the same keys as :meth:`MagnetResult.report` plus ``tiled``."""
@@ -97,7 +93,7 @@ class TiledMagnetResult:
 
     def close(self) -> None:
         """Delete the final Y and the run's temporary files (idempotent)."""
-        self.final.close()
+        self.y.close()
         self.run.close()
 
 
