@@ -90,7 +90,7 @@ def test_gigapixel_magnet_fast_runs_tiled_in_bounded_memory(big, tmp_path):
     out, rep_path = tmp_path / "out.tif", tmp_path / "rep.json"
     rss, _ = run_measured(["run", str(d / "big.tif"), "-o", str(out), "--method", "magnet-fast",
                            "--segmenter", str(seg), "--weights", str(weights), "--report", str(rep_path),
-                           "--threads", "1", "-q"])
+                           "--threads", "1", "--max-memory", "1536M", "-q"])
     rep = json.loads(rep_path.read_text())
     assert rss < LIMIT, f"peak RSS {rss / 2**20:.0f} MiB"
     assert rep["peak_rss_bytes"] < LIMIT
