@@ -30,8 +30,8 @@ large, 4K-8K (12-45 MPx), made by ``make_composites.py`` with the generator of t
 
 huge, >= 100 MPx:
 
-* ``aerial-huge``: one 10240² aerial scene (105 MPx), written 1024 rows at a time as tiled
-  deflate TIFF (image, GT 0/255, detector); nothing holds the whole image.
+* ``aerial-huge``: one 10240² aerial scene (105 MPx; ``--huge-side 20000``: 400 MPx), written 1024
+  rows at a time as tiled deflate TIFF (image, GT 0/255, detector); nothing holds the whole image.
 
 Coarse kinds, at the same size *relative to the image* in every set:
 
@@ -1093,7 +1093,7 @@ def build_sets(args: argparse.Namespace, work: Path, wanted: list[str]) -> list[
     if want & set(SIZE_CLASSES["large"]):
         sets += large_sets(work, 6, 4, seg, want)
     if "aerial-huge" in want:
-        sets.append(huge_set(work, HUGE_SIDE))
+        sets.append(huge_set(work, args.huge_side))
     return sets
 
 
@@ -1122,6 +1122,8 @@ def main(argv: list[str] | None = None) -> int:
                              ".png (.tif for the large and huge sets)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--huge-side", type=int, default=HUGE_SIDE, help=f"side of the aerial-huge scene, px "
+                        f"(default {HUGE_SIDE}: 105 MPx; 20000 gives 400 MPx)")
     parser.add_argument("--scene-tiffs", default=None, help=argparse.SUPPRESS)  # internal: huge_set's child
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s",

@@ -229,3 +229,51 @@ def test_dry_run_plans_the_path_and_levels_the_run_takes(jpeg_scene, tmp_path, t
     rep = refine_file(img, mask, str(tmp_path / "o.tif"), config=cfg)
     assert len(rep.levels) > (1 if budget < 1 << 30 else 0)
     assert planned.total == rep.memory_plan["estimate_bytes"] <= budget
+
+
+def test_overview_loss_tells_small_objects_from_large_ones():
+    from refine_cli.refiners.cascade_stream import overview_loss
+
+    yy, xx = np.mgrid[:640, :640]
+    disk = ((yy - 320) ** 2 + (xx - 320) ** 2 < 200 ** 2).astype(np.float32)
+    dots = np.zeros((640, 640), np.float32)
+    dots[::8, ::8] = 0.2  # objects a fifth of an overview pixel in area
+    assert overview_loss(disk) == 0.0  # already binary at the overview
+    assert overview_loss(cv2.blur(disk, (3, 3))) < 0.01
+    assert overview_loss(dots) == pytest.approx(1.0)
+    assert overview_loss(np.zeros((8, 8), np.float32)) == 0.0
+
+
+def many_objects(d, shape, mask_shape, seed=4):
+    """Dark image with ~600 bright dots of 4-7 px radius; the mask is the dots at ``mask_shape``."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(20, 60, (*shape, 3)).astype(np.uint8)
+    fg = np.zeros(shape, np.uint8)
+    for _ in range(600):
+        y, x, r = int(rng.integers(8, shape[0] - 8)), int(rng.integers(8, shape[1] - 8)), int(rng.integers(4, 8))
+        cv2.circle(fg, (x, y), r, 255, -1)
+    img[fg > 0] = (200, 190, 180)
+    write_png(d / "img.png", img)
+    cv2.imwrite(str(d / "coarse.png"), cv2.resize(fg, mask_shape[::-1], interpolation=cv2.INTER_AREA))
+    return d
+
+
+@pytest.mark.parametrize("mask_shape, levels", [((1200, 1600), [1600]), ((600, 800), [1600])])
+def test_streamed_levels_start_from_a_mask_the_overview_cannot_show(tmp_path, tiny, mask_shape, levels):
+    d = many_objects(tmp_path, (1200, 1600), mask_shape)
+    out, rep = run(d, tmp_path, tiny, "anchored", exact=False, skip="boundary")
+    anchor = rep.refiner["anchor"]
+    assert anchor["mask_shape"] == list(mask_shape) and anchor["overview_loss"] > 0.5
+    assert [lv["width"] for lv in rep.levels][:len(levels)] == levels
+    assert rep.levels[0]["refined"] > 0
+    assert any("levels start from the mask" in n for n in rep.notes)
+    # the guard keeps the objects the random tiny network may lose: most of the mask survives
+    mask = cv2.resize(cv2.imread(str(d / "coarse.png"), 0), (1600, 1200), interpolation=cv2.INTER_LINEAR) >= 128
+    got = out >= 128
+    assert (got & mask).sum() / max(1, (got | mask).sum()) > 0.7
+
+
+def test_streamed_levels_keep_the_global_step_for_large_objects(scene, tmp_path, tiny):
+    _, rep = run(scene, tmp_path, tiny, "global", exact=False)
+    assert rep.refiner["anchor"] is None
+    assert not any("levels start from the mask" in n for n in rep.notes)

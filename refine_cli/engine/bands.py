@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from refine_cli.engine.heap import limit_heap_retention
 from refine_cli.engine.levels import LevelSettings, level_grid
 from refine_cli.engine.runner import GridRunner, GridStats
 from refine_cli.io.masks import ProbSource, StackedSource
@@ -146,6 +147,7 @@ def run_band(image: ImageWindows, coarse: CoarseSource, refiner: Refiner, step: 
     Returns:
         The band's tile counts (the tiles of the grid rows that touch the band).
     """
+    limit_heap_retention()
     _, mplan, grid = level_grid(step.shape, refiner, coarse, step.carries_uncertainty and not step.final,
                                 step.final, settings)
     runner = GridRunner(image, coarse, refiner, grid, writer, settings.timer, queue_depth=mplan.queue_depth,

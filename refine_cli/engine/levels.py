@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from refine_cli.engine.heap import limit_heap_retention, release_free_heap
 from refine_cli.engine.runner import GridRunner, GridStats
 from refine_cli.io.creation import fast_codec
 from refine_cli.io.image import ImageSource, LevelImage, image_level
-from refine_cli.io.masks import ProbSource, StackedSource
+from refine_cli.io.masks import MaskSource, ProbSource, StackedSource
 from refine_cli.io.protocols import CoarseSource, LevelInput, RowWriter
 from refine_cli.io.readers import TiffReader
 from refine_cli.io.writers import RAW_LEVELS_BYTES, TiffSink
@@ -193,6 +194,7 @@ def run_levels(
     Returns:
         One :class:`LevelResult` per level, coarse to fine.
     """
+    limit_heap_retention()
     settings = LevelSettings(timer, budget, bytes_out, overlap, tile_size, batch_size, skip_uniform, progress,
                              start_row, resident)
     shapes = _level_shapes(refiner, src.shape)
@@ -225,6 +227,7 @@ def run_levels(
             if made is not None:
                 made.close()
                 made = None
+            release_free_heap()
     finally:
         _release(opened, made, folder if own_folder else None)
     return results
@@ -236,7 +239,8 @@ def _level_coarse(refiner: Refiner, position: tuple[int, int], mask: CoarseSourc
     """A level's coarse input, and the same again when it must be closed after the level.
 
     The refiner's own (:meth:`Refiner.level_input`) for its levels; else the previous level's file
-    resampled to ``shape``; for the first level the refiner's global step or the user's mask.
+    resampled to ``shape``; for the first level the refiner's global step or the user's mask (resampled
+    to ``shape`` when the level is smaller than the image).
 
     Args:
         refiner: the prepared method.
@@ -267,6 +271,8 @@ def _level_coarse(refiner: Refiner, position: tuple[int, int], mask: CoarseSourc
         return level, level
     if mask is None:
         raise ValueError("no coarse input: give a mask, or a refiner that makes one")
+    if isinstance(mask, MaskSource) and mask.shape != shape:
+        return mask.at(shape), None  # a first level below the image size reads the mask on its own grid
     return mask, None
 
 

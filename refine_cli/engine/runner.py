@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from refine_cli.engine.heap import HeapTrimmer
 from refine_cli.io.protocols import CoarseSource, ImageWindows, RowWriter
 from refine_cli.refiners.base import Refiner, TileInput, TileResult
 from refine_cli.report.tiles import TILE_HELD, TILE_NOT_RUN, TILE_REFINED, TILE_SKIPPED
@@ -273,6 +274,7 @@ class GridRunner:
 
     def _compute(self, q_in: queue.Queue, q_out: queue.Queue) -> None:
         done = False
+        trimmer = HeapTrimmer()  # freed working memory of the refiner goes back to the system
         while not done:
             item = self._get(q_in)
             batch = [item]
@@ -288,6 +290,8 @@ class GridRunner:
                 batch.pop()
             pending = [b for b in batch if b.skip is None]
             refined = iter(self._refine_items(pending)) if pending else iter(())
+            if pending:
+                trimmer.tick()
             states = self.stats.states
             assert states is not None
             for b in batch:

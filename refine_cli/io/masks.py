@@ -51,6 +51,7 @@ class, only for the classes present in the window.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Iterator
@@ -293,6 +294,18 @@ class MaskSource:
         self.kind = self._detect(classes, kind, threshold)
         self.classes = self.kind.classes
         self.resampler = Resampler(self.native_shape, self.shape)
+
+    def at(self, shape: tuple[int, int]) -> MaskSource:
+        """The same mask on another grid of at least its native size (a pyramid level of the image).
+
+        Shares the reader and the detected kind; windows are then in ``shape``'s coordinates.
+        """
+        shape = (int(shape[0]), int(shape[1]))
+        check_mask_shape(self.native_shape, shape, self.path)
+        view = copy.copy(self)
+        view.shape = shape
+        view.resampler = Resampler(self.native_shape, shape)
+        return view
 
     # -- setup --------------------------------------------------------------
     def _blocks(self, block: int = SCAN_BLOCK) -> Iterator[Window]:

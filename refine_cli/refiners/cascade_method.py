@@ -194,7 +194,13 @@ class CascadeMethod(Refiner):
         return stream, "streamed", why, snap
 
     def plan_levels(self, scene: Scene) -> list[PlannedLevel]:
-        """The chosen path's levels (exact: the whole image as one tile), then the edge snap."""
+        """The chosen path's levels (exact: the whole image as one tile), then the edge snap.
+
+        The streamed path is planned with its global step. Whether a run starts its levels from the
+        mask instead depends on the mask's content (``CascadeStreamRefiner.anchor``), which the plan
+        does not read; those levels are at most as many, and the image-size level, the largest, is
+        the same.
+        """
         from refine_cli.refiners.cascade_stream import CascadeStreamRefiner
 
         impl, _, _, snap = self._choose(scene)

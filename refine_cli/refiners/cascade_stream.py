@@ -28,6 +28,12 @@ whole image; this one streams. Steps:
    ``boundary``: a window is skipped only when its binarised input lies on one side
    of 0.5 everywhere (thin structures under 10 % are refined too).
 
+5. **Anchor** (binary and soft masks). When the user's mask is finer than the overview and
+   binarising its overview loses more than a quarter of its foreground (many objects
+   a few overview pixels wide: an orthophoto's roofs at 1/31 scale), the global step could only
+   erase them. The levels then start from the mask's own resolution instead, with the mask as the
+   first level's input (``seg`` its binarised value, ``inter`` its soft value) and no global step.
+
 Label maps are refined class by class (each class a binary cascade; classes absent
 from a window cost nothing) and merged by argmax of the refined probabilities.
 """
@@ -55,6 +61,31 @@ HALO = 32
 
 SKIP_LOW, SKIP_HIGH = 0.1, 0.9
 """The official local step skips patches under 10 % or over 90 % foreground."""
+
+ANCHOR_LOST = 0.25
+"""The levels start from the user's mask when the overview loses more than this share of its foreground ..."""
+
+ANCHOR_DETAIL = 1.0
+"""... and the mask's long side is more than this many times the overview's."""
+
+
+def overview_loss(share: np.ndarray) -> float:
+    """The share of a mask's foreground that binarising its overview gets wrong.
+
+    Args:
+        share: ``(h, w)`` float32 in ``[0, 1]``: the fraction of each overview pixel that is
+            foreground (the binarised mask, area-averaged).
+
+    Returns:
+        ``sum(min(share, 1 - share)) / sum(share)`` in ``[0, 1]`` (0 for an empty mask): about
+        ``1 / (2 r)`` for one round object of radius ``r`` overview px, near 1 for objects smaller
+        than an overview pixel.
+    """
+    s = share.astype(np.float64, copy=False)
+    total = float(s.sum())
+    if total <= 0.0:
+        return 0.0
+    return float(np.minimum(s, 1.0 - s).sum() / total)
 
 
 def _forward(model: CascadeRefinementModule, images: np.ndarray, seg: np.ndarray, inter: np.ndarray | None,
@@ -84,12 +115,18 @@ def _forward(model: CascadeRefinementModule, images: np.ndarray, seg: np.ndarray
     return {k: out[k][:, 0].cpu().numpy() for k in ("pred_224", "pred_56_2")}
 
 
+def _channels(coarse: np.ndarray) -> np.ndarray:
+    """A window's coarse input as ``(h, w, K)`` (a one-channel input may come as ``(h, w)``)."""
+    return coarse if coarse.ndim == 3 else coarse[..., None]
+
+
 class CascadeLevelRefiner(Refiner):
     """The local step of one level: two cascade iterations per ``L x L`` window.
 
-    Coarse input channels: binary ``[pred_224, pred_56]`` of the previous level;
-    label maps ``[pred_224 of class 0 .. C-1]``. Output: the same layout, or just
-    ``pred_224`` on the final level of a binary mask.
+    Coarse input channels: binary ``[pred_224, pred_56]`` of the previous level, or the user's
+    soft mask alone on an anchored first level; label maps ``[pred_224 of class 0 .. C-1]``.
+    Output: ``[pred_224, pred_56]``, or just ``pred_224`` on the final level of a binary mask;
+    label maps the same layout as the input.
     """
 
     name = "cascade"
@@ -148,7 +185,7 @@ class CascadeLevelRefiner(Refiner):
         ``boundary``: nothing to refine (channel 0 on one side of 0.5 everywhere); ``official``:
         under 10 % or over 90 % of the window is foreground (the official local-step rule).
         """
-        fg = coarse[..., 0] > 0.5
+        fg = _channels(coarse)[..., 0] > 0.5
         if self.skip == "boundary":
             return bool(fg.all() or not fg.any())
         frac = float(np.float32(fg.sum()) / np.float32(fg.size))
@@ -160,11 +197,12 @@ class CascadeLevelRefiner(Refiner):
 
     def skip_output(self, coarse: np.ndarray) -> np.ndarray:
         """The binarised input (the official fallback) and, between levels, the soft OS4 map."""
+        coarse = _channels(coarse)
         binary = ((coarse[..., :1] > 0.5).astype(np.float32) if not self.labels
                   else (coarse > 0.5).astype(np.float32))
         if self.labels or self.final:
             return binary
-        return np.concatenate([binary, coarse[..., 1:2]], axis=-1)
+        return np.concatenate([binary, coarse[..., -1:]], axis=-1)
 
     def refine(self, tile: TileInput) -> TileResult:
         """Refine one window (see :meth:`refine_batch`)."""
@@ -180,9 +218,9 @@ class CascadeLevelRefiner(Refiner):
             h, w = t.rgb().shape[:2]
             groups[(h, w)].append(i)
         for idx in groups.values():
-            coarse = np.stack([tiles[i].coarse for i in idx])
+            coarse = np.stack([_channels(tiles[i].coarse) for i in idx])
             seg = np.where(coarse[..., 0] > 0.5, 1.0, -1.0).astype(np.float32)
-            inter = (2 * coarse[..., 1] - 1).astype(np.float32)
+            inter = (2 * coarse[..., -1] - 1).astype(np.float32)  # pred_56, or the user's soft mask
             out = _forward(self.model, np.stack([tiles[i].rgb() for i in idx]), seg, inter, self.precision)
             for j, i in enumerate(idx):
                 p224 = out["pred_224"][j]
@@ -241,9 +279,11 @@ class CascadeStreamRefiner(Refiner):
         self.halo = HALO
         self._top: np.ndarray | None = None
         self._levels: list[tuple[int, int]] = []
+        self.anchor: dict[str, Any] | None = None
+        """Set by :meth:`prepare` when the levels start from the user's mask: its size, the overview loss."""
 
     def prepare(self, scene: Scene) -> None:
-        """The global step on the streamed overview (binarised mask, area-averaged)."""
+        """The global step on the streamed overview (binarised mask, area-averaged), or the anchor."""
         plan = global_resize(scene.shape, self.size)
         if plan.mode != "down":
             raise ValueError("the streamed cascade is for images larger than the working size; "
@@ -254,16 +294,54 @@ class CascadeStreamRefiner(Refiner):
             scene.progress(GLOBAL_STAGE, 0, 1)
         image, coarse = scene.read_overview(plan.out_shape, True)
         coarse = coarse if coarse.ndim == 3 else coarse[..., None]
-        if scene.timer is not None:
+        start = self._anchor(scene, plan.out_shape, coarse)
+        if start is not None:
+            assert self.anchor is not None
+            lost = self.anchor["overview_loss"]
+            self._top = None
+            self._levels = plan_levels(start, scene.shape, self.max_ratio)
+            oh, ow = plan.out_shape
+            scene.notes.append(
+                f"cascade: binarising the coarse mask at the global step's {ow}x{oh} would lose "
+                f"{100 * lost:.0f} % of its foreground (objects a few pixels wide there), so the levels "
+                f"start from the mask at {start[1]}x{start[0]}, without the global step")
+        elif scene.timer is not None:
             with scene.timer.stage("refine"):
                 self._top = self._global(image, coarse)
         else:
             self._top = self._global(image, coarse)
         if scene.progress is not None:
             scene.progress(GLOBAL_STAGE, 1, 1)
-        self._levels = self.planned_shapes(scene.shape)
-        log.info("cascade: global step at %dx%d, then levels %s", plan.out_shape[1], plan.out_shape[0],
+        if start is None:
+            self._levels = self.planned_shapes(scene.shape)
+        log.info("cascade: %s at %dx%d, then levels %s", "global step" if start is None else "the mask",
+                 *(plan.out_shape if start is None else start)[::-1],
                  ", ".join(f"{w}x{h}" for h, w in self._levels))
+
+    def _anchor(self, scene: Scene, overview: tuple[int, int], coarse: np.ndarray) -> tuple[int, int] | None:
+        """``(h, w)`` where the levels start from the user's mask, or ``None`` for the global step.
+
+        Anchored: a binary or soft mask more than :data:`ANCHOR_DETAIL` times finer than the overview
+        whose overview loses more than :data:`ANCHOR_LOST` of its foreground (:func:`overview_loss`).
+
+        Args:
+            scene: the image; ``coarse_scale`` gives the mask's own size.
+            overview: ``(h, w)`` of the global step.
+            coarse: ``(h, w, 1)`` float32 in ``[0, 1]``, the binarised mask area-averaged to ``overview``.
+        """
+        if self.labels or self.fast or not scene.has_mask:
+            return None
+        H, W = scene.shape
+        s = scene.coarse_scale
+        native = (min(H, max(1, round(H / s))), min(W, max(1, round(W / s))))
+        if max(native) <= ANCHOR_DETAIL * max(overview):
+            return None
+        lost = overview_loss(coarse[..., 0])
+        log.info("cascade: the overview loses %.1f %% of the coarse foreground", 100 * lost)
+        if lost <= ANCHOR_LOST:
+            return None
+        self.anchor = {"mask_shape": list(native), "overview_loss": lost}
+        return native
 
     def _global(self, image: np.ndarray, coarse: np.ndarray) -> np.ndarray:
         """``(h', w', K)`` global-step maps.
@@ -325,6 +403,7 @@ class CascadeStreamRefiner(Refiner):
         """Mode, working size, levels, weights."""
         return {"name": self.name, "mode": "streamed", "size": self.size, "precision": self.precision,
                 "fast": self.fast, "grid": self.grid, "skip": self.skip,
+                "anchor": self.anchor,
                 "levels": [list(s) for s in self._levels], "halo": self.halo,
                 **self.weights_info}
 
