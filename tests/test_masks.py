@@ -496,3 +496,31 @@ def test_cli_bad_mask_kind_is_one_line(e2e, cli, tmp_path, extra, text):
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         assert code == 2 and len(lines) == 1 and text in lines[0], err
     assert not (tmp_path / "o.tif").exists()
+
+
+def test_mask_on_a_pyramid_level_grid():
+    """``MaskSource.at``: the same mask resampled to a level between its own size and the image's."""
+    from refine_cli.engine.bands import LevelStep, step_coarse
+    from refine_cli.engine.levels import mask_at
+    from refine_cli.refiners.base import Refiner
+
+    rng = np.random.default_rng(2)
+    low = np.where(rng.random((25, 40)) > 0.5, 255, 0).astype(np.uint8)
+    m = src(low, (200, 320))
+    level = m.at((100, 160))
+    assert level.shape == (100, 160) and m.shape == (200, 320)  # the original is unchanged
+    ref = torch.nn.functional.interpolate(torch.from_numpy(low.astype(np.float32) / 255)[None, None],
+                                          size=(100, 160), mode="bilinear", align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(level.read(Window(0, 0, 100, 160)), ref, atol=2e-6)
+    with pytest.raises(InputError, match="must not be larger"):
+        m.at((20, 32))
+    # the first level of a run reads it there, in one process and in a cluster's bands alike
+    assert mask_at(m, (200, 320)) is m
+    assert mask_at(m, (100, 160)).shape == (100, 160)
+    step = LevelStep(0, (100, 160), final=False, guard=False, last_inner=False, carries_uncertainty=False)
+    class NoGlobalStep(Refiner):
+        def refine(self, tile):
+            raise AssertionError("not run")
+
+    got = step_coarse(step, NoGlobalStep(), m, None)
+    np.testing.assert_array_equal(got.read_k(Window(3, 5, 40, 50)), level.read_k(Window(3, 5, 40, 50)))

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from refine_cli.engine.heap import limit_heap_retention
-from refine_cli.engine.levels import LevelSettings, level_grid
+from refine_cli.engine.levels import LevelSettings, level_grid, mask_at
 from refine_cli.engine.runner import GridRunner, GridStats
 from refine_cli.io.masks import ProbSource, StackedSource
 from refine_cli.io.protocols import CoarseSource, ImageWindows, RowWriter
@@ -99,11 +99,10 @@ def step_coarse(step: LevelStep, refiner: Refiner, mask: CoarseSource | None,
     """
     if previous is None:
         init = refiner.initial_coarse()
-        coarse = ProbSource(init, step.shape, "global step") if init is not None else mask
-        if coarse is None:
-            raise ValueError("no coarse input: give a mask, or a refiner that makes one")
+        coarse = mask_at(mask, step.shape) if init is None else ProbSource(init, step.shape, "global step")
     else:
-        coarse = ProbSource(TiffReader(previous), step.shape, f"level {step.index + 1}")
+        reader = TiffReader(previous, cache_bytes=0)  # as in run_levels: the plan counts no cache here
+        coarse = ProbSource(reader, step.shape, f"level {step.index + 1}")
     if step.guard:
         assert mask is not None
         return StackedSource(coarse, mask)

@@ -263,17 +263,25 @@ def _level_coarse(refiner: Refiner, position: tuple[int, int], mask: CoarseSourc
         if own is not None:
             return own, own
     if reader is not None:
+        # no chunk cache: the memory plan does not count one (level files up to RAW_LEVELS_BYTES are
+        # uncompressed, so a window costs a copy; larger ones decode ZSTD-1 chunks again, which is fast)
+        reader.set_cache_bytes(0)
         level = ProbSource(reader, shape, f"level {i + 1}")
         return level, level
     init = refiner.initial_coarse()
     if init is not None:
         level = ProbSource(init, shape, "global step")
         return level, level
+    return mask_at(mask, shape), None
+
+
+def mask_at(mask: CoarseSource | None, shape: tuple[int, int]) -> CoarseSource:
+    """The user's mask as the coarse input of a first level of ``shape`` (below the image size: resampled)."""
     if mask is None:
         raise ValueError("no coarse input: give a mask, or a refiner that makes one")
     if isinstance(mask, MaskSource) and mask.shape != shape:
-        return mask.at(shape), None  # a first level below the image size reads the mask on its own grid
-    return mask, None
+        return mask.at(shape)
+    return mask
 
 
 def _level_shapes(refiner: Refiner, shape: tuple[int, int]) -> list[tuple[int, int]]:
@@ -301,8 +309,10 @@ def _run_level(src: ImageSource, coarse: CoarseSource, refiner: Refiner, shape: 
         with s.timer.stage("read"):
             image = image_level(src, shape, tmp_dir=folder)
         opened.append(image)
-        if image.reader is None:
-            src.reader.set_cache_bytes(mplan.cache_bytes)
+        # one decoded-chunk cache, the plan's: the level image's own file, or the source file's
+        src.reader.set_cache_bytes(0 if image.reader is not None else mplan.cache_bytes)
+        if image.reader is not None:
+            image.reader.set_cache_bytes(mplan.cache_bytes)
     else:  # the level only transforms its coarse input: no level image is built or read
         image = LevelImage(_no_image, shape)
     level: LevelWriter | None = None
@@ -332,6 +342,9 @@ def _run_level(src: ImageSource, coarse: CoarseSource, refiner: Refiner, shape: 
         if level is not None:
             with s.timer.stage("write"):
                 level.commit()
+    if image.reader is not None:  # a level image built for this level only: its file and cache go now
+        opened.remove(image)
+        image.close()
     if isinstance(refiner, GuardRefiner):
         stats.extra["guard"] = refiner.describe()
     log.info("level %d/%d %dx%d: %d tiles, %d refined, %d skipped", i + 1, n, shape[1], shape[0],
