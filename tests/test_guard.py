@@ -111,9 +111,9 @@ def test_noise_alone_is_no_evidence_for_moving_an_exact_boundary():
 
     image, exact = blobs_image(noise=0.06, contrast=0.12)  # dim blobs: noise half their contrast
     eroded = cv2.erode(exact, np.ones((3, 3), np.uint8)).astype(np.float32)  # a 1 px shrink
-    res = guard_window(eroded, exact, GuardParams(band=16), image=image)
+    res = guard_window(eroded, exact, GuardParams(band=16, fit=0.0), image=image)  # the noise rule alone
     assert res.stats.pixels_held >= 0.8 * res.stats.pixels_changed
-    lax = guard_window(eroded, exact, GuardParams(band=16, noise=0.0), image=image)
+    lax = guard_window(eroded, exact, GuardParams(band=16, noise=0.0, fit=0.0), image=image)
     assert lax.stats.pixels_held < 0.75 * res.stats.pixels_held  # the noise rule holds the difference
 
 
@@ -287,3 +287,56 @@ def test_all_large_components_skip_the_nearest_labels_with_the_same_result():
     slow = colour_level_near(image, c_fg, changed, 6, (true, ~large))
     for a, b in zip(fast, slow, strict=True):
         assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_a_boundary_moved_off_the_edge_fits_worse_and_is_held_back():
+    """The worse-fit rule on its own: a 1 px shift of an exact boundary onto weaker steps, either way."""
+    import cv2
+
+    from refine_cli.refiners.guard import worse_fit
+
+    image, exact = blobs_image(noise=0.03, contrast=0.4)
+    c_fg = exact >= 0.5
+    k = np.ones((3, 3), np.uint8)
+    for moved in (cv2.erode(exact, k), cv2.dilate(exact, k)):
+        changed = (moved >= 0.5) != c_fg
+        held = worse_fit(image, c_fg, changed, fit=1.3, cell=32)
+        assert held.sum() >= 0.95 * changed.sum()
+    # the other way round, the coarse boundary 2 px off and the change onto the edge, it passes
+    grown = cv2.dilate(exact, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))) >= 0.5
+    changed = grown != c_fg
+    assert worse_fit(image, grown, changed, fit=1.3, cell=32).sum() <= 0.05 * changed.sum()
+    # through the guard (the colour rules relaxed so that they let it pass), counted as misfit; fit 0
+    # turns the rule off
+    eroded = cv2.erode(exact, k).astype(np.float32)
+    lax = {"band": 16, "noise": 0.0, "margin": 1.0, "aligned": 2.0, "thin": 0.0}
+    res = guard_window(eroded, exact, GuardParams(**lax), image=image)
+    assert res.stats.unsupported == 0 and res.stats.misfit >= 0.95 * res.stats.pixels_changed
+    off = guard_window(eroded, exact, GuardParams(**lax, fit=0.0), image=image)
+    assert off.stats.misfit == 0 and off.stats.pixels_held == 0
+
+
+def test_decisions_with_the_image_do_not_depend_on_the_tile_cut():
+    import cv2
+
+    image, exact = blobs_image(noise=0.05, contrast=0.3, seed=4)
+    image = np.tile(image, (3, 4, 1))[:700, :900]
+    coarse = np.tile(exact, (3, 4))[:700, :900]
+    rng = np.random.default_rng(5)
+    wobble = rng.random(coarse.shape) < 0.5  # each boundary pixel moved in or out at random
+    grown = cv2.dilate(coarse, np.ones((3, 3), np.uint8))
+    shrunk = cv2.erode(coarse, np.ones((3, 3), np.uint8))
+    refined = np.where(wobble, grown, shrunk).astype(np.float32)
+    params = GuardParams(band=8, component=40, fit=1.3, fit_cell=24)
+    whole = guard_window(refined, coarse, params, image=image, cut=(False, False, False, False))
+    assert whole.stats.misfit > 100
+    plan = plan_grid(coarse.shape, 200, 16, params.halo)
+    out = np.full(coarse.shape, -1.0, np.float32)
+    for tile in plan.tiles():
+        rs, w = tile.read.slices, tile.read
+        core = plan.owned(tile).relative_to(tile.read)
+        cut = (w.row > 0, w.row_end < 700, w.col > 0, w.col_end < 900)
+        res = guard_window(refined[rs], coarse[rs], params, core.slices, image=image[rs], cut=cut,
+                           origin=(w.row, w.col))
+        out[plan.owned(tile).slices] = res.prob[core.slices]
+    assert (out == whole.prob).all()

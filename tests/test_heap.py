@@ -36,10 +36,12 @@ def test_trimming_returns_freed_small_blocks_to_the_system():
     del kept
 
 
-def test_trimmer_trims_every_nth_batch(monkeypatch):
+def test_trimmer_trims_at_most_every_half_second(monkeypatch):
     calls = []
     monkeypatch.setattr(heap, "release_free_heap", lambda: calls.append(1))
-    t = heap.HeapTrimmer(every=3)
-    for _ in range(7):
+    now = [100.0]
+    t = heap.HeapTrimmer(seconds=0.5, clock=lambda: now[0])
+    for _ in range(10):  # batches of 0.2 s: a trim every third
+        now[0] += 0.2
         t.tick()
-    assert len(calls) == 2
+    assert len(calls) == 3

@@ -524,3 +524,9 @@ def test_mask_on_a_pyramid_level_grid():
 
     got = step_coarse(step, NoGlobalStep(), m, None)
     np.testing.assert_array_equal(got.read_k(Window(3, 5, 40, 50)), level.read_k(Window(3, 5, 40, 50)))
+
+
+def test_mask_on_a_level_whose_sides_were_rounded_apart():
+    """Levels round each side on its own: 2500 x 300 under a 7071 x 849 level is no aspect-ratio error."""
+    m = src(np.zeros((300, 2500), np.uint8), (2400, 20000))
+    assert m.at((849, 7071)).read(Window(0, 0, 5, 5)).shape == (5, 5)

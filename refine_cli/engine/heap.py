@@ -7,9 +7,10 @@ an 8000 x 8000 scene grew to 1352 MiB of RSS under ``--max-memory 1G`` (estimate
 400 MPx one to 2362 MiB under 2 GiB. Two measures keep freed memory out of the RSS:
 
 * at most :data:`ARENA_MAX` heap arenas per process (glibc's default is 8 per core);
-* :class:`HeapTrimmer`: ``malloc_trim`` after every few refined batches, which hands the arenas'
-  free pages back. (Mapping every block of 256 KiB and more on its own did the same, but made each
-  640 px forward 2.5 times slower: every block's pages were faulted in again on every call.)
+* :class:`HeapTrimmer`: ``malloc_trim`` after a refined batch, at most every half second, which
+  hands the arenas' free pages back. (Mapping every block of 256 KiB and more on its own did the
+  same, but made each 640 px forward 2.5 times slower: every block's pages were faulted in again
+  on every call.)
 
 Only glibc is tuned; elsewhere (musl, macOS, Windows) these do nothing.
 """
@@ -21,6 +22,8 @@ import ctypes.util
 import functools
 import logging
 import sys
+import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +31,8 @@ M_ARENA_MAX = -8
 ARENA_MAX = 2
 """Heap arenas per process."""
 
-TRIM_EVERY = 8
-"""Refined batches between two ``malloc_trim`` calls."""
+TRIM_SECONDS = 0.5
+"""Least time between two ``malloc_trim`` calls, s (one call takes a few ms)."""
 
 
 @functools.cache
@@ -69,18 +72,20 @@ def release_free_heap() -> None:
 
 
 class HeapTrimmer:
-    """Calls :func:`release_free_heap` on every ``every``-th :meth:`tick`.
+    """Calls :func:`release_free_heap` from :meth:`tick`, at most once every ``seconds``.
 
     Args:
-        every: ticks between two trims (>= 1).
+        seconds: least time between two trims, s.
+        clock: the time source (``time.monotonic``).
     """
 
-    def __init__(self, every: int = TRIM_EVERY) -> None:
-        self.every = max(1, int(every))
-        self._count = 0
+    def __init__(self, seconds: float = TRIM_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds, self.clock = float(seconds), clock
+        self._last = clock()
 
     def tick(self) -> None:
-        """Count one refined batch; trim the heap on every ``every``-th."""
-        self._count += 1
-        if self._count % self.every == 0:
+        """After a refined batch: trim the heap when ``seconds`` have passed since the last trim."""
+        now = self.clock()
+        if now - self._last >= self.seconds:
             release_free_heap()
+            self._last = self.clock()

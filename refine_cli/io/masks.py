@@ -301,7 +301,10 @@ class MaskSource:
         Shares the reader and the detected kind; windows are then in ``shape``'s coordinates.
         """
         shape = (int(shape[0]), int(shape[1]))
-        check_mask_shape(self.native_shape, shape, self.path)
+        (mh, mw), (h, w) = self.native_shape, shape
+        if mh > h or mw > w:  # the aspect ratio is the image's, rounded per axis on each level
+            raise InputError(f"mask {self.path} is {mw}x{mh}: it must not be larger than the {w}x{h} level "
+                             "it is read on")
         view = copy.copy(self)
         view.shape = shape
         view.resampler = Resampler(self.native_shape, shape)

@@ -19,6 +19,9 @@ kinds of change are held back (the coarse value is kept there):
   its old class, a change to a strand or gap a few px wide, or a change where the coarse
   boundary already sits on the image's edge (see :class:`GuardParams`). Detached regions and
   deleted components go through when most of their pixels clearly show the new class.
+* **worse fits** (with the image, for full-resolution masks): the changes in a ``fit_cell`` px cell
+  whose new boundary runs along weaker colour steps than the coarse boundary they replace: moving a
+  boundary that already sits on the image's edge by a pixel or two (a cell eroded, a roof grown).
 
 Everything is computed inside the window the engine reads (the tile grown by the
 guard's halo). A component is judged whole only when it lies inside the window
@@ -41,6 +44,12 @@ import numpy as np
 
 from refine_cli.refiners.base import Refiner, TileInput, TileResult, binary_uncertainty
 from refine_cli.tiling.grid import Window
+
+FIT_SIGMA = 1.5
+"""Gaussian smoothing of the colours whose steps the worse-fit rule compares, px."""
+
+FIT_MAX_SCALE = 1.5
+"""The worse-fit rule runs for masks whose error scale (upsampling factor or ramp width) is at most this."""
 
 ANCHOR_PX = 1.5
 """A change touches the coarse boundary when it reaches a pixel this close to it, px."""
@@ -77,6 +86,10 @@ class GuardParams:
         tight: px, see ``aligned``.
         thin: parts of either class at most this wide (strands, bars, gaps between them), px, change
             only with clear evidence (0: no such rule).
+        fit: the changes in a cell are held back when the mean colour step across their new boundary
+            is less than this times the mean step across the coarse boundary they replace (0: no
+            such rule; see :func:`worse_fit`).
+        fit_cell: cell side, px.
     """
 
     band: float
@@ -92,6 +105,8 @@ class GuardParams:
     aligned: float = 0.85
     tight: float = 0.0
     thin: float = 6.0
+    fit: float = 1.3
+    fit_cell: int = 32
 
     @property
     def wide(self) -> float:
@@ -103,7 +118,7 @@ class GuardParams:
         """Context each side of a tile the guard needs to decide independently of the cut, px."""
         # a pixel's nearest boundary within the wide band, and every small component within the
         # band of a pixel, must lie inside the window
-        return int(np.ceil(max(self.wide, self.band + self.component))) + 4
+        return int(np.ceil(max(self.wide, self.band + self.component, self.fit_cell))) + 4
 
 
 @dataclass
@@ -120,6 +135,7 @@ class GuardStats:
         components_restored: coarse components and holes restored whole (counted in the tile
             holding their first pixel in row-major order).
         regions_detached: detached regions of change held back (counted the same way).
+        misfit: held back because the new boundary fits the image's edges worse than the coarse one.
     """
 
     pixels_changed: int = 0
@@ -128,6 +144,7 @@ class GuardStats:
     detached: int = 0
     unsupported: int = 0
     restored: int = 0
+    misfit: int = 0
     components_restored: int = 0
     regions_detached: int = 0
 
@@ -476,7 +493,7 @@ def _box_sum(a: np.ndarray, k: tuple[int, int]) -> np.ndarray:
 
 def guard_window(refined: np.ndarray, coarse: np.ndarray, params: GuardParams,
                  core: tuple[slice, slice] | None = None, image: np.ndarray | None = None,
-                 cut: Cut = ALL_CUT) -> GuardResult:
+                 cut: Cut = ALL_CUT, origin: tuple[int, int] = (0, 0)) -> GuardResult:
     """Hold back the changes of ``refined`` from ``coarse`` that the coarse mask and the image do not allow.
 
     Args:
@@ -488,6 +505,7 @@ def guard_window(refined: np.ndarray, coarse: np.ndarray, params: GuardParams,
         image: ``(h, w, 3)`` uint8 RGB of the window, for the evidence rules (``None``: none).
         cut: which sides of the window (top, bottom, left, right) cut through the image: a
             component reaching one is not judged whole; one reaching the image's edge is.
+        origin: ``(row, col)`` of the window in the image (the worse-fit rule's cells lie on its grid).
 
     Returns:
         The guarded probability, where changes were held back, and the counts.
@@ -517,6 +535,10 @@ def guard_window(refined: np.ndarray, coarse: np.ndarray, params: GuardParams,
     if supported is not None:
         unsupported = allowed & (~supported | settled)
         allowed &= ~unsupported
+    misfit = np.zeros_like(changed)
+    if image is not None and params.evidence != "none" and params.fit > 0:
+        misfit = worse_fit(image, c_fg, allowed, params.fit, params.fit_cell, origin)
+        allowed &= ~misfit
     out_fg = np.where(allowed, r_fg, c_fg)
     restored = np.zeros_like(changed)
     n_restored = 0
@@ -533,7 +555,8 @@ def guard_window(refined: np.ndarray, coarse: np.ndarray, params: GuardParams,
     stats.far = int(far[cr].sum())
     stats.detached = int((detached & held)[cr].sum())
     stats.unsupported = int((unsupported & held)[cr].sum())
-    stats.restored = int((restored & held & ~far & ~detached & ~unsupported)[cr].sum())
+    stats.misfit = int((misfit & held)[cr].sum())
+    stats.restored = int((restored & held & ~far & ~detached & ~unsupported & ~misfit)[cr].sum())
     stats.components_restored = n_restored
     stats.regions_detached = n_detached
     return GuardResult(prob, held, stats)
@@ -596,6 +619,56 @@ def _detached(
     if not free.any():
         return detached, 0
     return free[labels], int((free & _first_in_core(labels, n, core)).sum())
+
+
+def worse_fit(image: np.ndarray, c_fg: np.ndarray, allowed: np.ndarray, fit: float, cell: int,
+              origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """``(h, w)`` bool: the changes, cell by cell, whose new boundary fits the image's edges worse.
+
+    A boundary is the set of 4-neighbour pixel pairs with one pixel in each class; a pair's step is
+    the Euclidean distance of the two pixels' CIELAB colours (smoothed by a Gaussian of
+    :data:`FIT_SIGMA` px, so that noise does not decide).
+    Only pairs that touch a changed pixel differ between the coarse mask and the changed one, so the
+    changes in each ``cell`` x ``cell`` px cell of the image (a pair belongs to its changed pixel's
+    cell) remove part of the coarse boundary and make a new one. They are held back when the mean
+    step across the new boundary is less than ``fit`` times the mean across the old one. Cells whose
+    changes remove or make no boundary pair (a whole island) are left to the other rules. Cells lie
+    on the image's grid, so a window with at least ``cell`` px of context decides its core as the
+    whole image would.
+
+    Args:
+        image: ``(h, w, 3)`` uint8 RGB.
+        c_fg: ``(h, w)`` bool coarse foreground.
+        allowed: ``(h, w)`` bool changes the other rules let through.
+        fit: the ratio a cell's new boundary must reach.
+        cell: cell side, px.
+        origin: ``(row, col)`` of the window's first pixel in the image.
+    """
+    h, w = c_fg.shape
+    if not allowed.any():
+        return np.zeros((h, w), bool)
+    r0, c0 = origin
+    rows = (np.arange(r0, r0 + h) // cell) - r0 // cell
+    cols = (np.arange(c0, c0 + w) // cell) - c0 // cell
+    n_cols = int(cols[-1]) + 1
+    ids = rows[:, None] * n_cols + cols[None, :]
+    size = int(ids[-1, -1]) + 1
+    lab = cv2.GaussianBlur(cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32), (0, 0), FIT_SIGMA)
+    new_fg = c_fg ^ allowed
+    old_sum, old_n = np.zeros(size), np.zeros(size)
+    new_sum, new_n = np.zeros(size), np.zeros(size)
+    for a, b in (((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
+                 ((slice(None), slice(None, -1)), (slice(None), slice(1, None)))):
+        step = np.sqrt(((lab[a] - lab[b]) ** 2).sum(axis=-1))
+        was = c_fg[a] != c_fg[b]
+        now = new_fg[a] != new_fg[b]
+        cell_of = np.where(allowed[a], ids[a], ids[b])  # the changed pixel's cell
+        for pairs, sums, counts in ((was & ~now, old_sum, old_n), (now & ~was, new_sum, new_n)):
+            sums += np.bincount(cell_of[pairs], weights=step[pairs], minlength=size)
+            counts += np.bincount(cell_of[pairs], minlength=size)
+    worse = (old_n > 0) & (new_n > 0) & (new_sum * old_n < fit * old_sum * new_n)  # mean new < fit * mean old
+    held: np.ndarray = worse[ids] & allowed
+    return held
 
 
 def _on_edge(dist: np.ndarray, known: np.ndarray, own_side: np.ndarray, radius: int,
@@ -676,7 +749,8 @@ class GuardRefiner(Refiner):
         core = tile.core.slices if tile.core is not None else None
         w = tile.window
         cut = (w.row > 0, w.row_end < self.shape[0], w.col > 0, w.col_end < self.shape[1])
-        res = guard_window(refined, coarse, self.params, core, image=tile.image, cut=cut)
+        res = guard_window(refined, coarse, self.params, core, image=tile.image, cut=cut,
+                           origin=(w.row, w.col))
         self.stats.add(res.stats)
         if self.inner_uncertainty:
             unc = np.where(res.held, 1.0, tile.coarse[..., 1]).astype(np.float32)
@@ -772,7 +846,9 @@ def band_guard(config: Any, refiner: Refiner, mask_shape: tuple[int, int], shape
     scale = max(shape[0] / mask_shape[0], shape[1] / mask_shape[1])
     if ramp is not None:
         scale = max(scale, ramp())
-    return GuardParams(band=default_band(scale))
+    # an upsampled or soft-ramped mask's boundary is not on the image's edges: only a full-resolution
+    # mask's may be exact already, and only there does a move off the edges need holding back
+    return GuardParams(band=default_band(scale), fit=GuardParams.fit if scale <= FIT_MAX_SCALE else 0.0)
 
 
 def guard_report(config: Any, refiner: Refiner, mask: Any, params: GuardParams | None,
@@ -801,5 +877,6 @@ def guard_notes(facts: dict[str, Any]) -> list[str]:
             f"({100.0 * held / changed:.1f} %): {facts.get('far', 0)} beyond {facts.get('band', 0):g} px of "
             f"the coarse boundary, {facts.get('detached', 0)} in {facts.get('regions_detached', 0)} detached "
             f"regions, {facts.get('restored', 0)} in {facts.get('components_restored', 0)} objects restored "
-            f"whole, {facts.get('unsupported', 0)} against the image's evidence "
+            f"whole, {facts.get('unsupported', 0)} against the image's evidence, "
+            f"{facts.get('misfit', 0)} where the new boundary fits the image's edges worse "
             "(--max-shift widens the band; --guard off gives the refiner's output as is)"]

@@ -113,7 +113,7 @@ def _guard_html(iv: ImageReview) -> str:
         return ""
     if g.get("state") != "on":
         return f"<p>guard: {html.escape(str(g.get('state')))}</p>"
-    keys = ("pixels_changed", "pixels_held", "far", "detached", "unsupported", "restored",
+    keys = ("pixels_changed", "pixels_held", "far", "detached", "unsupported", "misfit", "restored",
             "components_restored", "regions_detached")
     cells = "".join(f"<tr><td class='l'>{k.replace('_', ' ')}</td><td>{int(g.get(k, 0))}</td></tr>"
                     for k in keys)
