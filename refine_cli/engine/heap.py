@@ -52,7 +52,7 @@ def _glibc() -> ctypes.CDLL | None:
 def limit_heap_retention() -> bool:
     """Cap glibc's heap arenas (once per process); whether it was done.
 
-    Called at the start of every run (``engine.levels.run_levels``, ``engine.bands.run_band``);
+    Called before every level (``engine.levels``) and row band (``engine.bands.run_band``);
     arenas that exist already stay.
     """
     libc = _glibc()

@@ -194,7 +194,6 @@ def run_levels(
     Returns:
         One :class:`LevelResult` per level, coarse to fine.
     """
-    limit_heap_retention()
     settings = LevelSettings(timer, budget, bytes_out, overlap, tile_size, batch_size, skip_uniform, progress,
                              start_row, resident)
     shapes = _level_shapes(refiner, src.shape)
@@ -227,7 +226,6 @@ def run_levels(
             if made is not None:
                 made.close()
                 made = None
-            release_free_heap()
     finally:
         _release(opened, made, folder if own_folder else None)
     return results
@@ -304,6 +302,7 @@ def _run_level(src: ImageSource, coarse: CoarseSource, refiner: Refiner, shape: 
     """
     i, n = position
     final = final_writer is not None
+    limit_heap_retention()
     channels, mplan, grid = level_grid(shape, refiner, coarse, pass_uncertainty, final, s)
     if refiner.needs_image:
         with s.timer.stage("read"):
@@ -345,6 +344,7 @@ def _run_level(src: ImageSource, coarse: CoarseSource, refiner: Refiner, shape: 
     if image.reader is not None:  # a level image built for this level only: its file and cache go now
         opened.remove(image)
         image.close()
+    release_free_heap()
     if isinstance(refiner, GuardRefiner):
         stats.extra["guard"] = refiner.describe()
     log.info("level %d/%d %dx%d: %d tiles, %d refined, %d skipped", i + 1, n, shape[1], shape[0],
