@@ -68,3 +68,13 @@ def test_edge_snap_moves_the_boundary_onto_the_colour_edge():
     assert ((p >= 0.5).argmax(axis=1) == edge - 3).all()
     assert (first_fg == edge).all(), np.unique(first_fg)
     assert snap.describe() == {"name": "snap", "radius": 8, "eps": 1e-4, "halo": 17}
+
+
+def test_guided_radius_follows_an_upsampled_masks_scale_not_the_image_size():
+    from refine_cli.refiners.classical import guided_radius
+
+    assert guided_radius((20000, 20000), 8.0) == 8  # many small objects: the image size says nothing
+    assert guided_radius((1024, 1024), 8.0) == 8
+    assert guided_radius((20000, 20000), 1.0) == 40  # a full-size mask: about 0.2 % of the image
+    assert guided_radius((1024, 1024), 1.0) == 2
+    assert guided_radius((4000, 4000), 100.0) == 64
