@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from refine_cli.io.readers import Reader
     from refine_cli.report.timing import StageTimer
 
+FULL_RESOLUTION_SCALE = 1.5
+"""A coarse mask whose error scale (image px per mask px, or the width of its soft ramps) is at most
+this counts as full resolution: its boundary may already sit on the image's edges."""
+
 
 def binary_uncertainty(prob: np.ndarray) -> np.ndarray:
     """``1 - |2p - 1|``: 0 where the probability is 0 or 1, 1 where it is 0.5.

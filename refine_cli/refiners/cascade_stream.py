@@ -229,7 +229,7 @@ class CascadeLevelRefiner(Refiner):
         return [r for r in results if r is not None]
 
     def _refine_classes(self, tile: TileInput) -> TileResult:
-        coarse = tile.coarse if tile.coarse.ndim == 3 else tile.coarse[..., None]
+        coarse = _channels(tile.coarse)
         binary = coarse > 0.5
         out = binary.astype(np.float32)
         todo = [c for c in range(coarse.shape[-1]) if binary[..., c].any() and not binary[..., c].all()]

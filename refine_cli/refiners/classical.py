@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from refine_cli.config import GuidedOptions
-from refine_cli.refiners.base import Refiner, Scene, TileInput, TileResult
+from refine_cli.refiners.base import FULL_RESOLUTION_SCALE, Refiner, Scene, TileInput, TileResult
 
 
 class CoarseRefiner(Refiner):
@@ -68,13 +68,13 @@ def guided_radius(shape: tuple[int, int], coarse_scale: float) -> int:
     ``r = clip(round(s), 2, 64)`` for an upsampled mask, with ``s`` the image pixels per
     coarse-mask pixel: the filter must reach across the mask's blur, about ``s`` px (chosen on
     synthetic scenes and portraits, ``benchmarks/quality.py``: radius ``s`` beat ``s/2`` and
-    ``2 s``). A full-resolution mask (``s <= 1.5``) says nothing of its error scale; its radius
-    is ``clip(round(max(H, W) / 500), 2, 64)``, the typical boundary error of a full-size mask
-    (about 0.2 % of the image size). The size term is not applied to upsampled masks: on a
-    105 MPx aerial scene with a 1/8 mask it made the radius 20 instead of 8 and smeared roofs of
-    8-60 px (IoU 0.823 -> 0.812 instead of -> 0.850).
+    ``2 s``). A full-resolution mask (``s`` at most ``FULL_RESOLUTION_SCALE``, 1.5) says nothing
+    of its error scale; its radius is ``clip(round(max(H, W) / 500), 2, 64)``, the typical
+    boundary error of a full-size mask (about 0.2 % of the image size). The size term is not
+    applied to upsampled masks: on a 105 MPx aerial scene with a 1/8 mask it made the radius 20
+    instead of 8 and smeared roofs of 8-60 px (IoU 0.823 -> 0.812 instead of -> 0.850).
     """
-    r = coarse_scale if coarse_scale > 1.5 else max(coarse_scale, max(shape) / 500.0)
+    r = coarse_scale if coarse_scale > FULL_RESOLUTION_SCALE else max(coarse_scale, max(shape) / 500.0)
     return int(min(64, max(2, round(r))))
 
 

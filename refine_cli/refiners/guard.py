@@ -42,14 +42,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from refine_cli.refiners.base import Refiner, TileInput, TileResult, binary_uncertainty
+from refine_cli.refiners.base import FULL_RESOLUTION_SCALE, Refiner, TileInput, TileResult, binary_uncertainty
 from refine_cli.tiling.grid import Window
 
 FIT_SIGMA = 1.5
 """Gaussian smoothing of the colours whose steps the worse-fit rule compares, px."""
-
-FIT_MAX_SCALE = 1.5
-"""The worse-fit rule runs for masks whose error scale (upsampling factor or ramp width) is at most this."""
 
 ANCHOR_PX = 1.5
 """A change touches the coarse boundary when it reaches a pixel this close to it, px."""
@@ -848,7 +845,8 @@ def band_guard(config: Any, refiner: Refiner, mask_shape: tuple[int, int], shape
         scale = max(scale, ramp())
     # an upsampled or soft-ramped mask's boundary is not on the image's edges: only a full-resolution
     # mask's may be exact already, and only there does a move off the edges need holding back
-    return GuardParams(band=default_band(scale), fit=GuardParams.fit if scale <= FIT_MAX_SCALE else 0.0)
+    fit = GuardParams.fit if scale <= FULL_RESOLUTION_SCALE else 0.0
+    return GuardParams(band=default_band(scale), fit=fit)
 
 
 def guard_report(config: Any, refiner: Refiner, mask: Any, params: GuardParams | None,
